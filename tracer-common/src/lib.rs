@@ -1,0 +1,27 @@
+//! Types shared by the kernel side (`tracer-ebpf`) and user space (`tracer-user`).
+//!
+//! Every type here is `#[repr(C)]`, has no padding holes left implicit, and is
+//! read by user space straight out of a BPF map. One module per tracker, named
+//! as the tracker's modules in the two other crates.
+#![no_std]
+
+pub mod connections;
+pub mod stacks;
+
+/// Indexes into the per-CPU `COUNTERS` array that every tracker bumps.
+///
+/// User space sums them over CPUs and shows them as `lost` in the report and
+/// as `leaktrace_events_total` / `leaktrace_events_lost_total` on /metrics.
+pub mod counter {
+    /// Events seen for the target (one per tracked syscall that succeeded).
+    pub const EVENTS: u32 = 0;
+    /// Events dropped because a state map (pending calls, live fds) was full.
+    pub const LOST_EVENTS: u32 = 1;
+    /// Stacks that could not be stored (stack map full or bucket collision):
+    /// the object is still counted, under an unknown stack.
+    pub const LOST_STACKS: u32 = 2;
+    /// Ring-buffer records dropped because the ring was full.
+    pub const LOST_RING: u32 = 3;
+    /// Number of slots.
+    pub const COUNT: u32 = 8;
+}

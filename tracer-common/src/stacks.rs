@@ -1,0 +1,37 @@
+//! How a user stack is named in the kernel maps.
+
+/// Key of a per-stack aggregate.
+///
+/// `stack_id` is the id from the `STACKS` stack-trace map (negative when the
+/// stack could not be stored). `caller` is the direct caller of the libc
+/// syscall wrapper that the frame-pointer walk skips (0 when none): it is read
+/// from the user stack at `sp + delta`, where `delta` comes from user space's
+/// disassembly of the wrapper (see `SyscallSite`). User space rebuilds the
+/// stack as `frames[0], caller, frames[1..]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StackKey {
+    pub stack_id: i64,
+    pub caller: u64,
+}
+
+/// Value of the `SYSCALL_SITES` map, keyed by the user address just after a
+/// `syscall` instruction inside a libc wrapper of the target.
+///
+/// `ret_offset` is where the wrapper's return address sits relative to the
+/// user stack pointer at that instruction, found by disassembling the wrapper.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyscallSite {
+    pub ret_offset: u32,
+    pub _pad: u32,
+}
+
+/// Deepest user stack kept (frames), as the kernel's default for stack maps.
+pub const MAX_STACK_DEPTH: u32 = 127;
+
+#[cfg(feature = "user")]
+mod pod {
+    unsafe impl aya::Pod for super::StackKey {}
+    unsafe impl aya::Pod for super::SyscallSite {}
+}

@@ -1,0 +1,396 @@
+//! Connection tracker, kernel side: every socket fd of the target, from the
+//! syscall that made it to the one that ended it, counted per creation stack.
+//!
+//! Syscall tracepoints only (no kprobes on these machines, and they see Go's
+//! raw syscalls as well as libc's). Enter and exit are paired per thread in
+//! `PENDING`. `CONN_FDS` holds one entry per live socket; `CONN_STACKS`
+//! holds per-stack opened/closed totals that user space reads each interval.
+
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_user_buf},
+    macros::{map, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuHashMap, RingBuf},
+    programs::TracePointContext,
+};
+use tracer_common::{
+    connections::{
+        flag, origin, ring_kind, ConnInfo, ConnRingEvent, ConnStackStats, FdKey, MAX_CONN_STACKS,
+        MAX_LIVE_SOCKETS, PEER_LEN,
+    },
+    counter,
+    stacks::StackKey,
+};
+
+use crate::{bump, stacks::user_stack, target_tgid};
+
+/// Live sockets of the target.
+#[map]
+static CONN_FDS: HashMap<FdKey, ConnInfo> = HashMap::with_max_entries(MAX_LIVE_SOCKETS, 0);
+
+/// Per creation stack: sockets opened and closed (per CPU).
+#[map]
+static CONN_STACKS: PerCpuHashMap<StackKey, ConnStackStats> =
+    PerCpuHashMap::with_max_entries(MAX_CONN_STACKS, 0);
+
+/// Rare events user space must act on (close_range, exec, exit).
+#[map]
+static CONN_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+
+/// A syscall between its enter and exit tracepoints.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Pending {
+    op: u32,
+    fd: u32,
+    /// socket: domain; accept: flags; close_range: last fd.
+    a: u64,
+    /// socket: type; accept: user pointer to the peer sockaddr; close_range: flags.
+    b: u64,
+    /// connect: the address being connected to.
+    addr: [u8; PEER_LEN],
+}
+
+mod op {
+    pub const SOCKET: u32 = 1;
+    pub const CONNECT: u32 = 2;
+    pub const ACCEPT: u32 = 3;
+    pub const DUP: u32 = 4;
+    pub const CLOSE_RANGE: u32 = 5;
+}
+
+/// Per thread (pid_tgid): the call in flight. LRU, so a thread that dies in a
+/// syscall cannot fill it.
+#[map]
+static PENDING: LruHashMap<u64, Pending> = LruHashMap::with_max_entries(16384, 0);
+
+const SOCK_TYPE_MASK: u64 = 0xf;
+const SOCK_CLOEXEC: u64 = 0o2000000;
+const EINPROGRESS: i64 = 115;
+/// `CLOSE_RANGE_CLOEXEC`: marks instead of closing.
+const CLOSE_RANGE_CLOEXEC: u64 = 1 << 2;
+
+/// Syscall tracepoint field offsets: arguments are 8-byte slots from 16; `ret` at 16.
+#[inline(always)]
+fn arg(ctx: &TracePointContext, n: usize) -> u64 {
+    // SAFETY: reads within the tracepoint record.
+    unsafe { ctx.read_at::<u64>(16 + 8 * n).unwrap_or(0) }
+}
+
+#[inline(always)]
+fn ret(ctx: &TracePointContext) -> i64 {
+    // SAFETY: reads within the tracepoint record.
+    unsafe { ctx.read_at::<i64>(16).unwrap_or(-1) }
+}
+
+#[inline(always)]
+fn begin(p: &Pending) {
+    let id = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    if PENDING.insert(&id, p, 0).is_err() {
+        bump(counter::LOST_EVENTS);
+    }
+}
+
+/// Takes the pending call of this thread if it is `want`.
+#[inline(always)]
+fn finish(want: u32) -> Option<Pending> {
+    let id = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    // SAFETY: copied out before the entry is removed.
+    let p = unsafe { *PENDING.get(&id)? };
+    let _ = PENDING.remove(&id);
+    if p.op == want {
+        Some(p)
+    } else {
+        None
+    }
+}
+
+#[inline(always)]
+fn empty_pending(op: u32) -> Pending {
+    Pending { op, fd: 0, a: 0, b: 0, addr: [0; PEER_LEN] }
+}
+
+/// Reads a sockaddr from user memory (as much of it as can be read).
+#[inline(always)]
+fn read_sockaddr(ptr: u64, out: &mut [u8; PEER_LEN]) {
+    if ptr == 0 {
+        return;
+    }
+    // SAFETY: bpf_probe_read_user faults safely.
+    unsafe {
+        if bpf_probe_read_user_buf(ptr as *const u8, &mut out[..]).is_err() {
+            let _ = bpf_probe_read_user_buf(ptr as *const u8, &mut out[..16]);
+        }
+    }
+}
+
+/// Adds to a stack's opened or closed total.
+#[inline(always)]
+fn count(stack: &StackKey, opened: u64, closed: u64) {
+    if let Some(s) = CONN_STACKS.get_ptr_mut(stack) {
+        // SAFETY: this CPU's copy of the value.
+        unsafe {
+            (*s).opened += opened;
+            (*s).closed += closed;
+        }
+    } else if CONN_STACKS.insert(stack, &ConnStackStats { opened, closed }, 0).is_err() {
+        bump(counter::LOST_STACKS);
+    }
+}
+
+/// Records a new live socket. The stack used is the one counted, so that its
+/// close decrements the same aggregate.
+#[inline(always)]
+fn opened(ctx: &TracePointContext, tgid: u32, fd: u32, info: &mut ConnInfo) {
+    let mut stack = user_stack(ctx);
+    if CONN_STACKS.get_ptr(&stack).is_none()
+        && CONN_STACKS.insert(&stack, &ConnStackStats::default(), 0).is_err()
+    {
+        // Stack table full: count under the overflow key user space made.
+        bump(counter::LOST_STACKS);
+        stack = StackKey { stack_id: -2, caller: 0 };
+    }
+    info.stack = stack;
+    info.created_ns = unsafe { bpf_ktime_get_ns() };
+    let key = FdKey { tgid, fd };
+    // An entry left for this fd means we missed its close: end it first.
+    closed(tgid, fd);
+    if CONN_FDS.insert(&key, info, 0).is_err() {
+        bump(counter::LOST_EVENTS);
+        return;
+    }
+    count(&stack, 1, 0);
+    bump(counter::EVENTS);
+}
+
+/// Ends a live socket if it is one of ours. Only the side whose delete
+/// succeeds counts it, so user-space reconciliation never double counts.
+#[inline(always)]
+fn closed(tgid: u32, fd: u32) {
+    let key = FdKey { tgid, fd };
+    // SAFETY: copied out before removal.
+    let stack = match unsafe { CONN_FDS.get(&key) } {
+        Some(info) => info.stack,
+        None => return,
+    };
+    if CONN_FDS.remove(&key).is_ok() {
+        count(&stack, 0, 1);
+        bump(counter::EVENTS);
+    }
+}
+
+#[tracepoint]
+pub fn conn_socket_enter(ctx: TracePointContext) -> u32 {
+    if target_tgid().is_some() {
+        let mut p = empty_pending(op::SOCKET);
+        p.a = arg(&ctx, 0);
+        p.b = arg(&ctx, 1);
+        begin(&p);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn conn_socket_exit(ctx: TracePointContext) -> u32 {
+    let Some(tgid) = target_tgid() else { return 0 };
+    let Some(p) = finish(op::SOCKET) else { return 0 };
+    let fd = ret(&ctx);
+    if fd < 0 {
+        return 0;
+    }
+    let mut info = new_info(origin::SOCKET, p.a as u16, (p.b & SOCK_TYPE_MASK) as u16);
+    if p.b & SOCK_CLOEXEC != 0 {
+        info.flags |= flag::CLOEXEC;
+    }
+    opened(&ctx, tgid, fd as u32, &mut info);
+    0
+}
+
+#[inline(always)]
+fn new_info(origin: u8, family: u16, sock_type: u16) -> ConnInfo {
+    ConnInfo {
+        stack: StackKey::default(),
+        created_ns: 0,
+        family,
+        sock_type,
+        origin,
+        flags: 0,
+        _pad: [0; 2],
+        peer: [0; PEER_LEN],
+    }
+}
+
+#[tracepoint]
+pub fn conn_connect_enter(ctx: TracePointContext) -> u32 {
+    if target_tgid().is_some() {
+        let mut p = empty_pending(op::CONNECT);
+        p.fd = arg(&ctx, 0) as u32;
+        read_sockaddr(arg(&ctx, 1), &mut p.addr);
+        begin(&p);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn conn_connect_exit(ctx: TracePointContext) -> u32 {
+    let Some(tgid) = target_tgid() else { return 0 };
+    let Some(p) = finish(op::CONNECT) else { return 0 };
+    let r = ret(&ctx);
+    if r != 0 && r != -EINPROGRESS {
+        return 0;
+    }
+    let key = FdKey { tgid, fd: p.fd };
+    if let Some(info) = CONN_FDS.get_ptr_mut(&key) {
+        // SAFETY: map value owned by the map; only this thread owns this fd now.
+        unsafe {
+            (*info).peer = p.addr;
+            (*info).flags |= flag::CONNECTED;
+        }
+    } else {
+        // A socket made before we attached: track it from its connect.
+        let family = u16::from_le_bytes([p.addr[0], p.addr[1]]);
+        let mut info = new_info(origin::CONNECT, family, 1);
+        info.peer = p.addr;
+        info.flags |= flag::CONNECTED;
+        opened(&ctx, tgid, p.fd, &mut info);
+    }
+    0
+}
+
+#[inline(always)]
+fn accept_enter(ctx: &TracePointContext, flags: u64) {
+    if target_tgid().is_some() {
+        let mut p = empty_pending(op::ACCEPT);
+        p.fd = arg(ctx, 0) as u32;
+        p.a = flags;
+        p.b = arg(ctx, 1);
+        begin(&p);
+    }
+}
+
+#[inline(always)]
+fn accept_exit(ctx: &TracePointContext) {
+    let Some(tgid) = target_tgid() else { return };
+    let Some(p) = finish(op::ACCEPT) else { return };
+    let fd = ret(ctx);
+    if fd < 0 {
+        return;
+    }
+    let mut info = new_info(origin::ACCEPT, 0, 1);
+    read_sockaddr(p.b, &mut info.peer);
+    info.family = u16::from_le_bytes([info.peer[0], info.peer[1]]);
+    info.flags |= flag::CONNECTED;
+    if p.a & SOCK_CLOEXEC != 0 {
+        info.flags |= flag::CLOEXEC;
+    }
+    opened(ctx, tgid, fd as u32, &mut info);
+}
+
+#[tracepoint]
+pub fn conn_accept_enter(ctx: TracePointContext) -> u32 {
+    accept_enter(&ctx, 0);
+    0
+}
+
+#[tracepoint]
+pub fn conn_accept_exit(ctx: TracePointContext) -> u32 {
+    accept_exit(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn conn_accept4_enter(ctx: TracePointContext) -> u32 {
+    accept_enter(&ctx, arg(&ctx, 3));
+    0
+}
+
+#[tracepoint]
+pub fn conn_accept4_exit(ctx: TracePointContext) -> u32 {
+    accept_exit(&ctx);
+    0
+}
+
+/// close(2) always releases the fd (even on EINTR), so act at entry.
+#[tracepoint]
+pub fn conn_close_enter(ctx: TracePointContext) -> u32 {
+    if let Some(tgid) = target_tgid() {
+        closed(tgid, arg(&ctx, 0) as u32);
+    }
+    0
+}
+
+/// dup2/dup3 close `newfd` when they succeed.
+#[tracepoint]
+pub fn conn_dup_enter(ctx: TracePointContext) -> u32 {
+    if target_tgid().is_some() {
+        let oldfd = arg(&ctx, 0) as u32;
+        let newfd = arg(&ctx, 1) as u32;
+        if oldfd != newfd {
+            let mut p = empty_pending(op::DUP);
+            p.fd = newfd;
+            begin(&p);
+        }
+    }
+    0
+}
+
+#[tracepoint]
+pub fn conn_dup_exit(ctx: TracePointContext) -> u32 {
+    let Some(tgid) = target_tgid() else { return 0 };
+    let Some(p) = finish(op::DUP) else { return 0 };
+    if ret(&ctx) >= 0 {
+        closed(tgid, p.fd);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn conn_close_range_enter(ctx: TracePointContext) -> u32 {
+    if target_tgid().is_some() {
+        let mut p = empty_pending(op::CLOSE_RANGE);
+        p.fd = arg(&ctx, 0) as u32;
+        p.a = arg(&ctx, 1);
+        p.b = arg(&ctx, 2);
+        begin(&p);
+    }
+    0
+}
+
+/// The range can be large: user space walks its table instead of us.
+#[tracepoint]
+pub fn conn_close_range_exit(ctx: TracePointContext) -> u32 {
+    let Some(tgid) = target_tgid() else { return 0 };
+    let Some(p) = finish(op::CLOSE_RANGE) else { return 0 };
+    if ret(&ctx) != 0 || p.b & CLOSE_RANGE_CLOEXEC != 0 {
+        return 0;
+    }
+    send(ConnRingEvent { kind: ring_kind::CLOSE_RANGE, tgid, a: p.fd as u64, b: p.a, c: p.b });
+    0
+}
+
+/// sched:sched_process_exec — CLOEXEC sockets are gone.
+#[tracepoint]
+pub fn conn_exec(_ctx: TracePointContext) -> u32 {
+    if let Some(tgid) = target_tgid() {
+        send(ConnRingEvent { kind: ring_kind::EXEC, tgid, a: 0, b: 0, c: 0 });
+    }
+    0
+}
+
+/// sched:sched_process_exit — the target's main thread is leaving.
+#[tracepoint]
+pub fn conn_exit(_ctx: TracePointContext) -> u32 {
+    let id = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    if let Some(tgid) = target_tgid() {
+        if id as u32 == tgid {
+            send(ConnRingEvent { kind: ring_kind::EXIT, tgid, a: 0, b: 0, c: 0 });
+        }
+    }
+    0
+}
+
+#[inline(always)]
+fn send(ev: ConnRingEvent) {
+    if CONN_EVENTS.output::<ConnRingEvent>(&ev, 0).is_err() {
+        bump(counter::LOST_RING);
+    }
+}

@@ -1,0 +1,52 @@
+//! leaktrace's kernel side: one module per tracker, as in `tracer-common` and
+//! `tracer-user/src/trackers`. Everything here filters on the target's tgid
+//! first, aggregates per creation stack in maps, and sends only rare events
+//! through a ring buffer.
+#![no_std]
+#![no_main]
+
+mod connections;
+mod stacks;
+
+use aya_ebpf::{macros::map, maps::PerCpuArray};
+use tracer_common::counter;
+
+/// Process (tgid) being traced; set by user space at load time.
+#[no_mangle]
+static TARGET_TGID: u32 = 0;
+
+/// Event and loss counters, per CPU; see `tracer_common::counter`.
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// The tgid of the caller when it is the target, else `None`.
+#[inline(always)]
+fn target_tgid() -> Option<u32> {
+    let tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: a plain read of a global that user space wrote before load.
+    let target = unsafe { core::ptr::read_volatile(&TARGET_TGID) };
+    if tgid == target && target != 0 {
+        Some(tgid)
+    } else {
+        None
+    }
+}
+
+/// Adds one to a per-CPU counter.
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 4] = *b"GPL\0";

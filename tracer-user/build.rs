@@ -1,0 +1,29 @@
+//! Builds the eBPF object (`tracer-ebpf`) with the pinned nightly and puts it
+//! in `$OUT_DIR/tracer`, where `src/probes.rs` embeds it.
+//!
+//! `LEAKTRACE_SKIP_EBPF=1` writes an empty object instead (for working on
+//! user-space code without the BPF toolchain); the binary then refuses to attach.
+
+use std::{env, fs, path::PathBuf};
+
+/// The nightly that compiles the eBPF crate. Must use the same LLVM major (22)
+/// as bpf-linker; `cargo xtask setup` installs exactly this one.
+const EBPF_TOOLCHAIN: &str = "nightly-2026-05-19";
+
+fn main() -> anyhow::Result<()> {
+    println!("cargo:rerun-if-env-changed=LEAKTRACE_SKIP_EBPF");
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    if env::var("LEAKTRACE_SKIP_EBPF").is_ok_and(|v| v == "1") {
+        fs::write(out_dir.join("tracer"), b"")?;
+        return Ok(());
+    }
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
+    let ebpf_dir = manifest.join("../tracer-ebpf").canonicalize()?;
+    let root = ebpf_dir.to_str().expect("utf-8 path");
+    // Rebuild when the shared types change too.
+    println!("cargo:rerun-if-changed={}", manifest.join("../tracer-common/src").display());
+    aya_build::build_ebpf(
+        [aya_build::Package { name: "tracer-ebpf", root_dir: root, ..Default::default() }],
+        aya_build::Toolchain::Custom(EBPF_TOOLCHAIN),
+    )
+}

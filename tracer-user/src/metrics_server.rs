@@ -1,0 +1,134 @@
+//! The `/metrics` HTTP endpoint: serves the latest report as OpenMetrics text
+//! so Prometheus can scrape a running trace.
+//!
+//! Before the first report exists, `/metrics` answers 200 with only
+//! `leaktrace_up 0` (a scrape that fails would look like leaktrace being
+//! down, which it is not). `GET /` answers one line pointing at `/metrics`.
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use anyhow::anyhow;
+use axum::{extract::State, http::header, response::IntoResponse, routing::get, Router};
+use prometheus_client::registry::Registry;
+use tokio::{net::TcpListener, task::JoinHandle};
+
+use crate::render::prometheus::{self, SharedReport, CONTENT_TYPE};
+
+/// Binds `addr` and serves `/metrics` from `shared` on a spawned task until
+/// `shutdown` completes. Returns the bound address (useful with port 0) and
+/// the server task, which ends with the server's I/O result.
+///
+/// Fails with `cannot listen on ADDR: REASON` when the address cannot be
+/// bound, before anything is spawned. Must be called within a tokio runtime.
+pub async fn serve(
+    addr: SocketAddr,
+    shared: SharedReport,
+    max_sites: usize,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<(SocketAddr, JoinHandle<std::io::Result<()>>)> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow!("cannot listen on {addr}: {e}"))?;
+    let local_addr = listener.local_addr()?;
+    let registry = Arc::new(prometheus::registry(shared, max_sites));
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/", get(index))
+        .with_state(registry);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    });
+    Ok((local_addr, task))
+}
+
+async fn metrics(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
+        prometheus::encode_registry_text(&registry),
+    )
+}
+
+async fn index() -> &'static str {
+    "leaktrace: Prometheus metrics at /metrics\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpStream,
+        sync::oneshot,
+    };
+
+    use super::*;
+    use crate::render::{json::tests::example_report, prometheus::new_shared_report};
+
+    /// A raw HTTP/1.1 GET; returns the whole response (head and body).
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    #[tokio::test]
+    async fn serves_the_latest_report_and_shuts_down() {
+        let shared = new_shared_report();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (addr, task) = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            shared.clone(),
+            prometheus::DEFAULT_MAX_SITES,
+            async move {
+                let _ = stopped.await;
+            },
+        )
+        .await
+        .unwrap();
+        assert_ne!(addr.port(), 0);
+
+        let before = get(addr, "/metrics").await;
+        assert!(before.starts_with("HTTP/1.1 200 OK\r\n"), "{before}");
+        assert!(before.contains("leaktrace_up 0\n"));
+        assert!(!before.contains("leaktrace_live_objects"));
+
+        *shared.write().unwrap() = Some(example_report());
+        let after = get(addr, "/metrics").await;
+        assert!(after.starts_with("HTTP/1.1 200 OK\r\n"), "{after}");
+        assert!(after
+            .to_ascii_lowercase()
+            .contains(&format!("content-type: {CONTENT_TYPE}\r\n")));
+        assert!(
+            after.contains("# TYPE leaktrace_live_objects gauge\n"),
+            "{after}"
+        );
+        assert!(after.contains(r#"site="main.badHandler""#));
+        assert!(after.ends_with("# EOF\n"));
+
+        let index = get(addr, "/").await;
+        assert!(index.contains("/metrics"), "{index}");
+        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+
+        stop.send(()).unwrap();
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn bind_error_is_one_clear_line() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = serve(addr, new_shared_report(), 20, std::future::pending())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!("cannot listen on {addr}: ")),
+            "{err}"
+        );
+        assert!(!err.contains('\n'));
+    }
+}

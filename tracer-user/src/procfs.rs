@@ -1,0 +1,186 @@
+//! What /proc says about the target: name, liveness, memory map, open fds.
+
+use std::{
+    collections::HashSet,
+    fs,
+    io,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+
+/// One line of /proc/PID/maps that maps a file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    /// File offset of `start`.
+    pub offset: u64,
+    pub executable: bool,
+    pub path: PathBuf,
+}
+
+/// The target's file mappings, sorted by start address.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryMap {
+    pub mappings: Vec<Mapping>,
+}
+
+impl MemoryMap {
+    /// Reads /proc/PID/maps (file-backed mappings only).
+    pub fn read(pid: u32) -> Result<Self> {
+        let text = fs::read_to_string(format!("/proc/{pid}/maps"))
+            .with_context(|| format!("cannot read /proc/{pid}/maps"))?;
+        Ok(Self::parse(&text))
+    }
+
+    /// Parses the text of a maps file.
+    pub fn parse(text: &str) -> Self {
+        let mut mappings = Vec::new();
+        for line in text.lines() {
+            let mut it = line.split_ascii_whitespace();
+            let (Some(range), Some(perms), Some(offset), Some(_dev), Some(_inode)) =
+                (it.next(), it.next(), it.next(), it.next(), it.next())
+            else {
+                continue;
+            };
+            let path: String = it.collect::<Vec<_>>().join(" ");
+            if !path.starts_with('/') {
+                continue;
+            }
+            let path = path.trim_end_matches(" (deleted)");
+            let Some((s, e)) = range.split_once('-') else { continue };
+            let (Ok(start), Ok(end), Ok(offset)) = (
+                u64::from_str_radix(s, 16),
+                u64::from_str_radix(e, 16),
+                u64::from_str_radix(offset, 16),
+            ) else {
+                continue;
+            };
+            mappings.push(Mapping {
+                start,
+                end,
+                offset,
+                executable: perms.as_bytes().get(2) == Some(&b'x'),
+                path: PathBuf::from(path),
+            });
+        }
+        mappings.sort_by_key(|m| m.start);
+        Self { mappings }
+    }
+
+    /// The mapping containing `addr`.
+    pub fn find(&self, addr: u64) -> Option<&Mapping> {
+        let i = self.mappings.partition_point(|m| m.start <= addr);
+        let m = self.mappings.get(i.checked_sub(1)?)?;
+        (addr < m.end).then_some(m)
+    }
+
+    /// Adds mappings of `other` not known yet (keeps what an exited or
+    /// unmapped object had, so old stacks still resolve).
+    pub fn merge(&mut self, other: &MemoryMap) {
+        let known: HashSet<(u64, u64)> = self.mappings.iter().map(|m| (m.start, m.end)).collect();
+        let mut changed = false;
+        for m in &other.mappings {
+            if !known.contains(&(m.start, m.end)) {
+                // A new mapping over an old range replaces it.
+                self.mappings.retain(|o| o.end <= m.start || o.start >= m.end);
+                self.mappings.push(m.clone());
+                changed = true;
+            }
+        }
+        if changed {
+            self.mappings.sort_by_key(|m| m.start);
+        }
+    }
+}
+
+/// Whether the process exists and is not a zombie.
+pub fn is_alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // State is the first field after the parenthesised comm.
+            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+            !matches!(state, Some('Z') | Some('X') | None)
+        }
+        Err(_) => false,
+    }
+}
+
+/// Checks that `pid` names a live process, with a one-line error otherwise.
+pub fn check_target(pid: u32) -> Result<()> {
+    if pid == 0 {
+        bail!("no such process: 0");
+    }
+    if !Path::new(&format!("/proc/{pid}")).exists() || !is_alive(pid) {
+        bail!("no such process: {pid}");
+    }
+    // Only whole processes: a thread id is not a target.
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    if let Some(tgid) = status.lines().find_map(|l| l.strip_prefix("Tgid:")) {
+        let tgid: u32 = tgid.trim().parse().unwrap_or(pid);
+        if tgid != pid {
+            bail!("{pid} is a thread of process {tgid}: give the process id (--pid {tgid})");
+        }
+    }
+    Ok(())
+}
+
+/// The process's command name, or "?".
+pub fn comm(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Open fds of the process that are sockets.
+pub fn socket_fds(pid: u32) -> io::Result<HashSet<u32>> {
+    let mut out = HashSet::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let Ok(entry) = entry else { continue };
+        let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Ok(target) = fs::read_link(entry.path()) {
+            if target.to_string_lossy().starts_with("socket:") {
+                out.insert(fd);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The ELF file behind a mapping, opened through the target's root and
+/// map_files when the path alone may not reach it (containers, deleted files).
+pub fn object_path(pid: u32, m: &Mapping) -> PathBuf {
+    if m.path.exists() {
+        return m.path.clone();
+    }
+    let via_root = PathBuf::from(format!("/proc/{pid}/root{}", m.path.display()));
+    if via_root.exists() {
+        return via_root;
+    }
+    PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_maps_and_finds_addresses() {
+        let text = "\
+55d0c0000000-55d0c0001000 r--p 00000000 fe:01 123 /usr/bin/demo
+55d0c0001000-55d0c0002000 r-xp 00001000 fe:01 123 /usr/bin/demo
+7f0000000000-7f0000021000 rw-p 00000000 00:00 0 [heap]
+7f1000028000-7f100019d000 r-xp 00028000 fe:01 456 /usr/lib/x86_64-linux-gnu/libc.so.6
+";
+        let map = MemoryMap::parse(text);
+        assert_eq!(map.mappings.len(), 3);
+        let m = map.find(0x55d0c0001234).unwrap();
+        assert!(m.executable);
+        assert_eq!(m.path, PathBuf::from("/usr/bin/demo"));
+        assert!(map.find(0x7f0000000010).is_none());
+        assert!(map.find(0x55d0c0002000).is_none());
+    }
+}

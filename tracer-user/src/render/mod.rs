@@ -1,0 +1,9 @@
+//! Renderers over the one report model ([`crate::report::Report`]).
+//!
+//! Renderers never talk to trackers: everything they show comes from a
+//! `Report`, so the table, the JSON lines and the Prometheus exposition can
+//! never disagree.
+
+pub mod json;
+pub mod prometheus;
+pub mod table;

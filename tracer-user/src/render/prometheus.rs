@@ -1,0 +1,494 @@
+//! Prometheus (OpenMetrics text) exposition of the latest report.
+//!
+//! A [`ReportCollector`] encodes whatever report is current at scrape time,
+//! so a site that vanished from the latest report vanishes from the scrape
+//! instead of being frozen at its last value (which registered gauges would
+//! do).
+//!
+//! Cardinality is bounded: per kind, the top `max_sites` sites (by live, then
+//! growth) get their own series and the rest are summed into `site="other"`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, RwLock},
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{text, DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    registry::Registry,
+};
+
+use crate::report::{Report, Verdict};
+
+/// The latest report, written by the reporting loop and read by each scrape.
+/// `None` until the first report exists.
+pub type SharedReport = Arc<RwLock<Option<Report>>>;
+
+/// An empty [`SharedReport`] (no report yet).
+pub fn new_shared_report() -> SharedReport {
+    Arc::new(RwLock::new(None))
+}
+
+/// Content type of what [`encode_text`] and [`encode_registry_text`] produce.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Default per-kind bound on distinct `site` label values.
+pub const DEFAULT_MAX_SITES: usize = 20;
+
+/// The `site` label value that sums the sites beyond the per-kind bound.
+pub const OTHER_SITE: &str = "other";
+
+/// A prometheus-client collector that encodes the latest shared report on
+/// every scrape.
+#[derive(Debug, Clone)]
+pub struct ReportCollector {
+    shared: SharedReport,
+    max_sites: usize,
+}
+
+impl ReportCollector {
+    /// A collector over `shared`, keeping at most `max_sites` sites per kind.
+    pub fn new(shared: SharedReport, max_sites: usize) -> Self {
+        ReportCollector { shared, max_sites }
+    }
+}
+
+impl Collector for ReportCollector {
+    fn encode(&self, encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // A writer that panicked cannot leave a half-written report (it is
+        // replaced whole), so a poisoned lock is still safe to read.
+        let guard = self.shared.read().unwrap_or_else(|e| e.into_inner());
+        encode_report(guard.as_ref(), self.max_sites, encoder)
+    }
+}
+
+/// A registry holding one [`ReportCollector`] over `shared`: what the
+/// metrics server encodes on each scrape.
+pub fn registry(shared: SharedReport, max_sites: usize) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(ReportCollector::new(shared, max_sites)));
+    registry
+}
+
+/// The OpenMetrics text exposition of `registry`, `# EOF` included.
+pub fn encode_registry_text(registry: &Registry) -> String {
+    let mut out = String::new();
+    text::encode(&mut out, registry).expect("writing to a String cannot fail");
+    out
+}
+
+/// The OpenMetrics text exposition of one report (what a scrape returns
+/// while `report` is the latest one).
+pub fn encode_text(report: &Report, max_sites: usize) -> String {
+    let shared = Arc::new(RwLock::new(Some(report.clone())));
+    encode_registry_text(&registry(shared, max_sites))
+}
+
+/// The per-(kind, site) numbers exposed: findings sharing a site are summed.
+#[derive(Clone, Debug, PartialEq)]
+struct SiteAgg {
+    live: u64,
+    growth_per_min: f64,
+    /// Worst verdict of the findings summed (leak > growing > steady).
+    verdict: Verdict,
+    /// Oldest of the known ages.
+    oldest_age_s: Option<f64>,
+}
+
+impl SiteAgg {
+    fn merge(&mut self, other: &SiteAgg) {
+        self.live += other.live;
+        self.growth_per_min += other.growth_per_min;
+        // Verdict's order is Leak < Growing < Steady: the minimum is the worst.
+        self.verdict = self.verdict.min(other.verdict);
+        self.oldest_age_s = match (self.oldest_age_s, other.oldest_age_s) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+/// Per kind wire name: the sites kept (at most `max_sites` plus `other`) and
+/// how many sites were folded into `other`.
+fn aggregate_sites(
+    report: &Report,
+    max_sites: usize,
+) -> BTreeMap<&'static str, (BTreeMap<String, SiteAgg>, usize)> {
+    let mut by_kind: BTreeMap<&'static str, BTreeMap<&str, SiteAgg>> = BTreeMap::new();
+    for f in &report.findings {
+        let agg = SiteAgg {
+            live: f.live,
+            growth_per_min: finite(f.growth_per_min),
+            verdict: f.verdict,
+            oldest_age_s: f.oldest_age_s.filter(|a| a.is_finite()),
+        };
+        by_kind
+            .entry(f.kind.as_str())
+            .or_default()
+            .entry(f.site.as_str())
+            .and_modify(|a| a.merge(&agg))
+            .or_insert(agg);
+    }
+    by_kind
+        .into_iter()
+        .map(|(kind, sites)| {
+            let mut ranked: Vec<(&str, SiteAgg)> = sites.into_iter().collect();
+            ranked.sort_by(|(sa, a), (sb, b)| {
+                b.live
+                    .cmp(&a.live)
+                    .then(b.growth_per_min.total_cmp(&a.growth_per_min))
+                    .then(sa.cmp(sb))
+            });
+            let folded = ranked.len().saturating_sub(max_sites);
+            let mut kept: BTreeMap<String, SiteAgg> = BTreeMap::new();
+            for (i, (site, agg)) in ranked.into_iter().enumerate() {
+                let label = if i < max_sites { site } else { OTHER_SITE };
+                kept.entry(label.to_string())
+                    .and_modify(|a| a.merge(&agg))
+                    .or_insert(agg);
+            }
+            (kind, (kept, folded))
+        })
+        .collect()
+}
+
+fn finite(v: f64) -> f64 {
+    if v.is_finite() {
+        v
+    } else {
+        0.0
+    }
+}
+
+/// Escapes a label value for the text format (the encoder writes values
+/// verbatim): backslash, double quote and newline.
+fn escape_label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Writes one family: HELP/TYPE, then one sample per label set.
+fn family<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric_type: MetricType,
+    samples: impl IntoIterator<Item = (Labels, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric_encoder = encoder.encode_descriptor(name, help, None, metric_type)?;
+    for (labels, metric) in samples {
+        metric.encode(metric_encoder.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// All families for `report` (`None`: only `leaktrace_up 0`).
+fn encode_report(
+    report: Option<&Report>,
+    max_sites: usize,
+    mut encoder: DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let e = &mut encoder;
+    let up = ConstGauge::new(i64::from(report.is_some()));
+    up.encode(e.encode_descriptor(
+        "leaktrace_up",
+        "1 once leaktrace has produced a report for its target, 0 before.",
+        None,
+        MetricType::Gauge,
+    )?)?;
+    let Some(report) = report else { return Ok(()) };
+
+    let pid = report.pid.to_string();
+    let sites = aggregate_sites(report, max_sites);
+    let site_labels = |kind: &str, site: &str, verdict: Option<Verdict>| -> Labels {
+        let mut l = vec![
+            ("pid", pid.clone()),
+            ("kind", escape_label(kind)),
+            ("site", escape_label(site)),
+        ];
+        if let Some(v) = verdict {
+            l.push(("verdict", v.as_str().to_string()));
+        }
+        l
+    };
+    let per_site = || {
+        sites
+            .iter()
+            .flat_map(|(kind, (kept, _))| kept.iter().map(move |(site, agg)| (*kind, site, agg)))
+    };
+
+    family(
+        e,
+        "leaktrace_live_objects",
+        "Objects alive now, by kind and creation site (top sites per kind; the rest summed into site other).",
+        MetricType::Gauge,
+        per_site().map(|(k, s, a)| (site_labels(k, s, Some(a.verdict)), ConstGauge::new(a.live as i64))),
+    )?;
+    family(
+        e,
+        "leaktrace_growth_per_minute",
+        "Least-squares slope of live objects over the judged window, objects per minute.",
+        MetricType::Gauge,
+        per_site().map(|(k, s, a)| {
+            (
+                site_labels(k, s, Some(a.verdict)),
+                ConstGauge::new(a.growth_per_min),
+            )
+        }),
+    )?;
+    family(
+        e,
+        "leaktrace_oldest_age_seconds",
+        "Age of the oldest live object of the site, seconds (absent when unknown).",
+        MetricType::Gauge,
+        per_site().filter_map(|(k, s, a)| {
+            a.oldest_age_s
+                .map(|age| (site_labels(k, s, None), ConstGauge::new(age)))
+        }),
+    )?;
+
+    let kinds: BTreeSet<&str> = report
+        .events
+        .keys()
+        .copied()
+        .chain(report.findings.iter().map(|f| f.kind.as_str()))
+        .collect();
+    family(
+        e,
+        "leaktrace_events",
+        "Events seen since attach, by kind.",
+        MetricType::Counter,
+        report.events.iter().map(|(kind, n)| {
+            (
+                vec![("pid", pid.clone()), ("kind", escape_label(kind))],
+                ConstCounter::new(*n),
+            )
+        }),
+    )?;
+    family(
+        e,
+        "leaktrace_events_lost",
+        "Records lost since attach: reason events (the kernel side could not record an event) or stacks (a stack could not be stored; the object is still counted).",
+        MetricType::Counter,
+        [("events", report.lost.events), ("stacks", report.lost.stacks)].map(|(reason, n)| {
+            (vec![("pid", pid.clone()), ("reason", reason.to_string())], ConstCounter::new(n))
+        }),
+    )?;
+    family(
+        e,
+        "leaktrace_findings",
+        "Findings (creation stacks) in the latest report, by kind and verdict, before any display cut.",
+        MetricType::Gauge,
+        kinds.iter().flat_map(|kind| {
+            [Verdict::Leak, Verdict::Growing, Verdict::Steady].map(|v| {
+                let n = report.findings.iter().filter(|f| f.kind.as_str() == *kind && f.verdict == v).count();
+                (
+                    vec![("pid", pid.clone()), ("kind", escape_label(kind)), ("verdict", v.as_str().to_string())],
+                    ConstGauge::new(n as i64),
+                )
+            })
+        }),
+    )?;
+    family(
+        e,
+        "leaktrace_findings_omitted",
+        "Findings left out of the latest report by --max-findings (verdict unknown here).",
+        MetricType::Gauge,
+        [(
+            vec![("pid", pid.clone())],
+            ConstGauge::new(report.findings_omitted as i64),
+        )],
+    )?;
+    family(
+        e,
+        "leaktrace_sites_folded",
+        "Sites summed into site other by the per-kind cardinality bound in this scrape.",
+        MetricType::Gauge,
+        sites.iter().map(|(kind, (_, folded))| {
+            (
+                vec![("pid", pid.clone()), ("kind", escape_label(kind))],
+                ConstGauge::new(*folded as i64),
+            )
+        }),
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::json::tests::example_report;
+    use crate::report::{Finding, Kind};
+
+    fn finding(site: &str, live: u64, growth: f64, verdict: Verdict) -> Finding {
+        Finding {
+            kind: Kind::Connection,
+            verdict,
+            site: site.into(),
+            stack: vec![],
+            live,
+            growth_per_min: growth,
+            oldest_age_s: Some(live as f64),
+            peer: None,
+            created: live,
+            ended: 0,
+        }
+    }
+
+    /// Sample lines (not comments) of `family` in `text`.
+    fn samples<'a>(text: &'a str, family: &str) -> Vec<&'a str> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| {
+                l.starts_with(&format!("{family}{{")) || l.starts_with(&format!("{family} "))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn families_have_help_type_and_values() {
+        let text = encode_text(&example_report(), DEFAULT_MAX_SITES);
+        for (name, ty) in [
+            ("leaktrace_up", "gauge"),
+            ("leaktrace_live_objects", "gauge"),
+            ("leaktrace_growth_per_minute", "gauge"),
+            ("leaktrace_oldest_age_seconds", "gauge"),
+            ("leaktrace_events", "counter"),
+            ("leaktrace_events_lost", "counter"),
+            ("leaktrace_findings", "gauge"),
+            ("leaktrace_findings_omitted", "gauge"),
+            ("leaktrace_sites_folded", "gauge"),
+        ] {
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "{name} HELP missing:\n{text}"
+            );
+            assert!(
+                text.contains(&format!("# TYPE {name} {ty}\n")),
+                "{name} TYPE missing:\n{text}"
+            );
+        }
+        assert!(text.ends_with("# EOF\n"));
+        assert!(text.contains("\nleaktrace_up 1\n"));
+        for help in text.lines().filter(|l| l.starts_with("# HELP")) {
+            // OpenMetrics HELP text may not hold a bare double quote.
+            assert!(!help.contains('"'), "{help}");
+        }
+        assert!(text.contains(
+            r#"leaktrace_live_objects{pid="1234",kind="connection",site="main.badHandler",verdict="leak"} 120"#
+        ), "{text}");
+        assert!(text.contains(
+            r#"leaktrace_growth_per_minute{pid="1234",kind="connection",site="main.badHandler",verdict="leak"} 59.8"#
+        ));
+        assert!(text.contains(
+            r#"leaktrace_oldest_age_seconds{pid="1234",kind="connection",site="main.badHandler"} 19.7"#
+        ));
+        assert!(text.contains(r#"leaktrace_events_total{pid="1234",kind="connection"} 1234"#));
+        assert!(text.contains(r#"leaktrace_events_lost_total{pid="1234",reason="stacks"} 0"#));
+        assert!(
+            text.contains(r#"leaktrace_findings{pid="1234",kind="connection",verdict="leak"} 1"#)
+        );
+        assert!(
+            text.contains(r#"leaktrace_findings{pid="1234",kind="connection",verdict="steady"} 0"#)
+        );
+    }
+
+    #[test]
+    fn no_report_yet_is_only_up_zero() {
+        let text = encode_registry_text(&registry(new_shared_report(), DEFAULT_MAX_SITES));
+        assert_eq!(
+            text,
+            "# HELP leaktrace_up 1 once leaktrace has produced a report for its target, 0 before.\n\
+             # TYPE leaktrace_up gauge\nleaktrace_up 0\n# EOF\n"
+        );
+    }
+
+    #[test]
+    fn sites_beyond_the_bound_are_summed_into_other() {
+        let mut report = example_report();
+        report.findings = (1..=5)
+            .map(|i| finding(&format!("site{i}"), i * 10, i as f64, Verdict::Steady))
+            .collect();
+        report
+            .findings
+            .push(finding("site0", 1, 0.5, Verdict::Growing));
+        let text = encode_text(&report, 3);
+        let live = samples(&text, "leaktrace_live_objects");
+        assert_eq!(live.len(), 4, "{live:?}");
+        for kept in ["site5", "site4", "site3"] {
+            assert!(
+                live.iter().any(|l| l.contains(&format!("site=\"{kept}\""))),
+                "{kept}: {live:?}"
+            );
+        }
+        // site2 (20) + site1 (10) + site0 (1); worst verdict growing.
+        assert!(live.contains(
+            &r#"leaktrace_live_objects{pid="1234",kind="connection",site="other",verdict="growing"} 31"#
+        ), "{live:?}");
+        assert!(text.contains(
+            r#"leaktrace_growth_per_minute{pid="1234",kind="connection",site="other",verdict="growing"} 3.5"#
+        ));
+        assert!(text.contains(r#"leaktrace_sites_folded{pid="1234",kind="connection"} 3"#));
+        // Findings counts are over all findings, before the cut.
+        assert!(
+            text.contains(r#"leaktrace_findings{pid="1234",kind="connection",verdict="steady"} 5"#)
+        );
+    }
+
+    #[test]
+    fn findings_sharing_a_site_are_summed_with_the_worst_verdict() {
+        let mut report = example_report();
+        report.findings = vec![
+            finding("db.Query", 3, 1.0, Verdict::Steady),
+            finding("db.Query", 7, 2.0, Verdict::Leak),
+        ];
+        let text = encode_text(&report, DEFAULT_MAX_SITES);
+        let live = samples(&text, "leaktrace_live_objects");
+        assert_eq!(
+            live,
+            [
+                r#"leaktrace_live_objects{pid="1234",kind="connection",site="db.Query",verdict="leak"} 10"#
+            ]
+        );
+        assert!(text.contains(
+            r#"leaktrace_oldest_age_seconds{pid="1234",kind="connection",site="db.Query"} 7.0"#
+        ));
+    }
+
+    #[test]
+    fn vanished_sites_are_dropped_from_the_next_scrape() {
+        let shared = new_shared_report();
+        let registry = registry(shared.clone(), DEFAULT_MAX_SITES);
+        let mut report = example_report();
+        report
+            .findings
+            .push(finding("gone.Soon", 5, 0.0, Verdict::Steady));
+        *shared.write().unwrap() = Some(report.clone());
+        assert!(encode_registry_text(&registry).contains("site=\"gone.Soon\""));
+        report.findings.pop();
+        *shared.write().unwrap() = Some(report);
+        let text = encode_registry_text(&registry);
+        assert!(!text.contains("gone.Soon"), "{text}");
+        assert!(text.contains("site=\"main.badHandler\""));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut report = example_report();
+        report.findings[0].site = "a\"b\\c\nd".into();
+        let text = encode_text(&report, DEFAULT_MAX_SITES);
+        assert!(text.contains(r#"site="a\"b\\c\nd""#), "{text}");
+    }
+}

@@ -1,0 +1,343 @@
+//! The human table printed per interval (and once at the end) on a terminal.
+//!
+//! Plain text only (no colours), column widths computed from the content, so
+//! it reads the same in a terminal, a log file or a CI transcript.
+
+use std::fmt::Write as _;
+
+use crate::report::{Finding, Frame, Report, Verdict};
+
+/// How much of a report the table shows; bounded so a report with thousands
+/// of stacks still fits on a screen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableOptions {
+    /// Findings shown (default 10); the report is sorted, so the leaks and
+    /// growing ones come first.
+    pub max_findings: usize,
+    /// Frames shown under each finding, innermost first (default 5).
+    pub max_frames: usize,
+    /// Longest SITE shown, in characters (default 60); longer ones end in `…`.
+    pub max_site_width: usize,
+}
+
+impl Default for TableOptions {
+    fn default() -> Self {
+        TableOptions {
+            max_findings: 10,
+            max_frames: 5,
+            max_site_width: 60,
+        }
+    }
+}
+
+/// What the caller prints before each interval's table: on a terminal,
+/// "cursor home + clear screen" so the table refreshes in place; otherwise
+/// nothing, so logs get one table after another.
+pub fn refresh_prefix(is_tty: bool) -> &'static str {
+    if is_tty {
+        "\x1b[H\x1b[2J"
+    } else {
+        ""
+    }
+}
+
+/// The report as a table: a header line, one row per finding (top
+/// `opts.max_findings`) with its top frames indented under it, and for the
+/// final report a `final report` heading and a verdict summary line.
+/// Always ends with a newline.
+pub fn render_table(report: &Report, opts: &TableOptions) -> String {
+    let mut out = String::new();
+    if report.is_final {
+        out.push_str("final report\n");
+    }
+    let _ = write!(
+        out,
+        "leaktrace  pid {} ({})  elapsed {:.1}s  lost: events {}, stacks {}",
+        report.pid, report.comm, report.elapsed_s, report.lost.events, report.lost.stacks
+    );
+    if report.exited == Some(true) {
+        out.push_str("  EXITED");
+    }
+    out.push('\n');
+
+    let shown = &report.findings[..report.findings.len().min(opts.max_findings)];
+    if shown.is_empty() {
+        out.push_str("no tracked objects yet\n");
+    } else {
+        out.push('\n');
+        write_rows(&mut out, shown, opts);
+    }
+    let not_shown = (report.findings.len() - shown.len()) as u64 + report.findings_omitted;
+    if not_shown > 0 {
+        let _ = writeln!(
+            out,
+            "… {not_shown} more finding{} not shown",
+            plural(not_shown)
+        );
+    }
+    if report.is_final {
+        let _ = writeln!(out, "{}", summary(report));
+    }
+    out
+}
+
+/// `2 leaks, 1 growing, 5 steady` over every finding in the report (plus a
+/// note on findings omitted before the report was built, whose verdicts are
+/// unknown here).
+pub fn summary(report: &Report) -> String {
+    let count = |v: Verdict| report.findings.iter().filter(|f| f.verdict == v).count();
+    let leaks = count(Verdict::Leak);
+    let mut s = format!(
+        "{leaks} leak{}, {} growing, {} steady",
+        plural(leaks as u64),
+        count(Verdict::Growing),
+        count(Verdict::Steady)
+    );
+    if report.findings_omitted > 0 {
+        let _ = write!(s, " ({} more omitted)", report.findings_omitted);
+    }
+    s
+}
+
+const HEADERS: [&str; 7] = [
+    "VERDICT",
+    "KIND",
+    "SITE",
+    "LIVE",
+    "GROWTH/MIN",
+    "OLDEST",
+    "PEER",
+];
+/// Columns right-aligned because they hold numbers.
+const NUMERIC: [bool; 7] = [false, false, false, true, true, true, false];
+
+fn write_rows(out: &mut String, findings: &[Finding], opts: &TableOptions) {
+    let rows: Vec<[String; 7]> = findings.iter().map(|f| row(f, opts)).collect();
+    let mut widths = HEADERS.map(|h| h.chars().count());
+    for r in &rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    write_line(out, &HEADERS.map(String::from), &widths);
+    for (finding, r) in findings.iter().zip(&rows) {
+        write_line(out, r, &widths);
+        for frame in finding.stack.iter().take(opts.max_frames) {
+            let _ = writeln!(out, "    {}", frame_text(frame));
+        }
+    }
+}
+
+fn write_line(out: &mut String, cells: &[String; 7], widths: &[usize; 7]) {
+    let mut line = String::new();
+    for (i, cell) in cells.iter().enumerate() {
+        if i > 0 {
+            line.push_str("  ");
+        }
+        let pad = widths[i].saturating_sub(cell.chars().count());
+        if NUMERIC[i] {
+            line.extend(std::iter::repeat_n(' ', pad));
+            line.push_str(cell);
+        } else {
+            line.push_str(cell);
+            if i + 1 < cells.len() {
+                line.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+    }
+    out.push_str(line.trim_end());
+    out.push('\n');
+}
+
+fn row(f: &Finding, opts: &TableOptions) -> [String; 7] {
+    [
+        f.verdict.as_str().to_string(),
+        f.kind.as_str().to_string(),
+        truncate(&f.site, opts.max_site_width),
+        f.live.to_string(),
+        growth_text(f.growth_per_min),
+        f.oldest_age_s.map_or_else(|| "-".to_string(), age_text),
+        f.peer.clone().unwrap_or_else(|| "-".to_string()),
+    ]
+}
+
+/// `function (file:line)`, else `function [module]`, with the address when
+/// the function is unknown.
+fn frame_text(frame: &Frame) -> String {
+    let mut s = frame.function.clone();
+    if let (Some(addr), true) = (&frame.addr, frame.file.is_none()) {
+        let _ = write!(s, " {addr}");
+    }
+    match (&frame.file, frame.line, &frame.module) {
+        (Some(file), Some(line), _) => {
+            let _ = write!(s, " ({file}:{line})");
+        }
+        (Some(file), None, _) => {
+            let _ = write!(s, " ({file})");
+        }
+        (None, _, Some(module)) => {
+            let _ = write!(s, " [{module}]");
+        }
+        (None, _, None) => {}
+    }
+    s
+}
+
+fn growth_text(per_min: f64) -> String {
+    if per_min.is_nan() {
+        "-".to_string()
+    } else if per_min.abs() < 0.05 {
+        "0.0".to_string()
+    } else {
+        format!("{per_min:+.1}")
+    }
+}
+
+/// Compact age: `19.7s`, `5m03s`, `2h01m`.
+fn age_text(age_s: f64) -> String {
+    if !age_s.is_finite() || age_s < 0.0 {
+        return "-".to_string();
+    }
+    if age_s < 60.0 {
+        return format!("{age_s:.1}s");
+    }
+    let secs = age_s as u64;
+    if secs < 3600 {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    } else {
+        format!("{}h{:02}m", secs / 3600, secs % 3600 / 60)
+    }
+}
+
+fn truncate(s: &str, max_chars: usize) -> String {
+    if s.chars().count() <= max_chars {
+        return s.to_string();
+    }
+    let mut t: String = s.chars().take(max_chars.saturating_sub(1)).collect();
+    t.push('…');
+    t
+}
+
+fn plural(n: u64) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::json::tests::example_report;
+    use crate::report::Kind;
+
+    fn steady(site: &str, live: u64) -> Finding {
+        Finding {
+            kind: Kind::Connection,
+            verdict: Verdict::Steady,
+            site: site.into(),
+            stack: vec![Frame {
+                function: "pool.get".into(),
+                file: None,
+                line: None,
+                module: Some("/usr/lib/libpq.so.5".into()),
+                addr: None,
+            }],
+            live,
+            growth_per_min: 0.0,
+            oldest_age_s: None,
+            peer: None,
+            created: live,
+            ended: 0,
+        }
+    }
+
+    #[test]
+    fn interval_table_has_header_columns_and_frames() {
+        let text = render_table(&example_report(), &TableOptions::default());
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "leaktrace  pid 1234 (api-server)  elapsed 20.0s  lost: events 0, stacks 0"
+        );
+        assert_eq!(lines[1], "");
+        assert_eq!(
+            lines[2],
+            "VERDICT  KIND        SITE             LIVE  GROWTH/MIN  OLDEST  PEER"
+        );
+        assert_eq!(
+            lines[3],
+            "leak     connection  main.badHandler   120       +59.8   19.7s  127.0.0.1:6379"
+        );
+        assert_eq!(lines[4], "    net.Dial (/usr/lib/go/src/net/dial.go:323)");
+        assert_eq!(lines.len(), 5);
+        assert!(!text.contains("final report"));
+        assert!(text.ends_with('\n'));
+    }
+
+    #[test]
+    fn final_table_has_heading_summary_and_exited() {
+        let mut report = example_report();
+        report.is_final = true;
+        report.exited = Some(true);
+        report.findings.push(steady("db.Open", 4));
+        report.findings.push(steady("cache.Get", 2));
+        let text = render_table(&report, &TableOptions::default());
+        assert!(text.starts_with("final report\nleaktrace  pid 1234"));
+        assert!(text.lines().nth(1).unwrap().ends_with("  EXITED"));
+        assert!(text.contains("    pool.get [/usr/lib/libpq.so.5]\n"));
+        assert_eq!(text.lines().last().unwrap(), "1 leak, 0 growing, 2 steady");
+    }
+
+    #[test]
+    fn top_n_findings_frames_and_long_sites_are_cut() {
+        let mut report = example_report();
+        report.findings[0].stack = (0..8)
+            .map(|i| Frame {
+                function: format!("f{i}"),
+                file: None,
+                line: None,
+                module: None,
+                addr: None,
+            })
+            .collect();
+        report.findings[0].site = "x".repeat(100);
+        for i in 0..12 {
+            report.findings.push(steady(&format!("s{i}"), i));
+        }
+        report.findings_omitted = 3;
+        let opts = TableOptions {
+            max_findings: 4,
+            max_frames: 5,
+            max_site_width: 20,
+        };
+        let text = render_table(&report, &opts);
+        assert!(text.contains(&format!("{}…", "x".repeat(19))));
+        assert!(!text.contains(&"x".repeat(20)));
+        assert!(text.contains("    f4\n") && !text.contains("    f5"));
+        assert!(text.contains("s2") && !text.contains("s3 "));
+        assert!(text.contains("… 12 more findings not shown"), "{text}");
+    }
+
+    #[test]
+    fn empty_report_and_formats() {
+        let mut report = example_report();
+        report.findings.clear();
+        assert!(render_table(&report, &TableOptions::default()).contains("no tracked objects yet"));
+        assert_eq!(age_text(303.4), "5m03s");
+        assert_eq!(age_text(7260.0), "2h01m");
+        assert_eq!(growth_text(-3.0), "-3.0");
+        assert_eq!(growth_text(0.0), "0.0");
+        assert_eq!(refresh_prefix(false), "");
+        assert_eq!(refresh_prefix(true), "\x1b[H\x1b[2J");
+        let unknown = Frame {
+            function: "[unknown]".into(),
+            file: None,
+            line: None,
+            module: Some("/lib/x.so".into()),
+            addr: Some("0x401136".into()),
+        };
+        assert_eq!(frame_text(&unknown), "[unknown] 0x401136 [/lib/x.so]");
+    }
+}

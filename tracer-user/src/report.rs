@@ -1,0 +1,113 @@
+//! The one report model every renderer reads (table, JSON, Prometheus).
+//!
+//! Its JSON form is the contract documented in `docs/report.md`: field names
+//! here are the wire names.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+/// One symbolized frame, innermost first in a [`Finding::stack`].
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Frame {
+    /// Function name, demangled; `"[unknown]"` when it cannot be resolved
+    /// (then `addr` says where).
+    pub function: String,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    /// Path of the ELF object the address belongs to.
+    pub module: Option<String>,
+    /// Absolute address in the target (hex string, e.g. "0x401136").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+}
+
+/// The growth engine's judgement of one series.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Leak,
+    Growing,
+    Steady,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Leak => "leak",
+            Verdict::Growing => "growing",
+            Verdict::Steady => "steady",
+        }
+    }
+}
+
+/// What is tracked. Later trackers add variants; the wire name is `as_str`.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Connection,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Connection => "connection",
+        }
+    }
+}
+
+/// One per creation stack that has live objects (or had, in the window).
+#[derive(Clone, Debug, Serialize)]
+pub struct Finding {
+    pub kind: Kind,
+    pub verdict: Verdict,
+    /// First frame outside runtimes, libc and standard libraries.
+    pub site: String,
+    /// Innermost first.
+    pub stack: Vec<Frame>,
+    /// Objects alive now.
+    pub live: u64,
+    /// Least-squares slope of `live` over the judged window, per minute.
+    pub growth_per_min: f64,
+    /// Age of the oldest live object, seconds (null when unknown).
+    pub oldest_age_s: Option<f64>,
+    /// Connections: the most common remote address of the live ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// Objects created from this stack since attach.
+    pub created: u64,
+    /// Objects from this stack that ended since attach.
+    pub ended: u64,
+}
+
+/// Losses, shown so that nobody trusts numbers silently wrong.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Lost {
+    /// Events the kernel side could not record (a full map).
+    pub events: u64,
+    /// Stacks that could not be stored (objects still counted, stack unknown).
+    pub stacks: u64,
+}
+
+/// One report: emitted per interval and once at the end.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub pid: u32,
+    pub comm: String,
+    pub elapsed_s: f64,
+    /// True on the last report of a run.
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    /// Set when the target exited during the trace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exited: Option<bool>,
+    /// Sorted: leaks first, then growing, then steady; within a verdict by
+    /// growth, then live.
+    pub findings: Vec<Finding>,
+    pub lost: Lost,
+    /// Events seen per kind since attach (for `leaktrace_events_total`),
+    /// keyed by the kind's wire name.
+    pub events: BTreeMap<&'static str, u64>,
+    /// Findings not shown because of `--max-findings` (bounded output).
+    pub findings_omitted: u64,
+}

@@ -1,0 +1,225 @@
+//! Addresses to frames, on a thread of its own, cached per address so that a
+//! final report still resolves after the target has exited.
+//!
+//! blazesym reads ELF symbol tables and DWARF (file:line, inlined calls) for C,
+//! C++, Rust and Go binaries. We resolve against our own copy of the target's
+//! memory map (refreshed each interval and kept after exit) and ask blazesym
+//! for *file offsets* in the ELF objects, so nothing depends on /proc/PID once
+//! the addresses are known.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::mpsc,
+    thread,
+};
+
+use blazesym::symbolize::{source::Elf, source::Source, Input, Symbolized, Symbolizer};
+
+use crate::{procfs::MemoryMap, report::Frame};
+
+/// One request: resolve `addrs` of process `pid` with `map`.
+struct Request {
+    pid: u32,
+    map: MemoryMap,
+    addrs: Vec<u64>,
+    reply: tokio::sync::oneshot::Sender<Vec<Vec<Frame>>>,
+}
+
+/// Handle to the symbolizer thread.
+#[derive(Clone)]
+pub struct SymbolizerService {
+    tx: mpsc::Sender<Request>,
+}
+
+impl SymbolizerService {
+    /// Starts the thread.
+    pub fn start() -> Self {
+        let (tx, rx) = mpsc::channel::<Request>();
+        thread::Builder::new()
+            .name("symbolizer".into())
+            .spawn(move || {
+                let mut worker = Worker::new();
+                for req in rx {
+                    let frames = req.addrs.iter().map(|&a| worker.resolve(req.pid, &req.map, a)).collect();
+                    let _ = req.reply.send(frames);
+                }
+            })
+            .expect("spawn symbolizer thread");
+        Self { tx }
+    }
+
+    /// Resolves each address to its frames (more than one when calls were
+    /// inlined there: innermost first). `addrs` are return addresses except
+    /// the first of a stack; callers pass `addr - 1` for those lookups
+    /// themselves via [`lookup_addr`].
+    pub async fn resolve(&self, pid: u32, map: MemoryMap, addrs: Vec<u64>) -> Vec<Vec<Frame>> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let n = addrs.len();
+        if self.tx.send(Request { pid, map, addrs, reply }).is_err() {
+            return vec![Vec::new(); n];
+        }
+        rx.await.unwrap_or_else(|_| vec![Vec::new(); n])
+    }
+}
+
+/// The address to look up for frame `index` of a stack: return addresses
+/// point after the call, so step back into it for the right line.
+pub fn lookup_addr(index: usize, addr: u64) -> u64 {
+    if index == 0 { addr } else { addr.saturating_sub(1) }
+}
+
+struct Worker {
+    symbolizer: Symbolizer,
+    cache: HashMap<(u32, u64), Vec<Frame>>,
+    /// Bound on the cache (addresses); cleared when exceeded.
+    max_cache: usize,
+}
+
+impl Worker {
+    fn new() -> Self {
+        let symbolizer = Symbolizer::builder()
+            .enable_code_info(true)
+            .enable_inlined_fns(true)
+            .enable_demangling(true)
+            .build();
+        Self { symbolizer, cache: HashMap::new(), max_cache: 200_000 }
+    }
+
+    fn resolve(&mut self, pid: u32, map: &MemoryMap, addr: u64) -> Vec<Frame> {
+        if let Some(f) = self.cache.get(&(pid, addr)) {
+            return f.clone();
+        }
+        let frames = self.resolve_uncached(pid, map, addr);
+        if self.cache.len() >= self.max_cache {
+            self.cache.clear();
+        }
+        self.cache.insert((pid, addr), frames.clone());
+        frames
+    }
+
+    fn resolve_uncached(&mut self, pid: u32, map: &MemoryMap, addr: u64) -> Vec<Frame> {
+        let hex = format!("{addr:#x}");
+        let Some(m) = map.find(addr) else {
+            return vec![unknown(None, hex)];
+        };
+        let module = m.path.to_string_lossy().into_owned();
+        let path: PathBuf = crate::procfs::object_path(pid, m);
+        let file_offset = addr - m.start + m.offset;
+        let src = Source::Elf(Elf::new(path));
+        let sym = match self.symbolizer.symbolize_single(&src, Input::FileOffset(file_offset)) {
+            Ok(Symbolized::Sym(sym)) => sym,
+            _ => return vec![unknown(Some(module), hex)],
+        };
+        let mut out = Vec::new();
+        // blazesym lists inlined calls outermost first; the innermost one is
+        // where the code actually is, so it goes first.
+        let mut code_info = sym.code_info.as_deref().map(|c| (c.to_path().display().to_string(), c.line));
+        for inl in sym.inlined.iter().rev() {
+            let (file, line) = code_info.take().map_or((None, None), |(f, l)| (Some(f), l));
+            out.push(Frame { function: inl.name.to_string(), file, line, module: Some(module.clone()), addr: None });
+            code_info = inl.code_info.as_ref().map(|c| (c.to_path().display().to_string(), c.line));
+        }
+        let (file, line) = code_info.map_or((None, None), |(f, l)| (Some(f), l));
+        out.push(Frame { function: sym.name.to_string(), file, line, module: Some(module), addr: None });
+        out
+    }
+}
+
+fn unknown(module: Option<String>, addr: String) -> Frame {
+    Frame { function: "[unknown]".into(), file: None, line: None, module, addr: Some(addr) }
+}
+
+/// The first frame that is the application's own code: not a runtime, libc,
+/// a system library or a language's standard library.
+pub fn site_of(frames: &[Frame]) -> String {
+    frames
+        .iter()
+        .find(|f| !is_system_frame(f))
+        .or_else(|| frames.iter().find(|f| f.function != "[unknown]"))
+        .or(frames.first())
+        .map(|f| f.function.clone())
+        .unwrap_or_else(|| "[unknown]".into())
+}
+
+/// Whether a frame belongs to a runtime, libc or a standard library.
+pub fn is_system_frame(f: &Frame) -> bool {
+    if f.function == "[unknown]" {
+        return true;
+    }
+    if let Some(m) = &f.module {
+        let lib = m.starts_with("/lib/") || m.starts_with("/lib64/") || m.starts_with("/usr/lib/");
+        if lib && !m.contains("/go/") {
+            return true;
+        }
+    }
+    let func = f.function.as_str();
+    if is_go_std(func) {
+        return true;
+    }
+    func.starts_with("std::")
+        || func.starts_with("core::")
+        || func.starts_with("alloc::")
+        || func.starts_with("tokio::")
+        || func.starts_with("__libc_")
+        || func.starts_with("_start")
+}
+
+/// Go functions of the standard library and runtime: their import path's
+/// first element has no dot (`net/http.(*Client).Do`, `runtime.goexit`),
+/// unlike `main.x` and `github.com/...`.
+fn is_go_std(func: &str) -> bool {
+    let head = func.split('/').next().unwrap_or(func);
+    let pkg = head.split('.').next().unwrap_or(head);
+    if pkg == "main" || pkg.is_empty() {
+        return false;
+    }
+    const GO_STD: &[&str] = &[
+        "runtime", "internal", "syscall", "net", "os", "io", "bufio", "sync", "crypto", "context",
+        "time", "fmt", "errors", "reflect", "strconv", "strings", "bytes", "encoding", "math",
+        "sort", "unicode", "vendor", "log", "mime", "path", "regexp", "text", "html", "compress",
+        "container", "database", "debug", "embed", "expvar", "flag", "go", "hash", "image",
+        "index", "iter", "maps", "slices", "testing", "unique", "unsafe", "weak", "cmp", "archive",
+        "structs", "golang.org",
+    ];
+    // A Go symbol always has a dot between package and name.
+    func.contains('.') && !head.contains("::") && GO_STD.contains(&pkg) && !func.contains(' ')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(function: &str, module: &str) -> Frame {
+        Frame { function: function.into(), file: None, line: None, module: Some(module.into()), addr: None }
+    }
+
+    #[test]
+    fn site_skips_go_runtime_and_std() {
+        let frames = vec![
+            frame("syscall.Syscall", "/srv/api"),
+            frame("net.(*sysDialer).dialSingle", "/srv/api"),
+            frame("net/http.(*Client).Do", "/srv/api"),
+            frame("main.dialCache", "/srv/api"),
+            frame("main.badHandler", "/srv/api"),
+        ];
+        assert_eq!(site_of(&frames), "main.dialCache");
+    }
+
+    #[test]
+    fn site_skips_libc() {
+        let frames = vec![
+            frame("__connect", "/usr/lib/x86_64-linux-gnu/libc.so.6"),
+            frame("dial_cache", "/opt/app/bin/app"),
+            frame("bad_handler", "/opt/app/bin/app"),
+        ];
+        assert_eq!(site_of(&frames), "dial_cache");
+    }
+
+    #[test]
+    fn third_party_go_packages_are_application_code() {
+        assert!(!is_go_std("github.com/redis/go-redis/v9.(*Client).Get"));
+        assert!(is_go_std("internal/poll.(*FD).Init"));
+        assert!(!is_go_std("main.main"));
+    }
+}

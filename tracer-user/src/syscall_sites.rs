@@ -1,0 +1,207 @@
+//! Where a libc syscall wrapper keeps its return address when it traps.
+//!
+//! A stack taken in a syscall tracepoint starts inside the libc wrapper
+//! (`connect`, `socket`...), which has no frame of its own, so the
+//! frame-pointer walk jumps from the wrapper to its caller's caller: the
+//! function that called `connect` is lost (shared/notes/platform.md). We
+//! disassemble each wrapper (iced-x86), follow the stack pointer along every
+//! path from its entry to each `syscall` instruction, and give the kernel
+//! side the offset of the return address from `sp` at that instruction. The
+//! BPF program reads it from the user stack: no uprobe, no trap.
+
+use std::{collections::HashMap, fs, path::Path};
+
+use anyhow::{Context, Result};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind, Register};
+use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+
+use crate::procfs::MemoryMap;
+
+/// libc functions whose callers the trackers need.
+pub const WRAPPERS: &[&str] = &["socket", "connect", "accept", "accept4", "__libc_connect", "__libc_accept"];
+
+/// One `syscall` instruction: address just after it (what the kernel sees
+/// as the user ip) and the return address's offset from `sp` there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyscallSite {
+    pub ip_after: u64,
+    pub ret_offset: u32,
+}
+
+/// Finds the syscall sites of [`WRAPPERS`] in every libc the process maps.
+pub fn find_in_process(pid: u32, map: &MemoryMap) -> Result<Vec<SyscallSite>> {
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for m in map.mappings.iter().filter(|m| m.executable && is_libc(&m.path)) {
+        if !seen.insert(m.path.clone()) {
+            continue;
+        }
+        let path = crate::procfs::object_path(pid, m);
+        let data = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        // Load bias: the executable mapping's start minus the address its
+        // file offset has in the ELF's segments.
+        let file = object::File::parse(&*data).context("libc is not a valid ELF")?;
+        let Some(vaddr) = file_offset_to_vaddr(&file, m.offset) else { continue };
+        let bias = m.start.wrapping_sub(vaddr);
+        for site in sites_in_elf(&data, WRAPPERS)? {
+            out.push(SyscallSite { ip_after: site.ip_after.wrapping_add(bias), ret_offset: site.ret_offset });
+        }
+    }
+    Ok(out)
+}
+
+fn is_libc(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("libc.so") || n.starts_with("libc-"))
+}
+
+fn file_offset_to_vaddr(file: &object::File, offset: u64) -> Option<u64> {
+    file.segments().find_map(|s| {
+        let (fo, fsz) = s.file_range();
+        (offset >= fo && offset < fo + fsz.max(1)).then(|| s.address() + (offset - fo))
+    })
+}
+
+/// Syscall sites of the named functions in an ELF image, at ELF virtual
+/// addresses.
+pub fn sites_in_elf(data: &[u8], names: &[&str]) -> Result<Vec<SyscallSite>> {
+    let file = object::File::parse(data).context("not a valid ELF")?;
+    let mut funcs: HashMap<u64, u64> = HashMap::new();
+    for sym in file.dynamic_symbols().chain(file.symbols()) {
+        if sym.kind() != SymbolKind::Text || sym.size() == 0 {
+            continue;
+        }
+        if let Ok(name) = sym.name() {
+            let base = name.split('@').next().unwrap_or(name);
+            if names.contains(&base) {
+                funcs.insert(sym.address(), sym.size());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (addr, size) in funcs {
+        let Some(bytes) = bytes_at(&file, data, addr, size) else { continue };
+        out.extend(sites_in_function(bytes, addr));
+    }
+    out.sort_by_key(|s| s.ip_after);
+    out.dedup();
+    Ok(out)
+}
+
+fn bytes_at<'d>(file: &object::File, data: &'d [u8], addr: u64, size: u64) -> Option<&'d [u8]> {
+    file.segments().find_map(|s| {
+        let (fo, fsz) = s.file_range();
+        let start = s.address();
+        (addr >= start && addr + size <= start + fsz).then(|| {
+            let off = (fo + (addr - start)) as usize;
+            &data[off..off + size as usize]
+        })
+    })
+}
+
+/// Follows every path through one function from its entry, tracking how far
+/// `sp` is below the entry `sp` (where the return address is), and returns
+/// each `syscall` reached with a known depth. Paths that set `sp` some other
+/// way are abandoned rather than guessed.
+pub fn sites_in_function(code: &[u8], entry: u64) -> Vec<SyscallSite> {
+    let end = entry + code.len() as u64;
+    let mut depth_at: HashMap<u64, i64> = HashMap::new();
+    let mut work = vec![(entry, 0i64)];
+    let mut out = Vec::new();
+    while let Some((start, depth0)) = work.pop() {
+        if depth_at.contains_key(&start) {
+            continue;
+        }
+        let mut decoder = Decoder::with_ip(64, &code[(start - entry) as usize..], start, DecoderOptions::NONE);
+        let mut depth = depth0;
+        while decoder.can_decode() {
+            let ins = decoder.decode();
+            if ins.is_invalid() || depth_at.insert(ins.ip(), depth).is_some() {
+                break;
+            }
+            let writes_sp = ins.op0_kind() == OpKind::Register && ins.op0_register() == Register::RSP;
+            match ins.mnemonic() {
+                Mnemonic::Syscall => {
+                    if depth >= 0 {
+                        out.push(SyscallSite { ip_after: ins.next_ip(), ret_offset: depth as u32 });
+                    }
+                }
+                Mnemonic::Push => depth += 8,
+                Mnemonic::Pop if !writes_sp => depth -= 8,
+                Mnemonic::Sub if writes_sp && is_imm(ins.op1_kind()) => depth += ins.immediate(1) as i64,
+                Mnemonic::Add if writes_sp && is_imm(ins.op1_kind()) => depth -= ins.immediate(1) as i64,
+                Mnemonic::Call => {}
+                _ if writes_sp => break,
+                _ => {}
+            }
+            match ins.flow_control() {
+                FlowControl::ConditionalBranch => {
+                    let t = ins.near_branch_target();
+                    if t >= entry && t < end {
+                        work.push((t, depth));
+                    }
+                }
+                FlowControl::UnconditionalBranch => {
+                    let t = ins.near_branch_target();
+                    if t >= entry && t < end {
+                        work.push((t, depth));
+                    }
+                    break;
+                }
+                FlowControl::Return | FlowControl::IndirectBranch | FlowControl::Exception | FlowControl::Interrupt => break,
+                _ => {}
+            }
+        }
+    }
+    out.sort_by_key(|s| s.ip_after);
+    out
+}
+
+fn is_imm(kind: OpKind) -> bool {
+    matches!(kind, OpKind::Immediate8 | OpKind::Immediate8to64 | OpKind::Immediate32to64 | OpKind::Immediate32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// glibc 2.36's `connect`: a fast path that traps with the return address
+    /// at [sp], and a cancellable path that traps 0x18 bytes deeper.
+    #[test]
+    fn follows_both_paths_of_a_cancellable_wrapper() {
+        let code: &[u8] = &[
+            0x80, 0x3d, 0x21, 0x0e, 0x0d, 0x00, 0x00, // cmpb $0,rip+..      +0
+            0x74, 0x17, // je +32                                            +7
+            0xb8, 0x2a, 0x00, 0x00, 0x00, // mov $0x2a,%eax                  +9
+            0x0f, 0x05, // syscall                                           +14
+            0x48, 0x3d, 0x00, 0xf0, 0xff, 0xff, // cmp $-4096,%rax           +16
+            0x77, 0x58, // ja +112                                           +22
+            0xc3, // ret                                                     +24
+            0x0f, 0x1f, 0x80, 0x00, 0x00, 0x00, 0x00, // nopl               +25
+            0x48, 0x83, 0xec, 0x18, // sub $0x18,%rsp                        +32
+            0xb8, 0x2a, 0x00, 0x00, 0x00, // mov $0x2a,%eax                  +36
+            0x0f, 0x05, // syscall                                           +41
+            0x48, 0x83, 0xc4, 0x18, // add $0x18,%rsp                        +43
+            0xc3, // ret                                                     +47
+        ];
+        let sites = sites_in_function(code, 0x1000);
+        assert_eq!(
+            sites,
+            vec![
+                SyscallSite { ip_after: 0x1000 + 16, ret_offset: 0 },
+                SyscallSite { ip_after: 0x1000 + 43, ret_offset: 0x18 },
+            ]
+        );
+    }
+
+    /// The libc on this machine has sites for every wrapper we need.
+    #[test]
+    fn finds_sites_in_system_libc() {
+        let path = "/lib/x86_64-linux-gnu/libc.so.6";
+        let Ok(data) = fs::read(path) else { return };
+        let sites = sites_in_elf(&data, &["socket", "connect"]).unwrap();
+        assert!(sites.len() >= 3, "{sites:?}");
+        assert!(sites.iter().any(|s| s.ret_offset == 0));
+    }
+}
