@@ -1,1 +1,74 @@
-fn main() {}
+//! The `leaktrace` binary: parses the command line and hands over to
+//! [`leaktrace::session`]. Exit status: 0 ok, 3 `check` found a leak, 1 error
+//! (2 for bad flags, from clap).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use leaktrace::{
+    child::Held,
+    cli::{Cli, Command, TraceOptions},
+    report::Verdict,
+    session::{self, HeldChild},
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("leaktrace: error: {}", one_line(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Errors are printed on one line: the outermost context and its causes.
+fn one_line(e: &anyhow::Error) -> String {
+    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let (pid, opts, cmd, is_check): (Option<u32>, TraceOptions, Vec<String>, bool) = match cli.command {
+        Command::Attach { pid, opts } => (Some(pid), opts, Vec::new(), false),
+        Command::Run { opts, cmd } => (None, opts, cmd, false),
+        Command::Check { pid, opts, cmd } => {
+            if pid.is_none() && cmd.is_empty() {
+                anyhow::bail!("check needs --pid PID or -- CMD [ARGS...]");
+            }
+            (pid, opts, cmd, true)
+        }
+    };
+    // Validate flags before starting anything.
+    leaktrace::cli::trackers(&opts.track).map_err(anyhow::Error::msg)?;
+    leaktrace::probes::preflight()?;
+
+    let (pid, child): (u32, Option<Box<dyn HeldChild>>) = match pid {
+        Some(pid) => (pid, None),
+        None => {
+            let held = Held::spawn(&cmd)?;
+            (held.pid(), Some(Box::new(held)))
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let outcome = rt.block_on(session::trace(pid, &opts, child))?;
+    if is_check {
+        let leaks = outcome.report.findings.iter().filter(|f| f.verdict == Verdict::Leak).count();
+        if leaks > 0 {
+            eprintln!("leaktrace: check failed: {leaks} finding(s) with verdict \"leak\"");
+            for f in outcome.report.findings.iter().filter(|f| f.verdict == Verdict::Leak) {
+                eprintln!(
+                    "  LEAK {} at {}: {} live, {:+.1}/min{}",
+                    f.kind.as_str(),
+                    f.site,
+                    f.live,
+                    f.growth_per_min,
+                    f.peer.as_deref().map(|p| format!(", peer {p}")).unwrap_or_default()
+                );
+            }
+            return Ok(ExitCode::from(3));
+        }
+        eprintln!("leaktrace: check passed: no leaks");
+    }
+    Ok(ExitCode::SUCCESS)
+}

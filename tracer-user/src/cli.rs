@@ -1,0 +1,157 @@
+//! Command line: `attach`, `run`, `check` and their shared options.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// leaktrace: find what grows in a running process — connections, by the
+/// call stack that created them — and judge whether it leaks.
+///
+/// Examples:
+///   sudo leaktrace attach --pid 1234
+///   sudo leaktrace attach --pid 1234 --listen 127.0.0.1:9464
+///   sudo leaktrace check --for 30s -- ./api-server --port 8080
+#[derive(Parser, Debug)]
+#[command(name = "leaktrace", version, verbatim_doc_comment)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Trace a running process.
+    Attach {
+        /// Process id to trace.
+        #[arg(long)]
+        pid: u32,
+        #[command(flatten)]
+        opts: TraceOptions,
+    },
+    /// Start CMD and trace it from its first instruction.
+    Run {
+        #[command(flatten)]
+        opts: TraceOptions,
+        /// Command and arguments.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        cmd: Vec<String>,
+    },
+    /// Trace, then exit 0 if nothing leaks, 3 if any finding has verdict
+    /// "leak", 1 on error.
+    Check {
+        /// Process id to trace (or give `-- CMD ARGS...`).
+        #[arg(long, conflicts_with = "cmd")]
+        pid: Option<u32>,
+        #[command(flatten)]
+        opts: TraceOptions,
+        /// Command and arguments to start and trace.
+        #[arg(last = true, value_name = "CMD")]
+        cmd: Vec<String>,
+    },
+}
+
+/// Options common to every command.
+#[derive(Args, Debug, Clone)]
+pub struct TraceOptions {
+    /// How long to trace (e.g. 30s, 2m); default: until Ctrl-C or the target exits.
+    #[arg(long = "for", value_parser = parse_duration, value_name = "DURATION")]
+    pub duration: Option<Duration>,
+    /// Sampling and report interval.
+    #[arg(long, value_parser = parse_duration, default_value = "5s", value_name = "DURATION")]
+    pub interval: Duration,
+    /// Trackers to run: connections,tasks,maps,allocations,locks (default: all available).
+    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    pub track: Vec<String>,
+    /// Output format: a table for people, or one JSON object per interval.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+    /// Shorthand for --format json.
+    #[arg(long)]
+    pub json: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics while tracing.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Findings kept per report (the rest are counted as omitted).
+    #[arg(long, default_value_t = 50, value_name = "N")]
+    pub max_findings: usize,
+    /// Sites per kind exported on /metrics (the rest are summed as site="other").
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub max_sites: usize,
+}
+
+/// Output format.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+impl TraceOptions {
+    /// The format after `--json`.
+    pub fn effective_format(&self) -> Format {
+        if self.json { Format::Json } else { self.format }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 2m)"))?;
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
+}
+
+/// Trackers this build has.
+pub const AVAILABLE_TRACKERS: &[&str] = &["connections"];
+/// Trackers planned but not in this build.
+pub const PLANNED_TRACKERS: &[&str] = &["tasks", "maps", "allocations", "locks"];
+
+/// Resolves `--track` into the trackers to run, with a one-line error for
+/// unknown or unavailable names.
+pub fn trackers(list: &[String]) -> Result<Vec<&'static str>, String> {
+    if list.is_empty() {
+        return Ok(AVAILABLE_TRACKERS.to_vec());
+    }
+    let mut out = Vec::new();
+    for name in list.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        if let Some(t) = AVAILABLE_TRACKERS.iter().find(|t| **t == name) {
+            if !out.contains(t) {
+                out.push(*t);
+            }
+        } else if PLANNED_TRACKERS.contains(&name) {
+            return Err(format!(
+                "tracker '{name}' is not available in this version (available: {})",
+                AVAILABLE_TRACKERS.join(",")
+            ));
+        } else {
+            return Err(format!(
+                "unknown tracker '{name}' (known: {},{})",
+                AVAILABLE_TRACKERS.join(","),
+                PLANNED_TRACKERS.join(",")
+            ));
+        }
+    }
+    if out.is_empty() {
+        return Err("--track names no tracker".into());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn track_list_is_checked() {
+        assert_eq!(trackers(&[]).unwrap(), vec!["connections"]);
+        assert!(trackers(&["locks".into()]).unwrap_err().contains("not available"));
+        assert!(trackers(&["sockets".into()]).unwrap_err().contains("unknown tracker"));
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,322 @@
+//! One tracing session: attach, sample every interval, judge, report, detach.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    hash::{Hash, Hasher},
+    io::{IsTerminal, Write},
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::{
+    cli::{Format, TraceOptions},
+    growth::{GrowthConfig, GrowthEngine},
+    probes::{self, Probes},
+    procfs::{self, MemoryMap},
+    render::{self, prometheus::SharedReport, table::TableOptions},
+    report::{Finding, Kind, Lost, Report, Verdict},
+    stacks::StackResolver,
+    symbolize::{site_of, SymbolizerService},
+    syscall_sites,
+    trackers::{connections::ConnectionCollector, Counters},
+};
+
+/// How the session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    Duration,
+    Signal,
+    TargetExited,
+}
+
+/// What a finished session hands back to the CLI.
+pub struct Outcome {
+    pub report: Report,
+    pub end: EndReason,
+}
+
+/// A process leaktrace started and holds before `exec` (run / check -- CMD).
+pub trait HeldChild: Send {
+    /// Lets the child exec its command.
+    fn release(&mut self) -> Result<()>;
+    /// Reaps the child if it exited; true when it is gone.
+    fn reap(&mut self) -> bool;
+    /// Stops the child (we started it, we end it).
+    fn terminate(&mut self);
+}
+
+/// Everything the loop reads from the kernel side.
+struct Kernel {
+    probes: Probes,
+    connections: ConnectionCollector,
+    resolver: StackResolver,
+    counters: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+}
+
+impl Kernel {
+    fn counters(&self) -> Counters {
+        let sum = |i: u32| self.counters.get(&i, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
+        use tracer_common::counter as c;
+        Counters {
+            events: sum(c::EVENTS),
+            lost_events: sum(c::LOST_EVENTS),
+            lost_stacks: sum(c::LOST_STACKS),
+            lost_ring: sum(c::LOST_RING),
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn series_id(key: &tracer_common::stacks::StackKey) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
+/// Traces `pid` until the duration ends, a signal comes or the target exits.
+pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn HeldChild>>) -> Result<Outcome> {
+    let trackers = crate::cli::trackers(&opts.track).map_err(anyhow::Error::msg)?;
+    probes::preflight()?;
+    procfs::check_target(pid)?;
+    let comm_at_start = procfs::comm(pid);
+
+    let mut attachments = Vec::new();
+    if trackers.contains(&"connections") {
+        attachments.push(probes::CONNECTIONS);
+    }
+    let mut probes = Probes::load(pid, &attachments)?;
+    let connections = ConnectionCollector::new(&mut probes.ebpf, pid)?;
+    let symbolizer = SymbolizerService::start();
+    let resolver = StackResolver::new(&mut probes.ebpf, pid, symbolizer)?;
+    let counters = aya::maps::PerCpuArray::try_from(
+        probes.ebpf.take_map("COUNTERS").ok_or_else(|| anyhow::anyhow!("COUNTERS map missing"))?,
+    )?;
+    let mut kernel = Kernel { probes, connections, resolver, counters };
+
+    let mut memory = MemoryMap::read(pid).unwrap_or_default();
+    let mut libc_loaded = load_syscall_sites(&mut kernel, pid, &memory);
+
+    if let Some(c) = child.as_mut() {
+        c.release()?;
+    }
+
+    let shared: SharedReport = render::prometheus::new_shared_report();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut server = None;
+    if let Some(addr) = opts.listen {
+        let mut rx = stop_rx.clone();
+        let shutdown = async move {
+            let _ = rx.wait_for(|v| *v).await;
+        };
+        let (bound, handle) =
+            crate::metrics_server::serve(addr, shared.clone(), opts.max_sites, shutdown).await?;
+        eprintln!("leaktrace: serving metrics at http://{bound}/metrics");
+        server = Some(handle);
+    }
+
+    eprintln!(
+        "leaktrace: attached to {pid} ({comm_at_start}): tracking {}; {}",
+        trackers.join(","),
+        match opts.duration {
+            Some(d) => format!("for {}", humantime::format_duration(d)),
+            None => "until Ctrl-C or the target exits".into(),
+        }
+    );
+
+    let format = opts.effective_format();
+    let is_tty = std::io::stdout().is_terminal();
+    let table_opts = TableOptions::default();
+    let mut growth = GrowthEngine::new(GrowthConfig::default());
+    let start = Instant::now();
+    let deadline = opts.duration.map(|d| start + d);
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut report_tick = tokio::time::interval_at(tokio::time::Instant::now() + opts.interval, opts.interval);
+    let mut poll_tick = tokio::time::interval(Duration::from_millis(100));
+    let mut ctx = ReportContext { pid, comm: comm_at_start.clone(), opts: opts.clone(), last_t: None };
+
+    // Sample at t=0 so growth is measured from attach.
+    let mut last = build_report(&mut kernel, &mut growth, &mut memory, &mut ctx, start, true, false, false).await?;
+    let end = loop {
+        tokio::select! {
+            _ = sigint.recv() => break EndReason::Signal,
+            _ = sigterm.recv() => break EndReason::Signal,
+            _ = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending::<()>().await,
+                }
+            } => break EndReason::Duration,
+            _ = poll_tick.tick() => {
+                kernel.connections.poll_events();
+                let gone = child.as_mut().map(|c| c.reap()).unwrap_or(false);
+                if gone || kernel.connections.exited || !procfs::is_alive(pid) {
+                    break EndReason::TargetExited;
+                }
+                if !libc_loaded {
+                    if let Ok(m) = MemoryMap::read(pid) {
+                        memory.merge(&m);
+                        libc_loaded = load_syscall_sites(&mut kernel, pid, &m);
+                    }
+                }
+            }
+            _ = report_tick.tick() => {
+                if let Ok(m) = MemoryMap::read(pid) {
+                    memory.merge(&m);
+                }
+                let name = procfs::comm(pid);
+                if name != "?" { ctx.comm = name; }
+                last = build_report(&mut kernel, &mut growth, &mut memory, &mut ctx, start, true, false, false).await?;
+                emit(&last, format, is_tty, &table_opts);
+                *shared.write().unwrap_or_else(|e| e.into_inner()) = Some(last.clone());
+            }
+        }
+    };
+
+    let alive = end != EndReason::TargetExited && procfs::is_alive(pid);
+    let exited = !alive && end == EndReason::TargetExited;
+    // After the target exits its sockets vanish without close events: the
+    // final report is the state when it exited, not a reconciliation to zero.
+    let final_report = if exited {
+        let mut r = last.clone();
+        r.elapsed_s = start.elapsed().as_secs_f64();
+        r.is_final = true;
+        r.exited = Some(true);
+        r
+    } else {
+        build_report(&mut kernel, &mut growth, &mut memory, &mut ctx, start, alive, true, false).await?
+    };
+    *shared.write().unwrap_or_else(|e| e.into_inner()) = Some(final_report.clone());
+    if format == Format::Table && is_tty {
+        // Keep the final report below the last live view.
+        println!();
+    }
+    emit(&final_report, format, false, &table_opts);
+    if let Some(c) = child.as_mut() {
+        if !c.reap() {
+            c.terminate();
+        }
+    }
+    let _ = stop_tx.send(true);
+    if let Some(h) = server {
+        let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
+    }
+    drop(kernel);
+    eprintln!("leaktrace: detached from {pid}");
+    Ok(Outcome { report: final_report, end })
+}
+
+/// Fills `SYSCALL_SITES` from the libc the target maps; false when the
+/// target has no libc mapped (yet: `run` before the dynamic loader).
+fn load_syscall_sites(kernel: &mut Kernel, pid: u32, memory: &MemoryMap) -> bool {
+    match syscall_sites::find_in_process(pid, memory) {
+        Ok(sites) if !sites.is_empty() => kernel.probes.set_syscall_sites(&sites).is_ok(),
+        Ok(_) => false,
+        Err(e) => {
+            eprintln!("leaktrace: warning: cannot read libc's syscall wrappers ({e:#}); C stacks will miss the direct caller of connect/socket");
+            true
+        }
+    }
+}
+
+struct ReportContext {
+    pid: u32,
+    comm: String,
+    opts: TraceOptions,
+    /// Time of the previous sample.
+    last_t: Option<f64>,
+}
+
+fn emit(report: &Report, format: Format, is_tty: bool, table_opts: &TableOptions) {
+    let mut out = std::io::stdout().lock();
+    let text = match format {
+        Format::Json => render::json::to_json_line(report) + "\n",
+        Format::Table => {
+            format!("{}{}", render::table::refresh_prefix(is_tty && !report.is_final), render::table::render_table(report, table_opts))
+        }
+    };
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn build_report(
+    kernel: &mut Kernel,
+    growth: &mut GrowthEngine,
+    memory: &mut MemoryMap,
+    ctx: &mut ReportContext,
+    start: Instant,
+    alive: bool,
+    is_final: bool,
+    exited: bool,
+) -> Result<Report> {
+    let t = start.elapsed().as_secs_f64();
+    let last_t = &mut ctx.last_t;
+    let samples = kernel.connections.collect(monotonic_ns(), alive)?;
+    let keys: Vec<_> = samples.iter().map(|s| s.stack).collect();
+    let frames = kernel.resolver.resolve(&keys, memory).await;
+    let mut findings = Vec::new();
+    let mut seen = HashSet::new();
+    for s in &samples {
+        let key = (Kind::Connection, series_id(&s.stack));
+        seen.insert(key);
+        if growth.window_stats(key).is_none() {
+            // Everything we count was created after attach: a stack first
+            // seen now had nothing live at the previous sample.
+            if let Some(prev) = *last_t {
+                growth.observe(key, prev, 0);
+            }
+        }
+        growth.observe(key, t, s.live);
+        let j = growth.judge(key, s.oldest_age_s);
+        if s.live == 0 && j.verdict == Verdict::Steady {
+            continue;
+        }
+        let stack = frames.get(&s.stack).cloned().unwrap_or_default();
+        findings.push(Finding {
+            kind: Kind::Connection,
+            verdict: j.verdict,
+            site: site_of(&stack),
+            stack,
+            live: s.live,
+            growth_per_min: (j.growth_per_min * 10.0).round() / 10.0,
+            oldest_age_s: s.oldest_age_s.map(|a| (a * 10.0).round() / 10.0),
+            peer: s.peer.clone(),
+            created: s.created,
+            ended: s.ended,
+        });
+    }
+    growth.forget_missing(&seen);
+    *last_t = Some(t);
+    findings.sort_by(|a, b| {
+        a.verdict
+            .cmp(&b.verdict)
+            .then(b.growth_per_min.total_cmp(&a.growth_per_min))
+            .then(b.live.cmp(&a.live))
+    });
+    let omitted = findings.len().saturating_sub(ctx.opts.max_findings) as u64;
+    findings.truncate(ctx.opts.max_findings);
+    let c = kernel.counters();
+    let mut events = BTreeMap::new();
+    events.insert(Kind::Connection.as_str(), c.events);
+    Ok(Report {
+        pid: ctx.pid,
+        comm: ctx.comm.clone(),
+        elapsed_s: (t * 10.0).round() / 10.0,
+        is_final,
+        exited: exited.then_some(true),
+        findings,
+        lost: Lost { events: c.lost_events + c.lost_ring, stacks: c.lost_stacks },
+        events,
+        findings_omitted: omitted,
+    })
+}

@@ -1,0 +1,79 @@
+//! Stack keys from the kernel to symbolized frames, cached per key.
+
+use std::collections::HashMap;
+
+use anyhow::{anyhow, Result};
+use aya::{
+    maps::{MapData, StackTraceMap},
+    Ebpf,
+};
+use tracer_common::stacks::StackKey;
+
+use crate::{
+    procfs::MemoryMap,
+    report::Frame,
+    symbolize::{lookup_addr, SymbolizerService},
+};
+
+/// Resolves [`StackKey`]s of one target; results are cached for the session
+/// (stack ids are stable: the stack map is never cleared while tracing).
+pub struct StackResolver {
+    pid: u32,
+    traces: StackTraceMap<MapData>,
+    symbolizer: SymbolizerService,
+    cache: HashMap<StackKey, Vec<Frame>>,
+}
+
+impl StackResolver {
+    /// Takes the shared `STACKS` map out of the loaded object.
+    pub fn new(ebpf: &mut Ebpf, pid: u32, symbolizer: SymbolizerService) -> Result<Self> {
+        let map = ebpf.take_map("STACKS").ok_or_else(|| anyhow!("STACKS map missing"))?;
+        Ok(Self { pid, traces: StackTraceMap::try_from(map)?, symbolizer, cache: HashMap::new() })
+    }
+
+    /// The raw addresses of a stack, innermost first, with the wrapper's
+    /// caller put back after the first frame.
+    pub fn addresses(&self, key: &StackKey) -> Vec<u64> {
+        if key.stack_id < 0 {
+            return Vec::new();
+        }
+        let Ok(trace) = self.traces.get(&(key.stack_id as u32), 0) else { return Vec::new() };
+        let mut addrs: Vec<u64> = trace.frames().iter().map(|f| f.ip).collect();
+        if key.caller != 0 && !addrs.is_empty() {
+            addrs.insert(1, key.caller);
+        }
+        addrs
+    }
+
+    /// Frames of each key, resolving the ones not seen before in one batch.
+    pub async fn resolve(&mut self, keys: &[StackKey], map: &MemoryMap) -> HashMap<StackKey, Vec<Frame>> {
+        let missing: Vec<StackKey> = keys.iter().filter(|k| !self.cache.contains_key(k)).copied().collect();
+        if !missing.is_empty() {
+            let stacks: Vec<Vec<u64>> = missing.iter().map(|k| self.addresses(k)).collect();
+            let lookups: Vec<u64> =
+                stacks.iter().flat_map(|s| s.iter().enumerate().map(|(i, &a)| lookup_addr(i, a))).collect();
+            let resolved = self.symbolizer.resolve(self.pid, map.clone(), lookups).await;
+            let mut it = resolved.into_iter();
+            for (key, addrs) in missing.iter().zip(stacks) {
+                let mut frames = Vec::new();
+                for _ in &addrs {
+                    frames.extend(it.next().unwrap_or_default());
+                }
+                if frames.is_empty() {
+                    frames.push(placeholder(key));
+                }
+                self.cache.insert(*key, frames);
+            }
+        }
+        keys.iter().filter_map(|k| self.cache.get(k).map(|f| (*k, f.clone()))).collect()
+    }
+}
+
+/// The frame shown for a stack the kernel could not keep.
+fn placeholder(key: &StackKey) -> Frame {
+    let function = match key.stack_id {
+        -2 => "[stack table full]",
+        _ => "[stack not recorded]",
+    };
+    Frame { function: function.into(), file: None, line: None, module: None, addr: None }
+}

@@ -1,0 +1,227 @@
+//! Connection tracker, user side: reads per-stack socket totals from the
+//! kernel, reconciles the live-socket table with /proc/PID/fd so a missed
+//! event can never keep a closed connection "live", and yields one sample
+//! per creation stack.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{Ipv4Addr, Ipv6Addr},
+};
+
+use anyhow::{anyhow, Result};
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, RingBuf},
+    Ebpf,
+};
+use tracer_common::{
+    connections::{flag, ring_kind, ConnInfo, ConnRingEvent, ConnStackStats, FdKey},
+    stacks::StackKey,
+};
+
+use super::StackSample;
+use crate::procfs;
+
+/// Reads the connection tracker's maps for one target.
+pub struct ConnectionCollector {
+    pid: u32,
+    fds: BpfHashMap<MapData, FdKey, ConnInfo>,
+    stacks: PerCpuHashMap<MapData, StackKey, ConnStackStats>,
+    ring: RingBuf<MapData>,
+    /// Sockets user space found closed behind the kernel side's back
+    /// (exec, close_range, anything missed), per stack.
+    reconciled: HashMap<StackKey, u64>,
+    /// Set when the ring says the target exited.
+    pub exited: bool,
+    /// Set when the target exec'd since the last collection.
+    exec_seen: bool,
+}
+
+impl ConnectionCollector {
+    /// Takes the tracker's maps out of the loaded object.
+    pub fn new(ebpf: &mut Ebpf, pid: u32) -> Result<Self> {
+        let take = |ebpf: &mut Ebpf, name: &str| ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing"));
+        Ok(Self {
+            pid,
+            fds: BpfHashMap::try_from(take(ebpf, "CONN_FDS")?)?,
+            stacks: PerCpuHashMap::try_from(take(ebpf, "CONN_STACKS")?)?,
+            ring: RingBuf::try_from(take(ebpf, "CONN_EVENTS")?)?,
+            reconciled: HashMap::new(),
+            exited: false,
+            exec_seen: false,
+        })
+    }
+
+    /// Handles rare events from the ring buffer; cheap, call it often.
+    pub fn poll_events(&mut self) {
+        let mut ranges = Vec::new();
+        while let Some(item) = self.ring.next() {
+            if item.len() < std::mem::size_of::<ConnRingEvent>() {
+                continue;
+            }
+            // SAFETY: the kernel wrote a ConnRingEvent; read unaligned.
+            let ev: ConnRingEvent = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const ConnRingEvent) };
+            match ev.kind {
+                ring_kind::CLOSE_RANGE => ranges.push((ev.a as u32, ev.b.min(u32::MAX as u64) as u32)),
+                ring_kind::EXEC => self.exec_seen = true,
+                ring_kind::EXIT => self.exited = true,
+                _ => {}
+            }
+        }
+        for (first, last) in ranges {
+            self.end_where(|fd, _| fd >= first && fd <= last);
+        }
+        if std::mem::take(&mut self.exec_seen) {
+            self.end_where(|_, info| info.flags & flag::CLOEXEC != 0);
+        }
+    }
+
+    /// Ends (removes and counts) live sockets matching `pred`.
+    fn end_where(&mut self, pred: impl Fn(u32, &ConnInfo) -> bool) {
+        let victims: Vec<(FdKey, ConnInfo)> = self
+            .fds
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, v)| k.tgid == self.pid && pred(k.fd, v))
+            .collect();
+        for (key, info) in victims {
+            self.remove_stale(key, info);
+        }
+    }
+
+    /// Removes an entry if it is still the one we saw; only a successful
+    /// delete counts, so the kernel and we never both count one close.
+    fn remove_stale(&mut self, key: FdKey, seen: ConnInfo) {
+        match self.fds.get(&key, 0) {
+            Ok(now) if now.created_ns == seen.created_ns => {}
+            _ => return,
+        }
+        if self.fds.remove(&key).is_ok() {
+            *self.reconciled.entry(seen.stack).or_default() += 1;
+        }
+    }
+
+    /// One sample per creation stack. `now_ns` is CLOCK_MONOTONIC (the
+    /// clock of `bpf_ktime_get_ns`). When the target is gone the table is
+    /// left as it was at exit: the final report shows what was live then.
+    pub fn collect(&mut self, now_ns: u64, target_alive: bool) -> Result<Vec<StackSample>> {
+        self.poll_events();
+        // Snapshot the table first, then /proc: a socket in the snapshot that
+        // /proc no longer lists was closed without us seeing it.
+        let live: Vec<(FdKey, ConnInfo)> =
+            self.fds.iter().filter_map(|r| r.ok()).filter(|(k, _)| k.tgid == self.pid).collect();
+        let mut stale = HashSet::new();
+        if target_alive {
+            if let Ok(sockets) = procfs::socket_fds(self.pid) {
+                for (key, info) in &live {
+                    if !sockets.contains(&key.fd) {
+                        stale.insert(key.fd);
+                        self.remove_stale(*key, *info);
+                    }
+                }
+            }
+        }
+
+        #[derive(Default)]
+        struct Acc {
+            oldest_ns: Option<u64>,
+            peers: HashMap<String, u64>,
+        }
+        let mut per_stack: HashMap<StackKey, Acc> = HashMap::new();
+        for (_, info) in live.iter().filter(|(k, _)| !stale.contains(&k.fd)) {
+            let acc = per_stack.entry(info.stack).or_default();
+            acc.oldest_ns = Some(acc.oldest_ns.map_or(info.created_ns, |o| o.min(info.created_ns)));
+            if let Some(p) = format_peer(info) {
+                *acc.peers.entry(p).or_default() += 1;
+            }
+        }
+
+        let mut out = Vec::new();
+        for entry in self.stacks.iter() {
+            let Ok((stack, per_cpu)) = entry else { continue };
+            let (opened, closed) = per_cpu.iter().fold((0u64, 0u64), |(o, c), v| (o + v.opened, c + v.closed));
+            let reconciled = self.reconciled.get(&stack).copied().unwrap_or(0);
+            let ended = closed + reconciled;
+            if opened == 0 && ended == 0 {
+                continue;
+            }
+            let acc = per_stack.remove(&stack).unwrap_or_default();
+            let peer = acc.peers.into_iter().max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0))).map(|(p, _)| p);
+            out.push(StackSample {
+                stack,
+                live: opened.saturating_sub(ended),
+                created: opened,
+                ended,
+                oldest_age_s: acc.oldest_ns.map(|c| now_ns.saturating_sub(c) as f64 / 1e9),
+                peer,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// `ip:port`, `[ip6]:port`, `unix:/path` or `unix:@abstract`; None when the
+/// socket has no peer (listening, unconnected).
+pub fn format_peer(info: &ConnInfo) -> Option<String> {
+    let p = &info.peer;
+    let family = u16::from_le_bytes([p[0], p[1]]);
+    match family {
+        2 => {
+            let port = u16::from_be_bytes([p[2], p[3]]);
+            let ip = Ipv4Addr::new(p[4], p[5], p[6], p[7]);
+            (port != 0 || !ip.is_unspecified()).then(|| format!("{ip}:{port}"))
+        }
+        10 => {
+            let port = u16::from_be_bytes([p[2], p[3]]);
+            let mut b = [0u8; 16];
+            b.copy_from_slice(&p[8..24]);
+            let ip = Ipv6Addr::from(b);
+            if let Some(v4) = ip.to_ipv4_mapped() {
+                return Some(format!("{v4}:{port}"));
+            }
+            (port != 0 || !ip.is_unspecified()).then(|| format!("[{ip}]:{port}"))
+        }
+        1 => {
+            let path = &p[2..];
+            if path.first() == Some(&0) {
+                let end = path[1..].iter().position(|&c| c == 0).map_or(path.len(), |e| e + 1);
+                Some(format!("unix:@{}", String::from_utf8_lossy(&path[1..end])))
+            } else {
+                let end = path.iter().position(|&c| c == 0).unwrap_or(path.len());
+                (end > 0).then(|| format!("unix:{}", String::from_utf8_lossy(&path[..end])))
+            }
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracer_common::connections::PEER_LEN;
+
+    fn info(peer: &[u8]) -> ConnInfo {
+        let mut p = [0u8; PEER_LEN];
+        p[..peer.len()].copy_from_slice(peer);
+        ConnInfo {
+            stack: StackKey::default(),
+            created_ns: 0,
+            family: 0,
+            sock_type: 1,
+            origin: 1,
+            flags: 0,
+            _pad: [0; 2],
+            peer: p,
+        }
+    }
+
+    #[test]
+    fn formats_peers() {
+        assert_eq!(format_peer(&info(&[2, 0, 0x18, 0xeb, 127, 0, 0, 1])).as_deref(), Some("127.0.0.1:6379"));
+        let mut v6 = vec![10, 0, 0x1f, 0x90, 0, 0, 0, 0];
+        v6.extend_from_slice(&[0; 15]);
+        v6.push(1);
+        assert_eq!(format_peer(&info(&v6)).as_deref(), Some("[::1]:8080"));
+        assert_eq!(format_peer(&info(&[1, 0, b'/', b'r', b'u', b'n'])).as_deref(), Some("unix:/run"));
+        assert_eq!(format_peer(&info(&[0, 0])), None);
+    }
+}
