@@ -1,0 +1,166 @@
+//! Helpers for integration tests: start fixtures, run the real `leaktrace`,
+//! read its JSON reports. The tests load real eBPF programs (root needed).
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// The `leaktrace` binary cargo built for these tests.
+pub fn leaktrace() -> PathBuf {
+    std::env::var_os("LEAKTRACE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_leaktrace")))
+}
+
+/// A fixture binary; built by `cargo xtask fixtures` (part of `cargo xtask test`).
+pub fn fixture(name: &str) -> PathBuf {
+    let dir = std::env::var_os("LEAKTRACE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/bin"));
+    let p = dir.join(name);
+    assert!(p.exists(), "fixture {} missing: run `cargo xtask test` (it builds fixtures)", p.display());
+    p
+}
+
+/// A running fixture; killed on drop.
+pub struct Target {
+    pub child: Child,
+    /// Lines it printed before `ready`.
+    pub banner: Vec<String>,
+}
+
+impl Target {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a fixture and waits for its `ready` line.
+pub fn start(name: &str, args: &[&str]) -> Target {
+    let mut child = Command::new(fixture(name))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start fixture");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let mut banner = Vec::new();
+        for line in lines.by_ref() {
+            let Ok(line) = line else { break };
+            if line.trim() == "ready" {
+                let _ = tx.send(banner.clone());
+                break;
+            }
+            banner.push(line);
+        }
+        // Keep draining so the fixture never blocks on a full pipe.
+        for _ in lines {}
+    });
+    let banner = rx.recv_timeout(Duration::from_secs(30)).expect("fixture never printed ready");
+    Target { child, banner }
+}
+
+/// What a finished leaktrace run printed.
+pub struct Run {
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// JSON reports, one per line.
+    pub fn reports(&self) -> Vec<Value> {
+        self.stdout
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l}: {e}")))
+            .collect()
+    }
+
+    /// The last (final) report.
+    pub fn final_report(&self) -> Value {
+        let reports = self.reports();
+        let last = reports.last().unwrap_or_else(|| panic!("no report; stderr:\n{}", self.stderr)).clone();
+        assert_eq!(last["final"], true, "last line is not the final report");
+        last
+    }
+}
+
+/// Runs leaktrace to completion (with a generous timeout).
+pub fn run_leaktrace(args: &[&str]) -> Run {
+    let mut child = Command::new(leaktrace())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start leaktrace");
+    let out = read_all(child.stdout.take().unwrap());
+    let err = read_all(child.stderr.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("leaktrace did not finish in time");
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    Run { status: status.code().unwrap_or(-1), stdout: out.join().unwrap(), stderr: err.join().unwrap() }
+}
+
+pub fn read_all(mut r: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut s = String::new();
+        let _ = r.read_to_string(&mut s);
+        s
+    })
+}
+
+/// Function names of a finding's stack, innermost first.
+pub fn functions(finding: &Value) -> Vec<String> {
+    finding["stack"]
+        .as_array()
+        .map(|a| a.iter().map(|f| f["function"].as_str().unwrap_or("").to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// Findings whose stack contains `func`.
+pub fn findings_with<'a>(report: &'a Value, func: &str) -> Vec<&'a Value> {
+    report["findings"]
+        .as_array()
+        .map(|a| a.iter().filter(|f| functions(f).iter().any(|n| n == func)).collect())
+        .unwrap_or_default()
+}
+
+/// One-line summary of a report for assertion messages.
+pub fn summarize(report: &Value) -> String {
+    let mut s = String::new();
+    for f in report["findings"].as_array().into_iter().flatten() {
+        let funcs = functions(f);
+        s.push_str(&format!(
+            "\n  {} {} live={} growth={} stack={:?}",
+            f["verdict"], f["site"], f["live"], f["growth_per_min"], &funcs[..funcs.len().min(12)]
+        ));
+    }
+    s
+}
