@@ -67,7 +67,7 @@ pub struct ConnStackStats {
 pub mod ring_kind {
     /// The target called `close_range(first, last, flags)` successfully.
     pub const CLOSE_RANGE: u32 = 1;
-    /// The target exec'd: CLOEXEC sockets are gone.
+    /// The target exec'd at `a` (ktime ns): CLOEXEC sockets made before then are gone.
     pub const EXEC: u32 = 2;
     /// The target's main thread exited.
     pub const EXIT: u32 = 3;

@@ -371,7 +371,9 @@ pub fn conn_close_range_exit(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn conn_exec(_ctx: TracePointContext) -> u32 {
     if let Some(tgid) = target_tgid() {
-        send(ConnRingEvent { kind: ring_kind::EXEC, tgid, a: 0, b: 0, c: 0 });
+        // SAFETY: no preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+        send(ConnRingEvent { kind: ring_kind::EXEC, tgid, a: now, b: 0, c: 0 });
     }
     0
 }

@@ -52,7 +52,9 @@ fn is_executable(p: &Path) -> bool {
 
 impl Held {
     /// Forks; the child waits for [`HeldChild::release`] and then execs `cmd`.
-    pub fn spawn(cmd: &[String]) -> Result<Self> {
+    /// With `stdout_to_stderr` the command's stdout goes to our stderr, so
+    /// that stdout carries only leaktrace's JSON.
+    pub fn spawn(cmd: &[String], stdout_to_stderr: bool) -> Result<Self> {
         let Some((prog, _)) = cmd.split_first() else { bail!("no command given after --") };
         let path = resolve_program(prog)?;
         let c_path = CString::new(path.as_os_str().as_bytes())?;
@@ -87,6 +89,9 @@ impl Held {
                     if n == 0 || *libc::__errno_location() != libc::EINTR {
                         libc::_exit(126);
                     }
+                }
+                if stdout_to_stderr {
+                    libc::dup2(2, 1);
                 }
                 libc::execv(c_path.as_ptr(), argv.as_ptr());
                 let e = *libc::__errno_location();

@@ -46,7 +46,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let (pid, child): (u32, Option<Box<dyn HeldChild>>) = match pid {
         Some(pid) => (pid, None),
         None => {
-            let held = Held::spawn(&cmd)?;
+            let json = opts.effective_format() == leaktrace::cli::Format::Json;
+            let held = Held::spawn(&cmd, json)?;
             (held.pid(), Some(Box::new(held)))
         }
     };

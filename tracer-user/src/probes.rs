@@ -118,10 +118,15 @@ impl Probes {
         Ok(Self { ebpf })
     }
 
-    /// Tells the kernel side where libc's wrappers keep their return address.
+    /// Tells the kernel side where libc's wrappers keep their return address
+    /// (replacing what an earlier image of the process had).
     pub fn set_syscall_sites(&mut self, sites: &[crate::syscall_sites::SyscallSite]) -> Result<usize> {
         let map = self.ebpf.map_mut("SYSCALL_SITES").ok_or_else(|| anyhow!("SYSCALL_SITES map missing"))?;
         let mut table: BpfHashMap<_, u64, tracer_common::stacks::SyscallSite> = BpfHashMap::try_from(map)?;
+        let old: Vec<u64> = table.keys().filter_map(|k| k.ok()).collect();
+        for k in old {
+            let _ = table.remove(&k);
+        }
         let mut n = 0;
         for s in sites {
             let v = tracer_common::stacks::SyscallSite { ret_offset: s.ret_offset, _pad: 0 };

@@ -107,6 +107,16 @@ pub fn is_alive(pid: u32) -> bool {
     }
 }
 
+/// Whether the process still has its address space. An exiting process
+/// drops it (exit_mm) before its files are closed (exit_files), so fds that
+/// vanish while this is true were closed, not torn down by exit.
+pub fn has_memory(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|s| s.split_ascii_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+        .is_some_and(|pages| pages > 0)
+}
+
 /// Checks that `pid` names a live process, with a one-line error otherwise.
 pub fn check_target(pid: u32) -> Result<()> {
     if pid == 0 {

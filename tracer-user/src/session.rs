@@ -103,11 +103,20 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     let mut kernel = Kernel { probes, connections, resolver, counters };
 
     let mut memory = MemoryMap::read(pid).unwrap_or_default();
-    let mut libc_loaded = load_syscall_sites(&mut kernel, pid, &memory);
-
+    let mut libc_loaded;
+    let mut comm_at_start = comm_at_start;
     if let Some(c) = child.as_mut() {
+        // Returns once the command has exec'd; its libc appears a moment
+        // later, mapped by the dynamic loader: watch for it closely so the
+        // first connections already get their direct caller.
         c.release()?;
+        memory = MemoryMap::default();
+        libc_loaded = wait_for_libc(&mut kernel, pid, &mut memory, Duration::from_secs(2)).await;
+        comm_at_start = procfs::comm(pid);
+    } else {
+        libc_loaded = load_syscall_sites(&mut kernel, pid, &memory);
     }
+    let mut execs_seen = 0;
 
     let shared: SharedReport = render::prometheus::new_shared_report();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -158,20 +167,23 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
             } => break EndReason::Duration,
             _ = poll_tick.tick() => {
                 kernel.connections.poll_events();
+                if kernel.connections.execs != execs_seen {
+                    // A new image: addresses of the old one mean nothing now.
+                    execs_seen = kernel.connections.execs;
+                    libc_loaded = wait_for_libc(&mut kernel, pid, &mut memory, Duration::from_millis(500)).await;
+                }
                 let gone = child.as_mut().map(|c| c.reap()).unwrap_or(false);
                 if gone || kernel.connections.exited || !procfs::is_alive(pid) {
                     break EndReason::TargetExited;
-                }
-                if !libc_loaded {
-                    if let Ok(m) = MemoryMap::read(pid) {
-                        memory.merge(&m);
-                        libc_loaded = load_syscall_sites(&mut kernel, pid, &m);
-                    }
                 }
             }
             _ = report_tick.tick() => {
                 if let Ok(m) = MemoryMap::read(pid) {
                     memory.merge(&m);
+                    if !libc_loaded {
+                        // A libc loaded late (dlopen) or a static binary.
+                        libc_loaded = load_syscall_sites(&mut kernel, pid, &m);
+                    }
                 }
                 let name = procfs::comm(pid);
                 if name != "?" { ctx.comm = name; }
@@ -188,7 +200,7 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     // final report is the state when it exited, not a reconciliation to zero.
     let final_report = if exited {
         let mut r = last.clone();
-        r.elapsed_s = start.elapsed().as_secs_f64();
+        r.elapsed_s = (start.elapsed().as_secs_f64() * 10.0).round() / 10.0;
         r.is_final = true;
         r.exited = Some(true);
         r
@@ -213,6 +225,32 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     drop(kernel);
     eprintln!("leaktrace: detached from {pid}");
     Ok(Outcome { report: final_report, end })
+}
+
+/// Polls the target's memory map until its libc is mapped (then loads the
+/// syscall sites) or `limit` passes.
+async fn wait_for_libc(kernel: &mut Kernel, pid: u32, memory: &mut MemoryMap, limit: Duration) -> bool {
+    let until = Instant::now() + limit;
+    loop {
+        if let Ok(m) = MemoryMap::read(pid) {
+            memory.merge(&m);
+            if load_syscall_sites(kernel, pid, &m) {
+                return true;
+            }
+            // The kernel maps the dynamic loader at exec: without one the
+            // program is static (Go, musl) and no libc will come.
+            let dynamic = m.mappings.iter().any(|x| {
+                x.path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("ld-linux") || n.starts_with("ld-musl"))
+            });
+            if !m.mappings.is_empty() && !dynamic {
+                return false;
+            }
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// Fills `SYSCALL_SITES` from the libc the target maps; false when the

@@ -32,8 +32,10 @@ pub struct ConnectionCollector {
     reconciled: HashMap<StackKey, u64>,
     /// Set when the ring says the target exited.
     pub exited: bool,
-    /// Set when the target exec'd since the last collection.
-    exec_seen: bool,
+    /// Time (ktime ns) of the last exec not yet applied.
+    exec_at: Option<u64>,
+    /// Number of execs seen: the session reloads what depends on the image.
+    pub execs: u64,
 }
 
 impl ConnectionCollector {
@@ -47,7 +49,8 @@ impl ConnectionCollector {
             ring: RingBuf::try_from(take(ebpf, "CONN_EVENTS")?)?,
             reconciled: HashMap::new(),
             exited: false,
-            exec_seen: false,
+            exec_at: None,
+            execs: 0,
         })
     }
 
@@ -62,7 +65,10 @@ impl ConnectionCollector {
             let ev: ConnRingEvent = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const ConnRingEvent) };
             match ev.kind {
                 ring_kind::CLOSE_RANGE => ranges.push((ev.a as u32, ev.b.min(u32::MAX as u64) as u32)),
-                ring_kind::EXEC => self.exec_seen = true,
+                ring_kind::EXEC => {
+                    self.exec_at = Some(ev.a);
+                    self.execs += 1;
+                }
                 ring_kind::EXIT => self.exited = true,
                 _ => {}
             }
@@ -70,8 +76,10 @@ impl ConnectionCollector {
         for (first, last) in ranges {
             self.end_where(|fd, _| fd >= first && fd <= last);
         }
-        if std::mem::take(&mut self.exec_seen) {
-            self.end_where(|_, info| info.flags & flag::CLOEXEC != 0);
+        if let Some(at) = self.exec_at.take() {
+            // Only sockets of the old image: the new one may already have
+            // made its own (CLOEXEC too) by the time we read the ring.
+            self.end_where(|_, info| info.flags & flag::CLOEXEC != 0 && info.created_ns < at);
         }
     }
 
@@ -110,8 +118,12 @@ impl ConnectionCollector {
         let live: Vec<(FdKey, ConnInfo)> =
             self.fds.iter().filter_map(|r| r.ok()).filter(|(k, _)| k.tgid == self.pid).collect();
         let mut stale = HashSet::new();
-        if target_alive {
-            if let Ok(sockets) = procfs::socket_fds(self.pid) {
+        if target_alive && !self.exited {
+            // Read the fds, then make sure the process was not tearing down
+            // (its sockets vanish at exit without close events; the final
+            // report must show what was live, not zero).
+            let sockets = procfs::socket_fds(self.pid).ok().filter(|_| procfs::has_memory(self.pid));
+            if let Some(sockets) = sockets {
                 for (key, info) in &live {
                     if !sockets.contains(&key.fd) {
                         stale.insert(key.fd);
