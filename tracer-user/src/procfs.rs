@@ -1,7 +1,7 @@
 //! What /proc says about the target: name, liveness, memory map, open fds.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fs,
     io,
     path::{Path, PathBuf},
@@ -143,21 +143,69 @@ pub fn comm(pid: u32) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-/// Open fds of the process that are sockets.
-pub fn socket_fds(pid: u32) -> io::Result<HashSet<u32>> {
-    let mut out = HashSet::new();
+/// Open fds of the process that are sockets, with the socket's inode.
+pub fn socket_fds(pid: u32) -> io::Result<HashMap<u32, u64>> {
+    let mut out = HashMap::new();
     for entry in fs::read_dir(format!("/proc/{pid}/fd"))? {
         let Ok(entry) = entry else { continue };
         let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
         if let Ok(target) = fs::read_link(entry.path()) {
-            if target.to_string_lossy().starts_with("socket:") {
-                out.insert(fd);
+            let t = target.to_string_lossy();
+            if let Some(ino) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                out.insert(fd, ino.parse().unwrap_or(0));
             }
         }
     }
     Ok(out)
+}
+
+/// Remote addresses of the process's TCP and UDP sockets by inode, from
+/// /proc/PID/net/{tcp,tcp6,udp,udp6} (the target's network namespace).
+pub fn net_peers(pid: u32) -> HashMap<u64, String> {
+    let mut out = HashMap::new();
+    for (file, v6) in [("tcp", false), ("tcp6", true), ("udp", false), ("udp6", true)] {
+        let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{file}")) else { continue };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_ascii_whitespace().collect();
+            let (Some(rem), Some(ino)) = (cols.get(2), cols.get(9)) else { continue };
+            let Ok(ino) = ino.parse::<u64>() else { continue };
+            if let Some(peer) = parse_net_addr(rem, v6) {
+                out.insert(ino, peer);
+            }
+        }
+    }
+    out
+}
+
+/// `0100007F:18EB` -> `127.0.0.1:6379`; None for the unspecified address.
+fn parse_net_addr(s: &str, v6: bool) -> Option<String> {
+    let (addr, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    // Each 32-bit word is the raw in-memory value printed as a host
+    // (little-endian) integer: its little-endian bytes are network order.
+    let bytes: Vec<u8> = (0..addr.len() / 8)
+        .map(|i| u32::from_str_radix(&addr[i * 8..i * 8 + 8], 16).map(u32::to_le_bytes))
+        .collect::<Result<Vec<_>, _>>()
+        .ok()?
+        .concat();
+    if port == 0 && bytes.iter().all(|&b| b == 0) {
+        return None;
+    }
+    if !v6 && bytes.len() == 4 {
+        return Some(format!("{}:{port}", std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])));
+    }
+    if bytes.len() == 16 {
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&bytes);
+        let ip = std::net::Ipv6Addr::from(b);
+        return Some(match ip.to_ipv4_mapped() {
+            Some(v4) => format!("{v4}:{port}"),
+            None => format!("[{ip}]:{port}"),
+        });
+    }
+    None
 }
 
 /// The ELF file behind a mapping, opened through the target's root and
@@ -176,6 +224,20 @@ pub fn object_path(pid: u32, m: &Mapping) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_proc_net_addresses() {
+        assert_eq!(parse_net_addr("0100007F:18EB", false).as_deref(), Some("127.0.0.1:6379"));
+        assert_eq!(parse_net_addr("00000000:0000", false), None);
+        assert_eq!(
+            parse_net_addr("00000000000000000000000001000000:1F90", true).as_deref(),
+            Some("[::1]:8080")
+        );
+        assert_eq!(
+            parse_net_addr("0000000000000000FFFF00000100007F:18EB", true).as_deref(),
+            Some("127.0.0.1:6379")
+        );
+    }
 
     #[test]
     fn parses_maps_and_finds_addresses() {

@@ -36,6 +36,13 @@ pub struct ConnectionCollector {
     exec_at: Option<u64>,
     /// Number of execs seen: the session reloads what depends on the image.
     pub execs: u64,
+    /// Socket inode of each live entry (keyed with its creation time), as
+    /// first seen in /proc: a different inode later means the fd was reused
+    /// by a socket we did not see made, and ours is gone.
+    inodes: HashMap<(FdKey, u64), u64>,
+    /// Peers found in /proc/PID/net for live sockets the syscalls gave no
+    /// address for (accept with a NULL address, sockets adopted at connect).
+    net_peers: HashMap<(FdKey, u64), String>,
 }
 
 impl ConnectionCollector {
@@ -51,6 +58,8 @@ impl ConnectionCollector {
             exited: false,
             exec_at: None,
             execs: 0,
+            inodes: HashMap::new(),
+            net_peers: HashMap::new(),
         })
     }
 
@@ -124,12 +133,36 @@ impl ConnectionCollector {
             // report must show what was live, not zero).
             let sockets = procfs::socket_fds(self.pid).ok().filter(|_| procfs::has_memory(self.pid));
             if let Some(sockets) = sockets {
+                let mut need_peers = Vec::new();
                 for (key, info) in &live {
-                    if !sockets.contains(&key.fd) {
+                    let id = (*key, info.created_ns);
+                    let gone = match sockets.get(&key.fd) {
+                        None => true,
+                        Some(&ino) => *self.inodes.entry(id).or_insert(ino) != ino,
+                    };
+                    if gone {
                         stale.insert(key.fd);
                         self.remove_stale(*key, *info);
+                    } else if format_peer(info).is_none() && !self.net_peers.contains_key(&id) {
+                        need_peers.push((id, sockets[&key.fd]));
                     }
                 }
+                if !need_peers.is_empty() {
+                    let by_inode = procfs::net_peers(self.pid);
+                    for (id, ino) in need_peers {
+                        if let Some(p) = by_inode.get(&ino) {
+                            self.net_peers.insert(id, p.clone());
+                        }
+                    }
+                }
+                // Bounded by the live table: forget what is no longer live.
+                let ids: HashSet<(FdKey, u64)> = live
+                    .iter()
+                    .filter(|(k, _)| !stale.contains(&k.fd))
+                    .map(|(k, i)| (*k, i.created_ns))
+                    .collect();
+                self.inodes.retain(|id, _| ids.contains(id));
+                self.net_peers.retain(|id, _| ids.contains(id));
             }
         }
 
@@ -139,10 +172,11 @@ impl ConnectionCollector {
             peers: HashMap<String, u64>,
         }
         let mut per_stack: HashMap<StackKey, Acc> = HashMap::new();
-        for (_, info) in live.iter().filter(|(k, _)| !stale.contains(&k.fd)) {
+        for (key, info) in live.iter().filter(|(k, _)| !stale.contains(&k.fd)) {
             let acc = per_stack.entry(info.stack).or_default();
             acc.oldest_ns = Some(acc.oldest_ns.map_or(info.created_ns, |o| o.min(info.created_ns)));
-            if let Some(p) = format_peer(info) {
+            let peer = format_peer(info).or_else(|| self.net_peers.get(&(*key, info.created_ns)).cloned());
+            if let Some(p) = peer {
                 *acc.peers.entry(p).or_default() += 1;
             }
         }
