@@ -65,6 +65,10 @@ pub struct Finding {
     pub site: String,
     /// Innermost first.
     pub stack: Vec<Frame>,
+    /// Index in `stack` of the site's frame: renderers show the stack from
+    /// there, where the application's code begins. Not part of the JSON.
+    #[serde(skip)]
+    pub site_index: usize,
     /// Objects alive now.
     pub live: u64,
     /// Least-squares slope of `live` over the judged window, per minute.

@@ -18,7 +18,7 @@ use crate::{
     render::{self, prometheus::SharedReport, table::TableOptions},
     report::{Finding, Kind, Lost, Report, Verdict},
     stacks::StackResolver,
-    symbolize::{site_of, SymbolizerService},
+    symbolize::{site_index, site_of, SymbolizerService},
     syscall_sites,
     trackers::{connections::ConnectionCollector, Counters},
 };
@@ -324,6 +324,7 @@ async fn build_report(
             kind: Kind::Connection,
             verdict: j.verdict,
             site: site_of(&stack),
+            site_index: site_index(&stack),
             stack,
             live: s.live,
             growth_per_min: (j.growth_per_min * 10.0).round() / 10.0,

@@ -133,13 +133,29 @@ fn unknown(module: Option<String>, addr: String) -> Frame {
 /// The first frame that is the application's own code: not a runtime, libc,
 /// a system library or a language's standard library.
 pub fn site_of(frames: &[Frame]) -> String {
-    frames
-        .iter()
-        .find(|f| !is_system_frame(f))
-        .or_else(|| frames.iter().find(|f| f.function != "[unknown]"))
-        .or(frames.first())
-        .map(|f| f.function.clone())
-        .unwrap_or_else(|| "[unknown]".into())
+    frames.get(site_index(frames)).map(|f| f.function.clone()).unwrap_or_else(|| "[unknown]".into())
+}
+
+/// Index of the site's frame in `frames` (see [`site_of`]). When every frame
+/// is system code (a connection the standard library makes on its own, like
+/// an HTTP transport's dial goroutine), the outermost frame that is not the
+/// runtime's thread or goroutine entry names it better than the syscall stub.
+pub fn site_index(frames: &[Frame]) -> usize {
+    if let Some(i) = frames.iter().position(|f| !is_system_frame(f)) {
+        return i;
+    }
+    let entry = |f: &Frame| {
+        let n = f.function.as_str();
+        n == "[unknown]"
+            || n.starts_with("runtime.")
+            || n.starts_with("runtime/")
+            || n.starts_with("_start")
+            || n.starts_with("__libc_start")
+            || n == "start_thread"
+            || n.starts_with("clone")
+            || n.starts_with("__clone")
+    };
+    frames.iter().rposition(|f| !entry(f)).unwrap_or(0)
 }
 
 /// Whether a frame belongs to a runtime, libc or a standard library.
@@ -214,6 +230,19 @@ mod tests {
             frame("bad_handler", "/opt/app/bin/app"),
         ];
         assert_eq!(site_of(&frames), "dial_cache");
+    }
+
+    #[test]
+    fn all_system_stacks_are_named_by_their_outermost_library_frame() {
+        let frames = vec![
+            frame("runtime/internal/syscall.Syscall6", "/srv/api"),
+            frame("net.sysSocket", "/srv/api"),
+            frame("net/http.(*Transport).dialConn", "/srv/api"),
+            frame("net/http.(*Transport).dialConnFor", "/srv/api"),
+            frame("runtime.goexit", "/srv/api"),
+        ];
+        assert_eq!(site_of(&frames), "net/http.(*Transport).dialConnFor");
+        assert_eq!(site_index(&frames), 3);
     }
 
     #[test]

@@ -443,7 +443,7 @@ fn build_fixtures(root: &Path) -> Result<()> {
     let mut built = 0;
 
     // C fixtures: fixtures/c/<name>.c -> fixtures/bin/<name>
-    for name in ["conn_leak", "conn_bench"] {
+    for name in ["conn_leak", "conn_bench", "conn_close_ways"] {
         let src = root.join("fixtures/c").join(format!("{name}.c"));
         let out = bin.join(name);
         if up_to_date(&out, mtime(&src)) {

@@ -36,6 +36,7 @@ pub(crate) mod tests {
                     module: Some("/srv/api".into()),
                     addr: None,
                 }],
+                site_index: 0,
                 live: 120,
                 growth_per_min: 59.8,
                 oldest_age_s: Some(19.7),

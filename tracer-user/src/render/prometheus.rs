@@ -338,6 +338,7 @@ mod tests {
             verdict,
             site: site.into(),
             stack: vec![],
+            site_index: 0,
             live,
             growth_per_min: growth,
             oldest_age_s: Some(live as f64),

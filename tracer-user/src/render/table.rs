@@ -122,7 +122,12 @@ fn write_rows(out: &mut String, findings: &[Finding], opts: &TableOptions) {
     write_line(out, &HEADERS.map(String::from), &widths);
     for (finding, r) in findings.iter().zip(&rows) {
         write_line(out, r, &widths);
-        for frame in finding.stack.iter().take(opts.max_frames) {
+        // Start at the site: the frames below it are the runtime's and libc's.
+        let from = finding.site_index.min(finding.stack.len().saturating_sub(1));
+        if from > 0 {
+            let _ = writeln!(out, "    … {from} frame{} in runtime/libc", plural(from as u64));
+        }
+        for frame in finding.stack.iter().skip(from).take(opts.max_frames) {
             let _ = writeln!(out, "    {}", frame_text(frame));
         }
     }
@@ -232,6 +237,21 @@ mod tests {
     use crate::render::json::tests::example_report;
     use crate::report::Kind;
 
+    #[test]
+    fn frames_start_at_the_site() {
+        let mut f = steady("dial_cache", 3);
+        let frame = |name: &str| Frame { function: name.into(), file: None, line: None, module: None, addr: None };
+        f.stack = vec![frame("__GI_socket"), frame("internal_helper"), frame("dial_cache"), frame("bad_handler")];
+        f.site_index = 2;
+        let mut r = example_report();
+        r.findings = vec![f];
+        let text = render_table(&r, &TableOptions::default());
+        assert!(text.contains("… 2 frames in runtime/libc"), "{text}");
+        assert!(!text.contains("__GI_socket"), "{text}");
+        let site = text.find("    dial_cache").unwrap();
+        assert!(text[site..].contains("bad_handler"), "{text}");
+    }
+
     fn steady(site: &str, live: u64) -> Finding {
         Finding {
             kind: Kind::Connection,
@@ -244,6 +264,7 @@ mod tests {
                 module: Some("/usr/lib/libpq.so.5".into()),
                 addr: None,
             }],
+            site_index: 0,
             live,
             growth_per_min: 0.0,
             oldest_age_s: None,
