@@ -65,7 +65,8 @@ pub struct ConnStackStats {
 
 /// Kinds of records sent through the ring buffer (rare events only).
 pub mod ring_kind {
-    /// The target called `close_range(first, last, flags)` successfully.
+    /// The target called `close_range(a = first, b = last)` successfully at
+    /// `c` (ktime ns): sockets in that range made before then are gone.
     pub const CLOSE_RANGE: u32 = 1;
     /// The target exec'd at `a` (ktime ns): CLOEXEC sockets made before then are gone.
     pub const EXEC: u32 = 2;

@@ -363,7 +363,10 @@ pub fn conn_close_range_exit(ctx: TracePointContext) -> u32 {
     if ret(&ctx) != 0 || p.b & CLOSE_RANGE_CLOEXEC != 0 {
         return 0;
     }
-    send(ConnRingEvent { kind: ring_kind::CLOSE_RANGE, tgid, a: p.fd as u64, b: p.a, c: p.b });
+    // SAFETY: no preconditions. The time lets user space spare sockets that
+    // reuse these fd numbers before it reads the event.
+    let now = unsafe { bpf_ktime_get_ns() };
+    send(ConnRingEvent { kind: ring_kind::CLOSE_RANGE, tgid, a: p.fd as u64, b: p.a, c: now });
     0
 }
 

@@ -86,8 +86,8 @@ fn ensure_tracefs() -> Result<()> {
 }
 
 impl Probes {
-    /// Loads the object for `pid` and attaches the given trackers' programs.
-    pub fn load(pid: u32, trackers: &[Attachments]) -> Result<Self> {
+    /// Loads the object for `pid`; nothing runs until [`Probes::attach`].
+    pub fn load(pid: u32) -> Result<Self> {
         let mut ebpf = EbpfLoader::new()
             .override_global("TARGET_TGID", &pid, true)
             .load(OBJECT)
@@ -100,6 +100,12 @@ impl Probes {
             let zeros = PerCpuValues::try_from(vec![ConnStackStats::default(); n])?;
             stacks.insert(StackKey { stack_id: -2, caller: 0 }, zeros, 0)?;
         }
+        Ok(Self { ebpf })
+    }
+
+    /// Attaches the given trackers' programs.
+    pub fn attach(&mut self, trackers: &[Attachments]) -> Result<()> {
+        let ebpf = &mut self.ebpf;
         let mut loaded = std::collections::HashSet::new();
         for attachments in trackers {
             for &(prog, category, event) in attachments.iter() {
@@ -115,7 +121,7 @@ impl Probes {
                     .with_context(|| format!("cannot attach {prog} to tracepoint {category}:{event}"))?;
             }
         }
-        Ok(Self { ebpf })
+        Ok(())
     }
 
     /// Tells the kernel side where libc's wrappers keep their return address

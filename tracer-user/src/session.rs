@@ -93,7 +93,7 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     if trackers.contains(&"connections") {
         attachments.push(probes::CONNECTIONS);
     }
-    let mut probes = Probes::load(pid, &attachments)?;
+    let mut probes = Probes::load(pid)?;
     let connections = ConnectionCollector::new(&mut probes.ebpf, pid)?;
     let symbolizer = SymbolizerService::start();
     let resolver = StackResolver::new(&mut probes.ebpf, pid, symbolizer)?;
@@ -105,6 +105,10 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     let mut memory = MemoryMap::read(pid).unwrap_or_default();
     let mut libc_loaded;
     let mut comm_at_start = comm_at_start;
+    // Syscall sites before the programs run, so that the first sockets
+    // already get their direct caller (attach); `run` loads them after exec.
+    let sites_before_attach = child.is_none() && load_syscall_sites(&mut kernel, pid, &memory);
+    kernel.probes.attach(&attachments)?;
     if let Some(c) = child.as_mut() {
         // Returns once the command has exec'd; its libc appears a moment
         // later, mapped by the dynamic loader: watch for it closely so the
@@ -114,7 +118,7 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
         libc_loaded = wait_for_libc(&mut kernel, pid, &mut memory, Duration::from_secs(2)).await;
         comm_at_start = procfs::comm(pid);
     } else {
-        libc_loaded = load_syscall_sites(&mut kernel, pid, &memory);
+        libc_loaded = sites_before_attach;
     }
     let mut execs_seen = 0;
 

@@ -125,7 +125,7 @@ fn write_rows(out: &mut String, findings: &[Finding], opts: &TableOptions) {
         // Start at the site: the frames below it are the runtime's and libc's.
         let from = finding.site_index.min(finding.stack.len().saturating_sub(1));
         if from > 0 {
-            let _ = writeln!(out, "    … {from} frame{} in runtime/libc", plural(from as u64));
+            let _ = writeln!(out, "    … {from} frame{} in runtime and libraries", plural(from as u64));
         }
         for frame in finding.stack.iter().skip(from).take(opts.max_frames) {
             let _ = writeln!(out, "    {}", frame_text(frame));
@@ -246,7 +246,7 @@ mod tests {
         let mut r = example_report();
         r.findings = vec![f];
         let text = render_table(&r, &TableOptions::default());
-        assert!(text.contains("… 2 frames in runtime/libc"), "{text}");
+        assert!(text.contains("… 2 frames in runtime and libraries"), "{text}");
         assert!(!text.contains("__GI_socket"), "{text}");
         let site = text.find("    dial_cache").unwrap();
         assert!(text[site..].contains("bad_handler"), "{text}");

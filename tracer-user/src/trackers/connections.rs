@@ -73,7 +73,7 @@ impl ConnectionCollector {
             // SAFETY: the kernel wrote a ConnRingEvent; read unaligned.
             let ev: ConnRingEvent = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const ConnRingEvent) };
             match ev.kind {
-                ring_kind::CLOSE_RANGE => ranges.push((ev.a as u32, ev.b.min(u32::MAX as u64) as u32)),
+                ring_kind::CLOSE_RANGE => ranges.push((ev.a as u32, ev.b.min(u32::MAX as u64) as u32, ev.c)),
                 ring_kind::EXEC => {
                     self.exec_at = Some(ev.a);
                     self.execs += 1;
@@ -82,8 +82,10 @@ impl ConnectionCollector {
                 _ => {}
             }
         }
-        for (first, last) in ranges {
-            self.end_where(|fd, _| fd >= first && fd <= last);
+        for (first, last, at) in ranges {
+            // Only sockets made before the call: the fd numbers may already
+            // belong to new sockets by the time we read the ring.
+            self.end_where(|fd, info| fd >= first && fd <= last && info.created_ns < at);
         }
         if let Some(at) = self.exec_at.take() {
             // Only sockets of the old image: the new one may already have
