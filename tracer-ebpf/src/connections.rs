@@ -2,14 +2,17 @@
 //! syscall that made it to the one that ended it, counted per creation stack.
 //!
 //! Syscall tracepoints only (no kprobes on these machines, and they see Go's
-//! raw syscalls as well as libc's). Enter and exit are paired per thread in
-//! `PENDING`. `CONN_FDS` holds one entry per live socket; `CONN_STACKS`
-//! holds per-stack opened/closed totals that user space reads each interval.
+//! raw syscalls as well as libc's). Exit tracepoints read the call's
+//! arguments from the saved user registers, so no enter program and no
+//! per-thread pending state is needed: one program per syscall, and only
+//! `close` acts at entry. `CONN_FDS` holds one entry per live socket;
+//! `CONN_STACKS` holds per-stack opened/closed totals that user space reads
+//! each interval.
 
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_user_buf},
     macros::{map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuHashMap, RingBuf},
+    maps::{HashMap, PerCpuHashMap, RingBuf},
     programs::TracePointContext,
 };
 use tracer_common::{
@@ -21,7 +24,11 @@ use tracer_common::{
     stacks::StackKey,
 };
 
-use crate::{bump, stacks::user_stack, target_tgid};
+use crate::{
+    bump,
+    stacks::{syscall_args, user_stack},
+    target_tgid,
+};
 
 /// Live sockets of the target.
 #[map]
@@ -36,40 +43,13 @@ static CONN_STACKS: PerCpuHashMap<StackKey, ConnStackStats> =
 #[map]
 static CONN_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
-/// A syscall between its enter and exit tracepoints.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Pending {
-    op: u32,
-    fd: u32,
-    /// socket: domain; accept: flags; close_range: last fd.
-    a: u64,
-    /// socket: type; accept: user pointer to the peer sockaddr; close_range: flags.
-    b: u64,
-    /// connect: the address being connected to.
-    addr: [u8; PEER_LEN],
-}
-
-mod op {
-    pub const SOCKET: u32 = 1;
-    pub const CONNECT: u32 = 2;
-    pub const ACCEPT: u32 = 3;
-    pub const DUP: u32 = 4;
-    pub const CLOSE_RANGE: u32 = 5;
-}
-
-/// Per thread (pid_tgid): the call in flight. LRU, so a thread that dies in a
-/// syscall cannot fill it.
-#[map]
-static PENDING: LruHashMap<u64, Pending> = LruHashMap::with_max_entries(16384, 0);
-
 const SOCK_TYPE_MASK: u64 = 0xf;
 const SOCK_CLOEXEC: u64 = 0o2000000;
 const EINPROGRESS: i64 = 115;
 /// `CLOSE_RANGE_CLOEXEC`: marks instead of closing.
 const CLOSE_RANGE_CLOEXEC: u64 = 1 << 2;
 
-/// Syscall tracepoint field offsets: arguments are 8-byte slots from 16; `ret` at 16.
+/// Syscall exit tracepoints: `ret` at offset 16; enter: arguments in 8-byte slots from 16.
 #[inline(always)]
 fn arg(ctx: &TracePointContext, n: usize) -> u64 {
     // SAFETY: reads within the tracepoint record.
@@ -80,33 +60,6 @@ fn arg(ctx: &TracePointContext, n: usize) -> u64 {
 fn ret(ctx: &TracePointContext) -> i64 {
     // SAFETY: reads within the tracepoint record.
     unsafe { ctx.read_at::<i64>(16).unwrap_or(-1) }
-}
-
-#[inline(always)]
-fn begin(p: &Pending) {
-    let id = aya_ebpf::helpers::bpf_get_current_pid_tgid();
-    if PENDING.insert(&id, p, 0).is_err() {
-        bump(counter::LOST_EVENTS);
-    }
-}
-
-/// Takes the pending call of this thread if it is `want`.
-#[inline(always)]
-fn finish(want: u32) -> Option<Pending> {
-    let id = aya_ebpf::helpers::bpf_get_current_pid_tgid();
-    // SAFETY: copied out before the entry is removed.
-    let p = unsafe { *PENDING.get(&id)? };
-    let _ = PENDING.remove(&id);
-    if p.op == want {
-        Some(p)
-    } else {
-        None
-    }
-}
-
-#[inline(always)]
-fn empty_pending(op: u32) -> Pending {
-    Pending { op, fd: 0, a: 0, b: 0, addr: [0; PEER_LEN] }
 }
 
 /// Reads a sockaddr from user memory (as much of it as can be read).
@@ -179,26 +132,15 @@ fn closed(tgid: u32, fd: u32) {
 }
 
 #[tracepoint]
-pub fn conn_socket_enter(ctx: TracePointContext) -> u32 {
-    if target_tgid().is_some() {
-        let mut p = empty_pending(op::SOCKET);
-        p.a = arg(&ctx, 0);
-        p.b = arg(&ctx, 1);
-        begin(&p);
-    }
-    0
-}
-
-#[tracepoint]
 pub fn conn_socket_exit(ctx: TracePointContext) -> u32 {
     let Some(tgid) = target_tgid() else { return 0 };
-    let Some(p) = finish(op::SOCKET) else { return 0 };
     let fd = ret(&ctx);
     if fd < 0 {
         return 0;
     }
-    let mut info = new_info(origin::SOCKET, p.a as u16, (p.b & SOCK_TYPE_MASK) as u16);
-    if p.b & SOCK_CLOEXEC != 0 {
+    let [domain, ty, ..] = syscall_args();
+    let mut info = new_info(origin::SOCKET, domain as u16, (ty & SOCK_TYPE_MASK) as u16);
+    if ty & SOCK_CLOEXEC != 0 {
         info.flags |= flag::CLOEXEC;
     }
     opened(&ctx, tgid, fd as u32, &mut info);
@@ -219,93 +161,64 @@ fn new_info(origin: u8, family: u16, sock_type: u16) -> ConnInfo {
     }
 }
 
-#[tracepoint]
-pub fn conn_connect_enter(ctx: TracePointContext) -> u32 {
-    if target_tgid().is_some() {
-        let mut p = empty_pending(op::CONNECT);
-        p.fd = arg(&ctx, 0) as u32;
-        read_sockaddr(arg(&ctx, 1), &mut p.addr);
-        begin(&p);
-    }
-    0
-}
-
+/// connect(fd, addr, len): the peer is read at exit (the caller's buffer is
+/// still there); 0 and EINPROGRESS (non-blocking, Go) both count.
 #[tracepoint]
 pub fn conn_connect_exit(ctx: TracePointContext) -> u32 {
     let Some(tgid) = target_tgid() else { return 0 };
-    let Some(p) = finish(op::CONNECT) else { return 0 };
     let r = ret(&ctx);
     if r != 0 && r != -EINPROGRESS {
         return 0;
     }
-    let key = FdKey { tgid, fd: p.fd };
+    let [fd, addr, ..] = syscall_args();
+    let key = FdKey { tgid, fd: fd as u32 };
+    let mut peer = [0u8; PEER_LEN];
+    read_sockaddr(addr, &mut peer);
     if let Some(info) = CONN_FDS.get_ptr_mut(&key) {
         // SAFETY: map value owned by the map; only this thread owns this fd now.
         unsafe {
-            (*info).peer = p.addr;
+            (*info).peer = peer;
             (*info).flags |= flag::CONNECTED;
         }
     } else {
         // A socket made before we attached: track it from its connect.
-        let family = u16::from_le_bytes([p.addr[0], p.addr[1]]);
+        let family = u16::from_le_bytes([peer[0], peer[1]]);
         let mut info = new_info(origin::CONNECT, family, 1);
-        info.peer = p.addr;
+        info.peer = peer;
         info.flags |= flag::CONNECTED;
-        opened(&ctx, tgid, p.fd, &mut info);
+        opened(&ctx, tgid, fd as u32, &mut info);
     }
     0
 }
 
+/// accept(fd, addr, len) and accept4(fd, addr, len, flags).
 #[inline(always)]
-fn accept_enter(ctx: &TracePointContext, flags: u64) {
-    if target_tgid().is_some() {
-        let mut p = empty_pending(op::ACCEPT);
-        p.fd = arg(ctx, 0) as u32;
-        p.a = flags;
-        p.b = arg(ctx, 1);
-        begin(&p);
-    }
-}
-
-#[inline(always)]
-fn accept_exit(ctx: &TracePointContext) {
+fn accept_exit(ctx: &TracePointContext, with_flags: bool) {
     let Some(tgid) = target_tgid() else { return };
-    let Some(p) = finish(op::ACCEPT) else { return };
     let fd = ret(ctx);
     if fd < 0 {
         return;
     }
+    let [_, addr, _, flags] = syscall_args();
     let mut info = new_info(origin::ACCEPT, 0, 1);
-    read_sockaddr(p.b, &mut info.peer);
+    read_sockaddr(addr, &mut info.peer);
     info.family = u16::from_le_bytes([info.peer[0], info.peer[1]]);
     info.flags |= flag::CONNECTED;
-    if p.a & SOCK_CLOEXEC != 0 {
+    if with_flags && flags & SOCK_CLOEXEC != 0 {
         info.flags |= flag::CLOEXEC;
     }
     opened(ctx, tgid, fd as u32, &mut info);
 }
 
 #[tracepoint]
-pub fn conn_accept_enter(ctx: TracePointContext) -> u32 {
-    accept_enter(&ctx, 0);
-    0
-}
-
-#[tracepoint]
 pub fn conn_accept_exit(ctx: TracePointContext) -> u32 {
-    accept_exit(&ctx);
-    0
-}
-
-#[tracepoint]
-pub fn conn_accept4_enter(ctx: TracePointContext) -> u32 {
-    accept_enter(&ctx, arg(&ctx, 3));
+    accept_exit(&ctx, false);
     0
 }
 
 #[tracepoint]
 pub fn conn_accept4_exit(ctx: TracePointContext) -> u32 {
-    accept_exit(&ctx);
+    accept_exit(&ctx, true);
     0
 }
 
@@ -318,55 +231,30 @@ pub fn conn_close_enter(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// dup2/dup3 close `newfd` when they succeed.
-#[tracepoint]
-pub fn conn_dup_enter(ctx: TracePointContext) -> u32 {
-    if target_tgid().is_some() {
-        let oldfd = arg(&ctx, 0) as u32;
-        let newfd = arg(&ctx, 1) as u32;
-        if oldfd != newfd {
-            let mut p = empty_pending(op::DUP);
-            p.fd = newfd;
-            begin(&p);
-        }
-    }
-    0
-}
-
+/// dup2(old, new) / dup3(old, new, flags) close `new` when they succeed.
 #[tracepoint]
 pub fn conn_dup_exit(ctx: TracePointContext) -> u32 {
     let Some(tgid) = target_tgid() else { return 0 };
-    let Some(p) = finish(op::DUP) else { return 0 };
-    if ret(&ctx) >= 0 {
-        closed(tgid, p.fd);
+    let [oldfd, newfd, ..] = syscall_args();
+    if ret(&ctx) >= 0 && oldfd != newfd {
+        closed(tgid, newfd as u32);
     }
     0
 }
 
-#[tracepoint]
-pub fn conn_close_range_enter(ctx: TracePointContext) -> u32 {
-    if target_tgid().is_some() {
-        let mut p = empty_pending(op::CLOSE_RANGE);
-        p.fd = arg(&ctx, 0) as u32;
-        p.a = arg(&ctx, 1);
-        p.b = arg(&ctx, 2);
-        begin(&p);
-    }
-    0
-}
-
-/// The range can be large: user space walks its table instead of us.
+/// close_range(first, last, flags): the range can be large, so user space
+/// walks its table instead of us.
 #[tracepoint]
 pub fn conn_close_range_exit(ctx: TracePointContext) -> u32 {
     let Some(tgid) = target_tgid() else { return 0 };
-    let Some(p) = finish(op::CLOSE_RANGE) else { return 0 };
-    if ret(&ctx) != 0 || p.b & CLOSE_RANGE_CLOEXEC != 0 {
+    let [first, last, flags, _] = syscall_args();
+    if ret(&ctx) != 0 || flags & CLOSE_RANGE_CLOEXEC != 0 {
         return 0;
     }
     // SAFETY: no preconditions. The time lets user space spare sockets that
     // reuse these fd numbers before it reads the event.
     let now = unsafe { bpf_ktime_get_ns() };
-    send(ConnRingEvent { kind: ring_kind::CLOSE_RANGE, tgid, a: p.fd as u64, b: p.a, c: now });
+    send(ConnRingEvent { kind: ring_kind::CLOSE_RANGE, tgid, a: first, b: last, c: now });
     0
 }
 

@@ -26,9 +26,38 @@ pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 #[map]
 static SYSCALL_SITES: HashMap<u64, SyscallSite> = HashMap::with_max_entries(1024, 0);
 
-/// x86-64 `struct pt_regs`, in 8-byte slots: ip and sp.
+/// x86-64 `struct pt_regs`, in 8-byte slots.
+const PT_REGS_R10: usize = 7;
+const PT_REGS_DX: usize = 12;
+const PT_REGS_SI: usize = 13;
+const PT_REGS_DI: usize = 14;
 const PT_REGS_IP: usize = 16;
 const PT_REGS_SP: usize = 19;
+
+/// The current task's saved user registers (null if unavailable).
+#[inline(always)]
+fn user_regs() -> *const u64 {
+    // SAFETY: the helpers only read the current task.
+    unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u64 }
+}
+
+#[inline(always)]
+fn reg(regs: *const u64, slot: usize) -> u64 {
+    // SAFETY: reading kernel memory through the helper, which faults safely.
+    unsafe { bpf_probe_read_kernel(regs.add(slot)).unwrap_or(0) }
+}
+
+/// The first four arguments of the current syscall, read from the saved user
+/// registers. x86-64 syscalls leave rdi, rsi, rdx and r10 as they were, so
+/// an exit tracepoint sees the arguments too and needs no enter program.
+#[inline(always)]
+pub fn syscall_args() -> [u64; 4] {
+    let regs = user_regs();
+    if regs.is_null() {
+        return [u64::MAX; 4];
+    }
+    [reg(regs, PT_REGS_DI), reg(regs, PT_REGS_SI), reg(regs, PT_REGS_DX), reg(regs, PT_REGS_R10)]
+}
 
 /// The current user stack as a [`StackKey`]; counts a lost stack on failure.
 #[inline(always)]
@@ -46,26 +75,14 @@ pub fn user_stack(ctx: &TracePointContext) -> StackKey {
 /// The wrapper's return address when the current syscall site is known.
 #[inline(always)]
 fn missing_caller() -> u64 {
-    // SAFETY: helpers read the current task's saved user registers and the
-    // user stack; failures yield 0.
-    unsafe {
-        let task = bpf_get_current_task_btf();
-        let regs = bpf_task_pt_regs(task) as *const u64;
-        if regs.is_null() {
-            return 0;
-        }
-        let ip: u64 = match bpf_probe_read_kernel(regs.add(PT_REGS_IP)) {
-            Ok(v) => v,
-            Err(_) => return 0,
-        };
-        let site = match SYSCALL_SITES.get(&ip) {
-            Some(s) => *s,
-            None => return 0,
-        };
-        let sp: u64 = match bpf_probe_read_kernel(regs.add(PT_REGS_SP)) {
-            Ok(v) => v,
-            Err(_) => return 0,
-        };
-        bpf_probe_read_user((sp + site.ret_offset as u64) as *const u64).unwrap_or(0)
+    let regs = user_regs();
+    if regs.is_null() {
+        return 0;
     }
+    let ip = reg(regs, PT_REGS_IP);
+    // SAFETY: copied out of the map value.
+    let Some(site) = (unsafe { SYSCALL_SITES.get(&ip) }).copied() else { return 0 };
+    let sp = reg(regs, PT_REGS_SP);
+    // SAFETY: user memory read through the helper, which faults safely.
+    unsafe { bpf_probe_read_user((sp + site.ret_offset as u64) as *const u64).unwrap_or(0) }
 }

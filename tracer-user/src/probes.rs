@@ -22,22 +22,16 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tr
 /// Tracepoints of one tracker: (program, category, event).
 pub type Attachments = &'static [(&'static str, &'static str, &'static str)];
 
-/// The connection tracker's programs.
+/// The connection tracker's programs: exits only (arguments come from the
+/// saved user registers), except close, which acts at entry.
 pub const CONNECTIONS: Attachments = &[
-    ("conn_socket_enter", "syscalls", "sys_enter_socket"),
     ("conn_socket_exit", "syscalls", "sys_exit_socket"),
-    ("conn_connect_enter", "syscalls", "sys_enter_connect"),
     ("conn_connect_exit", "syscalls", "sys_exit_connect"),
-    ("conn_accept_enter", "syscalls", "sys_enter_accept"),
     ("conn_accept_exit", "syscalls", "sys_exit_accept"),
-    ("conn_accept4_enter", "syscalls", "sys_enter_accept4"),
     ("conn_accept4_exit", "syscalls", "sys_exit_accept4"),
     ("conn_close_enter", "syscalls", "sys_enter_close"),
-    ("conn_dup_enter", "syscalls", "sys_enter_dup2"),
     ("conn_dup_exit", "syscalls", "sys_exit_dup2"),
-    ("conn_dup_enter", "syscalls", "sys_enter_dup3"),
     ("conn_dup_exit", "syscalls", "sys_exit_dup3"),
-    ("conn_close_range_enter", "syscalls", "sys_enter_close_range"),
     ("conn_close_range_exit", "syscalls", "sys_exit_close_range"),
     ("conn_exec", "sched", "sched_process_exec"),
     ("conn_exit", "sched", "sched_process_exit"),
