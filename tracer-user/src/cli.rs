@@ -77,6 +77,11 @@ pub struct TraceOptions {
     /// Sites per kind exported on /metrics (the rest are summed as site="other").
     #[arg(long, default_value_t = 20, value_name = "N")]
     pub max_sites: usize,
+    /// Live sockets the kernel table holds; sockets beyond it are not
+    /// tracked and are counted in `lost.events`.
+    #[arg(long, default_value_t = tracer_common::connections::MAX_LIVE_SOCKETS, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1 << 22))]
+    pub max_sockets: u32,
 }
 
 /// Output format.

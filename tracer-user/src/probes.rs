@@ -80,10 +80,12 @@ fn ensure_tracefs() -> Result<()> {
 }
 
 impl Probes {
-    /// Loads the object for `pid`; nothing runs until [`Probes::attach`].
-    pub fn load(pid: u32) -> Result<Self> {
+    /// Loads the object for `pid` with a live-socket table of `max_sockets`
+    /// entries; nothing runs until [`Probes::attach`].
+    pub fn load(pid: u32, max_sockets: u32) -> Result<Self> {
         let mut ebpf = EbpfLoader::new()
             .override_global("TARGET_TGID", &pid, true)
+            .map_max_entries("CONN_FDS", max_sockets)
             .load(OBJECT)
             .map_err(|e| load_error(&e.to_string()))?;
         // The overflow key: sockets whose stack did not fit are counted here.

@@ -20,6 +20,10 @@ pub struct Frame {
     /// Absolute address in the target (hex string, e.g. "0x401136").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub addr: Option<String>,
+    /// Offset of the address in `module`'s file: names frames of stripped
+    /// objects (`app+0x1234`). Not part of the JSON.
+    #[serde(skip)]
+    pub file_offset: Option<u64>,
 }
 
 /// The growth engine's judgement of one series.

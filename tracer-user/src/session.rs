@@ -93,7 +93,7 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     if trackers.contains(&"connections") {
         attachments.push(probes::CONNECTIONS);
     }
-    let mut probes = Probes::load(pid)?;
+    let mut probes = Probes::load(pid, opts.max_sockets)?;
     let connections = ConnectionCollector::new(&mut probes.ebpf, pid)?;
     let symbolizer = SymbolizerService::start();
     let resolver = StackResolver::new(&mut probes.ebpf, pid, symbolizer)?;
@@ -155,7 +155,7 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut report_tick = tokio::time::interval_at(tokio::time::Instant::now() + opts.interval, opts.interval);
     let mut poll_tick = tokio::time::interval(Duration::from_millis(100));
-    let mut ctx = ReportContext { pid, comm: comm_at_start.clone(), opts: opts.clone(), last_t: None };
+    let mut ctx = ReportContext { pid, comm: comm_at_start.clone(), opts: opts.clone(), last_t: None, warned_stripped: HashSet::new() };
 
     // Sample at t=0 so growth is measured from attach.
     let mut last = build_report(&mut kernel, &mut growth, &mut memory, &mut ctx, start, true, false, false).await?;
@@ -276,6 +276,8 @@ struct ReportContext {
     opts: TraceOptions,
     /// Time of the previous sample.
     last_t: Option<f64>,
+    /// Modules already warned about for having no symbols.
+    warned_stripped: HashSet<String>,
 }
 
 fn emit(report: &Report, format: Format, is_tty: bool, table_opts: &TableOptions) {
@@ -302,6 +304,7 @@ async fn build_report(
     exited: bool,
 ) -> Result<Report> {
     let t = start.elapsed().as_secs_f64();
+    let observe = !is_final || ctx.last_t.is_none_or(|prev| t - prev >= ctx.opts.interval.as_secs_f64() / 2.0);
     let last_t = &mut ctx.last_t;
     let samples = kernel.connections.collect(monotonic_ns(), alive)?;
     let keys: Vec<_> = samples.iter().map(|s| s.stack).collect();
@@ -311,19 +314,29 @@ async fn build_report(
     for s in &samples {
         let key = (Kind::Connection, series_id(&s.stack));
         seen.insert(key);
-        if growth.window_stats(key).is_none() {
+        if !observe {
+            // The final report right after an interval's sample: judge what
+            // is there; a sample milliseconds later would only add noise.
+        } else if growth.window_stats(key).is_none() {
             // Everything we count was created after attach: a stack first
             // seen now had nothing live at the previous sample.
             if let Some(prev) = *last_t {
                 growth.observe(key, prev, 0);
             }
         }
-        growth.observe(key, t, s.live);
+        if observe {
+            growth.observe(key, t, s.live);
+        }
         let j = growth.judge(key, s.oldest_age_s);
         if s.live == 0 && j.verdict == Verdict::Steady {
             continue;
         }
         let stack = frames.get(&s.stack).cloned().unwrap_or_default();
+        for m in crate::symbolize::stripped_modules(&stack) {
+            if ctx.warned_stripped.insert(m.clone()) {
+                eprintln!("leaktrace: warning: {m} has no symbols (stripped?): its frames are shown as object+offset");
+            }
+        }
         findings.push(Finding {
             kind: Kind::Connection,
             verdict: j.verdict,
@@ -338,8 +351,10 @@ async fn build_report(
             ended: s.ended,
         });
     }
-    growth.forget_missing(&seen);
-    *last_t = Some(t);
+    if observe {
+        growth.forget_missing(&seen);
+        *last_t = Some(t);
+    }
     findings.sort_by(|a, b| {
         a.verdict
             .cmp(&b.verdict)

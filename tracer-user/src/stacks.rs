@@ -75,5 +75,5 @@ fn placeholder(key: &StackKey) -> Frame {
         -2 => "[stack table full]",
         _ => "[stack not recorded]",
     };
-    Frame { function: function.into(), file: None, line: None, module: None, addr: None }
+    Frame { function: function.into(), file: None, line: None, module: None, addr: None, file_offset: None }
 }

@@ -101,7 +101,7 @@ impl Worker {
     fn resolve_uncached(&mut self, pid: u32, map: &MemoryMap, addr: u64) -> Vec<Frame> {
         let hex = format!("{addr:#x}");
         let Some(m) = map.find(addr) else {
-            return vec![unknown(None, hex)];
+            return vec![unknown(None, hex, None)];
         };
         let module = m.path.to_string_lossy().into_owned();
         let path: PathBuf = crate::procfs::object_path(pid, m);
@@ -109,7 +109,7 @@ impl Worker {
         let src = Source::Elf(Elf::new(path));
         let sym = match self.symbolizer.symbolize_single(&src, Input::FileOffset(file_offset)) {
             Ok(Symbolized::Sym(sym)) => sym,
-            _ => return vec![unknown(Some(module), hex)],
+            _ => return vec![unknown(Some(module), hex, Some(file_offset))],
         };
         let mut out = Vec::new();
         // blazesym lists inlined calls outermost first; the innermost one is
@@ -117,23 +117,54 @@ impl Worker {
         let mut code_info = sym.code_info.as_deref().map(|c| (c.to_path().display().to_string(), c.line));
         for inl in sym.inlined.iter().rev() {
             let (file, line) = code_info.take().map_or((None, None), |(f, l)| (Some(f), l));
-            out.push(Frame { function: inl.name.to_string(), file, line, module: Some(module.clone()), addr: None });
+            out.push(Frame { function: inl.name.to_string(), file, line, module: Some(module.clone()), addr: None, file_offset: None });
             code_info = inl.code_info.as_ref().map(|c| (c.to_path().display().to_string(), c.line));
         }
         let (file, line) = code_info.map_or((None, None), |(f, l)| (Some(f), l));
-        out.push(Frame { function: sym.name.to_string(), file, line, module: Some(module), addr: None });
+        out.push(Frame { function: sym.name.to_string(), file, line, module: Some(module), addr: None, file_offset: None });
         out
     }
 }
 
-fn unknown(module: Option<String>, addr: String) -> Frame {
-    Frame { function: "[unknown]".into(), file: None, line: None, module, addr: Some(addr) }
+fn unknown(module: Option<String>, addr: String, file_offset: Option<u64>) -> Frame {
+    Frame { function: "[unknown]".into(), file: None, line: None, module, addr: Some(addr), file_offset }
+}
+
+/// Whether a module is a system library (libc, the dynamic loader, ...).
+fn is_system_module(m: &str) -> bool {
+    (m.starts_with("/lib/") || m.starts_with("/lib64/") || m.starts_with("/usr/lib/")) && !m.contains("/go/")
+}
+
+/// How a frame is named as a site: its function, or for an object without
+/// symbols (stripped) `object+0xoffset`, which still tells one site from another.
+pub fn site_name(f: &Frame) -> String {
+    match (&f.module, f.file_offset) {
+        (Some(m), Some(off)) if f.function == "[unknown]" => {
+            let base = m.rsplit('/').next().unwrap_or(m);
+            format!("{base}+{off:#x}")
+        }
+        _ => f.function.clone(),
+    }
+}
+
+/// Application modules (not system libraries) among `frames` that resolved
+/// to no symbol at all: stripped binaries, to warn about once.
+pub fn stripped_modules(frames: &[Frame]) -> Vec<String> {
+    let mut out: Vec<String> = frames
+        .iter()
+        .filter(|f| f.function == "[unknown]")
+        .filter_map(|f| f.module.clone())
+        .filter(|m| !is_system_module(m))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The first frame that is the application's own code: not a runtime, libc,
 /// a system library or a language's standard library.
 pub fn site_of(frames: &[Frame]) -> String {
-    frames.get(site_index(frames)).map(|f| f.function.clone()).unwrap_or_else(|| "[unknown]".into())
+    frames.get(site_index(frames)).map(site_name).unwrap_or_else(|| "[unknown]".into())
 }
 
 /// Index of the site's frame in `frames` (see [`site_of`]). When every frame
@@ -161,11 +192,12 @@ pub fn site_index(frames: &[Frame]) -> usize {
 /// Whether a frame belongs to a runtime, libc or a standard library.
 pub fn is_system_frame(f: &Frame) -> bool {
     if f.function == "[unknown]" {
-        return true;
+        // An unnamed address in the application's own (stripped) object is
+        // still the application's code.
+        return f.file_offset.is_none() || f.module.as_deref().is_none_or(is_system_module);
     }
     if let Some(m) = &f.module {
-        let lib = m.starts_with("/lib/") || m.starts_with("/lib64/") || m.starts_with("/usr/lib/");
-        if lib && !m.contains("/go/") {
+        if is_system_module(m) {
             return true;
         }
     }
@@ -207,7 +239,7 @@ mod tests {
     use super::*;
 
     fn frame(function: &str, module: &str) -> Frame {
-        Frame { function: function.into(), file: None, line: None, module: Some(module.into()), addr: None }
+        Frame { function: function.into(), file: None, line: None, module: Some(module.into()), addr: None, file_offset: None }
     }
 
     #[test]
@@ -243,6 +275,15 @@ mod tests {
         ];
         assert_eq!(site_of(&frames), "net/http.(*Transport).dialConnFor");
         assert_eq!(site_index(&frames), 3);
+    }
+
+    #[test]
+    fn stripped_application_frames_are_named_by_object_and_offset() {
+        let mut app = frame("[unknown]", "/opt/app/bin/server");
+        app.file_offset = Some(0x1234);
+        let frames = vec![frame("__GI_socket", "/usr/lib/x86_64-linux-gnu/libc.so.6"), app];
+        assert_eq!(site_of(&frames), "server+0x1234");
+        assert_eq!(stripped_modules(&frames), vec!["/opt/app/bin/server".to_string()]);
     }
 
     #[test]

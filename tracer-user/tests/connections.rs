@@ -168,3 +168,40 @@ fn http_get(addr: &str, path: &str) -> String {
     s.read_to_string(&mut out).unwrap();
     out
 }
+
+#[test]
+fn a_full_socket_table_is_counted_not_hidden() {
+    let t = start("conn_leak", &[]);
+    let pid = t.pid().to_string();
+    let run = run_leaktrace(&[
+        "attach", "--pid", &pid, "--for", "4s", "--interval", "1s", "--format", "json", "--max-sockets", "16",
+    ]);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    let report = run.final_report();
+    let lost = report["lost"]["events"].as_u64().unwrap();
+    assert!(lost > 20, "a 16-entry table must lose events: {}", report["lost"]);
+    // What is tracked stays right: never more live than the table holds.
+    let live: u64 = report["findings"].as_array().unwrap().iter().map(|f| f["live"].as_u64().unwrap()).sum();
+    assert!(live <= 16, "more live sockets than the table holds:{}", summarize(&report));
+}
+
+#[test]
+fn stripped_binary_still_gets_sites() {
+    let dir = std::env::temp_dir().join(format!("leaktrace-stripped-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("conn_leak_stripped");
+    std::fs::copy(fixture("conn_leak"), &bin).unwrap();
+    let st = std::process::Command::new("strip").arg("--strip-all").arg(&bin).status().expect("strip (binutils)");
+    assert!(st.success());
+    let run = run_leaktrace(&["check", "--for", "5s", "--interval", "1s", "--json", "--", bin.to_str().unwrap()]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(run.status, 3, "the stripped leak must still fail check; stderr: {}", run.stderr);
+    assert!(run.stderr.contains("has no symbols (stripped?)"), "no warning: {}", run.stderr);
+    let report = run.final_report();
+    let leak = report["findings"].as_array().unwrap().iter().find(|f| f["verdict"] == "leak").unwrap();
+    let site = leak["site"].as_str().unwrap();
+    assert!(site.starts_with("conn_leak_stripped+0x"), "site of a stripped frame: {site}");
+    let first = &leak["stack"][1];
+    assert_eq!(first["function"], "[unknown]");
+    assert!(first["addr"].as_str().unwrap().starts_with("0x"));
+}

@@ -34,7 +34,7 @@ pub(crate) mod tests {
                     file: Some("/usr/lib/go/src/net/dial.go".into()),
                     line: Some(323),
                     module: Some("/srv/api".into()),
-                    addr: None,
+                    addr: None, file_offset: None,
                 }],
                 site_index: 0,
                 live: 120,

@@ -170,8 +170,16 @@ fn row(f: &Finding, opts: &TableOptions) -> [String; 7] {
 /// the function is unknown.
 fn frame_text(frame: &Frame) -> String {
     let mut s = frame.function.clone();
-    if let (Some(addr), true) = (&frame.addr, frame.file.is_none()) {
-        let _ = write!(s, " {addr}");
+    match (&frame.module, frame.file_offset) {
+        // An object without symbols: its offset is stable across runs, the address is not.
+        (Some(m), Some(off)) if frame.file.is_none() => {
+            let _ = write!(s, " {}+{off:#x}", m.rsplit('/').next().unwrap_or(m));
+        }
+        _ => {
+            if let (Some(addr), true) = (&frame.addr, frame.file.is_none()) {
+                let _ = write!(s, " {addr}");
+            }
+        }
     }
     match (&frame.file, frame.line, &frame.module) {
         (Some(file), Some(line), _) => {
@@ -240,7 +248,7 @@ mod tests {
     #[test]
     fn frames_start_at_the_site() {
         let mut f = steady("dial_cache", 3);
-        let frame = |name: &str| Frame { function: name.into(), file: None, line: None, module: None, addr: None };
+        let frame = |name: &str| Frame { function: name.into(), file: None, line: None, module: None, addr: None, file_offset: None };
         f.stack = vec![frame("__GI_socket"), frame("internal_helper"), frame("dial_cache"), frame("bad_handler")];
         f.site_index = 2;
         let mut r = example_report();
@@ -262,7 +270,7 @@ mod tests {
                 file: None,
                 line: None,
                 module: Some("/usr/lib/libpq.so.5".into()),
-                addr: None,
+                addr: None, file_offset: None,
             }],
             site_index: 0,
             live,
@@ -320,7 +328,7 @@ mod tests {
                 file: None,
                 line: None,
                 module: None,
-                addr: None,
+                addr: None, file_offset: None,
             })
             .collect();
         report.findings[0].site = "x".repeat(100);
@@ -358,6 +366,7 @@ mod tests {
             line: None,
             module: Some("/lib/x.so".into()),
             addr: Some("0x401136".into()),
+            file_offset: None,
         };
         assert_eq!(frame_text(&unknown), "[unknown] 0x401136 [/lib/x.so]");
     }
