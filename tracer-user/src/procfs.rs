@@ -125,6 +125,13 @@ pub fn check_target(pid: u32) -> Result<()> {
     if !Path::new(&format!("/proc/{pid}")).exists() || !is_alive(pid) {
         bail!("no such process: {pid}");
     }
+    if pid == std::process::id() {
+        bail!("{pid} is leaktrace itself");
+    }
+    // Kernel threads have no executable and no user stack to attribute.
+    if fs::read_link(format!("/proc/{pid}/exe")).is_err() && fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|m| m.is_empty()) {
+        bail!("{pid} is a kernel thread: nothing to trace");
+    }
     // Only whole processes: a thread id is not a target.
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     if let Some(tgid) = status.lines().find_map(|l| l.strip_prefix("Tgid:")) {

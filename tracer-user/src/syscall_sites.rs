@@ -122,10 +122,8 @@ pub fn sites_in_function(code: &[u8], entry: u64) -> Vec<SyscallSite> {
             }
             let writes_sp = ins.op0_kind() == OpKind::Register && ins.op0_register() == Register::RSP;
             match ins.mnemonic() {
-                Mnemonic::Syscall => {
-                    if depth >= 0 {
-                        out.push(SyscallSite { ip_after: ins.next_ip(), ret_offset: depth as u32 });
-                    }
+                Mnemonic::Syscall if depth >= 0 => {
+                    out.push(SyscallSite { ip_after: ins.next_ip(), ret_offset: depth as u32 });
                 }
                 Mnemonic::Push => depth += 8,
                 Mnemonic::Pop if !writes_sp => depth -= 8,

@@ -439,18 +439,23 @@ fn mtime(p: &Path) -> Option<SystemTime> {
     fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
-/// Newest modification time among files in `dir` whose extension is one of `exts`.
+/// Newest modification time among files in `dir` and its subdirectories
+/// whose extension (or whole name) is one of `exts`.
 fn newest_source(dir: &Path, exts: &[&str]) -> Result<Option<SystemTime>> {
     let mut newest = None;
     for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = entry?.path();
         let name = path.file_name().and_then(OsStr::to_str).unwrap_or("");
         let ext = path.extension().and_then(OsStr::to_str).unwrap_or("");
-        if path.is_file() && (exts.contains(&ext) || exts.contains(&name)) {
-            let t = mtime(&path);
-            if t > newest {
-                newest = t;
-            }
+        let t = if path.is_dir() {
+            newest_source(&path, exts)?
+        } else if path.is_file() && (exts.contains(&ext) || exts.contains(&name)) {
+            mtime(&path)
+        } else {
+            None
+        };
+        if t > newest {
+            newest = t;
         }
     }
     Ok(newest)
@@ -468,11 +473,27 @@ fn build_fixtures(root: &Path) -> Result<()> {
     fs::create_dir_all(&bin)?;
     let mut built = 0;
 
-    // C fixtures: fixtures/c/<name>.c -> fixtures/bin/<name>
-    for name in ["conn_leak", "conn_bench", "conn_close_ways"] {
-        let src = root.join("fixtures/c").join(format!("{name}.c"));
+    // C fixtures: fixtures/c/<name>.c + fixtures/c/common/*.c -> fixtures/bin/<name>
+    // (rebuilt when the fixture's own file or any common .c/.h changes).
+    let c_dir = root.join("fixtures/c");
+    let common_dir = c_dir.join("common");
+    let c_files = |dir: &Path| -> Result<Vec<PathBuf>> {
+        let mut v = Vec::new();
+        for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            if path.is_file() && path.extension().and_then(OsStr::to_str) == Some("c") {
+                v.push(path);
+            }
+        }
+        v.sort();
+        Ok(v)
+    };
+    let common_srcs = c_files(&common_dir)?;
+    let common_newest = newest_source(&common_dir, &["c", "h"])?;
+    for src in c_files(&c_dir)? {
+        let name = src.file_stem().and_then(OsStr::to_str).unwrap_or_default();
         let out = bin.join(name);
-        if up_to_date(&out, mtime(&src)) {
+        if up_to_date(&out, mtime(&src).max(common_newest)) {
             continue;
         }
         run_cmd(
@@ -480,12 +501,18 @@ fn build_fixtures(root: &Path) -> Result<()> {
                 .args(C_FLAGS)
                 .arg("-o")
                 .arg(&out)
-                .arg(&src),
+                .arg(&src)
+                .args(&common_srcs),
         )?;
         built += 1;
     }
 
-    // Go fixtures: fixtures/go/<dir> -> fixtures/bin/<output>
+    // Go fixtures: one module in fixtures/go (shared code in
+    // fixtures/go/internal/); the program in fixtures/go/<dir> ->
+    // fixtures/bin/<output>, built from the module root. Any change in the
+    // module rebuilds every program.
+    let go_dir = root.join("fixtures/go");
+    let go_newest = newest_source(&go_dir, &["go", "go.mod", "go.sum"])?;
     let cache = root.join(".cache");
     let mut go_builds: Vec<(&str, String, PathBuf)> = vec![
         ("connleak", "connleak-go".into(), PathBuf::from("go")),
@@ -497,14 +524,13 @@ fn build_fixtures(root: &Path) -> Result<()> {
         go_builds.push(("connleak", format!("connleak-go{short}"), extra_go(root, version)));
     }
     for (dir, out_name, go) in &go_builds {
-        let src_dir = root.join("fixtures/go").join(dir);
         let out = bin.join(out_name);
-        if up_to_date(&out, newest_source(&src_dir, &["go", "go.mod", "go.sum"])?) {
+        if up_to_date(&out, go_newest) {
             continue;
         }
         run_cmd(
             Command::new(go)
-                .current_dir(&src_dir)
+                .current_dir(&go_dir)
                 .env("GOFLAGS", "-mod=mod")
                 .env("GOTOOLCHAIN", "local")
                 .env("GOCACHE", cache.join("go-build"))
@@ -512,7 +538,7 @@ fn build_fixtures(root: &Path) -> Result<()> {
                 .env("CGO_ENABLED", "0")
                 .args(["build", "-o"])
                 .arg(&out)
-                .arg("."),
+                .arg(format!("./{dir}")),
         )?;
         built += 1;
     }
