@@ -1,8 +1,10 @@
 //! Command line: `attach`, `run`, `check` and their shared options.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::report::Kind;
 
 /// leaktrace: find what grows in a running process — connections, by the
 /// call stack that created them — and judge whether it leaks.
@@ -82,6 +84,21 @@ pub struct TraceOptions {
     #[arg(long, default_value_t = tracer_common::connections::MAX_LIVE_SOCKETS, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=1 << 22))]
     pub max_sockets: u32,
+    /// When the trace ends, write the final report as a gzipped pprof
+    /// profile (profile.proto) to FILE: one sample per finding, weighted by
+    /// live objects (sample type `connections`), labels `site`, `verdict`,
+    /// `peer`. Read it with `go tool pprof -top FILE`.
+    #[arg(long, value_name = "FILE")]
+    pub pprof: Option<PathBuf>,
+    /// When the trace ends, write a flame graph SVG of the final report's
+    /// live objects by creation stack to FILE (with several kinds tracked:
+    /// one per kind, FILE-KIND.svg).
+    #[arg(long, value_name = "FILE.svg")]
+    pub flamegraph: Option<PathBuf>,
+    /// Only this kind's flame graph, written to the --flamegraph FILE itself
+    /// (kinds: connection).
+    #[arg(long, value_name = "KIND", requires = "flamegraph", value_parser = parse_kind)]
+    pub flamegraph_kind: Option<Kind>,
 }
 
 /// Output format.
@@ -104,6 +121,12 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err("must be more than zero".into());
     }
     Ok(d)
+}
+
+fn parse_kind(s: &str) -> Result<Kind, String> {
+    Kind::from_name(s).ok_or_else(|| {
+        format!("unknown kind (kinds: {})", Kind::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", "))
+    })
 }
 
 /// Trackers this build has.
@@ -151,6 +174,20 @@ mod tests {
         assert_eq!(trackers(&[]).unwrap(), vec!["connections"]);
         assert!(trackers(&["locks".into()]).unwrap_err().contains("not available"));
         assert!(trackers(&["sockets".into()]).unwrap_err().contains("unknown tracker"));
+    }
+
+    #[test]
+    fn export_options_parse() {
+        let cli = Cli::try_parse_from([
+            "leaktrace", "attach", "--pid", "1", "--pprof", "p.pb.gz", "--flamegraph", "f.svg", "--flamegraph-kind", "connections",
+        ])
+        .unwrap();
+        let Command::Attach { opts, .. } = cli.command else { panic!() };
+        assert_eq!(opts.pprof.as_deref(), Some(std::path::Path::new("p.pb.gz")));
+        assert_eq!(opts.flamegraph_kind, Some(Kind::Connection));
+        let err = Cli::try_parse_from(["leaktrace", "attach", "--pid", "1", "--flamegraph-kind", "connection"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        assert!(Cli::try_parse_from(["leaktrace", "attach", "--pid", "1", "--flamegraph", "f.svg", "--flamegraph-kind", "heap"]).is_err());
     }
 
     #[test]

@@ -53,10 +53,20 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every kind, in report order.
+    pub const ALL: &'static [Kind] = &[Kind::Connection];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Connection => "connection",
         }
+    }
+
+    /// The kind by its wire name (`connection`) or its tracker's name
+    /// (`connections`).
+    pub fn from_name(name: &str) -> Option<Kind> {
+        let name = name.trim();
+        Kind::ALL.iter().copied().find(|k| name == k.as_str() || name.strip_suffix('s') == Some(k.as_str()))
     }
 }
 
@@ -118,4 +128,16 @@ pub struct Report {
     pub events: BTreeMap<&'static str, u64>,
     /// Findings not shown because of `--max-findings` (bounded output).
     pub findings_omitted: u64,
+}
+
+impl Report {
+    /// Kinds this report is about: those traced (`events`) or with findings,
+    /// in [`Kind::ALL`] order.
+    pub fn kinds(&self) -> Vec<Kind> {
+        Kind::ALL
+            .iter()
+            .copied()
+            .filter(|k| self.events.contains_key(k.as_str()) || self.findings.iter().any(|f| f.kind == *k))
+            .collect()
+    }
 }

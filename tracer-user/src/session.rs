@@ -4,10 +4,11 @@ use std::{
     collections::{BTreeMap, HashSet},
     hash::{Hash, Hasher},
     io::{IsTerminal, Write},
-    time::{Duration, Instant},
+    path::Path,
+    time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
@@ -150,15 +151,20 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     let table_opts = TableOptions::default();
     let mut growth = GrowthEngine::new(GrowthConfig::default());
     let start = Instant::now();
+    let started_wall = SystemTime::now();
     let deadline = opts.duration.map(|d| start + d);
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut report_tick = tokio::time::interval_at(tokio::time::Instant::now() + opts.interval, opts.interval);
+    // A slow interval (first symbolization of a large binary, a loaded
+    // machine) must not be followed by a burst of samples a few ms apart.
+    report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut poll_tick = tokio::time::interval(Duration::from_millis(100));
     let mut ctx = ReportContext { pid, comm: comm_at_start.clone(), opts: opts.clone(), last_t: None, warned_stripped: HashSet::new() };
 
     // Sample at t=0 so growth is measured from attach.
-    let mut last = build_report(&mut kernel, &mut growth, &mut memory, &mut ctx, start, true, false, false).await?;
+    let first = build_report(&mut kernel, &mut growth, &mut memory, &mut ctx, start, true, false, false).await?;
+    *shared.write().unwrap_or_else(|e| e.into_inner()) = Some(first);
     let end = loop {
         tokio::select! {
             _ = sigint.recv() => break EndReason::Signal,
@@ -191,9 +197,9 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
                 }
                 let name = procfs::comm(pid);
                 if name != "?" { ctx.comm = name; }
-                last = build_report(&mut kernel, &mut growth, &mut memory, &mut ctx, start, true, false, false).await?;
-                emit(&last, format, is_tty, &table_opts);
-                *shared.write().unwrap_or_else(|e| e.into_inner()) = Some(last.clone());
+                let report = build_report(&mut kernel, &mut growth, &mut memory, &mut ctx, start, true, false, false).await?;
+                emit(&report, format, is_tty, &table_opts);
+                *shared.write().unwrap_or_else(|e| e.into_inner()) = Some(report);
             }
         }
     };
@@ -202,15 +208,10 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     let exited = !alive && end == EndReason::TargetExited;
     // After the target exits its sockets vanish without close events: the
     // final report is the state when it exited, not a reconciliation to zero.
-    let final_report = if exited {
-        let mut r = last.clone();
-        r.elapsed_s = (start.elapsed().as_secs_f64() * 10.0).round() / 10.0;
-        r.is_final = true;
-        r.exited = Some(true);
-        r
-    } else {
-        build_report(&mut kernel, &mut growth, &mut memory, &mut ctx, start, alive, true, false).await?
-    };
+    // The kernel tables still hold what was live when the target exited
+    // (exit closes fds without close events); collecting without
+    // reconciliation reports exactly that.
+    let final_report = build_report(&mut kernel, &mut growth, &mut memory, &mut ctx, start, alive, true, exited).await?;
     *shared.write().unwrap_or_else(|e| e.into_inner()) = Some(final_report.clone());
     if format == Format::Table && is_tty {
         // Keep the final report below the last live view.
@@ -228,7 +229,49 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     }
     drop(kernel);
     eprintln!("leaktrace: detached from {pid}");
+    // After the final report is printed: a file that cannot be written is an
+    // error (exit 1), but the report is not lost.
+    write_exports(&final_report, opts, started_wall)?;
     Ok(Outcome { report: final_report, end })
+}
+
+/// Writes the `--pprof` profile and the `--flamegraph` SVGs of the final
+/// report. Each file is tried even if another failed; the first failure is
+/// the error.
+fn write_exports(report: &Report, opts: &TraceOptions, started: SystemTime) -> Result<()> {
+    let mut first_error = None;
+    if let Some(path) = &opts.pprof {
+        let time_nanos = started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
+        let bytes = render::pprof::render_pprof(report, time_nanos);
+        match write_file(path, &bytes).with_context(|| format!("cannot write pprof profile {}", path.display())) {
+            Ok(()) => eprintln!("leaktrace: wrote pprof profile {}", path.display()),
+            Err(e) => first_error = first_error.or(Some(e)),
+        }
+    }
+    if let Some(path) = &opts.flamegraph {
+        for (kind, path) in render::flamegraph::output_paths(report, path, opts.flamegraph_kind) {
+            let written = render::flamegraph::render_svg(report, kind)
+                .with_context(|| format!("cannot draw the {} flame graph", kind.as_str()))
+                .and_then(|svg| write_file(&path, &svg).with_context(|| format!("cannot write flame graph {}", path.display())));
+            match written {
+                Ok(()) => eprintln!("leaktrace: wrote {} flame graph {}", kind.as_str(), path.display()),
+                Err(e) => first_error = first_error.or(Some(e)),
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it: a
+/// reader never sees half a file.
+fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 /// Polls the target's memory map until its libc is mapped (then loads the
@@ -304,7 +347,9 @@ async fn build_report(
     exited: bool,
 ) -> Result<Report> {
     let t = start.elapsed().as_secs_f64();
-    let observe = !is_final || ctx.last_t.is_none_or(|prev| t - prev >= ctx.opts.interval.as_secs_f64() / 2.0);
+    // Samples closer than half an interval (the final report right after a
+    // tick, a late tick) would only add noise to the series: judge without.
+    let observe = ctx.last_t.is_none_or(|prev| t - prev >= ctx.opts.interval.as_secs_f64() / 2.0);
     let last_t = &mut ctx.last_t;
     let samples = kernel.connections.collect(monotonic_ns(), alive)?;
     let keys: Vec<_> = samples.iter().map(|s| s.stack).collect();
