@@ -54,22 +54,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let outcome = rt.block_on(session::trace(pid, &opts, child))?;
     if is_check {
-        let leaks = outcome.report.findings.iter().filter(|f| f.verdict == Verdict::Leak).count();
-        if leaks > 0 {
-            eprintln!("leaktrace: check failed: {leaks} finding(s) with verdict \"leak\"");
-            for f in outcome.report.findings.iter().filter(|f| f.verdict == Verdict::Leak) {
+        let report = &outcome.report;
+        let leaks: Vec<_> = report.findings.iter().filter(|f| f.verdict == Verdict::Leak).collect();
+        let summary = leaktrace::render::table::summary(report);
+        let lost = if report.lost.events + report.lost.stacks > 0 {
+            format!("; lost {} events, {} stacks (numbers are low)", report.lost.events, report.lost.stacks)
+        } else {
+            String::new()
+        };
+        // Made for CI logs: one verdict line, the failing findings with the
+        // code path that created them, and what the exit status means.
+        if !leaks.is_empty() {
+            eprintln!(
+                "leaktrace check: FAIL: {summary} in {:.0}s of {} (pid {}){lost}",
+                report.elapsed_s, report.comm, report.pid
+            );
+            for f in &leaks {
                 eprintln!(
-                    "  LEAK {} at {}: {} live, {:+.1}/min{}",
+                    "  LEAK {} at {}: {} live, {:+.1}/min, oldest {}{}",
                     f.kind.as_str(),
                     f.site,
                     f.live,
                     f.growth_per_min,
+                    f.oldest_age_s.map(|a| format!("{a:.0}s")).unwrap_or_else(|| "?".into()),
                     f.peer.as_deref().map(|p| format!(", peer {p}")).unwrap_or_default()
                 );
+                let path: Vec<&str> =
+                    f.stack.iter().skip(f.site_index).take(4).map(|fr| fr.function.as_str()).collect();
+                eprintln!("       created by {}", path.join(" <- "));
             }
+            eprintln!("leaktrace check: exit 3 (0 = no leak, 3 = leak found, 1 = error)");
             return Ok(ExitCode::from(3));
         }
-        eprintln!("leaktrace: check passed: no leaks");
+        eprintln!(
+            "leaktrace check: PASS: {summary} in {:.0}s of {} (pid {}){lost}; exit 0 (0 = no leak, 3 = leak found, 1 = error)",
+            report.elapsed_s, report.comm, report.pid
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

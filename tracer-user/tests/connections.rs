@@ -104,10 +104,14 @@ fn check_exit_status_says_whether_something_leaks() {
     let leaky = run_leaktrace(&["check", "--for", "6s", "--interval", "1s", "--", bin.to_str().unwrap()]);
     assert_eq!(leaky.status, 3, "leaking program must fail check; stderr: {}", leaky.stderr);
     assert!(leaky.stderr.contains("LEAK connection at dial_cache"), "failing finding not listed: {}", leaky.stderr);
+    assert!(leaky.stderr.contains("created by dial_cache <- bad_handler <- request_loop"), "{}", leaky.stderr);
+    assert!(leaky.stderr.contains("leaktrace check: FAIL: 1 leak"), "{}", leaky.stderr);
+    assert!(leaky.stderr.contains("exit 3 (0 = no leak, 3 = leak found, 1 = error)"), "{}", leaky.stderr);
     assert!(leaky.stdout.contains("final report"), "no final table: {}", leaky.stdout);
 
     let clean = run_leaktrace(&["check", "--for", "6s", "--interval", "1s", "--", bin.to_str().unwrap(), "--no-leak"]);
     assert_eq!(clean.status, 0, "clean program must pass check; stdout: {}\nstderr: {}", clean.stdout, clean.stderr);
+    assert!(clean.stderr.contains("leaktrace check: PASS: 0 leaks"), "{}", clean.stderr);
 
     // And by pid.
     let t = start("connleak-go", &["-no-leak"]);
