@@ -156,8 +156,7 @@ fn encode(s: &str) -> String {
 /// Decodes a `Transfer-Encoding: chunked` body.
 fn dechunk(mut body: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(eol) = body.windows(2).position(|w| w == b"\r\n") else { break };
+    while let Some(eol) = body.windows(2).position(|w| w == b"\r\n") {
         let size_field = std::str::from_utf8(&body[..eol]).unwrap_or("0");
         let size = usize::from_str_radix(size_field.split(';').next().unwrap().trim(), 16).unwrap_or(0);
         body = &body[eol + 2..];

@@ -540,8 +540,7 @@ mod tests {
     fn field_numbers_match_profile_proto() {
         // Hand-encoded: Profile{string_table: ["", "connections", "count"],
         // sample_type: [{type: 1, unit: 2}], sample: [{location_id: [1], value: [7]}]}.
-        let mut p = Profile::default();
-        p.string_table = vec!["".into(), "connections".into(), "count".into()];
+        let mut p = Profile { string_table: vec!["".into(), "connections".into(), "count".into()], ..Default::default() };
         p.sample_type.push(ValueType { r#type: 1, unit: 2 });
         p.sample.push(Sample { location_id: vec![1], value: vec![7], label: vec![] });
         let bytes = p.encode_to_vec();
