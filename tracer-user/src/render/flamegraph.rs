@@ -45,6 +45,7 @@ pub fn folded(report: &Report, kind: Kind) -> Vec<String> {
 fn objects(kind: Kind) -> &'static str {
     match kind {
         Kind::Connection => "connections",
+        Kind::Thread => "threads",
     }
 }
 
