@@ -7,6 +7,7 @@
 
 pub mod connections;
 pub mod stacks;
+pub mod threads;
 
 /// Indexes into the per-CPU `COUNTERS` array that every tracker bumps.
 ///
@@ -22,6 +23,9 @@ pub mod counter {
     pub const LOST_STACKS: u32 = 2;
     /// Ring-buffer records dropped because the ring was full.
     pub const LOST_RING: u32 = 3;
+    /// Thread tracker events (thread created or ended); `EVENTS` counts
+    /// the connection tracker's.
+    pub const THREAD_EVENTS: u32 = 4;
     /// Number of slots.
     pub const COUNT: u32 = 8;
 }

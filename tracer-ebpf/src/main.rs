@@ -7,6 +7,7 @@
 
 mod connections;
 mod stacks;
+mod threads;
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 use tracer_common::counter;

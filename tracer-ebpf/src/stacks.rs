@@ -31,6 +31,7 @@ const PT_REGS_R10: usize = 7;
 const PT_REGS_DX: usize = 12;
 const PT_REGS_SI: usize = 13;
 const PT_REGS_DI: usize = 14;
+const PT_REGS_ORIG_AX: usize = 15;
 const PT_REGS_IP: usize = 16;
 const PT_REGS_SP: usize = 19;
 
@@ -57,6 +58,17 @@ pub fn syscall_args() -> [u64; 4] {
         return [u64::MAX; 4];
     }
     [reg(regs, PT_REGS_DI), reg(regs, PT_REGS_SI), reg(regs, PT_REGS_DX), reg(regs, PT_REGS_R10)]
+}
+
+/// The number of the syscall the current task is in (its saved `orig_ax`)
+/// and its first argument; `None` when the registers cannot be read.
+#[inline(always)]
+pub fn syscall_nr_and_arg0() -> Option<(u64, u64)> {
+    let regs = user_regs();
+    if regs.is_null() {
+        return None;
+    }
+    Some((reg(regs, PT_REGS_ORIG_AX), reg(regs, PT_REGS_DI)))
 }
 
 /// The current user stack as a [`StackKey`]; counts a lost stack on failure.

@@ -86,8 +86,8 @@ pub struct TraceOptions {
     pub max_sockets: u32,
     /// When the trace ends, write the final report as a gzipped pprof
     /// profile (profile.proto) to FILE: one sample per finding, weighted by
-    /// live objects (sample type `connections`), labels `site`, `verdict`,
-    /// `peer`. Read it with `go tool pprof -top FILE`.
+    /// live objects (sample types `connections`, `threads`), labels `site`,
+    /// `verdict`, `peer`, `thread_name`. Read it with `go tool pprof -top FILE`.
     #[arg(long, value_name = "FILE")]
     pub pprof: Option<PathBuf>,
     /// When the trace ends, write a flame graph SVG of the final report's
@@ -96,7 +96,7 @@ pub struct TraceOptions {
     #[arg(long, value_name = "FILE.svg")]
     pub flamegraph: Option<PathBuf>,
     /// Only this kind's flame graph, written to the --flamegraph FILE itself
-    /// (kinds: connection).
+    /// (kinds: connection, thread).
     #[arg(long, value_name = "KIND", requires = "flamegraph", value_parser = parse_kind)]
     pub flamegraph_kind: Option<Kind>,
 }
@@ -130,9 +130,9 @@ fn parse_kind(s: &str) -> Result<Kind, String> {
 }
 
 /// Trackers this build has.
-pub const AVAILABLE_TRACKERS: &[&str] = &["connections"];
+pub const AVAILABLE_TRACKERS: &[&str] = &["connections", "tasks"];
 /// Trackers planned but not in this build.
-pub const PLANNED_TRACKERS: &[&str] = &["tasks", "maps", "allocations", "locks"];
+pub const PLANNED_TRACKERS: &[&str] = &["maps", "allocations", "locks"];
 
 /// Resolves `--track` into the trackers to run, with a one-line error for
 /// unknown or unavailable names.
@@ -171,7 +171,8 @@ mod tests {
 
     #[test]
     fn track_list_is_checked() {
-        assert_eq!(trackers(&[]).unwrap(), vec!["connections"]);
+        assert_eq!(trackers(&[]).unwrap(), vec!["connections", "tasks"]);
+        assert_eq!(trackers(&["tasks".into()]).unwrap(), vec!["tasks"]);
         assert!(trackers(&["locks".into()]).unwrap_err().contains("not available"));
         assert!(trackers(&["sockets".into()]).unwrap_err().contains("unknown tracker"));
     }

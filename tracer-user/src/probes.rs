@@ -10,11 +10,11 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{HashMap as BpfHashMap, PerCpuHashMap, PerCpuValues},
-    programs::TracePoint,
+    programs::{uprobe::UProbeScope, TracePoint, UProbe},
     util::nr_cpus,
     Ebpf, EbpfLoader,
 };
-use tracer_common::{connections::ConnStackStats, stacks::StackKey};
+use tracer_common::{connections::ConnStackStats, stacks::StackKey, threads::ThreadStackStats};
 
 /// The compiled `tracer-ebpf` object (see build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -36,6 +36,39 @@ pub const CONNECTIONS: Attachments = &[
     ("conn_exec", "sched", "sched_process_exec"),
     ("conn_exit", "sched", "sched_process_exit"),
 ];
+
+/// The thread tracker's tracepoints (its `pthread_create` uprobe is
+/// attached per libc by [`Probes::attach_pthread_create`]).
+pub const THREADS: Attachments = &[
+    ("thread_fork", "sched", "sched_process_fork"),
+    ("thread_exit", "sched", "sched_process_exit"),
+];
+
+/// Offset of `child_pid` in the `sched:sched_process_fork` record, from its
+/// format (Linux 6.18 has `__data_loc` comms; older kernels inline them).
+fn fork_child_pid_offset() -> u32 {
+    for dir in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
+        let Ok(format) = std::fs::read_to_string(format!("{dir}/events/sched/sched_process_fork/format")) else {
+            continue;
+        };
+        if let Some(off) = parse_field_offset(&format, "child_pid") {
+            return off;
+        }
+    }
+    tracer_common::threads::FORK_CHILD_PID_OFFSET
+}
+
+/// `offset:N` of the field named `name` in a tracepoint format.
+fn parse_field_offset(format: &str, name: &str) -> Option<u32> {
+    format.lines().find_map(|l| {
+        let l = l.trim();
+        let decl = l.strip_prefix("field:")?.split(';').next()?;
+        if decl.split_whitespace().last()? != name {
+            return None;
+        }
+        l.split(';').find_map(|p| p.trim().strip_prefix("offset:")).and_then(|v| v.trim().parse().ok())
+    })
+}
 
 /// Loaded and attached programs; detached on drop.
 pub struct Probes {
@@ -85,6 +118,7 @@ impl Probes {
     pub fn load(pid: u32, max_sockets: u32) -> Result<Self> {
         let mut ebpf = EbpfLoader::new()
             .override_global("TARGET_TGID", &pid, true)
+            .override_global("FORK_CHILD_PID_AT", &fork_child_pid_offset(), true)
             .map_max_entries("CONN_FDS", max_sockets)
             .load(OBJECT)
             .map_err(|e| load_error(&e.to_string()))?;
@@ -94,6 +128,13 @@ impl Probes {
             let mut stacks: PerCpuHashMap<_, StackKey, ConnStackStats> = PerCpuHashMap::try_from(map)?;
             let n = nr_cpus().map_err(|(_, e)| e)?;
             let zeros = PerCpuValues::try_from(vec![ConnStackStats::default(); n])?;
+            stacks.insert(StackKey { stack_id: -2, caller: 0 }, zeros, 0)?;
+        }
+        {
+            let map = ebpf.map_mut("THREAD_STACKS").ok_or_else(|| anyhow!("THREAD_STACKS map missing"))?;
+            let mut stacks: PerCpuHashMap<_, StackKey, ThreadStackStats> = PerCpuHashMap::try_from(map)?;
+            let n = nr_cpus().map_err(|(_, e)| e)?;
+            let zeros = PerCpuValues::try_from(vec![ThreadStackStats::default(); n])?;
             stacks.insert(StackKey { stack_id: -2, caller: 0 }, zeros, 0)?;
         }
         Ok(Self { ebpf })
@@ -117,6 +158,24 @@ impl Probes {
                     .with_context(|| format!("cannot attach {prog} to tracepoint {category}:{event}"))?;
             }
         }
+        Ok(())
+    }
+
+    /// Attaches the thread tracker's uprobe to `pthread_create` in the libc
+    /// at `libc` (as the target maps it), for `pid` only.
+    pub fn attach_pthread_create(&mut self, pid: u32, libc: &Path) -> Result<()> {
+        let program: &mut UProbe = self
+            .ebpf
+            .program_mut("thread_create")
+            .ok_or_else(|| anyhow!("program thread_create missing from the eBPF object"))?
+            .try_into()?;
+        if program.fd().is_err() {
+            program.load().map_err(|e| load_error(&format!("thread_create: {e:#}")))?;
+        }
+        let scope = UProbeScope::OneProcess(std::num::NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0"))?);
+        program
+            .attach("pthread_create", libc, scope)
+            .with_context(|| format!("cannot attach a uprobe to pthread_create in {}", libc.display()))?;
         Ok(())
     }
 
@@ -145,5 +204,19 @@ fn load_error(msg: &str) -> anyhow::Error {
         anyhow!("permission denied loading eBPF programs: run as root (or with CAP_BPF and CAP_PERFMON)")
     } else {
         anyhow!("cannot load eBPF programs: {msg}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fork_format_offsets_parse() {
+        let new = "\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
+        assert_eq!(parse_field_offset(new, "child_pid"), Some(20));
+        let old = "\tfield:char child_comm[16];\toffset:28;\tsize:16;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;\n";
+        assert_eq!(parse_field_offset(old, "child_pid"), Some(44));
+        assert_eq!(parse_field_offset(old, "parent_pid"), None);
     }
 }

@@ -150,6 +150,23 @@ pub fn comm(pid: u32) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
+/// Thread ids of the process (/proc/PID/task).
+pub fn task_ids(pid: u32) -> io::Result<std::collections::HashSet<u32>> {
+    let mut out = std::collections::HashSet::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/task"))? {
+        let Ok(entry) = entry else { continue };
+        if let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) {
+            out.insert(tid);
+        }
+    }
+    Ok(out)
+}
+
+/// A thread's name (/proc/PID/task/TID/comm), None when it is gone.
+pub fn thread_comm(pid: u32, tid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok().map(|s| s.trim_end().to_string())
+}
+
 /// Open fds of the process that are sockets, with the socket's inode.
 pub fn socket_fds(pid: u32) -> io::Result<HashMap<u32, u64>> {
     let mut out = HashMap::new();

@@ -50,15 +50,17 @@ impl Verdict {
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     Connection,
+    Thread,
 }
 
 impl Kind {
     /// Every kind, in report order.
-    pub const ALL: &'static [Kind] = &[Kind::Connection];
+    pub const ALL: &'static [Kind] = &[Kind::Connection, Kind::Thread];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Connection => "connection",
+            Kind::Thread => "thread",
         }
     }
 
@@ -92,6 +94,9 @@ pub struct Finding {
     /// Connections: the most common remote address of the live ones.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
+    /// Threads: the most common name of the live ones (`/proc/PID/task/TID/comm`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thread_name: Option<String>,
     /// Objects created from this stack since attach.
     pub created: u64,
     /// Objects from this stack that ended since attach.

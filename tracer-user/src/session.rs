@@ -21,7 +21,7 @@ use crate::{
     stacks::StackResolver,
     symbolize::{site_index, site_of, SymbolizerService},
     syscall_sites,
-    trackers::{connections::ConnectionCollector, Counters},
+    trackers::{connections::ConnectionCollector, threads::ThreadCollector, Counters},
 };
 
 /// How the session ended.
@@ -52,6 +52,12 @@ pub trait HeldChild: Send {
 struct Kernel {
     probes: Probes,
     connections: ConnectionCollector,
+    threads: ThreadCollector,
+    /// Which trackers run.
+    track_connections: bool,
+    track_threads: bool,
+    /// The libc whose `pthread_create` carries the thread tracker's uprobe.
+    pthread_uprobe: Option<std::path::PathBuf>,
     resolver: StackResolver,
     counters: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
 }
@@ -65,6 +71,7 @@ impl Kernel {
             lost_events: sum(c::LOST_EVENTS),
             lost_stacks: sum(c::LOST_STACKS),
             lost_ring: sum(c::LOST_RING),
+            thread_events: sum(c::THREAD_EVENTS),
         }
     }
 }
@@ -94,14 +101,27 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     if trackers.contains(&"connections") {
         attachments.push(probes::CONNECTIONS);
     }
+    if trackers.contains(&"tasks") {
+        attachments.push(probes::THREADS);
+    }
     let mut probes = Probes::load(pid, opts.max_sockets)?;
     let connections = ConnectionCollector::new(&mut probes.ebpf, pid)?;
+    let threads = ThreadCollector::new(&mut probes.ebpf, pid)?;
     let symbolizer = SymbolizerService::start();
     let resolver = StackResolver::new(&mut probes.ebpf, pid, symbolizer)?;
     let counters = aya::maps::PerCpuArray::try_from(
         probes.ebpf.take_map("COUNTERS").ok_or_else(|| anyhow::anyhow!("COUNTERS map missing"))?,
     )?;
-    let mut kernel = Kernel { probes, connections, resolver, counters };
+    let mut kernel = Kernel {
+        probes,
+        connections,
+        threads,
+        track_connections: trackers.contains(&"connections"),
+        track_threads: trackers.contains(&"tasks"),
+        pthread_uprobe: None,
+        resolver,
+        counters,
+    };
 
     let mut memory = MemoryMap::read(pid).unwrap_or_default();
     let mut libc_loaded;
@@ -120,6 +140,11 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
         comm_at_start = procfs::comm(pid);
     } else {
         libc_loaded = sites_before_attach;
+    }
+    if !libc_loaded && kernel.track_threads {
+        eprintln!(
+            "leaktrace: {pid} maps no libc (static or Go): no pthread_create probe; threads get the stack seen at clone"
+        );
     }
     let mut execs_seen = 0;
 
@@ -303,12 +328,32 @@ async fn wait_for_libc(kernel: &mut Kernel, pid: u32, memory: &mut MemoryMap, li
 /// Fills `SYSCALL_SITES` from the libc the target maps; false when the
 /// target has no libc mapped (yet: `run` before the dynamic loader).
 fn load_syscall_sites(kernel: &mut Kernel, pid: u32, memory: &MemoryMap) -> bool {
+    if kernel.track_threads {
+        attach_pthread_create(kernel, pid, memory);
+    }
     match syscall_sites::find_in_process(pid, memory) {
         Ok(sites) if !sites.is_empty() => kernel.probes.set_syscall_sites(&sites).is_ok(),
         Ok(_) => false,
         Err(e) => {
             eprintln!("leaktrace: warning: cannot read libc's syscall wrappers ({e:#}); C stacks will miss the direct caller of connect/socket");
             true
+        }
+    }
+}
+
+/// Attaches the thread tracker's uprobe to the `pthread_create` of the libc
+/// the target maps (once per libc file).
+fn attach_pthread_create(kernel: &mut Kernel, pid: u32, memory: &MemoryMap) {
+    let Some(m) = memory.mappings.iter().find(|m| m.executable && syscall_sites::is_libc(&m.path)) else { return };
+    let path = procfs::object_path(pid, m);
+    if kernel.pthread_uprobe.as_ref() == Some(&path) {
+        return;
+    }
+    match kernel.probes.attach_pthread_create(pid, &path) {
+        Ok(()) => kernel.pthread_uprobe = Some(path),
+        Err(e) => {
+            eprintln!("leaktrace: warning: {e:#}; threads get the stack seen at clone (C stacks will be wrong)");
+            kernel.pthread_uprobe = Some(path);
         }
     }
 }
@@ -351,13 +396,21 @@ async fn build_report(
     // tick, a late tick) would only add noise to the series: judge without.
     let observe = ctx.last_t.is_none_or(|prev| t - prev >= ctx.opts.interval.as_secs_f64() / 2.0);
     let last_t = &mut ctx.last_t;
-    let samples = kernel.connections.collect(monotonic_ns(), alive)?;
-    let keys: Vec<_> = samples.iter().map(|s| s.stack).collect();
+    let now = monotonic_ns();
+    let mut samples: Vec<(Kind, crate::trackers::StackSample)> = Vec::new();
+    if kernel.track_connections {
+        samples.extend(kernel.connections.collect(now, alive)?.into_iter().map(|s| (Kind::Connection, s)));
+    }
+    if kernel.track_threads {
+        samples.extend(kernel.threads.collect(now, alive)?.into_iter().map(|s| (Kind::Thread, s)));
+    }
+    let keys: Vec<_> = samples.iter().map(|(_, s)| s.stack).collect();
     let frames = kernel.resolver.resolve(&keys, memory).await;
     let mut findings = Vec::new();
     let mut seen = HashSet::new();
-    for s in &samples {
-        let key = (Kind::Connection, series_id(&s.stack));
+    for (kind, s) in &samples {
+        let kind = *kind;
+        let key = (kind, series_id(&s.stack));
         seen.insert(key);
         if !observe {
             // The final report right after an interval's sample: judge what
@@ -383,7 +436,7 @@ async fn build_report(
             }
         }
         findings.push(Finding {
-            kind: Kind::Connection,
+            kind,
             verdict: j.verdict,
             site: site_of(&stack),
             site_index: site_index(&stack),
@@ -392,6 +445,7 @@ async fn build_report(
             growth_per_min: (j.growth_per_min * 10.0).round() / 10.0,
             oldest_age_s: s.oldest_age_s.map(|a| (a * 10.0).round() / 10.0),
             peer: s.peer.clone(),
+            thread_name: s.thread_name.clone(),
             created: s.created,
             ended: s.ended,
         });
@@ -410,7 +464,12 @@ async fn build_report(
     findings.truncate(ctx.opts.max_findings);
     let c = kernel.counters();
     let mut events = BTreeMap::new();
-    events.insert(Kind::Connection.as_str(), c.events);
+    if kernel.track_connections {
+        events.insert(Kind::Connection.as_str(), c.events);
+    }
+    if kernel.track_threads {
+        events.insert(Kind::Thread.as_str(), c.thread_events);
+    }
     Ok(Report {
         pid: ctx.pid,
         comm: ctx.comm.clone(),

@@ -50,7 +50,7 @@ pub fn find_in_process(pid: u32, map: &MemoryMap) -> Result<Vec<SyscallSite>> {
     Ok(out)
 }
 
-fn is_libc(path: &Path) -> bool {
+pub fn is_libc(path: &Path) -> bool {
     path.file_name()
         .and_then(|n| n.to_str())
         .is_some_and(|n| n.starts_with("libc.so") || n.starts_with("libc-"))

@@ -45,6 +45,7 @@ pub fn folded(report: &Report, kind: Kind) -> Vec<String> {
 fn objects(kind: Kind) -> &'static str {
     match kind {
         Kind::Connection => "connections",
+        Kind::Thread => "threads",
     }
 }
 
@@ -91,13 +92,19 @@ fn empty_svg(title: &str, text: &str) -> String {
 }
 
 /// The files to write for `--flamegraph PATH`: with `--flamegraph-kind` (or
-/// when the report has one kind) that kind's graph at PATH itself; otherwise
-/// one per kind at `PATH-<kind>.svg` (`leaks.svg` → `leaks-connection.svg`).
+/// when one kind has findings, or only one kind is traced) that kind's graph
+/// at PATH itself; otherwise one per kind at `PATH-<kind>.svg`
+/// (`leaks.svg` → `leaks-connection.svg`).
 pub fn output_paths(report: &Report, path: &Path, chosen: Option<Kind>) -> Vec<(Kind, PathBuf)> {
     if let Some(k) = chosen {
         return vec![(k, path.to_path_buf())];
     }
-    let mut kinds = report.kinds();
+    // Kinds with findings decide: tracking several kinds (the default) must
+    // not split the graph of a program where only one kind has anything live.
+    let mut kinds: Vec<Kind> = report.kinds().into_iter().filter(|k| report.findings.iter().any(|f| f.kind == *k)).collect();
+    if kinds.is_empty() {
+        kinds = report.kinds();
+    }
     if kinds.is_empty() {
         kinds = Kind::ALL.to_vec();
     }
@@ -205,5 +212,17 @@ mod tests {
         assert_eq!(Kind::from_name("connections"), Some(Kind::Connection));
         assert_eq!(Kind::from_name("connection"), Some(Kind::Connection));
         assert_eq!(Kind::from_name("sockets"), None);
+        assert_eq!(Kind::from_name("threads"), Some(Kind::Thread));
+        // Both kinds traced, only connections found: still one file.
+        let mut both = report();
+        both.events.insert("thread", 10);
+        assert_eq!(output_paths(&both, p, None), vec![(Kind::Connection, p.to_path_buf())]);
+        let mut t = both.findings[0].clone();
+        t.kind = Kind::Thread;
+        both.findings.push(t);
+        assert_eq!(
+            output_paths(&both, p, None),
+            vec![(Kind::Connection, kind_path(p, "connection")), (Kind::Thread, kind_path(p, "thread"))]
+        );
     }
 }

@@ -41,6 +41,7 @@ pub(crate) mod tests {
                 growth_per_min: 59.8,
                 oldest_age_s: Some(19.7),
                 peer: Some("127.0.0.1:6379".into()),
+                thread_name: None,
                 created: 400,
                 ended: 280,
             }],

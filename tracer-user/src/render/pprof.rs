@@ -7,7 +7,7 @@
 //! first, as pprof wants: `location_id[0]` is the leaf), one location per
 //! distinct frame, one function per distinct (name, file), one mapping per
 //! module (ELF object). Every sample carries the string labels `kind`,
-//! `site`, `verdict`, and `peer` when the finding has one, so
+//! `site`, `verdict`, and `peer` / `thread_name` when the finding has one, so
 //! `-tagfocus=verdict=leak` keeps only the leaks.
 //!
 //! # Sample types
@@ -24,10 +24,10 @@
 //! | allocation (native heap, planned) | `inuse_objects`/`count`, `inuse_space`/`bytes` | live allocations, their bytes | heap profile |
 //! | lock (planned) | `contentions`/`count`, `delay`/`nanoseconds` | contended acquisitions, time waited | mutex / block profile |
 //! | goroutine (planned) | `goroutines`/`count` | live goroutines | goroutine profile |
-//! | thread (planned) | `threads`/`count` | live threads | threadcreate profile |
+//! | thread | `threads`/`count` | live threads | threadcreate profile |
 //! | map entry (planned) | `map_entries`/`count` | live entries | — |
 //!
-//! Only `connection` exists today: a tracker that adds a [`Kind`] adds its
+//! `connection` and `thread` exist today: a tracker that adds a [`Kind`] adds its
 //! arm to [`sample_types`] and [`sample_values`] (the compiler asks for both).
 //!
 //! The messages below are the subset of profile.proto leaktrace writes,
@@ -184,13 +184,14 @@ use proto::{Function, Label, Line, Location, Mapping, Profile, Sample, ValueType
 pub fn sample_types(kind: Kind) -> &'static [(&'static str, &'static str)] {
     match kind {
         Kind::Connection => &[("connections", "count")],
+        Kind::Thread => &[("threads", "count")],
     }
 }
 
 /// A finding's values, one per entry of [`sample_types`] of its kind.
 pub fn sample_values(f: &Finding) -> Vec<i64> {
     match f.kind {
-        Kind::Connection => vec![clamp(f.live)],
+        Kind::Connection | Kind::Thread => vec![clamp(f.live)],
     }
 }
 
@@ -341,6 +342,9 @@ pub fn build_profile(report: &Report, time_nanos: i64) -> Profile {
         ];
         if let Some(peer) = &f.peer {
             label.push(b.label("peer", peer));
+        }
+        if let Some(name) = &f.thread_name {
+            label.push(b.label("thread_name", name));
         }
         b.profile.sample.push(Sample { location_id, value, label });
     }

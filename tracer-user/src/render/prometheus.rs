@@ -343,6 +343,7 @@ mod tests {
             growth_per_min: growth,
             oldest_age_s: Some(live as f64),
             peer: None,
+            thread_name: None,
             created: live,
             ended: 0,
         }

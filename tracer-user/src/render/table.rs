@@ -106,7 +106,8 @@ const HEADERS: [&str; 7] = [
     "LIVE",
     "GROWTH/MIN",
     "OLDEST",
-    "PEER",
+    // Connections: the remote address; threads: the thread name.
+    "PEER/NAME",
 ];
 /// Columns right-aligned because they hold numbers.
 const NUMERIC: [bool; 7] = [false, false, false, true, true, true, false];
@@ -162,7 +163,7 @@ fn row(f: &Finding, opts: &TableOptions) -> [String; 7] {
         f.live.to_string(),
         growth_text(f.growth_per_min),
         f.oldest_age_s.map_or_else(|| "-".to_string(), age_text),
-        f.peer.clone().unwrap_or_else(|| "-".to_string()),
+        f.peer.clone().or_else(|| f.thread_name.clone()).unwrap_or_else(|| "-".to_string()),
     ]
 }
 
@@ -277,6 +278,7 @@ mod tests {
             growth_per_min: 0.0,
             oldest_age_s: None,
             peer: None,
+            thread_name: None,
             created: live,
             ended: 0,
         }
@@ -293,7 +295,7 @@ mod tests {
         assert_eq!(lines[1], "");
         assert_eq!(
             lines[2],
-            "VERDICT  KIND        SITE             LIVE  GROWTH/MIN  OLDEST  PEER"
+            "VERDICT  KIND        SITE             LIVE  GROWTH/MIN  OLDEST  PEER/NAME"
         );
         assert_eq!(
             lines[3],

@@ -201,6 +201,7 @@ impl ConnectionCollector {
                 ended,
                 oldest_age_s: acc.oldest_ns.map(|c| now_ns.saturating_sub(c) as f64 / 1e9),
                 peer,
+                thread_name: None,
             });
         }
         Ok(out)

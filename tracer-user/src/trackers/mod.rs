@@ -2,6 +2,7 @@
 //! per-stack samples; none of them formats output.
 
 pub mod connections;
+pub mod threads;
 
 use tracer_common::stacks::StackKey;
 
@@ -19,6 +20,8 @@ pub struct StackSample {
     pub oldest_age_s: Option<f64>,
     /// Connections: most common peer of the live ones.
     pub peer: Option<String>,
+    /// Threads: most common name of the live ones.
+    pub thread_name: Option<String>,
 }
 
 /// Counter totals read from the kernel side.
@@ -28,4 +31,6 @@ pub struct Counters {
     pub lost_events: u64,
     pub lost_stacks: u64,
     pub lost_ring: u64,
+    /// Thread tracker events (created, ended).
+    pub thread_events: u64,
 }
