@@ -52,17 +52,6 @@ pub struct ConnInfo {
     pub peer: [u8; PEER_LEN],
 }
 
-/// Per-stack totals, kept per CPU (user space sums them).
-///
-/// `live = opened - closed` for the stack, before user space subtracts the
-/// sockets it found closed behind the tracer's back (reconciliation).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ConnStackStats {
-    pub opened: u64,
-    pub closed: u64,
-}
-
 /// Kinds of records sent through the ring buffer (rare events only).
 pub mod ring_kind {
     /// The target called `close_range(a = first, b = last)` successfully at
@@ -95,6 +84,5 @@ pub const MAX_CONN_STACKS: u32 = 8192;
 mod pod {
     unsafe impl aya::Pod for super::FdKey {}
     unsafe impl aya::Pod for super::ConnInfo {}
-    unsafe impl aya::Pod for super::ConnStackStats {}
     unsafe impl aya::Pod for super::ConnRingEvent {}
 }

@@ -27,6 +27,21 @@ pub struct SyscallSite {
     pub _pad: u32,
 }
 
+/// Per-stack totals every tracker keeps per CPU (user space sums them):
+/// objects created from the stack and objects from it that ended (closed,
+/// exited). `live = created - ended`, before user space subtracts what it
+/// found gone without an event (reconciliation).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StackCounts {
+    pub created: u64,
+    pub ended: u64,
+}
+
+/// Where objects are counted when their stack does not fit the per-stack
+/// table; user space inserts it in every tracker's table before attaching.
+pub const OVERFLOW_STACK: StackKey = StackKey { stack_id: -2, caller: 0 };
+
 /// Deepest user stack kept (frames), as the kernel's default for stack maps.
 pub const MAX_STACK_DEPTH: u32 = 127;
 
@@ -34,4 +49,5 @@ pub const MAX_STACK_DEPTH: u32 = 127;
 mod pod {
     unsafe impl aya::Pod for super::StackKey {}
     unsafe impl aya::Pod for super::SyscallSite {}
+    unsafe impl aya::Pod for super::StackCounts {}
 }

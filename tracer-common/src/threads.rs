@@ -13,17 +13,6 @@ pub struct ThreadInfo {
     pub created_ns: u64,
 }
 
-/// Per-stack totals, kept per CPU (user space sums them).
-///
-/// `live = created - ended` for the stack, before user space subtracts the
-/// threads it found gone without an exit event (reconciliation).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ThreadStackStats {
-    pub created: u64,
-    pub ended: u64,
-}
-
 /// Size of the live-thread table (entries). A full table counts in
 /// `LOST_EVENTS`.
 pub const MAX_LIVE_THREADS: u32 = 65536;
@@ -40,5 +29,4 @@ pub const FORK_CHILD_PID_OFFSET: u32 = 20;
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::ThreadInfo {}
-    unsafe impl aya::Pod for super::ThreadStackStats {}
 }

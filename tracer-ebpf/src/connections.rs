@@ -17,16 +17,16 @@ use aya_ebpf::{
 };
 use tracer_common::{
     connections::{
-        flag, origin, ring_kind, ConnInfo, ConnRingEvent, ConnStackStats, FdKey, MAX_CONN_STACKS,
+        flag, origin, ring_kind, ConnInfo, ConnRingEvent, FdKey, MAX_CONN_STACKS,
         MAX_LIVE_SOCKETS, PEER_LEN,
     },
     counter,
-    stacks::StackKey,
+    stacks::{StackCounts, StackKey},
 };
 
 use crate::{
     bump,
-    stacks::{syscall_args, user_stack},
+    stacks::{count, counted_stack, syscall_args, user_stack},
     target_tgid,
 };
 
@@ -36,7 +36,7 @@ static CONN_FDS: HashMap<FdKey, ConnInfo> = HashMap::with_max_entries(MAX_LIVE_S
 
 /// Per creation stack: sockets opened and closed (per CPU).
 #[map]
-static CONN_STACKS: PerCpuHashMap<StackKey, ConnStackStats> =
+static CONN_STACKS: PerCpuHashMap<StackKey, StackCounts> =
     PerCpuHashMap::with_max_entries(MAX_CONN_STACKS, 0);
 
 /// Rare events user space must act on (close_range, exec, exit).
@@ -76,32 +76,11 @@ fn read_sockaddr(ptr: u64, out: &mut [u8; PEER_LEN]) {
     }
 }
 
-/// Adds to a stack's opened or closed total.
-#[inline(always)]
-fn count(stack: &StackKey, opened: u64, closed: u64) {
-    if let Some(s) = CONN_STACKS.get_ptr_mut(stack) {
-        // SAFETY: this CPU's copy of the value.
-        unsafe {
-            (*s).opened += opened;
-            (*s).closed += closed;
-        }
-    } else if CONN_STACKS.insert(stack, &ConnStackStats { opened, closed }, 0).is_err() {
-        bump(counter::LOST_STACKS);
-    }
-}
-
 /// Records a new live socket. The stack used is the one counted, so that its
 /// close decrements the same aggregate.
 #[inline(always)]
 fn opened(ctx: &TracePointContext, tgid: u32, fd: u32, info: &mut ConnInfo) {
-    let mut stack = user_stack(ctx);
-    if CONN_STACKS.get_ptr(&stack).is_none()
-        && CONN_STACKS.insert(&stack, &ConnStackStats::default(), 0).is_err()
-    {
-        // Stack table full: count under the overflow key user space made.
-        bump(counter::LOST_STACKS);
-        stack = StackKey { stack_id: -2, caller: 0 };
-    }
+    let stack = counted_stack(&CONN_STACKS, user_stack(ctx));
     info.stack = stack;
     info.created_ns = unsafe { bpf_ktime_get_ns() };
     let key = FdKey { tgid, fd };
@@ -111,7 +90,7 @@ fn opened(ctx: &TracePointContext, tgid: u32, fd: u32, info: &mut ConnInfo) {
         bump(counter::LOST_EVENTS);
         return;
     }
-    count(&stack, 1, 0);
+    count(&CONN_STACKS, &stack, 1, 0);
     bump(counter::EVENTS);
 }
 
@@ -126,7 +105,7 @@ fn closed(tgid: u32, fd: u32) {
         None => return,
     };
     if CONN_FDS.remove(&key).is_ok() {
-        count(&stack, 0, 1);
+        count(&CONN_STACKS, &stack, 0, 1);
         bump(counter::EVENTS);
     }
 }

@@ -10,12 +10,12 @@ use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
     helpers::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs},
     macros::map,
-    maps::{HashMap, StackTrace},
+    maps::{HashMap, PerCpuHashMap, StackTrace},
     programs::{tracing::StackIdContext, TracePointContext},
 };
 use tracer_common::{
     counter,
-    stacks::{StackKey, SyscallSite},
+    stacks::{StackCounts, StackKey, SyscallSite, OVERFLOW_STACK},
 };
 
 /// User stacks of every tracker, deduplicated by the kernel.
@@ -97,4 +97,31 @@ fn missing_caller() -> u64 {
     let sp = reg(regs, PT_REGS_SP);
     // SAFETY: user memory read through the helper, which faults safely.
     unsafe { bpf_probe_read_user((sp + site.ret_offset as u64) as *const u64).unwrap_or(0) }
+}
+
+/// The key a new object of `stack` is counted under in a tracker's per-stack
+/// table: `stack` itself, or, when the table is full, the overflow key user
+/// space inserted (a lost stack; the object is still counted). The object
+/// keeps this key so its end is counted where its creation was.
+#[inline(always)]
+pub fn counted_stack(table: &PerCpuHashMap<StackKey, StackCounts>, stack: StackKey) -> StackKey {
+    if table.get_ptr(&stack).is_none() && table.insert(&stack, &StackCounts::default(), 0).is_err() {
+        crate::bump(counter::LOST_STACKS);
+        return OVERFLOW_STACK;
+    }
+    stack
+}
+
+/// Adds to a stack's created or ended total (this CPU's copy).
+#[inline(always)]
+pub fn count(table: &PerCpuHashMap<StackKey, StackCounts>, stack: &StackKey, created: u64, ended: u64) {
+    if let Some(s) = table.get_ptr_mut(stack) {
+        // SAFETY: this CPU's copy of the value; no other writer while we run.
+        unsafe {
+            (*s).created += created;
+            (*s).ended += ended;
+        }
+    } else if table.insert(stack, &StackCounts { created, ended }, 0).is_err() {
+        crate::bump(counter::LOST_STACKS);
+    }
 }

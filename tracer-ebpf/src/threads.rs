@@ -20,16 +20,16 @@ use aya_ebpf::{
 };
 use tracer_common::{
     counter,
-    stacks::StackKey,
+    stacks::{StackCounts, StackKey},
     threads::{
-        ThreadInfo, ThreadStackStats, FORK_CHILD_PID_OFFSET, MAX_LIVE_THREADS, MAX_PENDING_CREATES,
+        ThreadInfo, FORK_CHILD_PID_OFFSET, MAX_LIVE_THREADS, MAX_PENDING_CREATES,
         MAX_THREAD_STACKS,
     },
 };
 
 use crate::{
     bump,
-    stacks::{syscall_nr_and_arg0, user_stack, STACKS},
+    stacks::{count, counted_stack, syscall_nr_and_arg0, user_stack, STACKS},
     target_tgid,
 };
 
@@ -44,7 +44,7 @@ static THREADS: HashMap<u32, ThreadInfo> = HashMap::with_max_entries(MAX_LIVE_TH
 
 /// Per creation stack: threads created and ended (per CPU).
 #[map]
-static THREAD_STACKS: PerCpuHashMap<StackKey, ThreadStackStats> =
+static THREAD_STACKS: PerCpuHashMap<StackKey, StackCounts> =
     PerCpuHashMap::with_max_entries(MAX_THREAD_STACKS, 0);
 
 /// Creation stack of a `pthread_create` in progress, by the creator's pid_tgid.
@@ -110,26 +110,21 @@ pub fn thread_fork(ctx: TracePointContext) -> u32 {
     }
     // SAFETY: copied out of the map value.
     let pending = unsafe { THREAD_PENDING.get(&id) }.copied();
-    let mut stack = match pending {
+    let stack = match pending {
         Some(k) => {
             let _ = THREAD_PENDING.remove(&id);
             k
         }
         None => user_stack(&ctx),
     };
-    if THREAD_STACKS.get_ptr(&stack).is_none()
-        && THREAD_STACKS.insert(&stack, &ThreadStackStats::default(), 0).is_err()
-    {
-        bump(counter::LOST_STACKS);
-        stack = StackKey { stack_id: -2, caller: 0 };
-    }
+    let stack = counted_stack(&THREAD_STACKS, stack);
     // SAFETY: no preconditions.
     let info = ThreadInfo { stack, created_ns: unsafe { bpf_ktime_get_ns() } };
     if THREADS.insert(&(child as u32), &info, 0).is_err() {
         bump(counter::LOST_EVENTS);
         return 0;
     }
-    count(&stack, 1, 0);
+    count(&THREAD_STACKS, &stack, 1, 0);
     bump(counter::THREAD_EVENTS);
     0
 }
@@ -148,21 +143,8 @@ pub fn thread_exit(_ctx: TracePointContext) -> u32 {
     };
     // Only the side whose delete succeeds counts (user space reconciles too).
     if THREADS.remove(&tid).is_ok() {
-        count(&stack, 0, 1);
+        count(&THREAD_STACKS, &stack, 0, 1);
         bump(counter::THREAD_EVENTS);
     }
     0
-}
-
-#[inline(always)]
-fn count(stack: &StackKey, created: u64, ended: u64) {
-    if let Some(s) = THREAD_STACKS.get_ptr_mut(stack) {
-        // SAFETY: this CPU's copy of the value.
-        unsafe {
-            (*s).created += created;
-            (*s).ended += ended;
-        }
-    } else if THREAD_STACKS.insert(stack, &ThreadStackStats { created, ended }, 0).is_err() {
-        bump(counter::LOST_STACKS);
-    }
 }

@@ -14,7 +14,7 @@ use aya::{
     util::nr_cpus,
     Ebpf, EbpfLoader,
 };
-use tracer_common::{connections::ConnStackStats, stacks::StackKey, threads::ThreadStackStats};
+use tracer_common::stacks::{StackCounts, StackKey, OVERFLOW_STACK};
 
 /// The compiled `tracer-ebpf` object (see build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -122,20 +122,14 @@ impl Probes {
             .map_max_entries("CONN_FDS", max_sockets)
             .load(OBJECT)
             .map_err(|e| load_error(&e.to_string()))?;
-        // The overflow key: sockets whose stack did not fit are counted here.
-        {
-            let map = ebpf.map_mut("CONN_STACKS").ok_or_else(|| anyhow!("CONN_STACKS map missing"))?;
-            let mut stacks: PerCpuHashMap<_, StackKey, ConnStackStats> = PerCpuHashMap::try_from(map)?;
-            let n = nr_cpus().map_err(|(_, e)| e)?;
-            let zeros = PerCpuValues::try_from(vec![ConnStackStats::default(); n])?;
-            stacks.insert(StackKey { stack_id: -2, caller: 0 }, zeros, 0)?;
-        }
-        {
-            let map = ebpf.map_mut("THREAD_STACKS").ok_or_else(|| anyhow!("THREAD_STACKS map missing"))?;
-            let mut stacks: PerCpuHashMap<_, StackKey, ThreadStackStats> = PerCpuHashMap::try_from(map)?;
-            let n = nr_cpus().map_err(|(_, e)| e)?;
-            let zeros = PerCpuValues::try_from(vec![ThreadStackStats::default(); n])?;
-            stacks.insert(StackKey { stack_id: -2, caller: 0 }, zeros, 0)?;
+        // The overflow key of every per-stack table: objects whose stack did
+        // not fit are counted there.
+        let n = nr_cpus().map_err(|(_, e)| e)?;
+        for name in ["CONN_STACKS", "THREAD_STACKS"] {
+            let map = ebpf.map_mut(name).ok_or_else(|| anyhow!("{name} map missing"))?;
+            let mut stacks: PerCpuHashMap<_, StackKey, StackCounts> = PerCpuHashMap::try_from(map)?;
+            let zeros = PerCpuValues::try_from(vec![StackCounts::default(); n])?;
+            stacks.insert(OVERFLOW_STACK, zeros, 0)?;
         }
         Ok(Self { ebpf })
     }

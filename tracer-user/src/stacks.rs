@@ -7,7 +7,7 @@ use aya::{
     maps::{MapData, StackTraceMap},
     Ebpf,
 };
-use tracer_common::stacks::StackKey;
+use tracer_common::stacks::{StackKey, OVERFLOW_STACK};
 
 use crate::{
     procfs::MemoryMap,
@@ -71,9 +71,6 @@ impl StackResolver {
 
 /// The frame shown for a stack the kernel could not keep.
 fn placeholder(key: &StackKey) -> Frame {
-    let function = match key.stack_id {
-        -2 => "[stack table full]",
-        _ => "[stack not recorded]",
-    };
+    let function = if *key == OVERFLOW_STACK { "[stack table full]" } else { "[stack not recorded]" };
     Frame { function: function.into(), file: None, line: None, module: None, addr: None, file_offset: None }
 }

@@ -14,18 +14,18 @@ use aya::{
     Ebpf,
 };
 use tracer_common::{
-    connections::{flag, ring_kind, ConnInfo, ConnRingEvent, ConnStackStats, FdKey},
-    stacks::StackKey,
+    connections::{flag, ring_kind, ConnInfo, ConnRingEvent, FdKey},
+    stacks::{StackCounts, StackKey},
 };
 
-use super::StackSample;
+use super::{stack_samples, LiveStack, StackSample};
 use crate::procfs;
 
 /// Reads the connection tracker's maps for one target.
 pub struct ConnectionCollector {
     pid: u32,
     fds: BpfHashMap<MapData, FdKey, ConnInfo>,
-    stacks: PerCpuHashMap<MapData, StackKey, ConnStackStats>,
+    stacks: PerCpuHashMap<MapData, StackKey, StackCounts>,
     ring: RingBuf<MapData>,
     /// Sockets user space found closed behind the kernel side's back
     /// (exec, close_range, anything missed), per stack.
@@ -168,43 +168,15 @@ impl ConnectionCollector {
             }
         }
 
-        #[derive(Default)]
-        struct Acc {
-            oldest_ns: Option<u64>,
-            peers: HashMap<String, u64>,
-        }
-        let mut per_stack: HashMap<StackKey, Acc> = HashMap::new();
+        let mut per_stack: HashMap<StackKey, LiveStack> = HashMap::new();
         for (key, info) in live.iter().filter(|(k, _)| !stale.contains(&k.fd)) {
-            let acc = per_stack.entry(info.stack).or_default();
-            acc.oldest_ns = Some(acc.oldest_ns.map_or(info.created_ns, |o| o.min(info.created_ns)));
             let peer = format_peer(info).or_else(|| self.net_peers.get(&(*key, info.created_ns)).cloned());
-            if let Some(p) = peer {
-                *acc.peers.entry(p).or_default() += 1;
-            }
+            per_stack.entry(info.stack).or_default().add(info.created_ns, peer);
         }
-
-        let mut out = Vec::new();
-        for entry in self.stacks.iter() {
-            let Ok((stack, per_cpu)) = entry else { continue };
-            let (opened, closed) = per_cpu.iter().fold((0u64, 0u64), |(o, c), v| (o + v.opened, c + v.closed));
-            let reconciled = self.reconciled.get(&stack).copied().unwrap_or(0);
-            let ended = closed + reconciled;
-            if opened == 0 && ended == 0 {
-                continue;
-            }
-            let acc = per_stack.remove(&stack).unwrap_or_default();
-            let peer = acc.peers.into_iter().max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0))).map(|(p, _)| p);
-            out.push(StackSample {
-                stack,
-                live: opened.saturating_sub(ended),
-                created: opened,
-                ended,
-                oldest_age_s: acc.oldest_ns.map(|c| now_ns.saturating_sub(c) as f64 / 1e9),
-                peer,
-                thread_name: None,
-            });
-        }
-        Ok(out)
+        Ok(stack_samples(&self.stacks, &self.reconciled, per_stack, now_ns)
+            .into_iter()
+            .map(|(sample, peer)| StackSample { peer, ..sample })
+            .collect())
     }
 }
 

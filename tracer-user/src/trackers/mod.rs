@@ -4,7 +4,10 @@
 pub mod connections;
 pub mod threads;
 
-use tracer_common::stacks::StackKey;
+use std::collections::HashMap;
+
+use aya::maps::{MapData, PerCpuHashMap};
+use tracer_common::stacks::{StackCounts, StackKey};
 
 /// What a collector says about one creation stack at one instant.
 #[derive(Clone, Debug)]
@@ -33,4 +36,84 @@ pub struct Counters {
     pub lost_ring: u64,
     /// Thread tracker events (created, ended).
     pub thread_events: u64,
+}
+
+/// The live objects of one creation stack, gathered while a collector walks
+/// its live table: the oldest one's creation time and how often each label
+/// (a peer, a thread name) occurs.
+#[derive(Default)]
+pub struct LiveStack {
+    oldest_ns: Option<u64>,
+    labels: HashMap<String, u64>,
+}
+
+impl LiveStack {
+    /// Adds one live object created at `created_ns` (ktime).
+    pub fn add(&mut self, created_ns: u64, label: Option<String>) {
+        self.oldest_ns = Some(self.oldest_ns.map_or(created_ns, |o| o.min(created_ns)));
+        if let Some(l) = label {
+            *self.labels.entry(l).or_default() += 1;
+        }
+    }
+}
+
+/// One sample per stack of a tracker's per-stack table (per-CPU totals
+/// summed, minus what reconciliation ended), with the most common label of
+/// the stack's live objects. Stacks that never counted anything are skipped.
+pub fn stack_samples(
+    table: &PerCpuHashMap<MapData, StackKey, StackCounts>,
+    reconciled: &HashMap<StackKey, u64>,
+    mut live: HashMap<StackKey, LiveStack>,
+    now_ns: u64,
+) -> Vec<(StackSample, Option<String>)> {
+    let mut out = Vec::new();
+    for entry in table.iter() {
+        let Ok((stack, per_cpu)) = entry else { continue };
+        let (created, ended) = per_cpu.iter().fold((0u64, 0u64), |(c, e), v| (c + v.created, e + v.ended));
+        let ended = ended + reconciled.get(&stack).copied().unwrap_or(0);
+        if created == 0 && ended == 0 {
+            continue;
+        }
+        let acc = live.remove(&stack).unwrap_or_default();
+        let sample = StackSample {
+            stack,
+            live: created.saturating_sub(ended),
+            created,
+            ended,
+            oldest_age_s: acc.oldest_ns.map(|c| now_ns.saturating_sub(c) as f64 / 1e9),
+            peer: None,
+            thread_name: None,
+        };
+        out.push((sample, most_common(acc.labels)));
+    }
+    out
+}
+
+/// The most frequent label; ties go to the smallest (stable output).
+pub fn most_common(labels: HashMap<String, u64>) -> Option<String> {
+    labels.into_iter().max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0))).map(|(n, _)| n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn most_common_label_wins_ties_by_name() {
+        let m: HashMap<String, u64> = [("watcher".to_string(), 3), ("job".to_string(), 1)].into();
+        assert_eq!(most_common(m).as_deref(), Some("watcher"));
+        let m: HashMap<String, u64> = [("b".to_string(), 2), ("a".to_string(), 2)].into();
+        assert_eq!(most_common(m).as_deref(), Some("a"));
+        assert_eq!(most_common(HashMap::new()), None);
+    }
+
+    #[test]
+    fn live_stack_keeps_the_oldest_and_counts_labels() {
+        let mut l = LiveStack::default();
+        l.add(30, Some("a".into()));
+        l.add(10, None);
+        l.add(20, Some("a".into()));
+        assert_eq!(l.oldest_ns, Some(10));
+        assert_eq!(l.labels.get("a"), Some(&2));
+    }
 }

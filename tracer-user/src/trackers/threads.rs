@@ -11,18 +11,18 @@ use aya::{
     Ebpf,
 };
 use tracer_common::{
-    stacks::StackKey,
-    threads::{ThreadInfo, ThreadStackStats},
+    stacks::{StackCounts, StackKey},
+    threads::ThreadInfo,
 };
 
-use super::StackSample;
+use super::{stack_samples, LiveStack, StackSample};
 use crate::procfs;
 
 /// Reads the thread tracker's maps for one target.
 pub struct ThreadCollector {
     pid: u32,
     threads: BpfHashMap<MapData, u32, ThreadInfo>,
-    stacks: PerCpuHashMap<MapData, StackKey, ThreadStackStats>,
+    stacks: PerCpuHashMap<MapData, StackKey, StackCounts>,
     /// Threads user space found gone without an exit event, per stack.
     reconciled: HashMap<StackKey, u64>,
     /// Name of each live thread (tid, creation time), read once.
@@ -72,17 +72,10 @@ impl ThreadCollector {
             }
         }
         let mut ids = HashSet::new();
-        #[derive(Default)]
-        struct Acc {
-            oldest_ns: Option<u64>,
-            names: HashMap<String, u64>,
-        }
-        let mut per_stack: HashMap<StackKey, Acc> = HashMap::new();
+        let mut per_stack: HashMap<StackKey, LiveStack> = HashMap::new();
         for (tid, info) in live.iter().filter(|(t, _)| !stale.contains(t)) {
             let id = (*tid, info.created_ns);
             ids.insert(id);
-            let acc = per_stack.entry(info.stack).or_default();
-            acc.oldest_ns = Some(acc.oldest_ns.map_or(info.created_ns, |o| o.min(info.created_ns)));
             // A new thread names itself a moment after it starts: read the
             // name once it is a little older than that.
             let name = match self.names.get(&id) {
@@ -94,54 +87,16 @@ impl ThreadCollector {
                 }
                 None => procfs::thread_comm(self.pid, *tid),
             };
-            if let Some(n) = name {
-                *acc.names.entry(n).or_default() += 1;
-            }
+            per_stack.entry(info.stack).or_default().add(info.created_ns, name);
         }
         // Bounded by the live table: forget what is no longer live.
         if target_alive {
             self.names.retain(|id, _| ids.contains(id));
         }
 
-        let mut out = Vec::new();
-        for entry in self.stacks.iter() {
-            let Ok((stack, per_cpu)) = entry else { continue };
-            let (created, ended) = per_cpu.iter().fold((0u64, 0u64), |(c, e), v| (c + v.created, e + v.ended));
-            let ended = ended + self.reconciled.get(&stack).copied().unwrap_or(0);
-            if created == 0 && ended == 0 {
-                continue;
-            }
-            let acc = per_stack.remove(&stack).unwrap_or_default();
-            let name = most_common(acc.names);
-            out.push(StackSample {
-                stack,
-                live: created.saturating_sub(ended),
-                created,
-                ended,
-                oldest_age_s: acc.oldest_ns.map(|c| now_ns.saturating_sub(c) as f64 / 1e9),
-                peer: None,
-                thread_name: name,
-            });
-        }
-        Ok(out)
-    }
-}
-
-/// The most frequent name; ties go to the smallest name (stable output).
-fn most_common(names: HashMap<String, u64>) -> Option<String> {
-    names.into_iter().max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0))).map(|(n, _)| n)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn most_common_name_wins_ties_by_name() {
-        let m: HashMap<String, u64> = [("watcher".to_string(), 3), ("job".to_string(), 1)].into();
-        assert_eq!(most_common(m).as_deref(), Some("watcher"));
-        let m: HashMap<String, u64> = [("b".to_string(), 2), ("a".to_string(), 2)].into();
-        assert_eq!(most_common(m).as_deref(), Some("a"));
-        assert_eq!(most_common(HashMap::new()), None);
+        Ok(stack_samples(&self.stacks, &self.reconciled, per_stack, now_ns)
+            .into_iter()
+            .map(|(sample, thread_name)| StackSample { thread_name, ..sample })
+            .collect())
     }
 }
