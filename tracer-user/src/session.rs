@@ -84,7 +84,7 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn series_id(key: &tracer_common::stacks::StackKey) -> u64 {
+fn series_id(key: &crate::trackers::SampleStack) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut h);
     h.finish()
@@ -404,7 +404,7 @@ async fn build_report(
     if kernel.track_threads {
         samples.extend(kernel.threads.collect(now, alive)?.into_iter().map(|s| (Kind::Thread, s)));
     }
-    let keys: Vec<_> = samples.iter().map(|(_, s)| s.stack).collect();
+    let keys: Vec<_> = samples.iter().map(|(_, s)| s.stack.clone()).collect();
     let frames = kernel.resolver.resolve(&keys, memory).await;
     let mut findings = Vec::new();
     let mut seen = HashSet::new();

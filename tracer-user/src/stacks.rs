@@ -10,6 +10,7 @@ use aya::{
 use tracer_common::stacks::{StackKey, OVERFLOW_STACK};
 
 use crate::{
+    trackers::SampleStack,
     procfs::MemoryMap,
     report::Frame,
     symbolize::{lookup_addr, SymbolizerService},
@@ -21,7 +22,7 @@ pub struct StackResolver {
     pid: u32,
     traces: StackTraceMap<MapData>,
     symbolizer: SymbolizerService,
-    cache: HashMap<StackKey, Vec<Frame>>,
+    cache: HashMap<SampleStack, Vec<Frame>>,
 }
 
 impl StackResolver {
@@ -45,11 +46,21 @@ impl StackResolver {
         addrs
     }
 
-    /// Frames of each key, resolving the ones not seen before in one batch.
-    pub async fn resolve(&mut self, keys: &[StackKey], map: &MemoryMap) -> HashMap<StackKey, Vec<Frame>> {
-        let missing: Vec<StackKey> = keys.iter().filter(|k| !self.cache.contains_key(k)).copied().collect();
+    /// Frames of each stack, resolving the ones not seen before in one batch.
+    /// Stacks read from the target's memory are cached too: the same
+    /// addresses name the same frames for the whole session.
+    pub async fn resolve(&mut self, keys: &[SampleStack], map: &MemoryMap) -> HashMap<SampleStack, Vec<Frame>> {
+        let mut missing: Vec<SampleStack> = keys.iter().filter(|k| !self.cache.contains_key(k)).cloned().collect();
+        missing.sort();
+        missing.dedup();
         if !missing.is_empty() {
-            let stacks: Vec<Vec<u64>> = missing.iter().map(|k| self.addresses(k)).collect();
+            let stacks: Vec<Vec<u64>> = missing
+                .iter()
+                .map(|k| match k {
+                    SampleStack::Kernel(key) => self.addresses(key),
+                    SampleStack::Addresses(a) => a.clone(),
+                })
+                .collect();
             let lookups: Vec<u64> =
                 stacks.iter().flat_map(|s| s.iter().enumerate().map(|(i, &a)| lookup_addr(i, a))).collect();
             let resolved = self.symbolizer.resolve(self.pid, map.clone(), lookups).await;
@@ -62,15 +73,15 @@ impl StackResolver {
                 if frames.is_empty() {
                     frames.push(placeholder(key));
                 }
-                self.cache.insert(*key, frames);
+                self.cache.insert(key.clone(), frames);
             }
         }
-        keys.iter().filter_map(|k| self.cache.get(k).map(|f| (*k, f.clone()))).collect()
+        keys.iter().filter_map(|k| self.cache.get(k).map(|f| (k.clone(), f.clone()))).collect()
     }
 }
 
 /// The frame shown for a stack the kernel could not keep.
-fn placeholder(key: &StackKey) -> Frame {
-    let function = if *key == OVERFLOW_STACK { "[stack table full]" } else { "[stack not recorded]" };
+fn placeholder(key: &SampleStack) -> Frame {
+    let function = if *key == SampleStack::Kernel(OVERFLOW_STACK) { "[stack table full]" } else { "[stack not recorded]" };
     Frame { function: function.into(), file: None, line: None, module: None, addr: None, file_offset: None }
 }

@@ -9,10 +9,25 @@ use std::collections::HashMap;
 use aya::maps::{MapData, PerCpuHashMap};
 use tracer_common::stacks::{StackCounts, StackKey};
 
+/// A stack as a collector has it: an id in the kernel's stack map (probes,
+/// tracepoints), or addresses read out of the target's memory (a goroutine's
+/// `go` statement, a parked goroutine's frames), innermost first.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SampleStack {
+    Kernel(StackKey),
+    Addresses(Vec<u64>),
+}
+
+impl From<StackKey> for SampleStack {
+    fn from(key: StackKey) -> Self {
+        SampleStack::Kernel(key)
+    }
+}
+
 /// What a collector says about one creation stack at one instant.
 #[derive(Clone, Debug)]
 pub struct StackSample {
-    pub stack: StackKey,
+    pub stack: SampleStack,
     /// Objects alive now.
     pub live: u64,
     /// Created since attach.
@@ -76,7 +91,7 @@ pub fn stack_samples(
         }
         let acc = live.remove(&stack).unwrap_or_default();
         let sample = StackSample {
-            stack,
+            stack: SampleStack::Kernel(stack),
             live: created.saturating_sub(ended),
             created,
             ended,
