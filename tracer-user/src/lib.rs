@@ -10,6 +10,7 @@ pub mod metrics_server;
 pub mod render;
 pub mod child;
 pub mod cli;
+pub mod golang;
 pub mod probes;
 pub mod procfs;
 pub mod session;

@@ -42,6 +42,9 @@ struct GoProgram {
 const GO_PROGRAMS: &[GoProgram] = &[
     GoProgram { dir: "connleak", out: "connleak-go", every_version: true },
     GoProgram { dir: "api-server", out: "api-server", every_version: false },
+    GoProgram { dir: "goroutineleak", out: "goroutineleak", every_version: true },
+    // Goroutine churn for `cargo xtask bench tasks` (newest toolchain only).
+    GoProgram { dir: "gochurn", out: "gochurn", every_version: false },
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const APT_PACKAGES: &[&str] = &[

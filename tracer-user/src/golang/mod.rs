@@ -1,0 +1,216 @@
+//! Go binaries: what leaktrace needs to read a Go program from outside,
+//! without probes: its version (`buildinfo`), the runtime's struct layout
+//! (`offsets`), names for pcs even in stripped builds (`pclntab`), where
+//! the runtime's globals are, and a reader of the target's memory
+//! (`memory`). Shared by every Go-aware tracker.
+
+pub mod buildinfo;
+pub mod memory;
+pub mod offsets;
+pub mod pclntab;
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
+
+pub use buildinfo::GoVersion;
+pub use memory::TargetMemory;
+pub use offsets::GOffsets;
+pub use pclntab::Pclntab;
+
+/// Oldest and newest Go minor versions the tables and readers are checked on.
+pub const OLDEST_MINOR: u32 = 19;
+pub const NEWEST_MINOR: u32 = 27;
+
+/// A loadable segment: maps link-time addresses to file offsets.
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    vaddr: u64,
+    offset: u64,
+    filesz: u64,
+}
+
+/// Names for the pcs of one Go object from its `.gopclntab` (every Go
+/// binary has one): the symbolizer's fallback for `-s -w` builds.
+pub struct GoSymbols {
+    pub pclntab: Pclntab,
+    segments: Vec<Segment>,
+}
+
+impl GoSymbols {
+    /// `Ok(None)` when the object has no Go pc table.
+    pub fn from_elf(elf: &object::File) -> Result<Option<Self>> {
+        let Some(sec) = elf.section_by_name(".gopclntab") else { return Ok(None) };
+        let text = elf.section_by_name(".text").map_or(0, |t| t.address());
+        let pclntab = Pclntab::parse(sec.data()?.to_vec(), text)?;
+        let segments = elf
+            .segments()
+            .map(|s| {
+                let (offset, filesz) = s.file_range();
+                Segment { vaddr: s.address(), offset, filesz }
+            })
+            .collect();
+        Ok(Some(Self { pclntab, segments }))
+    }
+
+    /// Reads `path` and parses its pc table.
+    pub fn open(path: &Path) -> Result<Option<Self>> {
+        let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let elf = object::File::parse(&*data)?;
+        Self::from_elf(&elf)
+    }
+
+    /// Link-time address of a file offset.
+    pub fn vaddr_of_offset(&self, off: u64) -> Option<u64> {
+        self.segments.iter().find(|s| off >= s.offset && off < s.offset + s.filesz).map(|s| off - s.offset + s.vaddr)
+    }
+
+    /// File offset of a link-time address.
+    pub fn offset_of_vaddr(&self, va: u64) -> Option<u64> {
+        self.segments.iter().find(|s| va >= s.vaddr && va < s.vaddr + s.filesz).map(|s| va - s.vaddr + s.offset)
+    }
+
+    /// Name and file:line for a file offset in the object.
+    pub fn lookup_offset(&self, off: u64) -> Option<pclntab::PcInfo> {
+        self.pclntab.lookup(self.vaddr_of_offset(off)?)
+    }
+}
+
+/// Where a runtime global was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Found {
+    Symtab,
+    /// Disassembly of a runtime function named by the pc table.
+    Disassembly,
+}
+
+/// What the goroutine reader needs to know about one Go executable.
+pub struct GoBinary {
+    pub version: GoVersion,
+    pub version_string: String,
+    pub symbols: GoSymbols,
+    pub offsets: GOffsets,
+    pub offsets_source: offsets::Source,
+    /// Link-time address of `runtime.allgs` (a `[]*g` slice header).
+    pub allgs: u64,
+    pub allgs_source: Found,
+    /// `runtime.waitReasonStrings` ([N]string): link-time address and N.
+    pub wait_reasons: Option<(u64, u64)>,
+}
+
+impl GoBinary {
+    /// Reads a Go executable; `Ok(None)` when it is not one. An error says
+    /// what is unsupported (a version, a missing table).
+    pub fn open(path: &Path) -> Result<Option<Self>> {
+        let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        Self::parse(&data)
+    }
+
+    pub fn parse(data: &[u8]) -> Result<Option<Self>> {
+        let elf = object::File::parse(data)?;
+        if elf.architecture() != object::Architecture::X86_64 {
+            return Ok(None);
+        }
+        let Some((version, version_string)) = buildinfo::go_version(&elf)? else { return Ok(None) };
+        if version.major != 1 || version.minor < OLDEST_MINOR {
+            anyhow::bail!("Go {version_string} is older than go1.{OLDEST_MINOR}, the oldest supported");
+        }
+        let symbols = GoSymbols::from_elf(&elf)?.ok_or_else(|| anyhow!("Go binary without .gopclntab"))?;
+        let (offsets, offsets_source) = offsets::offsets(&elf, version)?;
+        let sym = |name: &str| elf.symbols().find(|s| s.name() == Ok(name)).map(|s| (s.address(), s.size()));
+        let (allgs, allgs_source) = match sym("runtime.allgs") {
+            Some((a, _)) => (a, Found::Symtab),
+            None => (allgs_by_disassembly(&elf, &symbols)?, Found::Disassembly),
+        };
+        let wait_reasons = match sym("runtime.waitReasonStrings") {
+            Some((a, size)) => Some((a, size / 16)),
+            None => wait_reasons_by_disassembly(data, &elf, &symbols),
+        };
+        Ok(Some(Self { version, version_string, symbols, offsets, offsets_source, allgs, allgs_source, wait_reasons }))
+    }
+}
+
+/// The machine code of a function the pc table names.
+fn function_code<'a>(elf: &'a object::File, symbols: &GoSymbols, name: &str) -> Option<(u64, &'a [u8])> {
+    let (start, end) = symbols.pclntab.function_range(name)?;
+    let text = elf.section_by_name(".text")?;
+    let base = text.address();
+    let data = text.data().ok()?;
+    let lo = usize::try_from(start.checked_sub(base)?).ok()?;
+    let hi = usize::try_from(end.checked_sub(base)?).ok()?;
+    Some((start, data.get(lo..hi)?))
+}
+
+/// RIP-relative memory operands of a function: (instruction, address).
+fn rip_operands(ip: u64, code: &[u8]) -> Vec<(iced_x86::Instruction, u64)> {
+    let mut d = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
+    let mut out = Vec::new();
+    while d.can_decode() {
+        let ins = d.decode();
+        if ins.is_ip_rel_memory_operand() && ins.memory_base() == Register::RIP {
+            out.push((ins, ins.ip_rel_memory_address()));
+        }
+    }
+    out
+}
+
+/// `runtime.allgs` in a binary without symbols: `forEachG` ranges over
+/// `allgs` under `allglock`, so its code loads the slice's pointer and
+/// length, two words 8 bytes apart (the lock is only LEA'd). Checked
+/// against the symtab of every unstripped fixture (tests/go_offsets.rs).
+pub fn allgs_by_disassembly(elf: &object::File, symbols: &GoSymbols) -> Result<u64> {
+    let (ip, code) = function_code(elf, symbols, "runtime.forEachG")
+        .ok_or_else(|| anyhow!("no symbols and no runtime.forEachG in the pc table: cannot find runtime.allgs"))?;
+    let loads: Vec<u64> =
+        rip_operands(ip, code).into_iter().filter(|(i, _)| i.mnemonic() == Mnemonic::Mov).map(|(_, a)| a).collect();
+    loads
+        .iter()
+        .copied()
+        .filter(|a| loads.contains(&(a + 8)))
+        .min()
+        .ok_or_else(|| anyhow!("runtime.forEachG does not load a slice: cannot find runtime.allgs"))
+}
+
+/// `runtime.waitReasonStrings` in a binary without symbols:
+/// `waitReason.String` compares the reason with the array's length and
+/// indexes the array it LEAs.
+pub fn wait_reasons_by_disassembly(data: &[u8], elf: &object::File, symbols: &GoSymbols) -> Option<(u64, u64)> {
+    let (ip, code) = function_code(elf, symbols, "runtime.waitReason.String")?;
+    let mut d = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
+    let (mut arrays, mut len) = (Vec::new(), None);
+    while d.can_decode() {
+        let ins = d.decode();
+        if ins.mnemonic() == Mnemonic::Lea && ins.memory_base() == Register::RIP {
+            arrays.push(ins.ip_rel_memory_address());
+        }
+        if ins.mnemonic() == Mnemonic::Cmp && len.is_none() && ins.op_count() == 2 && ins.op0_kind() == OpKind::Register {
+            len = match ins.op1_kind() {
+                OpKind::Immediate8 | OpKind::Immediate8to32 | OpKind::Immediate8to64 | OpKind::Immediate32
+                | OpKind::Immediate32to64 => Some(ins.immediate(1)),
+                _ => None,
+            };
+        }
+    }
+    let len = len.filter(|&n| n > 0 && n < 256)?;
+    // The function also LEAs its "unknown wait reason" string: the array
+    // is the LEA whose target holds `len` string headers.
+    let array = arrays.into_iter().find(|&a| is_string_array(data, symbols, a, len))?;
+    Some((array, len))
+}
+
+/// Whether `n` Go string headers at `va` in the file all point at short
+/// printable strings (entry 0, `waitReasonZero`, is empty).
+fn is_string_array(data: &[u8], symbols: &GoSymbols, va: u64, n: u64) -> bool {
+    let read = |va: u64, len: usize| -> Option<&[u8]> {
+        let off = symbols.offset_of_vaddr(va)? as usize;
+        data.get(off..off + len)
+    };
+    let Some(headers) = read(va, n as usize * 16) else { return false };
+    headers.chunks(16).all(|h| {
+        let ptr = u64::from_le_bytes(h[..8].try_into().unwrap());
+        let len = u64::from_le_bytes(h[8..].try_into().unwrap());
+        len == 0 || (len < 128 && read(ptr, len as usize).is_some_and(|s| s.iter().all(|b| b.is_ascii_graphic() || *b == b' ')))
+    })
+}
