@@ -51,16 +51,18 @@ impl Verdict {
 pub enum Kind {
     Connection,
     Thread,
+    Goroutine,
 }
 
 impl Kind {
     /// Every kind, in report order.
-    pub const ALL: &'static [Kind] = &[Kind::Connection, Kind::Thread];
+    pub const ALL: &'static [Kind] = &[Kind::Connection, Kind::Thread, Kind::Goroutine];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Connection => "connection",
             Kind::Thread => "thread",
+            Kind::Goroutine => "goroutine",
         }
     }
 
@@ -97,6 +99,14 @@ pub struct Finding {
     /// Threads: the most common name of the live ones (`/proc/PID/task/TID/comm`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub thread_name: Option<String>,
+    /// Goroutines judged "leak": the current stack of one of them (the
+    /// oldest parked one), innermost first, as a goroutine dump shows it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked_in: Option<Vec<Frame>>,
+    /// Goroutines judged "leak": why that goroutine waits (`select`,
+    /// `chan receive`, ...; `runnable`, `running`, `syscall` otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wait_reason: Option<String>,
     /// Objects created from this stack since attach.
     pub created: u64,
     /// Objects from this stack that ended since attach.

@@ -21,7 +21,7 @@ use crate::{
     stacks::StackResolver,
     symbolize::{site_index, site_of, SymbolizerService},
     syscall_sites,
-    trackers::{connections::ConnectionCollector, threads::ThreadCollector, Counters},
+    trackers::{connections::ConnectionCollector, goroutines::GoroutineCollector, threads::ThreadCollector, Counters},
 };
 
 /// How the session ended.
@@ -56,6 +56,8 @@ struct Kernel {
     /// Which trackers run.
     track_connections: bool,
     track_threads: bool,
+    /// Goroutines of a Go target (`tasks`): read from its memory, no probes.
+    goroutines: Option<GoroutineCollector>,
     /// The libc whose `pthread_create` carries the thread tracker's uprobe.
     pthread_uprobe: Option<std::path::PathBuf>,
     resolver: StackResolver,
@@ -118,6 +120,7 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
         threads,
         track_connections: trackers.contains(&"connections"),
         track_threads: trackers.contains(&"tasks"),
+        goroutines: None,
         pthread_uprobe: None,
         resolver,
         counters,
@@ -141,7 +144,10 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     } else {
         libc_loaded = sites_before_attach;
     }
-    if !libc_loaded && kernel.track_threads {
+    if kernel.track_threads {
+        kernel.goroutines = open_goroutines(pid);
+    }
+    if !libc_loaded && kernel.track_threads && kernel.goroutines.is_none() {
         eprintln!(
             "leaktrace: {pid} maps no libc (static or Go): no pthread_create probe; threads get the stack seen at clone"
         );
@@ -206,6 +212,9 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
                     // A new image: addresses of the old one mean nothing now.
                     execs_seen = kernel.connections.execs;
                     libc_loaded = wait_for_libc(&mut kernel, pid, &mut memory, Duration::from_millis(500)).await;
+                    if kernel.track_threads {
+                        kernel.goroutines = open_goroutines(pid);
+                    }
                 }
                 let gone = child.as_mut().map(|c| c.reap()).unwrap_or(false);
                 if gone || kernel.connections.exited || !procfs::is_alive(pid) {
@@ -358,6 +367,23 @@ fn attach_pthread_create(kernel: &mut Kernel, pid: u32, memory: &MemoryMap) {
     }
 }
 
+/// The goroutine reader for a Go target; `None` (after one line on stderr
+/// saying why, for a Go program we cannot read) otherwise. The thread
+/// tracker runs either way.
+fn open_goroutines(pid: u32) -> Option<GoroutineCollector> {
+    match GoroutineCollector::open(pid) {
+        Ok(Some(c)) => {
+            eprintln!("leaktrace: Go program, {}: tracking goroutines", c.describe());
+            Some(c)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            eprintln!("leaktrace: goroutines not tracked: {e:#} (threads still are)");
+            None
+        }
+    }
+}
+
 struct ReportContext {
     pid: u32,
     comm: String,
@@ -404,9 +430,20 @@ async fn build_report(
     if kernel.track_threads {
         samples.extend(kernel.threads.collect(now, alive)?.into_iter().map(|s| (Kind::Thread, s)));
     }
+    if let Some(g) = kernel.goroutines.as_mut() {
+        match g.collect(now, alive) {
+            Ok(s) => samples.extend(s.into_iter().map(|s| (Kind::Goroutine, s))),
+            Err(e) => {
+                eprintln!("leaktrace: warning: cannot read the goroutines any more ({e:#}): goroutine tracking stops");
+                kernel.goroutines = None;
+            }
+        }
+    }
     let keys: Vec<_> = samples.iter().map(|(_, s)| s.stack.clone()).collect();
     let frames = kernel.resolver.resolve(&keys, memory).await;
     let mut findings = Vec::new();
+    // Leaked goroutines' current stacks, resolved after judging.
+    let mut blocked = Vec::new();
     let mut seen = HashSet::new();
     for (kind, s) in &samples {
         let kind = *kind;
@@ -435,6 +472,9 @@ async fn build_report(
                 eprintln!("leaktrace: warning: {m} has no symbols (stripped?): its frames are shown as object+offset");
             }
         }
+        if let (Verdict::Leak, Some(b)) = (j.verdict, &s.blocked) {
+            blocked.push((findings.len(), b.clone()));
+        }
         findings.push(Finding {
             kind,
             verdict: j.verdict,
@@ -446,9 +486,22 @@ async fn build_report(
             oldest_age_s: s.oldest_age_s.map(|a| (a * 10.0).round() / 10.0),
             peer: s.peer.clone(),
             thread_name: s.thread_name.clone(),
+            blocked_in: None,
+            wait_reason: None,
             created: s.created,
             ended: s.ended,
         });
+    }
+    if !blocked.is_empty() {
+        let keys: Vec<_> = blocked.iter().map(|(_, b)| b.stack.clone()).collect();
+        let frames = kernel.resolver.resolve(&keys, memory).await;
+        for (i, b) in blocked {
+            let f = &mut findings[i];
+            // No stack for a goroutine running or in a syscall: its saved
+            // registers are stale; the state still says where it is.
+            f.blocked_in = frames.get(&b.stack).cloned().filter(|_| b.stack != crate::trackers::SampleStack::Addresses(Vec::new()));
+            f.wait_reason = Some(b.wait_reason);
+        }
     }
     if observe {
         growth.forget_missing(&seen);
@@ -470,6 +523,11 @@ async fn build_report(
     if kernel.track_threads {
         events.insert(Kind::Thread.as_str(), c.thread_events);
     }
+    let mut lost_goroutines = 0;
+    if let Some(g) = &kernel.goroutines {
+        events.insert(Kind::Goroutine.as_str(), g.events);
+        lost_goroutines = g.skipped;
+    }
     Ok(Report {
         pid: ctx.pid,
         comm: ctx.comm.clone(),
@@ -477,7 +535,8 @@ async fn build_report(
         is_final,
         exited: exited.then_some(true),
         findings,
-        lost: Lost { events: c.lost_events + c.lost_ring, stacks: c.lost_stacks },
+        // Goroutines beyond the per-scan bound were not read: lost events.
+        lost: Lost { events: c.lost_events + c.lost_ring + lost_goroutines, stacks: c.lost_stacks },
         events,
         findings_omitted: omitted,
     })

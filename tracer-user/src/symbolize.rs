@@ -74,6 +74,9 @@ struct Worker {
     cache: HashMap<(u32, u64), Vec<Frame>>,
     /// Bound on the cache (addresses); cleared when exceeded.
     max_cache: usize,
+    /// Go pc tables per object, for the frames blazesym cannot name
+    /// (`-s -w` Go builds have no symtab and no DWARF); `None`: not Go.
+    go: HashMap<PathBuf, Option<crate::golang::GoSymbols>>,
 }
 
 impl Worker {
@@ -83,7 +86,7 @@ impl Worker {
             .enable_inlined_fns(true)
             .enable_demangling(true)
             .build();
-        Self { symbolizer, cache: HashMap::new(), max_cache: 200_000 }
+        Self { symbolizer, cache: HashMap::new(), max_cache: 200_000, go: HashMap::new() }
     }
 
     fn resolve(&mut self, pid: u32, map: &MemoryMap, addr: u64) -> Vec<Frame> {
@@ -106,10 +109,12 @@ impl Worker {
         let module = m.path.to_string_lossy().into_owned();
         let path: PathBuf = crate::procfs::object_path(pid, m);
         let file_offset = addr - m.start + m.offset;
-        let src = Source::Elf(Elf::new(path));
+        let src = Source::Elf(Elf::new(path.clone()));
         let sym = match self.symbolizer.symbolize_single(&src, Input::FileOffset(file_offset)) {
             Ok(Symbolized::Sym(sym)) => sym,
-            _ => return vec![unknown(Some(module), hex, Some(file_offset))],
+            _ => {
+                return vec![self.go_frame(&path, &module, file_offset).unwrap_or_else(|| unknown(Some(module), hex, Some(file_offset)))]
+            }
         };
         let mut out = Vec::new();
         // blazesym lists inlined calls outermost first; the innermost one is
@@ -123,6 +128,31 @@ impl Worker {
         let (file, line) = code_info.map_or((None, None), |(f, l)| (Some(f), l));
         out.push(Frame { function: sym.name.to_string(), file, line, module: Some(module), addr: None, file_offset: None });
         out
+    }
+}
+
+impl Worker {
+    /// A frame named by the object's `.gopclntab`, if it is a Go binary.
+    fn go_frame(&mut self, path: &PathBuf, module: &str, file_offset: u64) -> Option<Frame> {
+        if is_system_module(module) {
+            return None;
+        }
+        if !self.go.contains_key(path) {
+            if self.go.len() >= 64 {
+                self.go.clear();
+            }
+            let syms = crate::golang::GoSymbols::open(path).ok().flatten();
+            self.go.insert(path.clone(), syms);
+        }
+        let info = self.go.get(path)?.as_ref()?.lookup_offset(file_offset)?;
+        Some(Frame {
+            function: info.function,
+            file: info.file,
+            line: info.line,
+            module: Some(module.to_string()),
+            addr: None,
+            file_offset: None,
+        })
     }
 }
 

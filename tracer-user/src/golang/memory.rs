@@ -19,6 +19,10 @@ impl TargetMemory {
         Self { pid }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// Fills `buf` from `addr`; an error unless every byte was read.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
         let ok = self.read_many(&[addr], buf.len(), buf);

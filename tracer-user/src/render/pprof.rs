@@ -23,11 +23,11 @@
 //! | connection | `connections`/`count` | live connections | — (leaktrace's own) |
 //! | allocation (native heap, planned) | `inuse_objects`/`count`, `inuse_space`/`bytes` | live allocations, their bytes | heap profile |
 //! | lock (planned) | `contentions`/`count`, `delay`/`nanoseconds` | contended acquisitions, time waited | mutex / block profile |
-//! | goroutine (planned) | `goroutines`/`count` | live goroutines | goroutine profile |
+//! | goroutine | `goroutines`/`count` | live goroutines (by `go` statement) | goroutine profile |
 //! | thread | `threads`/`count` | live threads | threadcreate profile |
 //! | map entry (planned) | `map_entries`/`count` | live entries | — |
 //!
-//! `connection` and `thread` exist today: a tracker that adds a [`Kind`] adds its
+//! `connection`, `thread` and `goroutine` exist today: a tracker that adds a [`Kind`] adds its
 //! arm to [`sample_types`] and [`sample_values`] (the compiler asks for both).
 //!
 //! The messages below are the subset of profile.proto leaktrace writes,
@@ -185,13 +185,14 @@ pub fn sample_types(kind: Kind) -> &'static [(&'static str, &'static str)] {
     match kind {
         Kind::Connection => &[("connections", "count")],
         Kind::Thread => &[("threads", "count")],
+        Kind::Goroutine => &[("goroutines", "count")],
     }
 }
 
 /// A finding's values, one per entry of [`sample_types`] of its kind.
 pub fn sample_values(f: &Finding) -> Vec<i64> {
     match f.kind {
-        Kind::Connection | Kind::Thread => vec![clamp(f.live)],
+        Kind::Connection | Kind::Thread | Kind::Goroutine => vec![clamp(f.live)],
     }
 }
 

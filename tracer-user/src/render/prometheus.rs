@@ -344,6 +344,8 @@ mod tests {
             oldest_age_s: Some(live as f64),
             peer: None,
             thread_name: None,
+            blocked_in: None,
+            wait_reason: None,
             created: live,
             ended: 0,
         }

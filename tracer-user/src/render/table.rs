@@ -106,7 +106,8 @@ const HEADERS: [&str; 7] = [
     "LIVE",
     "GROWTH/MIN",
     "OLDEST",
-    // Connections: the remote address; threads: the thread name.
+    // Connections: the remote address; threads: the thread name;
+    // leaked goroutines: their wait reason.
     "PEER/NAME",
 ];
 /// Columns right-aligned because they hold numbers.
@@ -130,6 +131,13 @@ fn write_rows(out: &mut String, findings: &[Finding], opts: &TableOptions) {
         }
         for frame in finding.stack.iter().skip(from).take(opts.max_frames) {
             let _ = writeln!(out, "    {}", frame_text(frame));
+        }
+        // Leaked goroutines: where they are stuck now.
+        if let Some(blocked) = &finding.blocked_in {
+            let _ = writeln!(out, "  blocked in ({}):", finding.wait_reason.as_deref().unwrap_or("?"));
+            for frame in blocked.iter().take(opts.max_frames) {
+                let _ = writeln!(out, "    {}", frame_text(frame));
+            }
         }
     }
 }
@@ -163,7 +171,7 @@ fn row(f: &Finding, opts: &TableOptions) -> [String; 7] {
         f.live.to_string(),
         growth_text(f.growth_per_min),
         f.oldest_age_s.map_or_else(|| "-".to_string(), age_text),
-        f.peer.clone().or_else(|| f.thread_name.clone()).unwrap_or_else(|| "-".to_string()),
+        f.peer.clone().or_else(|| f.thread_name.clone()).or_else(|| f.wait_reason.clone()).unwrap_or_else(|| "-".to_string()),
     ]
 }
 
@@ -279,6 +287,8 @@ mod tests {
             oldest_age_s: None,
             peer: None,
             thread_name: None,
+            blocked_in: None,
+            wait_reason: None,
             created: live,
             ended: 0,
         }

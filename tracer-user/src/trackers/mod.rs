@@ -2,6 +2,7 @@
 //! per-stack samples; none of them formats output.
 
 pub mod connections;
+pub mod goroutines;
 pub mod threads;
 
 use std::collections::HashMap;
@@ -40,6 +41,8 @@ pub struct StackSample {
     pub peer: Option<String>,
     /// Threads: most common name of the live ones.
     pub thread_name: Option<String>,
+    /// Goroutines: where one of the live ones is parked now, and why.
+    pub blocked: Option<goroutines::Blocked>,
 }
 
 /// Counter totals read from the kernel side.
@@ -98,6 +101,7 @@ pub fn stack_samples(
             oldest_age_s: acc.oldest_ns.map(|c| now_ns.saturating_sub(c) as f64 / 1e9),
             peer: None,
             thread_name: None,
+            blocked: None,
         };
         out.push((sample, most_common(acc.labels)));
     }

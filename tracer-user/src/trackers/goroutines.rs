@@ -1,0 +1,432 @@
+//! Goroutine tracker, user side only: no probes at all. Once per interval
+//! it reads the Go runtime's own goroutine table (`runtime.allgs`, each g's
+//! status, id, `go` statement pc, saved registers) out of the target's
+//! memory in a few batched `process_vm_readv` calls, and groups the live
+//! goroutines by the `go` statement that created them.
+//!
+//! Why no probes: a uprobe on goroutine creation and exit costs a trap per
+//! goroutine (0.5-17 µs here, shared/notes/platform.md); at 100k goroutines
+//! per second that is 5-170% of a core taken from the target, against a few
+//! milliseconds per interval of reading, which never stops the target. The
+//! price: goroutines that start and end between two scans are never seen
+//! (`created`/`ended` count what the scans saw), which is harmless for leaks:
+//! a leaked goroutine is by definition still there at the next scan.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    time::Instant,
+};
+
+use anyhow::{Context, Result};
+
+use super::{SampleStack, StackSample};
+use crate::{
+    golang::{GoBinary, TargetMemory},
+    procfs::MemoryMap,
+};
+
+/// Goroutine states (runtime2.go), the same in every supported version.
+const G_IDLE: u32 = 0;
+const G_RUNNABLE: u32 = 1;
+const G_RUNNING: u32 = 2;
+const G_SYSCALL: u32 = 3;
+const G_WAITING: u32 = 4;
+const G_DEAD: u32 = 6;
+const G_PREEMPTED: u32 = 9;
+const G_SCAN: u32 = 0x1000;
+
+/// Most frames walked in a parked goroutine's stack.
+const MAX_FRAMES: usize = 64;
+
+/// A parked goroutine's current stack and why it waits: what a goroutine
+/// dump says about it.
+#[derive(Clone, Debug)]
+pub struct Blocked {
+    /// Innermost first; return addresses (the first one stepped back into
+    /// its call already).
+    pub stack: SampleStack,
+    /// `select`, `chan receive`, ... or the state (`runnable`, `running`,
+    /// `syscall`) for goroutines that are not waiting.
+    pub wait_reason: String,
+}
+
+/// Goroutines by their start function.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Class {
+    User,
+    /// runtime.main: the main goroutine.
+    Main,
+    /// The runtime's own (GC workers, finalizers, ...), as Go's
+    /// isSystemGoroutine says: not reported.
+    System,
+}
+
+/// One goroutine as read from its `g`.
+#[derive(Clone, Copy, Debug)]
+struct G {
+    status: u32,
+    goid: u64,
+    gopc: u64,
+    startpc: u64,
+    waitreason: u8,
+    sp: u64,
+    pc: u64,
+    bp: u64,
+}
+
+/// What we keep per live goroutine between scans (bounded by the number
+/// of goroutines read per scan).
+#[derive(Clone, Copy)]
+struct Seen {
+    first_ns: u64,
+    gopc: u64,
+}
+
+/// Reads one Go target's goroutines.
+pub struct GoroutineCollector {
+    mem: TargetMemory,
+    bin: GoBinary,
+    /// Load bias: runtime address = link-time address + bias (0 unless PIE).
+    bias: u64,
+    /// `runtime.waitReasonStrings`, read from the target once.
+    wait_reasons: Option<Vec<String>>,
+    seen: HashMap<u64, Seen>,
+    /// Per `go` statement: goroutines that appeared / disappeared between scans.
+    created: HashMap<u64, u64>,
+    ended: HashMap<u64, u64>,
+    /// startpc -> what kind of goroutine it starts.
+    classes: HashMap<u64, Class>,
+    scanned_once: bool,
+    /// Most goroutines read per scan: a process with more gets the first
+    /// ones read and the rest counted in `skipped`.
+    pub max_goroutines: usize,
+    /// Goroutines not read (bound hit), summed over scans.
+    pub skipped: u64,
+    /// Goroutines seen appear or disappear since attach.
+    pub events: u64,
+    /// The last scan: goroutines read and how long it took.
+    pub last_scan: (usize, std::time::Duration),
+}
+
+impl GoroutineCollector {
+    /// Inspects the target's executable: `Ok(None)` when it is not a Go
+    /// program; an error says why a Go program cannot be read (version).
+    pub fn open(pid: u32) -> Result<Option<Self>> {
+        let exe = PathBuf::from(format!("/proc/{pid}/exe"));
+        let Some(bin) = GoBinary::open(&exe)? else { return Ok(None) };
+        let bias = load_bias(pid, &bin).unwrap_or(0);
+        let mut c = Self {
+            mem: TargetMemory::new(pid),
+            bin,
+            bias,
+            wait_reasons: None,
+            seen: HashMap::new(),
+            created: HashMap::new(),
+            ended: HashMap::new(),
+            classes: HashMap::new(),
+            scanned_once: false,
+            max_goroutines: 100_000,
+            skipped: 0,
+            events: 0,
+            last_scan: (0, Default::default()),
+        };
+        c.wait_reasons = c.read_wait_reasons();
+        // One read now: a layout we cannot read is an error at attach,
+        // not silence later.
+        c.read_allgs_header().context("cannot read runtime.allgs in the target")?;
+        Ok(Some(c))
+    }
+
+    /// One line for the user: version and where the layout came from.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} (offsets from {}, runtime.allgs from {})",
+            self.bin.version_string,
+            match self.bin.offsets_source {
+                crate::golang::offsets::Source::Dwarf => "DWARF",
+                crate::golang::offsets::Source::Table => "the version table",
+            },
+            match self.bin.allgs_source {
+                crate::golang::Found::Symtab => "the symbol table",
+                crate::golang::Found::Disassembly => "disassembly",
+            }
+        )
+    }
+
+    fn read_allgs_header(&self) -> Result<(u64, u64)> {
+        let mut b = [0u8; 16];
+        self.mem.read(self.bin.allgs + self.bias, &mut b)?;
+        Ok((u64::from_le_bytes(b[..8].try_into()?), u64::from_le_bytes(b[8..].try_into()?)))
+    }
+
+    fn read_wait_reasons(&self) -> Option<Vec<String>> {
+        let (addr, n) = self.bin.wait_reasons?;
+        let n = n as usize;
+        let mut headers = vec![0u8; n * 16];
+        self.mem.read(addr + self.bias, &mut headers).ok()?;
+        let mut out = Vec::with_capacity(n);
+        for h in headers.chunks(16) {
+            let ptr = u64::from_le_bytes(h[..8].try_into().ok()?);
+            let len = u64::from_le_bytes(h[8..].try_into().ok()?).min(256) as usize;
+            let mut s = vec![0u8; len];
+            if len > 0 {
+                self.mem.read(ptr, &mut s).ok()?;
+            }
+            out.push(String::from_utf8_lossy(&s).into_owned());
+        }
+        Some(out)
+    }
+
+    /// What a goroutine started at `startpc` is, by its function's name.
+    fn class(&mut self, startpc: u64) -> Class {
+        let pclntab = &self.bin.symbols.pclntab;
+        let bias = self.bias;
+        *self.classes.entry(startpc).or_insert_with(|| match pclntab.lookup(startpc.wrapping_sub(bias)) {
+            Some(f) if f.function == "runtime.main" => Class::Main,
+            Some(f) if f.function.starts_with("runtime.") => Class::System,
+            _ => Class::User,
+        })
+    }
+
+    /// Reads every g (up to the bound) of the target.
+    fn scan(&mut self) -> Result<Vec<G>> {
+        let (ptr, len) = self.read_allgs_header()?;
+        let n = (len as usize).min(self.max_goroutines);
+        self.skipped += len.saturating_sub(n as u64);
+        let mut ptrs = vec![0u8; n * 8];
+        if n > 0 {
+            self.mem.read(ptr, &mut ptrs)?;
+        }
+        let gs: Vec<u64> = ptrs.chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).filter(|&p| p != 0).collect();
+        let o = self.bin.offsets;
+        let (lo, hi) = o.span();
+        let span = (hi - lo) as usize;
+        let mut buf = vec![0u8; gs.len() * span];
+        let addrs: Vec<u64> = gs.iter().map(|g| g + lo).collect();
+        let ok = self.mem.read_many(&addrs, span, &mut buf);
+        let mut out = Vec::with_capacity(gs.len());
+        for (i, good) in ok.iter().enumerate() {
+            if !good {
+                continue;
+            }
+            let rec = &buf[i * span..(i + 1) * span];
+            let at = |off: u64, size: usize| -> u64 {
+                let s = (off - lo) as usize;
+                let mut b = [0u8; 8];
+                b[..size].copy_from_slice(&rec[s..s + size]);
+                u64::from_le_bytes(b)
+            };
+            out.push(G {
+                status: at(o.atomicstatus, 4) as u32 & !G_SCAN,
+                goid: at(o.goid, 8),
+                gopc: at(o.gopc, 8),
+                startpc: at(o.startpc, 8),
+                waitreason: at(o.waitreason, 1) as u8,
+                sp: at(o.sched + o.gobuf_sp, 8),
+                pc: at(o.sched + o.gobuf_pc, 8),
+                bp: at(o.sched + o.gobuf_bp, 8),
+            });
+        }
+        Ok(out)
+    }
+
+    /// How a goroutine dump names the state of `g`.
+    fn wait_reason(&self, g: &G) -> String {
+        match g.status {
+            G_WAITING => match self.wait_reasons.as_ref().and_then(|w| w.get(g.waitreason as usize)) {
+                Some(s) if !s.is_empty() => s.clone(),
+                _ => format!("waiting (reason {})", g.waitreason),
+            },
+            G_RUNNABLE | G_PREEMPTED => "runnable".into(),
+            G_RUNNING => "running".into(),
+            G_SYSCALL => "syscall".into(),
+            s => format!("status {s}"),
+        }
+    }
+
+    /// Walks the saved frame pointers of parked goroutines, all of them a
+    /// level at a time (one batched read per level). Returns stacks
+    /// innermost first.
+    fn walk(&self, starts: &[(u64, u64)]) -> Vec<Vec<u64>> {
+        let mut stacks: Vec<Vec<u64>> = starts.iter().map(|&(pc, _)| vec![pc.saturating_sub(1)]).collect();
+        let mut bps: Vec<u64> = starts.iter().map(|&(_, bp)| bp).collect();
+        for _ in 1..MAX_FRAMES {
+            let active: Vec<usize> = (0..bps.len()).filter(|&i| bps[i] != 0).collect();
+            if active.is_empty() {
+                break;
+            }
+            let addrs: Vec<u64> = active.iter().map(|&i| bps[i]).collect();
+            let mut buf = vec![0u8; addrs.len() * 16];
+            let ok = self.mem.read_many(&addrs, 16, &mut buf);
+            for (k, &i) in active.iter().enumerate() {
+                let rec = &buf[k * 16..k * 16 + 16];
+                let next_bp = u64::from_le_bytes(rec[..8].try_into().unwrap());
+                let ret = u64::from_le_bytes(rec[8..].try_into().unwrap());
+                if !ok[k] || ret == 0 {
+                    bps[i] = 0;
+                    continue;
+                }
+                stacks[i].push(ret);
+                // Frames only go up the stack; anything else is the end
+                // (runtime.goexit's frame has no caller).
+                bps[i] = if next_bp > bps[i] { next_bp } else { 0 };
+            }
+        }
+        stacks
+    }
+
+    /// One sample per `go` statement with live goroutines (or that had some
+    /// since attach). `now_ns` is CLOCK_MONOTONIC.
+    pub fn collect(&mut self, now_ns: u64, target_alive: bool) -> Result<Vec<StackSample>> {
+        let started = Instant::now();
+        if !target_alive {
+            return Ok(self.samples_from_seen(now_ns));
+        }
+        let gs = match self.scan() {
+            Ok(gs) => gs,
+            // The target exiting mid-read: report what the last scan saw.
+            Err(_) if !crate::procfs::has_memory(self.mem.pid()) => return Ok(self.samples_from_seen(now_ns)),
+            Err(e) => return Err(e),
+        };
+        let mut live_ids = std::collections::HashSet::with_capacity(gs.len());
+        // Per go statement: live count, oldest first-seen, representative.
+        let mut groups: HashMap<u64, (u64, u64, Option<G>)> = HashMap::new();
+        for g in &gs {
+            if g.status == G_DEAD || g.status == G_IDLE || g.status > G_PREEMPTED || g.goid == 0 {
+                continue;
+            }
+            let g = &match self.class(g.startpc) {
+                Class::System => continue,
+                // The runtime starts the main goroutine from assembly: its
+                // gopc names no `go` statement; group it under runtime.main
+                // (startpc + 1 steps back to startpc in go_statement).
+                Class::Main => G { gopc: g.startpc + 1, ..*g },
+                Class::User => *g,
+            };
+            live_ids.insert(g.goid);
+            let first = match self.seen.get(&g.goid) {
+                Some(s) => s.first_ns,
+                None => {
+                    self.seen.insert(g.goid, Seen { first_ns: now_ns, gopc: g.gopc });
+                    if self.scanned_once {
+                        *self.created.entry(g.gopc).or_default() += 1;
+                        self.events += 1;
+                    }
+                    now_ns
+                }
+            };
+            let e = groups.entry(g.gopc).or_insert((0, u64::MAX, None));
+            e.0 += 1;
+            // The representative: the oldest goroutine, preferring parked
+            // ones (their saved registers are their current stack).
+            let parked = matches!(g.status, G_WAITING | G_RUNNABLE | G_PREEMPTED);
+            let better = match &e.2 {
+                None => true,
+                Some(r) => {
+                    let rp = matches!(r.status, G_WAITING | G_RUNNABLE | G_PREEMPTED);
+                    (parked && !rp) || (parked == rp && first < e.1)
+                }
+            };
+            if better {
+                e.2 = Some(*g);
+            }
+            e.1 = e.1.min(first);
+        }
+        // Goroutines gone since the last scan ended.
+        let mut gone = Vec::new();
+        for (goid, s) in &self.seen {
+            if !live_ids.contains(goid) {
+                gone.push((*goid, s.gopc));
+            }
+        }
+        for (goid, gopc) in gone {
+            self.seen.remove(&goid);
+            *self.ended.entry(gopc).or_default() += 1;
+            self.events += 1;
+        }
+        self.scanned_once = true;
+
+        // Current stacks of one goroutine per group.
+        let reps: Vec<(u64, G)> =
+            groups.iter().filter_map(|(gopc, (_, _, r))| r.filter(|g| g.pc != 0 && g.sp != 0).map(|g| (*gopc, g))).collect();
+        let starts: Vec<(u64, u64)> = reps.iter().map(|(_, g)| (g.pc, g.bp)).collect();
+        let walked = self.walk(&starts);
+        let mut blocked: HashMap<u64, Blocked> = HashMap::new();
+        for ((gopc, g), stack) in reps.iter().zip(walked) {
+            blocked.insert(*gopc, Blocked { stack: SampleStack::Addresses(stack), wait_reason: self.wait_reason(g) });
+        }
+        for (gopc, (_, _, r)) in &groups {
+            if let (Some(g), false) = (r, blocked.contains_key(gopc)) {
+                // Running or in a syscall: its saved registers are stale.
+                blocked.insert(*gopc, Blocked { stack: SampleStack::Addresses(Vec::new()), wait_reason: self.wait_reason(g) });
+            }
+        }
+
+        let mut out = Vec::new();
+        let mut gopcs: Vec<u64> = groups.keys().chain(self.created.keys()).chain(self.ended.keys()).copied().collect();
+        gopcs.sort_unstable();
+        gopcs.dedup();
+        for gopc in gopcs {
+            let (live, oldest, _) = groups.get(&gopc).copied().unwrap_or((0, u64::MAX, None));
+            out.push(StackSample {
+                stack: go_statement(gopc),
+                live,
+                created: self.created.get(&gopc).copied().unwrap_or(0),
+                ended: self.ended.get(&gopc).copied().unwrap_or(0),
+                oldest_age_s: (live > 0).then(|| now_ns.saturating_sub(oldest) as f64 / 1e9),
+                peer: None,
+                thread_name: None,
+                blocked: blocked.remove(&gopc),
+            });
+        }
+        self.last_scan = (gs.len(), started.elapsed());
+        Ok(out)
+    }
+
+    /// After the target exited: the goroutines of the last scan, as they were.
+    fn samples_from_seen(&self, now_ns: u64) -> Vec<StackSample> {
+        let mut groups: HashMap<u64, (u64, u64)> = HashMap::new();
+        for s in self.seen.values() {
+            let e = groups.entry(s.gopc).or_insert((0, u64::MAX));
+            e.0 += 1;
+            e.1 = e.1.min(s.first_ns);
+        }
+        let mut gopcs: Vec<u64> = groups.keys().chain(self.created.keys()).chain(self.ended.keys()).copied().collect();
+        gopcs.sort_unstable();
+        gopcs.dedup();
+        gopcs
+            .into_iter()
+            .map(|gopc| {
+                let (live, oldest) = groups.get(&gopc).copied().unwrap_or((0, u64::MAX));
+                StackSample {
+                    stack: go_statement(gopc),
+                    live,
+                    created: self.created.get(&gopc).copied().unwrap_or(0),
+                    ended: self.ended.get(&gopc).copied().unwrap_or(0),
+                    oldest_age_s: (live > 0).then(|| now_ns.saturating_sub(oldest) as f64 / 1e9),
+                    peer: None,
+                    thread_name: None,
+                    blocked: None,
+                }
+            })
+            .collect()
+    }
+}
+
+/// The stack of a `go` statement: its pc stepped back into the call to
+/// `runtime.newproc` (gopc is that call's return address), so the frame
+/// names the statement's own line.
+fn go_statement(gopc: u64) -> SampleStack {
+    SampleStack::Addresses(vec![gopc.saturating_sub(1)])
+}
+
+/// Runtime address minus link-time address of the target's executable
+/// (non-zero only for PIE builds).
+fn load_bias(pid: u32, bin: &GoBinary) -> Option<u64> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let map = MemoryMap::read(pid).ok()?;
+    let m = map.mappings.iter().find(|m| m.path == exe)?;
+    let va = bin.symbols.vaddr_of_offset(m.offset)?;
+    Some(m.start.wrapping_sub(va))
+}
