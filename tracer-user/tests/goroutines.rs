@@ -1,0 +1,163 @@
+//! The goroutine tracker end to end: the real `leaktrace` against the Go
+//! fixture `goroutineleak` built with several Go versions (one stripped),
+//! each with a leaked session keep-alive goroutine per job next to
+//! short-lived workers, closed sessions and a fixed pool (needs root).
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+/// Builds traced in parallel in one test (each trace takes ~10 s).
+const BUILDS: &[&str] = &["goroutineleak", "goroutineleak122", "goroutineleak125", "goroutineleak127-stripped"];
+const MORE_BUILDS: &[&str] = &["goroutineleak124", "goroutineleak127"];
+
+const SOURCE: &str = include_str!("../../fixtures/go/goroutineleak/main.go");
+
+/// 1-based line of the first source line that is `text` (trimmed).
+fn line_of(text: &str) -> u64 {
+    SOURCE.lines().position(|l| l.trim() == text).unwrap_or_else(|| panic!("no line {text}")) as u64 + 1
+}
+
+struct Traced {
+    build: String,
+    report: Value,
+    stderr: String,
+}
+
+fn trace(build: &str, args: &[&str], secs: u32) -> Traced {
+    let t = start(build, args);
+    let pid = t.pid().to_string();
+    let dur = format!("{secs}s");
+    let run = run_leaktrace(&[
+        "attach", "--pid", &pid, "--for", &dur, "--interval", "1s", "--format", "json", "--track", "tasks",
+    ]);
+    assert_eq!(run.status, 0, "{build}: stderr: {}", run.stderr);
+    Traced { build: build.into(), report: run.final_report(), stderr: run.stderr }
+}
+
+/// Traces every build at once, one thread each.
+fn trace_all(builds: &[&str], args: &'static [&'static str]) -> Vec<Traced> {
+    let handles: Vec<_> = builds
+        .iter()
+        .map(|b| {
+            let b = b.to_string();
+            std::thread::spawn(move || trace(&b, args, 10))
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().expect("trace thread panicked")).collect()
+}
+
+fn goroutine_findings(report: &Value) -> Vec<&Value> {
+    report["findings"].as_array().unwrap().iter().filter(|f| f["kind"] == "goroutine").collect()
+}
+
+fn blocked_functions(f: &Value) -> Vec<String> {
+    f["blocked_in"]
+        .as_array()
+        .map(|a| a.iter().map(|f| f["function"].as_str().unwrap_or("").to_string()).collect())
+        .unwrap_or_default()
+}
+
+fn check_leak_found(t: &Traced) {
+    let b = &t.build;
+    let report = &t.report;
+    let all = summarize(report);
+    assert!(t.stderr.contains("tracking goroutines"), "{b}: {}", t.stderr);
+    let leaks: Vec<_> = report["findings"].as_array().unwrap().iter().filter(|f| f["verdict"] == "leak").collect();
+    assert_eq!(leaks.len(), 1, "{b}: exactly one leak expected:{all}");
+    let leak = leaks[0];
+    assert_eq!(leak["kind"], "goroutine", "{b}:{all}");
+    // Grouped by the `go` statement: the creating function, its file:line.
+    assert_eq!(leak["site"], "main.NewSession", "{b}:{all}");
+    let frame = &leak["stack"][0];
+    assert_eq!(frame["function"], "main.NewSession", "{b}:{all}");
+    assert!(frame["file"].as_str().is_some_and(|f| f.ends_with("goroutineleak/main.go")), "{b}: {frame}");
+    assert_eq!(frame["line"], line_of("go s.keepAlive()"), "{b}: {frame}");
+    assert!(leak["live"].as_u64().unwrap() >= 50, "{b}: too few live goroutines:{all}");
+    assert!(leak["growth_per_min"].as_f64().unwrap() > 300.0, "{b}: growth too small:{all}");
+    // Where they are stuck now, as in a goroutine dump.
+    assert_eq!(leak["wait_reason"], "select", "{b}: {leak}");
+    let blocked = blocked_functions(leak);
+    assert!(blocked.iter().any(|f| f == "main.(*Session).keepAlive"), "{b}: blocked_in {blocked:?}");
+    assert_eq!(blocked.first().map(String::as_str), Some("runtime.gopark"), "{b}: blocked_in {blocked:?}");
+    // Look-alikes: the workers and the pool are not leaks.
+    for f in goroutine_findings(report) {
+        if f["site"] != "main.NewSession" {
+            assert_ne!(f["verdict"], "leak", "{b}: {} judged a leak:{all}", f["site"]);
+            assert!(f.get("blocked_in").is_none(), "{b}: blocked_in on a non-leak: {f}");
+        }
+    }
+    let pool: Vec<_> = goroutine_findings(report).into_iter().filter(|f| f["site"] == "main.startPool").collect();
+    assert_eq!(pool.len(), 1, "{b}: pool not seen:{all}");
+    assert_eq!(pool[0]["verdict"], "steady", "{b}:{all}");
+    assert_eq!(pool[0]["live"], 4, "{b}:{all}");
+    // The worker churn was seen (a fraction of it: scans are 1 s apart).
+    assert!(report["events"]["goroutine"].as_u64().unwrap() > 50, "{b}: churn not seen:{all}");
+    assert!(report["events"]["thread"].is_u64(), "{b}: thread tracker not running:{all}");
+    assert_eq!(report["lost"]["events"], 0, "{b}");
+}
+
+#[test]
+fn goroutine_leak_is_found_on_each_go_version_and_stripped() {
+    for t in trace_all(BUILDS, &[]) {
+        check_leak_found(&t);
+    }
+}
+
+#[test]
+fn goroutine_leak_is_found_on_go124_and_go127() {
+    for t in trace_all(MORE_BUILDS, &[]) {
+        check_leak_found(&t);
+    }
+}
+
+#[test]
+fn goroutine_fixture_without_leak_has_no_leak() {
+    for t in trace_all(&["goroutineleak", "goroutineleak127-stripped"], &["-no-leak"]) {
+        let all = summarize(&t.report);
+        assert!(
+            t.report["findings"].as_array().unwrap().iter().all(|f| f["verdict"] != "leak"),
+            "{}: no leak expected:{all}",
+            t.build
+        );
+        assert!(goroutine_findings(&t.report).iter().any(|f| f["site"] == "main.startPool"), "{}:{all}", t.build);
+    }
+}
+
+/// A Go version leaktrace has no layout for (no DWARF to read it from):
+/// one clear line, and the thread tracker still runs.
+#[test]
+fn unsupported_go_version_is_said_and_threads_still_run() {
+    let mut data = std::fs::read(fixture("goroutineleak127-stripped")).unwrap();
+    let magic = b"\xff Go buildinf:";
+    let at = data.windows(magic.len()).position(|w| w == magic).expect("no buildinfo");
+    let v = at + data[at..].windows(8).position(|w| w == b"go1.27.3").expect("no version string");
+    data[v..v + 8].copy_from_slice(b"go1.99.3");
+    let dir = std::env::temp_dir().join(format!("leaktrace-go199-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("goroutineleak199");
+    std::fs::write(&path, &data).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // Started here, not with `start` (which only runs fixtures/bin).
+    let mut child = std::process::Command::new(&path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let pid = child.id().to_string();
+    let run = run_leaktrace(&["attach", "--pid", &pid, "--for", "3s", "--interval", "1s", "--format", "json", "--track", "tasks"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    let t = Traced { build: "go1.99".into(), report: run.final_report(), stderr: run.stderr };
+    let lines: Vec<_> = t.stderr.lines().filter(|l| l.contains("goroutines not tracked")).collect();
+    assert_eq!(lines.len(), 1, "stderr: {}", t.stderr);
+    assert!(lines[0].contains("go1.99.3"), "{}", lines[0]);
+    assert!(t.report["events"]["thread"].is_u64(), "thread tracker not running: {}", t.report);
+    assert!(t.report["events"].get("goroutine").is_none(), "{}", t.report);
+}
