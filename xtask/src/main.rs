@@ -15,6 +15,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+mod bench_tasks;
+
 /// Rust toolchain for user space (rust-toolchain.toml pins it).
 const USER_TOOLCHAIN: &str = "1.95.0";
 /// Nightly that builds tracer-ebpf (LLVM 22, matches bpf-linker's LLVM).
@@ -43,8 +45,8 @@ const GO_PROGRAMS: &[GoProgram] = &[
     GoProgram { dir: "connleak", out: "connleak-go", every_version: true },
     GoProgram { dir: "api-server", out: "api-server", every_version: false },
     GoProgram { dir: "goroutineleak", out: "goroutineleak", every_version: true },
-    // Goroutine churn for `cargo xtask bench tasks` (newest toolchain only).
-    GoProgram { dir: "gochurn", out: "gochurn", every_version: false },
+    // Goroutine churn for `cargo xtask bench tasks` (which runs gochurn127).
+    GoProgram { dir: "gochurn", out: "gochurn", every_version: true },
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const APT_PACKAGES: &[&str] = &[
@@ -80,6 +82,9 @@ commands:
                      (e.g. `cargo xtask test -- --nocapture`)
   bench [--iterations N] [--runs N]   (defaults 10000, 7)
                      build, then time conn_bench untraced vs traced by leaktrace
+  bench tasks [--runs N] [--goroutines N] [--threads N]   (defaults 5, 2000000, 20000)
+                     goroutine churn (Go) and thread churn (C), untraced vs
+                     `leaktrace attach --track tasks` (and 2 bare Go uprobes)
   vm-test [--kernel 6.1|6.12|all]   (default 6.1)
                      build, fetch Debian cloud kernels (cached in .cache/vm),
                      boot each in QEMU (TCG) with an initramfs that runs
@@ -114,6 +119,7 @@ fn run(args: &[String]) -> Result<i32> {
         "fixtures" => build_fixtures(&root).map(|_| 0),
         "demo" => demo(&root),
         "test" => test(&root, rest),
+        "bench" if rest.first().is_some_and(|a| a == "tasks") => bench_tasks::bench_tasks(&root, &rest[1..]).map(|_| 0),
         "bench" => bench(&root, rest).map(|_| 0),
         "vm-test" => vm_test(&root, rest),
         "help" | "-h" | "--help" => {

@@ -1,0 +1,332 @@
+//! `cargo xtask bench tasks`: what `--track tasks` costs a program that
+//! churns goroutines or threads, in paired rounds in one run.
+//!
+//! - goroutine churn: `gochurn127` (Go 1.27) starts and ends short
+//!   goroutines as fast as it can (several hundred thousand per second
+//!   here, above the 100k/s), untraced, under `leaktrace attach
+//!   --track tasks` (no probes: it reads the goroutine table once per
+//!   interval), and under two bare uprobes on `runtime.newproc1` and
+//!   `runtime.goexit1` at their `PUSHQ BP` (the cheapest, emulated
+//!   instruction): the least a probe-per-goroutine design would pay, before
+//!   any BPF work.
+//! - thread churn: `thread_churn` (C) creates and joins threads one after
+//!   the other, untraced and traced (the `pthread_create` uprobe plus the
+//!   sched fork/exit tracepoints): the per-thread difference is the
+//!   thread tracker's cost.
+//!
+//! Each round runs every mode once, back to back; a mode's ratio is the
+//! median over rounds of (mode / that round's untraced run).
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::{build, fixtures_bin, leaktrace_bin, median, probe, send_signal, stop_child, wait_timeout};
+
+struct Options {
+    runs: usize,
+    goroutines: u64,
+    threads: u64,
+}
+
+fn parse_args(args: &[String]) -> Result<Options> {
+    let mut o = Options { runs: 5, goroutines: 2_000_000, threads: 20_000 };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let (key, val) = match a.split_once('=') {
+            Some((k, v)) => (k.to_string(), Some(v.to_string())),
+            None => (a.clone(), None),
+        };
+        let mut value = || -> Result<String> { val.clone().or_else(|| it.next().cloned()).ok_or_else(|| anyhow!("{key} needs a value")) };
+        match key.as_str() {
+            "--runs" => o.runs = value()?.parse().context("--runs")?,
+            "--goroutines" => o.goroutines = value()?.parse().context("--goroutines")?,
+            "--threads" => o.threads = value()?.parse().context("--threads")?,
+            "--" => {}
+            other => bail!("bench tasks: unknown argument `{other}` (--runs N, --goroutines N, --threads N)"),
+        }
+    }
+    if o.runs == 0 || o.goroutines == 0 || o.threads == 0 {
+        bail!("bench tasks: --runs, --goroutines and --threads must be positive");
+    }
+    Ok(o)
+}
+
+/// Starts `bin args --wait`, optionally attaches leaktrace, then lets it
+/// run; returns its own measurement (seconds).
+fn run_churn(root: &Path, bin: &Path, args: &[String], traced: bool, log: &Path) -> Result<f64> {
+    let mut target = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let mut out = BufReader::new(target.stdout.take().ok_or_else(|| anyhow!("no stdout"))?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    if line.trim() != "ready" {
+        stop_child(&mut target, "churn");
+        bail!("{} printed {line:?} instead of ready", bin.display());
+    }
+    let mut tracer = if traced { Some(attach(root, target.id(), log).inspect_err(|_| stop_child(&mut target, "churn"))?) } else { None };
+    let started = (|| -> Result<f64> {
+        let mut stdin = target.stdin.take().ok_or_else(|| anyhow!("no stdin"))?;
+        stdin.write_all(b"go\n")?;
+        let st = wait_timeout(&mut target, Duration::from_secs(600))?.ok_or_else(|| anyhow!("churn did not finish in 600 s"))?;
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut out, &mut rest)?;
+        if !st.success() {
+            bail!("{} failed ({st}): {rest}", bin.display());
+        }
+        let ns: f64 = rest
+            .lines()
+            .find_map(|l| l.strip_prefix("elapsed_ns "))
+            .ok_or_else(|| anyhow!("no elapsed_ns line in {rest:?}"))?
+            .trim()
+            .parse()?;
+        Ok(ns / 1e9)
+    })();
+    if started.is_err() {
+        stop_child(&mut target, "churn");
+    }
+    if let Some(t) = tracer.as_mut() {
+        let _ = send_signal(t.id(), "INT");
+        if !matches!(wait_timeout(t, Duration::from_secs(15)), Ok(Some(_))) {
+            let _ = t.kill();
+            let _ = t.wait();
+        }
+    }
+    started
+}
+
+/// `leaktrace attach --track tasks` on `pid`, returned once it is attached
+/// and has taken its first sample.
+fn attach(root: &Path, pid: u32, log: &Path) -> Result<Child> {
+    let mut tracer = Command::new(leaktrace_bin(root))
+        .args(["attach", "--pid", &pid.to_string(), "--track", "tasks", "--interval", "1s", "--format", "json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting leaktrace")?;
+    let stderr = tracer.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+    let (tx, rx) = mpsc::channel();
+    let log = log.to_path_buf();
+    thread::spawn(move || {
+        let mut f = fs::File::create(&log).ok();
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(f) = f.as_mut() {
+                let _ = writeln!(f, "{line}");
+            }
+            if !sent && line.contains("attached") {
+                sent = true;
+                let _ = tx.send(());
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if rx.recv_timeout(Duration::from_millis(100)).is_ok() {
+            // The first sample follows "attached" at once; give it time.
+            thread::sleep(Duration::from_millis(500));
+            return Ok(tracer);
+        }
+        if tracer.try_wait()?.is_some() || Instant::now() >= deadline {
+            let _ = tracer.kill();
+            let _ = tracer.wait();
+            bail!("leaktrace did not attach (log: {})", log_path_hint());
+        }
+    }
+}
+
+fn log_path_hint() -> &'static str {
+    "target/xtask-bench/tasks-*.log"
+}
+
+/// File offset of the first `push %rbp` of `func` in a Go binary (via
+/// nm, objdump and readelf: the bench must not share code with what it
+/// measures).
+fn push_rbp_offset(bin: &Path, func: &str) -> Result<u64> {
+    let b = bin.to_str().ok_or_else(|| anyhow!("bad path"))?;
+    let nm = probe("nm", &[b]).ok_or_else(|| anyhow!("nm {b} failed"))?;
+    let entry = nm
+        .lines()
+        .find_map(|l| {
+            let mut it = l.split_whitespace();
+            let (a, _t, n) = (it.next()?, it.next()?, it.next()?);
+            (n == func).then(|| u64::from_str_radix(a, 16).ok())?
+        })
+        .ok_or_else(|| anyhow!("{func} not in {b}"))?;
+    let start = format!("--start-address={entry:#x}");
+    let stop = format!("--stop-address={:#x}", entry + 32);
+    let dis = probe("objdump", &["-d", "--no-show-raw-insn", &start, &stop, b]).ok_or_else(|| anyhow!("objdump failed"))?;
+    let va = dis
+        .lines()
+        .find(|l| l.contains("push") && l.contains("%rbp"))
+        .and_then(|l| u64::from_str_radix(l.trim().split(':').next()?.trim(), 16).ok())
+        .ok_or_else(|| anyhow!("no push %rbp in the first bytes of {func}"))?;
+    let readelf = probe("readelf", &["-lW", b]).ok_or_else(|| anyhow!("readelf failed"))?;
+    for l in readelf.lines().filter(|l| l.trim_start().starts_with("LOAD")) {
+        let f: Vec<u64> = l
+            .split_whitespace()
+            .skip(1)
+            .take(5)
+            .filter_map(|x| u64::from_str_radix(x.trim_start_matches("0x"), 16).ok())
+            .collect();
+        if let [off, v, _pa, filesz, _] = f[..] {
+            if va >= v && va < v + filesz {
+                return Ok(va - v + off);
+            }
+        }
+    }
+    bail!("{func} is in no LOAD segment of {b}")
+}
+
+/// Bare tracefs uprobes, removed on drop.
+struct Uprobes {
+    names: Vec<String>,
+}
+
+const GROUP: &str = "leaktrace_bench_tasks";
+
+impl Uprobes {
+    fn install(bin: &Path, funcs: &[&str]) -> Result<Self> {
+        let tracefs = PathBuf::from("/sys/kernel/tracing");
+        let mut me = Self { names: Vec::new() };
+        for f in funcs {
+            let off = push_rbp_offset(bin, f)?;
+            let name = f.replace(['.', '/'], "_");
+            let def = format!("p:{GROUP}/{name} {}:{off:#x}\n", bin.display());
+            fs::OpenOptions::new()
+                .append(true)
+                .open(tracefs.join("uprobe_events"))?
+                .write_all(def.as_bytes())
+                .with_context(|| format!("adding uprobe `{}`", def.trim()))?;
+            eprintln!("+ echo '{}' >> uprobe_events", def.trim());
+            me.names.push(name);
+        }
+        fs::write(tracefs.join("events").join(GROUP).join("enable"), "1")?;
+        Ok(me)
+    }
+}
+
+impl Drop for Uprobes {
+    fn drop(&mut self) {
+        let tracefs = PathBuf::from("/sys/kernel/tracing");
+        let _ = fs::write(tracefs.join("events").join(GROUP).join("enable"), "0");
+        for n in &self.names {
+            for _ in 0..50 {
+                let removed = fs::OpenOptions::new()
+                    .append(true)
+                    .open(tracefs.join("uprobe_events"))
+                    .and_then(|mut f| f.write_all(format!("-:{GROUP}/{n}\n").as_bytes()));
+                match removed {
+                    Ok(()) => break,
+                    Err(e) if e.raw_os_error() == Some(2) => break,
+                    Err(_) => thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        }
+        let _ = fs::write(tracefs.join("trace"), "");
+    }
+}
+
+pub fn bench_tasks(root: &Path, args: &[String]) -> Result<()> {
+    let o = parse_args(args)?;
+    build(root)?;
+    let bin = fixtures_bin(root);
+    let gochurn = bin.join("gochurn127");
+    let thread_churn = bin.join("thread_churn");
+    let logs = super::target_dir(root).join("xtask-bench");
+    fs::create_dir_all(&logs)?;
+    let go_args: Vec<String> = vec!["-wait".into(), "-goroutines".into(), o.goroutines.to_string()];
+    let th_args: Vec<String> = vec!["--wait".into(), "--threads".into(), o.threads.to_string()];
+
+    // mode -> seconds per round
+    let mut go_u = Vec::new();
+    let mut go_t = Vec::new();
+    let mut go_p = Vec::new();
+    let mut th_u = Vec::new();
+    let mut th_t = Vec::new();
+    for r in 0..o.runs {
+        let n = r + 1;
+        let runs = o.runs;
+        go_u.push(run_churn(root, &gochurn, &go_args, false, &logs.join("tasks-go.log"))?);
+        go_t.push(run_churn(root, &gochurn, &go_args, true, &logs.join(format!("tasks-go-{r}.log")))?);
+        {
+            let _p = Uprobes::install(&gochurn, &["runtime.newproc1", "runtime.goexit1"])?;
+            go_p.push(run_churn(root, &gochurn, &go_args, false, &logs.join("tasks-go.log"))?);
+        }
+        eprintln!(
+            "bench tasks: round {n}/{runs} goroutines: untraced {:.3}s, leaktrace {:.3}s, 2 uprobes {:.3}s",
+            go_u[r], go_t[r], go_p[r]
+        );
+        th_u.push(run_churn(root, &thread_churn, &th_args, false, &logs.join("tasks-c.log"))?);
+        th_t.push(run_churn(root, &thread_churn, &th_args, true, &logs.join(format!("tasks-c-{r}.log")))?);
+        eprintln!("bench tasks: round {n}/{runs} threads: untraced {:.3}s, leaktrace {:.3}s", th_u[r], th_t[r]);
+    }
+
+    let paired = |v: &[f64], base: &[f64]| {
+        let mut r: Vec<f64> = v.iter().zip(base).map(|(x, u)| x / u).collect();
+        median(&mut r)
+    };
+    let per = |v: &[f64], n: u64| {
+        let mut v = v.to_vec();
+        median(&mut v) / n as f64 * 1e9
+    };
+    let gn = o.goroutines;
+    let tn = o.threads;
+    let go_rate = gn as f64 / median(&mut go_u.clone());
+    // Extra µs per thread, paired per round.
+    let mut th_extra: Vec<f64> = th_t.iter().zip(&th_u).map(|(t, u)| (t - u) / tn as f64 * 1e6).collect();
+    let th_extra = median(&mut th_extra);
+    let mut go_extra: Vec<f64> = go_p.iter().zip(&go_u).map(|(t, u)| (t - u) / gn as f64 * 1e6).collect();
+    let go_extra = median(&mut go_extra);
+    let all = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ");
+
+    let mut out = std::io::stdout().lock();
+    writeln!(out)?;
+    writeln!(out, "goroutine churn: gochurn127, {gn} goroutines ({go_rate:.0}/s untraced); thread churn: thread_churn, {tn} threads; {} rounds", o.runs)?;
+    writeln!(out, "ratio = median over rounds of (mode / the round's untraced run); seconds per round in brackets")?;
+    writeln!(out, "goroutines untraced:                 {:>8.1} ns/goroutine 1.00x [{}]", per(&go_u, gn), all(&go_u))?;
+    writeln!(out, "goroutines leaktrace --track tasks:  {:>8.1} ns/goroutine {:.3}x [{}]", per(&go_t, gn), paired(&go_t, &go_u), all(&go_t))?;
+    writeln!(out, "goroutines 2 bare uprobes:           {:>8.1} ns/goroutine {:.3}x [{}] (+{go_extra:.2} µs/goroutine)", per(&go_p, gn), paired(&go_p, &go_u), all(&go_p))?;
+    writeln!(out, "threads untraced:                    {:>8.1} µs/thread 1.00x [{}]", per(&th_u, tn) / 1e3, all(&th_u))?;
+    writeln!(out, "threads leaktrace --track tasks:     {:>8.1} µs/thread {:.3}x [{}] (+{th_extra:.2} µs/thread)", per(&th_t, tn) / 1e3, paired(&th_t, &th_u), all(&th_t))?;
+    writeln!(out)?;
+    writeln!(out, "README:")?;
+    writeln!(out, "| churn ({} rounds, paired) | untraced | traced | ratio |", o.runs)?;
+    writeln!(out, "|---|---|---|---|")?;
+    writeln!(
+        out,
+        "| goroutines: Go 1.27, {gn} short goroutines ({go_rate:.0}/s), `leaktrace attach --track tasks` | {:.0} ns/goroutine | {:.0} ns/goroutine | {:.3}x |",
+        per(&go_u, gn),
+        per(&go_t, gn),
+        paired(&go_t, &go_u)
+    )?;
+    writeln!(
+        out,
+        "| goroutines: the same under 2 bare uprobes (`runtime.newproc1`, `runtime.goexit1` at `PUSHQ BP`), the least a probe-per-goroutine design pays | {:.0} ns/goroutine | {:.0} ns/goroutine | {:.3}x (+{go_extra:.2} µs/goroutine) |",
+        per(&go_u, gn),
+        per(&go_p, gn),
+        paired(&go_p, &go_u)
+    )?;
+    writeln!(
+        out,
+        "| threads: C, {tn} x pthread_create+join, `leaktrace attach --track tasks` (pthread_create uprobe + sched fork/exit) | {:.1} µs/thread | {:.1} µs/thread | {:.3}x (+{th_extra:.2} µs/thread) |",
+        per(&th_u, tn) / 1e3,
+        per(&th_t, tn) / 1e3,
+        paired(&th_t, &th_u)
+    )?;
+    Ok(())
+}
