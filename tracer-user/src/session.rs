@@ -261,6 +261,9 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     if let Some(h) = server {
         let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
     }
+    if let Some(g) = &kernel.goroutines {
+        eprintln!("leaktrace: {}", g.scan_summary());
+    }
     drop(kernel);
     eprintln!("leaktrace: detached from {pid}");
     // After the final report is printed: a file that cannot be written is an

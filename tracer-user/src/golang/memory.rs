@@ -102,5 +102,6 @@ mod tests {
         }
         assert_eq!(mem.read_u64(&data[7] as *const u64 as u64), Some(7));
         assert_eq!(mem.read_u64(16), None);
+
     }
 }

@@ -36,6 +36,9 @@ const G_DEAD: u32 = 6;
 const G_PREEMPTED: u32 = 9;
 const G_SCAN: u32 = 0x1000;
 
+/// g's read per batch of system calls (one reused buffer of this many).
+const SCAN_CHUNK: usize = 4096;
+
 /// Most frames walked in a parked goroutine's stack.
 const MAX_FRAMES: usize = 64;
 
@@ -60,6 +63,8 @@ enum Class {
     /// The runtime's own (GC workers, finalizers, ...), as Go's
     /// isSystemGoroutine says: not reported.
     System,
+    /// A start pc outside the binary's code: not a goroutine.
+    Invalid,
 }
 
 /// One goroutine as read from its `g`.
@@ -107,6 +112,8 @@ pub struct GoroutineCollector {
     pub events: u64,
     /// The last scan: goroutines read and how long it took.
     pub last_scan: (usize, std::time::Duration),
+    /// The slowest scan so far.
+    pub slowest_scan: (usize, std::time::Duration),
 }
 
 impl GoroutineCollector {
@@ -130,6 +137,7 @@ impl GoroutineCollector {
             skipped: 0,
             events: 0,
             last_scan: (0, Default::default()),
+            slowest_scan: (0, Default::default()),
         };
         c.wait_reasons = c.read_wait_reasons();
         // One read now: a layout we cannot read is an error at attach,
@@ -185,8 +193,24 @@ impl GoroutineCollector {
         *self.classes.entry(startpc).or_insert_with(|| match pclntab.lookup(startpc.wrapping_sub(bias)) {
             Some(f) if f.function == "runtime.main" => Class::Main,
             Some(f) if f.function.starts_with("runtime.") => Class::System,
-            _ => Class::User,
+            Some(_) => Class::User,
+            // Not code of this binary: a g misread while the runtime
+            // reused it.
+            None => Class::Invalid,
         })
+    }
+
+    /// One line on the cost of the scans, for the end of a trace.
+    pub fn scan_summary(&self) -> String {
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        format!(
+            "goroutine scans: last read {} g in {:.1} ms, slowest {} g in {:.1} ms{}",
+            self.last_scan.0,
+            ms(self.last_scan.1),
+            self.slowest_scan.0,
+            ms(self.slowest_scan.1),
+            if self.skipped > 0 { format!("; {} g not read (more than {} per scan)", self.skipped, self.max_goroutines) } else { String::new() }
+        )
     }
 
     /// Reads every g (up to the bound) of the target.
@@ -202,31 +226,35 @@ impl GoroutineCollector {
         let o = self.bin.offsets;
         let (lo, hi) = o.span();
         let span = (hi - lo) as usize;
-        let mut buf = vec![0u8; gs.len() * span];
-        let addrs: Vec<u64> = gs.iter().map(|g| g + lo).collect();
-        let ok = self.mem.read_many(&addrs, span, &mut buf);
+        // In chunks through one small buffer: leaktrace's memory stays
+        // bounded (and its page faults few) whatever the goroutine count.
+        let mut buf = vec![0u8; SCAN_CHUNK.min(gs.len().max(1)) * span];
         let mut out = Vec::with_capacity(gs.len());
-        for (i, good) in ok.iter().enumerate() {
-            if !good {
-                continue;
+        for chunk in gs.chunks(SCAN_CHUNK) {
+            let addrs: Vec<u64> = chunk.iter().map(|g| g + lo).collect();
+            let ok = self.mem.read_many(&addrs, span, &mut buf[..chunk.len() * span]);
+            for (i, good) in ok.iter().enumerate() {
+                if !good {
+                    continue;
+                }
+                let rec = &buf[i * span..(i + 1) * span];
+                let at = |off: u64, size: usize| -> u64 {
+                    let s = (off - lo) as usize;
+                    let mut b = [0u8; 8];
+                    b[..size].copy_from_slice(&rec[s..s + size]);
+                    u64::from_le_bytes(b)
+                };
+                out.push(G {
+                    status: at(o.atomicstatus, 4) as u32 & !G_SCAN,
+                    goid: at(o.goid, 8),
+                    gopc: at(o.gopc, 8),
+                    startpc: at(o.startpc, 8),
+                    waitreason: at(o.waitreason, 1) as u8,
+                    sp: at(o.sched + o.gobuf_sp, 8),
+                    pc: at(o.sched + o.gobuf_pc, 8),
+                    bp: at(o.sched + o.gobuf_bp, 8),
+                });
             }
-            let rec = &buf[i * span..(i + 1) * span];
-            let at = |off: u64, size: usize| -> u64 {
-                let s = (off - lo) as usize;
-                let mut b = [0u8; 8];
-                b[..size].copy_from_slice(&rec[s..s + size]);
-                u64::from_le_bytes(b)
-            };
-            out.push(G {
-                status: at(o.atomicstatus, 4) as u32 & !G_SCAN,
-                goid: at(o.goid, 8),
-                gopc: at(o.gopc, 8),
-                startpc: at(o.startpc, 8),
-                waitreason: at(o.waitreason, 1) as u8,
-                sp: at(o.sched + o.gobuf_sp, 8),
-                pc: at(o.sched + o.gobuf_pc, 8),
-                bp: at(o.sched + o.gobuf_bp, 8),
-            });
         }
         Ok(out)
     }
@@ -297,7 +325,7 @@ impl GoroutineCollector {
                 continue;
             }
             let g = &match self.class(g.startpc) {
-                Class::System => continue,
+                Class::System | Class::Invalid => continue,
                 // The runtime starts the main goroutine from assembly: its
                 // gopc names no `go` statement; group it under runtime.main
                 // (startpc + 1 steps back to startpc in go_statement).
@@ -381,6 +409,9 @@ impl GoroutineCollector {
             });
         }
         self.last_scan = (gs.len(), started.elapsed());
+        if self.last_scan.1 > self.slowest_scan.1 {
+            self.slowest_scan = self.last_scan;
+        }
         Ok(out)
     }
 
