@@ -29,7 +29,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::{build, fixtures_bin, leaktrace_bin, median, probe, send_signal, stop_child, wait_timeout};
+use super::{build, fixtures_bin, leaktrace_bin, libc_symbol_offset, median, probe, send_signal, stop_child, wait_timeout};
 
 struct Options {
     runs: usize,
@@ -200,11 +200,17 @@ struct Uprobes {
 const GROUP: &str = "leaktrace_bench_tasks";
 
 impl Uprobes {
+    /// At the `PUSHQ BP` of each Go function.
     fn install(bin: &Path, funcs: &[&str]) -> Result<Self> {
+        let at: Vec<(String, u64)> = funcs.iter().map(|f| Ok((f.to_string(), push_rbp_offset(bin, f)?))).collect::<Result<_>>()?;
+        Self::install_at(bin, &at)
+    }
+
+    /// At file offsets of `bin`.
+    fn install_at(bin: &Path, at: &[(String, u64)]) -> Result<Self> {
         let tracefs = PathBuf::from("/sys/kernel/tracing");
         let mut me = Self { names: Vec::new() };
-        for f in funcs {
-            let off = push_rbp_offset(bin, f)?;
+        for (f, off) in at {
             let name = f.replace(['.', '/'], "_");
             let def = format!("p:{GROUP}/{name} {}:{off:#x}\n", bin.display());
             fs::OpenOptions::new()
@@ -258,6 +264,10 @@ pub fn bench_tasks(root: &Path, args: &[String]) -> Result<()> {
     let mut go_p = Vec::new();
     let mut th_u = Vec::new();
     let mut th_t = Vec::new();
+    let mut th_p = Vec::new();
+    // The thread tracker's uprobe alone: pthread_create's first instruction.
+    let libc = PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6");
+    let pthread_create = libc_symbol_offset(&libc.to_string_lossy(), "pthread_create")?;
     for r in 0..o.runs {
         let n = r + 1;
         let runs = o.runs;
@@ -273,7 +283,14 @@ pub fn bench_tasks(root: &Path, args: &[String]) -> Result<()> {
         );
         th_u.push(run_churn(root, &thread_churn, &th_args, false, &logs.join("tasks-c.log"))?);
         th_t.push(run_churn(root, &thread_churn, &th_args, true, &logs.join(format!("tasks-c-{r}.log")))?);
-        eprintln!("bench tasks: round {n}/{runs} threads: untraced {:.3}s, leaktrace {:.3}s", th_u[r], th_t[r]);
+        {
+            let _p = Uprobes::install_at(&libc, &[("pthread_create".into(), pthread_create)])?;
+            th_p.push(run_churn(root, &thread_churn, &th_args, false, &logs.join("tasks-c.log"))?);
+        }
+        eprintln!(
+            "bench tasks: round {n}/{runs} threads: untraced {:.3}s, leaktrace {:.3}s, pthread_create uprobe {:.3}s",
+            th_u[r], th_t[r], th_p[r]
+        );
     }
 
     let paired = |v: &[f64], base: &[f64]| {
@@ -290,6 +307,8 @@ pub fn bench_tasks(root: &Path, args: &[String]) -> Result<()> {
     // Extra µs per thread, paired per round.
     let mut th_extra: Vec<f64> = th_t.iter().zip(&th_u).map(|(t, u)| (t - u) / tn as f64 * 1e6).collect();
     let th_extra = median(&mut th_extra);
+    let mut th_p_extra: Vec<f64> = th_p.iter().zip(&th_u).map(|(t, u)| (t - u) / tn as f64 * 1e6).collect();
+    let th_p_extra = median(&mut th_p_extra);
     let mut go_extra: Vec<f64> = go_p.iter().zip(&go_u).map(|(t, u)| (t - u) / gn as f64 * 1e6).collect();
     let go_extra = median(&mut go_extra);
     let all = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ");
@@ -303,6 +322,7 @@ pub fn bench_tasks(root: &Path, args: &[String]) -> Result<()> {
     writeln!(out, "goroutines 2 bare uprobes:           {:>8.1} ns/goroutine {:.3}x [{}] (+{go_extra:.2} µs/goroutine)", per(&go_p, gn), paired(&go_p, &go_u), all(&go_p))?;
     writeln!(out, "threads untraced:                    {:>8.1} µs/thread 1.00x [{}]", per(&th_u, tn) / 1e3, all(&th_u))?;
     writeln!(out, "threads leaktrace --track tasks:     {:>8.1} µs/thread {:.3}x [{}] (+{th_extra:.2} µs/thread)", per(&th_t, tn) / 1e3, paired(&th_t, &th_u), all(&th_t))?;
+    writeln!(out, "threads bare pthread_create uprobe:  {:>8.1} µs/thread {:.3}x [{}] (+{th_p_extra:.2} µs/thread)", per(&th_p, tn) / 1e3, paired(&th_p, &th_u), all(&th_p))?;
     writeln!(out)?;
     writeln!(out, "README:")?;
     writeln!(out, "| churn ({} rounds, paired) | untraced | traced | ratio |", o.runs)?;
@@ -327,6 +347,13 @@ pub fn bench_tasks(root: &Path, args: &[String]) -> Result<()> {
         per(&th_u, tn) / 1e3,
         per(&th_t, tn) / 1e3,
         paired(&th_t, &th_u)
+    )?;
+    writeln!(
+        out,
+        "| threads: the same under a bare uprobe at `pthread_create`+0 (where the thread tracker's sits) | {:.1} µs/thread | {:.1} µs/thread | {:.3}x (+{th_p_extra:.2} µs/thread) |",
+        per(&th_u, tn) / 1e3,
+        per(&th_p, tn) / 1e3,
+        paired(&th_p, &th_u)
     )?;
     Ok(())
 }
