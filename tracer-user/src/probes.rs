@@ -173,6 +173,25 @@ impl Probes {
         Ok(())
     }
 
+    /// Attaches the uprobe program `prog` at file offset `offset` of the
+    /// object at `path`, for `pid` only (the map tracker's probes, at
+    /// offsets chosen by disassembly).
+    pub fn attach_uprobe_at(&mut self, prog: &str, path: &Path, offset: u64, pid: u32) -> Result<()> {
+        let program: &mut UProbe = self
+            .ebpf
+            .program_mut(prog)
+            .ok_or_else(|| anyhow!("program {prog} missing from the eBPF object"))?
+            .try_into()?;
+        if program.fd().is_err() {
+            program.load().map_err(|e| load_error(&format!("{prog}: {e:#}")))?;
+        }
+        let scope = UProbeScope::OneProcess(std::num::NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0"))?);
+        program
+            .attach(offset, path, scope)
+            .with_context(|| format!("cannot attach a uprobe at {}+{offset:#x}", path.display()))?;
+        Ok(())
+    }
+
     /// Tells the kernel side where libc's wrappers keep their return address
     /// (replacing what an earlier image of the process had).
     pub fn set_syscall_sites(&mut self, sites: &[crate::syscall_sites::SyscallSite]) -> Result<usize> {

@@ -51,16 +51,18 @@ impl Verdict {
 pub enum Kind {
     Connection,
     Thread,
+    Map,
 }
 
 impl Kind {
     /// Every kind, in report order.
-    pub const ALL: &'static [Kind] = &[Kind::Connection, Kind::Thread];
+    pub const ALL: &'static [Kind] = &[Kind::Connection, Kind::Thread, Kind::Map];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Connection => "connection",
             Kind::Thread => "thread",
+            Kind::Map => "map",
         }
     }
 
@@ -97,6 +99,10 @@ pub struct Finding {
     /// Threads: the most common name of the live ones (`/proc/PID/task/TID/comm`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub thread_name: Option<String>,
+    /// Maps: the package-level variable holding the map (`main.cache`), or
+    /// its address (`0xc000123000`) when no variable names it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub map: Option<String>,
     /// Objects created from this stack since attach.
     pub created: u64,
     /// Objects from this stack that ended since attach.

@@ -21,7 +21,7 @@ use crate::{
     stacks::StackResolver,
     symbolize::{site_index, site_of, SymbolizerService},
     syscall_sites,
-    trackers::{connections::ConnectionCollector, threads::ThreadCollector, Counters},
+    trackers::{connections::ConnectionCollector, maps::MapCollector, threads::ThreadCollector, Counters},
 };
 
 /// How the session ended.
@@ -56,6 +56,8 @@ struct Kernel {
     /// Which trackers run.
     track_connections: bool,
     track_threads: bool,
+    /// The map tracker, when asked for and the target is a Go program.
+    maps: Option<MapCollector>,
     /// The libc whose `pthread_create` carries the thread tracker's uprobe.
     pthread_uprobe: Option<std::path::PathBuf>,
     resolver: StackResolver,
@@ -72,6 +74,8 @@ impl Kernel {
             lost_stacks: sum(c::LOST_STACKS),
             lost_ring: sum(c::LOST_RING),
             thread_events: sum(c::THREAD_EVENTS),
+            map_events: sum(c::MAP_EVENTS),
+            map_lost: sum(c::MAP_LOST),
         }
     }
 }
@@ -84,7 +88,7 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn series_id(key: &crate::trackers::SampleStack) -> u64 {
+fn series_id(key: &impl Hash) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut h);
     h.finish()
@@ -118,6 +122,7 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
         threads,
         track_connections: trackers.contains(&"connections"),
         track_threads: trackers.contains(&"tasks"),
+        maps: None,
         pthread_uprobe: None,
         resolver,
         counters,
@@ -145,6 +150,9 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
         eprintln!(
             "leaktrace: {pid} maps no libc (static or Go): no pthread_create probe; threads get the stack seen at clone"
         );
+    }
+    if trackers.contains(&"maps") {
+        start_maps(&mut kernel, pid);
     }
     let mut execs_seen = 0;
 
@@ -341,6 +349,30 @@ fn load_syscall_sites(kernel: &mut Kernel, pid: u32, memory: &MemoryMap) -> bool
     }
 }
 
+/// Sets up the map tracker: reads the target's Go executable, attaches the
+/// growth and clear probes. A target that is not Go (or a probe that cannot
+/// be attached) is a one-line warning and no map tracking.
+fn start_maps(kernel: &mut Kernel, pid: u32) {
+    let started = MapCollector::new(&mut kernel.probes.ebpf, pid).and_then(|m| {
+        for p in &m.probes {
+            kernel
+                .probes
+                .attach_uprobe_at(p.program, &m.exe, p.file_offset, pid)
+                .with_context(|| format!("maps: {}", p.function))?;
+        }
+        Ok(m)
+    });
+    match started {
+        Ok(m) => {
+            if m.stripped {
+                eprintln!("leaktrace: maps: {pid} has no symbol table (stripped): maps are named by address");
+            }
+            kernel.maps = Some(m);
+        }
+        Err(e) => eprintln!("leaktrace: warning: {e:#}; map tracking is off"),
+    }
+}
+
 /// Attaches the thread tracker's uprobe to the `pthread_create` of the libc
 /// the target maps (once per libc file).
 fn attach_pthread_create(kernel: &mut Kernel, pid: u32, memory: &MemoryMap) {
@@ -404,20 +436,25 @@ async fn build_report(
     if kernel.track_threads {
         samples.extend(kernel.threads.collect(now, alive)?.into_iter().map(|s| (Kind::Thread, s)));
     }
+    if let Some(maps) = kernel.maps.as_mut() {
+        samples.extend(maps.collect(now, alive)?.into_iter().map(|s| (Kind::Map, s)));
+    }
     let keys: Vec<_> = samples.iter().map(|(_, s)| s.stack.clone()).collect();
     let frames = kernel.resolver.resolve(&keys, memory).await;
     let mut findings = Vec::new();
     let mut seen = HashSet::new();
     for (kind, s) in &samples {
         let kind = *kind;
-        let key = (kind, series_id(&s.stack));
+        // A map is one series whatever stack last grew it.
+        let key = (kind, s.map.as_ref().map_or_else(|| series_id(&s.stack), series_id));
         seen.insert(key);
         if !observe {
             // The final report right after an interval's sample: judge what
             // is there; a sample milliseconds later would only add noise.
-        } else if growth.window_stats(key).is_none() {
+        } else if growth.window_stats(key).is_none() && kind != Kind::Map {
             // Everything we count was created after attach: a stack first
-            // seen now had nothing live at the previous sample.
+            // seen now had nothing live at the previous sample. (Not maps:
+            // a map's first count is real, it may predate the attach.)
             if let Some(prev) = *last_t {
                 growth.observe(key, prev, 0);
             }
@@ -446,6 +483,7 @@ async fn build_report(
             oldest_age_s: s.oldest_age_s.map(|a| (a * 10.0).round() / 10.0),
             peer: s.peer.clone(),
             thread_name: s.thread_name.clone(),
+            map: s.map.clone(),
             created: s.created,
             ended: s.ended,
         });
@@ -470,6 +508,9 @@ async fn build_report(
     if kernel.track_threads {
         events.insert(Kind::Thread.as_str(), c.thread_events);
     }
+    if kernel.maps.is_some() {
+        events.insert(Kind::Map.as_str(), c.map_events);
+    }
     Ok(Report {
         pid: ctx.pid,
         comm: ctx.comm.clone(),
@@ -477,7 +518,7 @@ async fn build_report(
         is_final,
         exited: exited.then_some(true),
         findings,
-        lost: Lost { events: c.lost_events + c.lost_ring, stacks: c.lost_stacks },
+        lost: Lost { events: c.lost_events + c.lost_ring + c.map_lost, stacks: c.lost_stacks },
         events,
         findings_omitted: omitted,
     })

@@ -344,6 +344,7 @@ mod tests {
             oldest_age_s: Some(live as f64),
             peer: None,
             thread_name: None,
+            map: None,
             created: live,
             ended: 0,
         }

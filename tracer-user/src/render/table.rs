@@ -163,7 +163,7 @@ fn row(f: &Finding, opts: &TableOptions) -> [String; 7] {
         f.live.to_string(),
         growth_text(f.growth_per_min),
         f.oldest_age_s.map_or_else(|| "-".to_string(), age_text),
-        f.peer.clone().or_else(|| f.thread_name.clone()).unwrap_or_else(|| "-".to_string()),
+        f.peer.clone().or_else(|| f.thread_name.clone()).or_else(|| f.map.clone()).unwrap_or_else(|| "-".to_string()),
     ]
 }
 
@@ -279,6 +279,7 @@ mod tests {
             oldest_age_s: None,
             peer: None,
             thread_name: None,
+            map: None,
             created: live,
             ended: 0,
         }

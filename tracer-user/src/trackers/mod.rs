@@ -2,6 +2,7 @@
 //! per-stack samples; none of them formats output.
 
 pub mod connections;
+pub mod maps;
 pub mod threads;
 
 use std::collections::HashMap;
@@ -40,6 +41,9 @@ pub struct StackSample {
     pub peer: Option<String>,
     /// Threads: most common name of the live ones.
     pub thread_name: Option<String>,
+    /// Maps: the map's variable (`main.cache`) or address; one series per
+    /// map (the stack is the latest growth's and may change).
+    pub map: Option<String>,
 }
 
 /// Counter totals read from the kernel side.
@@ -51,6 +55,10 @@ pub struct Counters {
     pub lost_ring: u64,
     /// Thread tracker events (created, ended).
     pub thread_events: u64,
+    /// Map tracker: growth and clear events.
+    pub map_events: u64,
+    /// Map tracker: maps not tracked (table full).
+    pub map_lost: u64,
 }
 
 /// The live objects of one creation stack, gathered while a collector walks
@@ -98,6 +106,7 @@ pub fn stack_samples(
             oldest_age_s: acc.oldest_ns.map(|c| now_ns.saturating_sub(c) as f64 / 1e9),
             peer: None,
             thread_name: None,
+            map: None,
         };
         out.push((sample, most_common(acc.labels)));
     }

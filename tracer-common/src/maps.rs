@@ -1,0 +1,44 @@
+//! Map tracker: Go maps that grow, found at their rare growth events
+//! (`runtime.hashGrow`, Swiss-table `growToTable`/`rehash`), then sized by
+//! user space from the map header in the target's memory every interval.
+
+use crate::stacks::StackKey;
+
+/// Value of the tracked-map table (key: the map header's address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapInfo {
+    /// Stack of the most recent growth (the inserting code, with
+    /// `mapassign`'s return address from `[sp]` as `caller`).
+    pub stack: StackKey,
+    /// The map's hash seed when it registered (`hmap.hash0` <= 1.23,
+    /// `maps.Map.seed` 1.24+), masked by `MAP_SEED_MASK`: a map at a reused
+    /// address has another seed.
+    pub seed: u64,
+    /// `bpf_ktime_get_ns()` of the growth that registered this entry.
+    pub first_ns: u64,
+    /// `bpf_ktime_get_ns()` of the latest growth.
+    pub last_ns: u64,
+    /// Growth events seen since registration.
+    pub grows: u32,
+    /// `runtime.mapclear` calls seen (a clear draws a new seed: user space
+    /// accepts one new seed per clear).
+    pub clears: u32,
+}
+
+/// Tracked maps (entries). A full table counts in `counter::MAP_LOST`.
+pub const MAX_TRACKED_MAPS: u32 = 4096;
+
+/// Indexes of the `MAP_SEED` config array, written by user space after load.
+pub mod seed {
+    /// Byte offset in the map header of the 8 bytes that hold the seed.
+    pub const OFFSET: u32 = 0;
+    /// Mask applied to those 8 bytes (`hash0` is the upper half of the
+    /// u64 at offset 8 in the classic `hmap`).
+    pub const MASK: u32 = 1;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    unsafe impl aya::Pod for super::MapInfo {}
+}

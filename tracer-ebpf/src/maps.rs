@@ -1,0 +1,129 @@
+//! Map tracker, kernel side: Go maps as they grow.
+//!
+//! No probe sits on `mapassign` (a trap per insert). A map grows O(log n)
+//! times (classic maps double: `runtime.hashGrow`) or once per ~1000 inserts
+//! (Swiss tables split: `(*table).rehash`), so the probes sit on those rare
+//! functions, at the first emulated instruction of the prologue (user space
+//! picks it by disassembly), and record per map address: the stack of the
+//! growth (the inserting code; `mapassign`'s return address is at `[sp]` and
+//! is put back as `caller`), the map's hash seed and when it was first seen.
+//! User space reads the entry count from the map header every interval and
+//! checks the seed, so a dead map whose address was reused is dropped.
+//! `runtime.mapclear` draws a new seed: it is counted so user space accepts
+//! the cleared map's new seed.
+
+use aya_ebpf::{
+    bindings::BPF_F_USER_STACK,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_user},
+    macros::{map, uprobe},
+    maps::{Array, HashMap},
+    programs::{tracing::StackIdContext, ProbeContext},
+};
+use tracer_common::{
+    counter,
+    maps::{seed, MapInfo, MAX_TRACKED_MAPS},
+    stacks::StackKey,
+};
+
+use crate::{bump, stacks::STACKS, target_tgid};
+
+/// Tracked maps by header address.
+#[map]
+static MAPS: HashMap<u64, MapInfo> = HashMap::with_max_entries(MAX_TRACKED_MAPS, 0);
+
+/// Where the seed is in the map header (`seed::OFFSET`, `seed::MASK`);
+/// written by user space from the target's Go version.
+#[map]
+static MAP_SEED: Array<u64> = Array::with_max_entries(2, 0);
+
+#[inline(always)]
+fn config(i: u32) -> u64 {
+    MAP_SEED.get(i).copied().unwrap_or(0)
+}
+
+/// A growth of the map at `m`.
+#[inline(always)]
+fn grown(ctx: &ProbeContext, m: u64) {
+    if m == 0 || target_tgid().is_none() {
+        return;
+    }
+    let mask = config(seed::MASK);
+    if mask == 0 {
+        return; // not configured
+    }
+    // SAFETY: user memory read through the helper, which faults safely.
+    let Ok(raw) = (unsafe { bpf_probe_read_user((m + config(seed::OFFSET)) as *const u64) }) else { return };
+    let seed = raw & mask;
+    let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+        Ok(id) => id,
+        Err(_) => {
+            bump(counter::LOST_STACKS);
+            -1
+        }
+    };
+    // SAFETY: the probe's saved registers, then user memory via the helper.
+    let caller = unsafe { bpf_probe_read_user((*ctx.regs).rsp as *const u64).unwrap_or(0) };
+    let stack = StackKey { stack_id, caller };
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    bump(counter::MAP_EVENTS);
+    if let Some(e) = MAPS.get_ptr_mut(&m) {
+        // SAFETY: a map value; a concurrent update only races on statistics.
+        let e = unsafe { &mut *e };
+        if e.seed == seed {
+            e.stack = stack;
+            e.last_ns = now;
+            e.grows += 1;
+            return;
+        }
+    }
+    // A new map, or another map at a reused address: start over.
+    let info = MapInfo { stack, seed, first_ns: now, last_ns: now, grows: 1, clears: 0 };
+    if MAPS.insert(&m, &info, 0).is_err() {
+        bump(counter::MAP_LOST);
+    }
+}
+
+/// `runtime.hashGrow(t, h)` (Go <= 1.23): the map is in RBX.
+#[uprobe]
+pub fn map_grow_rbx(ctx: ProbeContext) -> u32 {
+    // SAFETY: the probe's saved registers.
+    let m = unsafe { (*ctx.regs).rbx };
+    grown(&ctx, m);
+    0
+}
+
+/// `internal/runtime/maps.(*Map).growToTable(m, typ)` (Go 1.24+): RAX.
+#[uprobe]
+pub fn map_grow_rax(ctx: ProbeContext) -> u32 {
+    // SAFETY: the probe's saved registers.
+    let m = unsafe { (*ctx.regs).rax };
+    grown(&ctx, m);
+    0
+}
+
+/// `internal/runtime/maps.(*table).rehash(t, typ, m)` (Go 1.24+): RCX.
+#[uprobe]
+pub fn map_grow_rcx(ctx: ProbeContext) -> u32 {
+    // SAFETY: the probe's saved registers.
+    let m = unsafe { (*ctx.regs).rcx };
+    grown(&ctx, m);
+    0
+}
+
+/// `runtime.mapclear(t, h)`, every version: the map is in RBX. Only maps
+/// already tracked are counted.
+#[uprobe]
+pub fn map_clear(ctx: ProbeContext) -> u32 {
+    if target_tgid().is_none() {
+        return 0;
+    }
+    // SAFETY: the probe's saved registers.
+    let m = unsafe { (*ctx.regs).rbx };
+    if let Some(e) = MAPS.get_ptr_mut(&m) {
+        // SAFETY: a map value.
+        unsafe { (*e).clears += 1 };
+        bump(counter::MAP_EVENTS);
+    }
+    0
+}

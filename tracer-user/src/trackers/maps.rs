@@ -1,0 +1,471 @@
+//! Map tracker, user side: Go maps that keep growing, one series per map.
+//!
+//! The kernel side only sees growth events (rare: a classic map doubles, a
+//! Swiss table splits once per ~1000 inserts) and keeps, per map address, the
+//! stack of the latest growth and the map's hash seed. Every interval this
+//! collector reads, in one batched `process_vm_readv`, the header of every
+//! known map: the entry count (a u64 at offset 0 in every Go version) and
+//! the seed. A seed that changed means the address now holds something else
+//! (the map died and the GC reused the memory, or a stack map moved): the
+//! map is dropped, never reported with a wrong count. `runtime.mapclear`
+//! draws a new seed too; the kernel counts clears and one new seed is
+//! accepted per clear.
+//!
+//! Names: each pointer-sized package-level variable of the program's own
+//! packages is read every interval; one that points to a tracked map names
+//! it (`main.cache`), and from then on the variable itself is followed (a
+//! reassigned `cache = make(...)` stays one series). A `sync.Map` (Go <=
+//! 1.23) is named the same way through its `dirty` map (or its read-only
+//! map while `dirty` is nil). Stripped binaries have no symbol table: maps
+//! are named by address.
+
+mod goelf;
+mod memory;
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, Context, Result};
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, MapData},
+    Ebpf,
+};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind, Register};
+use tracer_common::{
+    maps::{seed, MapInfo},
+    stacks::StackKey,
+};
+
+use self::goelf::{DataSymbol, GoBinary};
+use self::memory::{read_many, u64_at};
+use super::{SampleStack, StackSample};
+
+/// A probe the tracker wants: program name, function, file offset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapProbe {
+    pub program: &'static str,
+    pub function: String,
+    pub file_offset: u64,
+}
+
+/// Where things are in the target's Go version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Layout {
+    /// Offset and mask of the seed in the 8 bytes read at `seed_offset`.
+    seed_offset: u64,
+    seed_mask: u64,
+    /// sync.Map (<= 1.23): its size, where the `read` pointer is (1.19: the
+    /// data word of an `atomic.Value`), where `dirty` is. `None` on 1.24+.
+    sync_map: Option<SyncMapLayout>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SyncMapLayout {
+    size: u64,
+    read_at: usize,
+    dirty_at: usize,
+}
+
+impl Layout {
+    /// Offsets checked against the DWARF of Go 1.19, 1.22, 1.24, 1.25 and 1.27
+    /// builds: `hmap.hash0` is a u32 at 12 (the upper half of the u64 at 8);
+    /// `maps.Map.seed` a u64 at 8. `sync.Map`: 1.19 `{mu; read atomic.Value;
+    /// dirty; misses}` (40 bytes), 1.20-1.23 `read` is an `atomic.Pointer`
+    /// (32 bytes).
+    fn for_version(version: (u32, u32), swiss: bool) -> Layout {
+        let minor = if version.0 > 1 { u32::MAX } else { version.1 };
+        let sync_map = match minor {
+            ..=19 => Some(SyncMapLayout { size: 40, read_at: 16, dirty_at: 24 }),
+            20..=23 => Some(SyncMapLayout { size: 32, read_at: 8, dirty_at: 16 }),
+            _ => None,
+        };
+        if swiss {
+            Layout { seed_offset: 8, seed_mask: u64::MAX, sync_map }
+        } else {
+            Layout { seed_offset: 8, seed_mask: 0xffff_ffff_0000_0000, sync_map }
+        }
+    }
+}
+
+/// The growth and clear functions of the target and where to probe them.
+fn plan_probes(bin: &GoBinary) -> Result<(bool, Vec<MapProbe>)> {
+    let mut probes = Vec::new();
+    let mut add = |program: &'static str, function: &str| -> bool {
+        let Some((entry, end)) = bin.function(function) else { return false };
+        let Some(code) = bin.code(entry, (end - entry).min(64) as usize) else { return false };
+        let at = cheap_probe_address(code, entry);
+        let Some(file_offset) = bin.file_offset(at) else { return false };
+        probes.push(MapProbe { program, function: function.to_string(), file_offset });
+        true
+    };
+    let swiss = if add("map_grow_rbx", "runtime.hashGrow") {
+        false
+    } else {
+        // Go 1.24+: a small map becomes a table, a table grows or splits
+        // (`grow`/`split` are only called from `rehash`).
+        let a = add("map_grow_rax", "internal/runtime/maps.(*Map).growToTable");
+        let b = add("map_grow_rcx", "internal/runtime/maps.(*table).rehash");
+        if !(a && b) {
+            anyhow::bail!("no map growth function found (runtime.hashGrow or internal/runtime/maps.(*table).rehash)");
+        }
+        true
+    };
+    add("map_clear", "runtime.mapclear");
+    Ok((swiss, probes))
+}
+
+/// The first emulated instruction of a Go prologue, before the stack
+/// pointer moves: `PUSHQ BP` (Go 1.21+: `CMPQ SP, 16(R14); JBE; PUSHQ BP`),
+/// else the `JBE` after the stack check (Go 1.19: `CMPQ; JBE; SUBQ $n, SP`;
+/// it runs again after a stack growth, harmless here), else the entry.
+/// `[sp]` holds the return address at all three, and the argument
+/// registers are untouched.
+fn cheap_probe_address(code: &[u8], entry: u64) -> u64 {
+    let mut decoder = Decoder::with_ip(64, code, entry, DecoderOptions::NONE);
+    let mut jcc = None;
+    for _ in 0..6 {
+        if !decoder.can_decode() {
+            break;
+        }
+        let ins = decoder.decode();
+        if ins.mnemonic() == Mnemonic::Push && ins.op0_kind() == OpKind::Register && ins.op0_register() == Register::RBP {
+            return ins.ip();
+        }
+        if ins.flow_control() == FlowControl::ConditionalBranch {
+            jcc.get_or_insert(ins.ip());
+            continue;
+        }
+        let writes_sp = ins.op_count() > 0 && ins.op0_kind() == OpKind::Register && ins.op0_register() == Register::RSP;
+        if writes_sp || ins.flow_control() != FlowControl::Next {
+            break;
+        }
+    }
+    jcc.unwrap_or(entry)
+}
+
+/// The map tracker's own state about one kernel entry.
+struct Tracked {
+    /// The kernel entry's `first_ns` when we last accepted it.
+    first_ns: u64,
+    /// The seed we accept for the map at this address.
+    seed: u64,
+    /// Clears seen when the seed was last accepted.
+    clears: u32,
+}
+
+/// What a named series follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NamedKind {
+    /// A `map` variable: a pointer to the header.
+    Map,
+    /// A `sync.Map` variable (Go <= 1.23): its `dirty` map, or its
+    /// read-only map while `dirty` is nil.
+    SyncMap,
+}
+
+struct Named {
+    kind: NamedKind,
+    stack: StackKey,
+    since_ns: u64,
+    grows: u64,
+    clears: u64,
+}
+
+/// Reads the map tracker's kernel table and the target's map headers.
+pub struct MapCollector {
+    pid: u32,
+    maps: BpfHashMap<MapData, u64, MapInfo>,
+    layout: Layout,
+    /// Load bias of a position-independent executable (0 otherwise).
+    bias: u64,
+    /// Variables that may hold a map (8 bytes) or a sync.Map.
+    candidates: Vec<DataSymbol>,
+    tracked: HashMap<u64, Tracked>,
+    named: HashMap<String, Named>,
+    /// Addresses a named series claimed at the last collection.
+    claimed: HashSet<u64>,
+    /// When each unnamed map was first seen (ktime), kept across its
+    /// re-registrations.
+    since: HashMap<u64, u64>,
+    /// The probes to attach.
+    pub probes: Vec<MapProbe>,
+    /// The executable the probes go into.
+    pub exe: PathBuf,
+    /// Maps dropped because their address no longer held them.
+    pub dropped: u64,
+    /// True when the binary has no symbol table (maps named by address).
+    pub stripped: bool,
+    pub go_version: (u32, u32),
+}
+
+impl MapCollector {
+    /// Reads the target's executable, plans the probes and configures the
+    /// kernel side. An error when the target is not a Go program.
+    pub fn new(ebpf: &mut Ebpf, pid: u32) -> Result<Self> {
+        let exe = PathBuf::from(format!("/proc/{pid}/exe"));
+        let real = std::fs::read_link(&exe).unwrap_or_else(|_| exe.clone());
+        let bin = GoBinary::read(&exe).with_context(|| format!("maps: {}", real.display()))?;
+        let (swiss, probes) = plan_probes(&bin)?;
+        let layout = Layout::for_version(bin.version, swiss);
+        let mut config: Array<_, u64> =
+            Array::try_from(ebpf.map_mut("MAP_SEED").ok_or_else(|| anyhow!("MAP_SEED map missing"))?)?;
+        config.set(seed::OFFSET, layout.seed_offset, 0)?;
+        config.set(seed::MASK, layout.seed_mask, 0)?;
+        let maps = BpfHashMap::try_from(ebpf.take_map("MAPS").ok_or_else(|| anyhow!("MAPS map missing"))?)?;
+        let sync_size = layout.sync_map.map(|s| s.size);
+        let candidates =
+            bin.data.iter().filter(|d| d.size == 8 || Some(d.size) == sync_size).cloned().collect::<Vec<_>>();
+        Ok(Self {
+            pid,
+            maps,
+            layout,
+            bias: load_bias(pid, &exe),
+            candidates,
+            tracked: HashMap::new(),
+            named: HashMap::new(),
+            claimed: HashSet::new(),
+            since: HashMap::new(),
+            probes,
+            exe,
+            dropped: 0,
+            stripped: !bin.has_symtab,
+            go_version: bin.version,
+        })
+    }
+
+    /// Reads the seed (masked) and count from a header's first 16 bytes.
+    fn header(&self, b: &[u8]) -> Option<(u64, u64)> {
+        let count = u64_at(b, 0)?;
+        let seed = u64_at(b, self.layout.seed_offset as usize)? & self.layout.seed_mask;
+        // No real map holds 2^40 entries: the memory is no map header.
+        (count < 1 << 40).then_some((count, seed))
+    }
+
+    /// One sample per named map and per unnamed tracked map.
+    pub fn collect(&mut self, now_ns: u64, target_alive: bool) -> Result<Vec<StackSample>> {
+        let entries: Vec<(u64, MapInfo)> = self.maps.iter().filter_map(|r| r.ok()).collect();
+        let headers = read_many(self.pid, &entries.iter().map(|(a, _)| (*a, 16)).collect::<Vec<_>>());
+        // Validate every kernel entry against the header in memory.
+        let mut valid: HashMap<u64, (u64, MapInfo)> = HashMap::new();
+        for ((addr, info), hdr) in entries.iter().zip(headers) {
+            let t = self.tracked.entry(*addr).or_insert(Tracked { first_ns: 0, seed: 0, clears: 0 });
+            if t.first_ns != info.first_ns {
+                // (Re-)registered by a growth: the kernel read its seed then.
+                *t = Tracked { first_ns: info.first_ns, seed: info.seed, clears: info.clears };
+            }
+            let Some((count, seed)) = hdr.as_deref().and_then(|b| self.header(b)) else {
+                if target_alive {
+                    self.drop_map(*addr, info);
+                }
+                continue;
+            };
+            let t = self.tracked.get_mut(addr).expect("inserted above");
+            if seed != t.seed {
+                if info.clears != t.clears {
+                    // Cleared (runtime.mapclear draws a new seed): same map.
+                    t.seed = seed;
+                    t.clears = info.clears;
+                } else {
+                    if target_alive {
+                        self.drop_map(*addr, info);
+                    }
+                    continue;
+                }
+            }
+            valid.insert(*addr, (count, *info));
+        }
+
+        // Names: read every candidate variable; follow the ones that hold
+        // (or held) a tracked map.
+        let vars = read_many(
+            self.pid,
+            &self.candidates.iter().map(|d| (d.addr + self.bias, d.size as usize)).collect::<Vec<_>>(),
+        );
+        // (name, kind, map address, sync.Map's read pointer)
+        let mut found: Vec<(String, NamedKind, u64, u64)> = Vec::new();
+        let mut read_only_ptrs = Vec::new();
+        for (d, v) in self.candidates.iter().zip(&vars) {
+            let Some(v) = v else { continue };
+            let known = self.named.get(&d.name).map(|n| n.kind);
+            if d.size == 8 {
+                let p = u64_at(v, 0).unwrap_or(0);
+                if known == Some(NamedKind::Map) || (known.is_none() && valid.contains_key(&p)) {
+                    found.push((d.name.clone(), NamedKind::Map, p, 0));
+                }
+            } else if let Some(s) = self.layout.sync_map {
+                let dirty = u64_at(v, s.dirty_at).unwrap_or(0);
+                let read = u64_at(v, s.read_at).unwrap_or(0);
+                if known == Some(NamedKind::SyncMap) || (known.is_none() && valid.contains_key(&dirty)) {
+                    found.push((d.name.clone(), NamedKind::SyncMap, dirty, read));
+                    if read != 0 {
+                        read_only_ptrs.push(read);
+                    }
+                }
+            }
+        }
+        // sync.Map: `read` points to `readOnly{m, amended}`: its map.
+        let read_only: HashMap<u64, u64> = read_only_ptrs
+            .iter()
+            .zip(read_many(self.pid, &read_only_ptrs.iter().map(|p| (*p, 8)).collect::<Vec<_>>()))
+            .filter_map(|(p, b)| Some((*p, u64_at(b.as_deref()?, 0)?)))
+            .collect();
+        // Headers of named maps we have not read yet (not tracked, or
+        // dropped: the variable still says where the map is).
+        let mut want: Vec<u64> = Vec::new();
+        for (_, kind, a, r) in &found {
+            want.push(*a);
+            if *kind == NamedKind::SyncMap {
+                want.extend(read_only.get(r));
+            }
+        }
+        want.retain(|a| *a != 0 && !valid.contains_key(a));
+        want.sort_unstable();
+        want.dedup();
+        let extra: HashMap<u64, u64> = want
+            .iter()
+            .zip(read_many(self.pid, &want.iter().map(|a| (*a, 16)).collect::<Vec<_>>()))
+            .filter_map(|(a, b)| Some((*a, self.header(b.as_deref()?)?.0)))
+            .collect();
+        let count_of = |a: u64| valid.get(&a).map(|(c, _)| *c).or_else(|| extra.get(&a).copied());
+
+        let mut out = Vec::new();
+        let mut claimed = HashSet::new();
+        for (name, kind, a, r) in found {
+            // The map whose count and stack this name shows now.
+            let (addr, also) = match kind {
+                NamedKind::Map => (a, None),
+                NamedKind::SyncMap => {
+                    let ro = read_only.get(&r).copied().unwrap_or(0);
+                    if a != 0 { (a, Some(ro)) } else { (ro, None) }
+                }
+            };
+            claimed.insert(addr);
+            claimed.extend(also.filter(|x| *x != 0));
+            let live = if addr == 0 { Some(0) } else { count_of(addr) };
+            let Some(live) = live else { continue };
+            let entry = valid.get(&addr).map(|(_, i)| *i);
+            let n = self.named.entry(name.clone()).or_insert_with(|| Named {
+                kind,
+                stack: entry.map(|i| i.stack).unwrap_or_default(),
+                since_ns: entry.map_or(now_ns, |i| i.first_ns),
+                grows: 0,
+                clears: 0,
+            });
+            if let Some(i) = entry {
+                n.stack = i.stack;
+            }
+            // Growths and clears of every map this name has held.
+            let (grows, clears) = claimed_events(&valid, addr, also);
+            n.grows = n.grows.max(grows);
+            n.clears = n.clears.max(clears);
+            out.push(StackSample {
+                stack: SampleStack::Kernel(n.stack),
+                live,
+                created: n.grows,
+                ended: n.clears,
+                oldest_age_s: Some(now_ns.saturating_sub(n.since_ns) as f64 / 1e9),
+                peer: None,
+                thread_name: None,
+                map: Some(name),
+            });
+        }
+        // A map a name held before but not now (the variable was
+        // reassigned, sync.Map replaced its dirty map): its series is the
+        // name's; forget it.
+        if target_alive {
+            for a in self.claimed.difference(&claimed).copied().collect::<Vec<_>>() {
+                if let Some((_, info)) = valid.remove(&a) {
+                    self.forget(a, &info);
+                }
+            }
+        }
+        self.claimed = claimed;
+
+        for (addr, (count, info)) in &valid {
+            if self.claimed.contains(addr) {
+                continue;
+            }
+            let since = *self.since.entry(*addr).or_insert(info.first_ns);
+            out.push(StackSample {
+                stack: SampleStack::Kernel(info.stack),
+                live: *count,
+                created: u64::from(info.grows),
+                ended: u64::from(info.clears),
+                oldest_age_s: Some(now_ns.saturating_sub(since) as f64 / 1e9),
+                peer: None,
+                thread_name: None,
+                map: Some(format!("{addr:#x}")),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The address no longer holds the map: stop tracking it.
+    fn drop_map(&mut self, addr: u64, seen: &MapInfo) {
+        if self.forget(addr, seen) {
+            self.dropped += 1;
+        }
+    }
+
+    /// Removes a kernel entry if it is still the one we saw (a growth may
+    /// have re-registered the address meanwhile); true when removed.
+    fn forget(&mut self, addr: u64, seen: &MapInfo) -> bool {
+        match self.maps.get(&addr, 0) {
+            Ok(now) if now.first_ns == seen.first_ns => {}
+            _ => return false,
+        }
+        self.tracked.remove(&addr);
+        self.since.remove(&addr);
+        self.maps.remove(&addr).is_ok()
+    }
+}
+
+/// Growths and clears of the kernel entries at `addr` (and `also`).
+fn claimed_events(valid: &HashMap<u64, (u64, MapInfo)>, addr: u64, also: Option<u64>) -> (u64, u64) {
+    [Some(addr), also]
+        .into_iter()
+        .flatten()
+        .filter_map(|a| valid.get(&a))
+        .fold((0, 0), |(g, c), (_, i)| (g + u64::from(i.grows), c + u64::from(i.clears)))
+}
+
+/// Load bias of the target's executable: 0 for a fixed-address (ET_EXEC)
+/// Go binary, the start of its first mapping for a PIE.
+fn load_bias(pid: u32, exe: &Path) -> u64 {
+    let Ok(bytes) = std::fs::read(exe) else { return 0 };
+    let Ok(file) = object::File::parse(&*bytes) else { return 0 };
+    if object::Object::kind(&file) != object::ObjectKind::Dynamic {
+        return 0;
+    }
+    let Ok(target) = std::fs::read_link(exe) else { return 0 };
+    let Ok(map) = crate::procfs::MemoryMap::read(pid) else { return 0 };
+    map.mappings.iter().filter(|m| m.path == target).map(|m| m.start - m.offset).min().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_address_follows_the_prologue() {
+        // Go 1.22: CMPQ SP, 16(R14); JBE +x; PUSHQ BP; MOVQ SP, BP
+        let go122 = [0x49, 0x3b, 0x66, 0x10, 0x0f, 0x86, 0xbc, 0x01, 0x00, 0x00, 0x55, 0x48, 0x89, 0xe5];
+        assert_eq!(cheap_probe_address(&go122, 0x1000), 0x100a);
+        // Go 1.19: CMPQ SP, 16(R14); JBE +x; SUBQ $0x38, SP; MOVQ BP, 0x30(SP)
+        let go119 = [0x49, 0x3b, 0x66, 0x10, 0x0f, 0x86, 0xdc, 0x01, 0x00, 0x00, 0x48, 0x83, 0xec, 0x38, 0x48, 0x89, 0x6c, 0x24, 0x30];
+        assert_eq!(cheap_probe_address(&go119, 0x1000), 0x1004);
+        // No stack check at all: the entry.
+        assert_eq!(cheap_probe_address(&[0x48, 0x83, 0xec, 0x38], 0x1000), 0x1000);
+    }
+
+    #[test]
+    fn layouts_by_version() {
+        assert_eq!(Layout::for_version((1, 19), false).sync_map.unwrap().dirty_at, 24);
+        assert_eq!(Layout::for_version((1, 22), false).sync_map.unwrap().dirty_at, 16);
+        assert_eq!(Layout::for_version((1, 22), false).seed_mask, 0xffff_ffff_0000_0000);
+        assert!(Layout::for_version((1, 24), true).sync_map.is_none());
+        assert_eq!(Layout::for_version((1, 27), true).seed_mask, u64::MAX);
+    }
+}
