@@ -24,7 +24,18 @@ pub struct MapInfo {
     /// `runtime.mapclear` calls seen (a clear draws a new seed: user space
     /// accepts one new seed per clear).
     pub clears: u32,
+    /// What the address holds: [`KIND_MAP`] or [`KIND_TRIE`].
+    pub kind: u32,
+    pub _pad: u32,
 }
+
+/// A Go map header (`hmap`, or `internal/runtime/maps.Map`).
+pub const KIND_MAP: u32 = 0;
+/// A Go 1.24+ `sync.Map`: an `internal/sync.HashTrieMap`, which keeps no
+/// count; user space counts its entries by walking the trie.
+pub const KIND_TRIE: u32 = 1;
+/// Offset of `HashTrieMap.seed` (a random u64) in Go 1.24 to 1.27.
+pub const TRIE_SEED_OFFSET: u64 = 40;
 
 /// Tracked maps (entries). A full table counts in `counter::MAP_LOST`.
 pub const MAX_TRACKED_MAPS: u32 = 4096;

@@ -21,7 +21,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     counter,
-    maps::{seed, MapInfo, MAX_TRACKED_MAPS},
+    maps::{seed, MapInfo, KIND_MAP, KIND_TRIE, MAX_TRACKED_MAPS, TRIE_SEED_OFFSET},
     stacks::StackKey,
 };
 
@@ -44,15 +44,21 @@ fn config(i: u32) -> u64 {
 /// A growth of the map at `m`.
 #[inline(always)]
 fn grown(ctx: &ProbeContext, m: u64) {
-    if m == 0 || target_tgid().is_none() {
-        return;
-    }
     let mask = config(seed::MASK);
     if mask == 0 {
         return; // not configured
     }
+    grown_at(ctx, m, config(seed::OFFSET), mask, KIND_MAP);
+}
+
+/// A growth of the map (`kind`) at `m` whose seed is at `m + seed_at`.
+#[inline(always)]
+fn grown_at(ctx: &ProbeContext, m: u64, seed_at: u64, mask: u64, kind: u32) {
+    if m == 0 || target_tgid().is_none() {
+        return;
+    }
     // SAFETY: user memory read through the helper, which faults safely.
-    let Ok(raw) = (unsafe { bpf_probe_read_user((m + config(seed::OFFSET)) as *const u64) }) else { return };
+    let Ok(raw) = (unsafe { bpf_probe_read_user((m + seed_at) as *const u64) }) else { return };
     let seed = raw & mask;
     let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
         Ok(id) => id,
@@ -78,7 +84,7 @@ fn grown(ctx: &ProbeContext, m: u64) {
         }
     }
     // A new map, or another map at a reused address: start over.
-    let info = MapInfo { stack, seed, first_ns: now, last_ns: now, grows: 1, clears: 0 };
+    let info = MapInfo { stack, seed, first_ns: now, last_ns: now, grows: 1, clears: 0, kind, _pad: 0 };
     if MAPS.insert(&m, &info, 0).is_err() {
         bump(counter::MAP_LOST);
     }
@@ -108,6 +114,18 @@ pub fn map_grow_rcx(ctx: ProbeContext) -> u32 {
     // SAFETY: the probe's saved registers.
     let m = unsafe { (*ctx.regs).rcx };
     grown(&ctx, m);
+    0
+}
+
+/// `internal/sync.(*HashTrieMap[...]).expand(ht, dict, ...)` (Go 1.24+
+/// `sync.Map`): a new key collided with an entry and the trie grows a
+/// level. The trie is in RAX (the generic shape's dictionary in RBX; the
+/// prologue reads `ht.keyHash` and `ht.seed` through RAX).
+#[uprobe]
+pub fn map_trie_expand(ctx: ProbeContext) -> u32 {
+    // SAFETY: the probe's saved registers.
+    let m = unsafe { (*ctx.regs).rax };
+    grown_at(&ctx, m, TRIE_SEED_OFFSET, u64::MAX, KIND_TRIE);
     0
 }
 

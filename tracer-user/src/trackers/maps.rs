@@ -34,7 +34,7 @@ use aya::{
 };
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind, Register};
 use tracer_common::{
-    maps::{seed, MapInfo},
+    maps::{seed, MapInfo, KIND_TRIE, TRIE_SEED_OFFSET},
     stacks::StackKey,
 };
 
@@ -113,7 +113,57 @@ fn plan_probes(bin: &GoBinary) -> Result<(bool, Vec<MapProbe>)> {
         true
     };
     add("map_clear", "runtime.mapclear");
+    // Go 1.24+ sync.Map (a HashTrieMap of any -> any): the trie grows a
+    // level when a new key collides with an entry.
+    add("map_trie_expand", TRIE_EXPAND);
     Ok((swiss, probes))
+}
+
+/// The growth function of the trie behind Go 1.24+'s `sync.Map`.
+const TRIE_EXPAND: &str = "internal/sync.(*HashTrieMap[go.shape.interface {},go.shape.interface {}]).expand";
+/// Size of a Go 1.24+ `sync.Map` (a `HashTrieMap` at offset 0; its `root`
+/// pointer at 16, `seed` at 40).
+const TRIE_SIZE: u64 = 48;
+const TRIE_ROOT_AT: usize = 16;
+/// Trie nodes read per interval, over all tries (a bound on the work done
+/// for tries with millions of entries; beyond it a trie is not counted).
+const TRIE_NODE_BUDGET: usize = 2_000_000;
+/// Unnamed maps with fewer entries are tracked but not reported (small
+/// per-request maps; no leak is that small). Named maps are always reported.
+const MIN_UNNAMED_ENTRIES: u64 = 64;
+
+/// Entries of the trie whose root indirect node is at `root`, walked level
+/// by level with batched reads: an `indirect` node has its 16 children at
+/// +24; an `entry` starts with `isEntry` (1) and an `overflow` chain at +8.
+/// `None` when the walk would exceed `budget` nodes.
+fn trie_count(pid: u32, root: u64, budget: &mut usize) -> Option<u64> {
+    let mut count = 0u64;
+    let mut level = if root == 0 { Vec::new() } else { vec![root] };
+    while !level.is_empty() {
+        let arrays = read_many(pid, &level.iter().map(|n| (n + 24, 128)).collect::<Vec<_>>());
+        let children: Vec<u64> =
+            arrays.iter().flatten().flat_map(|a| (0..16).filter_map(|i| u64_at(a, 8 * i))).filter(|p| *p != 0).collect();
+        *budget = budget.checked_sub(children.len())?;
+        let heads = read_many(pid, &children.iter().map(|c| (*c, 16)).collect::<Vec<_>>());
+        let mut next = Vec::new();
+        for (c, h) in children.iter().zip(heads) {
+            let Some(h) = h else { continue };
+            if h[0] == 0 {
+                next.push(*c);
+                continue;
+            }
+            count += 1;
+            // Entries whose full hashes collide hang off `overflow` (rare).
+            let mut ov = u64_at(&h, 8).unwrap_or(0);
+            while ov != 0 && *budget > 0 {
+                *budget -= 1;
+                count += 1;
+                ov = memory::read_one(pid, ov + 8, 8).and_then(|b| u64_at(&b, 0)).unwrap_or(0);
+            }
+        }
+        level = next;
+    }
+    Some(count)
 }
 
 /// The first emulated instruction of a Go prologue, before the stack
@@ -163,6 +213,8 @@ enum NamedKind {
     /// A `sync.Map` variable (Go <= 1.23): its `dirty` map, or its
     /// read-only map while `dirty` is nil.
     SyncMap,
+    /// A `sync.Map` variable (Go 1.24+): the trie is the variable itself.
+    Trie,
 }
 
 struct Named {
@@ -214,9 +266,9 @@ impl MapCollector {
         config.set(seed::OFFSET, layout.seed_offset, 0)?;
         config.set(seed::MASK, layout.seed_mask, 0)?;
         let maps = BpfHashMap::try_from(ebpf.take_map("MAPS").ok_or_else(|| anyhow!("MAPS map missing"))?)?;
-        let sync_size = layout.sync_map.map(|s| s.size);
+        let sync_size = layout.sync_map.map_or(TRIE_SIZE, |s| s.size);
         let candidates =
-            bin.data.iter().filter(|d| d.size == 8 || Some(d.size) == sync_size).cloned().collect::<Vec<_>>();
+            bin.data.iter().filter(|d| d.size == 8 || d.size == sync_size).cloned().collect::<Vec<_>>();
         Ok(Self {
             pid,
             maps,
@@ -246,7 +298,11 @@ impl MapCollector {
     /// One sample per named map and per unnamed tracked map.
     pub fn collect(&mut self, now_ns: u64, target_alive: bool) -> Result<Vec<StackSample>> {
         let entries: Vec<(u64, MapInfo)> = self.maps.iter().filter_map(|r| r.ok()).collect();
-        let headers = read_many(self.pid, &entries.iter().map(|(a, _)| (*a, 16)).collect::<Vec<_>>());
+        let headers = read_many(
+            self.pid,
+            &entries.iter().map(|(a, i)| (*a, if i.kind == KIND_TRIE { TRIE_SIZE as usize } else { 16 })).collect::<Vec<_>>(),
+        );
+        let mut budget = TRIE_NODE_BUDGET;
         // Validate every kernel entry against the header in memory.
         let mut valid: HashMap<u64, (u64, MapInfo)> = HashMap::new();
         for ((addr, info), hdr) in entries.iter().zip(headers) {
@@ -255,7 +311,13 @@ impl MapCollector {
                 // (Re-)registered by a growth: the kernel read its seed then.
                 *t = Tracked { first_ns: info.first_ns, seed: info.seed, clears: info.clears };
             }
-            let Some((count, seed)) = hdr.as_deref().and_then(|b| self.header(b)) else {
+            let parsed = if info.kind == KIND_TRIE {
+                // Seed first: the walk is only worth it for a valid trie.
+                hdr.as_deref().and_then(|b| Some((u64_at(b, TRIE_ROOT_AT)?, u64_at(b, TRIE_SEED_OFFSET as usize)?)))
+            } else {
+                hdr.as_deref().and_then(|b| self.header(b))
+            };
+            let Some((count, seed)) = parsed else {
                 if target_alive {
                     self.drop_map(*addr, info);
                 }
@@ -274,6 +336,15 @@ impl MapCollector {
                     continue;
                 }
             }
+            let count = if info.kind == KIND_TRIE {
+                // `count` is the root pointer here.
+                match trie_count(self.pid, count, &mut budget) {
+                    Some(n) => n,
+                    None => continue,
+                }
+            } else {
+                count
+            };
             valid.insert(*addr, (count, *info));
         }
 
@@ -286,6 +357,7 @@ impl MapCollector {
         // (name, kind, map address, sync.Map's read pointer)
         let mut found: Vec<(String, NamedKind, u64, u64)> = Vec::new();
         let mut read_only_ptrs = Vec::new();
+        let mut trie_counts: HashMap<u64, u64> = HashMap::new();
         for (d, v) in self.candidates.iter().zip(&vars) {
             let Some(v) = v else { continue };
             let known = self.named.get(&d.name).map(|n| n.kind);
@@ -293,6 +365,20 @@ impl MapCollector {
                 let p = u64_at(v, 0).unwrap_or(0);
                 if known == Some(NamedKind::Map) || (known.is_none() && valid.contains_key(&p)) {
                     found.push((d.name.clone(), NamedKind::Map, p, 0));
+                }
+            } else if self.layout.sync_map.is_none() {
+                // Go 1.24+: the sync.Map is the trie.
+                let ht = d.addr + self.bias;
+                if known == Some(NamedKind::Trie) || (known.is_none() && valid.contains_key(&ht)) {
+                    let n = if let Some((n, _)) = valid.get(&ht) {
+                        Some(*n)
+                    } else {
+                        trie_count(self.pid, u64_at(v, TRIE_ROOT_AT).unwrap_or(0), &mut budget)
+                    };
+                    if let Some(n) = n {
+                        trie_counts.insert(ht, n);
+                        found.push((d.name.clone(), NamedKind::Trie, ht, 0));
+                    }
                 }
             } else if let Some(s) = self.layout.sync_map {
                 let dirty = u64_at(v, s.dirty_at).unwrap_or(0);
@@ -315,6 +401,9 @@ impl MapCollector {
         // dropped: the variable still says where the map is).
         let mut want: Vec<u64> = Vec::new();
         for (_, kind, a, r) in &found {
+            if *kind == NamedKind::Trie {
+                continue;
+            }
             want.push(*a);
             if *kind == NamedKind::SyncMap {
                 want.extend(read_only.get(r));
@@ -328,14 +417,16 @@ impl MapCollector {
             .zip(read_many(self.pid, &want.iter().map(|a| (*a, 16)).collect::<Vec<_>>()))
             .filter_map(|(a, b)| Some((*a, self.header(b.as_deref()?)?.0)))
             .collect();
-        let count_of = |a: u64| valid.get(&a).map(|(c, _)| *c).or_else(|| extra.get(&a).copied());
+        let count_of = |a: u64| {
+            valid.get(&a).map(|(c, _)| *c).or_else(|| extra.get(&a).copied()).or_else(|| trie_counts.get(&a).copied())
+        };
 
         let mut out = Vec::new();
         let mut claimed = HashSet::new();
         for (name, kind, a, r) in found {
             // The map whose count and stack this name shows now.
             let (addr, also) = match kind {
-                NamedKind::Map => (a, None),
+                NamedKind::Map | NamedKind::Trie => (a, None),
                 NamedKind::SyncMap => {
                     let ro = read_only.get(&r).copied().unwrap_or(0);
                     if a != 0 { (a, Some(ro)) } else { (ro, None) }
@@ -384,7 +475,7 @@ impl MapCollector {
         self.claimed = claimed;
 
         for (addr, (count, info)) in &valid {
-            if self.claimed.contains(addr) {
+            if self.claimed.contains(addr) || *count < MIN_UNNAMED_ENTRIES {
                 continue;
             }
             let since = *self.since.entry(*addr).or_insert(info.first_ns);

@@ -44,8 +44,8 @@ impl GoBinary {
             .ok_or_else(|| anyhow!("not a Go program (no .go.buildinfo section)"))?;
         let version = parse_buildinfo(buildinfo.data()?)?;
         let pclntab = file.section_by_name(".gopclntab").ok_or_else(|| anyhow!("no .gopclntab section"))?;
-        let functions = parse_pclntab(pclntab.data()?)?;
         let text = file.section_by_name(".text").ok_or_else(|| anyhow!("no .text section"))?;
+        let functions = parse_pclntab(pclntab.data()?, text.address())?;
         let (text_off, _) = text.file_range().ok_or_else(|| anyhow!(".text has no file data"))?;
         let text = (text.address(), text_off, text.data()?.to_vec());
         let mut data = Vec::new();
@@ -132,8 +132,10 @@ fn uvarint(b: &[u8]) -> Option<(u64, usize)> {
 
 /// Function entries by name from a Go 1.18+ pclntab (magics 0xfffffff0,
 /// 0xfffffff1): header, then `nfunc + 1` (entry offset, func offset) pairs;
-/// each `_func` starts with its entry offset and its name offset.
-fn parse_pclntab(b: &[u8]) -> Result<HashMap<String, (u64, u64)>> {
+/// each `_func` starts with its entry offset and its name offset. Entry
+/// offsets count from the header's `textStart`, which Go 1.26+ leaves 0
+/// (the runtime fills it in): then from the start of `.text`.
+fn parse_pclntab(b: &[u8], text_addr: u64) -> Result<HashMap<String, (u64, u64)>> {
     let u32_at = |o: usize| b.get(o..o + 4).map(|s| u32::from_le_bytes(s.try_into().unwrap()));
     let u64_at = |o: usize| b.get(o..o + 8).map(|s| u64::from_le_bytes(s.try_into().unwrap()));
     let magic = u32_at(0).ok_or_else(|| anyhow!("short pclntab"))?;
@@ -145,7 +147,10 @@ fn parse_pclntab(b: &[u8]) -> Result<HashMap<String, (u64, u64)>> {
     }
     let field = |i: usize| u64_at(8 + 8 * i).map(|v| v as usize).ok_or_else(|| anyhow!("short pclntab"));
     let nfunc = field(0)?;
-    let text_start = field(2)? as u64;
+    let text_start = match field(2)? as u64 {
+        0 => text_addr,
+        t => t,
+    };
     let funcnames = field(3)?;
     let pcln = field(7)?;
     let mut out = HashMap::with_capacity(nfunc);
