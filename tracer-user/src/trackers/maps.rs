@@ -34,7 +34,7 @@ use aya::{
 };
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind, Register};
 use tracer_common::{
-    maps::{seed, MapInfo, KIND_TRIE, TRIE_SEED_OFFSET},
+    maps::{seed, MapInfo, KIND_TRIE, MAX_TRACKED_MAPS, TRIE_SEED_OFFSET},
     stacks::StackKey,
 };
 
@@ -130,7 +130,14 @@ const TRIE_ROOT_AT: usize = 16;
 const TRIE_NODE_BUDGET: usize = 2_000_000;
 /// Unnamed maps with fewer entries are tracked but not reported (small
 /// per-request maps; no leak is that small). Named maps are always reported.
-const MIN_UNNAMED_ENTRIES: u64 = 64;
+const MIN_UNNAMED_ENTRIES: u64 = 256;
+/// An unnamed map whose count has not changed and that has not grown for
+/// this long is not reported (most are dead maps whose memory the GC has
+/// not reused yet: nothing says they are unreachable, but they cannot leak).
+const UNNAMED_IDLE_NS: u64 = 30_000_000_000;
+/// ... and after this long its kernel entry is removed, freeing the slot
+/// (a growth registers it again).
+const UNNAMED_FORGET_NS: u64 = 600_000_000_000;
 
 /// Entries of the trie whose root indirect node is at `root`, walked level
 /// by level with batched reads: an `indirect` node has its 16 children at
@@ -241,6 +248,8 @@ pub struct MapCollector {
     /// When each unnamed map was first seen (ktime), kept across its
     /// re-registrations.
     since: HashMap<u64, u64>,
+    /// Each unnamed map's last count and when it last changed (ktime).
+    changed: HashMap<u64, (u64, u64)>,
     /// The probes to attach.
     pub probes: Vec<MapProbe>,
     /// The executable the probes go into.
@@ -279,6 +288,7 @@ impl MapCollector {
             named: HashMap::new(),
             claimed: HashSet::new(),
             since: HashMap::new(),
+            changed: HashMap::new(),
             probes,
             exe,
             dropped: 0,
@@ -474,8 +484,25 @@ impl MapCollector {
         }
         self.claimed = claimed;
 
+        let mut idle = Vec::new();
         for (addr, (count, info)) in &valid {
-            if self.claimed.contains(addr) || *count < MIN_UNNAMED_ENTRIES {
+            if self.claimed.contains(addr) {
+                continue;
+            }
+            let changed = self.changed.entry(*addr).or_insert((*count, now_ns));
+            if changed.0 != *count {
+                *changed = (*count, now_ns);
+            }
+            let quiet_ns = now_ns.saturating_sub(changed.1.max(info.last_ns));
+            // Many short-lived maps (per-request maps) fill the kernel table
+            // with dead ones: when it is three quarters full, small quiet
+            // ones go first.
+            let crowded = entries.len() as u32 > MAX_TRACKED_MAPS / 4 * 3;
+            let small_and_quiet = *count < MIN_UNNAMED_ENTRIES && quiet_ns > 5_000_000_000;
+            if quiet_ns > UNNAMED_FORGET_NS || (crowded && (small_and_quiet || quiet_ns > UNNAMED_IDLE_NS)) {
+                idle.push((*addr, *info));
+            }
+            if *count < MIN_UNNAMED_ENTRIES || quiet_ns > UNNAMED_IDLE_NS {
                 continue;
             }
             let since = *self.since.entry(*addr).or_insert(info.first_ns);
@@ -489,6 +516,11 @@ impl MapCollector {
                 thread_name: None,
                 map: Some(format!("{addr:#x}")),
             });
+        }
+        if target_alive {
+            for (addr, info) in idle {
+                self.forget(addr, &info);
+            }
         }
         Ok(out)
     }
@@ -509,6 +541,7 @@ impl MapCollector {
         }
         self.tracked.remove(&addr);
         self.since.remove(&addr);
+        self.changed.remove(&addr);
         self.maps.remove(&addr).is_ok()
     }
 }
