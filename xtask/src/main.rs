@@ -15,6 +15,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+mod bench_maps;
+
 /// Rust toolchain for user space (rust-toolchain.toml pins it).
 const USER_TOOLCHAIN: &str = "1.95.0";
 /// Nightly that builds tracer-ebpf (LLVM 22, matches bpf-linker's LLVM).
@@ -43,6 +45,7 @@ const GO_PROGRAMS: &[GoProgram] = &[
     GoProgram { dir: "connleak", out: "connleak-go", every_version: true },
     GoProgram { dir: "api-server", out: "api-server", every_version: false },
     GoProgram { dir: "mapgrow", out: "mapgrow-go", every_version: true },
+    GoProgram { dir: "mapbench", out: "mapbench-go", every_version: true },
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const APT_PACKAGES: &[&str] = &[
@@ -78,6 +81,10 @@ commands:
                      (e.g. `cargo xtask test -- --nocapture`)
   bench [--iterations N] [--runs N]   (defaults 10000, 7)
                      build, then time conn_bench untraced vs traced by leaktrace
+  bench maps [--rounds N] [--ms MS]   (defaults 5, 2000)
+                     build, then time an insert-heavy Go program (Go 1.22, 1.27)
+                     untraced, under `leaktrace --track maps`, and with a
+                     uprobe on every map insert
   vm-test [--kernel 6.1|6.12|all]   (default 6.1)
                      build, fetch Debian cloud kernels (cached in .cache/vm),
                      boot each in QEMU (TCG) with an initramfs that runs
@@ -112,6 +119,7 @@ fn run(args: &[String]) -> Result<i32> {
         "fixtures" => build_fixtures(&root).map(|_| 0),
         "demo" => demo(&root),
         "test" => test(&root, rest),
+        "bench" if rest.first().map(String::as_str) == Some("maps") => bench_maps::bench_maps(&root, &rest[1..]).map(|_| 0),
         "bench" => bench(&root, rest).map(|_| 0),
         "vm-test" => vm_test(&root, rest),
         "help" | "-h" | "--help" => {
