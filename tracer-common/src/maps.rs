@@ -17,7 +17,8 @@ pub struct MapInfo {
     pub seed: u64,
     /// `bpf_ktime_get_ns()` of the growth that registered this entry.
     pub first_ns: u64,
-    /// `bpf_ktime_get_ns()` of the latest growth.
+    /// `bpf_ktime_get_ns()` of the latest growth that took the stack (at
+    /// most one stack walk per map per [`STACK_REFRESH_NS`]).
     pub last_ns: u64,
     /// Growth events seen since registration.
     pub grows: u32,
@@ -36,6 +37,12 @@ pub const KIND_MAP: u32 = 0;
 pub const KIND_TRIE: u32 = 1;
 /// Offset of `HashTrieMap.seed` (a random u64) in Go 1.24 to 1.27.
 pub const TRIE_SEED_OFFSET: u64 = 40;
+
+/// A tracked map's stack is taken again at a growth at most this often.
+pub const STACK_REFRESH_NS: u64 = 1_000_000_000;
+/// Maps (with a count) are registered from this many entries: most maps
+/// are small and short-lived, and no leak is this small.
+pub const MIN_REGISTER_ENTRIES: u64 = 256;
 
 /// Tracked maps (entries). A full table counts in `counter::MAP_LOST`.
 pub const MAX_TRACKED_MAPS: u32 = 4096;

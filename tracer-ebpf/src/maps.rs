@@ -1,12 +1,15 @@
 //! Map tracker, kernel side: Go maps as they grow.
 //!
 //! No probe sits on `mapassign` (a trap per insert). A map grows O(log n)
-//! times (classic maps double: `runtime.hashGrow`) or once per ~1000 inserts
-//! (Swiss tables split: `(*table).rehash`), so the probes sit on those rare
+//! times (classic maps double: `runtime.hashGrow`) or once per ~500-900
+//! inserts (full Swiss tables split: `(*table).split`), so the probes sit on those rare
 //! functions, at the first emulated instruction of the prologue (user space
 //! picks it by disassembly), and record per map address: the stack of the
 //! growth (the inserting code; `mapassign`'s return address is at `[sp]` and
 //! is put back as `caller`), the map's hash seed and when it was first seen.
+//! Maps under 256 entries are not registered, and a tracked map's stack is
+//! walked again at most once a second: most growth events cost the trap and
+//! one hash lookup.
 //! User space reads the entry count from the map header every interval and
 //! checks the seed, so a dead map whose address was reused is dropped.
 //! `runtime.mapclear` draws a new seed: it is counted so user space accepts
@@ -21,7 +24,9 @@ use aya_ebpf::{
 };
 use tracer_common::{
     counter,
-    maps::{seed, MapInfo, KIND_MAP, KIND_TRIE, MAX_TRACKED_MAPS, TRIE_SEED_OFFSET},
+    maps::{
+        seed, MapInfo, KIND_MAP, KIND_TRIE, MAX_TRACKED_MAPS, MIN_REGISTER_ENTRIES, STACK_REFRESH_NS, TRIE_SEED_OFFSET,
+    },
     stacks::StackKey,
 };
 
@@ -60,6 +65,40 @@ fn grown_at(ctx: &ProbeContext, m: u64, seed_at: u64, mask: u64, kind: u32) {
     // SAFETY: user memory read through the helper, which faults safely.
     let Ok(raw) = (unsafe { bpf_probe_read_user((m + seed_at) as *const u64) }) else { return };
     let seed = raw & mask;
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    bump(counter::MAP_EVENTS);
+    let known = MAPS.get_ptr_mut(&m);
+    if let Some(e) = known {
+        // SAFETY: a map value; a concurrent update only races on statistics.
+        let e = unsafe { &mut *e };
+        if e.seed == seed {
+            e.grows += 1;
+            if now.wrapping_sub(e.last_ns) < STACK_REFRESH_NS {
+                return;
+            }
+            e.stack = growth_stack(ctx);
+            e.last_ns = now;
+            return;
+        }
+    } else if kind == KIND_MAP {
+        // SAFETY: user memory read through the helper. The count is the
+        // u64 at offset 0 of the header in every Go version.
+        let count = unsafe { bpf_probe_read_user(m as *const u64) }.unwrap_or(0);
+        if count < MIN_REGISTER_ENTRIES {
+            return;
+        }
+    }
+    // A new map, or another map at a reused address: start over.
+    let info = MapInfo { stack: growth_stack(ctx), seed, first_ns: now, last_ns: now, grows: 1, clears: 0, kind, _pad: 0 };
+    if MAPS.insert(&m, &info, 0).is_err() {
+        bump(counter::MAP_LOST);
+    }
+}
+
+/// The user stack at a growth probe, with the caller from `[sp]`.
+#[inline(always)]
+fn growth_stack(ctx: &ProbeContext) -> StackKey {
     let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
         Ok(id) => id,
         Err(_) => {
@@ -69,25 +108,7 @@ fn grown_at(ctx: &ProbeContext, m: u64, seed_at: u64, mask: u64, kind: u32) {
     };
     // SAFETY: the probe's saved registers, then user memory via the helper.
     let caller = unsafe { bpf_probe_read_user((*ctx.regs).rsp as *const u64).unwrap_or(0) };
-    let stack = StackKey { stack_id, caller };
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    bump(counter::MAP_EVENTS);
-    if let Some(e) = MAPS.get_ptr_mut(&m) {
-        // SAFETY: a map value; a concurrent update only races on statistics.
-        let e = unsafe { &mut *e };
-        if e.seed == seed {
-            e.stack = stack;
-            e.last_ns = now;
-            e.grows += 1;
-            return;
-        }
-    }
-    // A new map, or another map at a reused address: start over.
-    let info = MapInfo { stack, seed, first_ns: now, last_ns: now, grows: 1, clears: 0, kind, _pad: 0 };
-    if MAPS.insert(&m, &info, 0).is_err() {
-        bump(counter::MAP_LOST);
-    }
+    StackKey { stack_id, caller }
 }
 
 /// `runtime.hashGrow(t, h)` (Go <= 1.23): the map is in RBX.
@@ -99,16 +120,7 @@ pub fn map_grow_rbx(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// `internal/runtime/maps.(*Map).growToTable(m, typ)` (Go 1.24+): RAX.
-#[uprobe]
-pub fn map_grow_rax(ctx: ProbeContext) -> u32 {
-    // SAFETY: the probe's saved registers.
-    let m = unsafe { (*ctx.regs).rax };
-    grown(&ctx, m);
-    0
-}
-
-/// `internal/runtime/maps.(*table).rehash(t, typ, m)` (Go 1.24+): RCX.
+/// `internal/runtime/maps.(*table).split(t, typ, m)` (Go 1.24+): RCX.
 #[uprobe]
 pub fn map_grow_rcx(ctx: ProbeContext) -> u32 {
     // SAFETY: the probe's saved registers.

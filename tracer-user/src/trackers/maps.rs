@@ -103,12 +103,13 @@ fn plan_probes(bin: &GoBinary) -> Result<(bool, Vec<MapProbe>)> {
     let swiss = if add("map_grow_rbx", "runtime.hashGrow") {
         false
     } else {
-        // Go 1.24+: a small map becomes a table, a table grows or splits
-        // (`grow`/`split` are only called from `rehash`).
-        let a = add("map_grow_rax", "internal/runtime/maps.(*Map).growToTable");
-        let b = add("map_grow_rcx", "internal/runtime/maps.(*table).rehash");
-        if !(a && b) {
-            anyhow::bail!("no map growth function found (runtime.hashGrow or internal/runtime/maps.(*table).rehash)");
+        // Go 1.24+: a table at its largest (1024 slots) splits in two,
+        // once per ~500-900 inserts into a big map; smaller tables `grow`
+        // (rehash -> grow), which only maps under ~1000 entries do: not
+        // probed, those maps are no leak yet and the probe would trap
+        // several times for every new map.
+        if !add("map_grow_rcx", "internal/runtime/maps.(*table).split") {
+            anyhow::bail!("no map growth function found (runtime.hashGrow or internal/runtime/maps.(*table).split)");
         }
         true
     };
