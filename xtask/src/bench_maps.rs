@@ -67,7 +67,12 @@ fn start_bench(bin: &Path, ms: u64) -> Result<Bench> {
 /// Starts the inserts, waits for the result: CPU ns per insert (the
 /// machines that run this are often busy: wall time would measure the
 /// queue for a CPU as much as the work).
-fn finish_bench(mut b: Bench) -> Result<f64> {
+fn finish_bench(b: Bench) -> Result<f64> {
+    finish_bench_counted(b).map(|(ns, _)| ns)
+}
+
+/// [`finish_bench`] and the number of inserts.
+fn finish_bench_counted(mut b: Bench) -> Result<(f64, u64)> {
     send_signal(b.child.id(), "USR1")?;
     let st = match wait_timeout(&mut b.child, Duration::from_secs(120))? {
         Some(st) => st,
@@ -80,19 +85,30 @@ fn finish_bench(mut b: Bench) -> Result<f64> {
     if !st.success() {
         bail!("mapbench failed ({st}): {out}");
     }
-    out.split_whitespace()
-        .find_map(|kv| kv.strip_prefix("cpu_ns_per_insert="))
-        .ok_or_else(|| anyhow!("mapbench printed no result: {out}"))?
-        .parse()
-        .context("bad ns_per_insert")
+    let field = |name: &str| out.split_whitespace().find_map(|kv| kv.strip_prefix(name).map(str::to_string));
+    let ns = field("cpu_ns_per_insert=").ok_or_else(|| anyhow!("mapbench printed no result: {out}"))?;
+    let inserts = field("inserts=").and_then(|v| v.parse().ok()).unwrap_or(0);
+    Ok((ns.parse().context("bad cpu_ns_per_insert")?, inserts))
 }
 
-/// leaktrace attached with the map tracker while the inserts run.
-fn run_traced(root: &Path, bin: &Path, ms: u64, tag: &str) -> Result<f64> {
+/// `"map":N` in the `events` of leaktrace's last JSON line.
+fn map_events(json: &str) -> u64 {
+    let Some(last) = json.lines().rev().find(|l| l.contains("\"final\":true")) else { return 0 };
+    let Some(ev) = last.find("\"events\":{").map(|i| &last[i..]) else { return 0 };
+    ev.find("\"map\":")
+        .map(|i| ev[i + 6..].chars().take_while(char::is_ascii_digit).collect::<String>())
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0)
+}
+
+/// leaktrace attached with the map tracker while the inserts run: CPU ns
+/// per insert, and growth events per insert (from leaktrace's report).
+fn run_traced(root: &Path, bin: &Path, ms: u64, tag: &str) -> Result<(f64, f64)> {
     let b = start_bench(bin, ms)?;
     let out_dir = target_dir(root).join("xtask-bench");
     fs::create_dir_all(&out_dir)?;
-    let json = fs::File::create(out_dir.join(format!("maps-{tag}.json")))?;
+    let json_path = out_dir.join(format!("maps-{tag}.json"));
+    let json = fs::File::create(&json_path)?;
     let mut lt = Command::new(leaktrace_bin(root));
     lt.args(["attach", "--pid", &b.child.id().to_string(), "--track", "maps", "--interval", "1s", "--format", "json"])
         .stdin(Stdio::null())
@@ -129,14 +145,16 @@ fn run_traced(root: &Path, bin: &Path, ms: u64, tag: &str) -> Result<f64> {
             bail!("leaktrace did not attach (see target/xtask-bench/maps-{tag}.log)");
         }
     }
-    let result = finish_bench(b);
+    let result = finish_bench_counted(b);
     let _ = send_signal(tracer.id(), "INT");
     if wait_timeout(&mut tracer, Duration::from_secs(15))?.is_none() {
         let _ = tracer.kill();
         let _ = tracer.wait();
     }
     let _ = logger.join();
-    result
+    let (ns, inserts) = result?;
+    let events = map_events(&fs::read_to_string(&json_path).unwrap_or_default());
+    Ok((ns, events as f64 / inserts.max(1) as f64))
 }
 
 /// File offset of `sym` in a Go executable, and of the first `push %rbp`
@@ -242,11 +260,16 @@ pub fn bench_maps(root: &Path, args: &[String]) -> Result<()> {
         let (sym_off, push_off) = symbol_offsets(&bin, "runtime.mapassign_fast64")?;
         // ns per insert, per mode, per round.
         let mut ns: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
+        let mut events_per_insert = Vec::new();
         for round in 0..rounds {
             for (i, mode) in MODES.iter().enumerate() {
                 let v = match *mode {
                     "untraced" => finish_bench(start_bench(&bin, ms)?)?,
-                    "leaktrace" => run_traced(root, &bin, ms, &format!("{fixture}-{round}"))?,
+                    "leaktrace" => {
+                        let (v, e) = run_traced(root, &bin, ms, &format!("{fixture}-{round}"))?;
+                        events_per_insert.push(e);
+                        v
+                    }
                     "uprobe+0" => run_uprobed(&bin, ms, sym_off)?,
                     _ => run_uprobed(&bin, ms, push_off)?,
                 };
@@ -261,7 +284,13 @@ pub fn bench_maps(root: &Path, args: &[String]) -> Result<()> {
             })
             .collect();
         let medians: Vec<f64> = ns.iter().map(|v| median(&mut v.clone())).collect();
-        table.push((label, medians, ratios, ns));
+        // The same cost from counts, steadier than a ratio of two noisy
+        // timings: growth probes per insert x what one emulated trap costs
+        // (the PUSHQ BP mode minus untraced), over the untraced cost.
+        let epi = median(&mut events_per_insert);
+        let trap_ns = (medians[3] - medians[0]).max(0.0);
+        let estimate = 1.0 + epi * trap_ns / medians[0];
+        table.push((label, medians, ratios, ns, epi, estimate));
     }
 
     let mut out = std::io::stdout().lock();
@@ -269,8 +298,8 @@ pub fn bench_maps(root: &Path, args: &[String]) -> Result<()> {
     writeln!(out, "mapbench: fresh {SIZE}-key maps filled through runtime.mapassign_fast64 for {ms} ms per run, {rounds} rounds")?;
     writeln!(out, "CPU ns/insert = the process's user+system CPU time (all threads, uprobe handling included) / inserts")?;
     writeln!(out, "ratio = median over rounds of (mode / the untraced run of the same round)")?;
-    for (label, medians, ratios, ns) in &table {
-        writeln!(out, "{label}")?;
+    for (label, medians, ratios, ns, epi, estimate) in &table {
+        writeln!(out, "{label}: {:.0} inserts per growth probe hit; estimated leaktrace cost from that count: {estimate:.3}x", 1.0 / epi.max(1e-12))?;
         for (i, mode) in MODES.iter().enumerate() {
             let all = ns[i].iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
             writeln!(out, "  {mode:<12} {:>10.1} CPU ns/insert {:>8.2}x   {all}", medians[i], ratios[i])?;
@@ -287,8 +316,11 @@ pub fn bench_maps(root: &Path, args: &[String]) -> Result<()> {
         "the same uprobe at its `PUSHQ BP` (the cheapest per-insert probe: emulated)",
     ];
     for (i, name) in names.iter().enumerate() {
-        let cells: Vec<String> = table.iter().map(|(_, m, r, _)| format!("{:.1} ({:.2}x)", m[i], r[i])).collect();
+        let cells: Vec<String> = table.iter().map(|(_, m, r, ..)| format!("{:.1} ({:.2}x)", m[i], r[i])).collect();
         writeln!(out, "| {name} | {} |", cells.join(" | "))?;
     }
+    let cells: Vec<String> =
+        table.iter().map(|(.., epi, est)| format!("1 per {:.0} inserts ({est:.3}x)", 1.0 / epi.max(1e-12))).collect();
+    writeln!(out, "| growth probe hits under leaktrace (estimated cost: hits x one trap) | {} |", cells.join(" | "))?;
     Ok(())
 }
