@@ -113,6 +113,33 @@ fn go_maps_without_leak_have_no_leak() {
     }
 }
 
+/// Every probe sits on an emulated instruction chosen by disassembly: the
+/// `PUSHQ BP` of the prologue (Go 1.21+) or the `JBE` after the stack check
+/// (Go 1.19), never on the single-stepped `CMPQ` at the symbol.
+#[test]
+fn probes_sit_on_cheap_prologue_instructions() {
+    for (name, functions) in [
+        ("mapgrow-go", &["runtime.hashGrow", "runtime.mapclear"][..]),
+        ("mapgrow-go122", &["runtime.hashGrow", "runtime.mapclear"][..]),
+        ("mapgrow-go124", &["internal/runtime/maps.(*table).split", "runtime.mapclear"][..]),
+        ("mapgrow-go127-stripped", &["internal/runtime/maps.(*table).split", "runtime.mapclear"][..]),
+    ] {
+        let path = fixture(name);
+        let fixture = name;
+        let bytes = std::fs::read(&path).unwrap();
+        let probes = leaktrace::trackers::maps::plan(&path).unwrap();
+        for f in functions {
+            let p = probes.iter().find(|p| p.function == *f).unwrap_or_else(|| panic!("{fixture}: no probe on {f}: {probes:?}"));
+            let code = &bytes[p.file_offset as usize..];
+            let cheap = if fixture == "mapgrow-go" { code[..2] == [0x0f, 0x86] } else { code[0] == 0x55 };
+            assert!(cheap, "{fixture}: {f} probed at {:02x?}", &code[..4]);
+        }
+        if fixture != "mapgrow-go" && fixture != "mapgrow-go122" {
+            assert!(probes.iter().any(|p| p.function.ends_with("]).expand")), "{fixture}: no sync.Map probe: {probes:?}");
+        }
+    }
+}
+
 /// Without a symbol table maps are named by address; the leak is still found.
 #[test]
 fn stripped_go_map_leak_is_found_by_address() {

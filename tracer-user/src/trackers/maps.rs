@@ -89,6 +89,12 @@ impl Layout {
     }
 }
 
+/// The probes the map tracker would attach to the Go executable at `path`
+/// (for tests and diagnostics).
+pub fn plan(path: &Path) -> Result<Vec<MapProbe>> {
+    Ok(plan_probes(&GoBinary::read(path)?)?.1)
+}
+
 /// The growth and clear functions of the target and where to probe them.
 fn plan_probes(bin: &GoBinary) -> Result<(bool, Vec<MapProbe>)> {
     let mut probes = Vec::new();
@@ -195,7 +201,10 @@ fn cheap_probe_address(code: &[u8], entry: u64) -> u64 {
             jcc.get_or_insert(ins.ip());
             continue;
         }
-        let writes_sp = ins.op_count() > 0 && ins.op0_kind() == OpKind::Register && ins.op0_register() == Register::RSP;
+        // The stack check `CMPQ SP, 16(R14)` only reads SP.
+        let compares = matches!(ins.mnemonic(), Mnemonic::Cmp | Mnemonic::Test);
+        let writes_sp =
+            !compares && ins.op_count() > 0 && ins.op0_kind() == OpKind::Register && ins.op0_register() == Register::RSP;
         if writes_sp || ins.flow_control() != FlowControl::Next {
             break;
         }
@@ -450,7 +459,7 @@ impl MapCollector {
             let entry = valid.get(&addr).map(|(_, i)| *i);
             let n = self.named.entry(name.clone()).or_insert_with(|| Named {
                 kind,
-                stack: entry.map(|i| i.stack).unwrap_or_default(),
+                stack: entry.map_or(StackKey { stack_id: -1, caller: 0 }, |i| i.stack),
                 since_ns: entry.map_or(now_ns, |i| i.first_ns),
                 grows: 0,
                 clears: 0,
