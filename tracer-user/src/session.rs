@@ -353,13 +353,14 @@ fn load_syscall_sites(kernel: &mut Kernel, pid: u32, memory: &MemoryMap) -> bool
 /// growth and clear probes. A target that is not Go (or a probe that cannot
 /// be attached) is a one-line warning and no map tracking.
 fn start_maps(kernel: &mut Kernel, pid: u32) {
-    let started = MapCollector::new(&mut kernel.probes.ebpf, pid).and_then(|m| {
+    let started = MapCollector::new(&mut kernel.probes.ebpf, pid).and_then(|mut m| {
         for p in &m.probes {
             kernel
                 .probes
                 .attach_uprobe_at(p.program, &m.exe, p.file_offset, pid)
                 .with_context(|| format!("maps: {}", p.function))?;
         }
+        m.duty_cycle(&mut kernel.probes);
         Ok(m)
     });
     match started {
@@ -438,6 +439,7 @@ async fn build_report(
     }
     if let Some(maps) = kernel.maps.as_mut() {
         samples.extend(maps.collect(now, alive)?.into_iter().map(|s| (Kind::Map, s)));
+        maps.duty_cycle(&mut kernel.probes);
     }
     let keys: Vec<_> = samples.iter().map(|(_, s)| s.stack.clone()).collect();
     let frames = kernel.resolver.resolve(&keys, memory).await;

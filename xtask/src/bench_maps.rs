@@ -38,8 +38,13 @@ struct Bench {
 }
 
 fn start_bench(bin: &Path, ms: u64) -> Result<Bench> {
+    start_bench_with(bin, ms, &[])
+}
+
+fn start_bench_with(bin: &Path, ms: u64, extra: &[&str]) -> Result<Bench> {
     let mut cmd = Command::new(bin);
-    cmd.args(["-ms", &ms.to_string(), "-size", SIZE]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    cmd.args(["-ms", &ms.to_string(), "-size", SIZE])
+        .args(extra).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
     announce(&cmd);
     let mut child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
     let stdout = child.stdout.take().unwrap();
@@ -103,8 +108,8 @@ fn map_events(json: &str) -> u64 {
 
 /// leaktrace attached with the map tracker while the inserts run: CPU ns
 /// per insert, and growth events per insert (from leaktrace's report).
-fn run_traced(root: &Path, bin: &Path, ms: u64, tag: &str) -> Result<(f64, f64)> {
-    let b = start_bench(bin, ms)?;
+fn run_traced(root: &Path, bin: &Path, ms: u64, tag: &str, extra: &[&str]) -> Result<(f64, f64)> {
+    let b = start_bench_with(bin, ms, extra)?;
     let out_dir = target_dir(root).join("xtask-bench");
     fs::create_dir_all(&out_dir)?;
     let json_path = out_dir.join(format!("maps-{tag}.json"));
@@ -266,7 +271,7 @@ pub fn bench_maps(root: &Path, args: &[String]) -> Result<()> {
                 let v = match *mode {
                     "untraced" => finish_bench(start_bench(&bin, ms)?)?,
                     "leaktrace" => {
-                        let (v, e) = run_traced(root, &bin, ms, &format!("{fixture}-{round}"))?;
+                        let (v, e) = run_traced(root, &bin, ms, &format!("{fixture}-{round}"), &[])?;
                         events_per_insert.push(e);
                         v
                     }
@@ -292,6 +297,21 @@ pub fn bench_maps(root: &Path, args: &[String]) -> Result<()> {
         let estimate = 1.0 + epi * trap_ns / medians[0];
         table.push((label, medians, ratios, ns, epi, estimate));
     }
+
+    // Go 1.24+ sync.Map: stores of new keys, untraced and traced (its
+    // trie's `expand` is probed: the costly case of the tracker).
+    let sync_bin = fixtures_bin(root).join("mapbench-go127");
+    let (mut su, mut st, mut sr, mut se) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let u = finish_bench(start_bench_with(&sync_bin, ms, &["-sync"])?)?;
+        let (t, e) = run_traced(root, &sync_bin, ms, &format!("sync-{round}"), &["-sync"])?;
+        eprintln!("bench maps: sync.Map round {}/{rounds}: untraced {u:.1}, leaktrace {t:.1} CPU ns/store", round + 1);
+        su.push(u);
+        st.push(t);
+        sr.push(t / u);
+        se.push(e);
+    }
+    let (su_m, st_m, sr_m, se_m) = (median(&mut su), median(&mut st), median(&mut sr), median(&mut se));
 
     let mut out = std::io::stdout().lock();
     writeln!(out)?;
@@ -322,5 +342,14 @@ pub fn bench_maps(root: &Path, args: &[String]) -> Result<()> {
     let cells: Vec<String> =
         table.iter().map(|(.., epi, est)| format!("1 per {:.0} inserts ({est:.3}x)", 1.0 / epi.max(1e-12))).collect();
     writeln!(out, "| growth probe hits under leaktrace (estimated cost: hits x one trap) | {} |", cells.join(" | "))?;
+    writeln!(out)?;
+    writeln!(out, "| Go 1.27 `sync.Map`, stores of new keys | CPU ns/store | ratio |")?;
+    writeln!(out, "|---|---|---|")?;
+    writeln!(out, "| untraced | {su_m:.1} | 1.00x |")?;
+    writeln!(
+        out,
+        "| leaktrace attach --track maps, while the trie's `expand` is probed (1 hit per {:.1} stores; the probe is on for leaktrace's first 3 intervals, then 1 in 20: this run is inside the first ones) | {st_m:.1} | {sr_m:.2}x |",
+        1.0 / se_m.max(1e-12)
+    )?;
     Ok(())
 }

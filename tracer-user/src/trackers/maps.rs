@@ -39,6 +39,8 @@ use tracer_common::{
 };
 
 use self::goelf::{DataSymbol, GoBinary};
+use crate::probes::Probes;
+use aya::programs::uprobe::UProbeLinkId;
 use self::memory::{read_many, u64_at};
 use super::{SampleStack, StackSample};
 
@@ -121,7 +123,8 @@ fn plan_probes(bin: &GoBinary) -> Result<(bool, Vec<MapProbe>)> {
     };
     add("map_clear", "runtime.mapclear");
     // Go 1.24+ sync.Map (a HashTrieMap of any -> any): the trie grows a
-    // level when a new key collides with an entry.
+    // level when a new key collides with an entry (last in the list: it is
+    // the probe that is only on part of the time).
     add("map_trie_expand", TRIE_EXPAND);
     Ok((swiss, probes))
 }
@@ -145,6 +148,13 @@ const UNNAMED_IDLE_NS: u64 = 30_000_000_000;
 /// ... and after this long its kernel entry is removed, freeing the slot
 /// (a growth registers it again).
 const UNNAMED_FORGET_NS: u64 = 600_000_000_000;
+
+/// The trie's `expand` fires for about a third of new keys (doubling the
+/// cost of a `sync.Map` store): it is on for the first intervals (to find
+/// the tries and their inserting stacks) and then for one interval in this
+/// many; the tries found are counted from memory every interval.
+const TRIE_PROBE_PERIOD: u64 = 20;
+const TRIE_PROBE_FIRST: u64 = 3;
 
 /// Entries of the trie whose root indirect node is at `root`, walked level
 /// by level with batched reads: an `indirect` node has its 16 children at
@@ -260,8 +270,12 @@ pub struct MapCollector {
     since: HashMap<u64, u64>,
     /// Each unnamed map's last count and when it last changed (ktime).
     changed: HashMap<u64, (u64, u64)>,
-    /// The probes to attach.
+    /// The probes to attach (always on).
     pub probes: Vec<MapProbe>,
+    /// The 1.24+ `sync.Map` probe, on part of the time (see [`MapCollector::duty_cycle`]).
+    trie_probe: Option<MapProbe>,
+    trie_link: Option<UProbeLinkId>,
+    intervals: u64,
     /// The executable the probes go into.
     pub exe: PathBuf,
     /// Maps dropped because their address no longer held them.
@@ -278,7 +292,8 @@ impl MapCollector {
         let exe = PathBuf::from(format!("/proc/{pid}/exe"));
         let real = std::fs::read_link(&exe).unwrap_or_else(|_| exe.clone());
         let bin = GoBinary::read(&exe).with_context(|| format!("maps: {}", real.display()))?;
-        let (swiss, probes) = plan_probes(&bin)?;
+        let (swiss, mut probes) = plan_probes(&bin)?;
+        let trie_probe = probes.pop_if(|p| p.program == "map_trie_expand");
         let layout = Layout::for_version(bin.version, swiss);
         let mut config: Array<_, u64> =
             Array::try_from(ebpf.map_mut("MAP_SEED").ok_or_else(|| anyhow!("MAP_SEED map missing"))?)?;
@@ -300,11 +315,37 @@ impl MapCollector {
             since: HashMap::new(),
             changed: HashMap::new(),
             probes,
+            trie_probe,
+            trie_link: None,
+            intervals: 0,
             exe,
             dropped: 0,
             stripped: !bin.has_symtab,
             go_version: bin.version,
         })
+    }
+
+    /// Turns the `sync.Map` probe on or off for the coming interval: on for
+    /// the first [`TRIE_PROBE_FIRST`], then one in [`TRIE_PROBE_PERIOD`].
+    /// A probe that cannot be attached is a warning, once.
+    pub fn duty_cycle(&mut self, probes: &mut Probes) {
+        let Some(p) = self.trie_probe.clone() else { return };
+        let on = self.intervals < TRIE_PROBE_FIRST || self.intervals % TRIE_PROBE_PERIOD == 0;
+        self.intervals += 1;
+        match (on, self.trie_link.take()) {
+            (true, None) => match probes.attach_uprobe_at(p.program, &self.exe, p.file_offset, self.pid) {
+                Ok(link) => self.trie_link = Some(link),
+                Err(e) => {
+                    eprintln!("leaktrace: warning: {e:#}: Go 1.24+ sync.Maps are not tracked");
+                    self.trie_probe = None;
+                }
+            },
+            (true, Some(link)) => self.trie_link = Some(link),
+            (false, Some(link)) => {
+                let _ = probes.detach_uprobe(p.program, link);
+            }
+            (false, None) => {}
+        }
     }
 
     /// Reads the seed (masked) and count from a header's first 16 bytes.
