@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod connections;
+pub mod maps;
 pub mod stacks;
 pub mod threads;
 
@@ -26,6 +27,10 @@ pub mod counter {
     /// Thread tracker events (thread created or ended); `EVENTS` counts
     /// the connection tracker's.
     pub const THREAD_EVENTS: u32 = 4;
+    /// Map tracker: growth and clear events of tracked maps.
+    pub const MAP_EVENTS: u32 = 20;
+    /// Map tracker: maps not tracked because the tracked-map table was full.
+    pub const MAP_LOST: u32 = 21;
     /// Number of slots.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 32;
 }

@@ -6,6 +6,7 @@
 #![no_main]
 
 mod connections;
+mod maps;
 mod stacks;
 mod threads;
 

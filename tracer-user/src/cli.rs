@@ -61,7 +61,7 @@ pub struct TraceOptions {
     /// Sampling and report interval.
     #[arg(long, value_parser = parse_duration, default_value = "5s", value_name = "DURATION")]
     pub interval: Duration,
-    /// Trackers to run: connections,tasks,maps,allocations,locks (default: all available).
+    /// Trackers to run: connections,tasks,maps,allocations,locks (default: connections,tasks).
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     pub track: Vec<String>,
     /// Output format: a table for people, or one JSON object per interval.
@@ -130,15 +130,18 @@ fn parse_kind(s: &str) -> Result<Kind, String> {
 }
 
 /// Trackers this build has.
-pub const AVAILABLE_TRACKERS: &[&str] = &["connections", "tasks"];
+pub const AVAILABLE_TRACKERS: &[&str] = &["connections", "tasks", "maps"];
+/// Trackers run when `--track` is not given (`maps` is asked for by name:
+/// it reads the target's memory every interval and only applies to Go).
+pub const DEFAULT_TRACKERS: &[&str] = &["connections", "tasks"];
 /// Trackers planned but not in this build.
-pub const PLANNED_TRACKERS: &[&str] = &["maps", "allocations", "locks"];
+pub const PLANNED_TRACKERS: &[&str] = &["allocations", "locks"];
 
 /// Resolves `--track` into the trackers to run, with a one-line error for
 /// unknown or unavailable names.
 pub fn trackers(list: &[String]) -> Result<Vec<&'static str>, String> {
     if list.is_empty() {
-        return Ok(AVAILABLE_TRACKERS.to_vec());
+        return Ok(DEFAULT_TRACKERS.to_vec());
     }
     let mut out = Vec::new();
     for name in list.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
@@ -175,6 +178,7 @@ mod tests {
         assert_eq!(trackers(&["tasks".into()]).unwrap(), vec!["tasks"]);
         assert!(trackers(&["locks".into()]).unwrap_err().contains("not available"));
         assert!(trackers(&["sockets".into()]).unwrap_err().contains("unknown tracker"));
+        assert_eq!(trackers(&["maps".into()]).unwrap(), vec!["maps"]);
     }
 
     #[test]

@@ -10,7 +10,10 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{HashMap as BpfHashMap, PerCpuHashMap, PerCpuValues},
-    programs::{uprobe::UProbeScope, TracePoint, UProbe},
+    programs::{
+        uprobe::{UProbeLinkId, UProbeScope},
+        TracePoint, UProbe,
+    },
     util::nr_cpus,
     Ebpf, EbpfLoader,
 };
@@ -170,6 +173,36 @@ impl Probes {
         program
             .attach("pthread_create", libc, scope)
             .with_context(|| format!("cannot attach a uprobe to pthread_create in {}", libc.display()))?;
+        Ok(())
+    }
+
+    /// Attaches the uprobe program `prog` at file offset `offset` of the
+    /// object at `path`, for `pid` only (the map tracker's probes, at
+    /// offsets chosen by disassembly).
+    pub fn attach_uprobe_at(&mut self, prog: &str, path: &Path, offset: u64, pid: u32) -> Result<UProbeLinkId> {
+        let program: &mut UProbe = self
+            .ebpf
+            .program_mut(prog)
+            .ok_or_else(|| anyhow!("program {prog} missing from the eBPF object"))?
+            .try_into()?;
+        if program.fd().is_err() {
+            program.load().map_err(|e| load_error(&format!("{prog}: {e:#}")))?;
+        }
+        let scope = UProbeScope::OneProcess(std::num::NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0"))?);
+        program
+            .attach(offset, path, scope)
+            .with_context(|| format!("cannot attach a uprobe at {}+{offset:#x}", path.display()))
+    }
+
+    /// Detaches one link of the uprobe program `prog` (a probe that is only
+    /// on part of the time).
+    pub fn detach_uprobe(&mut self, prog: &str, link: UProbeLinkId) -> Result<()> {
+        let program: &mut UProbe = self
+            .ebpf
+            .program_mut(prog)
+            .ok_or_else(|| anyhow!("program {prog} missing from the eBPF object"))?
+            .try_into()?;
+        program.detach(link)?;
         Ok(())
     }
 

@@ -52,17 +52,19 @@ pub enum Kind {
     Connection,
     Thread,
     Goroutine,
+    Map,
 }
 
 impl Kind {
     /// Every kind, in report order.
-    pub const ALL: &'static [Kind] = &[Kind::Connection, Kind::Thread, Kind::Goroutine];
+    pub const ALL: &'static [Kind] = &[Kind::Connection, Kind::Thread, Kind::Goroutine, Kind::Map];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Connection => "connection",
             Kind::Thread => "thread",
             Kind::Goroutine => "goroutine",
+            Kind::Map => "map",
         }
     }
 
@@ -107,6 +109,10 @@ pub struct Finding {
     /// `chan receive`, ...; `runnable`, `running`, `syscall` otherwise).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wait_reason: Option<String>,
+    /// Maps: the package-level variable holding the map (`main.cache`), or
+    /// its address (`0xc000123000`) when no variable names it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub map: Option<String>,
     /// Objects created from this stack since attach.
     pub created: u64,
     /// Objects from this stack that ended since attach.

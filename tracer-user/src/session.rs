@@ -21,7 +21,10 @@ use crate::{
     stacks::StackResolver,
     symbolize::{site_index, site_of, SymbolizerService},
     syscall_sites,
-    trackers::{connections::ConnectionCollector, goroutines::GoroutineCollector, threads::ThreadCollector, Counters},
+    trackers::{
+        connections::ConnectionCollector, goroutines::GoroutineCollector, maps::MapCollector, threads::ThreadCollector,
+        Counters,
+    },
 };
 
 /// How the session ended.
@@ -58,6 +61,8 @@ struct Kernel {
     track_threads: bool,
     /// Goroutines of a Go target (`tasks`): read from its memory, no probes.
     goroutines: Option<GoroutineCollector>,
+    /// The map tracker, when asked for and the target is a Go program.
+    maps: Option<MapCollector>,
     /// The libc whose `pthread_create` carries the thread tracker's uprobe.
     pthread_uprobe: Option<std::path::PathBuf>,
     resolver: StackResolver,
@@ -74,6 +79,8 @@ impl Kernel {
             lost_stacks: sum(c::LOST_STACKS),
             lost_ring: sum(c::LOST_RING),
             thread_events: sum(c::THREAD_EVENTS),
+            map_events: sum(c::MAP_EVENTS),
+            map_lost: sum(c::MAP_LOST),
         }
     }
 }
@@ -86,7 +93,7 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn series_id(key: &crate::trackers::SampleStack) -> u64 {
+fn series_id(key: &impl Hash) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut h);
     h.finish()
@@ -121,6 +128,7 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
         track_connections: trackers.contains(&"connections"),
         track_threads: trackers.contains(&"tasks"),
         goroutines: None,
+        maps: None,
         pthread_uprobe: None,
         resolver,
         counters,
@@ -151,6 +159,9 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
         eprintln!(
             "leaktrace: {pid} maps no libc (static or Go): no pthread_create probe; threads get the stack seen at clone"
         );
+    }
+    if trackers.contains(&"maps") {
+        start_maps(&mut kernel, pid);
     }
     let mut execs_seen = 0;
 
@@ -353,6 +364,31 @@ fn load_syscall_sites(kernel: &mut Kernel, pid: u32, memory: &MemoryMap) -> bool
     }
 }
 
+/// Sets up the map tracker: reads the target's Go executable, attaches the
+/// growth and clear probes. A target that is not Go (or a probe that cannot
+/// be attached) is a one-line warning and no map tracking.
+fn start_maps(kernel: &mut Kernel, pid: u32) {
+    let started = MapCollector::new(&mut kernel.probes.ebpf, pid).and_then(|mut m| {
+        for p in &m.probes {
+            kernel
+                .probes
+                .attach_uprobe_at(p.program, &m.exe, p.file_offset, pid)
+                .with_context(|| format!("maps: {}", p.function))?;
+        }
+        m.duty_cycle(&mut kernel.probes);
+        Ok(m)
+    });
+    match started {
+        Ok(m) => {
+            if m.stripped {
+                eprintln!("leaktrace: maps: {pid} has no symbol table (stripped): maps are named by address");
+            }
+            kernel.maps = Some(m);
+        }
+        Err(e) => eprintln!("leaktrace: warning: {e:#}; map tracking is off"),
+    }
+}
+
 /// Attaches the thread tracker's uprobe to the `pthread_create` of the libc
 /// the target maps (once per libc file).
 fn attach_pthread_create(kernel: &mut Kernel, pid: u32, memory: &MemoryMap) {
@@ -442,6 +478,10 @@ async fn build_report(
             }
         }
     }
+    if let Some(maps) = kernel.maps.as_mut() {
+        samples.extend(maps.collect(now, alive)?.into_iter().map(|s| (Kind::Map, s)));
+        maps.duty_cycle(&mut kernel.probes);
+    }
     let keys: Vec<_> = samples.iter().map(|(_, s)| s.stack.clone()).collect();
     let frames = kernel.resolver.resolve(&keys, memory).await;
     let mut findings = Vec::new();
@@ -450,14 +490,16 @@ async fn build_report(
     let mut seen = HashSet::new();
     for (kind, s) in &samples {
         let kind = *kind;
-        let key = (kind, series_id(&s.stack));
+        // A map is one series whatever stack last grew it.
+        let key = (kind, s.map.as_ref().map_or_else(|| series_id(&s.stack), series_id));
         seen.insert(key);
         if !observe {
             // The final report right after an interval's sample: judge what
             // is there; a sample milliseconds later would only add noise.
-        } else if growth.window_stats(key).is_none() {
+        } else if growth.window_stats(key).is_none() && kind != Kind::Map {
             // Everything we count was created after attach: a stack first
-            // seen now had nothing live at the previous sample.
+            // seen now had nothing live at the previous sample. (Not maps:
+            // a map's first count is real, it may predate the attach.)
             if let Some(prev) = *last_t {
                 growth.observe(key, prev, 0);
             }
@@ -491,6 +533,7 @@ async fn build_report(
             thread_name: s.thread_name.clone(),
             blocked_in: None,
             wait_reason: None,
+            map: s.map.clone(),
             created: s.created,
             ended: s.ended,
         });
@@ -531,6 +574,9 @@ async fn build_report(
         events.insert(Kind::Goroutine.as_str(), g.events);
         lost_goroutines = g.skipped;
     }
+    if kernel.maps.is_some() {
+        events.insert(Kind::Map.as_str(), c.map_events);
+    }
     Ok(Report {
         pid: ctx.pid,
         comm: ctx.comm.clone(),
@@ -538,8 +584,9 @@ async fn build_report(
         is_final,
         exited: exited.then_some(true),
         findings,
-        // Goroutines beyond the per-scan bound were not read: lost events.
-        lost: Lost { events: c.lost_events + c.lost_ring + lost_goroutines, stacks: c.lost_stacks },
+        // Goroutines beyond the per-scan bound were not read, maps beyond
+        // the table's bound not tracked: both are lost events.
+        lost: Lost { events: c.lost_events + c.lost_ring + lost_goroutines + c.map_lost, stacks: c.lost_stacks },
         events,
         findings_omitted: omitted,
     })

@@ -260,8 +260,10 @@ fn is_go_std(func: &str) -> bool {
         "index", "iter", "maps", "slices", "testing", "unique", "unsafe", "weak", "cmp", "archive",
         "structs", "golang.org",
     ];
-    // A Go symbol always has a dot between package and name.
-    func.contains('.') && !head.contains("::") && GO_STD.contains(&pkg) && !func.contains(' ')
+    // A Go symbol always has a dot between package and name; generic type
+    // arguments (`[go.shape.interface {}]`) may hold spaces.
+    let outside_brackets = func.split('[').next().unwrap_or(func);
+    func.contains('.') && !head.contains("::") && GO_STD.contains(&pkg) && !outside_brackets.contains(' ')
 }
 
 #[cfg(test)]
@@ -278,6 +280,7 @@ mod tests {
             frame("syscall.Syscall", "/srv/api"),
             frame("net.(*sysDialer).dialSingle", "/srv/api"),
             frame("net/http.(*Client).Do", "/srv/api"),
+            frame("internal/sync.(*HashTrieMap[go.shape.interface {},go.shape.interface {}]).Swap", "/srv/api"),
             frame("main.dialCache", "/srv/api"),
             frame("main.badHandler", "/srv/api"),
         ];

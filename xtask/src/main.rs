@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{anyhow, bail, Context, Result};
 
 mod bench_tasks;
+mod bench_maps;
 
 /// Rust toolchain for user space (rust-toolchain.toml pins it).
 const USER_TOOLCHAIN: &str = "1.95.0";
@@ -47,6 +48,8 @@ const GO_PROGRAMS: &[GoProgram] = &[
     GoProgram { dir: "goroutineleak", out: "goroutineleak", every_version: true },
     // Goroutine churn for `cargo xtask bench tasks` (which runs gochurn127).
     GoProgram { dir: "gochurn", out: "gochurn", every_version: true },
+    GoProgram { dir: "mapgrow", out: "mapgrow-go", every_version: true },
+    GoProgram { dir: "mapbench", out: "mapbench-go", every_version: true },
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const APT_PACKAGES: &[&str] = &[
@@ -85,6 +88,10 @@ commands:
   bench tasks [--runs N] [--goroutines N] [--threads N]   (defaults 5, 2000000, 20000)
                      goroutine churn (Go) and thread churn (C), untraced vs
                      `leaktrace attach --track tasks` (and 2 bare Go uprobes)
+  bench maps [--rounds N] [--ms MS]   (defaults 5, 2000)
+                     build, then time an insert-heavy Go program (Go 1.22, 1.27)
+                     untraced, under `leaktrace --track maps`, and with a
+                     uprobe on every map insert
   vm-test [--kernel 6.1|6.12|all]   (default 6.1)
                      build, fetch Debian cloud kernels (cached in .cache/vm),
                      boot each in QEMU (TCG) with an initramfs that runs
@@ -120,6 +127,7 @@ fn run(args: &[String]) -> Result<i32> {
         "demo" => demo(&root),
         "test" => test(&root, rest),
         "bench" if rest.first().is_some_and(|a| a == "tasks") => bench_tasks::bench_tasks(&root, &rest[1..]).map(|_| 0),
+        "bench" if rest.first().map(String::as_str) == Some("maps") => bench_maps::bench_maps(&root, &rest[1..]).map(|_| 0),
         "bench" => bench(&root, rest).map(|_| 0),
         "vm-test" => vm_test(&root, rest),
         "help" | "-h" | "--help" => {

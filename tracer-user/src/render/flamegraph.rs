@@ -47,6 +47,7 @@ fn objects(kind: Kind) -> &'static str {
         Kind::Connection => "connections",
         Kind::Thread => "threads",
         Kind::Goroutine => "goroutines",
+        Kind::Map => "map entries",
     }
 }
 

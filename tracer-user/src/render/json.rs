@@ -44,6 +44,7 @@ pub(crate) mod tests {
                 thread_name: None,
             blocked_in: None,
             wait_reason: None,
+                map: None,
                 created: 400,
                 ended: 280,
             }],

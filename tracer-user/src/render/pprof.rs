@@ -186,13 +186,14 @@ pub fn sample_types(kind: Kind) -> &'static [(&'static str, &'static str)] {
         Kind::Connection => &[("connections", "count")],
         Kind::Thread => &[("threads", "count")],
         Kind::Goroutine => &[("goroutines", "count")],
+        Kind::Map => &[("map_entries", "count")],
     }
 }
 
 /// A finding's values, one per entry of [`sample_types`] of its kind.
 pub fn sample_values(f: &Finding) -> Vec<i64> {
     match f.kind {
-        Kind::Connection | Kind::Thread | Kind::Goroutine => vec![clamp(f.live)],
+        Kind::Connection | Kind::Thread | Kind::Goroutine | Kind::Map => vec![clamp(f.live)],
     }
 }
 
@@ -346,6 +347,9 @@ pub fn build_profile(report: &Report, time_nanos: i64) -> Profile {
         }
         if let Some(name) = &f.thread_name {
             label.push(b.label("thread_name", name));
+        }
+        if let Some(map) = &f.map {
+            label.push(b.label("map", map));
         }
         b.profile.sample.push(Sample { location_id, value, label });
     }

@@ -346,6 +346,7 @@ mod tests {
             thread_name: None,
             blocked_in: None,
             wait_reason: None,
+            map: None,
             created: live,
             ended: 0,
         }

@@ -171,7 +171,12 @@ fn row(f: &Finding, opts: &TableOptions) -> [String; 7] {
         f.live.to_string(),
         growth_text(f.growth_per_min),
         f.oldest_age_s.map_or_else(|| "-".to_string(), age_text),
-        f.peer.clone().or_else(|| f.thread_name.clone()).or_else(|| f.wait_reason.clone()).unwrap_or_else(|| "-".to_string()),
+        f.peer
+            .clone()
+            .or_else(|| f.thread_name.clone())
+            .or_else(|| f.wait_reason.clone())
+            .or_else(|| f.map.clone())
+            .unwrap_or_else(|| "-".to_string()),
     ]
 }
 
@@ -289,6 +294,7 @@ mod tests {
             thread_name: None,
             blocked_in: None,
             wait_reason: None,
+            map: None,
             created: live,
             ended: 0,
         }

@@ -406,6 +406,7 @@ impl GoroutineCollector {
                 peer: None,
                 thread_name: None,
                 blocked: blocked.remove(&gopc),
+                ..Default::default()
             });
         }
         self.last_scan = (gs.len(), started.elapsed());
@@ -439,6 +440,7 @@ impl GoroutineCollector {
                     peer: None,
                     thread_name: None,
                     blocked: None,
+                    ..Default::default()
                 }
             })
             .collect()

@@ -3,6 +3,7 @@
 
 pub mod connections;
 pub mod goroutines;
+pub mod maps;
 pub mod threads;
 
 use std::collections::HashMap;
@@ -25,8 +26,16 @@ impl From<StackKey> for SampleStack {
     }
 }
 
+/// The empty stack (shown as "[stack not recorded]").
+impl Default for SampleStack {
+    fn default() -> Self {
+        SampleStack::Addresses(Vec::new())
+    }
+}
+
 /// What a collector says about one creation stack at one instant.
-#[derive(Clone, Debug)]
+/// Collectors fill what they know and leave the rest `..Default::default()`.
+#[derive(Clone, Debug, Default)]
 pub struct StackSample {
     pub stack: SampleStack,
     /// Objects alive now.
@@ -43,6 +52,9 @@ pub struct StackSample {
     pub thread_name: Option<String>,
     /// Goroutines: where one of the live ones is parked now, and why.
     pub blocked: Option<goroutines::Blocked>,
+    /// Maps: the map's variable (`main.cache`) or address; one series per
+    /// map (the stack is the latest growth's and may change).
+    pub map: Option<String>,
 }
 
 /// Counter totals read from the kernel side.
@@ -54,6 +66,10 @@ pub struct Counters {
     pub lost_ring: u64,
     /// Thread tracker events (created, ended).
     pub thread_events: u64,
+    /// Map tracker: growth and clear events.
+    pub map_events: u64,
+    /// Map tracker: maps not tracked (table full).
+    pub map_lost: u64,
 }
 
 /// The live objects of one creation stack, gathered while a collector walks
@@ -102,6 +118,7 @@ pub fn stack_samples(
             peer: None,
             thread_name: None,
             blocked: None,
+            map: None,
         };
         out.push((sample, most_common(acc.labels)));
     }
