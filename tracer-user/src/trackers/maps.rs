@@ -331,7 +331,7 @@ impl MapCollector {
     /// A probe that cannot be attached is a warning, once.
     pub fn duty_cycle(&mut self, probes: &mut Probes) {
         let Some(p) = self.trie_probe.clone() else { return };
-        let on = self.intervals < TRIE_PROBE_FIRST || self.intervals % TRIE_PROBE_PERIOD == 0;
+        let on = self.intervals < TRIE_PROBE_FIRST || self.intervals.is_multiple_of(TRIE_PROBE_PERIOD);
         self.intervals += 1;
         match (on, self.trie_link.take()) {
             (true, None) => match probes.attach_uprobe_at(p.program, &self.exe, p.file_offset, self.pid) {
