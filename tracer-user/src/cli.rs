@@ -86,8 +86,9 @@ pub struct TraceOptions {
     pub max_sockets: u32,
     /// When the trace ends, write the final report as a gzipped pprof
     /// profile (profile.proto) to FILE: one sample per finding, weighted by
-    /// live objects (sample types `connections`, `threads`), labels `site`,
-    /// `verdict`, `peer`, `thread_name`. Read it with `go tool pprof -top FILE`.
+    /// live objects (sample types `connections`, `threads`, `map_entries`),
+    /// labels `site`, `verdict`, `peer`, `thread_name`, `map`. Read it with
+    /// `go tool pprof -top FILE`.
     #[arg(long, value_name = "FILE")]
     pub pprof: Option<PathBuf>,
     /// When the trace ends, write a flame graph SVG of the final report's
@@ -96,7 +97,7 @@ pub struct TraceOptions {
     #[arg(long, value_name = "FILE.svg")]
     pub flamegraph: Option<PathBuf>,
     /// Only this kind's flame graph, written to the --flamegraph FILE itself
-    /// (kinds: connection, thread).
+    /// (kinds: connection, thread, map).
     #[arg(long, value_name = "KIND", requires = "flamegraph", value_parser = parse_kind)]
     pub flamegraph_kind: Option<Kind>,
 }

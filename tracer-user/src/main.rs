@@ -78,6 +78,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     f.growth_per_min,
                     f.oldest_age_s.map(|a| format!("{a:.0}s")).unwrap_or_else(|| "?".into()),
                     f.peer.as_deref().map(|p| format!(", peer {p}")).unwrap_or_default()
+                        + &f.map.as_deref().map(|m| format!(", map {m}")).unwrap_or_default()
                 );
                 let path: Vec<&str> =
                     f.stack.iter().skip(f.site_index).take(4).map(|fr| fr.function.as_str()).collect();

@@ -223,6 +223,7 @@ fn cheap_probe_address(code: &[u8], entry: u64) -> u64 {
 }
 
 /// The map tracker's own state about one kernel entry.
+#[derive(Clone, Copy, Debug)]
 struct Tracked {
     /// The kernel entry's `first_ns` when we last accepted it.
     first_ns: u64,
@@ -330,7 +331,7 @@ impl MapCollector {
     /// A probe that cannot be attached is a warning, once.
     pub fn duty_cycle(&mut self, probes: &mut Probes) {
         let Some(p) = self.trie_probe.clone() else { return };
-        let on = self.intervals < TRIE_PROBE_FIRST || self.intervals % TRIE_PROBE_PERIOD == 0;
+        let on = self.intervals < TRIE_PROBE_FIRST || self.intervals.is_multiple_of(TRIE_PROBE_PERIOD);
         self.intervals += 1;
         match (on, self.trie_link.take()) {
             (true, None) => match probes.attach_uprobe_at(p.program, &self.exe, p.file_offset, self.pid) {
@@ -367,11 +368,7 @@ impl MapCollector {
         // Validate every kernel entry against the header in memory.
         let mut valid: HashMap<u64, (u64, MapInfo)> = HashMap::new();
         for ((addr, info), hdr) in entries.iter().zip(headers) {
-            let t = self.tracked.entry(*addr).or_insert(Tracked { first_ns: 0, seed: 0, clears: 0 });
-            if t.first_ns != info.first_ns {
-                // (Re-)registered by a growth: the kernel read its seed then.
-                *t = Tracked { first_ns: info.first_ns, seed: info.seed, clears: info.clears };
-            }
+            self.tracked.entry(*addr).or_insert(Tracked { first_ns: 0, seed: 0, clears: 0 });
             let parsed = if info.kind == KIND_TRIE {
                 // Seed first: the walk is only worth it for a valid trie.
                 hdr.as_deref().and_then(|b| Some((u64_at(b, TRIE_ROOT_AT)?, u64_at(b, TRIE_SEED_OFFSET as usize)?)))
@@ -385,17 +382,11 @@ impl MapCollector {
                 continue;
             };
             let t = self.tracked.get_mut(addr).expect("inserted above");
-            if seed != t.seed {
-                if info.clears != t.clears {
-                    // Cleared (runtime.mapclear draws a new seed): same map.
-                    t.seed = seed;
-                    t.clears = info.clears;
-                } else {
-                    if target_alive {
-                        self.drop_map(*addr, info);
-                    }
-                    continue;
+            if !still_the_map(t, info, seed) {
+                if target_alive {
+                    self.drop_map(*addr, info);
                 }
+                continue;
             }
             let count = if info.kind == KIND_TRIE {
                 // `count` is the root pointer here.
@@ -599,6 +590,27 @@ impl MapCollector {
     }
 }
 
+/// Whether the address still holds the map of kernel entry `info`, given
+/// the seed now in memory; updates what we accept for it. A growth that
+/// (re-)registered the address brings the seed the kernel read then; a
+/// `runtime.mapclear` since we last looked allows one new seed (a clear
+/// reseeds); any other change of seed means the memory is no longer this
+/// map (freed and reused by the GC, a stack map that moved or died).
+fn still_the_map(t: &mut Tracked, info: &MapInfo, seed_now: u64) -> bool {
+    if t.first_ns != info.first_ns {
+        *t = Tracked { first_ns: info.first_ns, seed: info.seed, clears: info.clears };
+    }
+    if seed_now == t.seed {
+        return true;
+    }
+    if info.clears != t.clears {
+        t.seed = seed_now;
+        t.clears = info.clears;
+        return true;
+    }
+    false
+}
+
 /// Growths and clears of the kernel entries at `addr` (and `also`).
 fn claimed_events(valid: &HashMap<u64, (u64, MapInfo)>, addr: u64, also: Option<u64>) -> (u64, u64) {
     [Some(addr), also]
@@ -635,6 +647,26 @@ mod tests {
         assert_eq!(cheap_probe_address(&go119, 0x1000), 0x1004);
         // No stack check at all: the entry.
         assert_eq!(cheap_probe_address(&[0x48, 0x83, 0xec, 0x38], 0x1000), 0x1000);
+    }
+
+    #[test]
+    fn a_changed_seed_drops_the_map_unless_it_was_cleared() {
+        let info = MapInfo { seed: 7, first_ns: 100, ..Default::default() };
+        let mut t = Tracked { first_ns: 0, seed: 0, clears: 0 };
+        assert!(still_the_map(&mut t, &info, 7), "registered with seed 7");
+        assert!(still_the_map(&mut t, &info, 7));
+        // The GC reused the memory: another seed, no clear.
+        assert!(!still_the_map(&mut t.clone(), &info, 8));
+        // runtime.mapclear ran: the new seed is accepted once...
+        let cleared = MapInfo { clears: 1, ..info };
+        assert!(still_the_map(&mut t, &cleared, 9));
+        assert!(still_the_map(&mut t, &cleared, 9));
+        // ...but not a second change without another clear.
+        assert!(!still_the_map(&mut t, &cleared, 10));
+        // A growth re-registered the address (a new map there): its seed.
+        let again = MapInfo { seed: 11, first_ns: 200, ..info };
+        assert!(still_the_map(&mut t, &again, 11));
+        assert!(!still_the_map(&mut t, &again, 12));
     }
 
     #[test]
