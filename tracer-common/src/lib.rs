@@ -5,6 +5,7 @@
 //! as the tracker's modules in the two other crates.
 #![no_std]
 
+pub mod allocations;
 pub mod connections;
 pub mod stacks;
 pub mod threads;
@@ -26,6 +27,15 @@ pub mod counter {
     /// Thread tracker events (thread created or ended); `EVENTS` counts
     /// the connection tracker's.
     pub const THREAD_EVENTS: u32 = 4;
+    /// Allocation tracker events (blocks allocated or freed).
+    pub const ALLOC_EVENTS: u32 = 8;
+    /// Frees of blocks the tracker never saw allocated (made before attach,
+    /// or not sampled): ignored, never subtracted from any stack.
+    pub const ALLOC_UNTRACKED_FREES: u32 = 9;
+    /// Blocks not tracked because the live-block table was full.
+    pub const ALLOC_LOST: u32 = 10;
+    /// Allocator calls not tracked because the pending-call table was full.
+    pub const ALLOC_LOST_CALLS: u32 = 11;
     /// Number of slots.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 32;
 }

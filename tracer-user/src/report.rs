@@ -51,16 +51,18 @@ impl Verdict {
 pub enum Kind {
     Connection,
     Thread,
+    Allocation,
 }
 
 impl Kind {
     /// Every kind, in report order.
-    pub const ALL: &'static [Kind] = &[Kind::Connection, Kind::Thread];
+    pub const ALL: &'static [Kind] = &[Kind::Connection, Kind::Thread, Kind::Allocation];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Connection => "connection",
             Kind::Thread => "thread",
+            Kind::Allocation => "allocation",
         }
     }
 
@@ -97,6 +99,13 @@ pub struct Finding {
     /// Threads: the most common name of the live ones (`/proc/PID/task/TID/comm`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub thread_name: Option<String>,
+    /// Allocations: bytes alive now (`live` counts blocks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live_bytes: Option<u64>,
+    /// Allocations: least-squares slope of `live_bytes` over the judged
+    /// window, bytes per minute (the verdict is judged on bytes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub growth_bytes_per_min: Option<f64>,
     /// Objects created from this stack since attach.
     pub created: u64,
     /// Objects from this stack that ended since attach.
@@ -133,6 +142,10 @@ pub struct Report {
     pub events: BTreeMap<&'static str, u64>,
     /// Findings not shown because of `--max-findings` (bounded output).
     pub findings_omitted: u64,
+    /// Allocations: frees of blocks allocated before attach (or not
+    /// sampled), ignored rather than subtracted from any stack.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub untracked_frees: Option<u64>,
 }
 
 impl Report {

@@ -46,6 +46,7 @@ fn objects(kind: Kind) -> &'static str {
     match kind {
         Kind::Connection => "connections",
         Kind::Thread => "threads",
+        Kind::Allocation => "heap blocks",
     }
 }
 

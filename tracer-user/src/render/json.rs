@@ -42,6 +42,8 @@ pub(crate) mod tests {
                 oldest_age_s: Some(19.7),
                 peer: Some("127.0.0.1:6379".into()),
                 thread_name: None,
+                live_bytes: None,
+                growth_bytes_per_min: None,
                 created: 400,
                 ended: 280,
             }],
@@ -51,6 +53,7 @@ pub(crate) mod tests {
             },
             events: BTreeMap::from([("connection", 1234)]),
             findings_omitted: 0,
+            untracked_frees: None,
         }
     }
 

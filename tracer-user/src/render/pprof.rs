@@ -185,6 +185,7 @@ pub fn sample_types(kind: Kind) -> &'static [(&'static str, &'static str)] {
     match kind {
         Kind::Connection => &[("connections", "count")],
         Kind::Thread => &[("threads", "count")],
+        Kind::Allocation => &[("allocations", "count"), ("allocated", "bytes")],
     }
 }
 
@@ -192,6 +193,7 @@ pub fn sample_types(kind: Kind) -> &'static [(&'static str, &'static str)] {
 pub fn sample_values(f: &Finding) -> Vec<i64> {
     match f.kind {
         Kind::Connection | Kind::Thread => vec![clamp(f.live)],
+        Kind::Allocation => vec![clamp(f.live), clamp(f.live_bytes.unwrap_or(0))],
     }
 }
 

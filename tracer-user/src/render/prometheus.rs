@@ -95,6 +95,8 @@ struct SiteAgg {
     verdict: Verdict,
     /// Oldest of the known ages.
     oldest_age_s: Option<f64>,
+    /// Allocations: bytes alive now (summed).
+    live_bytes: Option<u64>,
 }
 
 impl SiteAgg {
@@ -106,6 +108,10 @@ impl SiteAgg {
         self.oldest_age_s = match (self.oldest_age_s, other.oldest_age_s) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
+        };
+        self.live_bytes = match (self.live_bytes, other.live_bytes) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
         };
     }
 }
@@ -123,6 +129,7 @@ fn aggregate_sites(
             growth_per_min: finite(f.growth_per_min),
             verdict: f.verdict,
             oldest_age_s: f.oldest_age_s.filter(|a| a.is_finite()),
+            live_bytes: f.live_bytes,
         };
         by_kind
             .entry(f.kind.as_str())
@@ -238,6 +245,15 @@ fn encode_report(
     )?;
     family(
         e,
+        "leaktrace_live_bytes",
+        "Allocations: bytes alive now, by creation site (same sites as leaktrace_live_objects).",
+        MetricType::Gauge,
+        per_site().filter_map(|(k, s, a)| {
+            a.live_bytes.map(|b| (site_labels(k, s, Some(a.verdict)), ConstGauge::new(i64::try_from(b).unwrap_or(i64::MAX))))
+        }),
+    )?;
+    family(
+        e,
         "leaktrace_growth_per_minute",
         "Least-squares slope of live objects over the judged window, objects per minute.",
         MetricType::Gauge,
@@ -286,6 +302,15 @@ fn encode_report(
             (vec![("pid", pid.clone()), ("reason", reason.to_string())], ConstCounter::new(n))
         }),
     )?;
+    if let Some(n) = report.untracked_frees {
+        family(
+            e,
+            "leaktrace_untracked_frees",
+            "Allocations: frees of blocks allocated before attach (or not sampled), ignored rather than subtracted.",
+            MetricType::Counter,
+            [(vec![("pid", pid.clone())], ConstCounter::new(n))],
+        )?;
+    }
     family(
         e,
         "leaktrace_findings",
@@ -344,6 +369,8 @@ mod tests {
             oldest_age_s: Some(live as f64),
             peer: None,
             thread_name: None,
+            live_bytes: None,
+            growth_bytes_per_min: None,
             created: live,
             ended: 0,
         }

@@ -1,6 +1,7 @@
 //! One collector per tracker: each reads its kernel aggregates and yields
 //! per-stack samples; none of them formats output.
 
+pub mod allocations;
 pub mod connections;
 pub mod threads;
 
@@ -40,6 +41,8 @@ pub struct StackSample {
     pub peer: Option<String>,
     /// Threads: most common name of the live ones.
     pub thread_name: Option<String>,
+    /// Allocations: bytes alive now.
+    pub live_bytes: Option<u64>,
 }
 
 /// Counter totals read from the kernel side.
@@ -51,6 +54,12 @@ pub struct Counters {
     pub lost_ring: u64,
     /// Thread tracker events (created, ended).
     pub thread_events: u64,
+    /// Allocation tracker events (blocks allocated, freed).
+    pub alloc_events: u64,
+    /// Frees of blocks allocated before attach (or not sampled).
+    pub alloc_untracked_frees: u64,
+    /// Blocks not tracked: live-block or pending-call table full.
+    pub alloc_lost: u64,
 }
 
 /// The live objects of one creation stack, gathered while a collector walks
@@ -98,6 +107,7 @@ pub fn stack_samples(
             oldest_age_s: acc.oldest_ns.map(|c| now_ns.saturating_sub(c) as f64 / 1e9),
             peer: None,
             thread_name: None,
+            live_bytes: None,
         };
         out.push((sample, most_common(acc.labels)));
     }
