@@ -481,6 +481,7 @@ struct ReportContext {
 /// bytes jitter by a few KiB; a leak rises by far more.
 pub fn alloc_bytes_config() -> GrowthConfig {
     GrowthConfig { min_rise_abs: 8192.0, ..GrowthConfig::default() }
+}
 
 fn emit(report: &Report, format: Format, is_tty: bool, table_opts: &TableOptions) {
     let mut out = std::io::stdout().lock();
