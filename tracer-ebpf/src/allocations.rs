@@ -21,10 +21,11 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user},
+    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, tracepoint, uprobe, uretprobe},
     maps::{HashMap, LruHashMap, PerCpuHashMap},
     programs::{tracing::StackIdContext, ProbeContext, RetProbeContext, TracePointContext},
+    EbpfContext,
 };
 use tracer_common::{
     allocations::{
@@ -194,6 +195,20 @@ pub fn alloc_new(ctx: ProbeContext) -> u32 {
     if ALLOC_PENDING.get_ptr(&id).is_some() {
         return 0;
     }
+    // The probe's cookie: how far `sp` moved before the probed instruction.
+    // SAFETY: the helper only reads the probe's attach cookie.
+    let depth = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let sp = sp_of(ctx.regs).wrapping_add(depth);
+    // SAFETY: no preconditions.
+    let ns = unsafe { bpf_ktime_get_ns() };
+    // A `new` inside a `new` in progress (nothrow new calls plain new):
+    // the outer one's caller is the one that counts.
+    // SAFETY: copied out of the map value.
+    if let Some(o) = unsafe { ALLOC_OUTER.get(&id) } {
+        if o.sp > sp && ns.wrapping_sub(o.ns) < OUTER_MAX_NS {
+            return 0;
+        }
+    }
     let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
         Ok(id) => id,
         Err(_) => {
@@ -201,11 +216,8 @@ pub fn alloc_new(ctx: ProbeContext) -> u32 {
             -1
         }
     };
-    let sp = sp_of(ctx.regs);
     // SAFETY: user memory read through the helper, which faults safely.
     let caller = unsafe { bpf_probe_read_user(sp as *const u64).unwrap_or(0) };
-    // SAFETY: no preconditions.
-    let ns = unsafe { bpf_ktime_get_ns() };
     let outer = OuterStack { stack: StackKey { stack_id, caller }, sp, ns };
     let _ = ALLOC_OUTER.insert(&id, &outer, 0);
     0

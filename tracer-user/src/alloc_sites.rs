@@ -33,6 +33,10 @@ pub struct AllocProbe {
     pub cheap: bool,
     /// `alloc_return` is attached at the same place.
     pub returns: bool,
+    /// How far `sp` is below the entry's at the probed instruction (only
+    /// `operator new` allows it: its program reads the return address at
+    /// `[sp + sp_depth]`, passed as the probe's cookie).
+    pub sp_depth: u32,
 }
 
 /// An entry point: name without prefix, program, argument registers the
@@ -98,8 +102,8 @@ pub fn allocator_probes(data: &[u8], prefix: &str) -> Result<Vec<AllocProbe>> {
             continue;
         }
         let Some(code) = bytes_at(&file, data, addr, size.clamp(1, 64)) else { continue };
-        let (delta, cheap) = match probe_delta(code, addr, entry.args) {
-            Some(d) => (d, true),
+        let (delta, cheap) = match probe_delta(code, addr, entry.args, false) {
+            Some((d, _)) => (d, true),
             None if entry.optional => continue,
             None => (0, false),
         };
@@ -111,6 +115,7 @@ pub fn allocator_probes(data: &[u8], prefix: &str) -> Result<Vec<AllocProbe>> {
             delta,
             cheap,
             returns: entry.returns,
+            sp_depth: 0,
         });
     }
     Ok(out)
@@ -127,9 +132,9 @@ pub fn operator_new_probes(data: &[u8]) -> Result<Vec<AllocProbe>> {
             continue;
         }
         let Some(code) = bytes_at(&file, data, addr, size.clamp(1, 64)) else { continue };
-        let (delta, cheap) = probe_delta(code, addr, &[]).map_or((0, false), |d| (d, true));
+        let (delta, sp_depth, cheap) = probe_delta(code, addr, &[], true).map_or((0, 0, false), |(d, depth)| (d, depth, true));
         let Some(file_offset) = file_offset(&file, addr + delta) else { continue };
-        out.push(AllocProbe { function: name.to_string(), program: "alloc_new", file_offset, delta, cheap, returns: false });
+        out.push(AllocProbe { function: name.to_string(), program: "alloc_new", file_offset, delta, cheap, returns: false, sp_depth });
     }
     Ok(out)
 }
@@ -145,11 +150,13 @@ pub fn probes_in_file(path: &Path, prefix: &str, with_new: bool) -> Result<Vec<A
 }
 
 /// Bytes from the entry to the first instruction the kernel emulates, when
-/// every instruction before it falls through without writing `sp` or any of
-/// `args`.
-pub fn probe_delta(code: &[u8], entry: u64, args: &[Register]) -> Option<u64> {
+/// every instruction before it falls through without writing any of `args`
+/// or `sp` — except, with `allow_depth`, `sub $imm,%rsp` (then the second
+/// value says how far `sp` moved).
+pub fn probe_delta(code: &[u8], entry: u64, args: &[Register], allow_depth: bool) -> Option<(u64, u32)> {
     let mut decoder = Decoder::with_ip(64, code, entry, DecoderOptions::NONE);
     let mut info = InstructionInfoFactory::new();
+    let mut depth = 0u32;
     for _ in 0..MAX_PREFIX {
         if !decoder.can_decode() {
             return None;
@@ -159,10 +166,19 @@ pub fn probe_delta(code: &[u8], entry: u64, args: &[Register]) -> Option<u64> {
             return None;
         }
         if emulated(&ins) {
-            return Some(ins.ip() - entry);
+            return Some((ins.ip() - entry, depth));
         }
         if ins.flow_control() != FlowControl::Next {
             return None;
+        }
+        if allow_depth
+            && ins.mnemonic() == Mnemonic::Sub
+            && ins.op0_kind() == OpKind::Register
+            && ins.op0_register() == Register::RSP
+            && matches!(ins.op1_kind(), OpKind::Immediate8to64 | OpKind::Immediate32to64)
+        {
+            depth = depth.checked_add(u32::try_from(ins.immediate(1)).ok()?)?;
+            continue;
         }
         let writes = info.info(&ins).used_registers().iter().any(|u| {
             let written = matches!(
@@ -228,13 +244,13 @@ mod tests {
     #[test]
     fn free_probe_skips_the_test() {
         let code = [0x48, 0x85, 0xff, 0x0f, 0x84, 0xbf, 0x00, 0x00, 0x00, 0x55];
-        assert_eq!(probe_delta(&code, 0x1000, &[RDI]), Some(3));
+        assert_eq!(probe_delta(&code, 0x1000, &[RDI], false), Some((3, 0)));
     }
 
     /// `malloc` starts with `push %r12`: probed on the symbol.
     #[test]
     fn push_first_is_probed_at_zero() {
-        assert_eq!(probe_delta(&[0x41, 0x54, 0x55], 0x1000, &[RDI]), Some(0));
+        assert_eq!(probe_delta(&[0x41, 0x54, 0x55], 0x1000, &[RDI], false), Some((0, 0)));
     }
 
     /// glibc's `reallocarray`: `mov %rsi,%rax; mul %rdx; mov %rax,%rsi; jo`:
@@ -242,11 +258,15 @@ mod tests {
     #[test]
     fn argument_writes_stop_the_search() {
         let code = [0x48, 0x89, 0xf0, 0x48, 0xf7, 0xe2, 0x48, 0x89, 0xc6, 0x70, 0x05];
-        assert_eq!(probe_delta(&code, 0x1000, &[RDI, RSI, RDX]), None);
+        assert_eq!(probe_delta(&code, 0x1000, &[RDI, RSI, RDX], false), None);
         // `sub $8,%rsp` first: the return address moved.
-        assert_eq!(probe_delta(&[0x48, 0x83, 0xec, 0x08, 0x55], 0x1000, &[]), None);
+        assert_eq!(probe_delta(&[0x48, 0x83, 0xec, 0x08, 0x55], 0x1000, &[], false), None);
+        // ... unless the program is told how far (nothrow `operator new`:
+        // endbr64; sub $8,%rsp; call).
+        let nothrow = [0xf3, 0x0f, 0x1e, 0xfa, 0x48, 0x83, 0xec, 0x08, 0xe8, 0x00, 0x00, 0x00, 0x00];
+        assert_eq!(probe_delta(&nothrow, 0x1000, &[], true), Some((8, 8)));
         // `cmpb $0,x(%rip)` then `push %r12` (posix_memalign).
-        assert_eq!(probe_delta(&[0x80, 0x3d, 0x01, 0x02, 0x14, 0x00, 0x00, 0x41, 0x54], 0x1000, &[RDI]), Some(7));
+        assert_eq!(probe_delta(&[0x80, 0x3d, 0x01, 0x02, 0x14, 0x00, 0x00, 0x41, 0x54], 0x1000, &[RDI], false), Some((7, 0)));
     }
 
     /// On this machine's libc every malloc-family probe is cheap, and free
@@ -261,5 +281,14 @@ mod tests {
         assert!(malloc.cheap && malloc.returns, "{malloc:?}");
         assert!(probes.iter().all(|p| p.cheap), "{probes:?}");
         assert!(allocator_probes(&data, "je_").unwrap().is_empty());
+    }
+
+    /// Every `operator new` of this machine's libstdc++ gets a cheap probe.
+    #[test]
+    fn system_operator_new_probes_are_cheap() {
+        let Ok(data) = std::fs::read("/lib/x86_64-linux-gnu/libstdc++.so.6") else { return };
+        let probes = operator_new_probes(&data).unwrap();
+        assert!(probes.iter().any(|p| p.function == "_Znwm"), "{probes:?}");
+        assert!(probes.iter().all(|p| p.cheap), "{probes:?}");
     }
 }

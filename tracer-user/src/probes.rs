@@ -217,8 +217,13 @@ impl Probes {
                 if program.fd().is_err() {
                     program.load().map_err(|e| load_error(&format!("{name}: {e:#}")))?;
                 }
+                let location = UProbeAttachLocation::AbsoluteOffset(p.file_offset);
+                let point = aya::programs::uprobe::UProbeAttachPoint {
+                    location,
+                    cookie: (p.sp_depth > 0).then_some(u64::from(p.sp_depth)),
+                };
                 program
-                    .attach(UProbeAttachLocation::AbsoluteOffset(p.file_offset), object, scope)
+                    .attach(point, object, scope)
                     .with_context(|| format!("cannot attach a uprobe to {}+{} in {}", p.function, p.delta, object.display()))?;
             }
         }

@@ -50,7 +50,12 @@ const APT_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "golang-go",
     "gcc",
+    // C++ fixtures (fixtures/cpp).
+    "g++",
     "bpftool",
+    // `cargo xtask bench allocations` compares with bpftrace (entry floor,
+    // memleak-style script).
+    "bpftrace",
     // The end-to-end test scrapes leaktrace with a real Prometheus; promtool
     // checks deploy/prometheus.
     "prometheus",
@@ -542,15 +547,36 @@ fn build_fixtures(root: &Path) -> Result<()> {
         if up_to_date(&out, mtime(&src).max(common_newest)) {
             continue;
         }
+        // `<name>_static.c`: linked statically (malloc inside the program).
+        let static_link: &[&str] = if name.ends_with("_static") { &["-static"] } else { &[] };
         run_cmd(
             Command::new("gcc")
                 .args(C_FLAGS)
+                .args(static_link)
                 .arg("-o")
                 .arg(&out)
                 .arg(&src)
                 .args(&common_srcs),
         )?;
         built += 1;
+    }
+
+    // C++ fixtures: fixtures/cpp/<name>.cc -> fixtures/bin/<name> (g++, same flags).
+    let cpp_dir = root.join("fixtures/cpp");
+    if cpp_dir.is_dir() {
+        for entry in fs::read_dir(&cpp_dir).with_context(|| format!("reading {}", cpp_dir.display()))? {
+            let src = entry?.path();
+            if src.extension().and_then(OsStr::to_str) != Some("cc") {
+                continue;
+            }
+            let name = src.file_stem().and_then(OsStr::to_str).unwrap_or_default();
+            let out = bin.join(name);
+            if up_to_date(&out, mtime(&src)) {
+                continue;
+            }
+            run_cmd(Command::new("g++").args(C_FLAGS).arg("-o").arg(&out).arg(&src))?;
+            built += 1;
+        }
     }
 
     // Go fixtures: one module in fixtures/go (shared code in
