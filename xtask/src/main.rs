@@ -3,6 +3,8 @@
 //! Every external command is printed before it runs. The repository root is
 //! `CARGO_MANIFEST_DIR/..`.
 
+mod bench_allocations;
+
 use std::env;
 use std::ffi::OsStr;
 use std::fs;
@@ -82,6 +84,9 @@ commands:
                      (e.g. `cargo xtask test -- --nocapture`)
   bench [--iterations N] [--runs N]   (defaults 10000, 7)
                      build, then time conn_bench untraced vs traced by leaktrace
+  bench allocations [--rounds N] [--micro N] [--mixed M] [--live K]
+                     malloc/free cost: untraced, entry floor, bpftrace
+                     memleak-style, leaktrace; daemon CPU/RSS at K live blocks
   vm-test [--kernel 6.1|6.12|all]   (default 6.1)
                      build, fetch Debian cloud kernels (cached in .cache/vm),
                      boot each in QEMU (TCG) with an initramfs that runs
@@ -116,6 +121,9 @@ fn run(args: &[String]) -> Result<i32> {
         "fixtures" => build_fixtures(&root).map(|_| 0),
         "demo" => demo(&root),
         "test" => test(&root, rest),
+        "bench" if rest.first().map(String::as_str) == Some("allocations") => {
+            bench_allocations::bench(&root, &rest[1..]).map(|_| 0)
+        }
         "bench" => bench(&root, rest).map(|_| 0),
         "vm-test" => vm_test(&root, rest),
         "help" | "-h" | "--help" => {
