@@ -23,7 +23,7 @@ use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, tracepoint, uprobe, uretprobe},
-    maps::{HashMap, LruHashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
     programs::{tracing::StackIdContext, ProbeContext, RetProbeContext, TracePointContext},
     EbpfContext,
 };
@@ -68,6 +68,7 @@ static ALLOC_PENDING: LruHashMap<u64, AllocPending> = LruHashMap::with_max_entri
 static ALLOC_OUTER: LruHashMap<u64, OuterStack> = LruHashMap::with_max_entries(MAX_PENDING_ALLOCS, 0);
 
 const MAP_ANONYMOUS: u64 = 0x20;
+const EEXIST: i32 = 17;
 const MAP_FIXED: u64 = 0x10;
 /// An `operator new` older than this did not lead to the `malloc` now returning.
 const OUTER_MAX_NS: u64 = 10_000_000;
@@ -168,18 +169,17 @@ pub fn alloc_memalign(ctx: ProbeContext) -> u32 {
     enter(&ctx, call::MEMALIGN, arg(&ctx, 1), 0)
 }
 
-/// `free(ptr)`; frees made inside another allocator call (`realloc(p, 0)`)
-/// are that call's business.
+/// `free(ptr)`. A free made inside `realloc(p, 0)` ends `p` here; the
+/// realloc's return then finds it gone and counts nothing more.
 #[uprobe]
 pub fn alloc_free(ctx: ProbeContext) -> u32 {
     if target_tgid().is_none() {
         return 0;
     }
     let ptr = arg(&ctx, 0);
-    if ptr == 0 || ALLOC_PENDING.get_ptr(&bpf_get_current_pid_tgid()).is_some() {
-        return 0;
+    if ptr != 0 {
+        release(ptr, true);
     }
-    release(ptr, true);
     0
 }
 
@@ -243,7 +243,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
             // A move: the old block is gone when a new one came back, and
             // when `realloc(p, 0)` returned NULL (glibc frees p then).
             if p.arg != 0 && (ret != 0 || p.size == 0) {
-                release(p.arg, true);
+                release(p.arg, false);
             }
             ret
         }
@@ -261,7 +261,8 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
         return 0;
     }
     let Some((bytes, count)) = sampled(p.size) else { return 0 };
-    let stack = match outer_stack(id, p.entry_sp) {
+    let outer = if new_probed() { outer_stack(id, p.entry_sp) } else { None };
+    let stack = match outer {
         Some(s) => s,
         None => {
             let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
@@ -276,6 +277,16 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     };
     track(addr, stack, bytes, count);
     0
+}
+
+/// Whether `operator new` is probed (user space sets slot 0 when it
+/// attaches one): C programs skip the `ALLOC_OUTER` lookup.
+#[map]
+static ALLOC_FLAGS: Array<u32> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+fn new_probed() -> bool {
+    ALLOC_FLAGS.get(0).is_some_and(|v| *v != 0)
 }
 
 /// The stack of the `operator new` this call is part of, if any.
@@ -312,22 +323,33 @@ fn sampled(size: u64) -> Option<(u64, u32)> {
 /// Adds a new block to the live table and its stack's totals.
 #[inline(always)]
 fn track(addr: u64, stack: StackKey, bytes: u64, count: u32) {
-    // An address handed out again without a free we saw (a free path we do
-    // not probe): the old block is gone.
-    release(addr, false);
-    let stack = counted(stack);
+    let Some(totals) = totals(stack) else { return };
+    let stack = totals.0;
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let sentinel = ALLOC_OLDEST.insert(&stack, &now, BPF_NOEXIST as u64).is_ok();
+    // Lockless look first: the sentinel exists for every busy stack.
+    let sentinel =
+        ALLOC_OLDEST.get_ptr(&stack).is_none() && ALLOC_OLDEST.insert(&stack, &now, BPF_NOEXIST as u64).is_ok();
     let info = AllocInfo { stack, bytes, count, flags: if sentinel { ALLOC_SENTINEL } else { 0 }, created_ns: now };
-    if ALLOCS.insert(&addr, &info, BPF_NOEXIST as u64).is_err() {
+    let mut stored = ALLOCS.insert(&addr, &info, BPF_NOEXIST as u64);
+    if stored == Err(-EEXIST) {
+        // An address handed out again without a free we saw (a free path
+        // we do not probe): the old block is gone.
+        release(addr, false);
+        stored = ALLOCS.insert(&addr, &info, BPF_NOEXIST as u64);
+    }
+    if stored.is_err() {
         bump(counter::ALLOC_LOST);
         if sentinel {
             let _ = ALLOC_OLDEST.remove(&stack);
         }
         return;
     }
-    add(&stack, count as u64, 0, bytes, 0);
+    // SAFETY: this CPU's copy of the value; no other writer while we run.
+    unsafe {
+        (*totals.1).created += count as u64;
+        (*totals.1).bytes_created += bytes;
+    }
     bump(counter::ALLOC_EVENTS);
 }
 
@@ -353,14 +375,20 @@ fn release(addr: u64, count_untracked: bool) {
     bump(counter::ALLOC_EVENTS);
 }
 
-/// `stack`, or the overflow key when the per-stack table is full.
+/// The key a new block of `stack` is counted under (`stack`, or the
+/// overflow key when the per-stack table is full) and this CPU's totals.
 #[inline(always)]
-fn counted(stack: StackKey) -> StackKey {
-    if ALLOC_STACKS.get_ptr(&stack).is_none() && ALLOC_STACKS.insert(&stack, &AllocCounts::default(), 0).is_err() {
-        bump(counter::LOST_STACKS);
-        return OVERFLOW_STACK;
+fn totals(stack: StackKey) -> Option<(StackKey, *mut AllocCounts)> {
+    if let Some(t) = ALLOC_STACKS.get_ptr_mut(&stack) {
+        return Some((stack, t));
     }
-    stack
+    let key = if ALLOC_STACKS.insert(&stack, &AllocCounts::default(), 0).is_ok() {
+        stack
+    } else {
+        bump(counter::LOST_STACKS);
+        OVERFLOW_STACK
+    };
+    ALLOC_STACKS.get_ptr_mut(&key).map(|t| (key, t))
 }
 
 #[inline(always)]

@@ -227,6 +227,12 @@ impl Probes {
                     .with_context(|| format!("cannot attach a uprobe to {}+{} in {}", p.function, p.delta, object.display()))?;
             }
         }
+        if plan.iter().any(|p| p.program == "alloc_new") {
+            // Tells the return program to look for an `operator new` in progress.
+            let map = self.ebpf.map_mut("ALLOC_FLAGS").ok_or_else(|| anyhow!("ALLOC_FLAGS map missing"))?;
+            let mut flags: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map)?;
+            flags.set(0, 1, 0)?;
+        }
         Ok(())
     }
 

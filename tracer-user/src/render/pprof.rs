@@ -185,7 +185,7 @@ pub fn sample_types(kind: Kind) -> &'static [(&'static str, &'static str)] {
     match kind {
         Kind::Connection => &[("connections", "count")],
         Kind::Thread => &[("threads", "count")],
-        Kind::Allocation => &[("allocations", "count"), ("allocated", "bytes")],
+        Kind::Allocation => &[("inuse_objects", "count"), ("inuse_space", "bytes")],
     }
 }
 
