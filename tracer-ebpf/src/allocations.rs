@@ -59,9 +59,12 @@ static ALLOC_STACKS: PerCpuHashMap<StackKey, AllocCounts> = PerCpuHashMap::with_
 #[map]
 static ALLOC_OLDEST: HashMap<StackKey, u64> = HashMap::with_max_entries(MAX_ALLOC_STACKS, 0);
 
-/// Allocator calls between entry and return, by pid_tgid.
+/// Allocator calls between entry and return, by pid_tgid. A plain
+/// (preallocated) hash: cheaper per call than an LRU, and an entry lives
+/// only from a call's entry to its return (a full table counts in
+/// `counter::ALLOC_LOST_CALLS`).
 #[map]
-static ALLOC_PENDING: LruHashMap<u64, AllocPending> = LruHashMap::with_max_entries(MAX_PENDING_ALLOCS, 0);
+static ALLOC_PENDING: HashMap<u64, AllocPending> = HashMap::with_max_entries(MAX_PENDING_ALLOCS, 0);
 
 /// `operator new` calls in progress, by pid_tgid.
 #[map]
@@ -87,12 +90,12 @@ fn enter(ctx: &ProbeContext, call: u32, size: u64, arg: u64) -> u32 {
         return 0;
     }
     let id = bpf_get_current_pid_tgid();
-    if ALLOC_PENDING.get_ptr(&id).is_some() {
-        return 0;
-    }
     let p = AllocPending { size, arg, entry_sp: sp_of(ctx.regs), call, _pad: 0 };
-    if ALLOC_PENDING.insert(&id, &p, 0).is_err() {
-        bump(counter::ALLOC_LOST_CALLS);
+    // Insert-if-absent: a call already pending in this thread is the outer one.
+    match ALLOC_PENDING.insert(&id, &p, BPF_NOEXIST as u64) {
+        Ok(()) => {}
+        Err(e) if e == -EEXIST => {}
+        Err(_) => bump(counter::ALLOC_LOST_CALLS),
     }
     0
 }
