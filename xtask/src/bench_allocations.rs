@@ -203,6 +203,9 @@ fn run_mode(root: &Path, mode: Mode, bench_args: &[String], json: Option<&Path>)
             return Err(e);
         }
     };
+    // Let the tracer settle (its first report, symbolizer start) before the
+    // target runs: on 2 cores it would otherwise compete with the target.
+    thread::sleep(Duration::from_secs(1));
     send_signal(target.id(), "USR1")?;
     let status = wait_timeout(&mut target, Duration::from_secs(900))?;
     let log = tracer.map(|t| t.stop(mode.label())).unwrap_or_default();
