@@ -120,6 +120,11 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     if trackers.contains(&"allocations") {
         attachments.push(probes::ALLOCATIONS);
     }
+    if let Some(lib) = opts.alloc_lib.as_ref().filter(|_| trackers.contains(&"allocations")) {
+        if !lib.exists() {
+            anyhow::bail!("--alloc-lib {}: no such file", lib.display());
+        }
+    }
     let alloc_load = probes::AllocLoad { max_allocations: opts.max_allocations, sample_bytes: opts.alloc_sample_bytes };
     let mut probes = Probes::load(pid, opts.max_sockets, alloc_load)?;
     let allocations = AllocationCollector::new(&mut probes.ebpf)?;

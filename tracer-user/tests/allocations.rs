@@ -172,3 +172,21 @@ fn run_mode_sees_allocations_from_the_first_instruction() {
     // Everything the program allocated was seen: frees never hit unknown blocks.
     assert_eq!(report["untracked_frees"], 0, "{all}");
 }
+
+#[test]
+fn full_block_table_is_counted_as_lost_and_nothing_beyond_it_is_live() {
+    let report = trace("alloc_leak", &[], &["--max-allocations", "200"], 5);
+    let all = summarize(&report);
+    assert!(report["lost"]["events"].as_u64().unwrap() > 0, "no loss counted:{all}");
+    let live: u64 = report["findings"].as_array().unwrap().iter().map(|f| f["live"].as_u64().unwrap()).sum();
+    assert!(live <= 200, "more live than the table holds ({live}):{all}");
+}
+
+#[test]
+fn missing_alloc_lib_is_a_one_line_error() {
+    let t = start("alloc_leak", &[]);
+    let pid = t.pid().to_string();
+    let run = run_leaktrace(&["attach", "--pid", &pid, "--for", "2s", "--track", "allocations", "--alloc-lib", "/no/such/lib.so"]);
+    assert_eq!(run.status, 1, "stderr: {}", run.stderr);
+    assert!(run.stderr.contains("--alloc-lib /no/such/lib.so: no such file"), "stderr: {}", run.stderr);
+}

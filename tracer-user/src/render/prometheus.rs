@@ -520,4 +520,22 @@ mod tests {
         let text = encode_text(&report, DEFAULT_MAX_SITES);
         assert!(text.contains(r#"site="a\"b\\c\nd""#), "{text}");
     }
+
+    #[test]
+    fn allocation_bytes_and_untracked_frees_are_exported() {
+        let mut r = example_report();
+        let mut f = finding("make_record", 10, 5.0, Verdict::Leak);
+        f.kind = crate::report::Kind::Allocation;
+        f.live_bytes = Some(2560);
+        r.findings.push(f);
+        r.untracked_frees = Some(7);
+        let text = encode_text(&r, DEFAULT_MAX_SITES);
+        assert!(
+            samples(&text, "leaktrace_live_bytes")
+                .contains(&r#"leaktrace_live_bytes{pid="1234",kind="allocation",site="make_record",verdict="leak"} 2560"#),
+            "{text}"
+        );
+        assert_eq!(samples(&text, "leaktrace_live_bytes").len(), 1, "{text}");
+        assert!(text.contains("leaktrace_untracked_frees_total{pid=\"1234\"} 7"), "{text}");
+    }
 }

@@ -395,4 +395,16 @@ mod tests {
         };
         assert_eq!(frame_text(&unknown), "[unknown] 0x401136 [/lib/x.so]");
     }
+
+    #[test]
+    fn allocation_rows_show_bytes() {
+        let mut f = steady("make_record", 3);
+        f.kind = Kind::Allocation;
+        f.live_bytes = Some(3 * 1024 * 1024);
+        f.growth_bytes_per_min = Some(1536.0);
+        let r = row(&f, &TableOptions::default());
+        assert_eq!(r[3], "3 (3.0MiB)");
+        assert_eq!(r[4], "+1.5KiB");
+        assert_eq!(bytes_text(512.0), "512B");
+    }
 }
