@@ -91,6 +91,11 @@ const MAX_PREFIX: usize = 6;
 /// custom allocator), names with `prefix` (`je_`); empty when it has no `malloc`.
 pub fn allocator_probes(data: &[u8], prefix: &str) -> Result<Vec<AllocProbe>> {
     let file = object::File::parse(data).context("not a valid ELF")?;
+    if is_go(&file) {
+        // Return probes move a goroutine's return address; Go's stack
+        // growth and traceback would then crash the program.
+        anyhow::bail!("a Go program: leaktrace never puts return probes in Go code");
+    }
     if find_symbol(&file, &format!("{prefix}malloc")).is_none() {
         return Ok(Vec::new());
     }
@@ -207,6 +212,12 @@ fn emulated(ins: &iced_x86::Instruction) -> bool {
     }
 }
 
+/// Whether an ELF file is a Go program (its pc-line table section, kept
+/// even when stripped, or the runtime's symbols).
+fn is_go(file: &object::File) -> bool {
+    file.section_by_name(".gopclntab").is_some() || find_symbol(file, "runtime.goexit").is_some()
+}
+
 /// Address and size of a function symbol (dynamic symbols first, then the
 /// symbol table; versions like `@@GLIBC_2.2.5` ignored).
 fn find_symbol(file: &object::File, name: &str) -> Option<(u64, u64)> {
@@ -281,6 +292,15 @@ mod tests {
         assert!(malloc.cheap && malloc.returns, "{malloc:?}");
         assert!(probes.iter().all(|p| p.cheap), "{probes:?}");
         assert!(allocator_probes(&data, "je_").unwrap().is_empty());
+    }
+
+    /// A Go binary is refused, whatever prefix is asked for.
+    #[test]
+    fn go_programs_are_refused() {
+        let bin = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/bin/connleak-go");
+        let Ok(data) = std::fs::read(bin) else { return };
+        let err = allocator_probes(&data, "runtime.").unwrap_err();
+        assert!(err.to_string().contains("Go program"), "{err}");
     }
 
     /// Every `operator new` of this machine's libstdc++ gets a cheap probe.
