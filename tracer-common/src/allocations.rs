@@ -76,9 +76,9 @@ pub struct OuterStack {
     pub ns: u64,
 }
 
-/// Default size of the live-block table (entries, allocated on demand).
-/// A full table counts in `counter::ALLOC_LOST`.
-pub const MAX_LIVE_ALLOCS: u32 = 1 << 20;
+/// Default size of the live-block table (entries, preallocated: about 27
+/// MiB of kernel memory). A full table counts in `counter::ALLOC_LOST`.
+pub const MAX_LIVE_ALLOCS: u32 = 1 << 18;
 /// Size of the per-stack table.
 pub const MAX_ALLOC_STACKS: u32 = 16384;
 /// Allocator calls in progress (one per thread, LRU).

@@ -46,10 +46,11 @@ use crate::{
 #[no_mangle]
 static ALLOC_SAMPLE_BYTES: u64 = 0;
 
-/// Live blocks by address. Entries are allocated on demand (NO_PREALLOC):
-/// the kernel memory used follows the blocks tracked, up to the size set at load.
+/// Live blocks by address, preallocated at the size set at load: an
+/// on-demand table can fail an insert under a burst of allocations (its
+/// per-CPU cache refills asynchronously), a preallocated one only when full.
 #[map]
-static ALLOCS: HashMap<u64, AllocInfo> = HashMap::with_max_entries(MAX_LIVE_ALLOCS, 1);
+static ALLOCS: HashMap<u64, AllocInfo> = HashMap::with_max_entries(MAX_LIVE_ALLOCS, 0);
 
 /// Per creation stack: blocks and bytes allocated and freed (per CPU).
 #[map]

@@ -111,8 +111,8 @@ pub struct TraceOptions {
     /// is still paid on every allocator call. 0: track every block.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub alloc_sample_bytes: u64,
-    /// Allocations: live blocks the kernel table holds (memory is used as
-    /// blocks come); blocks beyond it are not tracked and are counted in
+    /// Allocations: live blocks the kernel table holds (preallocated, about
+    /// 104 bytes each); blocks beyond it are not tracked and are counted in
     /// `lost.events`.
     #[arg(long, default_value_t = tracer_common::allocations::MAX_LIVE_ALLOCS, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=1 << 24))]

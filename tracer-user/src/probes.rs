@@ -77,7 +77,7 @@ fn parse_field_offset(format: &str, name: &str) -> Option<u32> {
 /// The allocation tracker's load-time settings.
 #[derive(Clone, Copy, Debug)]
 pub struct AllocLoad {
-    /// Size of the live-block table (entries, allocated on demand).
+    /// Size of the live-block table (entries, preallocated).
     pub max_allocations: u32,
     /// Byte-weighted sampling period (0: every block).
     pub sample_bytes: u64,
