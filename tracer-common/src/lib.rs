@@ -5,6 +5,7 @@
 //! as the tracker's modules in the two other crates.
 #![no_std]
 
+pub mod allocations;
 pub mod connections;
 pub mod maps;
 pub mod stacks;
@@ -31,6 +32,15 @@ pub mod counter {
     pub const MAP_EVENTS: u32 = 20;
     /// Map tracker: maps not tracked because the tracked-map table was full.
     pub const MAP_LOST: u32 = 21;
+    /// Allocation tracker events (blocks allocated or freed).
+    pub const ALLOC_EVENTS: u32 = 8;
+    /// Frees of blocks the tracker never saw allocated (made before attach,
+    /// or not sampled): ignored, never subtracted from any stack.
+    pub const ALLOC_UNTRACKED_FREES: u32 = 9;
+    /// Blocks not tracked because the live-block table was full.
+    pub const ALLOC_LOST: u32 = 10;
+    /// Allocator calls not tracked because the pending-call table was full.
+    pub const ALLOC_LOST_CALLS: u32 = 11;
     /// Number of slots.
     pub const COUNT: u32 = 32;
 }

@@ -5,6 +5,7 @@
 #![no_std]
 #![no_main]
 
+mod allocations;
 mod connections;
 mod maps;
 mod stacks;

@@ -96,6 +96,27 @@ pub struct TraceOptions {
     /// one per kind, FILE-KIND.svg).
     #[arg(long, value_name = "FILE.svg")]
     pub flamegraph: Option<PathBuf>,
+    /// Allocations: the ELF object holding the allocator (default: the libc
+    /// the target maps). For static binaries give the executable itself, for
+    /// a custom allocator its library (e.g. libjemalloc.so.2).
+    #[arg(long, value_name = "PATH")]
+    pub alloc_lib: Option<PathBuf>,
+    /// Allocations: prefix of the allocator's function names (e.g. `je_` for
+    /// jemalloc built with a prefix: je_malloc, je_free...).
+    #[arg(long, default_value = "", value_name = "PREFIX")]
+    pub alloc_prefix: String,
+    /// Allocations: track a block of S bytes with probability min(1, S/N)
+    /// and count it as 1/p blocks and S/p bytes (unbiased totals). Saves the
+    /// stack walk and map updates of the blocks not sampled; the uprobe trap
+    /// is still paid on every allocator call. 0: track every block.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub alloc_sample_bytes: u64,
+    /// Allocations: live blocks the kernel table holds (preallocated, about
+    /// 104 bytes each); blocks beyond it are not tracked and are counted in
+    /// `lost.events`.
+    #[arg(long, default_value_t = tracer_common::allocations::MAX_LIVE_ALLOCS, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1 << 24))]
+    pub max_allocations: u32,
     /// Only this kind's flame graph, written to the --flamegraph FILE itself
     /// (kinds: connection, thread, map).
     #[arg(long, value_name = "KIND", requires = "flamegraph", value_parser = parse_kind)]
@@ -131,12 +152,14 @@ fn parse_kind(s: &str) -> Result<Kind, String> {
 }
 
 /// Trackers this build has.
-pub const AVAILABLE_TRACKERS: &[&str] = &["connections", "tasks", "maps"];
-/// Trackers run when `--track` is not given (`maps` is asked for by name:
-/// it reads the target's memory every interval and only applies to Go).
+pub const AVAILABLE_TRACKERS: &[&str] = &["connections", "tasks", "maps", "allocations"];
+/// Trackers run when `--track` is not given. `maps` is asked for by name (it
+/// reads the target's memory every interval and only applies to Go);
+/// `allocations` too: it puts a uprobe on every malloc and free (about 1-2 µs
+/// each), too dear for a default.
 pub const DEFAULT_TRACKERS: &[&str] = &["connections", "tasks"];
 /// Trackers planned but not in this build.
-pub const PLANNED_TRACKERS: &[&str] = &["allocations", "locks"];
+pub const PLANNED_TRACKERS: &[&str] = &["locks"];
 
 /// Resolves `--track` into the trackers to run, with a one-line error for
 /// unknown or unavailable names.
@@ -180,6 +203,7 @@ mod tests {
         assert!(trackers(&["locks".into()]).unwrap_err().contains("not available"));
         assert!(trackers(&["sockets".into()]).unwrap_err().contains("unknown tracker"));
         assert_eq!(trackers(&["maps".into()]).unwrap(), vec!["maps"]);
+        assert_eq!(trackers(&["allocations".into()]).unwrap(), vec!["allocations"]);
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod report;
 pub mod growth;
 pub mod metrics_server;
 pub mod render;
+pub mod alloc_sites;
 pub mod child;
 pub mod cli;
 pub mod golang;

@@ -17,7 +17,11 @@ use aya::{
     util::nr_cpus,
     Ebpf, EbpfLoader,
 };
-use tracer_common::stacks::{StackCounts, StackKey, OVERFLOW_STACK};
+use aya::programs::uprobe::UProbeAttachLocation;
+use tracer_common::{
+    allocations::AllocCounts,
+    stacks::{StackCounts, StackKey, OVERFLOW_STACK},
+};
 
 /// The compiled `tracer-ebpf` object (see build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -73,6 +77,22 @@ fn parse_field_offset(format: &str, name: &str) -> Option<u32> {
     })
 }
 
+/// The allocation tracker's load-time settings.
+#[derive(Clone, Copy, Debug)]
+pub struct AllocLoad {
+    /// Size of the live-block table (entries, preallocated).
+    pub max_allocations: u32,
+    /// Byte-weighted sampling period (0: every block).
+    pub sample_bytes: u64,
+}
+
+/// The allocation tracker's tracepoints (its uprobes are attached per
+/// allocator object by [`Probes::attach_allocator`]).
+pub const ALLOCATIONS: Attachments = &[
+    ("alloc_mmap_exit", "syscalls", "sys_exit_mmap"),
+    ("alloc_munmap_enter", "syscalls", "sys_enter_munmap"),
+];
+
 /// Loaded and attached programs; detached on drop.
 pub struct Probes {
     pub ebpf: Ebpf,
@@ -117,10 +137,13 @@ fn ensure_tracefs() -> Result<()> {
 
 impl Probes {
     /// Loads the object for `pid` with a live-socket table of `max_sockets`
-    /// entries; nothing runs until [`Probes::attach`].
-    pub fn load(pid: u32, max_sockets: u32) -> Result<Self> {
+    /// entries and the allocation tracker's table size and sampling period;
+    /// nothing runs until [`Probes::attach`].
+    pub fn load(pid: u32, max_sockets: u32, alloc: AllocLoad) -> Result<Self> {
         let mut ebpf = EbpfLoader::new()
             .override_global("TARGET_TGID", &pid, true)
+            .override_global("ALLOC_SAMPLE_BYTES", &alloc.sample_bytes, true)
+            .map_max_entries("ALLOCS", alloc.max_allocations)
             .override_global("FORK_CHILD_PID_AT", &fork_child_pid_offset(), true)
             .map_max_entries("CONN_FDS", max_sockets)
             .load(OBJECT)
@@ -133,6 +156,11 @@ impl Probes {
             let mut stacks: PerCpuHashMap<_, StackKey, StackCounts> = PerCpuHashMap::try_from(map)?;
             let zeros = PerCpuValues::try_from(vec![StackCounts::default(); n])?;
             stacks.insert(OVERFLOW_STACK, zeros, 0)?;
+        }
+        {
+            let map = ebpf.map_mut("ALLOC_STACKS").ok_or_else(|| anyhow!("ALLOC_STACKS map missing"))?;
+            let mut stacks: PerCpuHashMap<_, StackKey, AllocCounts> = PerCpuHashMap::try_from(map)?;
+            stacks.insert(OVERFLOW_STACK, PerCpuValues::try_from(vec![AllocCounts::default(); n])?, 0)?;
         }
         Ok(Self { ebpf })
     }
@@ -203,6 +231,41 @@ impl Probes {
             .ok_or_else(|| anyhow!("program {prog} missing from the eBPF object"))?
             .try_into()?;
         program.detach(link)?;
+        Ok(())
+    }
+
+    /// Attaches the allocation tracker's programs to the allocator in the
+    /// ELF file `object` (as the target maps it), for `pid` only, at the
+    /// planned offsets; the return program goes with every entry that needs it.
+    pub fn attach_allocator(&mut self, pid: u32, object: &Path, plan: &[crate::alloc_sites::AllocProbe]) -> Result<()> {
+        let scope = UProbeScope::OneProcess(std::num::NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0"))?);
+        for p in plan {
+            let programs: &[&str] = if p.returns { &[p.program, "alloc_return"] } else { &[p.program] };
+            for &name in programs {
+                let program: &mut UProbe = self
+                    .ebpf
+                    .program_mut(name)
+                    .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+                    .try_into()?;
+                if program.fd().is_err() {
+                    program.load().map_err(|e| load_error(&format!("{name}: {e:#}")))?;
+                }
+                let location = UProbeAttachLocation::AbsoluteOffset(p.file_offset);
+                let point = aya::programs::uprobe::UProbeAttachPoint {
+                    location,
+                    cookie: (p.sp_depth > 0).then_some(u64::from(p.sp_depth)),
+                };
+                program
+                    .attach(point, object, scope)
+                    .with_context(|| format!("cannot attach a uprobe to {}+{} in {}", p.function, p.delta, object.display()))?;
+            }
+        }
+        if plan.iter().any(|p| p.program == "alloc_new") {
+            // Tells the return program to look for an `operator new` in progress.
+            let map = self.ebpf.map_mut("ALLOC_FLAGS").ok_or_else(|| anyhow!("ALLOC_FLAGS map missing"))?;
+            let mut flags: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map)?;
+            flags.set(0, 1, 0)?;
+        }
         Ok(())
     }
 

@@ -53,11 +53,12 @@ pub enum Kind {
     Thread,
     Goroutine,
     Map,
+    Allocation,
 }
 
 impl Kind {
     /// Every kind, in report order.
-    pub const ALL: &'static [Kind] = &[Kind::Connection, Kind::Thread, Kind::Goroutine, Kind::Map];
+    pub const ALL: &'static [Kind] = &[Kind::Connection, Kind::Thread, Kind::Goroutine, Kind::Map, Kind::Allocation];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -65,6 +66,7 @@ impl Kind {
             Kind::Thread => "thread",
             Kind::Goroutine => "goroutine",
             Kind::Map => "map",
+            Kind::Allocation => "allocation",
         }
     }
 
@@ -113,6 +115,13 @@ pub struct Finding {
     /// its address (`0xc000123000`) when no variable names it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub map: Option<String>,
+    /// Allocations: bytes alive now (`live` counts blocks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live_bytes: Option<u64>,
+    /// Allocations: least-squares slope of `live_bytes` over the judged
+    /// window, bytes per minute (the verdict is judged on bytes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub growth_bytes_per_min: Option<f64>,
     /// Objects created from this stack since attach.
     pub created: u64,
     /// Objects from this stack that ended since attach.
@@ -149,6 +158,10 @@ pub struct Report {
     pub events: BTreeMap<&'static str, u64>,
     /// Findings not shown because of `--max-findings` (bounded output).
     pub findings_omitted: u64,
+    /// Allocations: frees of blocks allocated before attach (or not
+    /// sampled), ignored rather than subtracted from any stack.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub untracked_frees: Option<u64>,
 }
 
 impl Report {

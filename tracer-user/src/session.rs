@@ -22,7 +22,7 @@ use crate::{
     symbolize::{site_index, site_of, SymbolizerService},
     syscall_sites,
     trackers::{
-        connections::ConnectionCollector, goroutines::GoroutineCollector, maps::MapCollector, threads::ThreadCollector,
+        allocations::AllocationCollector, connections::ConnectionCollector, goroutines::GoroutineCollector, maps::MapCollector, threads::ThreadCollector,
         Counters,
     },
 };
@@ -67,6 +67,16 @@ struct Kernel {
     pthread_uprobe: Option<std::path::PathBuf>,
     resolver: StackResolver,
     counters: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    allocations: AllocationCollector,
+    track_allocations: bool,
+    /// Objects (by mapped path) whose allocator or `operator new` was
+    /// planned, so each gets its probes once.
+    alloc_objects: HashSet<std::path::PathBuf>,
+    /// An allocator (`malloc`) is probed.
+    alloc_attached: bool,
+    /// `--alloc-lib`, `--alloc-prefix`.
+    alloc_lib: Option<std::path::PathBuf>,
+    alloc_prefix: String,
 }
 
 impl Kernel {
@@ -81,6 +91,9 @@ impl Kernel {
             thread_events: sum(c::THREAD_EVENTS),
             map_events: sum(c::MAP_EVENTS),
             map_lost: sum(c::MAP_LOST),
+            alloc_events: sum(c::ALLOC_EVENTS),
+            alloc_untracked_frees: sum(c::ALLOC_UNTRACKED_FREES),
+            alloc_lost: sum(c::ALLOC_LOST) + sum(c::ALLOC_LOST_CALLS),
         }
     }
 }
@@ -113,7 +126,17 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     if trackers.contains(&"tasks") {
         attachments.push(probes::THREADS);
     }
-    let mut probes = Probes::load(pid, opts.max_sockets)?;
+    if trackers.contains(&"allocations") {
+        attachments.push(probes::ALLOCATIONS);
+    }
+    if let Some(lib) = opts.alloc_lib.as_ref().filter(|_| trackers.contains(&"allocations")) {
+        if !lib.exists() {
+            anyhow::bail!("--alloc-lib {}: no such file", lib.display());
+        }
+    }
+    let alloc_load = probes::AllocLoad { max_allocations: opts.max_allocations, sample_bytes: opts.alloc_sample_bytes };
+    let mut probes = Probes::load(pid, opts.max_sockets, alloc_load)?;
+    let allocations = AllocationCollector::new(&mut probes.ebpf)?;
     let connections = ConnectionCollector::new(&mut probes.ebpf, pid)?;
     let threads = ThreadCollector::new(&mut probes.ebpf, pid)?;
     let symbolizer = SymbolizerService::start();
@@ -132,6 +155,12 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
         pthread_uprobe: None,
         resolver,
         counters,
+        allocations,
+        track_allocations: trackers.contains(&"allocations"),
+        alloc_objects: HashSet::new(),
+        alloc_attached: false,
+        alloc_lib: opts.alloc_lib.clone(),
+        alloc_prefix: opts.alloc_prefix.clone(),
     };
 
     let mut memory = MemoryMap::read(pid).unwrap_or_default();
@@ -202,7 +231,21 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     // machine) must not be followed by a burst of samples a few ms apart.
     report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut poll_tick = tokio::time::interval(Duration::from_millis(100));
-    let mut ctx = ReportContext { pid, comm: comm_at_start.clone(), opts: opts.clone(), last_t: None, warned_stripped: HashSet::new() };
+    let mut ctx = ReportContext {
+        pid,
+        comm: comm_at_start.clone(),
+        opts: opts.clone(),
+        last_t: None,
+        warned_stripped: HashSet::new(),
+        alloc_counts: GrowthEngine::new(GrowthConfig::default()),
+        alloc_bytes: GrowthEngine::new(alloc_bytes_config()),
+    };
+    if kernel.track_allocations {
+        attach_allocator(&mut kernel, pid, &memory);
+        if !kernel.alloc_attached {
+            eprintln!("leaktrace: warning: no allocator found in {pid} yet (no libc with malloc; give --alloc-lib for a static binary or custom allocator)");
+        }
+    }
 
     // Sample at t=0 so growth is measured from attach.
     let first = build_report(&mut kernel, &mut growth, &mut memory, &mut ctx, start, true, false, false).await?;
@@ -238,6 +281,10 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
                     if !libc_loaded {
                         // A libc loaded late (dlopen) or a static binary.
                         libc_loaded = load_syscall_sites(&mut kernel, pid, &m);
+                    }
+                    if kernel.track_allocations {
+                        // An allocator or libstdc++ loaded late (dlopen).
+                        attach_allocator(&mut kernel, pid, &m);
                     }
                 }
                 let name = procfs::comm(pid);
@@ -354,6 +401,9 @@ fn load_syscall_sites(kernel: &mut Kernel, pid: u32, memory: &MemoryMap) -> bool
     if kernel.track_threads {
         attach_pthread_create(kernel, pid, memory);
     }
+    if kernel.track_allocations {
+        attach_allocator(kernel, pid, memory);
+    }
     match syscall_sites::find_in_process(pid, memory) {
         Ok(sites) if !sites.is_empty() => kernel.probes.set_syscall_sites(&sites).is_ok(),
         Ok(_) => false,
@@ -386,6 +436,64 @@ fn start_maps(kernel: &mut Kernel, pid: u32) {
             kernel.maps = Some(m);
         }
         Err(e) => eprintln!("leaktrace: warning: {e:#}; map tracking is off"),
+    }
+}
+
+/// Attaches the allocation tracker's uprobes to the allocator the target
+/// maps (`--alloc-lib`, else its libc, else its executable when static) and
+/// to `operator new` in libstdc++, once per object.
+fn attach_allocator(kernel: &mut Kernel, pid: u32, memory: &MemoryMap) {
+    let prefix = kernel.alloc_prefix.clone();
+    let prefix = prefix.as_str();
+    let wanted = kernel.alloc_lib.as_ref().map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    let executable = memory.mappings.iter().filter(|m| m.executable);
+    let allocator = match &wanted {
+        Some(lib) => executable.clone().find(|m| &m.path == lib || m.path.file_name() == lib.file_name()),
+        None => executable
+            .clone()
+            .find(|m| syscall_sites::is_libc(&m.path))
+            .or_else(|| executable.clone().find(|m| Some(&m.path) == exe.as_ref())),
+    };
+    let mut objects: Vec<(&procfs::Mapping, bool)> = allocator.into_iter().map(|m| (m, true)).collect();
+    objects.extend(
+        executable
+            .filter(|m| m.path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libstdc++")))
+            .map(|m| (m, false)),
+    );
+    for (m, is_allocator) in objects {
+        if !kernel.alloc_objects.insert(m.path.clone()) {
+            continue;
+        }
+        let path = procfs::object_path(pid, m);
+        let plan = if is_allocator {
+            crate::alloc_sites::probes_in_file(&path, prefix, true)
+        } else {
+            std::fs::read(&path).map_err(anyhow::Error::from).and_then(|d| crate::alloc_sites::operator_new_probes(&d))
+        };
+        let plan = match plan {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("leaktrace: warning: cannot read {} ({e:#}): its allocations are not tracked", path.display());
+                continue;
+            }
+        };
+        if is_allocator && !plan.iter().any(|p| p.function == "malloc") {
+            eprintln!("leaktrace: warning: no {prefix}malloc in {}: allocations not tracked (see --alloc-lib, --alloc-prefix)", m.path.display());
+            continue;
+        }
+        let dear: Vec<&str> = plan.iter().filter(|p| !p.cheap).map(|p| p.function.as_str()).collect();
+        if !dear.is_empty() {
+            eprintln!(
+                "leaktrace: note: {} in {} start with instructions the kernel must single-step: probed at the symbol (slower)",
+                dear.join(", "),
+                m.path.display()
+            );
+        }
+        match kernel.probes.attach_allocator(pid, &path, &plan) {
+            Ok(()) => kernel.alloc_attached |= is_allocator,
+            Err(e) => eprintln!("leaktrace: warning: {e:#}; allocations are not tracked"),
+        }
     }
 }
 
@@ -431,6 +539,18 @@ struct ReportContext {
     last_t: Option<f64>,
     /// Modules already warned about for having no symbols.
     warned_stripped: HashSet<String>,
+    /// Allocations: live blocks per stack, for `growth_per_min`.
+    alloc_counts: GrowthEngine,
+    /// Allocations: live bytes per stack, judged (see [`alloc_bytes_config`]).
+    alloc_bytes: GrowthEngine,
+}
+
+/// The growth rule for allocations' live bytes: the same rule, with a rise
+/// below 8 KiB over the window taken as noise. Blocks in flight at the
+/// instant of a sample (malloc then free, thousands per second) make live
+/// bytes jitter by a few KiB; a leak rises by far more.
+pub fn alloc_bytes_config() -> GrowthConfig {
+    GrowthConfig { min_rise_abs: 8192.0, ..GrowthConfig::default() }
 }
 
 fn emit(report: &Report, format: Format, is_tty: bool, table_opts: &TableOptions) {
@@ -482,6 +602,9 @@ async fn build_report(
         samples.extend(maps.collect(now, alive)?.into_iter().map(|s| (Kind::Map, s)));
         maps.duty_cycle(&mut kernel.probes);
     }
+    if kernel.track_allocations {
+        samples.extend(kernel.allocations.collect(now)?.into_iter().map(|s| (Kind::Allocation, s)));
+    }
     let keys: Vec<_> = samples.iter().map(|(_, s)| s.stack.clone()).collect();
     let frames = kernel.resolver.resolve(&keys, memory).await;
     let mut findings = Vec::new();
@@ -493,21 +616,37 @@ async fn build_report(
         // A map is one series whatever stack last grew it.
         let key = (kind, s.map.as_ref().map_or_else(|| series_id(&s.stack), series_id));
         seen.insert(key);
-        if !observe {
-            // The final report right after an interval's sample: judge what
-            // is there; a sample milliseconds later would only add noise.
-        } else if growth.window_stats(key).is_none() && kind != Kind::Map {
-            // Everything we count was created after attach: a stack first
-            // seen now had nothing live at the previous sample. (Not maps:
-            // a map's first count is real, it may predate the attach.)
-            if let Some(prev) = *last_t {
-                growth.observe(key, prev, 0);
+        // Allocations are judged on live bytes: a buffer realloc'd bigger
+        // grows in bytes, not in blocks.
+        let mut engines = vec![];
+        if kind == Kind::Allocation {
+            engines.push((&mut ctx.alloc_bytes, s.live_bytes.unwrap_or(0)));
+            engines.push((&mut ctx.alloc_counts, s.live));
+        } else {
+            engines.push((&mut *growth, s.live));
+        }
+        for (engine, value) in engines {
+            if !observe {
+                // The final report right after an interval's sample: judge what
+                // is there; a sample milliseconds later would only add noise.
+            } else if engine.window_stats(key).is_none() && kind != Kind::Map {
+                // Everything we count was created after attach: a stack first
+                // seen now had nothing live at the previous sample. (Not maps:
+                // a map's first count is real, it may predate the attach.)
+                if let Some(prev) = *last_t {
+                    engine.observe(key, prev, 0);
+                }
+            }
+            if observe {
+                engine.observe(key, t, value);
             }
         }
-        if observe {
-            growth.observe(key, t, s.live);
-        }
-        let j = growth.judge(key, s.oldest_age_s);
+        let j = if kind == Kind::Allocation { &ctx.alloc_bytes } else { &*growth }.judge(key, s.oldest_age_s);
+        let (growth_per_min, growth_bytes_per_min) = if kind == Kind::Allocation {
+            (ctx.alloc_counts.judge(key, None).growth_per_min, Some((j.growth_per_min * 10.0).round() / 10.0))
+        } else {
+            (j.growth_per_min, None)
+        };
         if s.live == 0 && j.verdict == Verdict::Steady {
             continue;
         }
@@ -527,13 +666,15 @@ async fn build_report(
             site_index: site_index(&stack),
             stack,
             live: s.live,
-            growth_per_min: (j.growth_per_min * 10.0).round() / 10.0,
+            growth_per_min: (growth_per_min * 10.0).round() / 10.0,
             oldest_age_s: s.oldest_age_s.map(|a| (a * 10.0).round() / 10.0),
             peer: s.peer.clone(),
             thread_name: s.thread_name.clone(),
             blocked_in: None,
             wait_reason: None,
             map: s.map.clone(),
+            live_bytes: s.live_bytes,
+            growth_bytes_per_min,
             created: s.created,
             ended: s.ended,
         });
@@ -551,6 +692,8 @@ async fn build_report(
     }
     if observe {
         growth.forget_missing(&seen);
+        ctx.alloc_counts.forget_missing(&seen);
+        ctx.alloc_bytes.forget_missing(&seen);
         *last_t = Some(t);
     }
     findings.sort_by(|a, b| {
@@ -577,6 +720,9 @@ async fn build_report(
     if kernel.maps.is_some() {
         events.insert(Kind::Map.as_str(), c.map_events);
     }
+    if kernel.track_allocations {
+        events.insert(Kind::Allocation.as_str(), c.alloc_events);
+    }
     Ok(Report {
         pid: ctx.pid,
         comm: ctx.comm.clone(),
@@ -584,10 +730,14 @@ async fn build_report(
         is_final,
         exited: exited.then_some(true),
         findings,
-        // Goroutines beyond the per-scan bound were not read, maps beyond
-        // the table's bound not tracked: both are lost events.
-        lost: Lost { events: c.lost_events + c.lost_ring + lost_goroutines + c.map_lost, stacks: c.lost_stacks },
+        // Goroutines beyond the per-scan bound were not read, maps and
+        // blocks beyond their tables' bounds not tracked: all lost events.
+        lost: Lost {
+            events: c.lost_events + c.lost_ring + lost_goroutines + c.map_lost + c.alloc_lost,
+            stacks: c.lost_stacks,
+        },
         events,
         findings_omitted: omitted,
+        untracked_frees: kernel.track_allocations.then_some(c.alloc_untracked_frees),
     })
 }

@@ -18,7 +18,7 @@ use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 use crate::procfs::MemoryMap;
 
 /// libc functions whose callers the trackers need.
-pub const WRAPPERS: &[&str] = &["socket", "connect", "accept", "accept4", "__libc_connect", "__libc_accept"];
+pub const WRAPPERS: &[&str] = &["socket", "connect", "accept", "accept4", "__libc_connect", "__libc_accept", "mmap", "mmap64"];
 
 /// One `syscall` instruction: address just after it (what the kernel sees
 /// as the user ip) and the return address's offset from `sp` there.

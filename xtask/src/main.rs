@@ -3,6 +3,8 @@
 //! Every external command is printed before it runs. The repository root is
 //! `CARGO_MANIFEST_DIR/..`.
 
+mod bench_allocations;
+
 use std::env;
 use std::ffi::OsStr;
 use std::fs;
@@ -58,7 +60,12 @@ const APT_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "golang-go",
     "gcc",
+    // C++ fixtures (fixtures/cpp).
+    "g++",
     "bpftool",
+    // `cargo xtask bench allocations` compares with bpftrace (entry floor,
+    // memleak-style script).
+    "bpftrace",
     // The end-to-end test scrapes leaktrace with a real Prometheus; promtool
     // checks deploy/prometheus.
     "prometheus",
@@ -92,6 +99,9 @@ commands:
                      build, then time an insert-heavy Go program (Go 1.22, 1.27)
                      untraced, under `leaktrace --track maps`, and with a
                      uprobe on every map insert
+  bench allocations [--rounds N] [--micro N] [--mixed M] [--live K]
+                     malloc/free cost: untraced, entry floor, bpftrace
+                     memleak-style, leaktrace; daemon CPU/RSS at K live blocks
   vm-test [--kernel 6.1|6.12|all]   (default 6.1)
                      build, fetch Debian cloud kernels (cached in .cache/vm),
                      boot each in QEMU (TCG) with an initramfs that runs
@@ -128,6 +138,9 @@ fn run(args: &[String]) -> Result<i32> {
         "test" => test(&root, rest),
         "bench" if rest.first().is_some_and(|a| a == "tasks") => bench_tasks::bench_tasks(&root, &rest[1..]).map(|_| 0),
         "bench" if rest.first().map(String::as_str) == Some("maps") => bench_maps::bench_maps(&root, &rest[1..]).map(|_| 0),
+        "bench" if rest.first().map(String::as_str) == Some("allocations") => {
+            bench_allocations::bench(&root, &rest[1..]).map(|_| 0)
+        }
         "bench" => bench(&root, rest).map(|_| 0),
         "vm-test" => vm_test(&root, rest),
         "help" | "-h" | "--help" => {
@@ -559,15 +572,36 @@ fn build_fixtures(root: &Path) -> Result<()> {
         if up_to_date(&out, mtime(&src).max(common_newest)) {
             continue;
         }
+        // `<name>_static.c`: linked statically (malloc inside the program).
+        let static_link: &[&str] = if name.ends_with("_static") { &["-static"] } else { &[] };
         run_cmd(
             Command::new("gcc")
                 .args(C_FLAGS)
+                .args(static_link)
                 .arg("-o")
                 .arg(&out)
                 .arg(&src)
                 .args(&common_srcs),
         )?;
         built += 1;
+    }
+
+    // C++ fixtures: fixtures/cpp/<name>.cc -> fixtures/bin/<name> (g++, same flags).
+    let cpp_dir = root.join("fixtures/cpp");
+    if cpp_dir.is_dir() {
+        for entry in fs::read_dir(&cpp_dir).with_context(|| format!("reading {}", cpp_dir.display()))? {
+            let src = entry?.path();
+            if src.extension().and_then(OsStr::to_str) != Some("cc") {
+                continue;
+            }
+            let name = src.file_stem().and_then(OsStr::to_str).unwrap_or_default();
+            let out = bin.join(name);
+            if up_to_date(&out, mtime(&src)) {
+                continue;
+            }
+            run_cmd(Command::new("g++").args(C_FLAGS).arg("-o").arg(&out).arg(&src))?;
+            built += 1;
+        }
     }
 
     // Go fixtures: one module in fixtures/go (shared code in

@@ -48,6 +48,7 @@ fn objects(kind: Kind) -> &'static str {
         Kind::Thread => "threads",
         Kind::Goroutine => "goroutines",
         Kind::Map => "map entries",
+        Kind::Allocation => "heap blocks",
     }
 }
 

@@ -45,6 +45,8 @@ pub(crate) mod tests {
             blocked_in: None,
             wait_reason: None,
                 map: None,
+                live_bytes: None,
+                growth_bytes_per_min: None,
                 created: 400,
                 ended: 280,
             }],
@@ -54,6 +56,7 @@ pub(crate) mod tests {
             },
             events: BTreeMap::from([("connection", 1234)]),
             findings_omitted: 0,
+            untracked_frees: None,
         }
     }
 

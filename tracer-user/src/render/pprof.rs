@@ -187,6 +187,7 @@ pub fn sample_types(kind: Kind) -> &'static [(&'static str, &'static str)] {
         Kind::Thread => &[("threads", "count")],
         Kind::Goroutine => &[("goroutines", "count")],
         Kind::Map => &[("map_entries", "count")],
+        Kind::Allocation => &[("inuse_objects", "count"), ("inuse_space", "bytes")],
     }
 }
 
@@ -194,6 +195,7 @@ pub fn sample_types(kind: Kind) -> &'static [(&'static str, &'static str)] {
 pub fn sample_values(f: &Finding) -> Vec<i64> {
     match f.kind {
         Kind::Connection | Kind::Thread | Kind::Goroutine | Kind::Map => vec![clamp(f.live)],
+        Kind::Allocation => vec![clamp(f.live), clamp(f.live_bytes.unwrap_or(0))],
     }
 }
 

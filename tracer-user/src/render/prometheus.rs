@@ -95,6 +95,8 @@ struct SiteAgg {
     verdict: Verdict,
     /// Oldest of the known ages.
     oldest_age_s: Option<f64>,
+    /// Allocations: bytes alive now (summed).
+    live_bytes: Option<u64>,
 }
 
 impl SiteAgg {
@@ -106,6 +108,10 @@ impl SiteAgg {
         self.oldest_age_s = match (self.oldest_age_s, other.oldest_age_s) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
+        };
+        self.live_bytes = match (self.live_bytes, other.live_bytes) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
         };
     }
 }
@@ -123,6 +129,7 @@ fn aggregate_sites(
             growth_per_min: finite(f.growth_per_min),
             verdict: f.verdict,
             oldest_age_s: f.oldest_age_s.filter(|a| a.is_finite()),
+            live_bytes: f.live_bytes,
         };
         by_kind
             .entry(f.kind.as_str())
@@ -238,6 +245,15 @@ fn encode_report(
     )?;
     family(
         e,
+        "leaktrace_live_bytes",
+        "Allocations: bytes alive now, by creation site (same sites as leaktrace_live_objects).",
+        MetricType::Gauge,
+        per_site().filter_map(|(k, s, a)| {
+            a.live_bytes.map(|b| (site_labels(k, s, Some(a.verdict)), ConstGauge::new(i64::try_from(b).unwrap_or(i64::MAX))))
+        }),
+    )?;
+    family(
+        e,
         "leaktrace_growth_per_minute",
         "Least-squares slope of live objects over the judged window, objects per minute.",
         MetricType::Gauge,
@@ -286,6 +302,15 @@ fn encode_report(
             (vec![("pid", pid.clone()), ("reason", reason.to_string())], ConstCounter::new(n))
         }),
     )?;
+    if let Some(n) = report.untracked_frees {
+        family(
+            e,
+            "leaktrace_untracked_frees",
+            "Allocations: frees of blocks allocated before attach (or not sampled), ignored rather than subtracted.",
+            MetricType::Counter,
+            [(vec![("pid", pid.clone())], ConstCounter::new(n))],
+        )?;
+    }
     family(
         e,
         "leaktrace_findings",
@@ -347,6 +372,8 @@ mod tests {
             blocked_in: None,
             wait_reason: None,
             map: None,
+            live_bytes: None,
+            growth_bytes_per_min: None,
             created: live,
             ended: 0,
         }
@@ -495,5 +522,23 @@ mod tests {
         report.findings[0].site = "a\"b\\c\nd".into();
         let text = encode_text(&report, DEFAULT_MAX_SITES);
         assert!(text.contains(r#"site="a\"b\\c\nd""#), "{text}");
+    }
+
+    #[test]
+    fn allocation_bytes_and_untracked_frees_are_exported() {
+        let mut r = example_report();
+        let mut f = finding("make_record", 10, 5.0, Verdict::Leak);
+        f.kind = crate::report::Kind::Allocation;
+        f.live_bytes = Some(2560);
+        r.findings.push(f);
+        r.untracked_frees = Some(7);
+        let text = encode_text(&r, DEFAULT_MAX_SITES);
+        assert!(
+            samples(&text, "leaktrace_live_bytes")
+                .contains(&r#"leaktrace_live_bytes{pid="1234",kind="allocation",site="make_record",verdict="leak"} 2560"#),
+            "{text}"
+        );
+        assert_eq!(samples(&text, "leaktrace_live_bytes").len(), 1, "{text}");
+        assert!(text.contains("leaktrace_untracked_frees_total{pid=\"1234\"} 7"), "{text}");
     }
 }

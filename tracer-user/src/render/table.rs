@@ -168,8 +168,15 @@ fn row(f: &Finding, opts: &TableOptions) -> [String; 7] {
         f.verdict.as_str().to_string(),
         f.kind.as_str().to_string(),
         truncate(&f.site, opts.max_site_width),
-        f.live.to_string(),
-        growth_text(f.growth_per_min),
+        // Allocations: blocks and bytes live; growth in bytes (what is judged).
+        match f.live_bytes {
+            Some(b) => format!("{} ({})", f.live, bytes_text(b as f64)),
+            None => f.live.to_string(),
+        },
+        match f.growth_bytes_per_min {
+            Some(g) => format!("{}{}", if g > 0.0 { "+" } else { "" }, bytes_text(g)),
+            None => growth_text(f.growth_per_min),
+        },
         f.oldest_age_s.map_or_else(|| "-".to_string(), age_text),
         f.peer
             .clone()
@@ -208,6 +215,20 @@ fn frame_text(frame: &Frame) -> String {
         (None, _, None) => {}
     }
     s
+}
+
+/// `512B`, `1.5KiB`, `12.0MiB`, `-3.0KiB`.
+fn bytes_text(b: f64) -> String {
+    let a = b.abs();
+    if a < 1024.0 {
+        format!("{b:.0}B")
+    } else if a < 1024.0 * 1024.0 {
+        format!("{:.1}KiB", b / 1024.0)
+    } else if a < 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.1}MiB", b / (1024.0 * 1024.0))
+    } else {
+        format!("{:.1}GiB", b / (1024.0 * 1024.0 * 1024.0))
+    }
 }
 
 fn growth_text(per_min: f64) -> String {
@@ -295,6 +316,8 @@ mod tests {
             blocked_in: None,
             wait_reason: None,
             map: None,
+            live_bytes: None,
+            growth_bytes_per_min: None,
             created: live,
             ended: 0,
         }
@@ -387,5 +410,17 @@ mod tests {
             file_offset: None,
         };
         assert_eq!(frame_text(&unknown), "[unknown] 0x401136 [/lib/x.so]");
+    }
+
+    #[test]
+    fn allocation_rows_show_bytes() {
+        let mut f = steady("make_record", 3);
+        f.kind = Kind::Allocation;
+        f.live_bytes = Some(3 * 1024 * 1024);
+        f.growth_bytes_per_min = Some(1536.0);
+        let r = row(&f, &TableOptions::default());
+        assert_eq!(r[3], "3 (3.0MiB)");
+        assert_eq!(r[4], "+1.5KiB");
+        assert_eq!(bytes_text(512.0), "512B");
     }
 }

@@ -1,6 +1,7 @@
 //! One collector per tracker: each reads its kernel aggregates and yields
 //! per-stack samples; none of them formats output.
 
+pub mod allocations;
 pub mod connections;
 pub mod goroutines;
 pub mod maps;
@@ -55,6 +56,8 @@ pub struct StackSample {
     /// Maps: the map's variable (`main.cache`) or address; one series per
     /// map (the stack is the latest growth's and may change).
     pub map: Option<String>,
+    /// Allocations: bytes alive now.
+    pub live_bytes: Option<u64>,
 }
 
 /// Counter totals read from the kernel side.
@@ -70,6 +73,12 @@ pub struct Counters {
     pub map_events: u64,
     /// Map tracker: maps not tracked (table full).
     pub map_lost: u64,
+    /// Allocation tracker events (blocks allocated, freed).
+    pub alloc_events: u64,
+    /// Frees of blocks allocated before attach (or not sampled).
+    pub alloc_untracked_frees: u64,
+    /// Blocks not tracked: live-block or pending-call table full.
+    pub alloc_lost: u64,
 }
 
 /// The live objects of one creation stack, gathered while a collector walks
@@ -119,6 +128,7 @@ pub fn stack_samples(
             thread_name: None,
             blocked: None,
             map: None,
+            live_bytes: None,
         };
         out.push((sample, most_common(acc.labels)));
     }

@@ -1,0 +1,367 @@
+//! `cargo xtask bench allocations`: what tracing malloc/free costs a program.
+//!
+//! Target: fixtures/c/alloc_bench (a malloc+free microbenchmark, then a
+//! workload where allocation is a small share of the work). In each round,
+//! one after the other, the target runs:
+//! - untraced;
+//! - "entry floor": bpftrace programs that do nothing, on `malloc` and
+//!   `free` at their symbols (where every existing tool puts them);
+//! - bpftrace doing memleak-style tracking (size at malloc's entry, address
+//!   and stack at its return, delete at free, all at the symbols);
+//! - leaktrace `--track allocations`.
+//!
+//! Added ns per malloc+free pair are taken against the untraced run of the
+//! same round, and the medians over rounds are reported (these VMs drift:
+//! only ratios taken in one run mean anything). Then the daemon's own CPU
+//! and memory while the target holds 100k live blocks.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Write},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::{announce, build, fixtures_bin, leaktrace_bin, median, send_signal, stop_child, target_dir, wait_timeout};
+
+const LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Untraced,
+    Floor,
+    Memleak,
+    Leaktrace,
+}
+
+impl Mode {
+    const ALL: [Mode; 4] = [Mode::Untraced, Mode::Floor, Mode::Memleak, Mode::Leaktrace];
+
+    fn label(self) -> &'static str {
+        match self {
+            Mode::Untraced => "untraced",
+            Mode::Floor => "entry floor (empty bpftrace probes at malloc, free)",
+            Mode::Memleak => "bpftrace memleak-style",
+            Mode::Leaktrace => "leaktrace --track allocations",
+        }
+    }
+}
+
+/// ns per operation of the two workloads.
+#[derive(Clone, Copy, Debug)]
+struct Times {
+    micro: f64,
+    mixed: f64,
+}
+
+fn parse_times(out: &str) -> Result<Times> {
+    let get = |w: &str| -> Option<f64> {
+        out.lines()
+            .find(|l| l.starts_with(&format!("workload={w} ")))?
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("ns_per_op="))?
+            .parse()
+            .ok()
+    };
+    match (get("micro"), get("mixed")) {
+        (Some(micro), Some(mixed)) => Ok(Times { micro, mixed }),
+        _ => bail!("alloc_bench printed no result lines; output was:\n{out}"),
+    }
+}
+
+/// The memleak-style bpftrace script (what memleak does, at the symbols).
+fn memleak_script() -> String {
+    format!(
+        "BEGIN {{ printf(\"attached\\n\"); }}\n\
+         uprobe:{LIBC}:malloc {{ @size[tid] = arg0; }}\n\
+         uretprobe:{LIBC}:malloc /@size[tid]/ {{ @sz[retval] = @size[tid]; @stk[retval] = ustack; @bytes[ustack] = sum(@size[tid]); delete(@size[tid]); }}\n\
+         uprobe:{LIBC}:free {{ delete(@sz[arg0]); delete(@stk[arg0]); }}\n\
+         END {{ clear(@sz); clear(@stk); clear(@bytes); clear(@size); }}\n"
+    )
+}
+
+fn floor_script() -> String {
+    format!("BEGIN {{ printf(\"attached\\n\"); }}\nuprobe:{LIBC}:malloc {{ }}\nuprobe:{LIBC}:free {{ }}\n")
+}
+
+/// A child's output lines, sent as they come.
+fn lines_of(r: impl std::io::Read + Send + 'static) -> (mpsc::Receiver<String>, thread::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel();
+    let h = thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (rx, h)
+}
+
+fn wait_line(rx: &mpsc::Receiver<String>, needle: &str, timeout: Duration, seen: &mut String) -> bool {
+    let until = Instant::now() + timeout;
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                seen.push_str(&l);
+                seen.push('\n');
+                if l.contains(needle) {
+                    return true;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+/// A tracer process and the line that says it has attached.
+struct Tracer {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    log: String,
+}
+
+impl Tracer {
+    fn stop(mut self, what: &str) -> String {
+        let _ = send_signal(self.child.id(), "INT");
+        if !matches!(wait_timeout(&mut self.child, Duration::from_secs(20)), Ok(Some(_))) {
+            eprintln!("xtask: {what} did not exit on SIGINT; killing it");
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        while let Ok(l) = self.lines.try_recv() {
+            self.log.push_str(&l);
+            self.log.push('\n');
+        }
+        self.log
+    }
+}
+
+fn start_tracer(root: &Path, mode: Mode, pid: u32, json: Option<&Path>) -> Result<Option<Tracer>> {
+    let mut cmd = match mode {
+        Mode::Untraced => return Ok(None),
+        Mode::Floor | Mode::Memleak => {
+            let script = if mode == Mode::Floor { floor_script() } else { memleak_script() };
+            let mut c = Command::new("bpftrace");
+            c.args(["-p", &pid.to_string(), "-e", &script])
+                .env("BPFTRACE_MAP_KEYS_MAX", "1048576")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null());
+            c
+        }
+        Mode::Leaktrace => {
+            let mut c = Command::new(leaktrace_bin(root));
+            c.args(["attach", "--pid", &pid.to_string(), "--track", "allocations", "--interval", "1s", "--format", "json"])
+                .stderr(Stdio::piped());
+            match json {
+                Some(p) => c.stdout(fs::File::create(p)?),
+                None => c.stdout(Stdio::null()),
+            };
+            c
+        }
+    };
+    cmd.stdin(Stdio::null());
+    announce(&cmd);
+    let mut child = cmd.spawn().with_context(|| format!("starting {}", mode.label()))?;
+    let (lines, _) = match mode {
+        Mode::Leaktrace => lines_of(child.stderr.take().unwrap()),
+        _ => lines_of(child.stdout.take().unwrap()),
+    };
+    let needle = if mode == Mode::Leaktrace { "attached to" } else { "attached" };
+    let mut log = String::new();
+    if !wait_line(&lines, needle, Duration::from_secs(60), &mut log) {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("{} did not attach; it printed:\n{log}", mode.label());
+    }
+    Ok(Some(Tracer { child, lines, log }))
+}
+
+/// Starts alloc_bench (waiting for SIGUSR1), attaches `mode`, lets it run,
+/// returns its times (and the tracer's log).
+fn run_mode(root: &Path, mode: Mode, bench_args: &[String], json: Option<&Path>) -> Result<(Times, String)> {
+    let mut cmd = Command::new(fixtures_bin(root).join("alloc_bench"));
+    cmd.args(bench_args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    announce(&cmd);
+    let mut target = cmd.spawn().context("starting alloc_bench")?;
+    let (out, out_h) = lines_of(target.stdout.take().unwrap());
+    let mut seen = String::new();
+    if !wait_line(&out, "ready", Duration::from_secs(10), &mut seen) {
+        stop_child(&mut target, "alloc_bench");
+        bail!("alloc_bench did not print ready");
+    }
+    let tracer = match start_tracer(root, mode, target.id(), json) {
+        Ok(t) => t,
+        Err(e) => {
+            stop_child(&mut target, "alloc_bench");
+            return Err(e);
+        }
+    };
+    // Let the tracer settle (its first report, symbolizer start) before the
+    // target runs: on 2 cores it would otherwise compete with the target.
+    thread::sleep(Duration::from_secs(1));
+    send_signal(target.id(), "USR1")?;
+    let status = wait_timeout(&mut target, Duration::from_secs(900))?;
+    let log = tracer.map(|t| t.stop(mode.label())).unwrap_or_default();
+    if status.is_none() {
+        stop_child(&mut target, "alloc_bench");
+        bail!("alloc_bench did not finish under {}", mode.label());
+    }
+    let _ = out_h.join();
+    let text: String = out.try_iter().map(|l| l + "\n").collect();
+    Ok((parse_times(&text)?, log))
+}
+
+/// utime + stime of a process, seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+fn status_kib(pid: u32, key: &str) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse().ok())
+}
+
+/// The daemon's CPU and memory while the target holds `live` blocks and
+/// keeps allocating (the mixed workload) for `hold_s` seconds.
+fn daemon_cost(root: &Path, live: u64, hold_s: u64) -> Result<String> {
+    let json = target_dir(root).join("xtask-bench").join("alloc-daemon.json");
+    let mut cmd = Command::new(fixtures_bin(root).join("alloc_bench"));
+    cmd.args(["--micro", "0", "--mixed", "0", "--live", &live.to_string(), "--hold-s", &hold_s.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    announce(&cmd);
+    let mut target = cmd.spawn().context("starting alloc_bench")?;
+    let (out, _h) = lines_of(target.stdout.take().unwrap());
+    let mut seen = String::new();
+    if !wait_line(&out, "ready", Duration::from_secs(10), &mut seen) {
+        stop_child(&mut target, "alloc_bench");
+        bail!("alloc_bench did not print ready");
+    }
+    let tracer = match start_tracer(root, Mode::Leaktrace, target.id(), Some(&json)) {
+        Ok(t) => t.ok_or_else(|| anyhow!("no tracer"))?,
+        Err(e) => {
+            stop_child(&mut target, "alloc_bench");
+            return Err(e);
+        }
+    };
+    let tpid = tracer.child.id();
+    let cpu0 = cpu_seconds(tpid).unwrap_or(0.0);
+    let t0 = Instant::now();
+    send_signal(target.id(), "USR1")?;
+    let done = wait_timeout(&mut target, Duration::from_secs(hold_s + 300))?;
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(tpid).unwrap_or(0.0) - cpu0;
+    let hwm = status_kib(tpid, "VmHWM:").unwrap_or(0);
+    let rss = status_kib(tpid, "VmRSS:").unwrap_or(0);
+    tracer.stop("leaktrace");
+    if done.is_none() {
+        stop_child(&mut target, "alloc_bench");
+        bail!("alloc_bench did not finish");
+    }
+    // The final report must hold the live blocks under keep_live.
+    let text = fs::read_to_string(&json).unwrap_or_default();
+    let last = text.lines().rev().find(|l| l.starts_with('{')).unwrap_or("");
+    let seen_live = last
+        .split("\"site\":\"keep_live\"")
+        .nth(1)
+        .and_then(|r| r.split("\"live\":").nth(1))
+        .and_then(|r| r.split([',', '}']).next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    Ok(format!(
+        "| daemon while {live} blocks are live ({hold_s} s of mixed workload) | CPU {:.1}% of one core ({cpu:.2} s over {wall:.1} s), RSS {} MiB (peak {} MiB); report: keep_live live={seen_live} |",
+        100.0 * cpu / wall.max(0.001),
+        rss / 1024,
+        hwm / 1024
+    ))
+}
+
+/// `cargo xtask bench allocations [--rounds N] [--micro N] [--mixed M]`.
+pub fn bench(root: &Path, args: &[String]) -> Result<()> {
+    let mut rounds = 5usize;
+    let mut micro = 20000u64;
+    let mut mixed = 2000u64;
+    let mut live = 100_000u64;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| -> Result<u64> {
+            it.next().ok_or_else(|| anyhow!("{name} needs a value"))?.parse().with_context(|| name.to_string())
+        };
+        match a.as_str() {
+            "--rounds" => rounds = value("--rounds")? as usize,
+            "--micro" => micro = value("--micro")?,
+            "--mixed" => mixed = value("--mixed")?,
+            "--live" => live = value("--live")?,
+            other => bail!("bench allocations: unknown argument `{other}`"),
+        }
+    }
+    if rounds == 0 || micro == 0 || mixed == 0 {
+        bail!("bench allocations: --rounds, --micro and --mixed must be positive");
+    }
+    if Command::new("bpftrace").arg("--version").output().is_err() {
+        bail!("bpftrace is not installed: run `cargo xtask setup` (or apt-get install bpftrace)");
+    }
+    build(root)?;
+    fs::create_dir_all(target_dir(root).join("xtask-bench"))?;
+    let bench_args = vec!["--micro".to_string(), micro.to_string(), "--mixed".to_string(), mixed.to_string()];
+    // results[mode][round]
+    let mut results: Vec<Vec<Times>> = vec![Vec::new(); Mode::ALL.len()];
+    for round in 0..rounds {
+        for (i, mode) in Mode::ALL.iter().enumerate() {
+            let json = target_dir(root).join("xtask-bench").join(format!("alloc-{round}.json"));
+            let (t, _log) = run_mode(root, *mode, &bench_args, (*mode == Mode::Leaktrace).then_some(json.as_path()))?;
+            eprintln!(
+                "bench: round {}/{rounds} {}: micro {:.0} ns/pair, mixed {:.0} ns/iteration",
+                round + 1,
+                mode.label(),
+                t.micro,
+                t.mixed
+            );
+            results[i].push(t);
+        }
+    }
+    let daemon = daemon_cost(root, live, 10)?;
+
+    let untraced = &results[0];
+    let row = |i: usize, pick: fn(&Times) -> f64| -> (f64, f64, f64) {
+        let mut abs: Vec<f64> = results[i].iter().map(pick).collect();
+        let mut added: Vec<f64> = results[i].iter().zip(untraced).map(|(t, u)| pick(t) - pick(u)).collect();
+        let mut ratio: Vec<f64> = results[i].iter().zip(untraced).map(|(t, u)| pick(t) / pick(u)).collect();
+        (median(&mut abs), median(&mut added), median(&mut ratio))
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out)?;
+    writeln!(
+        out,
+        "alloc_bench: micro = {micro} x malloc(64)+free; mixed = {mixed} x (~20 µs of hashing + malloc(256)+free); {rounds} paired rounds, medians"
+    )?;
+    writeln!(out, "added = mode minus the untraced run of the same round; ratio = mode / that untraced run")?;
+    writeln!(out)?;
+    writeln!(out, "| mode | micro ns/pair | added ns/pair | ratio | mixed ns/iter | added ns/iter | ratio |")?;
+    writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")?;
+    let mut added_micro = Vec::new();
+    for (i, mode) in Mode::ALL.iter().enumerate() {
+        let (am, dm, rm) = row(i, |t| t.micro);
+        let (ax, dx, rx) = row(i, |t| t.mixed);
+        added_micro.push(dm);
+        writeln!(out, "| {} | {am:.0} | {dm:.0} | {rm:.2}x | {ax:.0} | {dx:.0} | {rx:.2}x |", mode.label())?;
+    }
+    let share = added_micro[3] / added_micro[1].max(1.0);
+    writeln!(out)?;
+    writeln!(out, "leaktrace's added cost per malloc+free pair = {:.3} of the entry floor's (target <= 0.2)", share)?;
+    writeln!(out)?;
+    writeln!(out, "{daemon}")?;
+    Ok(())
+}
