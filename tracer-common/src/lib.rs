@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod connections;
+pub mod locks;
 pub mod stacks;
 pub mod threads;
 
@@ -26,6 +27,16 @@ pub mod counter {
     /// Thread tracker events (thread created or ended); `EVENTS` counts
     /// the connection tracker's.
     pub const THREAD_EVENTS: u32 = 4;
+    /// Lock tracker: contended waits recorded (futex waits on locks, Go
+    /// semaphore waits).
+    pub const LOCK_WAITS: u32 = 16;
+    /// Lock tracker: futex waits seen that are not lock waits (condition
+    /// variables, joins, other futex uses): not reported as contention.
+    pub const LOCK_OTHER_WAITS: u32 = 17;
+    /// Lock tracker: waits or wakes dropped because a lock table was full.
+    pub const LOCK_LOST: u32 = 18;
+    /// Lock tracker: holder wakes recorded (an unlock that woke waiters).
+    pub const LOCK_WAKES: u32 = 19;
     /// Number of slots.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 32;
 }

@@ -6,6 +6,7 @@
 #![no_main]
 
 mod connections;
+mod locks;
 mod stacks;
 mod threads;
 

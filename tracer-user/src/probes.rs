@@ -44,6 +44,13 @@ pub const THREADS: Attachments = &[
     ("thread_exit", "sched", "sched_process_exit"),
 ];
 
+/// The lock tracker's futex tracepoints (its Go uprobes are attached per
+/// executable by [`Probes::attach_uprobe_at`]).
+pub const LOCKS: Attachments = &[
+    ("lock_futex_enter", "syscalls", "sys_enter_futex"),
+    ("lock_futex_exit", "syscalls", "sys_exit_futex"),
+];
+
 /// Offset of `child_pid` in the `sched:sched_process_fork` record, from its
 /// format (Linux 6.18 has `__data_loc` comms; older kernels inline them).
 fn fork_child_pid_offset() -> u32 {
@@ -170,6 +177,24 @@ impl Probes {
         program
             .attach("pthread_create", libc, scope)
             .with_context(|| format!("cannot attach a uprobe to pthread_create in {}", libc.display()))?;
+        Ok(())
+    }
+
+    /// Attaches uprobe program `prog` at file offset `offset` of `path`, for
+    /// `pid` only (offsets chosen by disassembly: see trackers/locks/golang.rs).
+    pub fn attach_uprobe_at(&mut self, prog: &str, pid: u32, path: &Path, offset: u64) -> Result<()> {
+        let program: &mut UProbe = self
+            .ebpf
+            .program_mut(prog)
+            .ok_or_else(|| anyhow!("program {prog} missing from the eBPF object"))?
+            .try_into()?;
+        if program.fd().is_err() {
+            program.load().map_err(|e| load_error(&format!("{prog}: {e:#}")))?;
+        }
+        let scope = UProbeScope::OneProcess(std::num::NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0"))?);
+        program
+            .attach(offset, path, scope)
+            .with_context(|| format!("cannot attach a uprobe at {}+{offset:#x}", path.display()))?;
         Ok(())
     }
 

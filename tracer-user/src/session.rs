@@ -21,7 +21,7 @@ use crate::{
     stacks::StackResolver,
     symbolize::{site_index, site_of, SymbolizerService},
     syscall_sites,
-    trackers::{connections::ConnectionCollector, threads::ThreadCollector, Counters},
+    trackers::{connections::ConnectionCollector, locks::LockCollector, threads::ThreadCollector, Counters},
 };
 
 /// How the session ended.
@@ -53,9 +53,11 @@ struct Kernel {
     probes: Probes,
     connections: ConnectionCollector,
     threads: ThreadCollector,
+    locks: LockCollector,
     /// Which trackers run.
     track_connections: bool,
     track_threads: bool,
+    track_locks: bool,
     /// The libc whose `pthread_create` carries the thread tracker's uprobe.
     pthread_uprobe: Option<std::path::PathBuf>,
     resolver: StackResolver,
@@ -72,6 +74,8 @@ impl Kernel {
             lost_stacks: sum(c::LOST_STACKS),
             lost_ring: sum(c::LOST_RING),
             thread_events: sum(c::THREAD_EVENTS),
+            lock_waits: sum(c::LOCK_WAITS),
+            lock_lost: sum(c::LOCK_LOST),
         }
     }
 }
@@ -104,9 +108,13 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     if trackers.contains(&"tasks") {
         attachments.push(probes::THREADS);
     }
+    if trackers.contains(&"locks") {
+        attachments.push(probes::LOCKS);
+    }
     let mut probes = Probes::load(pid, opts.max_sockets)?;
     let connections = ConnectionCollector::new(&mut probes.ebpf, pid)?;
     let threads = ThreadCollector::new(&mut probes.ebpf, pid)?;
+    let locks = LockCollector::new(&mut probes.ebpf, pid)?;
     let symbolizer = SymbolizerService::start();
     let resolver = StackResolver::new(&mut probes.ebpf, pid, symbolizer)?;
     let counters = aya::maps::PerCpuArray::try_from(
@@ -116,8 +124,10 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
         probes,
         connections,
         threads,
+        locks,
         track_connections: trackers.contains(&"connections"),
         track_threads: trackers.contains(&"tasks"),
+        track_locks: trackers.contains(&"locks"),
         pthread_uprobe: None,
         resolver,
         counters,
@@ -331,12 +341,40 @@ fn load_syscall_sites(kernel: &mut Kernel, pid: u32, memory: &MemoryMap) -> bool
     if kernel.track_threads {
         attach_pthread_create(kernel, pid, memory);
     }
+    if kernel.track_locks {
+        setup_locks(kernel, pid, memory);
+    }
     match syscall_sites::find_in_process(pid, memory) {
         Ok(sites) if !sites.is_empty() => kernel.probes.set_syscall_sites(&sites).is_ok(),
         Ok(_) => false,
         Err(e) => {
             eprintln!("leaktrace: warning: cannot read libc's syscall wrappers ({e:#}); C stacks will miss the direct caller of connect/socket");
             true
+        }
+    }
+}
+
+/// Lock tracker: libc's lock sites, and for a Go program its semaphore
+/// probes (once per libc / executable).
+fn setup_locks(kernel: &mut Kernel, pid: u32, memory: &MemoryMap) {
+    if let Err(e) = kernel.locks.load_libc_sites(memory) {
+        eprintln!("leaktrace: warning: cannot analyse libc's lock functions ({e:#}); C lock stacks will miss frames");
+    }
+    let Some((exe, probes)) = kernel.locks.go_setup(memory) else { return };
+    use crate::trackers::locks::golang::Role;
+    for p in &probes {
+        let entry_prog = match p.role {
+            Role::AcquireMutex => "lock_go_acquire_mutex",
+            Role::AcquireRead => "lock_go_acquire_read",
+            Role::AcquireWrite => "lock_go_acquire_write",
+            Role::Release => "lock_go_release",
+        };
+        let mut r = kernel.probes.attach_uprobe_at(entry_prog, pid, &exe, p.entry);
+        for &ret in &p.rets {
+            r = r.and_then(|_| kernel.probes.attach_uprobe_at("lock_go_acquired", pid, &exe, ret));
+        }
+        if let Err(e) = r {
+            eprintln!("leaktrace: warning: {e:#}; Go {} waits are not tracked", p.name);
         }
     }
 }
@@ -404,7 +442,13 @@ async fn build_report(
     if kernel.track_threads {
         samples.extend(kernel.threads.collect(now, alive)?.into_iter().map(|s| (Kind::Thread, s)));
     }
-    let keys: Vec<_> = samples.iter().map(|(_, s)| s.stack.clone()).collect();
+    let locks = if kernel.track_locks { kernel.locks.collect(memory, LOCK_STACKS_KEPT) } else { Vec::new() };
+    let mut keys: Vec<_> = samples.iter().map(|(_, s)| s.stack.clone()).collect();
+    for l in &locks {
+        keys.push(l.first.clone());
+        keys.extend(l.waiters.iter().map(|w| w.0.clone()));
+        keys.extend(l.holders.iter().map(|h| h.0.clone()));
+    }
     let frames = kernel.resolver.resolve(&keys, memory).await;
     let mut findings = Vec::new();
     let mut seen = HashSet::new();
@@ -446,10 +490,12 @@ async fn build_report(
             oldest_age_s: s.oldest_age_s.map(|a| (a * 10.0).round() / 10.0),
             peer: s.peer.clone(),
             thread_name: s.thread_name.clone(),
+            lock: None,
             created: s.created,
             ended: s.ended,
         });
     }
+    findings.extend(lock_findings(&locks, &frames, t));
     if observe {
         growth.forget_missing(&seen);
         *last_t = Some(t);
@@ -459,6 +505,7 @@ async fn build_report(
             .cmp(&b.verdict)
             .then(b.growth_per_min.total_cmp(&a.growth_per_min))
             .then(b.live.cmp(&a.live))
+            .then(lock_wait(b).cmp(&lock_wait(a)))
     });
     let omitted = findings.len().saturating_sub(ctx.opts.max_findings) as u64;
     findings.truncate(ctx.opts.max_findings);
@@ -470,6 +517,9 @@ async fn build_report(
     if kernel.track_threads {
         events.insert(Kind::Thread.as_str(), c.thread_events);
     }
+    if kernel.track_locks {
+        events.insert(Kind::Lock.as_str(), c.lock_waits);
+    }
     Ok(Report {
         pid: ctx.pid,
         comm: ctx.comm.clone(),
@@ -477,8 +527,100 @@ async fn build_report(
         is_final,
         exited: exited.then_some(true),
         findings,
-        lost: Lost { events: c.lost_events + c.lost_ring, stacks: c.lost_stacks },
+        lost: Lost { events: c.lost_events + c.lost_ring + c.lock_lost, stacks: c.lost_stacks },
         events,
         findings_omitted: omitted,
     })
+}
+
+/// Waiter and holder stacks kept per lock (the costliest).
+const LOCK_STACKS_KEPT: usize = 16;
+
+fn lock_wait(f: &Finding) -> u64 {
+    f.lock.as_ref().map_or(0, |l| l.wait_ns)
+}
+
+/// One finding per lock (locks sharing a global's name, like the futex
+/// words of one rwlock, are one lock), judged by the contention rule.
+fn lock_findings(
+    locks: &[crate::trackers::locks::LockSample],
+    frames: &std::collections::HashMap<crate::trackers::SampleStack, Vec<crate::report::Frame>>,
+    elapsed_s: f64,
+) -> Vec<Finding> {
+    use crate::report::{HistBucket, LockInfo};
+    use crate::trackers::SampleStack;
+    let stack_of = |s: &SampleStack| frames.get(s).cloned().unwrap_or_default();
+    // Merge by name: (name, samples).
+    let mut groups: Vec<(String, Vec<&crate::trackers::locks::LockSample>)> = Vec::new();
+    for l in locks {
+        let name = match &l.symbol {
+            Some(sym) => sym.clone(),
+            None => {
+                let first = stack_of(&l.first);
+                format!("{:#x} (first contended in {})", l.addr, site_of(&first))
+            }
+        };
+        match groups.iter_mut().find(|g| g.0 == name) {
+            Some(g) => g.1.push(l),
+            None => groups.push((name, vec![l])),
+        }
+    }
+    let elapsed_ns = (elapsed_s * 1e9).max(1.0);
+    let mut out = Vec::new();
+    for (name, ls) in groups {
+        let contentions: u64 = ls.iter().map(|l| l.contentions).sum();
+        let wait_ns: u64 = ls.iter().map(|l| l.wait_ns).sum();
+        let max_wait_ns = ls.iter().map(|l| l.max_wait_ns).max().unwrap_or(0);
+        let mut hist = [0u64; tracer_common::locks::HIST_BUCKETS];
+        for l in &ls {
+            for (h, v) in hist.iter_mut().zip(l.hist.iter()) {
+                *h += v;
+            }
+        }
+        let mut waiters: Vec<&(SampleStack, u64, u64)> = ls.iter().flat_map(|l| l.waiters.iter()).collect();
+        waiters.sort_by(|a, b| b.2.cmp(&a.2));
+        let mut holders: Vec<&(SampleStack, u64)> = ls.iter().flat_map(|l| l.holders.iter()).collect();
+        holders.sort_by(|a, b| b.1.cmp(&a.1));
+        let stack = waiters.first().map(|w| stack_of(&w.0)).unwrap_or_else(|| stack_of(&ls[0].first));
+        let holder_stack = holders.first().map(|h| stack_of(&h.0)).unwrap_or_default();
+        let wait_share = wait_ns as f64 / elapsed_ns;
+        // Cumulative log2 buckets, from the first non-empty to the last.
+        let lo = hist.iter().position(|&c| c > 0).unwrap_or(0);
+        let hi = hist.iter().rposition(|&c| c > 0).unwrap_or(0);
+        let mut cum = 0;
+        let wait_histogram = (lo..=hi)
+            .map(|i| {
+                cum += hist[i];
+                HistBucket { le_ns: if i + 1 >= 64 { u64::MAX } else { (1u64 << (i + 1)) - 1 }, count: cum }
+            })
+            .collect();
+        out.push(Finding {
+            kind: Kind::Lock,
+            verdict: crate::growth::contention_verdict(wait_share, contentions),
+            site: site_of(&stack),
+            site_index: site_index(&stack),
+            stack,
+            live: 0,
+            growth_per_min: 0.0,
+            oldest_age_s: None,
+            peer: None,
+            thread_name: None,
+            lock: Some(LockInfo {
+                lock: name,
+                lock_kind: ls[0].kind.to_string(),
+                contentions,
+                wait_ns,
+                max_wait_ns,
+                wait_share: (wait_share * 1000.0).round() / 1000.0,
+                wait_histogram,
+                waiter_stacks: waiters.len() as u64,
+                holder_site: if holder_stack.is_empty() { String::new() } else { site_of(&holder_stack) },
+                holder_stack,
+                holder_wakes: holders.first().map_or(0, |h| h.1),
+            }),
+            created: contentions,
+            ended: contentions,
+        });
+    }
+    out
 }

@@ -42,6 +42,7 @@ pub(crate) mod tests {
                 oldest_age_s: Some(19.7),
                 peer: Some("127.0.0.1:6379".into()),
                 thread_name: None,
+                lock: None,
                 created: 400,
                 ended: 280,
             }],

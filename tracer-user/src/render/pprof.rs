@@ -22,7 +22,7 @@
 //! |---|---|---|---|
 //! | connection | `connections`/`count` | live connections | — (leaktrace's own) |
 //! | allocation (native heap, planned) | `inuse_objects`/`count`, `inuse_space`/`bytes` | live allocations, their bytes | heap profile |
-//! | lock (planned) | `contentions`/`count`, `delay`/`nanoseconds` | contended acquisitions, time waited | mutex / block profile |
+//! | lock | `contentions`/`count`, `delay`/`nanoseconds` | contended waits, time waited (waiter stack) | mutex / block profile |
 //! | goroutine (planned) | `goroutines`/`count` | live goroutines | goroutine profile |
 //! | thread | `threads`/`count` | live threads | threadcreate profile |
 //! | map entry (planned) | `map_entries`/`count` | live entries | — |
@@ -185,6 +185,7 @@ pub fn sample_types(kind: Kind) -> &'static [(&'static str, &'static str)] {
     match kind {
         Kind::Connection => &[("connections", "count")],
         Kind::Thread => &[("threads", "count")],
+        Kind::Lock => &[("contentions", "count"), ("delay", "nanoseconds")],
     }
 }
 
@@ -192,6 +193,10 @@ pub fn sample_types(kind: Kind) -> &'static [(&'static str, &'static str)] {
 pub fn sample_values(f: &Finding) -> Vec<i64> {
     match f.kind {
         Kind::Connection | Kind::Thread => vec![clamp(f.live)],
+        Kind::Lock => {
+            let (n, ns) = f.lock.as_ref().map_or((0, 0), |l| (l.contentions, l.wait_ns));
+            vec![clamp(n), clamp(ns)]
+        }
     }
 }
 

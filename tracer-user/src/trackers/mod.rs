@@ -2,6 +2,7 @@
 //! per-stack samples; none of them formats output.
 
 pub mod connections;
+pub mod locks;
 pub mod threads;
 
 use std::collections::HashMap;
@@ -51,6 +52,10 @@ pub struct Counters {
     pub lost_ring: u64,
     /// Thread tracker events (created, ended).
     pub thread_events: u64,
+    /// Lock tracker: contended waits recorded.
+    pub lock_waits: u64,
+    /// Lock tracker: waits or wakes dropped (a full table).
+    pub lock_lost: u64,
 }
 
 /// The live objects of one creation stack, gathered while a collector walks
