@@ -42,6 +42,7 @@ struct GoProgram {
 const GO_PROGRAMS: &[GoProgram] = &[
     GoProgram { dir: "connleak", out: "connleak-go", every_version: true },
     GoProgram { dir: "api-server", out: "api-server", every_version: false },
+    GoProgram { dir: "lockpool", out: "lockpool-go", every_version: true },
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const APT_PACKAGES: &[&str] = &[

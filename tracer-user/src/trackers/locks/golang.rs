@@ -141,10 +141,12 @@ pub fn sema_offset(role: Role, caller_function: &str) -> (u64, &'static str) {
     match role {
         Role::AcquireRead => (12, "rwmutex-read"),
         Role::AcquireWrite => (8, "rwmutex-write"),
-        // Before Go 1.21 RWMutex used the Mutex semaphore entry point.
-        Role::AcquireMutex if rw && caller_function.ends_with(".RLock") => (12, "rwmutex-read"),
-        Role::AcquireMutex if rw => (8, "rwmutex-write"),
-        Role::AcquireMutex => (4, "mutex"),
+        // A Mutex waits only from lockSlow (never inlined). Before Go 1.21
+        // RWMutex used the same entry point: from RWMutex.Lock a writer,
+        // from anything else RLock (small, inlined into its caller).
+        Role::AcquireMutex if caller_function.ends_with("lockSlow") => (4, "mutex"),
+        Role::AcquireMutex if rw && caller_function.ends_with(".Lock") => (8, "rwmutex-write"),
+        Role::AcquireMutex => (12, "rwmutex-read"),
         // Holders: RWMutex.Unlock releases readers (readerSem), a last
         // reader's rUnlockSlow releases the writer (writerSem).
         Role::Release if rw && caller_function.contains("rUnlockSlow") => (8, "rwmutex"),
@@ -172,6 +174,8 @@ mod tests {
     fn sema_offsets_by_caller() {
         assert_eq!(sema_offset(Role::AcquireMutex, "internal/sync.(*Mutex).lockSlow").0, 4);
         assert_eq!(sema_offset(Role::AcquireMutex, "sync.(*RWMutex).RLock").0, 12);
+        assert_eq!(sema_offset(Role::AcquireMutex, "").0, 12, "RLock inlined into the program (Go 1.19)");
+        assert_eq!(sema_offset(Role::AcquireMutex, "sync.(*RWMutex).Lock").0, 8);
         assert_eq!(sema_offset(Role::AcquireRead, "main.get").0, 12);
         assert_eq!(sema_offset(Role::Release, "sync.(*RWMutex).rUnlockSlow").0, 8);
         assert_eq!(sema_offset(Role::Release, "sync.(*Mutex).unlockSlow").0, 4);
