@@ -105,7 +105,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     if l.holder_site.is_empty() { "?" } else { &l.holder_site }
                 );
             }
-            eprintln!("leaktrace check: exit 3 (0 = no leak, 3 = leak found or --fail-on-wait exceeded, 1 = error)");
+            let what = if fail_on_wait.is_some() { "3 = leak found or --fail-on-wait exceeded" } else { "3 = leak found" };
+            eprintln!("leaktrace check: exit 3 (0 = no leak, {what}, 1 = error)");
             return Ok(ExitCode::from(3));
         }
         eprintln!(

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+mod bench_locks;
+
 /// Rust toolchain for user space (rust-toolchain.toml pins it).
 const USER_TOOLCHAIN: &str = "1.95.0";
 /// Nightly that builds tracer-ebpf (LLVM 22, matches bpf-linker's LLVM).
@@ -52,6 +54,8 @@ const APT_PACKAGES: &[&str] = &[
     "golang-go",
     "gcc",
     "bpftool",
+    // `cargo xtask bench locks` compares with a pmlock-style bpftrace script.
+    "bpftrace",
     // The end-to-end test scrapes leaktrace with a real Prometheus; promtool
     // checks deploy/prometheus.
     "prometheus",
@@ -78,6 +82,7 @@ commands:
                      (e.g. `cargo xtask test -- --nocapture`)
   bench [--iterations N] [--runs N]   (defaults 10000, 7)
                      build, then time conn_bench untraced vs traced by leaktrace
+  bench locks [--runs N]            pthread mutex cost: untraced, leaktrace --track locks, pmlock-style bpftrace (default 5 runs)
   vm-test [--kernel 6.1|6.12|all]   (default 6.1)
                      build, fetch Debian cloud kernels (cached in .cache/vm),
                      boot each in QEMU (TCG) with an initramfs that runs
@@ -112,6 +117,7 @@ fn run(args: &[String]) -> Result<i32> {
         "fixtures" => build_fixtures(&root).map(|_| 0),
         "demo" => demo(&root),
         "test" => test(&root, rest),
+        "bench" if rest.first().map(String::as_str) == Some("locks") => bench_locks::run(&root, &rest[1..]).map(|_| 0),
         "bench" => bench(&root, rest).map(|_| 0),
         "vm-test" => vm_test(&root, rest),
         "help" | "-h" | "--help" => {
