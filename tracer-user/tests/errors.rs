@@ -29,7 +29,7 @@ fn unknown_and_unavailable_trackers() {
     let run = run_leaktrace(&["attach", "--pid", "1", "--track", "sockets"]);
     assert_eq!(run.status, 1);
     assert!(error_line(&run).contains("unknown tracker 'sockets'"));
-    let run = run_leaktrace(&["attach", "--pid", "1", "--track", "locks"]);
+    let run = run_leaktrace(&["attach", "--pid", "1", "--track", "maps"]);
     assert_eq!(run.status, 1);
     assert!(error_line(&run).contains("not available"));
 }
