@@ -40,7 +40,7 @@ struct Case {
 }
 
 const CASES: &[Case] = &[
-    Case { name: "uncontended (1 thread)", threads: 1, iterations: (4_000_000, 200_000) },
+    Case { name: "uncontended (1 thread)", threads: 1, iterations: (8_000_000, 200_000) },
     Case { name: "contended (4 threads, 1 mutex)", threads: 4, iterations: (500_000, 50_000) },
 ];
 
@@ -65,7 +65,9 @@ fn wait_line(r: impl std::io::Read + Send + 'static, needle: &'static str, limit
     Ok(rx)
 }
 
-fn one(root: &Path, case: &Case, mode: Mode) -> Result<f64> {
+/// One measurement: ns per lock+unlock, and for leaktrace the contended
+/// waits it recorded (its final report's `events.lock`).
+fn one(root: &Path, case: &Case, mode: Mode) -> Result<(f64, Option<u64>)> {
     let iters = if mode == Mode::Bpftrace { case.iterations.1 } else { case.iterations.0 };
     let mut cmd = Command::new(fixtures_bin(root).join("lock_bench"));
     cmd.args(["--threads", &case.threads.to_string(), "--iterations", &iters.to_string()])
@@ -78,16 +80,19 @@ fn one(root: &Path, case: &Case, mode: Mode) -> Result<f64> {
     let pid = target.id();
     let mut tracer: Option<Child> = None;
     let mut tracer_out = None;
+    let mut report_rx = None;
     let started = match mode {
         Mode::Untraced => Ok(()),
         Mode::Leaktrace => {
             let mut c = Command::new(leaktrace_bin(root));
             c.args(["attach", "--pid", &pid.to_string(), "--track", "locks", "--interval", "1s", "--format", "json"])
                 .stdin(Stdio::null())
-                .stdout(Stdio::null())
+                .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
             announce(&c);
             let mut child = c.spawn().context("starting leaktrace")?;
+            let reports = child.stdout.take().unwrap();
+            report_rx = Some(wait_line(reports, "", Duration::from_secs(30)));
             let r = wait_line(child.stderr.take().unwrap(), "attached to", Duration::from_secs(30));
             tracer = Some(child);
             r.map(|rx| tracer_out = Some(rx))
@@ -125,14 +130,27 @@ fn one(root: &Path, case: &Case, mode: Mode) -> Result<f64> {
         drop(tracer_out);
     }
     let text = out.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
-    text.lines()
+    let ns = text
+        .lines()
         .find_map(|l| l.split_whitespace().find_map(|kv| kv.strip_prefix("ns_per_op=")).and_then(|v| v.parse().ok()))
-        .ok_or_else(|| anyhow!("lock_bench printed no result:\n{text}"))
+        .ok_or_else(|| anyhow!("lock_bench printed no result:\n{text}"))?;
+    // `"events":{"lock":N}` of the final report (the last line).
+    let waits = report_rx
+        .and_then(|r| r.ok())
+        .and_then(|rx| rx.recv_timeout(Duration::from_secs(5)).ok())
+        .and_then(|all| {
+            let last = all.lines().last()?.to_string();
+            let at = last.find("\"events\":{")?;
+            let rest = &last[at..];
+            let v = rest[rest.find("\"lock\":")? + 7..].split(|c: char| !c.is_ascii_digit()).next()?.to_string();
+            v.parse().ok()
+        });
+    Ok((ns, waits))
 }
 
 /// Runs the benchmark and prints the table and a README-ready one.
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
-    let mut runs = 5usize;
+    let mut runs = 7usize;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -148,10 +166,14 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let modes = [Mode::Untraced, Mode::Leaktrace, Mode::Bpftrace];
     // results[case][mode] = per-run ns/op
     let mut results = vec![vec![Vec::new(); modes.len()]; CASES.len()];
+    let mut waits: Vec<Vec<u64>> = vec![Vec::new(); CASES.len()];
     for run in 0..runs {
         for (ci, case) in CASES.iter().enumerate() {
             for (mi, mode) in modes.iter().enumerate() {
-                let ns = one(root, case, *mode)?;
+                let (ns, w) = one(root, case, *mode)?;
+                if let Some(w) = w {
+                    waits[ci].push(w);
+                }
                 eprintln!("bench locks: run {}/{runs} {} {}: {ns:.1} ns/op", run + 1, case.name, mode_name(*mode));
                 results[ci][mi].push(ns);
             }
@@ -163,7 +185,8 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let mut readme = Vec::new();
     for (ci, case) in CASES.iter().enumerate() {
         let untraced = results[ci][0].clone();
-        writeln!(out, "{}:", case.name)?;
+        let w = waits[ci].iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ");
+        writeln!(out, "{}: contended waits leaktrace recorded per run: {w}", case.name)?;
         for (mi, mode) in modes.iter().enumerate() {
             let v = results[ci][mi].clone();
             let mut ratios: Vec<f64> = v.iter().zip(&untraced).map(|(x, u)| x / u).collect();
@@ -171,13 +194,14 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             let med = median(&mut v.clone());
             let all = v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
             writeln!(out, "  {:<48} {med:>10.1} ns/op {ratio:>8.2}x   {all}", mode_name(*mode))?;
-            readme.push(format!("| {} | {} | {med:.0} | {ratio:.2}x |", case.name, mode_name(*mode)));
+            let recorded = if *mode == Mode::Leaktrace { w.clone() } else { "-".into() };
+            readme.push(format!("| {} | {} | {med:.0} | {ratio:.2}x | {recorded} |", case.name, mode_name(*mode)));
         }
     }
     writeln!(out)?;
     writeln!(out, "README (cargo xtask bench locks --runs {runs}):")?;
-    writeln!(out, "| case | mode | ns per lock+unlock (median) | ratio to untraced (median of paired rounds) |")?;
-    writeln!(out, "|---|---|---|---|")?;
+    writeln!(out, "| case | mode | ns per lock+unlock (median) | ratio to untraced (median of paired rounds) | contended waits recorded per run |")?;
+    writeln!(out, "|---|---|---|---|---|")?;
     for l in readme {
         writeln!(out, "{l}")?;
     }

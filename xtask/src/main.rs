@@ -82,7 +82,7 @@ commands:
                      (e.g. `cargo xtask test -- --nocapture`)
   bench [--iterations N] [--runs N]   (defaults 10000, 7)
                      build, then time conn_bench untraced vs traced by leaktrace
-  bench locks [--runs N]            pthread mutex cost: untraced, leaktrace --track locks, pmlock-style bpftrace (default 5 runs)
+  bench locks [--runs N]            pthread mutex cost: untraced, leaktrace --track locks, pmlock-style bpftrace (default 7 runs)
   vm-test [--kernel 6.1|6.12|all]   (default 6.1)
                      build, fetch Debian cloud kernels (cached in .cache/vm),
                      boot each in QEMU (TCG) with an initramfs that runs
