@@ -162,3 +162,35 @@ fn check_fails_on_wait_share_and_passes_without_contention() {
     let run = run_leaktrace(&["check", "--pid", &pid, "--for", "3s", "--track", "locks", "--fail-on-wait", "0.9"]);
     assert_eq!(run.status, 0, "stderr: {}", run.stderr);
 }
+
+#[test]
+fn lock_pprof_and_flamegraph_name_the_contending_function() {
+    let dir = std::env::temp_dir().join(format!("leaktrace-locks-pprof-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let prof = dir.join("locks.pb.gz");
+    let svg = dir.join("locks.svg");
+    let t = start("lock_contention", &[]);
+    let pid = t.pid().to_string();
+    let run = run_leaktrace(&[
+        "attach", "--pid", &pid, "--for", "3s", "--interval", "1s", "--format", "json", "--track", "locks",
+        "--pprof", prof.to_str().unwrap(), "--flamegraph", svg.to_str().unwrap(),
+    ]);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    let svg_text = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg_text.contains("update_hot_counter"), "flame graph lacks the contending function");
+    let go = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("go"))
+        .find(|p| p.is_file())
+        .expect("`go` on PATH (cargo xtask setup installs golang-go)");
+    let out = std::process::Command::new(go)
+        .args(["tool", "pprof", "-sample_index=delay", "-top", "-cum", prof.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let top = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "pprof failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(top.contains("update_hot_counter"), "pprof -sample_index=delay -top:\n{top}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

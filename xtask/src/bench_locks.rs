@@ -34,14 +34,16 @@ enum Mode {
 struct Case {
     name: &'static str,
     threads: u32,
+    /// Busy-loop iterations inside the lock (`--hold`).
+    hold: u32,
     /// Iterations per thread: (untraced and leaktrace, bpftrace); per-op
     /// costs are compared, and bpftrace's probes make each op ~100x dearer.
     iterations: (u64, u64),
 }
 
 const CASES: &[Case] = &[
-    Case { name: "uncontended (1 thread)", threads: 1, iterations: (8_000_000, 200_000) },
-    Case { name: "contended (4 threads, 1 mutex)", threads: 4, iterations: (500_000, 50_000) },
+    Case { name: "uncontended (1 thread)", threads: 1, hold: 20, iterations: (8_000_000, 200_000) },
+    Case { name: "contended (4 threads, 1 mutex held 10x longer than not)", threads: 4, hold: 200, iterations: (200_000, 20_000) },
 ];
 
 /// Waits for a line containing `needle` on `r` (in a thread), up to `limit`.
@@ -70,7 +72,7 @@ fn wait_line(r: impl std::io::Read + Send + 'static, needle: &'static str, limit
 fn one(root: &Path, case: &Case, mode: Mode) -> Result<(f64, Option<u64>)> {
     let iters = if mode == Mode::Bpftrace { case.iterations.1 } else { case.iterations.0 };
     let mut cmd = Command::new(fixtures_bin(root).join("lock_bench"));
-    cmd.args(["--threads", &case.threads.to_string(), "--iterations", &iters.to_string()])
+    cmd.args(["--threads", &case.threads.to_string(), "--iterations", &iters.to_string(), "--hold", &case.hold.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
