@@ -578,9 +578,9 @@ fn lock_findings(
             }
         }
         let mut waiters: Vec<&(SampleStack, u64, u64)> = ls.iter().flat_map(|l| l.waiters.iter()).collect();
-        waiters.sort_by(|a, b| b.2.cmp(&a.2));
+        waiters.sort_by_key(|w| std::cmp::Reverse(w.2));
         let mut holders: Vec<&(SampleStack, u64)> = ls.iter().flat_map(|l| l.holders.iter()).collect();
-        holders.sort_by(|a, b| b.1.cmp(&a.1));
+        holders.sort_by_key(|h| std::cmp::Reverse(h.1));
         let stack = waiters.first().map(|w| stack_of(&w.0)).unwrap_or_else(|| stack_of(&ls[0].first));
         let holder_stack = holders.first().map(|h| stack_of(&h.0)).unwrap_or_default();
         let wait_share = wait_ns as f64 / elapsed_ns;
