@@ -226,11 +226,13 @@ impl LockCollector {
         let mut holders: HashMap<(u64, SampleStack), u64> = HashMap::new();
         let rows: Vec<_> = self.holders.iter().filter_map(|r| r.ok()).collect();
         for (key, per_cpu) in rows {
-            let mut addr = if self.go_funcs.is_empty() {
+            // A Go release's caller is a sync function (unlockSlow...); a
+            // futex wake (also in a cgo program) has none.
+            let go_caller = if key.walked == 0 { self.go_func(key.stack.caller) } else { "" };
+            let mut addr = if go_caller.is_empty() {
                 key.lock
             } else {
-                let (off, _) = golang::sema_offset(golang::Role::Release, self.go_func(key.stack.caller));
-                key.lock.wrapping_sub(off)
+                key.lock.wrapping_sub(golang::sema_offset(golang::Role::Release, go_caller).0)
             };
             if !out.contains_key(&addr) {
                 match self.namer.name(self.pid, memory, addr).and_then(|n| by_name.get(&n)) {
