@@ -366,13 +366,20 @@ fn encode_locks(e: &mut DescriptorEncoder, report: &Report, pid: &str, max_sites
         let key = if i < max_sites { (l.lock.clone(), f.site.clone()) } else { ("other".into(), "other".into()) };
         // Cumulative counts at the fixed bounds, from the log2 buckets
         // (a bucket counts under the first bound at or above its upper edge).
-        let hist: Vec<(f64, u64)> = BOUNDS
+        let cumulative: Vec<(f64, u64)> = BOUNDS
             .iter()
             .map(|b| {
                 let n = l.wait_histogram.iter().filter(|h| (h.le_ns as f64) / 1e9 <= *b).map(|h| h.count).max().unwrap_or(0);
                 (*b, n)
             })
-            .chain([(f64::INFINITY, l.contentions)])
+            // f64::MAX is the encoder's +Inf bucket.
+            .chain([(f64::MAX, l.contentions)])
+            .collect();
+        // The encoder wants per-bucket counts (it accumulates them).
+        let hist: Vec<(f64, u64)> = cumulative
+            .iter()
+            .enumerate()
+            .map(|(i, &(b, n))| (b, n - if i == 0 { 0 } else { cumulative[i - 1].1.min(n) }))
             .collect();
         match rows.iter_mut().find(|r| r.0 == key) {
             Some((_, a)) => {
@@ -544,6 +551,49 @@ mod tests {
         assert!(
             text.contains(r#"leaktrace_findings{pid="1234",kind="connection",verdict="steady"} 5"#)
         );
+    }
+
+    #[test]
+    fn lock_families_are_counters_and_a_histogram_bounded_by_max_sites() {
+        use crate::report::{HistBucket, LockInfo};
+        let mut report = example_report();
+        report.events.insert("lock", 10);
+        let lock = |name: &str, n: u64, ns: u64, v: Verdict| Finding {
+            kind: Kind::Lock,
+            verdict: v,
+            lock: Some(LockInfo {
+                lock: name.into(),
+                lock_kind: "mutex".into(),
+                contentions: n,
+                wait_ns: ns,
+                max_wait_ns: ns / 2,
+                wait_share: 0.5,
+                // 2^10-1 ns (<= 1.02 us) and 2^20-1 ns (~1 ms) buckets.
+                wait_histogram: vec![HistBucket { le_ns: 1023, count: 1 }, HistBucket { le_ns: (1 << 20) - 1, count: n }],
+                waiter_stacks: 1,
+                holder_stack: vec![],
+                holder_site: String::new(),
+                holder_wakes: 0,
+            }),
+            ..finding("worker", 0, 0.0, v)
+        };
+        report.findings = vec![
+            lock("hot_lock", 5, 2_000_000_000, Verdict::Contended),
+            lock("quiet_lock", 2, 1_000, Verdict::Steady),
+            lock("other_lock", 3, 500, Verdict::Steady),
+        ];
+        let text = encode_text(&report, 2);
+        assert!(text.contains(r#"leaktrace_lock_contentions_total{pid="1234",lock="hot_lock",site="worker"} 5"#), "{text}");
+        assert!(text.contains(r#"leaktrace_lock_wait_seconds_total{pid="1234",lock="hot_lock",site="worker"} 2.0"#), "{text}");
+        assert!(text.contains(r#"leaktrace_lock_contentions_total{pid="1234",lock="other",site="other"} 3"#), "{text}");
+        // Cumulative: 1 wait <= 1.02 us, all 5 <= 1.05 ms (so <= 0.01 s) and +Inf.
+        for (le, n) in [("0.000001", 0), ("0.00001", 1), ("0.001", 1), ("0.01", 5), ("+Inf", 5)] {
+            let line = format!(r#"leaktrace_lock_wait_duration_seconds_bucket{{le="{le}",pid="1234",lock="hot_lock",site="worker"}} {n}"#);
+            assert!(text.contains(&line), "{line} missing:\n{text}");
+        }
+        assert!(text.contains(r#"leaktrace_lock_wait_duration_seconds_count{pid="1234",lock="hot_lock",site="worker"} 5"#), "{text}");
+        assert!(text.contains(r#"leaktrace_lock_contended{pid="1234",lock="hot_lock",site="worker"} 1"#), "{text}");
+        assert!(text.contains(r#"leaktrace_findings{pid="1234",kind="lock",verdict="contended"} 1"#), "{text}");
     }
 
     #[test]
