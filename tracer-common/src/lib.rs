@@ -8,6 +8,7 @@
 pub mod allocations;
 pub mod connections;
 pub mod maps;
+pub mod locks;
 pub mod stacks;
 pub mod threads;
 
@@ -41,6 +42,16 @@ pub mod counter {
     pub const ALLOC_LOST: u32 = 10;
     /// Allocator calls not tracked because the pending-call table was full.
     pub const ALLOC_LOST_CALLS: u32 = 11;
+    /// Lock tracker: contended waits recorded (futex waits on locks, Go
+    /// semaphore waits).
+    pub const LOCK_WAITS: u32 = 16;
+    /// Lock tracker: futex waits seen that are not lock waits (condition
+    /// variables, joins, other futex uses): not reported as contention.
+    pub const LOCK_OTHER_WAITS: u32 = 17;
+    /// Lock tracker: waits or wakes dropped because a lock table was full.
+    pub const LOCK_LOST: u32 = 18;
+    /// Lock tracker: holder wakes recorded (an unlock that woke waiters).
+    pub const LOCK_WAKES: u32 = 19;
     /// Number of slots.
     pub const COUNT: u32 = 32;
 }

@@ -29,13 +29,15 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut fail_on_wait = None;
     let (pid, opts, cmd, is_check): (Option<u32>, TraceOptions, Vec<String>, bool) = match cli.command {
         Command::Attach { pid, opts } => (Some(pid), opts, Vec::new(), false),
         Command::Run { opts, cmd } => (None, opts, cmd, false),
-        Command::Check { pid, opts, cmd } => {
+        Command::Check { pid, opts, cmd, fail_on_wait: f } => {
             if pid.is_none() && cmd.is_empty() {
                 anyhow::bail!("check needs --pid PID or -- CMD [ARGS...]");
             }
+            fail_on_wait = f;
             (pid, opts, cmd, true)
         }
     };
@@ -62,9 +64,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } else {
             String::new()
         };
+        // Locks whose waiters lost more than --fail-on-wait of the window.
+        let waits: Vec<_> = report
+            .findings
+            .iter()
+            .filter(|f| f.lock.as_ref().is_some_and(|l| fail_on_wait.is_some_and(|t| l.wait_share > t)))
+            .collect();
         // Made for CI logs: one verdict line, the failing findings with the
         // code path that created them, and what the exit status means.
-        if !leaks.is_empty() {
+        if !leaks.is_empty() || !waits.is_empty() {
             eprintln!(
                 "leaktrace check: FAIL: {summary} in {:.0}s of {} (pid {}){lost}",
                 report.elapsed_s, report.comm, report.pid
@@ -84,7 +92,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     f.stack.iter().skip(f.site_index).take(4).map(|fr| fr.function.as_str()).collect();
                 eprintln!("       created by {}", path.join(" <- "));
             }
-            eprintln!("leaktrace check: exit 3 (0 = no leak, 3 = leak found, 1 = error)");
+            for f in &waits {
+                let Some(l) = &f.lock else { continue };
+                eprintln!(
+                    "  CONTENDED lock {} ({}): waiters lost {:.0}% of the window (> {:.0}%), {} waits, max {:.1} ms, waiting at {}, held by {}",
+                    l.lock,
+                    l.lock_kind,
+                    l.wait_share * 100.0,
+                    fail_on_wait.unwrap_or(0.0) * 100.0,
+                    l.contentions,
+                    l.max_wait_ns as f64 / 1e6,
+                    f.site,
+                    if l.holder_site.is_empty() { "?" } else { &l.holder_site }
+                );
+            }
+            let what = if fail_on_wait.is_some() { "3 = leak found or --fail-on-wait exceeded" } else { "3 = leak found" };
+            eprintln!("leaktrace check: exit 3 (0 = no leak, {what}, 1 = error)");
             return Ok(ExitCode::from(3));
         }
         eprintln!(

@@ -51,6 +51,13 @@ pub const THREADS: Attachments = &[
     ("thread_exit", "sched", "sched_process_exit"),
 ];
 
+/// The lock tracker's futex tracepoints (its Go uprobes are attached per
+/// executable by [`Probes::attach_uprobe_at`]).
+pub const LOCKS: Attachments = &[
+    ("lock_futex_enter", "syscalls", "sys_enter_futex"),
+    ("lock_futex_exit", "syscalls", "sys_exit_futex"),
+];
+
 /// Offset of `child_pid` in the `sched:sched_process_fork` record, from its
 /// format (Linux 6.18 has `__data_loc` comms; older kernels inline them).
 fn fork_child_pid_offset() -> u32 {
@@ -207,6 +214,7 @@ impl Probes {
     /// Attaches the uprobe program `prog` at file offset `offset` of the
     /// object at `path`, for `pid` only (the map tracker's probes, at
     /// offsets chosen by disassembly).
+    /// (Also the lock tracker's Go probes: trackers/locks/golang.rs.)
     pub fn attach_uprobe_at(&mut self, prog: &str, path: &Path, offset: u64, pid: u32) -> Result<UProbeLinkId> {
         let program: &mut UProbe = self
             .ebpf

@@ -32,6 +32,9 @@ pub struct Frame {
 pub enum Verdict {
     Leak,
     Growing,
+    /// Locks: waiters lost a noticeable share of the window on this lock
+    /// (rule: `growth::contention_verdict`).
+    Contended,
     Steady,
 }
 
@@ -40,6 +43,7 @@ impl Verdict {
         match self {
             Verdict::Leak => "leak",
             Verdict::Growing => "growing",
+            Verdict::Contended => "contended",
             Verdict::Steady => "steady",
         }
     }
@@ -54,11 +58,13 @@ pub enum Kind {
     Goroutine,
     Map,
     Allocation,
+    /// A contended lock (`--track locks`).
+    Lock,
 }
 
 impl Kind {
     /// Every kind, in report order.
-    pub const ALL: &'static [Kind] = &[Kind::Connection, Kind::Thread, Kind::Goroutine, Kind::Map, Kind::Allocation];
+    pub const ALL: &'static [Kind] = &[Kind::Connection, Kind::Thread, Kind::Goroutine, Kind::Map, Kind::Allocation, Kind::Lock];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -67,6 +73,7 @@ impl Kind {
             Kind::Goroutine => "goroutine",
             Kind::Map => "map",
             Kind::Allocation => "allocation",
+            Kind::Lock => "lock",
         }
     }
 
@@ -122,10 +129,51 @@ pub struct Finding {
     /// window, bytes per minute (the verdict is judged on bytes).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub growth_bytes_per_min: Option<f64>,
+    /// Locks: what the lock cost its waiters (fields flattened into the finding).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<LockInfo>,
     /// Objects created from this stack since attach.
     pub created: u64,
     /// Objects from this stack that ended since attach.
     pub ended: u64,
+}
+
+/// A lock finding's own fields (kind "lock"). Totals are since attach; the
+/// finding's `stack` is the waiters' stack that lost the most time.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct LockInfo {
+    /// The lock: the global it is (`hot_lock`, `main.pool`, `cache+0x8`), else
+    /// its address and the function where it was first contended
+    /// (`0x7f12a0 (first contended in worker)`).
+    pub lock: String,
+    /// `mutex`, `rwlock`, `futex` (a futex lock outside libc), `go-mutex`, `go-rwmutex`.
+    pub lock_kind: String,
+    /// Contended waits (a waiter woken that loses the race again counts again).
+    pub contentions: u64,
+    /// Total time waiters spent blocked on it, ns.
+    pub wait_ns: u64,
+    /// Longest single wait, ns.
+    pub max_wait_ns: u64,
+    /// `wait_ns` / the traced time: 0.5 = on average half a thread blocked.
+    pub wait_share: f64,
+    /// Waits by duration: cumulative counts of waits `<= le_ns` (log2 bounds).
+    pub wait_histogram: Vec<HistBucket>,
+    /// Waiter stacks seen (the one shown is the costliest).
+    pub waiter_stacks: u64,
+    /// The holder: the code that released the lock to waiters (its unlock
+    /// woke them), innermost first; empty when no wake was seen.
+    pub holder_stack: Vec<Frame>,
+    /// Site of the holder stack (first application frame).
+    pub holder_site: String,
+    /// Wakes by the holder stack shown / by all holder stacks.
+    pub holder_wakes: u64,
+}
+
+/// One cumulative histogram bucket.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct HistBucket {
+    pub le_ns: u64,
+    pub count: u64,
 }
 
 /// Losses, shown so that nobody trusts numbers silently wrong.

@@ -22,7 +22,7 @@ use crate::{
     symbolize::{site_index, site_of, SymbolizerService},
     syscall_sites,
     trackers::{
-        allocations::AllocationCollector, connections::ConnectionCollector, goroutines::GoroutineCollector, maps::MapCollector, threads::ThreadCollector,
+        allocations::AllocationCollector, connections::ConnectionCollector, goroutines::GoroutineCollector, locks::LockCollector, maps::MapCollector, threads::ThreadCollector,
         Counters,
     },
 };
@@ -56,6 +56,7 @@ struct Kernel {
     probes: Probes,
     connections: ConnectionCollector,
     threads: ThreadCollector,
+    locks: LockCollector,
     /// Which trackers run.
     track_connections: bool,
     track_threads: bool,
@@ -63,6 +64,7 @@ struct Kernel {
     goroutines: Option<GoroutineCollector>,
     /// The map tracker, when asked for and the target is a Go program.
     maps: Option<MapCollector>,
+    track_locks: bool,
     /// The libc whose `pthread_create` carries the thread tracker's uprobe.
     pthread_uprobe: Option<std::path::PathBuf>,
     resolver: StackResolver,
@@ -94,6 +96,8 @@ impl Kernel {
             alloc_events: sum(c::ALLOC_EVENTS),
             alloc_untracked_frees: sum(c::ALLOC_UNTRACKED_FREES),
             alloc_lost: sum(c::ALLOC_LOST) + sum(c::ALLOC_LOST_CALLS),
+            lock_waits: sum(c::LOCK_WAITS),
+            lock_lost: sum(c::LOCK_LOST),
         }
     }
 }
@@ -134,6 +138,9 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
             anyhow::bail!("--alloc-lib {}: no such file", lib.display());
         }
     }
+    if trackers.contains(&"locks") {
+        attachments.push(probes::LOCKS);
+    }
     // The live-block table is preallocated (~100 bytes an entry): only as
     // big as asked when the allocation tracker runs.
     let max_allocations = if trackers.contains(&"allocations") { opts.max_allocations } else { 1 };
@@ -142,6 +149,7 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     let allocations = AllocationCollector::new(&mut probes.ebpf)?;
     let connections = ConnectionCollector::new(&mut probes.ebpf, pid)?;
     let threads = ThreadCollector::new(&mut probes.ebpf, pid)?;
+    let locks = LockCollector::new(&mut probes.ebpf, pid)?;
     let symbolizer = SymbolizerService::start();
     let resolver = StackResolver::new(&mut probes.ebpf, pid, symbolizer)?;
     let counters = aya::maps::PerCpuArray::try_from(
@@ -151,10 +159,12 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
         probes,
         connections,
         threads,
+        locks,
         track_connections: trackers.contains(&"connections"),
         track_threads: trackers.contains(&"tasks"),
         goroutines: None,
         maps: None,
+        track_locks: trackers.contains(&"locks"),
         pthread_uprobe: None,
         resolver,
         counters,
@@ -407,6 +417,9 @@ fn load_syscall_sites(kernel: &mut Kernel, pid: u32, memory: &MemoryMap) -> bool
     if kernel.track_allocations {
         attach_allocator(kernel, pid, memory);
     }
+    if kernel.track_locks {
+        setup_locks(kernel, pid, memory);
+    }
     match syscall_sites::find_in_process(pid, memory) {
         Ok(sites) if !sites.is_empty() => kernel.probes.set_syscall_sites(&sites).is_ok(),
         Ok(_) => false,
@@ -496,6 +509,31 @@ fn attach_allocator(kernel: &mut Kernel, pid: u32, memory: &MemoryMap) {
         match kernel.probes.attach_allocator(pid, &path, &plan) {
             Ok(()) => kernel.alloc_attached |= is_allocator,
             Err(e) => eprintln!("leaktrace: warning: {e:#}; allocations are not tracked"),
+        }
+    }
+}
+
+/// Lock tracker: libc's lock sites, and for a Go program its semaphore
+/// probes (once per libc / executable).
+fn setup_locks(kernel: &mut Kernel, pid: u32, memory: &MemoryMap) {
+    if let Err(e) = kernel.locks.load_libc_sites(memory) {
+        eprintln!("leaktrace: warning: cannot analyse libc's lock functions ({e:#}); C lock stacks will miss frames");
+    }
+    let Some((exe, probes)) = kernel.locks.go_setup(memory) else { return };
+    use crate::trackers::locks::golang::Role;
+    for p in &probes {
+        let entry_prog = match p.role {
+            Role::AcquireMutex => "lock_go_acquire_mutex",
+            Role::AcquireRead => "lock_go_acquire_read",
+            Role::AcquireWrite => "lock_go_acquire_write",
+            Role::Release => "lock_go_release",
+        };
+        let mut r = kernel.probes.attach_uprobe_at(entry_prog, &exe, p.entry, pid).map(|_| ());
+        for &ret in &p.rets {
+            r = r.and_then(|_| kernel.probes.attach_uprobe_at("lock_go_acquired", &exe, ret, pid).map(|_| ()));
+        }
+        if let Err(e) = r {
+            eprintln!("leaktrace: warning: {e:#}; Go {} waits are not tracked", p.name);
         }
     }
 }
@@ -608,7 +646,13 @@ async fn build_report(
     if kernel.track_allocations {
         samples.extend(kernel.allocations.collect(now)?.into_iter().map(|s| (Kind::Allocation, s)));
     }
-    let keys: Vec<_> = samples.iter().map(|(_, s)| s.stack.clone()).collect();
+    let locks = if kernel.track_locks { kernel.locks.collect(memory, LOCK_STACKS_KEPT) } else { Vec::new() };
+    let mut keys: Vec<_> = samples.iter().map(|(_, s)| s.stack.clone()).collect();
+    for l in &locks {
+        keys.push(l.first.clone());
+        keys.extend(l.waiters.iter().map(|w| w.0.clone()));
+        keys.extend(l.holders.iter().map(|h| h.0.clone()));
+    }
     let frames = kernel.resolver.resolve(&keys, memory).await;
     let mut findings = Vec::new();
     // Leaked goroutines' current stacks, resolved after judging.
@@ -678,6 +722,7 @@ async fn build_report(
             map: s.map.clone(),
             live_bytes: s.live_bytes,
             growth_bytes_per_min,
+            lock: None,
             created: s.created,
             ended: s.ended,
         });
@@ -693,6 +738,7 @@ async fn build_report(
             f.wait_reason = Some(b.wait_reason);
         }
     }
+    findings.extend(lock_findings(&locks, &frames, t));
     if observe {
         growth.forget_missing(&seen);
         ctx.alloc_counts.forget_missing(&seen);
@@ -704,6 +750,7 @@ async fn build_report(
             .cmp(&b.verdict)
             .then(b.growth_per_min.total_cmp(&a.growth_per_min))
             .then(b.live.cmp(&a.live))
+            .then(lock_wait(b).cmp(&lock_wait(a)))
     });
     let omitted = findings.len().saturating_sub(ctx.opts.max_findings) as u64;
     findings.truncate(ctx.opts.max_findings);
@@ -726,6 +773,9 @@ async fn build_report(
     if kernel.track_allocations {
         events.insert(Kind::Allocation.as_str(), c.alloc_events);
     }
+    if kernel.track_locks {
+        events.insert(Kind::Lock.as_str(), c.lock_waits);
+    }
     Ok(Report {
         pid: ctx.pid,
         comm: ctx.comm.clone(),
@@ -733,14 +783,112 @@ async fn build_report(
         is_final,
         exited: exited.then_some(true),
         findings,
-        // Goroutines beyond the per-scan bound were not read, maps and
-        // blocks beyond their tables' bounds not tracked: all lost events.
+        // Goroutines beyond the per-scan bound were not read; maps, blocks
+        // and lock waits beyond their tables' bounds not tracked: all lost
+        // events.
         lost: Lost {
-            events: c.lost_events + c.lost_ring + lost_goroutines + c.map_lost + c.alloc_lost,
+            events: c.lost_events + c.lost_ring + lost_goroutines + c.map_lost + c.alloc_lost + c.lock_lost,
             stacks: c.lost_stacks,
         },
         events,
         findings_omitted: omitted,
         untracked_frees: kernel.track_allocations.then_some(c.alloc_untracked_frees),
     })
+}
+
+/// Waiter and holder stacks kept per lock (the costliest).
+const LOCK_STACKS_KEPT: usize = 16;
+
+fn lock_wait(f: &Finding) -> u64 {
+    f.lock.as_ref().map_or(0, |l| l.wait_ns)
+}
+
+/// One finding per lock (locks sharing a global's name, like the futex
+/// words of one rwlock, are one lock), judged by the contention rule.
+fn lock_findings(
+    locks: &[crate::trackers::locks::LockSample],
+    frames: &std::collections::HashMap<crate::trackers::SampleStack, Vec<crate::report::Frame>>,
+    elapsed_s: f64,
+) -> Vec<Finding> {
+    use crate::report::{HistBucket, LockInfo};
+    use crate::trackers::SampleStack;
+    let stack_of = |s: &SampleStack| frames.get(s).cloned().unwrap_or_default();
+    // Merge by name: (name, samples).
+    let mut groups: Vec<(String, Vec<&crate::trackers::locks::LockSample>)> = Vec::new();
+    for l in locks {
+        let name = match &l.symbol {
+            Some(sym) => sym.clone(),
+            None => {
+                let first = stack_of(&l.first);
+                format!("{:#x} (first contended in {})", l.addr, site_of(&first))
+            }
+        };
+        match groups.iter_mut().find(|g| g.0 == name) {
+            Some(g) => g.1.push(l),
+            None => groups.push((name, vec![l])),
+        }
+    }
+    let elapsed_ns = (elapsed_s * 1e9).max(1.0);
+    let mut out = Vec::new();
+    for (name, ls) in groups {
+        let contentions: u64 = ls.iter().map(|l| l.contentions).sum();
+        let wait_ns: u64 = ls.iter().map(|l| l.wait_ns).sum();
+        let max_wait_ns = ls.iter().map(|l| l.max_wait_ns).max().unwrap_or(0);
+        let mut hist = [0u64; tracer_common::locks::HIST_BUCKETS];
+        for l in &ls {
+            for (h, v) in hist.iter_mut().zip(l.hist.iter()) {
+                *h += v;
+            }
+        }
+        let mut waiters: Vec<&(SampleStack, u64, u64)> = ls.iter().flat_map(|l| l.waiters.iter()).collect();
+        waiters.sort_by_key(|w| std::cmp::Reverse(w.2));
+        let mut holders: Vec<&(SampleStack, u64)> = ls.iter().flat_map(|l| l.holders.iter()).collect();
+        holders.sort_by_key(|h| std::cmp::Reverse(h.1));
+        let stack = waiters.first().map(|w| stack_of(&w.0)).unwrap_or_else(|| stack_of(&ls[0].first));
+        let holder_stack = holders.first().map(|h| stack_of(&h.0)).unwrap_or_default();
+        let wait_share = wait_ns as f64 / elapsed_ns;
+        // Cumulative log2 buckets, from the first non-empty to the last.
+        let lo = hist.iter().position(|&c| c > 0).unwrap_or(0);
+        let hi = hist.iter().rposition(|&c| c > 0).unwrap_or(0);
+        let mut cum = 0;
+        let wait_histogram = (lo..=hi)
+            .map(|i| {
+                cum += hist[i];
+                HistBucket { le_ns: if i + 1 >= 64 { u64::MAX } else { (1u64 << (i + 1)) - 1 }, count: cum }
+            })
+            .collect();
+        out.push(Finding {
+            kind: Kind::Lock,
+            verdict: crate::growth::contention_verdict(wait_share, contentions),
+            site: site_of(&stack),
+            site_index: site_index(&stack),
+            stack,
+            live: 0,
+            growth_per_min: 0.0,
+            oldest_age_s: None,
+            peer: None,
+            thread_name: None,
+            blocked_in: None,
+            wait_reason: None,
+            map: None,
+            live_bytes: None,
+            growth_bytes_per_min: None,
+            lock: Some(LockInfo {
+                lock: name,
+                lock_kind: ls[0].kind.to_string(),
+                contentions,
+                wait_ns,
+                max_wait_ns,
+                wait_share: (wait_share * 1000.0).round() / 1000.0,
+                wait_histogram,
+                waiter_stacks: waiters.len() as u64,
+                holder_site: if holder_stack.is_empty() { String::new() } else { site_of(&holder_stack) },
+                holder_stack,
+                holder_wakes: holders.first().map_or(0, |h| h.1),
+            }),
+            created: contentions,
+            ended: contentions,
+        });
+    }
+    out
 }

@@ -19,6 +19,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 mod bench_tasks;
 mod bench_maps;
+mod bench_locks;
 
 /// Rust toolchain for user space (rust-toolchain.toml pins it).
 const USER_TOOLCHAIN: &str = "1.95.0";
@@ -52,6 +53,7 @@ const GO_PROGRAMS: &[GoProgram] = &[
     GoProgram { dir: "gochurn", out: "gochurn", every_version: true },
     GoProgram { dir: "mapgrow", out: "mapgrow-go", every_version: true },
     GoProgram { dir: "mapbench", out: "mapbench-go", every_version: true },
+    GoProgram { dir: "lockpool", out: "lockpool-go", every_version: true },
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const APT_PACKAGES: &[&str] = &[
@@ -65,6 +67,7 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     // `cargo xtask bench allocations` compares with bpftrace (entry floor,
     // memleak-style script).
+    // `cargo xtask bench locks` compares with a pmlock-style bpftrace script.
     "bpftrace",
     // The end-to-end test scrapes leaktrace with a real Prometheus; promtool
     // checks deploy/prometheus.
@@ -102,6 +105,7 @@ commands:
   bench allocations [--rounds N] [--micro N] [--mixed M] [--live K]
                      malloc/free cost: untraced, entry floor, bpftrace
                      memleak-style, leaktrace; daemon CPU/RSS at K live blocks
+  bench locks [--runs N]            pthread mutex cost: untraced, leaktrace --track locks, pmlock-style bpftrace (default 7 runs)
   vm-test [--kernel 6.1|6.12|all]   (default 6.1)
                      build, fetch Debian cloud kernels (cached in .cache/vm),
                      boot each in QEMU (TCG) with an initramfs that runs
@@ -141,6 +145,7 @@ fn run(args: &[String]) -> Result<i32> {
         "bench" if rest.first().map(String::as_str) == Some("allocations") => {
             bench_allocations::bench(&root, &rest[1..]).map(|_| 0)
         }
+        "bench" if rest.first().map(String::as_str) == Some("locks") => bench_locks::run(&root, &rest[1..]).map(|_| 0),
         "bench" => bench(&root, rest).map(|_| 0),
         "vm-test" => vm_test(&root, rest),
         "help" | "-h" | "--help" => {

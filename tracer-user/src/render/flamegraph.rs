@@ -30,15 +30,24 @@ fn frame_name(f: &crate::report::Frame) -> String {
 /// sorted; stacks with nothing live are left out.
 pub fn folded(report: &Report, kind: Kind) -> Vec<String> {
     let mut stacks: BTreeMap<String, u64> = BTreeMap::new();
-    for f in report.findings.iter().filter(|f| f.kind == kind && f.live > 0) {
+    for f in report.findings.iter().filter(|f| f.kind == kind && weight(f) > 0) {
         let names: Vec<String> = if f.stack.is_empty() {
             vec![f.site.replace(';', ":")]
         } else {
             f.stack.iter().rev().map(frame_name).collect()
         };
-        *stacks.entry(names.join(";")).or_default() += f.live;
+        *stacks.entry(names.join(";")).or_default() += weight(f);
     }
     stacks.into_iter().map(|(stack, n)| format!("{stack} {n}")).collect()
+}
+
+/// A finding's width: live objects; for a lock, microseconds its waiters
+/// lost (by waiter stack).
+fn weight(f: &crate::report::Finding) -> u64 {
+    match &f.lock {
+        Some(l) => l.wait_ns / 1000,
+        None => f.live,
+    }
 }
 
 /// What a kind's objects are called in a graph's title and tooltips.
@@ -49,6 +58,7 @@ fn objects(kind: Kind) -> &'static str {
         Kind::Goroutine => "goroutines",
         Kind::Map => "map entries",
         Kind::Allocation => "heap blocks",
+        Kind::Lock => "µs waited on locks",
     }
 }
 

@@ -47,6 +47,7 @@ pub(crate) mod tests {
                 map: None,
                 live_bytes: None,
                 growth_bytes_per_min: None,
+                lock: None,
                 created: 400,
                 ended: 280,
             }],

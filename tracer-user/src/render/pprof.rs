@@ -24,6 +24,8 @@
 //! | allocation (native heap, planned) | `inuse_objects`/`count`, `inuse_space`/`bytes` | live allocations, their bytes | heap profile |
 //! | lock (planned) | `contentions`/`count`, `delay`/`nanoseconds` | contended acquisitions, time waited | mutex / block profile |
 //! | goroutine | `goroutines`/`count` | live goroutines (by `go` statement) | goroutine profile |
+//! | lock | `contentions`/`count`, `delay`/`nanoseconds` | contended waits, time waited (waiter stack) | mutex / block profile |
+//! | goroutine (planned) | `goroutines`/`count` | live goroutines | goroutine profile |
 //! | thread | `threads`/`count` | live threads | threadcreate profile |
 //! | map entry (planned) | `map_entries`/`count` | live entries | — |
 //!
@@ -188,6 +190,7 @@ pub fn sample_types(kind: Kind) -> &'static [(&'static str, &'static str)] {
         Kind::Goroutine => &[("goroutines", "count")],
         Kind::Map => &[("map_entries", "count")],
         Kind::Allocation => &[("inuse_objects", "count"), ("inuse_space", "bytes")],
+        Kind::Lock => &[("contentions", "count"), ("delay", "nanoseconds")],
     }
 }
 
@@ -196,6 +199,10 @@ pub fn sample_values(f: &Finding) -> Vec<i64> {
     match f.kind {
         Kind::Connection | Kind::Thread | Kind::Goroutine | Kind::Map => vec![clamp(f.live)],
         Kind::Allocation => vec![clamp(f.live), clamp(f.live_bytes.unwrap_or(0))],
+        Kind::Lock => {
+            let (n, ns) = f.lock.as_ref().map_or((0, 0), |l| (l.contentions, l.wait_ns));
+            vec![clamp(n), clamp(ns)]
+        }
     }
 }
 

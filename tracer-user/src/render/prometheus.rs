@@ -317,7 +317,8 @@ fn encode_report(
         "Findings (creation stacks) in the latest report, by kind and verdict, before any display cut.",
         MetricType::Gauge,
         kinds.iter().flat_map(|kind| {
-            [Verdict::Leak, Verdict::Growing, Verdict::Steady].map(|v| {
+            let lock_verdict = (*kind == "lock").then_some(Verdict::Contended);
+            [Verdict::Leak, Verdict::Growing, Verdict::Steady].into_iter().chain(lock_verdict).map(|v| {
                 let n = report.findings.iter().filter(|f| f.kind.as_str() == *kind && f.verdict == v).count();
                 (
                     vec![("pid", pid.clone()), ("kind", escape_label(kind)), ("verdict", v.as_str().to_string())],
@@ -326,6 +327,7 @@ fn encode_report(
             })
         }),
     )?;
+    encode_locks(e, report, &pid, max_sites)?;
     family(
         e,
         "leaktrace_findings_omitted",
@@ -347,6 +349,107 @@ fn encode_report(
                 ConstGauge::new(*folded as i64),
             )
         }),
+    )?;
+    Ok(())
+}
+
+/// A histogram already counted (cumulative buckets, upper bounds in seconds).
+struct ConstHistogram {
+    sum: f64,
+    count: u64,
+    buckets: Vec<(f64, u64)>,
+}
+
+impl EncodeMetric for ConstHistogram {
+    fn encode(&self, mut encoder: prometheus_client::encoding::MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(self.sum, self.count, &self.buckets, None)
+    }
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// Lock families: per lock and waiter site, the top `max_sites` locks by
+/// wait time; the rest summed into `lock="other", site="other"`. Histogram
+/// buckets are fixed (1 µs .. 10 s, decades) so series stay comparable.
+fn encode_locks(e: &mut DescriptorEncoder, report: &Report, pid: &str, max_sites: usize) -> Result<(), std::fmt::Error> {
+    const BOUNDS: [f64; 8] = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0];
+    struct Agg {
+        contentions: u64,
+        wait_ns: u64,
+        hist: Vec<(f64, u64)>,
+        verdict: Verdict,
+    }
+    let mut locks: Vec<&crate::report::Finding> = report.findings.iter().filter(|f| f.lock.is_some()).collect();
+    if locks.is_empty() && !report.events.contains_key("lock") {
+        return Ok(());
+    }
+    locks.sort_by_key(|f| std::cmp::Reverse(f.lock.as_ref().map_or(0, |l| l.wait_ns)));
+    let mut rows: Vec<((String, String), Agg)> = Vec::new();
+    for (i, f) in locks.iter().enumerate() {
+        let Some(l) = &f.lock else { continue };
+        let key = if i < max_sites { (l.lock.clone(), f.site.clone()) } else { ("other".into(), "other".into()) };
+        // Cumulative counts at the fixed bounds, from the log2 buckets
+        // (a bucket counts under the first bound at or above its upper edge).
+        let cumulative: Vec<(f64, u64)> = BOUNDS
+            .iter()
+            .map(|b| {
+                let n = l.wait_histogram.iter().filter(|h| (h.le_ns as f64) / 1e9 <= *b).map(|h| h.count).max().unwrap_or(0);
+                (*b, n)
+            })
+            // f64::MAX is the encoder's +Inf bucket.
+            .chain([(f64::MAX, l.contentions)])
+            .collect();
+        // The encoder wants per-bucket counts (it accumulates them).
+        let hist: Vec<(f64, u64)> = cumulative
+            .iter()
+            .enumerate()
+            .map(|(i, &(b, n))| (b, n - if i == 0 { 0 } else { cumulative[i - 1].1.min(n) }))
+            .collect();
+        match rows.iter_mut().find(|r| r.0 == key) {
+            Some((_, a)) => {
+                a.contentions += l.contentions;
+                a.wait_ns += l.wait_ns;
+                for (x, y) in a.hist.iter_mut().zip(&hist) {
+                    x.1 += y.1;
+                }
+                a.verdict = a.verdict.min(f.verdict);
+            }
+            None => rows.push((key, Agg { contentions: l.contentions, wait_ns: l.wait_ns, hist, verdict: f.verdict })),
+        }
+    }
+    let labels = |(lock, site): &(String, String)| -> Labels {
+        vec![("pid", pid.to_string()), ("lock", escape_label(lock)), ("site", escape_label(site))]
+    };
+    family(
+        e,
+        "leaktrace_lock_contentions",
+        "Contended lock waits since attach, by lock and waiter site (top locks by wait; the rest in lock=other).",
+        MetricType::Counter,
+        rows.iter().map(|(k, a)| (labels(k), ConstCounter::new(a.contentions))),
+    )?;
+    family(
+        e,
+        "leaktrace_lock_wait_seconds",
+        "Seconds waiters spent blocked on the lock since attach, by lock and waiter site.",
+        MetricType::Counter,
+        rows.iter().map(|(k, a)| (labels(k), ConstCounter::new(a.wait_ns as f64 / 1e9))),
+    )?;
+    family(
+        e,
+        "leaktrace_lock_wait_duration_seconds",
+        "Distribution of single contended waits since attach, by lock and waiter site.",
+        MetricType::Histogram,
+        rows.iter().map(|(k, a)| {
+            (labels(k), ConstHistogram { sum: a.wait_ns as f64 / 1e9, count: a.contentions, buckets: a.hist.clone() })
+        }),
+    )?;
+    family(
+        e,
+        "leaktrace_lock_contended",
+        "1 when the lock's verdict is contended (waiters lost a noticeable share of the window), else 0.",
+        MetricType::Gauge,
+        rows.iter().map(|(k, a)| (labels(k), ConstGauge::new(i64::from(a.verdict == Verdict::Contended)))),
     )?;
     Ok(())
 }
@@ -374,6 +477,7 @@ mod tests {
             map: None,
             live_bytes: None,
             growth_bytes_per_min: None,
+            lock: None,
             created: live,
             ended: 0,
         }
@@ -477,6 +581,49 @@ mod tests {
         assert!(
             text.contains(r#"leaktrace_findings{pid="1234",kind="connection",verdict="steady"} 5"#)
         );
+    }
+
+    #[test]
+    fn lock_families_are_counters_and_a_histogram_bounded_by_max_sites() {
+        use crate::report::{HistBucket, LockInfo};
+        let mut report = example_report();
+        report.events.insert("lock", 10);
+        let lock = |name: &str, n: u64, ns: u64, v: Verdict| Finding {
+            kind: Kind::Lock,
+            verdict: v,
+            lock: Some(LockInfo {
+                lock: name.into(),
+                lock_kind: "mutex".into(),
+                contentions: n,
+                wait_ns: ns,
+                max_wait_ns: ns / 2,
+                wait_share: 0.5,
+                // 2^10-1 ns (<= 1.02 us) and 2^20-1 ns (~1 ms) buckets.
+                wait_histogram: vec![HistBucket { le_ns: 1023, count: 1 }, HistBucket { le_ns: (1 << 20) - 1, count: n }],
+                waiter_stacks: 1,
+                holder_stack: vec![],
+                holder_site: String::new(),
+                holder_wakes: 0,
+            }),
+            ..finding("worker", 0, 0.0, v)
+        };
+        report.findings = vec![
+            lock("hot_lock", 5, 2_000_000_000, Verdict::Contended),
+            lock("quiet_lock", 2, 1_000, Verdict::Steady),
+            lock("other_lock", 3, 500, Verdict::Steady),
+        ];
+        let text = encode_text(&report, 2);
+        assert!(text.contains(r#"leaktrace_lock_contentions_total{pid="1234",lock="hot_lock",site="worker"} 5"#), "{text}");
+        assert!(text.contains(r#"leaktrace_lock_wait_seconds_total{pid="1234",lock="hot_lock",site="worker"} 2.0"#), "{text}");
+        assert!(text.contains(r#"leaktrace_lock_contentions_total{pid="1234",lock="other",site="other"} 3"#), "{text}");
+        // Cumulative: 1 wait <= 1.02 us, all 5 <= 1.05 ms (so <= 0.01 s) and +Inf.
+        for (le, n) in [("0.000001", 0), ("0.00001", 1), ("0.001", 1), ("0.01", 5), ("+Inf", 5)] {
+            let line = format!(r#"leaktrace_lock_wait_duration_seconds_bucket{{le="{le}",pid="1234",lock="hot_lock",site="worker"}} {n}"#);
+            assert!(text.contains(&line), "{line} missing:\n{text}");
+        }
+        assert!(text.contains(r#"leaktrace_lock_wait_duration_seconds_count{pid="1234",lock="hot_lock",site="worker"} 5"#), "{text}");
+        assert!(text.contains(r#"leaktrace_lock_contended{pid="1234",lock="hot_lock",site="worker"} 1"#), "{text}");
+        assert!(text.contains(r#"leaktrace_findings{pid="1234",kind="lock",verdict="contended"} 1"#), "{text}");
     }
 
     #[test]

@@ -93,6 +93,10 @@ pub fn summary(report: &Report) -> String {
         count(Verdict::Growing),
         count(Verdict::Steady)
     );
+    let contended = count(Verdict::Contended);
+    if contended > 0 {
+        let _ = write!(s, ", {contended} contended lock{}", plural(contended as u64));
+    }
     if report.findings_omitted > 0 {
         let _ = write!(s, " ({} more omitted)", report.findings_omitted);
     }
@@ -139,6 +143,13 @@ fn write_rows(out: &mut String, findings: &[Finding], opts: &TableOptions) {
                 let _ = writeln!(out, "    {}", frame_text(frame));
             }
         }
+        if let Some(l) = finding.lock.as_ref().filter(|l| !l.holder_stack.is_empty()) {
+            let from = crate::symbolize::site_index(&l.holder_stack);
+            let _ = writeln!(out, "    held by (the unlock that woke waiters, {} wakes):", l.holder_wakes);
+            for frame in l.holder_stack.iter().skip(from).take(opts.max_frames) {
+                let _ = writeln!(out, "      {}", frame_text(frame));
+            }
+        }
     }
 }
 
@@ -164,6 +175,18 @@ fn write_line(out: &mut String, cells: &[String; 7], widths: &[usize; 7]) {
 }
 
 fn row(f: &Finding, opts: &TableOptions) -> [String; 7] {
+    // Locks: contended waits, share of the window lost, longest wait, the lock.
+    if let Some(l) = &f.lock {
+        return [
+            f.verdict.as_str().to_string(),
+            f.kind.as_str().to_string(),
+            truncate(&f.site, opts.max_site_width),
+            format!("{} waits", l.contentions),
+            format!("{:.1}% wait", l.wait_share * 100.0),
+            format!("max {:.1}ms", l.max_wait_ns as f64 / 1e6),
+            l.lock.clone(),
+        ];
+    }
     [
         f.verdict.as_str().to_string(),
         f.kind.as_str().to_string(),
@@ -318,6 +341,7 @@ mod tests {
             map: None,
             live_bytes: None,
             growth_bytes_per_min: None,
+            lock: None,
             created: live,
             ended: 0,
         }

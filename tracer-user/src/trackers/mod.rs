@@ -5,6 +5,7 @@ pub mod allocations;
 pub mod connections;
 pub mod goroutines;
 pub mod maps;
+pub mod locks;
 pub mod threads;
 
 use std::collections::HashMap;
@@ -79,6 +80,10 @@ pub struct Counters {
     pub alloc_untracked_frees: u64,
     /// Blocks not tracked: live-block or pending-call table full.
     pub alloc_lost: u64,
+    /// Lock tracker: contended waits recorded.
+    pub lock_waits: u64,
+    /// Lock tracker: waits or wakes dropped (a full table).
+    pub lock_lost: u64,
 }
 
 /// The live objects of one creation stack, gathered while a collector walks

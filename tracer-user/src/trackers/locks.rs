@@ -1,0 +1,396 @@
+//! Lock-contention tracker, user side: tells the kernel side where libc's
+//! lock functions keep their return addresses (`sites`), attaches the Go
+//! semaphore probes (`golang`), and each interval reads the per-lock and
+//! per-(lock, stack) totals into one [`LockSample`] per lock, named by the
+//! global it lives in when there is one.
+//!
+//! Locks do not go through the growth engine: a lock's cost is the time its
+//! waiters lost, judged by `growth::contention_verdict`.
+
+pub mod golang;
+pub mod sites;
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, Result};
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap},
+    Ebpf,
+};
+use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+use tracer_common::{
+    locks::{kind, LockSite, LockStack, LockStats, WaitTotals, WalkedFrames, CONFIG_IGNORE_FOREIGN, HIST_BUCKETS},
+    stacks::StackKey,
+};
+
+use super::SampleStack;
+use crate::procfs::{self, MemoryMap};
+
+/// Everything known about one lock at one instant (totals since attach).
+#[derive(Clone, Debug)]
+pub struct LockSample {
+    /// Address of the lock (the mutex, not its semaphore, for Go).
+    pub addr: u64,
+    /// "mutex", "rwlock", "futex", "go-mutex", "go-rwmutex".
+    pub kind: &'static str,
+    pub contentions: u64,
+    pub wait_ns: u64,
+    pub max_wait_ns: u64,
+    /// Waits per log2 bucket (`hist[i]`: [2^i, 2^(i+1)) ns).
+    pub hist: [u64; HIST_BUCKETS],
+    /// The global the lock lives in (`hot_lock`, `main.pool+0x8`), if any.
+    pub symbol: Option<String>,
+    /// Stack of the first contended wait seen.
+    pub first: SampleStack,
+    /// Waiter stacks: (stack, waits, wait ns), most wait first.
+    pub waiters: Vec<(SampleStack, u64, u64)>,
+    /// Holder stacks (the unlock that woke waiters): (stack, wakes), most first.
+    pub holders: Vec<(SampleStack, u64)>,
+}
+
+/// Reads the lock tracker's maps for one target and sets it up per image.
+pub struct LockCollector {
+    pid: u32,
+    locks: PerCpuHashMap<MapData, u64, LockStats>,
+    waiters: PerCpuHashMap<MapData, LockStack, WaitTotals>,
+    holders: PerCpuHashMap<MapData, LockStack, WaitTotals>,
+    frames: BpfHashMap<MapData, u64, WalkedFrames>,
+    syscall_sites: BpfHashMap<MapData, u64, LockSite>,
+    call_sites: BpfHashMap<MapData, u64, LockSite>,
+    config: Array<MapData, u64>,
+    /// The libc whose sites are loaded.
+    libc: Option<PathBuf>,
+    /// The executable set up (Go probes or not).
+    exe: Option<PathBuf>,
+    /// sync functions of a Go executable (runtime address ranges), to tell
+    /// which lock a semaphore belongs to from who waits on it.
+    go_funcs: Vec<(u64, u64, String)>,
+    namer: DataSymbols,
+}
+
+impl LockCollector {
+    /// Takes the tracker's maps out of the loaded object.
+    pub fn new(ebpf: &mut Ebpf, pid: u32) -> Result<Self> {
+        let take = |ebpf: &mut Ebpf, name: &str| ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing"));
+        Ok(Self {
+            pid,
+            locks: PerCpuHashMap::try_from(take(ebpf, "LOCKS")?)?,
+            waiters: PerCpuHashMap::try_from(take(ebpf, "LOCK_WAITERS")?)?,
+            holders: PerCpuHashMap::try_from(take(ebpf, "LOCK_HOLDERS")?)?,
+            frames: BpfHashMap::try_from(take(ebpf, "LOCK_FRAMES")?)?,
+            syscall_sites: BpfHashMap::try_from(take(ebpf, "LOCK_SYSCALL_SITES")?)?,
+            call_sites: BpfHashMap::try_from(take(ebpf, "LOCK_CALL_SITES")?)?,
+            config: Array::try_from(take(ebpf, "LOCK_CONFIG")?)?,
+            libc: None,
+            exe: None,
+            go_funcs: Vec::new(),
+            namer: DataSymbols::default(),
+        })
+    }
+
+    /// Loads libc's lock sites (once per libc file). Returns false when the
+    /// target maps no libc.
+    pub fn load_libc_sites(&mut self, memory: &MemoryMap) -> Result<bool> {
+        let Some(m) = memory.mappings.iter().find(|m| m.executable && crate::syscall_sites::is_libc(&m.path)) else {
+            return Ok(false);
+        };
+        let path = procfs::object_path(self.pid, m);
+        if self.libc.as_ref() == Some(&path) {
+            return Ok(true);
+        }
+        self.libc = Some(path.clone());
+        let data = std::fs::read(&path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+        let file = object::File::parse(&*data).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let Some(vaddr) = segment_vaddr(&file, m.offset) else { return Ok(false) };
+        let bias = m.start.wrapping_sub(vaddr);
+        let found = sites::lock_sites_in_elf(&data)?;
+        for (ip, s) in &found.syscalls {
+            self.syscall_sites.insert(ip.wrapping_add(bias), s, 0)?;
+        }
+        for (ip, s) in &found.calls {
+            self.call_sites.insert(ip.wrapping_add(bias), s, 0)?;
+        }
+        Ok(true)
+    }
+
+    /// The executable's Go probes when it is a Go program not set up yet
+    /// (`None`: nothing to do). Futex calls from outside libc are then the
+    /// Go runtime's own and are ignored from now on.
+    pub fn go_setup(&mut self, memory: &MemoryMap) -> Option<(PathBuf, Vec<golang::GoProbe>)> {
+        let exe = std::fs::read_link(format!("/proc/{}/exe", self.pid)).ok()?;
+        if self.exe.as_ref() == Some(&exe) {
+            return None;
+        }
+        self.exe = Some(exe.clone());
+        let m = memory.mappings.iter().find(|m| m.path == exe)?;
+        let path = procfs::object_path(self.pid, m);
+        let data = std::fs::read(&path).ok()?;
+        if !golang::is_go(&data) {
+            return None;
+        }
+        let _ = self.config.set(CONFIG_IGNORE_FOREIGN, 1, 0);
+        let probes = match golang::go_probes(&data) {
+            Ok(p) if !p.is_empty() => p,
+            _ => {
+                eprintln!(
+                    "leaktrace: warning: {} has no symbol table (stripped?) or no sync.Mutex slow path: Go locks are not tracked",
+                    exe.display()
+                );
+                return None;
+            }
+        };
+        self.go_funcs = go_sync_funcs(&data, memory, &exe);
+        Some((path, probes))
+    }
+
+    /// One sample per contended lock. Go semaphores are folded into their
+    /// mutex; the several futex words of one rwlock stay separate here and
+    /// are merged by name in the report.
+    pub fn collect(&mut self, memory: &MemoryMap, max_stacks: usize) -> Vec<LockSample> {
+        let mut out: HashMap<u64, LockSample> = HashMap::new();
+        let mut sema_to_lock: HashMap<u64, u64> = HashMap::new();
+        let entries: Vec<(u64, LockStats)> = self
+            .locks
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(lock, per_cpu)| {
+                let mut sum = per_cpu.iter().find(|s| s.kind != 0).copied().unwrap_or(per_cpu[0]);
+                sum.contentions = per_cpu.iter().map(|s| s.contentions).sum();
+                sum.wait_ns = per_cpu.iter().map(|s| s.wait_ns).sum();
+                sum.max_wait_ns = per_cpu.iter().map(|s| s.max_wait_ns).max().unwrap_or(0);
+                for i in 0..HIST_BUCKETS {
+                    sum.hist[i] = per_cpu.iter().map(|s| s.hist[i]).sum();
+                }
+                (lock, sum)
+            })
+            .collect();
+        for (word, s) in entries {
+            if s.contentions == 0 {
+                continue;
+            }
+            let (addr, kind) = match s.kind {
+                kind::MUTEX => (word, "mutex"),
+                kind::RWLOCK_READ | kind::RWLOCK_WRITE => (word, "rwlock"),
+                kind::FUTEX => (word, "futex"),
+                k => {
+                    let role = match k {
+                        kind::GO_RWMUTEX_READ => golang::Role::AcquireRead,
+                        kind::GO_RWMUTEX_WRITE => golang::Role::AcquireWrite,
+                        _ => golang::Role::AcquireMutex,
+                    };
+                    let caller = self.go_func(s.first.stack.caller);
+                    let (off, k) = golang::sema_offset(role, caller);
+                    (word.wrapping_sub(off), if k == "mutex" { "go-mutex" } else { "go-rwmutex" })
+                }
+            };
+            sema_to_lock.insert(word, addr);
+            let first = self.sample_stack(&s.first);
+            let e = out.entry(addr).or_insert_with(|| LockSample {
+                addr,
+                kind,
+                contentions: 0,
+                wait_ns: 0,
+                max_wait_ns: 0,
+                hist: [0; HIST_BUCKETS],
+                symbol: None,
+                first,
+                waiters: Vec::new(),
+                holders: Vec::new(),
+            });
+            e.contentions += s.contentions;
+            e.wait_ns += s.wait_ns;
+            e.max_wait_ns = e.max_wait_ns.max(s.max_wait_ns);
+            for i in 0..HIST_BUCKETS {
+                e.hist[i] += s.hist[i];
+            }
+        }
+        let mut waiters: HashMap<(u64, SampleStack), (u64, u64)> = HashMap::new();
+        for (key, per_cpu) in self.waiters.iter().filter_map(|r| r.ok()) {
+            let Some(&addr) = sema_to_lock.get(&key.lock) else { continue };
+            let e = waiters.entry((addr, self.sample_stack(&key))).or_default();
+            e.0 += per_cpu.iter().map(|t| t.count).sum::<u64>();
+            e.1 += per_cpu.iter().map(|t| t.wait_ns).sum::<u64>();
+        }
+        // Name the locks now: a holder's wake may be on another word of the
+        // same lock (an rwlock's), found by the global's name.
+        let mut by_name: HashMap<String, u64> = HashMap::new();
+        for l in out.values_mut() {
+            l.symbol = self.namer.name(self.pid, memory, l.addr);
+            if let Some(n) = &l.symbol {
+                by_name.insert(n.clone(), l.addr);
+            }
+        }
+        let mut holders: HashMap<(u64, SampleStack), u64> = HashMap::new();
+        let rows: Vec<_> = self.holders.iter().filter_map(|r| r.ok()).collect();
+        for (key, per_cpu) in rows {
+            // A Go release's caller is a sync function (unlockSlow...); a
+            // futex wake (also in a cgo program) has none.
+            let go_caller = if key.walked == 0 { self.go_func(key.stack.caller) } else { "" };
+            let mut addr = if go_caller.is_empty() {
+                key.lock
+            } else {
+                key.lock.wrapping_sub(golang::sema_offset(golang::Role::Release, go_caller).0)
+            };
+            if !out.contains_key(&addr) {
+                match self.namer.name(self.pid, memory, addr).and_then(|n| by_name.get(&n)) {
+                    Some(&a) => addr = a,
+                    None => continue,
+                }
+            }
+            *holders.entry((addr, self.sample_stack(&key))).or_default() += per_cpu.iter().map(|t| t.count).sum::<u64>();
+        }
+        for ((addr, stack), (n, ns)) in waiters {
+            if let Some(l) = out.get_mut(&addr) {
+                l.waiters.push((stack, n, ns));
+            }
+        }
+        for ((addr, stack), n) in holders {
+            if let Some(l) = out.get_mut(&addr) {
+                l.holders.push((stack, n));
+            }
+        }
+        let mut locks: Vec<LockSample> = out.into_values().collect();
+        for l in &mut locks {
+            l.waiters.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
+            l.waiters.truncate(max_stacks);
+            l.holders.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            l.holders.truncate(max_stacks);
+        }
+        locks.sort_by(|a, b| b.wait_ns.cmp(&a.wait_ns).then(a.addr.cmp(&b.addr)));
+        locks
+    }
+
+    /// A kernel key as a stack the resolver understands.
+    fn sample_stack(&self, key: &LockStack) -> SampleStack {
+        if key.walked == 0 {
+            return SampleStack::Kernel(key.stack);
+        }
+        match self.frames.get(&key.walked, 0) {
+            Ok(f) => SampleStack::Addresses(f.ips[..(f.len as usize).min(f.ips.len())].to_vec()),
+            Err(_) => SampleStack::Kernel(StackKey { stack_id: -1, caller: 0 }),
+        }
+    }
+
+    /// Name of the Go sync function containing `addr` ("" when none).
+    fn go_func(&self, addr: u64) -> &str {
+        let i = self.go_funcs.partition_point(|f| f.0 <= addr);
+        match i.checked_sub(1).and_then(|i| self.go_funcs.get(i)) {
+            Some((s, e, n)) if addr >= *s && addr < *e => n,
+            _ => "",
+        }
+    }
+}
+
+/// The ELF address of a file offset (through its PT_LOAD segments).
+fn segment_vaddr(file: &object::File, offset: u64) -> Option<u64> {
+    file.segments().find_map(|s| {
+        let (fo, fsz) = s.file_range();
+        (offset >= fo && offset < fo + fsz.max(1)).then(|| s.address() + (offset - fo))
+    })
+}
+
+/// Runtime address ranges of the executable's sync functions.
+fn go_sync_funcs(data: &[u8], memory: &MemoryMap, exe: &Path) -> Vec<(u64, u64, String)> {
+    let Ok(file) = object::File::parse(data) else { return Vec::new() };
+    let bias = memory
+        .mappings
+        .iter()
+        .find(|m| m.path == exe)
+        .and_then(|m| segment_vaddr(&file, m.offset).map(|v| m.start.wrapping_sub(v)))
+        .unwrap_or(0);
+    let mut out: Vec<(u64, u64, String)> = file
+        .symbols()
+        .filter(|s| s.kind() == SymbolKind::Text && s.size() > 0)
+        .filter_map(|s| {
+            let n = s.name().ok()?;
+            (n.starts_with("sync.") || n.starts_with("internal/sync."))
+                .then(|| (s.address().wrapping_add(bias), s.address().wrapping_add(bias) + s.size(), n.to_string()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Names addresses by the data symbol (a global) containing them, per
+/// mapped object, cached.
+#[derive(Default)]
+pub struct DataSymbols {
+    objects: HashMap<PathBuf, ObjectData>,
+}
+
+/// Largest global named without an offset (pthread_rwlock_t is 56 bytes,
+/// pthread_mutex_t 40, Go's sync.RWMutex 24).
+const LOCK_OBJECT_MAX: u64 = 64;
+
+/// An object's PT_LOAD segments (file offset, file size, vaddr) and its
+/// data symbols (vaddr, size, name), sorted.
+#[derive(Default)]
+struct ObjectData {
+    segments: Vec<(u64, u64, u64)>,
+    symbols: Vec<(u64, u64, String)>,
+}
+
+impl DataSymbols {
+    /// `hot_lock`, `main.pool+0x8`, or None for heap and stack addresses.
+    pub fn name(&mut self, pid: u32, memory: &MemoryMap, addr: u64) -> Option<String> {
+        // The mapping containing the address, or the object mapped just
+        // below it (its .bss continues in anonymous memory).
+        let i = memory.mappings.partition_point(|m| m.start <= addr);
+        let m = memory.mappings.get(i.checked_sub(1)?)?;
+        if addr >= m.end + (64 << 20) {
+            return None;
+        }
+        let path = procfs::object_path(pid, m);
+        let obj = self.objects.entry(path.clone()).or_insert_with(|| std::fs::read(&path).map(|d| object_data(&d)).unwrap_or_default());
+        let seg = obj.segments.iter().find(|(fo, fsz, _)| m.offset >= *fo && m.offset < fo + (*fsz).max(1))?;
+        let vaddr = addr - m.start + seg.2 + (m.offset - seg.0);
+        let j = obj.symbols.partition_point(|s| s.0 <= vaddr);
+        let (start, size, name) = obj.symbols.get(j.checked_sub(1)?)?;
+        if vaddr >= start + (*size).max(1) {
+            return None;
+        }
+        // A global the size of a lock object is the lock (an rwlock waits
+        // on several words of itself); in a larger one, say where.
+        Some(if vaddr == *start || *size <= LOCK_OBJECT_MAX { name.clone() } else { format!("{name}+{:#x}", vaddr - start) })
+    }
+}
+
+fn object_data(data: &[u8]) -> ObjectData {
+    let Ok(file) = object::File::parse(data) else { return ObjectData::default() };
+    let segments = file
+        .segments()
+        .map(|s| {
+            let (fo, fsz) = s.file_range();
+            (fo, fsz, s.address())
+        })
+        .collect();
+    let mut symbols: Vec<(u64, u64, String)> = file
+        .symbols()
+        .chain(file.dynamic_symbols())
+        .filter(|s| s.kind() == SymbolKind::Data && s.address() != 0)
+        .filter_map(|s| Some((s.address(), s.size(), s.name().ok()?.to_string())))
+        .collect();
+    symbols.sort();
+    symbols.dedup_by_key(|s| s.0);
+    ObjectData { segments, symbols }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_globals_of_this_test_binary() {
+        static PROBE: [u64; 16] = [1; 16];
+        let pid = std::process::id();
+        let memory = MemoryMap::read(pid).unwrap();
+        let mut n = DataSymbols::default();
+        let name = n.name(pid, &memory, &PROBE as *const _ as u64 + 8);
+        assert!(name.as_deref().is_some_and(|s| s.contains("PROBE") && s.ends_with("+0x8")), "{name:?}");
+        let heap = Box::new(5u64);
+        assert_eq!(n.name(pid, &memory, &*heap as *const u64 as u64), None);
+    }
+}

@@ -1,0 +1,183 @@
+//! Go `sync.Mutex` / `sync.RWMutex` contention through the runtime's
+//! semaphore entry points, which run only when a lock must wait (acquire)
+//! or an unlock has waiters to wake (release). Their fast paths are inlined
+//! atomics and never reach these functions.
+//!
+//! Probe placement (shared/notes/go-runtime.md): never at +0 (`CMPQ SP,
+//! 16(R14)` is single-stepped, ~17 µs) but at the first emulated instruction
+//! of the prologue: `PUSHQ BP` (Go 1.21+), else the stack-check's
+//! conditional jump (Go 1.19's prologue is `SUBQ; MOVQ BP; LEAQ`, all
+//! single-stepped). The wait ends at each RET (single-stepped, but only
+//! under contention). No uretprobes: they crash Go programs.
+
+use anyhow::{Context, Result};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, Register};
+use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+
+/// Role of a probed Go function.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `runtime_SemacquireMutex`: sync.Mutex (and RWMutex before Go 1.21).
+    AcquireMutex,
+    /// `runtime_SemacquireRWMutexR`: an RWMutex reader waits (Go 1.21+).
+    AcquireRead,
+    /// `runtime_SemacquireRWMutex`: an RWMutex writer waits for readers (Go 1.21+).
+    AcquireWrite,
+    /// `runtime_Semrelease`: an unlock wakes a waiter.
+    Release,
+}
+
+/// Function names (package `sync` up to 1.23, `internal/sync` from 1.24 for
+/// Mutex) and their roles.
+const FUNCS: &[(&str, Role)] = &[
+    ("sync.runtime_SemacquireMutex", Role::AcquireMutex),
+    ("internal/sync.runtime_SemacquireMutex", Role::AcquireMutex),
+    ("sync.runtime_SemacquireRWMutexR", Role::AcquireRead),
+    ("sync.runtime_SemacquireRWMutex", Role::AcquireWrite),
+    ("sync.runtime_Semrelease", Role::Release),
+    ("internal/sync.runtime_Semrelease", Role::Release),
+];
+
+/// Where to probe one function, as file offsets of the executable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GoProbe {
+    pub name: &'static str,
+    pub role: Role,
+    /// The cheap prologue instruction.
+    pub entry: u64,
+    /// Every RET (acquire roles only).
+    pub rets: Vec<u64>,
+}
+
+/// True when the ELF is a Go program (Go's own sections).
+pub fn is_go(data: &[u8]) -> bool {
+    object::File::parse(data)
+        .map(|f| f.section_by_name(".gopclntab").is_some() || f.section_by_name(".go.buildinfo").is_some())
+        .unwrap_or(false)
+}
+
+/// The probes for a Go executable; empty when it has no symbol table
+/// (stripped) or does not use sync.Mutex.
+pub fn go_probes(data: &[u8]) -> Result<Vec<GoProbe>> {
+    let file = object::File::parse(data).context("not a valid ELF")?;
+    let mut out = Vec::new();
+    for sym in file.symbols() {
+        if sym.kind() != SymbolKind::Text || sym.size() == 0 {
+            continue;
+        }
+        let Ok(name) = sym.name() else { continue };
+        let Some(&(fname, role)) = FUNCS.iter().find(|(n, _)| *n == name) else { continue };
+        let Some((code, to_off)) = code_of(&file, data, sym.address(), sym.size()) else { continue };
+        let Some(entry) = cheap_entry(code, sym.address()) else { continue };
+        let rets = if role == Role::Release { Vec::new() } else { rets(code, sym.address()) };
+        if role != Role::Release && rets.is_empty() {
+            continue;
+        }
+        out.push(GoProbe {
+            name: fname,
+            role,
+            entry: to_off(entry),
+            rets: rets.into_iter().map(&to_off).collect(),
+        });
+    }
+    Ok(out)
+}
+
+/// The function's bytes and a vaddr -> file offset mapping (PT_LOAD).
+fn code_of<'d>(file: &object::File, data: &'d [u8], addr: u64, size: u64) -> Option<(&'d [u8], impl Fn(u64) -> u64)> {
+    file.segments().find_map(|s| {
+        let (fo, fsz) = s.file_range();
+        let start = s.address();
+        (addr >= start && addr + size <= start + fsz).then(|| {
+            let off = (fo + (addr - start)) as usize;
+            (&data[off..off + size as usize], move |va: u64| va - start + fo)
+        })
+    })
+}
+
+/// The first emulated prologue instruction every call runs before its
+/// arguments are touched: `PUSHQ BP`, else the stack check's jump.
+pub fn cheap_entry(code: &[u8], addr: u64) -> Option<u64> {
+    let mut d = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
+    let mut jcc = None;
+    for _ in 0..4 {
+        if !d.can_decode() {
+            break;
+        }
+        let ins = d.decode();
+        if ins.mnemonic() == Mnemonic::Push && ins.op0_register() == Register::RBP {
+            return Some(ins.ip());
+        }
+        if ins.flow_control() == FlowControl::ConditionalBranch && jcc.is_none() {
+            jcc = Some(ins.ip());
+        }
+        if ins.mnemonic() == Mnemonic::Sub || ins.flow_control() == FlowControl::Call {
+            break;
+        }
+    }
+    jcc
+}
+
+/// Addresses of every RET in the function (linear sweep: Go emits no data
+/// inside functions).
+pub fn rets(code: &[u8], addr: u64) -> Vec<u64> {
+    let mut d = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
+    let mut out = Vec::new();
+    while d.can_decode() {
+        let ins = d.decode();
+        if ins.mnemonic() == Mnemonic::Ret {
+            out.push(ins.ip());
+        }
+    }
+    out
+}
+
+/// Offset of the semaphore inside the lock it belongs to, by who waits or
+/// wakes on it: Mutex `sema` at +4; RWMutex `writerSem` at +8, `readerSem`
+/// at +12 (Go 1.19-1.27 layouts; 1.24's sync.Mutex wraps internal/sync.Mutex
+/// at offset 0). `function` is the caller's name (the [sp] return address).
+pub fn sema_offset(role: Role, caller_function: &str) -> (u64, &'static str) {
+    let rw = caller_function.contains("RWMutex");
+    match role {
+        Role::AcquireRead => (12, "rwmutex-read"),
+        Role::AcquireWrite => (8, "rwmutex-write"),
+        // A Mutex waits only from lockSlow (never inlined). Before Go 1.21
+        // RWMutex used the same entry point: from RWMutex.Lock a writer,
+        // from anything else RLock (small, inlined into its caller).
+        Role::AcquireMutex if caller_function.ends_with("lockSlow") => (4, "mutex"),
+        Role::AcquireMutex if rw && caller_function.ends_with(".Lock") => (8, "rwmutex-write"),
+        Role::AcquireMutex => (12, "rwmutex-read"),
+        // Holders: RWMutex.Unlock releases readers (readerSem), a last
+        // reader's rUnlockSlow releases the writer (writerSem).
+        Role::Release if rw && caller_function.contains("rUnlockSlow") => (8, "rwmutex"),
+        Role::Release if rw => (12, "rwmutex"),
+        Role::Release => (4, "mutex"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prologue_choices() {
+        // 1.21+: cmp 0x10(%r14),%rsp; jbe; push %rbp; mov %rsp,%rbp
+        let new: &[u8] = &[0x49, 0x3b, 0x66, 0x10, 0x76, 0x20, 0x55, 0x48, 0x89, 0xe5];
+        assert_eq!(cheap_entry(new, 0x100), Some(0x106));
+        // 1.19: cmp; jbe; sub $0x28,%rsp; mov %rbp,0x20(%rsp)
+        let old: &[u8] = &[0x49, 0x3b, 0x66, 0x10, 0x76, 0x20, 0x48, 0x83, 0xec, 0x28, 0x48, 0x89, 0x6c, 0x24, 0x20];
+        assert_eq!(cheap_entry(old, 0x100), Some(0x104));
+        assert_eq!(rets(&[0x5d, 0xc3, 0x90, 0xc3], 0x10), vec![0x11, 0x13]);
+    }
+
+    #[test]
+    fn sema_offsets_by_caller() {
+        assert_eq!(sema_offset(Role::AcquireMutex, "internal/sync.(*Mutex).lockSlow").0, 4);
+        assert_eq!(sema_offset(Role::AcquireMutex, "sync.(*RWMutex).RLock").0, 12);
+        assert_eq!(sema_offset(Role::AcquireMutex, "").0, 12, "RLock inlined into the program (Go 1.19)");
+        assert_eq!(sema_offset(Role::AcquireMutex, "sync.(*RWMutex).Lock").0, 8);
+        assert_eq!(sema_offset(Role::AcquireRead, "main.get").0, 12);
+        assert_eq!(sema_offset(Role::Release, "sync.(*RWMutex).rUnlockSlow").0, 8);
+        assert_eq!(sema_offset(Role::Release, "sync.(*Mutex).unlockSlow").0, 4);
+    }
+}
