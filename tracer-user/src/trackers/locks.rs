@@ -135,10 +135,7 @@ impl LockCollector {
         let probes = match golang::go_probes(&data) {
             Ok(p) if !p.is_empty() => p,
             _ => {
-                eprintln!(
-                    "leaktrace: warning: {} has no symbol table (stripped?) or no sync.Mutex slow path: Go locks are not tracked",
-                    exe.display()
-                );
+                eprintln!("leaktrace: warning: {} has no sync.Mutex slow path: Go locks are not tracked", exe.display());
                 return None;
             }
         };
@@ -301,14 +298,10 @@ fn go_sync_funcs(data: &[u8], memory: &MemoryMap, exe: &Path) -> Vec<(u64, u64, 
         .find(|m| m.path == exe)
         .and_then(|m| segment_vaddr(&file, m.offset).map(|v| m.start.wrapping_sub(v)))
         .unwrap_or(0);
-    let mut out: Vec<(u64, u64, String)> = file
-        .symbols()
-        .filter(|s| s.kind() == SymbolKind::Text && s.size() > 0)
-        .filter_map(|s| {
-            let n = s.name().ok()?;
-            (n.starts_with("sync.") || n.starts_with("internal/sync."))
-                .then(|| (s.address().wrapping_add(bias), s.address().wrapping_add(bias) + s.size(), n.to_string()))
-        })
+    let mut out: Vec<(u64, u64, String)> = golang::text_functions(data)
+        .into_iter()
+        .filter(|(n, _, _)| n.starts_with("sync.") || n.starts_with("internal/sync."))
+        .map(|(n, a, size)| (a.wrapping_add(bias), a.wrapping_add(bias) + size, n))
         .collect();
     out.sort();
     out

@@ -56,20 +56,35 @@ pub fn is_go(data: &[u8]) -> bool {
         .unwrap_or(false)
 }
 
-/// The probes for a Go executable; empty when it has no symbol table
-/// (stripped) or does not use sync.Mutex.
+/// Every function of a Go executable as (name, link-time address, size):
+/// from the symbol table, else (a `-s -w` build) from `.gopclntab`, which
+/// every Go binary keeps.
+pub fn text_functions(data: &[u8]) -> Vec<(String, u64, u64)> {
+    let Ok(file) = object::File::parse(data) else { return Vec::new() };
+    let from_symtab: Vec<(String, u64, u64)> = file
+        .symbols()
+        .filter(|s| s.kind() == SymbolKind::Text && s.size() > 0)
+        .filter_map(|s| Some((s.name().ok()?.to_string(), s.address(), s.size())))
+        .collect();
+    if !from_symtab.is_empty() {
+        return from_symtab;
+    }
+    match crate::golang::GoSymbols::from_elf(&file) {
+        Ok(Some(g)) => g.pclntab.functions().map(|(n, start, end)| (n, start, end.saturating_sub(start))).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The probes for a Go executable (found through its symbol table, or its
+/// `.gopclntab` when stripped); empty when it does not use sync.Mutex.
 pub fn go_probes(data: &[u8]) -> Result<Vec<GoProbe>> {
     let file = object::File::parse(data).context("not a valid ELF")?;
     let mut out = Vec::new();
-    for sym in file.symbols() {
-        if sym.kind() != SymbolKind::Text || sym.size() == 0 {
-            continue;
-        }
-        let Ok(name) = sym.name() else { continue };
+    for (name, address, size) in text_functions(data) {
         let Some(&(fname, role)) = FUNCS.iter().find(|(n, _)| *n == name) else { continue };
-        let Some((code, to_off)) = code_of(&file, data, sym.address(), sym.size()) else { continue };
-        let Some(entry) = cheap_entry(code, sym.address()) else { continue };
-        let rets = if role == Role::Release { Vec::new() } else { rets(code, sym.address()) };
+        let Some((code, to_off)) = code_of(&file, data, address, size) else { continue };
+        let Some(entry) = cheap_entry(code, address) else { continue };
+        let rets = if role == Role::Release { Vec::new() } else { rets(code, address) };
         if role != Role::Release && rets.is_empty() {
             continue;
         }
