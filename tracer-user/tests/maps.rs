@@ -12,7 +12,7 @@ use serde_json::Value;
 
 /// Traces `fixture` for `secs` seconds with the map tracker; the final report.
 fn trace_maps(fixture: &str, args: &[&str], secs: u32) -> (Value, String) {
-    let mut fixture_args = vec!["-start-ms", "2500"];
+    let mut fixture_args = vec!["-start-ms", "1500"];
     fixture_args.extend_from_slice(args);
     let t = start(fixture, &fixture_args);
     let pid = t.pid().to_string();
