@@ -32,7 +32,6 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData},
     Ebpf,
 };
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind, Register};
 use tracer_common::{
     maps::{seed, MapInfo, KIND_TRIE, MAX_TRACKED_MAPS, TRIE_SEED_OFFSET},
     stacks::StackKey,
@@ -197,29 +196,7 @@ fn trie_count(pid: u32, root: u64, budget: &mut usize) -> Option<u64> {
 /// `[sp]` holds the return address at all three, and the argument
 /// registers are untouched.
 fn cheap_probe_address(code: &[u8], entry: u64) -> u64 {
-    let mut decoder = Decoder::with_ip(64, code, entry, DecoderOptions::NONE);
-    let mut jcc = None;
-    for _ in 0..6 {
-        if !decoder.can_decode() {
-            break;
-        }
-        let ins = decoder.decode();
-        if ins.mnemonic() == Mnemonic::Push && ins.op0_kind() == OpKind::Register && ins.op0_register() == Register::RBP {
-            return ins.ip();
-        }
-        if ins.flow_control() == FlowControl::ConditionalBranch {
-            jcc.get_or_insert(ins.ip());
-            continue;
-        }
-        // The stack check `CMPQ SP, 16(R14)` only reads SP.
-        let compares = matches!(ins.mnemonic(), Mnemonic::Cmp | Mnemonic::Test);
-        let writes_sp =
-            !compares && ins.op_count() > 0 && ins.op0_kind() == OpKind::Register && ins.op0_register() == Register::RSP;
-        if writes_sp || ins.flow_control() != FlowControl::Next {
-            break;
-        }
-    }
-    jcc.unwrap_or(entry)
+    crate::golang::cheap_entry(code, entry).unwrap_or(entry)
 }
 
 /// The map tracker's own state about one kernel entry.

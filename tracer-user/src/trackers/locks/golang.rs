@@ -11,7 +11,7 @@
 //! under contention). No uretprobes: they crash Go programs.
 
 use anyhow::{Context, Result};
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, Register};
+use iced_x86::{Decoder, DecoderOptions, Mnemonic};
 use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 
 /// Role of a probed Go function.
@@ -110,28 +110,8 @@ fn code_of<'d>(file: &object::File, data: &'d [u8], addr: u64, size: u64) -> Opt
     })
 }
 
-/// The first emulated prologue instruction every call runs before its
-/// arguments are touched: `PUSHQ BP`, else the stack check's jump.
-pub fn cheap_entry(code: &[u8], addr: u64) -> Option<u64> {
-    let mut d = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
-    let mut jcc = None;
-    for _ in 0..4 {
-        if !d.can_decode() {
-            break;
-        }
-        let ins = d.decode();
-        if ins.mnemonic() == Mnemonic::Push && ins.op0_register() == Register::RBP {
-            return Some(ins.ip());
-        }
-        if ins.flow_control() == FlowControl::ConditionalBranch && jcc.is_none() {
-            jcc = Some(ins.ip());
-        }
-        if ins.mnemonic() == Mnemonic::Sub || ins.flow_control() == FlowControl::Call {
-            break;
-        }
-    }
-    jcc
-}
+/// The cheap prologue instruction to probe (shared with the map tracker).
+pub use crate::golang::cheap_entry;
 
 /// Addresses of every RET in the function (linear sweep: Go emits no data
 /// inside functions).
