@@ -4,12 +4,13 @@
 //! (to pick a cheap probe address) and the package-level variables of the
 //! program's own packages (`.symtab`; none when stripped).
 //!
-//! Kept small and private to the tracker; a shared Go-binary module can
-//! replace it.
+//! The version and the pc table are read by the shared `crate::golang`
+//! readers; this adds what only the map tracker needs (code bytes, data
+//! symbols of the program's own packages).
 
 use std::{collections::HashMap, path::Path};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use object::{Object, ObjectSection, ObjectSymbol, SectionKind, SymbolKind};
 
 /// A package-level variable: `main.cache` at `addr`, `size` bytes.
@@ -39,13 +40,15 @@ impl GoBinary {
     pub fn read(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         let file = object::File::parse(&*bytes).with_context(|| format!("{} is not an ELF file", path.display()))?;
-        let buildinfo = file
-            .section_by_name(".go.buildinfo")
+        let (version, _) = crate::golang::buildinfo::go_version(&file)?
             .ok_or_else(|| anyhow!("not a Go program (no .go.buildinfo section)"))?;
-        let version = parse_buildinfo(buildinfo.data()?)?;
-        let pclntab = file.section_by_name(".gopclntab").ok_or_else(|| anyhow!("no .gopclntab section"))?;
+        let version = (version.major, version.minor);
+        let symbols = crate::golang::GoSymbols::from_elf(&file)?.ok_or_else(|| anyhow!("no .gopclntab section"))?;
+        let mut functions = HashMap::with_capacity(symbols.pclntab.len());
+        for (name, entry, end) in symbols.pclntab.functions() {
+            functions.entry(name).or_insert((entry, end));
+        }
         let text = file.section_by_name(".text").ok_or_else(|| anyhow!("no .text section"))?;
-        let functions = parse_pclntab(pclntab.data()?, text.address())?;
         let (text_off, _) = text.file_range().ok_or_else(|| anyhow!(".text has no file data"))?;
         let text = (text.address(), text_off, text.data()?.to_vec());
         let mut data = Vec::new();
@@ -96,89 +99,9 @@ fn is_user_package(name: &str) -> bool {
     name.contains('/') && head.contains('.') && !name.starts_with("go:") && !name.starts_with("type:")
 }
 
-/// The Go version from `.go.buildinfo` (Go 1.18+ inline-string format).
-fn parse_buildinfo(b: &[u8]) -> Result<(u32, u32)> {
-    const MAGIC: &[u8] = b"\xff Go buildinf:";
-    if b.len() < 33 || &b[..14] != MAGIC {
-        bail!("unrecognised .go.buildinfo");
-    }
-    if b[15] & 2 == 0 {
-        bail!("Go before 1.18 (pointer-format buildinfo) is not supported");
-    }
-    let (len, n) = uvarint(&b[32..]).ok_or_else(|| anyhow!("bad .go.buildinfo"))?;
-    let s = b.get(32 + n..32 + n + len as usize).ok_or_else(|| anyhow!("bad .go.buildinfo"))?;
-    parse_go_version(std::str::from_utf8(s)?)
-}
-
-/// `go1.22.10` -> (1, 22); `go1.24rc1` -> (1, 24).
-fn parse_go_version(s: &str) -> Result<(u32, u32)> {
-    let v = s.strip_prefix("go").ok_or_else(|| anyhow!("bad Go version {s:?}"))?;
-    let mut it = v.split(|c: char| !c.is_ascii_digit());
-    let major = it.next().and_then(|x| x.parse().ok()).ok_or_else(|| anyhow!("bad Go version {s:?}"))?;
-    let minor = it.next().and_then(|x| x.parse().ok()).unwrap_or(0);
-    Ok((major, minor))
-}
-
-fn uvarint(b: &[u8]) -> Option<(u64, usize)> {
-    let mut x = 0u64;
-    for (i, &c) in b.iter().enumerate().take(10) {
-        x |= u64::from(c & 0x7f) << (7 * i);
-        if c & 0x80 == 0 {
-            return Some((x, i + 1));
-        }
-    }
-    None
-}
-
-/// Function entries by name from a Go 1.18+ pclntab (magics 0xfffffff0,
-/// 0xfffffff1): header, then `nfunc + 1` (entry offset, func offset) pairs;
-/// each `_func` starts with its entry offset and its name offset. Entry
-/// offsets count from the header's `textStart`, which Go 1.26+ leaves 0
-/// (the runtime fills it in): then from the start of `.text`.
-fn parse_pclntab(b: &[u8], text_addr: u64) -> Result<HashMap<String, (u64, u64)>> {
-    let u32_at = |o: usize| b.get(o..o + 4).map(|s| u32::from_le_bytes(s.try_into().unwrap()));
-    let u64_at = |o: usize| b.get(o..o + 8).map(|s| u64::from_le_bytes(s.try_into().unwrap()));
-    let magic = u32_at(0).ok_or_else(|| anyhow!("short pclntab"))?;
-    if magic != 0xffff_fff0 && magic != 0xffff_fff1 {
-        bail!("unsupported pclntab (magic {magic:#x}: Go before 1.18?)");
-    }
-    if b[7] != 8 {
-        bail!("only 64-bit Go binaries are supported");
-    }
-    let field = |i: usize| u64_at(8 + 8 * i).map(|v| v as usize).ok_or_else(|| anyhow!("short pclntab"));
-    let nfunc = field(0)?;
-    let text_start = match field(2)? as u64 {
-        0 => text_addr,
-        t => t,
-    };
-    let funcnames = field(3)?;
-    let pcln = field(7)?;
-    let mut out = HashMap::with_capacity(nfunc);
-    for i in 0..nfunc {
-        let at = pcln + 8 * i;
-        let (Some(entry), Some(funcoff), Some(next)) = (u32_at(at), u32_at(at + 4), u32_at(at + 8)) else { break };
-        let func = pcln + funcoff as usize;
-        let Some(name_off) = u32_at(func + 4) else { continue };
-        let start = funcnames + name_off as usize;
-        let Some(rest) = b.get(start..) else { continue };
-        let end = rest.iter().position(|&c| c == 0).unwrap_or(0);
-        let Ok(name) = std::str::from_utf8(&rest[..end]) else { continue };
-        out.entry(name.to_string()).or_insert((text_start + u64::from(entry), text_start + u64::from(next)));
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn versions_parse() {
-        assert_eq!(parse_go_version("go1.22.10").unwrap(), (1, 22));
-        assert_eq!(parse_go_version("go1.24rc1").unwrap(), (1, 24));
-        assert_eq!(parse_go_version("go1.19").unwrap(), (1, 19));
-        assert!(parse_go_version("devel").is_err());
-    }
 
     #[test]
     fn user_packages() {
