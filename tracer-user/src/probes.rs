@@ -193,17 +193,24 @@ impl Probes {
         Ok(())
     }
 
+    /// The uprobe program `name`, loaded into the kernel the first time it
+    /// is asked for (uprobes are attached per object, possibly many times).
+    fn loaded_uprobe(&mut self, name: &str) -> Result<&mut UProbe> {
+        let program: &mut UProbe = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+            .try_into()?;
+        if program.fd().is_err() {
+            program.load().map_err(|e| load_error(&format!("{name}: {e:#}")))?;
+        }
+        Ok(program)
+    }
+
     /// Attaches the thread tracker's uprobe to `pthread_create` in the libc
     /// at `libc` (as the target maps it), for `pid` only.
     pub fn attach_pthread_create(&mut self, pid: u32, libc: &Path) -> Result<()> {
-        let program: &mut UProbe = self
-            .ebpf
-            .program_mut("thread_create")
-            .ok_or_else(|| anyhow!("program thread_create missing from the eBPF object"))?
-            .try_into()?;
-        if program.fd().is_err() {
-            program.load().map_err(|e| load_error(&format!("thread_create: {e:#}")))?;
-        }
+        let program = self.loaded_uprobe("thread_create")?;
         let scope = UProbeScope::OneProcess(std::num::NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0"))?);
         program
             .attach("pthread_create", libc, scope)
@@ -216,14 +223,7 @@ impl Probes {
     /// offsets chosen by disassembly).
     /// (Also the lock tracker's Go probes: trackers/locks/golang.rs.)
     pub fn attach_uprobe_at(&mut self, prog: &str, path: &Path, offset: u64, pid: u32) -> Result<UProbeLinkId> {
-        let program: &mut UProbe = self
-            .ebpf
-            .program_mut(prog)
-            .ok_or_else(|| anyhow!("program {prog} missing from the eBPF object"))?
-            .try_into()?;
-        if program.fd().is_err() {
-            program.load().map_err(|e| load_error(&format!("{prog}: {e:#}")))?;
-        }
+        let program = self.loaded_uprobe(prog)?;
         let scope = UProbeScope::OneProcess(std::num::NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0"))?);
         program
             .attach(offset, path, scope)
@@ -250,14 +250,7 @@ impl Probes {
         for p in plan {
             let programs: &[&str] = if p.returns { &[p.program, "alloc_return"] } else { &[p.program] };
             for &name in programs {
-                let program: &mut UProbe = self
-                    .ebpf
-                    .program_mut(name)
-                    .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
-                    .try_into()?;
-                if program.fd().is_err() {
-                    program.load().map_err(|e| load_error(&format!("{name}: {e:#}")))?;
-                }
+                let program = self.loaded_uprobe(name)?;
                 let location = UProbeAttachLocation::AbsoluteOffset(p.file_offset);
                 let point = aya::programs::uprobe::UProbeAttachPoint {
                     location,
