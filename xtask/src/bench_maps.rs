@@ -23,7 +23,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::{announce, build, fixtures_bin, leaktrace_bin, median, probe, send_signal, stop_child, target_dir, wait_timeout};
+use super::{
+    announce, build, elf_file_offset, first_push_rbp, fixtures_bin, leaktrace_bin, median, send_signal, stop_child,
+    symbol_address, target_dir, wait_timeout,
+};
 
 /// Go builds measured: (fixture, label).
 const BUILDS: &[(&str, &str)] = &[("mapbench-go122", "Go 1.22 (classic maps)"), ("mapbench-go127", "Go 1.27 (Swiss tables)")];
@@ -166,38 +169,9 @@ fn run_traced(root: &Path, bin: &Path, ms: u64, tag: &str, extra: &[&str]) -> Re
 /// in its first instructions (from `nm` and `objdump`).
 fn symbol_offsets(bin: &Path, sym: &str) -> Result<(u64, u64)> {
     let path = bin.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
-    let nm = probe("nm", &[path]).ok_or_else(|| anyhow!("nm {path} failed"))?;
-    let vaddr = nm
-        .lines()
-        .find_map(|l| {
-            let mut it = l.split_whitespace();
-            let (a, _, n) = (it.next()?, it.next()?, it.next()?);
-            (n == sym).then(|| u64::from_str_radix(a, 16).ok())?
-        })
-        .ok_or_else(|| anyhow!("{sym} not in {path}"))?;
-    let start = format!("--start-address={vaddr:#x}");
-    let stop = format!("--stop-address={:#x}", vaddr + 32);
-    let dis = probe("objdump", &["-d", "--no-show-raw-insn", &start, &stop, path]).ok_or_else(|| anyhow!("objdump failed"))?;
-    let push = dis
-        .lines()
-        .find(|l| l.contains("push") && l.contains("%rbp"))
-        .and_then(|l| u64::from_str_radix(l.trim().split(':').next()?.trim(), 16).ok())
-        .ok_or_else(|| anyhow!("no push %rbp at the start of {sym}"))?;
-    let readelf = probe("readelf", &["-lW", path]).ok_or_else(|| anyhow!("readelf failed"))?;
-    for l in readelf.lines().filter(|l| l.trim_start().starts_with("LOAD")) {
-        let f: Vec<u64> = l
-            .split_whitespace()
-            .skip(1)
-            .take(5)
-            .filter_map(|x| u64::from_str_radix(x.trim_start_matches("0x"), 16).ok())
-            .collect();
-        if let [off, va, _pa, filesz, _] = f[..] {
-            if vaddr >= va && vaddr < va + filesz {
-                return Ok((vaddr - va + off, push - va + off));
-            }
-        }
-    }
-    bail!("{sym} is in no LOAD segment of {path}")
+    let vaddr = symbol_address(path, sym)?;
+    let push = first_push_rbp(path, vaddr, sym)?;
+    Ok((elf_file_offset(path, vaddr)?, elf_file_offset(path, push)?))
 }
 
 /// A tracefs uprobe (no BPF program, no output: the trap alone), removed on drop.

@@ -29,7 +29,10 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::{build, fixtures_bin, leaktrace_bin, libc_symbol_offset, median, probe, send_signal, stop_child, wait_timeout};
+use super::{
+    build, elf_file_offset, first_push_rbp, fixtures_bin, leaktrace_bin, libc_symbol_offset, median, send_signal,
+    stop_child, symbol_address, wait_timeout,
+};
 
 struct Options {
     runs: usize,
@@ -158,38 +161,7 @@ fn log_path_hint() -> &'static str {
 /// measures).
 fn push_rbp_offset(bin: &Path, func: &str) -> Result<u64> {
     let b = bin.to_str().ok_or_else(|| anyhow!("bad path"))?;
-    let nm = probe("nm", &[b]).ok_or_else(|| anyhow!("nm {b} failed"))?;
-    let entry = nm
-        .lines()
-        .find_map(|l| {
-            let mut it = l.split_whitespace();
-            let (a, _t, n) = (it.next()?, it.next()?, it.next()?);
-            (n == func).then(|| u64::from_str_radix(a, 16).ok())?
-        })
-        .ok_or_else(|| anyhow!("{func} not in {b}"))?;
-    let start = format!("--start-address={entry:#x}");
-    let stop = format!("--stop-address={:#x}", entry + 32);
-    let dis = probe("objdump", &["-d", "--no-show-raw-insn", &start, &stop, b]).ok_or_else(|| anyhow!("objdump failed"))?;
-    let va = dis
-        .lines()
-        .find(|l| l.contains("push") && l.contains("%rbp"))
-        .and_then(|l| u64::from_str_radix(l.trim().split(':').next()?.trim(), 16).ok())
-        .ok_or_else(|| anyhow!("no push %rbp in the first bytes of {func}"))?;
-    let readelf = probe("readelf", &["-lW", b]).ok_or_else(|| anyhow!("readelf failed"))?;
-    for l in readelf.lines().filter(|l| l.trim_start().starts_with("LOAD")) {
-        let f: Vec<u64> = l
-            .split_whitespace()
-            .skip(1)
-            .take(5)
-            .filter_map(|x| u64::from_str_radix(x.trim_start_matches("0x"), 16).ok())
-            .collect();
-        if let [off, v, _pa, filesz, _] = f[..] {
-            if va >= v && va < v + filesz {
-                return Ok(va - v + off);
-            }
-        }
-    }
-    bail!("{func} is in no LOAD segment of {b}")
+    elf_file_offset(b, first_push_rbp(b, symbol_address(b, func)?, func)?)
 }
 
 /// Bare tracefs uprobes, removed on drop.

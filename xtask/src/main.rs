@@ -900,7 +900,17 @@ fn libc_symbol_offset(libc: &str, sym: &str) -> Result<u64> {
         })
         .next()
         .ok_or_else(|| anyhow!("{sym} not found in {libc}"))?;
-    let readelf = probe("readelf", &["-lW", libc]).ok_or_else(|| anyhow!("readelf -l {libc} failed"))?;
+    elf_file_offset(libc, vaddr)
+}
+
+// Benches find their probe addresses with binutils (nm, objdump, readelf),
+// not with leaktrace's own ELF and disassembly code, so that they do not
+// share code with what they measure.
+
+/// File offset of the link-time address `vaddr` in the ELF file at `path`,
+/// through its PT_LOAD headers (what tracefs uprobes take).
+fn elf_file_offset(path: &str, vaddr: u64) -> Result<u64> {
+    let readelf = probe("readelf", &["-lW", path]).ok_or_else(|| anyhow!("readelf -l {path} failed"))?;
     for l in readelf.lines().filter(|l| l.trim_start().starts_with("LOAD")) {
         let f: Vec<u64> = l
             .split_whitespace()
@@ -914,7 +924,31 @@ fn libc_symbol_offset(libc: &str, sym: &str) -> Result<u64> {
             }
         }
     }
-    bail!("{sym} is in no LOAD segment of {libc}")
+    bail!("{vaddr:#x} is in no LOAD segment of {path}")
+}
+
+/// Link-time address of `sym` in the symbol table of the ELF at `path` (nm).
+fn symbol_address(path: &str, sym: &str) -> Result<u64> {
+    let nm = probe("nm", &[path]).ok_or_else(|| anyhow!("nm {path} failed"))?;
+    nm.lines()
+        .find_map(|l| {
+            let mut it = l.split_whitespace();
+            let (a, _t, n) = (it.next()?, it.next()?, it.next()?);
+            (n == sym).then(|| u64::from_str_radix(a, 16).ok())?
+        })
+        .ok_or_else(|| anyhow!("{sym} not in {path}"))
+}
+
+/// Address of the first `push %rbp` in the 32 bytes from `entry` (objdump):
+/// a Go function's emulated prologue instruction.
+fn first_push_rbp(path: &str, entry: u64, what: &str) -> Result<u64> {
+    let start = format!("--start-address={entry:#x}");
+    let stop = format!("--stop-address={:#x}", entry + 32);
+    let dis = probe("objdump", &["-d", "--no-show-raw-insn", &start, &stop, path]).ok_or_else(|| anyhow!("objdump failed"))?;
+    dis.lines()
+        .find(|l| l.contains("push") && l.contains("%rbp"))
+        .and_then(|l| u64::from_str_radix(l.trim().split(':').next()?.trim(), 16).ok())
+        .ok_or_else(|| anyhow!("no push %rbp at the start of {what}"))
 }
 
 /// tracefs uprobes at libc's `socket` and `connect` symbols — where a tool
