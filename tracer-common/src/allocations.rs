@@ -16,6 +16,66 @@ pub mod call {
     pub const POSIX_MEMALIGN: u32 = 4;
     /// `memalign(align, size)` and `aligned_alloc(align, size)`.
     pub const MEMALIGN: u32 = 5;
+    /// Not a call in progress: a size point stored the requested size of a
+    /// `malloc` for its result point (never an outer call of anything).
+    pub const SIZE: u32 = 6;
+}
+
+/// How a `malloc` result or size point (user space's disassembly, see
+/// `tracer-user/src/alloc_sites/results.rs`) is described to its BPF
+/// program: packed in the probe's cookie.
+///
+/// | bits | field |
+/// | --- | --- |
+/// | 0-5 | when the probe counts: 0 always; else [`point::BRANCH`] + x86 condition code (0-15), [`point::NOT_TAKEN`] to count when the branch is not taken |
+/// | 6-15 | bytes from `sp` to the return address |
+/// | 16-31 | where the block's address is ([`point::STACK`] + bytes above `sp`, or a register as its `pt_regs` index) |
+/// | 32-47 | where the size is (same encoding, [`point::PENDING`]: a size point stored it) |
+/// | 48-63 | where the caller's frame pointer is (same encoding) |
+pub mod point {
+    pub const BRANCH: u64 = 0x20;
+    pub const NOT_TAKEN: u64 = 0x10;
+    pub const STACK: u64 = 0x8000;
+    pub const PENDING: u64 = 0xffff;
+
+    /// `pt_regs` index of each general-purpose register (x86-64 order:
+    /// r15 r14 r13 r12 bp bx r11 r10 r9 r8 ax cx dx si di).
+    pub mod reg {
+        pub const R15: u64 = 0;
+        pub const R14: u64 = 1;
+        pub const R13: u64 = 2;
+        pub const R12: u64 = 3;
+        pub const RBP: u64 = 4;
+        pub const RBX: u64 = 5;
+        pub const R11: u64 = 6;
+        pub const R10: u64 = 7;
+        pub const R9: u64 = 8;
+        pub const R8: u64 = 9;
+        pub const RAX: u64 = 10;
+        pub const RCX: u64 = 11;
+        pub const RDX: u64 = 12;
+        pub const RSI: u64 = 13;
+        pub const RDI: u64 = 14;
+    }
+
+    pub const fn pack(when: u64, ret_slot: u64, result: u64, size: u64, caller_bp: u64) -> u64 {
+        (when & 0x3f) | (ret_slot & 0x3ff) << 6 | (result & 0xffff) << 16 | (size & 0xffff) << 32 | (caller_bp & 0xffff) << 48
+    }
+    pub const fn when(c: u64) -> u64 {
+        c & 0x3f
+    }
+    pub const fn ret_slot(c: u64) -> u64 {
+        (c >> 6) & 0x3ff
+    }
+    pub const fn result(c: u64) -> u64 {
+        (c >> 16) & 0xffff
+    }
+    pub const fn size(c: u64) -> u64 {
+        (c >> 32) & 0xffff
+    }
+    pub const fn caller_bp(c: u64) -> u64 {
+        (c >> 48) & 0xffff
+    }
 }
 
 /// A call into the allocator between its entry and return probes (key:
@@ -53,6 +113,9 @@ pub struct AllocInfo {
 
 /// `AllocInfo::flags`: the block is its stack's entry in `ALLOC_OLDEST`.
 pub const ALLOC_SENTINEL: u32 = 1;
+/// [`AllocInfo::flags`]: an anonymous mapping made by a program's `mmap`
+/// call (a `malloc` result 16 bytes into it shows it was the allocator's).
+pub const ALLOC_MMAP: u32 = 2;
 
 /// Per creation stack, per CPU: blocks and bytes created and freed
 /// (user space sums over CPUs; live = created - ended).

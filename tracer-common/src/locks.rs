@@ -121,16 +121,7 @@ pub struct PendingWait {
     pub at: LockStack,
 }
 
-/// Frames kept per hand-walked stack (innermost first).
-pub const MAX_WALKED_FRAMES: usize = 32;
-
-/// A hand-walked user stack: `ips[..len]`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct WalkedFrames {
-    pub len: u64,
-    pub ips: [u64; MAX_WALKED_FRAMES],
-}
+pub use crate::stacks::{WalkedFrames, MAX_WALKED_FRAMES};
 
 /// Index of `LOCK_CONFIG`: 1 when futex calls from outside libc are the
 /// runtime's own (a Go program's `runtime.futex`) and must be ignored.
@@ -155,5 +146,4 @@ mod pod {
     unsafe impl aya::Pod for super::WaitTotals {}
     unsafe impl aya::Pod for super::LockStats {}
     unsafe impl aya::Pod for super::PendingWait {}
-    unsafe impl aya::Pod for super::WalkedFrames {}
 }

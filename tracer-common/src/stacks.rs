@@ -45,8 +45,26 @@ pub const OVERFLOW_STACK: StackKey = StackKey { stack_id: -2, caller: 0 };
 /// Deepest user stack kept (frames), as the kernel's default for stack maps.
 pub const MAX_STACK_DEPTH: u32 = 127;
 
+/// Frames kept per hand-walked stack (innermost first).
+pub const MAX_WALKED_FRAMES: usize = 32;
+
+/// A user stack walked by a BPF program itself (frame pointers read with
+/// `bpf_probe_read_user`) rather than by `bpf_get_stackid`: `ips[..len]`.
+/// Kept in a hash map keyed by a hash of the frames.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct WalkedFrames {
+    pub len: u64,
+    pub ips: [u64; MAX_WALKED_FRAMES],
+}
+
+/// `StackKey::stack_id` of a hand-walked stack: `caller` is then the key of
+/// its frames in the tracker's walked-stack map.
+pub const WALKED_STACK: i64 = -3;
+
 #[cfg(feature = "user")]
 mod pod {
+    unsafe impl aya::Pod for super::WalkedFrames {}
     unsafe impl aya::Pod for super::StackKey {}
     unsafe impl aya::Pod for super::SyscallSite {}
     unsafe impl aya::Pod for super::StackCounts {}

@@ -2,6 +2,15 @@
 //! after attach, from its allocation to its free, counted per creation stack
 //! in blocks and bytes.
 //!
+//! `malloc` itself has no entry or return probe when user space's analysis
+//! of its code found "result points" (see `alloc_sites/results.rs`): probes
+//! on the emulated branch just before each return, where the block's
+//! address, the size, the return address and the caller's frame pointer can
+//! all be read — one trap per `malloc` (`alloc_result`), plus, on paths
+//! that lose the size before the result is known, a "size point" earlier on
+//! the same path (`alloc_size`). Everything else, and `malloc` when no plan
+//! was found, uses entry and return probes:
+//!
 //! Entry uprobes sit where user space's disassembly found the first
 //! instruction the kernel emulates (`push`, `jcc`, ...) with the arguments
 //! and `sp` still as at the call (glibc 2.36: `malloc+0`, `free+3`): a probe
@@ -23,17 +32,18 @@ use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, tracepoint, uprobe, uretprobe},
-    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::{tracing::StackIdContext, ProbeContext, RetProbeContext, TracePointContext},
     EbpfContext,
 };
 use tracer_common::{
     allocations::{
-        call, AllocCounts, AllocInfo, AllocPending, OuterStack, ALLOC_SENTINEL, MAX_ALLOC_STACKS, MAX_LIVE_ALLOCS,
-        MAX_PENDING_ALLOCS,
+        call, point, AllocCounts, AllocInfo, AllocPending, OuterStack, ALLOC_MMAP, ALLOC_SENTINEL, MAX_ALLOC_STACKS,
+        MAX_LIVE_ALLOCS, MAX_PENDING_ALLOCS,
     },
     counter,
-    stacks::{StackKey, OVERFLOW_STACK},
+    locks::MAX_WALKED_STACKS,
+    stacks::{StackKey, WalkedFrames, MAX_WALKED_FRAMES, OVERFLOW_STACK, WALKED_STACK},
 };
 
 use crate::{
@@ -45,6 +55,7 @@ use crate::{
 /// Byte-weighted sampling period (0: track every block); set at load.
 #[no_mangle]
 static ALLOC_SAMPLE_BYTES: u64 = 0;
+
 
 /// Live blocks by address, preallocated at the size set at load: an
 /// on-demand table can fail an insert under a burst of allocations (its
@@ -95,10 +106,228 @@ fn enter(ctx: &ProbeContext, call: u32, size: u64, arg: u64) -> u32 {
     // Insert-if-absent: a call already pending in this thread is the outer one.
     match ALLOC_PENDING.insert(&id, &p, BPF_NOEXIST as u64) {
         Ok(()) => {}
-        Err(e) if e == -EEXIST => {}
+        Err(e) if e == -EEXIST => {
+            // A size point's leftover (from a malloc that returned NULL) is
+            // not a call in progress.
+            // SAFETY: copied out of the map value.
+            if unsafe { ALLOC_PENDING.get(&id) }.is_some_and(|old| old.call == call::SIZE) {
+                let _ = ALLOC_PENDING.insert(&id, &p, 0);
+            }
+        }
         Err(_) => bump(counter::ALLOC_LOST_CALLS),
     }
     0
+}
+
+/// The value of the register with `pt_regs` index `i`.
+#[inline(always)]
+fn reg_at(r: &aya_ebpf::bindings::pt_regs, i: u64) -> u64 {
+    use point::reg;
+    match i {
+        reg::R15 => r.r15,
+        reg::R14 => r.r14,
+        reg::R13 => r.r13,
+        reg::R12 => r.r12,
+        reg::RBP => r.rbp,
+        reg::RBX => r.rbx,
+        reg::R11 => r.r11,
+        reg::R10 => r.r10,
+        reg::R9 => r.r9,
+        reg::R8 => r.r8,
+        reg::RAX => r.rax,
+        reg::RCX => r.rcx,
+        reg::RDX => r.rdx,
+        reg::RSI => r.rsi,
+        reg::RDI => r.rdi,
+        _ => 0,
+    }
+}
+
+#[inline(always)]
+fn read_u64(addr: u64) -> u64 {
+    // SAFETY: user memory read through the helper, which faults safely.
+    unsafe { bpf_probe_read_user(addr as *const u64).unwrap_or(0) }
+}
+
+/// A value a point's cookie locates: a register, or a stack slot above `sp`.
+#[inline(always)]
+fn located(r: &aya_ebpf::bindings::pt_regs, loc: u64) -> u64 {
+    if loc & point::STACK != 0 {
+        read_u64(r.rsp + (loc & 0xfff))
+    } else {
+        reg_at(r, loc)
+    }
+}
+
+/// Whether a point counts this time: always, or when its branch goes the
+/// way that leads to the return (x86 condition codes over the saved flags).
+#[inline(always)]
+fn point_counts(when: u64, flags: u64) -> bool {
+    if when & point::BRANCH == 0 {
+        return true;
+    }
+    let cf = flags & 1 != 0;
+    let pf = flags & (1 << 2) != 0;
+    let zf = flags & (1 << 6) != 0;
+    let sf = flags & (1 << 7) != 0;
+    let of = flags & (1 << 11) != 0;
+    let cc = when & 0xf;
+    let holds = match cc >> 1 {
+        0 => of,
+        1 => cf,
+        2 => zf,
+        3 => cf || zf,
+        4 => sf,
+        5 => pf,
+        6 => sf != of,
+        _ => zf || sf != of,
+    };
+    let taken = holds != (cc & 1 != 0);
+    taken != (when & point::NOT_TAKEN != 0)
+}
+
+/// A `malloc` result point: the block is known, count it (see module docs).
+#[uprobe]
+pub fn alloc_result(ctx: ProbeContext) -> u32 {
+    if target_tgid().is_none() {
+        return 0;
+    }
+    // SAFETY: the helper only reads the probe's attach cookie.
+    let c = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    // SAFETY: the probe's saved registers.
+    let regs = unsafe { &*ctx.regs };
+    if !point_counts(point::when(c), regs.eflags) {
+        return 0;
+    }
+    let frame = regs.rsp + point::ret_slot(c);
+    let id = bpf_get_current_pid_tgid();
+    let mut stored_size = None;
+    // SAFETY: copied out of the map value.
+    if let Some(p) = (unsafe { ALLOC_PENDING.get(&id) }).copied() {
+        if p.call == call::SIZE {
+            if p.entry_sp == frame {
+                stored_size = Some(p.size);
+            }
+            let _ = ALLOC_PENDING.remove(&id);
+        } else if p.entry_sp >= frame {
+            // This malloc is part of an outer call (`realloc(NULL, n)`,
+            // `posix_memalign`): the outer call's return counts the block.
+            return 0;
+        }
+    }
+    let addr = located(regs, point::result(c));
+    if addr == 0 {
+        return 0;
+    }
+    let size = match point::size(c) {
+        point::PENDING => match stored_size {
+            Some(s) => s,
+            None => {
+                bump(counter::ALLOC_LOST_CALLS);
+                return 0;
+            }
+        },
+        loc => located(regs, loc),
+    };
+    if addr & 0xfff == 0x10 {
+        // A block the allocator mapped for itself: its mmap was counted as
+        // the program's; the block is what counts.
+        forget_mapping(addr - 0x10);
+    }
+    let Some((bytes, count)) = sampled(size) else { return 0 };
+    let outer = if new_probed() { outer_stack(id, frame) } else { None };
+    let stack = match outer {
+        Some(s) => s,
+        None => walk(read_u64(frame), located(regs, point::caller_bp(c))),
+    };
+    track(addr, stack, bytes, count, 0);
+    0
+}
+
+/// A `malloc` size point: keeps the size for the result point of the same
+/// call, on a path where it would be gone by then.
+#[uprobe]
+pub fn alloc_size(ctx: ProbeContext) -> u32 {
+    if target_tgid().is_none() {
+        return 0;
+    }
+    // SAFETY: the helper only reads the probe's attach cookie.
+    let c = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    // SAFETY: the probe's saved registers.
+    let regs = unsafe { &*ctx.regs };
+    if !point_counts(point::when(c), regs.eflags) {
+        return 0;
+    }
+    let frame = regs.rsp + point::ret_slot(c);
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: copied out of the map value.
+    if unsafe { ALLOC_PENDING.get(&id) }.is_some_and(|p| p.call != call::SIZE && p.entry_sp >= frame) {
+        return 0;
+    }
+    let p = AllocPending { size: located(regs, point::size(c)), arg: 0, entry_sp: frame, call: call::SIZE, _pad: 0 };
+    if ALLOC_PENDING.insert(&id, &p, 0).is_err() {
+        bump(counter::ALLOC_LOST_CALLS);
+    }
+    0
+}
+
+/// Frames of hand-walked allocation stacks, by hash.
+#[map]
+static ALLOC_FRAMES: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_WALKED_STACKS, 0);
+
+/// Scratch space for a walk (too big for the BPF stack).
+#[map]
+static ALLOC_SCRATCH: PerCpuArray<WalkedFrames> = PerCpuArray::with_max_entries(1, 0);
+
+/// Below `vm.mmap_min_addr` nothing is mapped: a frame pointer there (0 in
+/// a thread's outermost frame, a small integer glibc's startup leaves in
+/// `main`'s caller) ends the walk without a faulting read (~0.8 µs of
+/// exception handling on these VMs).
+const LOWEST_FRAME: u64 = 4096;
+
+#[inline(always)]
+fn mix(h: u64, x: u64) -> u64 {
+    let h = (h ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^ (h >> 31)
+}
+
+/// The user stack whose innermost address is `ip` and whose frame-pointer
+/// chain starts at `fp`, walked here (cheaper than `bpf_get_stackid`, and
+/// possible where the probe's own registers are not the caller's): stored
+/// once in `ALLOC_FRAMES`, named by the hash of its addresses.
+#[inline(always)]
+fn walk(ip: u64, mut fp: u64) -> StackKey {
+    let Some(f) = ALLOC_SCRATCH.get_ptr_mut(0) else { return StackKey { stack_id: -1, caller: 0 } };
+    // SAFETY: this CPU's scratch slot; no other user while we run.
+    let f = unsafe { &mut *f };
+    f.ips[0] = ip;
+    let mut hash = mix(0xcbf2_9ce4_8422_2325, ip);
+    let mut len = 1usize;
+    for i in 1..MAX_WALKED_FRAMES {
+        if fp < LOWEST_FRAME {
+            break;
+        }
+        // SAFETY: user memory read through the helper, which faults safely.
+        let Ok(frame) = (unsafe { bpf_probe_read_user(fp as *const [u64; 2]) }) else { break };
+        if frame[1] == 0 {
+            break;
+        }
+        f.ips[i] = frame[1];
+        len = i + 1;
+        hash = mix(hash, frame[1]);
+        if frame[0] <= fp {
+            break;
+        }
+        fp = frame[0];
+    }
+    f.len = len as u64;
+    let hash = mix(hash, len as u64);
+    // SAFETY: lookup only.
+    if unsafe { ALLOC_FRAMES.get(&hash) }.is_none() && ALLOC_FRAMES.insert(&hash, f, 0).is_err() {
+        bump(counter::LOST_STACKS);
+        return StackKey { stack_id: -1, caller: 0 };
+    }
+    StackKey { stack_id: WALKED_STACK, caller: hash }
 }
 
 #[inline(always)]
@@ -196,7 +425,8 @@ pub fn alloc_new(ctx: ProbeContext) -> u32 {
         return 0;
     }
     let id = bpf_get_current_pid_tgid();
-    if ALLOC_PENDING.get_ptr(&id).is_some() {
+    // SAFETY: copied out of the map value.
+    if unsafe { ALLOC_PENDING.get(&id) }.is_some_and(|p| p.call != call::SIZE) {
         return 0;
     }
     // The probe's cookie: how far `sp` moved before the probed instruction.
@@ -236,7 +466,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
     // SAFETY: copied out of the map value.
     let Some(p) = (unsafe { ALLOC_PENDING.get(&id) }).copied() else { return 0 };
-    if sp_of(ctx.regs) != p.entry_sp.wrapping_add(8) {
+    if p.call == call::SIZE || sp_of(ctx.regs) != p.entry_sp.wrapping_add(8) {
         // The return of a call nested in the pending one.
         return 0;
     }
@@ -268,80 +498,11 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     let outer = if new_probed() { outer_stack(id, p.entry_sp) } else { None };
     let stack = match outer {
         Some(s) => s,
-        None => {
-            StackKey { stack_id: return_stack_id(&ctx), caller: 0 }
-        }
+        // SAFETY: the probe's saved registers.
+        None => unsafe { walk((*ctx.regs).rip, (*ctx.regs).rbp) },
     };
-    track(addr, stack, bytes, count);
+    track(addr, stack, bytes, count, 0);
     0
-}
-
-/// Frames the kernel's walk stores at most: the stack map's value size
-/// (`PERF_MAX_STACK_DEPTH`), the return address included.
-const WALK_MAX_FRAMES: usize = 127;
-/// Below `vm.mmap_min_addr` nothing is mapped: the kernel's read of such a
-/// frame pointer faults and ends its walk there.
-const LOWEST_FRAME: u64 = 4096;
-
-/// A user stack as the kernel's frame-pointer walk sees it: a 64-bit hash of
-/// its addresses, its depth and first address.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct WalkKey {
-    hash: u64,
-    ip: u64,
-    depth: u64,
-}
-
-/// Stack ids already handed out by `bpf_get_stackid`, by the walk that
-/// produced them (ids are stable: `STACKS` is never cleared or reused).
-#[map]
-static ALLOC_STACK_IDS: HashMap<WalkKey, i64> = HashMap::with_max_entries(16384, 0);
-
-/// The id of the user stack at an allocator's return, as
-/// `bpf_get_stackid(BPF_F_USER_STACK)` gives it, without its cost on a known
-/// stack. Every chain of frame pointers ends in a pointer to unmapped memory
-/// (0 in a thread, a small integer left by glibc's startup in `main`'s
-/// caller), and the kernel's walk (x86 `perf_callchain_user`) only stops on
-/// the fault of reading it: ~0.8 µs of exception handling on these VMs, more
-/// than the rest of the return probe. This walk follows the same rules (the
-/// return address, then `[fp+8]` while `[fp]`..`[fp+16]` reads, at most
-/// 127 addresses) but stops without reading a pointer below
-/// `LOWEST_FRAME`, so it yields the same addresses; the kernel is asked only
-/// for a walk not seen before.
-#[inline(always)]
-fn return_stack_id(ctx: &RetProbeContext) -> i64 {
-    // SAFETY: the probe's saved registers.
-    let (ip, mut fp) = unsafe { ((*ctx.regs).rip, (*ctx.regs).rbp) };
-    let mut hash = ip.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let mut depth = 1u64;
-    for _ in 1..WALK_MAX_FRAMES {
-        if fp < LOWEST_FRAME {
-            break;
-        }
-        // SAFETY: user memory read through the helper, which faults safely.
-        let Ok(frame) = (unsafe { bpf_probe_read_user(fp as *const [u64; 2]) }) else { break };
-        hash = (hash ^ frame[1]).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        hash ^= hash >> 31;
-        depth += 1;
-        fp = frame[0];
-    }
-    let key = WalkKey { hash, ip, depth };
-    // SAFETY: copied out of the map value.
-    if let Some(id) = unsafe { ALLOC_STACK_IDS.get(&key) } {
-        return *id;
-    }
-    match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
-        Ok(id) => {
-            // A full cache only means the kernel walks again next time.
-            let _ = ALLOC_STACK_IDS.insert(&key, &id, 0);
-            id
-        }
-        Err(_) => {
-            bump(counter::LOST_STACKS);
-            -1
-        }
-    }
 }
 
 /// Whether `operator new` is probed (user space sets slot 0 when it
@@ -387,15 +548,18 @@ fn sampled(size: u64) -> Option<(u64, u32)> {
 
 /// Adds a new block to the live table and its stack's totals.
 #[inline(always)]
-fn track(addr: u64, stack: StackKey, bytes: u64, count: u32) {
+fn track(addr: u64, stack: StackKey, bytes: u64, count: u32, flags: u32) {
     let Some(totals) = totals(stack) else { return };
     let stack = totals.0;
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     // Lockless look first: the sentinel exists for every busy stack.
-    let sentinel =
-        ALLOC_OLDEST.get_ptr(&stack).is_none() && ALLOC_OLDEST.insert(&stack, &now, BPF_NOEXIST as u64).is_ok();
-    let info = AllocInfo { stack, bytes, count, flags: if sentinel { ALLOC_SENTINEL } else { 0 }, created_ns: now };
+    let mut now = 0;
+    let sentinel = ALLOC_OLDEST.get_ptr(&stack).is_none() && {
+        // SAFETY: no preconditions.
+        now = unsafe { bpf_ktime_get_ns() };
+        ALLOC_OLDEST.insert(&stack, &now, BPF_NOEXIST as u64).is_ok()
+    };
+    let flags = flags | if sentinel { ALLOC_SENTINEL } else { 0 };
+    let info = AllocInfo { stack, bytes, count, flags, created_ns: now };
     let mut stored = ALLOCS.insert(&addr, &info, BPF_NOEXIST as u64);
     if stored == Err(-EEXIST) {
         // An address handed out again without a free we saw (a free path
@@ -440,6 +604,30 @@ fn release(addr: u64, count_untracked: bool) {
     bump(counter::ALLOC_EVENTS);
 }
 
+/// Takes back an anonymous mapping counted as the program's when the
+/// allocator turns out to have made it (a `malloc` result 16 bytes into it:
+/// glibc's mmapped chunks): as if it had never been counted.
+#[inline(always)]
+fn forget_mapping(start: u64) {
+    // SAFETY: copied out before removal.
+    let Some(info) = (unsafe { ALLOCS.get(&start) }).copied() else { return };
+    if info.flags & ALLOC_MMAP == 0 || ALLOCS.remove(&start).is_err() {
+        return;
+    }
+    if info.flags & ALLOC_SENTINEL != 0 {
+        let _ = ALLOC_OLDEST.remove(&info.stack);
+    }
+    if let Some(s) = ALLOC_STACKS.get_ptr_mut(&info.stack) {
+        // This CPU's copy may wrap below zero; user space sums the CPUs
+        // with wrapping arithmetic, so the totals come out right.
+        // SAFETY: this CPU's copy of the value; no other writer while we run.
+        unsafe {
+            (*s).created = (*s).created.wrapping_sub(info.count as u64);
+            (*s).bytes_created = (*s).bytes_created.wrapping_sub(info.bytes);
+        }
+    }
+}
+
 /// The key a new block of `stack` is counted under (`stack`, or the
 /// overflow key when the per-stack table is full) and this CPU's totals.
 #[inline(always)]
@@ -475,7 +663,9 @@ fn add(stack: &StackKey, created: u64, ended: u64, bytes_created: u64, bytes_end
 }
 
 /// syscalls:sys_exit_mmap: an anonymous mapping made by the program itself
-/// (not by the allocator, whose own mmaps happen inside a pending call).
+/// (not by the allocator, whose own mmaps happen inside a pending call, or,
+/// for a `malloc` traced by result points, are taken back when the block
+/// comes out of it: `forget_mapping`).
 #[tracepoint]
 pub fn alloc_mmap_exit(ctx: TracePointContext) -> u32 {
     if target_tgid().is_none() {
@@ -486,15 +676,18 @@ pub fn alloc_mmap_exit(ctx: TracePointContext) -> u32 {
     if ret <= 0 {
         return 0;
     }
-    if ALLOC_PENDING.get_ptr(&bpf_get_current_pid_tgid()).is_some() {
+    // SAFETY: copied out of the map value.
+    if unsafe { ALLOC_PENDING.get(&bpf_get_current_pid_tgid()) }.is_some_and(|p| p.call != call::SIZE) {
         return 0;
     }
-    let [_, len, _, flags] = syscall_args();
-    if flags & MAP_ANONYMOUS == 0 || flags & MAP_FIXED != 0 {
+    let [_, len, prot, flags] = syscall_args();
+    // PROT_NONE: an address-space reservation (glibc's arena heaps, thread
+    // stacks with a guard), not memory in use.
+    if flags & MAP_ANONYMOUS == 0 || flags & MAP_FIXED != 0 || prot == 0 {
         return 0;
     }
     let Some((bytes, count)) = sampled(len) else { return 0 };
-    track(ret as u64, user_stack(&ctx), bytes, count);
+    track(ret as u64, user_stack(&ctx), bytes, count, ALLOC_MMAP);
     0
 }
 

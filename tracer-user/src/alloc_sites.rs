@@ -11,6 +11,8 @@
 //! first, the probe goes on the symbol itself (correct, but dear) and the
 //! session says so.
 
+pub mod results;
+
 use std::{collections::HashSet, path::Path};
 
 use anyhow::{Context, Result};
@@ -33,10 +35,11 @@ pub struct AllocProbe {
     pub cheap: bool,
     /// `alloc_return` is attached at the same place.
     pub returns: bool,
-    /// How far `sp` is below the entry's at the probed instruction (only
-    /// `operator new` allows it: its program reads the return address at
-    /// `[sp + sp_depth]`, passed as the probe's cookie).
-    pub sp_depth: u32,
+    /// The probe's cookie: for `operator new`, how far `sp` is below the
+    /// entry's at the probed instruction (its program reads the return
+    /// address at `[sp + depth]`); for `malloc`'s result and size points,
+    /// where everything is (`tracer_common::allocations::point`).
+    pub cookie: Option<u64>,
 }
 
 /// An entry point: name without prefix, program, argument registers the
@@ -106,6 +109,12 @@ pub fn allocator_probes(data: &[u8], prefix: &str) -> Result<Vec<AllocProbe>> {
         if !claimed.insert(addr) {
             continue;
         }
+        if entry.name == "malloc" {
+            if let Some(points) = result_probes(&file, data, entry.name, addr, size) {
+                out.extend(points);
+                continue;
+            }
+        }
         let Some(code) = bytes_at(&file, data, addr, size.clamp(1, 64)) else { continue };
         let (delta, cheap) = match probe_delta(code, addr, entry.args, false) {
             Some((d, _)) => (d, true),
@@ -120,7 +129,7 @@ pub fn allocator_probes(data: &[u8], prefix: &str) -> Result<Vec<AllocProbe>> {
             delta,
             cheap,
             returns: entry.returns,
-            sp_depth: 0,
+            cookie: None,
         });
     }
     Ok(out)
@@ -139,9 +148,79 @@ pub fn operator_new_probes(data: &[u8]) -> Result<Vec<AllocProbe>> {
         let Some(code) = bytes_at(&file, data, addr, size.clamp(1, 64)) else { continue };
         let (delta, sp_depth, cheap) = probe_delta(code, addr, &[], true).map_or((0, 0, false), |(d, depth)| (d, depth, true));
         let Some(file_offset) = file_offset(&file, addr + delta) else { continue };
-        out.push(AllocProbe { function: name.to_string(), program: "alloc_new", file_offset, delta, cheap, returns: false, sp_depth });
+        let cookie = (sp_depth > 0).then_some(u64::from(sp_depth));
+        out.push(AllocProbe { function: name.to_string(), program: "alloc_new", file_offset, delta, cheap, returns: false, cookie });
     }
     Ok(out)
+}
+
+/// `malloc`'s result and size points (see [`results`]), as probes; `None`
+/// when its code was not understood (then it gets entry and return probes).
+fn result_probes(file: &object::File, data: &[u8], name: &str, addr: u64, size: u64) -> Option<Vec<AllocProbe>> {
+    use tracer_common::allocations::point;
+    if size == 0 {
+        return None;
+    }
+    let code = bytes_at(file, data, addr, size)?;
+    if code.len() as u64 != size {
+        return None;
+    }
+    let plan = results::plan(code, addr)?;
+    let when = |w: results::When| match w {
+        results::When::Always => 0,
+        results::When::Branch { cc, taken } => {
+            point::BRANCH | (cc as u64 - 1) | if taken { 0 } else { point::NOT_TAKEN }
+        }
+    };
+    let mut out = Vec::new();
+    let mut push = |program: &'static str, at: u64, cookie: u64| -> Option<()> {
+        out.push(AllocProbe {
+            function: name.to_string(),
+            program,
+            file_offset: file_offset(file, at)?,
+            delta: at - addr,
+            cheap: true,
+            returns: false,
+            cookie: Some(cookie),
+        });
+        Some(())
+    };
+    for p in &plan.results {
+        let size = p.size.map_or(Some(point::PENDING), loc_code)?;
+        let cookie = point::pack(when(p.when), p.ret_slot.into(), loc_code(p.result)?, size, loc_code(p.caller_bp)?);
+        push("alloc_result", p.addr, cookie)?;
+    }
+    for p in &plan.sizes {
+        push("alloc_size", p.addr, point::pack(when(p.when), p.ret_slot.into(), 0, loc_code(p.size)?, 0))?;
+    }
+    Some(out)
+}
+
+/// A location as the point cookies encode it.
+fn loc_code(loc: results::Loc) -> Option<u64> {
+    use tracer_common::allocations::point::{reg, STACK};
+    Some(match loc {
+        results::Loc::Stack(off) if off < 0x1000 => STACK | u64::from(off),
+        results::Loc::Stack(_) => return None,
+        results::Loc::Reg(r) => match r {
+            Register::R15 => reg::R15,
+            Register::R14 => reg::R14,
+            Register::R13 => reg::R13,
+            Register::R12 => reg::R12,
+            Register::RBP => reg::RBP,
+            Register::RBX => reg::RBX,
+            Register::R11 => reg::R11,
+            Register::R10 => reg::R10,
+            Register::R9 => reg::R9,
+            Register::R8 => reg::R8,
+            Register::RAX => reg::RAX,
+            Register::RCX => reg::RCX,
+            Register::RDX => reg::RDX,
+            Register::RSI => reg::RSI,
+            Register::RDI => reg::RDI,
+            _ => return None,
+        },
+    })
 }
 
 /// Reads an ELF file and plans its probes.
@@ -200,17 +279,7 @@ pub fn probe_delta(code: &[u8], entry: u64, args: &[Register], allow_depth: bool
     None
 }
 
-/// Instructions the x86 uprobe code emulates instead of single-stepping.
-fn emulated(ins: &iced_x86::Instruction) -> bool {
-    match ins.mnemonic() {
-        Mnemonic::Push => ins.op0_kind() == OpKind::Register,
-        Mnemonic::Nop => true,
-        _ => matches!(
-            (ins.flow_control(), ins.op0_kind()),
-            (FlowControl::ConditionalBranch | FlowControl::UnconditionalBranch | FlowControl::Call, OpKind::NearBranch64)
-        ),
-    }
-}
+use results::emulated;
 
 /// Whether an ELF file is a Go program (its pc-line table section, kept
 /// even when stripped, or the runtime's symbols).
@@ -288,8 +357,12 @@ mod tests {
         let probes = allocator_probes(&data, "").unwrap();
         let free = probes.iter().find(|p| p.function == "free").expect("free");
         assert!(free.cheap && free.delta > 0, "{free:?}");
-        let malloc = probes.iter().find(|p| p.function == "malloc").expect("malloc");
-        assert!(malloc.cheap && malloc.returns, "{malloc:?}");
+        // malloc: result points (no entry or return probe), the tcache
+        // path's among them.
+        let malloc: Vec<&AllocProbe> = probes.iter().filter(|p| p.function == "malloc").collect();
+        assert!(malloc.iter().all(|p| !p.returns && p.cookie.is_some()), "{malloc:?}");
+        assert!(malloc.iter().any(|p| p.program == "alloc_result" && p.delta == 0x157), "{malloc:?}");
+        assert!(malloc.iter().any(|p| p.program == "alloc_size"), "{malloc:?}");
         assert!(probes.iter().all(|p| p.cheap), "{probes:?}");
         assert!(allocator_probes(&data, "je_").unwrap().is_empty());
     }

@@ -254,7 +254,7 @@ impl Probes {
                 let location = UProbeAttachLocation::AbsoluteOffset(p.file_offset);
                 let point = aya::programs::uprobe::UProbeAttachPoint {
                     location,
-                    cookie: (p.sp_depth > 0).then_some(u64::from(p.sp_depth)),
+                    cookie: p.cookie,
                 };
                 program
                     .attach(point, object, scope)

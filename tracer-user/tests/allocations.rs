@@ -31,6 +31,20 @@ fn live_of(report: &Value, func: &str) -> (u64, u64) {
     })
 }
 
+/// keep_malloc's blocks, seen by malloc's result points (glibc's arena or
+/// single-thread path, and a chunk it mmaps for itself): exact, and the
+/// allocator's own mmap of the 1 MiB chunk is not counted a second time.
+fn assert_malloc_paths_exact(report: &Value, all: &str) {
+    assert_eq!(live_of(report, "keep_malloc"), (3, 2 * 2000 + (1 << 20)), "{all}");
+    let big: Vec<&Value> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["live_bytes"].as_u64().unwrap_or(0) >= 1 << 20)
+        .collect();
+    assert_eq!(big.len(), 1, "the 1 MiB chunk counted twice:{all}");
+}
+
 fn app_site(report: &Value, i: usize) -> String {
     report["findings"][i]["site"].as_str().unwrap_or("").to_string()
 }
@@ -76,11 +90,28 @@ fn c_heap_leak_is_named_by_its_helper_and_lookalikes_are_not_leaks() {
     assert_eq!(live_of(&report, "keep_calloc"), (4, 4000), "{all}");
     assert_eq!(live_of(&report, "keep_memalign"), (4, 2 * 4096 + 1024 + 512), "{all}");
     assert_eq!(live_of(&report, "keep_realloc"), (2, 300 + 700), "{all}");
+    assert_malloc_paths_exact(&report, &all);
     assert!(findings_with(&report, "keep_freed").is_empty(), "freed blocks still live:{all}");
     assert!(report["events"]["allocation"].as_u64().unwrap() > 20_000, "churn not seen:{all}");
     assert_eq!(report["lost"]["events"], 0, "{all}");
     assert_eq!(report["lost"]["stacks"], 0, "{all}");
     assert!(report["untracked_frees"].is_u64(), "{all}");
+}
+
+/// A single-threaded program takes other paths through glibc's malloc (no
+/// arena lock; the size is stored by a size point before `_int_malloc`):
+/// the leak and the exact blocks are the same.
+#[test]
+fn single_threaded_malloc_paths_are_exact() {
+    let report = trace("alloc_leak", &["--no-churn"], &[], 6);
+    let all = summarize(&report);
+    let leaks = leaks(&report);
+    assert_eq!(leaks.len(), 1, "exactly one leak expected:{all}");
+    assert_eq!(app_site(&report, 0), "make_record", "{all}");
+    assert_malloc_paths_exact(&report, &all);
+    assert_eq!(live_of(&report, "keep_realloc"), (2, 300 + 700), "{all}");
+    assert!(findings_with(&report, "keep_freed").is_empty(), "freed blocks still live:{all}");
+    assert_eq!(report["lost"]["events"], 0, "{all}");
 }
 
 #[test]

@@ -11,7 +11,10 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap},
     Ebpf,
 };
-use tracer_common::{allocations::AllocCounts, stacks::StackKey};
+use tracer_common::{
+    allocations::AllocCounts,
+    stacks::{StackKey, WalkedFrames, WALKED_STACK},
+};
 
 use super::{SampleStack, StackSample};
 
@@ -19,6 +22,8 @@ use super::{SampleStack, StackSample};
 pub struct AllocationCollector {
     stacks: PerCpuHashMap<MapData, StackKey, AllocCounts>,
     oldest: BpfHashMap<MapData, StackKey, u64>,
+    /// Stacks the BPF programs walked themselves (`WALKED_STACK` keys).
+    frames: BpfHashMap<MapData, u64, WalkedFrames>,
 }
 
 impl AllocationCollector {
@@ -28,6 +33,7 @@ impl AllocationCollector {
         Ok(Self {
             stacks: PerCpuHashMap::try_from(take(ebpf, "ALLOC_STACKS")?)?,
             oldest: BpfHashMap::try_from(take(ebpf, "ALLOC_OLDEST")?)?,
+            frames: BpfHashMap::try_from(take(ebpf, "ALLOC_FRAMES")?)?,
         })
     }
 
@@ -39,11 +45,13 @@ impl AllocationCollector {
         let mut out = Vec::new();
         for entry in self.stacks.iter() {
             let Ok((stack, per_cpu)) = entry else { continue };
+            // Wrapping: a CPU's copy can go below zero when a mapping the
+            // allocator made for itself is taken back there.
             let t = per_cpu.iter().fold(AllocCounts::default(), |a, v| AllocCounts {
-                created: a.created + v.created,
-                ended: a.ended + v.ended,
-                bytes_created: a.bytes_created + v.bytes_created,
-                bytes_ended: a.bytes_ended + v.bytes_ended,
+                created: a.created.wrapping_add(v.created),
+                ended: a.ended.wrapping_add(v.ended),
+                bytes_created: a.bytes_created.wrapping_add(v.bytes_created),
+                bytes_ended: a.bytes_ended.wrapping_add(v.bytes_ended),
             });
             if t.created == 0 && t.ended == 0 {
                 continue;
@@ -51,7 +59,7 @@ impl AllocationCollector {
             let live = t.created.saturating_sub(t.ended);
             let age = oldest.get(&stack).filter(|_| live > 0).map(|&c| now_ns.saturating_sub(c) as f64 / 1e9);
             out.push(StackSample {
-                stack: SampleStack::Kernel(stack),
+                stack: self.sample_stack(stack),
                 live,
                 created: t.created,
                 ended: t.ended,
@@ -65,5 +73,16 @@ impl AllocationCollector {
             });
         }
         Ok(out)
+    }
+
+    /// A kernel key as a stack the resolver understands.
+    fn sample_stack(&self, key: StackKey) -> SampleStack {
+        if key.stack_id != WALKED_STACK {
+            return SampleStack::Kernel(key);
+        }
+        match self.frames.get(&key.caller, 0) {
+            Ok(f) => SampleStack::Addresses(f.ips[..(f.len as usize).min(f.ips.len())].to_vec()),
+            Err(_) => SampleStack::Kernel(StackKey { stack_id: -1, caller: 0 }),
+        }
     }
 }
