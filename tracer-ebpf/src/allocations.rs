@@ -23,8 +23,9 @@
 //! calling `malloc` or `free`, `malloc` calling `mmap`) is left to the outer
 //! one. `operator new` records its caller's stack for the `malloc` it makes.
 //!
-//! Age: the first live block of each stack is its sentinel (`ALLOC_OLDEST`,
-//! insert-if-absent); when it is freed the next block of the stack takes over.
+//! Age: the first live block of each stack is its sentinel (`ALLOC_OLDEST`);
+//! when it is freed the slot is marked vacant (0) and the next block of the
+//! stack takes over.
 //! The sentinel's age is a lower bound of the oldest live block's age, exact
 //! when the stack's oldest block is still live — no walk of `ALLOCS` needed.
 
@@ -186,6 +187,23 @@ fn point_counts(when: u64, flags: u64) -> bool {
     taken != (when & point::NOT_TAKEN != 0)
 }
 
+/// The return address (`ret_slot` bytes above `sp`) and the caller's frame
+/// pointer (where `bp_loc` says): one read of the user stack when the saved
+/// frame pointer lies in the 64 bytes below the return address (glibc:
+/// 16 bytes), else two.
+#[inline(always)]
+fn ret_and_bp(r: &aya_ebpf::bindings::pt_regs, ret_slot: u64, bp_loc: u64) -> (u64, u64) {
+    if bp_loc & point::STACK != 0 {
+        let bp_slot = bp_loc & 0xfff;
+        if bp_slot <= ret_slot && ret_slot - bp_slot < 64 {
+            // SAFETY: user memory read through the helper, which faults safely.
+            let Ok(w) = (unsafe { bpf_probe_read_user((r.rsp + bp_slot) as *const [u64; 8]) }) else { return (0, 0) };
+            return (w[(((ret_slot - bp_slot) / 8) & 7) as usize], w[0]);
+        }
+    }
+    (read_u64(r.rsp + ret_slot), located(r, bp_loc))
+}
+
 /// A `malloc` result point: the block is known, count it (see module docs).
 #[uprobe]
 pub fn alloc_result(ctx: ProbeContext) -> u32 {
@@ -238,7 +256,10 @@ pub fn alloc_result(ctx: ProbeContext) -> u32 {
     let outer = if new_probed() { outer_stack(id, frame) } else { None };
     let stack = match outer {
         Some(s) => s,
-        None => walk(read_u64(frame), located(regs, point::caller_bp(c))),
+        None => {
+            let (ret, bp) = ret_and_bp(regs, point::ret_slot(c), point::caller_bp(c));
+            walk(ret, bp)
+        }
     };
     track(addr, stack, bytes, count, 0);
     0
@@ -551,12 +572,27 @@ fn sampled(size: u64) -> Option<(u64, u32)> {
 fn track(addr: u64, stack: StackKey, bytes: u64, count: u32, flags: u32) {
     let Some(totals) = totals(stack) else { return };
     let stack = totals.0;
-    // Lockless look first: the sentinel exists for every busy stack.
+    // The stack's sentinel slot is kept once made: 0 while vacant (its
+    // block was freed), taken by the next block with its creation time —
+    // a write, not a delete and an insert per block of a churning stack.
+    // Two CPUs may both take a vacant slot; the age stays a lower bound.
     let mut now = 0;
-    let sentinel = ALLOC_OLDEST.get_ptr(&stack).is_none() && {
-        // SAFETY: no preconditions.
-        now = unsafe { bpf_ktime_get_ns() };
-        ALLOC_OLDEST.insert(&stack, &now, BPF_NOEXIST as u64).is_ok()
+    let sentinel = match ALLOC_OLDEST.get_ptr_mut(&stack) {
+        // SAFETY: a plain read of the map value.
+        Some(slot) if unsafe { *slot } != 0 => false,
+        Some(slot) => {
+            // SAFETY: no preconditions; then a plain write of the map value.
+            unsafe {
+                now = bpf_ktime_get_ns();
+                *slot = now;
+            }
+            true
+        }
+        None => {
+            // SAFETY: no preconditions.
+            now = unsafe { bpf_ktime_get_ns() };
+            ALLOC_OLDEST.insert(&stack, &now, BPF_NOEXIST as u64).is_ok()
+        }
     };
     let flags = flags | if sentinel { ALLOC_SENTINEL } else { 0 };
     let info = AllocInfo { stack, bytes, count, flags, created_ns: now };
@@ -570,7 +606,7 @@ fn track(addr: u64, stack: StackKey, bytes: u64, count: u32, flags: u32) {
     if stored.is_err() {
         bump(counter::ALLOC_LOST);
         if sentinel {
-            let _ = ALLOC_OLDEST.remove(&stack);
+            vacate(&stack);
         }
         return;
     }
@@ -598,10 +634,19 @@ fn release(addr: u64, count_untracked: bool) {
         return;
     }
     if info.flags & ALLOC_SENTINEL != 0 {
-        let _ = ALLOC_OLDEST.remove(&info.stack);
+        vacate(&info.stack);
     }
     add(&info.stack, 0, info.count as u64, 0, info.bytes);
     bump(counter::ALLOC_EVENTS);
+}
+
+/// Marks a stack's sentinel slot vacant (its block is gone).
+#[inline(always)]
+fn vacate(stack: &StackKey) {
+    if let Some(slot) = ALLOC_OLDEST.get_ptr_mut(stack) {
+        // SAFETY: a plain write of the map value.
+        unsafe { *slot = 0 };
+    }
 }
 
 /// Takes back an anonymous mapping counted as the program's when the
@@ -615,7 +660,7 @@ fn forget_mapping(start: u64) {
         return;
     }
     if info.flags & ALLOC_SENTINEL != 0 {
-        let _ = ALLOC_OLDEST.remove(&info.stack);
+        vacate(&info.stack);
     }
     if let Some(s) = ALLOC_STACKS.get_ptr_mut(&info.stack) {
         // This CPU's copy may wrap below zero; user space sums the CPUs

@@ -102,7 +102,7 @@ commands:
                      build, then time an insert-heavy Go program (Go 1.22, 1.27)
                      untraced, under `leaktrace --track maps`, and with a
                      uprobe on every map insert
-  bench allocations [--rounds N] [--micro N] [--mixed M] [--live K]
+  bench allocations [--rounds N] [--micro N] [--mixed M] [--live K]   (defaults 5, 200000, 2000, 100000)
                      malloc/free cost: untraced, entry floor, bpftrace
                      memleak-style, leaktrace; daemon CPU/RSS at K live blocks
   bench locks [--runs N]            pthread mutex cost: untraced, leaktrace --track locks, pmlock-style bpftrace (default 7 runs)

@@ -57,7 +57,8 @@ impl AllocationCollector {
                 continue;
             }
             let live = t.created.saturating_sub(t.ended);
-            let age = oldest.get(&stack).filter(|_| live > 0).map(|&c| now_ns.saturating_sub(c) as f64 / 1e9);
+            // 0: the sentinel slot is vacant (see the kernel side).
+            let age = oldest.get(&stack).filter(|&&c| live > 0 && c != 0).map(|&c| now_ns.saturating_sub(c) as f64 / 1e9);
             out.push(StackSample {
                 stack: self.sample_stack(stack),
                 live,
