@@ -121,7 +121,7 @@ pub struct PendingWait {
     pub at: LockStack,
 }
 
-pub use crate::stacks::{WalkedFrames, MAX_WALKED_FRAMES};
+pub use crate::stacks::{WalkedFrames, MAX_WALKED_FRAMES, MAX_WALKED_STACKS};
 
 /// Index of `LOCK_CONFIG`: 1 when futex calls from outside libc are the
 /// runtime's own (a Go program's `runtime.futex`) and must be ignored.
@@ -131,8 +131,6 @@ pub const CONFIG_IGNORE_FOREIGN: u32 = 0;
 pub const MAX_LOCKS: u32 = 4096;
 /// (lock, stack) pairs kept for waiters and for holders, each.
 pub const MAX_LOCK_STACKS: u32 = 8192;
-/// Hand-walked stacks kept.
-pub const MAX_WALKED_STACKS: u32 = 8192;
 /// Waits in progress (threads or goroutines), LRU: a goroutine that never
 /// returns (panic, Goexit) ages out.
 pub const MAX_PENDING_WAITS: u32 = 16384;

@@ -58,6 +58,9 @@ pub struct WalkedFrames {
     pub ips: [u64; MAX_WALKED_FRAMES],
 }
 
+/// Hand-walked stacks a tracker keeps (entries of its walked-stack map).
+pub const MAX_WALKED_STACKS: u32 = 8192;
+
 /// `StackKey::stack_id` of a hand-walked stack: `caller` is then the key of
 /// its frames in the tracker's walked-stack map.
 pub const WALKED_STACK: i64 = -3;

@@ -43,8 +43,7 @@ use tracer_common::{
         MAX_LIVE_ALLOCS, MAX_PENDING_ALLOCS,
     },
     counter,
-    locks::MAX_WALKED_STACKS,
-    stacks::{StackKey, WalkedFrames, MAX_WALKED_FRAMES, OVERFLOW_STACK, WALKED_STACK},
+    stacks::{StackKey, WalkedFrames, MAX_WALKED_FRAMES, MAX_WALKED_STACKS, OVERFLOW_STACK, WALKED_STACK},
 };
 
 use crate::{

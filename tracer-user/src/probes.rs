@@ -91,6 +91,8 @@ pub struct AllocLoad {
     pub max_allocations: u32,
     /// Byte-weighted sampling period (0: every block).
     pub sample_bytes: u64,
+    /// Size of the walked-stack table (entries of 264 bytes, preallocated).
+    pub max_stacks: u32,
 }
 
 /// The allocation tracker's tracepoints (its uprobes are attached per
@@ -151,6 +153,7 @@ impl Probes {
             .override_global("TARGET_TGID", &pid, true)
             .override_global("ALLOC_SAMPLE_BYTES", &alloc.sample_bytes, true)
             .map_max_entries("ALLOCS", alloc.max_allocations)
+            .map_max_entries("ALLOC_FRAMES", alloc.max_stacks)
             .override_global("FORK_CHILD_PID_AT", &fork_child_pid_offset(), true)
             .map_max_entries("CONN_FDS", max_sockets)
             .load(OBJECT)

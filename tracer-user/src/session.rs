@@ -144,7 +144,9 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     // The live-block table is preallocated (~100 bytes an entry): only as
     // big as asked when the allocation tracker runs.
     let max_allocations = if trackers.contains(&"allocations") { opts.max_allocations } else { 1 };
-    let alloc_load = probes::AllocLoad { max_allocations, sample_bytes: opts.alloc_sample_bytes };
+    // The tables of a tracker that does not run are made minimal.
+    let max_stacks = if trackers.contains(&"allocations") { tracer_common::stacks::MAX_WALKED_STACKS } else { 1 };
+    let alloc_load = probes::AllocLoad { max_allocations, sample_bytes: opts.alloc_sample_bytes, max_stacks };
     let mut probes = Probes::load(pid, opts.max_sockets, alloc_load)?;
     let allocations = AllocationCollector::new(&mut probes.ebpf)?;
     let connections = ConnectionCollector::new(&mut probes.ebpf, pid)?;
