@@ -10,6 +10,11 @@
 //! probe hijacks and the entry programs read. When no such instruction comes
 //! first, the probe goes on the symbol itself (correct, but dear) and the
 //! session says so.
+//!
+//! `malloc` is planned differently when [`results::plan`] understands its
+//! code: no entry and no return probe, but a probe on the emulated branch
+//! before each of its returns, where the block, the size and the caller are
+//! all readable — one trap per call instead of three.
 
 pub mod results;
 

@@ -40,10 +40,13 @@ enum Mode {
     Floor,
     Memleak,
     Leaktrace,
+    /// leaktrace sampling so sparsely that it tracks nothing: its traps
+    /// plus ~0.1 µs of BPF, the least its probe placement can cost.
+    TrapsOnly,
 }
 
 impl Mode {
-    const ALL: [Mode; 4] = [Mode::Untraced, Mode::Floor, Mode::Memleak, Mode::Leaktrace];
+    const ALL: [Mode; 5] = [Mode::Untraced, Mode::Floor, Mode::Memleak, Mode::Leaktrace, Mode::TrapsOnly];
 
     fn label(self) -> &'static str {
         match self {
@@ -51,6 +54,7 @@ impl Mode {
             Mode::Floor => "entry floor (empty bpftrace probes at malloc, free)",
             Mode::Memleak => "bpftrace memleak-style",
             Mode::Leaktrace => "leaktrace --track allocations",
+            Mode::TrapsOnly => "leaktrace, tracking nothing (its traps alone)",
         }
     }
 }
@@ -158,10 +162,14 @@ fn start_tracer(root: &Path, mode: Mode, pid: u32, json: Option<&Path>) -> Resul
                 .stderr(Stdio::null());
             c
         }
-        Mode::Leaktrace => {
+        Mode::Leaktrace | Mode::TrapsOnly => {
             let mut c = Command::new(leaktrace_bin(root));
             c.args(["attach", "--pid", &pid.to_string(), "--track", "allocations", "--interval", "1s", "--format", "json"])
                 .stderr(Stdio::piped());
+            if mode == Mode::TrapsOnly {
+                // A block is kept with probability size / 2^50: never here.
+                c.args(["--alloc-sample-bytes", "1125899906842624"]);
+            }
             match json {
                 Some(p) => c.stdout(fs::File::create(p)?),
                 None => c.stdout(Stdio::null()),
@@ -173,10 +181,10 @@ fn start_tracer(root: &Path, mode: Mode, pid: u32, json: Option<&Path>) -> Resul
     announce(&cmd);
     let mut child = cmd.spawn().with_context(|| format!("starting {}", mode.label()))?;
     let (lines, _) = match mode {
-        Mode::Leaktrace => lines_of(child.stderr.take().unwrap()),
+        Mode::Leaktrace | Mode::TrapsOnly => lines_of(child.stderr.take().unwrap()),
         _ => lines_of(child.stdout.take().unwrap()),
     };
-    let needle = if mode == Mode::Leaktrace { "attached to" } else { "attached" };
+    let needle = if matches!(mode, Mode::Leaktrace | Mode::TrapsOnly) { "attached to" } else { "attached" };
     let mut log = String::new();
     if !wait_line(&lines, needle, Duration::from_secs(60), &mut log) {
         let _ = child.kill();
@@ -380,6 +388,12 @@ pub fn bench(root: &Path, args: &[String]) -> Result<()> {
         })
         .collect();
     let per_round: Vec<String> = paired.iter().map(|v| format!("{v:.2}")).collect();
+    let mut traps: Vec<f64> = (0..rounds)
+        .map(|r| {
+            let added = |i: usize| results[i][r].micro - untraced[r].micro;
+            added(4) / added(1).max(1.0)
+        })
+        .collect();
     writeln!(out)?;
     writeln!(out, "leaktrace's added cost per malloc+free pair = {:.3} of the entry floor's (target <= 0.2)", share)?;
     writeln!(
@@ -387,6 +401,11 @@ pub fn bench(root: &Path, args: &[String]) -> Result<()> {
         "same share, paired in each round: median {:.3} (rounds: {})",
         median(&mut paired),
         per_round.join(", ")
+    )?;
+    writeln!(
+        out,
+        "leaktrace's traps alone (tracking nothing), paired share of the entry floor: median {:.3}",
+        median(&mut traps)
     )?;
     writeln!(out)?;
     writeln!(out, "{daemon}")?;

@@ -22,6 +22,11 @@
 //! point" earlier on the same path, on an emulated instruction that
 //! dominates the result point, which stores the size for it.
 //!
+//! One assumption is gcc's layout rather than a proof: a call followed by
+//! padding (`nop`, `int3`, `ud2`) does not return (`malloc_printerr`,
+//! `__malloc_assert`); the tests check the plan for this machine's glibc,
+//! dynamic and static, against exact block and byte counts on every path.
+//!
 //! Every step is checked: branch targets on instruction boundaries, no
 //! indirect jumps, no tail calls, `sp` known everywhere it is needed, every
 //! value-returning path covered. When anything does not hold, no plan is
