@@ -203,21 +203,26 @@ fn ret_and_bp(r: &aya_ebpf::bindings::pt_regs, ret_slot: u64, bp_loc: u64) -> (u
     (read_u64(r.rsp + ret_slot), located(r, bp_loc))
 }
 
-/// A `malloc` result point: the block is known, count it (see module docs).
-#[uprobe]
-pub fn alloc_result(ctx: ProbeContext) -> u32 {
-    if target_tgid().is_none() {
-        return 0;
-    }
+/// A result or size point that counts this time (the target's thread, its
+/// branch going the right way): its cookie, the saved registers, the
+/// address of the call's return address, the thread's pid_tgid.
+#[inline(always)]
+fn point_hit(ctx: &ProbeContext) -> Option<(u64, &aya_ebpf::bindings::pt_regs, u64, u64)> {
+    target_tgid()?;
     // SAFETY: the helper only reads the probe's attach cookie.
     let c = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
     // SAFETY: the probe's saved registers.
     let regs = unsafe { &*ctx.regs };
     if !point_counts(point::when(c), regs.eflags) {
-        return 0;
+        return None;
     }
-    let frame = regs.rsp + point::ret_slot(c);
-    let id = bpf_get_current_pid_tgid();
+    Some((c, regs, regs.rsp + point::ret_slot(c), bpf_get_current_pid_tgid()))
+}
+
+/// A `malloc` result point: the block is known, count it (see module docs).
+#[uprobe]
+pub fn alloc_result(ctx: ProbeContext) -> u32 {
+    let Some((c, regs, frame, id)) = point_hit(&ctx) else { return 0 };
     let mut stored_size = None;
     // SAFETY: copied out of the map value.
     if let Some(p) = (unsafe { ALLOC_PENDING.get(&id) }).copied() {
@@ -268,18 +273,7 @@ pub fn alloc_result(ctx: ProbeContext) -> u32 {
 /// call, on a path where it would be gone by then.
 #[uprobe]
 pub fn alloc_size(ctx: ProbeContext) -> u32 {
-    if target_tgid().is_none() {
-        return 0;
-    }
-    // SAFETY: the helper only reads the probe's attach cookie.
-    let c = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-    // SAFETY: the probe's saved registers.
-    let regs = unsafe { &*ctx.regs };
-    if !point_counts(point::when(c), regs.eflags) {
-        return 0;
-    }
-    let frame = regs.rsp + point::ret_slot(c);
-    let id = bpf_get_current_pid_tgid();
+    let Some((c, regs, frame, id)) = point_hit(&ctx) else { return 0 };
     // SAFETY: copied out of the map value.
     if unsafe { ALLOC_PENDING.get(&id) }.is_some_and(|p| p.call != call::SIZE && p.entry_sp >= frame) {
         return 0;
