@@ -138,6 +138,34 @@ pub struct Finding {
     pub ended: u64,
 }
 
+impl Finding {
+    /// A finding of `kind` with `verdict` and nothing else known yet:
+    /// trackers and tests fill in the fields they have
+    /// (`Finding { live, created, ..Finding::new(kind, verdict) }`).
+    pub fn new(kind: Kind, verdict: Verdict) -> Self {
+        Finding {
+            kind,
+            verdict,
+            site: String::new(),
+            stack: Vec::new(),
+            site_index: 0,
+            live: 0,
+            growth_per_min: 0.0,
+            oldest_age_s: None,
+            peer: None,
+            thread_name: None,
+            blocked_in: None,
+            wait_reason: None,
+            map: None,
+            live_bytes: None,
+            growth_bytes_per_min: None,
+            lock: None,
+            created: 0,
+            ended: 0,
+        }
+    }
+}
+
 /// A lock finding's own fields (kind "lock"). Totals are since attach; the
 /// finding's `stack` is the waiters' stack that lost the most time.
 #[derive(Clone, Debug, Serialize, PartialEq)]

@@ -709,8 +709,6 @@ async fn build_report(
             blocked.push((findings.len(), b.clone()));
         }
         findings.push(Finding {
-            kind,
-            verdict: j.verdict,
             site: site_of(&stack),
             site_index: site_index(&stack),
             stack,
@@ -719,14 +717,12 @@ async fn build_report(
             oldest_age_s: s.oldest_age_s.map(|a| (a * 10.0).round() / 10.0),
             peer: s.peer.clone(),
             thread_name: s.thread_name.clone(),
-            blocked_in: None,
-            wait_reason: None,
             map: s.map.clone(),
             live_bytes: s.live_bytes,
             growth_bytes_per_min,
-            lock: None,
             created: s.created,
             ended: s.ended,
+            ..Finding::new(kind, j.verdict)
         });
     }
     if !blocked.is_empty() {
@@ -860,21 +856,9 @@ fn lock_findings(
             })
             .collect();
         out.push(Finding {
-            kind: Kind::Lock,
-            verdict: crate::growth::contention_verdict(wait_share, contentions),
             site: site_of(&stack),
             site_index: site_index(&stack),
             stack,
-            live: 0,
-            growth_per_min: 0.0,
-            oldest_age_s: None,
-            peer: None,
-            thread_name: None,
-            blocked_in: None,
-            wait_reason: None,
-            map: None,
-            live_bytes: None,
-            growth_bytes_per_min: None,
             lock: Some(LockInfo {
                 lock: name,
                 lock_kind: ls[0].kind.to_string(),
@@ -890,6 +874,7 @@ fn lock_findings(
             }),
             created: contentions,
             ended: contentions,
+            ..Finding::new(Kind::Lock, crate::growth::contention_verdict(wait_share, contentions))
         });
     }
     out

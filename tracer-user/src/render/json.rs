@@ -26,8 +26,6 @@ pub(crate) mod tests {
             is_final: false,
             exited: None,
             findings: vec![Finding {
-                kind: Kind::Connection,
-                verdict: Verdict::Leak,
                 site: "main.badHandler".into(),
                 stack: vec![Frame {
                     function: "net.Dial".into(),
@@ -36,20 +34,13 @@ pub(crate) mod tests {
                     module: Some("/srv/api".into()),
                     addr: None, file_offset: None,
                 }],
-                site_index: 0,
                 live: 120,
                 growth_per_min: 59.8,
                 oldest_age_s: Some(19.7),
                 peer: Some("127.0.0.1:6379".into()),
-                thread_name: None,
-            blocked_in: None,
-            wait_reason: None,
-                map: None,
-                live_bytes: None,
-                growth_bytes_per_min: None,
-                lock: None,
                 created: 400,
                 ended: 280,
+                ..Finding::new(Kind::Connection, Verdict::Leak)
             }],
             lost: Lost {
                 events: 0,

@@ -462,24 +462,12 @@ mod tests {
 
     fn finding(site: &str, live: u64, growth: f64, verdict: Verdict) -> Finding {
         Finding {
-            kind: Kind::Connection,
-            verdict,
             site: site.into(),
-            stack: vec![],
-            site_index: 0,
             live,
             growth_per_min: growth,
             oldest_age_s: Some(live as f64),
-            peer: None,
-            thread_name: None,
-            blocked_in: None,
-            wait_reason: None,
-            map: None,
-            live_bytes: None,
-            growth_bytes_per_min: None,
-            lock: None,
             created: live,
-            ended: 0,
+            ..Finding::new(Kind::Connection, verdict)
         }
     }
 

@@ -320,8 +320,6 @@ mod tests {
 
     fn steady(site: &str, live: u64) -> Finding {
         Finding {
-            kind: Kind::Connection,
-            verdict: Verdict::Steady,
             site: site.into(),
             stack: vec![Frame {
                 function: "pool.get".into(),
@@ -330,20 +328,9 @@ mod tests {
                 module: Some("/usr/lib/libpq.so.5".into()),
                 addr: None, file_offset: None,
             }],
-            site_index: 0,
             live,
-            growth_per_min: 0.0,
-            oldest_age_s: None,
-            peer: None,
-            thread_name: None,
-            blocked_in: None,
-            wait_reason: None,
-            map: None,
-            live_bytes: None,
-            growth_bytes_per_min: None,
-            lock: None,
             created: live,
-            ended: 0,
+            ..Finding::new(Kind::Connection, Verdict::Steady)
         }
     }
 
