@@ -99,7 +99,7 @@ const MAX_PREFIX: usize = 6;
 /// custom allocator), names with `prefix` (`je_`); empty when it has no `malloc`.
 pub fn allocator_probes(data: &[u8], prefix: &str) -> Result<Vec<AllocProbe>> {
     let file = object::File::parse(data).context("not a valid ELF")?;
-    if is_go(&file) {
+    if crate::golang::is_go(&file) {
         // Return probes move a goroutine's return address; Go's stack
         // growth and traceback would then crash the program.
         anyhow::bail!("a Go program: leaktrace never puts return probes in Go code");
@@ -286,11 +286,6 @@ pub fn probe_delta(code: &[u8], entry: u64, args: &[Register], allow_depth: bool
 
 use results::emulated;
 
-/// Whether an ELF file is a Go program (its pc-line table section, kept
-/// even when stripped, or the runtime's symbols).
-fn is_go(file: &object::File) -> bool {
-    file.section_by_name(".gopclntab").is_some() || find_symbol(file, "runtime.goexit").is_some()
-}
 
 /// Address and size of a function symbol (dynamic symbols first, then the
 /// symbol table; versions like `@@GLIBC_2.2.5` ignored).

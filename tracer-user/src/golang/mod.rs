@@ -78,6 +78,16 @@ impl GoSymbols {
     }
 }
 
+/// Whether an ELF file is a Go program: Go's own sections (`.gopclntab`,
+/// kept even by `-s -w`; `.go.buildinfo`) or the runtime's `runtime.goexit`.
+/// The one test every tracker uses (the lock tracker to probe Go's
+/// semaphores, the allocation tracker to refuse return probes in Go code).
+pub fn is_go(elf: &object::File) -> bool {
+    elf.section_by_name(".gopclntab").is_some()
+        || elf.section_by_name(".go.buildinfo").is_some()
+        || elf.symbols().any(|s| s.name() == Ok("runtime.goexit"))
+}
+
 /// The first emulated instruction of a Go function's prologue that every
 /// call runs once with its arguments intact: `PUSHQ BP` (Go 1.21+), else the
 /// stack check's conditional jump (Go 1.19's prologue pushes nothing).

@@ -49,11 +49,9 @@ pub struct GoProbe {
     pub rets: Vec<u64>,
 }
 
-/// True when the ELF is a Go program (Go's own sections).
+/// True when the ELF is a Go program ([`crate::golang::is_go`]).
 pub fn is_go(data: &[u8]) -> bool {
-    object::File::parse(data)
-        .map(|f| f.section_by_name(".gopclntab").is_some() || f.section_by_name(".go.buildinfo").is_some())
-        .unwrap_or(false)
+    object::File::parse(data).is_ok_and(|f| crate::golang::is_go(&f))
 }
 
 /// Every function of a Go executable as (name, link-time address, size):
