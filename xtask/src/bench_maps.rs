@@ -15,7 +15,7 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
@@ -25,7 +25,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use super::{
     announce, build, elf_file_offset, first_push_rbp, fixtures_bin, leaktrace_bin, median, send_signal, stop_child,
-    symbol_address, target_dir, wait_timeout,
+    symbol_address, target_dir, wait_timeout, TracefsUprobes,
 };
 
 /// Go builds measured: (fixture, label).
@@ -174,46 +174,9 @@ fn symbol_offsets(bin: &Path, sym: &str) -> Result<(u64, u64)> {
     Ok((elf_file_offset(path, vaddr)?, elf_file_offset(path, push)?))
 }
 
-/// A tracefs uprobe (no BPF program, no output: the trap alone), removed on drop.
-struct TracefsUprobe {
-    tracefs: PathBuf,
-}
-
-impl TracefsUprobe {
-    const GROUP: &'static str = "leaktrace_bench_maps";
-
-    fn install(bin: &Path, offset: u64) -> Result<Self> {
-        let tracefs = PathBuf::from("/sys/kernel/tracing");
-        let line = format!("p:{}/assign {}:{offset:#x}", Self::GROUP, bin.display());
-        let mut f = fs::OpenOptions::new().append(true).open(tracefs.join("uprobe_events"))?;
-        f.write_all(format!("{line}\n").as_bytes()).with_context(|| format!("adding uprobe `{line}`"))?;
-        eprintln!("+ echo '{line}' >> uprobe_events");
-        fs::write(tracefs.join("events").join(Self::GROUP).join("enable"), "1")?;
-        Ok(Self { tracefs })
-    }
-}
-
-impl Drop for TracefsUprobe {
-    fn drop(&mut self) {
-        let _ = fs::write(self.tracefs.join("events").join(Self::GROUP).join("enable"), "0");
-        for _ in 0..50 {
-            let removed = fs::OpenOptions::new()
-                .append(true)
-                .open(self.tracefs.join("uprobe_events"))
-                .and_then(|mut f| f.write_all(format!("-:{}/assign\n", Self::GROUP).as_bytes()));
-            match removed {
-                Ok(()) => break,
-                Err(e) if e.raw_os_error() == Some(2) => break,
-                Err(_) => thread::sleep(Duration::from_millis(100)),
-            }
-        }
-        let _ = fs::write(self.tracefs.join("trace"), "");
-    }
-}
-
 fn run_uprobed(bin: &Path, ms: u64, offset: u64) -> Result<f64> {
     let b = start_bench(bin, ms)?;
-    let _probe = TracefsUprobe::install(bin, offset)?;
+    let _probe = TracefsUprobes::install("leaktrace_bench_maps", &[("assign".to_string(), bin, offset)])?;
     finish_bench(b)
 }
 

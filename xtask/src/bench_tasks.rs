@@ -31,7 +31,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use super::{
     build, elf_file_offset, first_push_rbp, fixtures_bin, leaktrace_bin, libc_symbol_offset, median, send_signal,
-    stop_child, symbol_address, wait_timeout,
+    stop_child, symbol_address, wait_timeout, TracefsUprobes,
 };
 
 struct Options {
@@ -164,59 +164,12 @@ fn push_rbp_offset(bin: &Path, func: &str) -> Result<u64> {
     elf_file_offset(b, first_push_rbp(b, symbol_address(b, func)?, func)?)
 }
 
-/// Bare tracefs uprobes, removed on drop.
-struct Uprobes {
-    names: Vec<String>,
-}
-
 const GROUP: &str = "leaktrace_bench_tasks";
 
-impl Uprobes {
-    /// At the `PUSHQ BP` of each Go function.
-    fn install(bin: &Path, funcs: &[&str]) -> Result<Self> {
-        let at: Vec<(String, u64)> = funcs.iter().map(|f| Ok((f.to_string(), push_rbp_offset(bin, f)?))).collect::<Result<_>>()?;
-        Self::install_at(bin, &at)
-    }
-
-    /// At file offsets of `bin`.
-    fn install_at(bin: &Path, at: &[(String, u64)]) -> Result<Self> {
-        let tracefs = PathBuf::from("/sys/kernel/tracing");
-        let mut me = Self { names: Vec::new() };
-        for (f, off) in at {
-            let name = f.replace(['.', '/'], "_");
-            let def = format!("p:{GROUP}/{name} {}:{off:#x}\n", bin.display());
-            fs::OpenOptions::new()
-                .append(true)
-                .open(tracefs.join("uprobe_events"))?
-                .write_all(def.as_bytes())
-                .with_context(|| format!("adding uprobe `{}`", def.trim()))?;
-            eprintln!("+ echo '{}' >> uprobe_events", def.trim());
-            me.names.push(name);
-        }
-        fs::write(tracefs.join("events").join(GROUP).join("enable"), "1")?;
-        Ok(me)
-    }
-}
-
-impl Drop for Uprobes {
-    fn drop(&mut self) {
-        let tracefs = PathBuf::from("/sys/kernel/tracing");
-        let _ = fs::write(tracefs.join("events").join(GROUP).join("enable"), "0");
-        for n in &self.names {
-            for _ in 0..50 {
-                let removed = fs::OpenOptions::new()
-                    .append(true)
-                    .open(tracefs.join("uprobe_events"))
-                    .and_then(|mut f| f.write_all(format!("-:{GROUP}/{n}\n").as_bytes()));
-                match removed {
-                    Ok(()) => break,
-                    Err(e) if e.raw_os_error() == Some(2) => break,
-                    Err(_) => thread::sleep(Duration::from_millis(100)),
-                }
-            }
-        }
-        let _ = fs::write(tracefs.join("trace"), "");
-    }
+/// tracefs uprobes at the `PUSHQ BP` of each Go function of `bin`.
+fn go_uprobes(bin: &Path, funcs: &[&str]) -> Result<TracefsUprobes> {
+    let at = funcs.iter().map(|f| Ok((f.to_string(), bin, push_rbp_offset(bin, f)?))).collect::<Result<Vec<_>>>()?;
+    TracefsUprobes::install(GROUP, &at)
 }
 
 pub fn bench_tasks(root: &Path, args: &[String]) -> Result<()> {
@@ -246,7 +199,7 @@ pub fn bench_tasks(root: &Path, args: &[String]) -> Result<()> {
         go_u.push(run_churn(root, &gochurn, &go_args, false, &logs.join("tasks-go.log"))?);
         go_t.push(run_churn(root, &gochurn, &go_args, true, &logs.join(format!("tasks-go-{r}.log")))?);
         {
-            let _p = Uprobes::install(&gochurn, &["runtime.newproc1", "runtime.goexit1"])?;
+            let _p = go_uprobes(&gochurn, &["runtime.newproc1", "runtime.goexit1"])?;
             go_p.push(run_churn(root, &gochurn, &go_args, false, &logs.join("tasks-go.log"))?);
         }
         eprintln!(
@@ -256,7 +209,7 @@ pub fn bench_tasks(root: &Path, args: &[String]) -> Result<()> {
         th_u.push(run_churn(root, &thread_churn, &th_args, false, &logs.join("tasks-c.log"))?);
         th_t.push(run_churn(root, &thread_churn, &th_args, true, &logs.join(format!("tasks-c-{r}.log")))?);
         {
-            let _p = Uprobes::install_at(&libc, &[("pthread_create".into(), pthread_create)])?;
+            let _p = TracefsUprobes::install(GROUP, &[("pthread_create".into(), libc.as_path(), pthread_create)])?;
             th_p.push(run_churn(root, &thread_churn, &th_args, false, &logs.join("tasks-c.log"))?);
         }
         eprintln!(

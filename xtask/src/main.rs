@@ -951,44 +951,47 @@ fn first_push_rbp(path: &str, entry: u64, what: &str) -> Result<u64> {
         .ok_or_else(|| anyhow!("no push %rbp at the start of {what}"))
 }
 
-/// tracefs uprobes at libc's `socket` and `connect` symbols — where a tool
-/// that probes by symbol puts them — removed on drop.
-struct SymbolUprobes {
-    tracefs: PathBuf,
+/// Bare tracefs uprobes (no BPF program, no reader: the trap alone, what
+/// the benches compare against), one group per bench, removed on drop.
+pub(crate) struct TracefsUprobes {
+    group: &'static str,
+    names: Vec<String>,
 }
 
-impl SymbolUprobes {
-    const GROUP: &'static str = "leaktrace_bench";
+impl TracefsUprobes {
+    const TRACEFS: &'static str = "/sys/kernel/tracing";
 
-    fn install() -> Result<Self> {
-        let tracefs = PathBuf::from("/sys/kernel/tracing");
-        let libc = "/lib/x86_64-linux-gnu/libc.so.6";
-        let mut defs = Vec::new();
-        for sym in ["socket", "connect"] {
-            let off = libc_symbol_offset(libc, sym)?;
-            defs.push(format!("p:{}/{sym} {libc}:{off:#x}", Self::GROUP));
+    /// One uprobe per `(name, file, file offset)`, all enabled.
+    pub(crate) fn install(group: &'static str, at: &[(String, &Path, u64)]) -> Result<Self> {
+        let tracefs = Path::new(Self::TRACEFS);
+        let mut me = Self { group, names: Vec::new() };
+        for (name, file, off) in at {
+            let name = name.replace(['.', '/'], "_");
+            let def = format!("p:{group}/{name} {}:{off:#x}", file.display());
+            fs::OpenOptions::new()
+                .append(true)
+                .open(tracefs.join("uprobe_events"))?
+                .write_all(format!("{def}\n").as_bytes())
+                .with_context(|| format!("adding uprobe `{def}`"))?;
+            eprintln!("+ echo '{def}' >> uprobe_events");
+            me.names.push(name);
         }
-        let me = Self { tracefs };
-        for line in &defs {
-            let mut f = fs::OpenOptions::new().append(true).open(me.tracefs.join("uprobe_events"))?;
-            f.write_all(format!("{line}\n").as_bytes()).with_context(|| format!("adding uprobe `{line}`"))?;
-            eprintln!("+ echo '{line}' >> uprobe_events");
-        }
-        fs::write(me.tracefs.join("events").join(Self::GROUP).join("enable"), "1")?;
+        fs::write(tracefs.join("events").join(group).join("enable"), "1")?;
         Ok(me)
     }
 }
 
-impl Drop for SymbolUprobes {
+impl Drop for TracefsUprobes {
     fn drop(&mut self) {
-        let _ = fs::write(self.tracefs.join("events").join(Self::GROUP).join("enable"), "0");
-        for sym in ["socket", "connect"] {
+        let tracefs = Path::new(Self::TRACEFS);
+        let _ = fs::write(tracefs.join("events").join(self.group).join("enable"), "0");
+        for n in &self.names {
             // Removal can fail with EBUSY for a moment after disabling: retry.
             for _ in 0..50 {
                 let removed = fs::OpenOptions::new()
                     .append(true)
-                    .open(self.tracefs.join("uprobe_events"))
-                    .and_then(|mut f| f.write_all(format!("-:{}/{sym}\n", Self::GROUP).as_bytes()));
+                    .open(tracefs.join("uprobe_events"))
+                    .and_then(|mut f| f.write_all(format!("-:{}/{n}\n", self.group).as_bytes()));
                 match removed {
                     Ok(()) => break,
                     Err(e) if e.raw_os_error() == Some(2) => break, // already gone
@@ -996,12 +999,20 @@ impl Drop for SymbolUprobes {
                 }
             }
         }
-        let _ = fs::write(self.tracefs.join("trace"), "");
+        let _ = fs::write(tracefs.join("trace"), "");
     }
 }
 
+/// tracefs uprobes at libc's `socket` and `connect` symbols — where a tool
+/// that probes by symbol puts them — while the untraced bench runs.
 fn bench_symbol_uprobes(root: &Path, iterations: u64) -> Result<BenchResult> {
-    let _probes = SymbolUprobes::install()?;
+    let libc = Path::new("/lib/x86_64-linux-gnu/libc.so.6");
+    let libc_str = libc.to_str().unwrap_or_default();
+    let at = ["socket", "connect"]
+        .iter()
+        .map(|sym| Ok((sym.to_string(), libc, libc_symbol_offset(libc_str, sym)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let _probes = TracefsUprobes::install("leaktrace_bench", &at)?;
     bench_untraced(root, iterations)
 }
 
