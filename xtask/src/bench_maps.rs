@@ -25,7 +25,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use super::{
     announce, build, elf_file_offset, first_push_rbp, fixtures_bin, leaktrace_bin, median, send_signal, stop_child,
-    symbol_address, target_dir, wait_timeout, TracefsUprobes,
+    log_until_attached, symbol_address, target_dir, wait_timeout, TracefsUprobes,
 };
 
 /// Go builds measured: (fixture, label).
@@ -124,23 +124,7 @@ fn run_traced(root: &Path, bin: &Path, ms: u64, tag: &str, extra: &[&str]) -> Re
         .stderr(Stdio::piped());
     announce(&lt);
     let mut tracer = lt.spawn().context("starting leaktrace")?;
-    let stderr = tracer.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel::<()>();
-    let log_path = out_dir.join(format!("maps-{tag}.log"));
-    let logger = thread::spawn(move || {
-        let mut log = fs::File::create(log_path).ok();
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if let Some(f) = log.as_mut() {
-                let _ = writeln!(f, "{line}");
-            }
-            if !sent && line.contains("attached") {
-                sent = true;
-                let _ = tx.send(());
-            }
-        }
-    });
+    let (rx, logger) = log_until_attached(tracer.stderr.take().unwrap(), out_dir.join(format!("maps-{tag}.log")));
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut b = b;
     loop {

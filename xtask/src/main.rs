@@ -805,24 +805,7 @@ fn bench_traced(root: &Path, iterations: u64, run: usize) -> Result<BenchResult>
         }
     };
 
-    // Forward leaktrace's stderr into a log file; signal on "attached".
-    let stderr = tracer.stderr.take().unwrap();
-    let (att_tx, att_rx) = mpsc::channel::<()>();
-    let log_path2 = log_path.clone();
-    let logger = thread::spawn(move || {
-        let mut log = fs::File::create(&log_path2).ok();
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if let Some(f) = log.as_mut() {
-                let _ = writeln!(f, "{line}");
-            }
-            if !sent && line.contains("attached") {
-                sent = true;
-                let _ = att_tx.send(());
-            }
-        }
-    });
+    let (att_rx, logger) = log_until_attached(tracer.stderr.take().unwrap(), log_path.clone());
 
     let cleanup = |target: &mut Child, tracer: &mut Child| {
         stop_child(target, "conn_bench");
@@ -949,6 +932,30 @@ fn first_push_rbp(path: &str, entry: u64, what: &str) -> Result<u64> {
         .find(|l| l.contains("push") && l.contains("%rbp"))
         .and_then(|l| u64::from_str_radix(l.trim().split(':').next()?.trim(), 16).ok())
         .ok_or_else(|| anyhow!("no push %rbp at the start of {what}"))
+}
+
+/// Copies a tracer's stderr into `log_path` on a thread; the receiver gets
+/// one message when a line says it "attached".
+pub(crate) fn log_until_attached(
+    stderr: std::process::ChildStderr,
+    log_path: PathBuf,
+) -> (mpsc::Receiver<()>, thread::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel::<()>();
+    let logger = thread::spawn(move || {
+        let mut log = fs::File::create(&log_path).ok();
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(f) = log.as_mut() {
+                let _ = writeln!(f, "{line}");
+            }
+            if !sent && line.contains("attached") {
+                sent = true;
+                let _ = tx.send(());
+            }
+        }
+    });
+    (rx, logger)
 }
 
 /// Bare tracefs uprobes (no BPF program, no reader: the trap alone, what
