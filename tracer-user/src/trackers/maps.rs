@@ -20,7 +20,6 @@
 //! are named by address.
 
 mod goelf;
-mod memory;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -40,7 +39,7 @@ use tracer_common::{
 use self::goelf::{DataSymbol, GoBinary};
 use crate::probes::Probes;
 use aya::programs::uprobe::UProbeLinkId;
-use self::memory::{read_many, u64_at};
+use crate::golang::memory::{read_region, read_regions, u64_at};
 use super::{SampleStack, StackSample};
 
 /// A probe the tracker wants: program name, function, file offset.
@@ -163,11 +162,11 @@ fn trie_count(pid: u32, root: u64, budget: &mut usize) -> Option<u64> {
     let mut count = 0u64;
     let mut level = if root == 0 { Vec::new() } else { vec![root] };
     while !level.is_empty() {
-        let arrays = read_many(pid, &level.iter().map(|n| (n + 24, 128)).collect::<Vec<_>>());
+        let arrays = read_regions(pid, &level.iter().map(|n| (n + 24, 128)).collect::<Vec<_>>());
         let children: Vec<u64> =
             arrays.iter().flatten().flat_map(|a| (0..16).filter_map(|i| u64_at(a, 8 * i))).filter(|p| *p != 0).collect();
         *budget = budget.checked_sub(children.len())?;
-        let heads = read_many(pid, &children.iter().map(|c| (*c, 16)).collect::<Vec<_>>());
+        let heads = read_regions(pid, &children.iter().map(|c| (*c, 16)).collect::<Vec<_>>());
         let mut next = Vec::new();
         for (c, h) in children.iter().zip(heads) {
             let Some(h) = h else { continue };
@@ -181,7 +180,7 @@ fn trie_count(pid: u32, root: u64, budget: &mut usize) -> Option<u64> {
             while ov != 0 && *budget > 0 {
                 *budget -= 1;
                 count += 1;
-                ov = memory::read_one(pid, ov + 8, 8).and_then(|b| u64_at(&b, 0)).unwrap_or(0);
+                ov = read_region(pid, ov + 8, 8).and_then(|b| u64_at(&b, 0)).unwrap_or(0);
             }
         }
         level = next;
@@ -337,7 +336,7 @@ impl MapCollector {
     /// One sample per named map and per unnamed tracked map.
     pub fn collect(&mut self, now_ns: u64, target_alive: bool) -> Result<Vec<StackSample>> {
         let entries: Vec<(u64, MapInfo)> = self.maps.iter().filter_map(|r| r.ok()).collect();
-        let headers = read_many(
+        let headers = read_regions(
             self.pid,
             &entries.iter().map(|(a, i)| (*a, if i.kind == KIND_TRIE { TRIE_SIZE as usize } else { 16 })).collect::<Vec<_>>(),
         );
@@ -379,7 +378,7 @@ impl MapCollector {
 
         // Names: read every candidate variable; follow the ones that hold
         // (or held) a tracked map.
-        let vars = read_many(
+        let vars = read_regions(
             self.pid,
             &self.candidates.iter().map(|d| (d.addr + self.bias, d.size as usize)).collect::<Vec<_>>(),
         );
@@ -423,7 +422,7 @@ impl MapCollector {
         // sync.Map: `read` points to `readOnly{m, amended}`: its map.
         let read_only: HashMap<u64, u64> = read_only_ptrs
             .iter()
-            .zip(read_many(self.pid, &read_only_ptrs.iter().map(|p| (*p, 8)).collect::<Vec<_>>()))
+            .zip(read_regions(self.pid, &read_only_ptrs.iter().map(|p| (*p, 8)).collect::<Vec<_>>()))
             .filter_map(|(p, b)| Some((*p, u64_at(b.as_deref()?, 0)?)))
             .collect();
         // Headers of named maps we have not read yet (not tracked, or
@@ -443,7 +442,7 @@ impl MapCollector {
         want.dedup();
         let extra: HashMap<u64, u64> = want
             .iter()
-            .zip(read_many(self.pid, &want.iter().map(|a| (*a, 16)).collect::<Vec<_>>()))
+            .zip(read_regions(self.pid, &want.iter().map(|a| (*a, 16)).collect::<Vec<_>>()))
             .filter_map(|(a, b)| Some((*a, self.header(b.as_deref()?)?.0)))
             .collect();
         let count_of = |a: u64| {
