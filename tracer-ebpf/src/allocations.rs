@@ -48,7 +48,7 @@ use tracer_common::{
 
 use crate::{
     bump,
-    stacks::{syscall_args, user_stack, STACKS},
+    stacks::{read_user_u64, syscall_args, user_stack, STACKS},
     target_tgid,
 };
 
@@ -143,17 +143,12 @@ fn reg_at(r: &aya_ebpf::bindings::pt_regs, i: u64) -> u64 {
     }
 }
 
-#[inline(always)]
-fn read_u64(addr: u64) -> u64 {
-    // SAFETY: user memory read through the helper, which faults safely.
-    unsafe { bpf_probe_read_user(addr as *const u64).unwrap_or(0) }
-}
 
 /// A value a point's cookie locates: a register, or a stack slot above `sp`.
 #[inline(always)]
 fn located(r: &aya_ebpf::bindings::pt_regs, loc: u64) -> u64 {
     if loc & point::STACK != 0 {
-        read_u64(r.rsp + (loc & 0xfff))
+        read_user_u64(r.rsp + (loc & 0xfff))
     } else {
         reg_at(r, loc)
     }
@@ -200,7 +195,7 @@ fn ret_and_bp(r: &aya_ebpf::bindings::pt_regs, ret_slot: u64, bp_loc: u64) -> (u
             return (w[(((ret_slot - bp_slot) / 8) & 7) as usize], w[0]);
         }
     }
-    (read_u64(r.rsp + ret_slot), located(r, bp_loc))
+    (read_user_u64(r.rsp + ret_slot), located(r, bp_loc))
 }
 
 /// A result or size point that counts this time (the target's thread, its

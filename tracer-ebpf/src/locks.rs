@@ -23,10 +23,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
-    helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_user, bpf_task_pt_regs,
-    },
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, tracepoint, uprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::{tracing::StackIdContext, ProbeContext, TracePointContext},
@@ -42,7 +39,11 @@ use tracer_common::{
     stacks::StackKey,
 };
 
-use crate::{bump, stacks::STACKS, target_tgid};
+use crate::{
+    bump,
+    stacks::{read_user_u64, user_ip_sp_bp, STACKS},
+    target_tgid,
+};
 
 /// libc: address after a `syscall` in a lock path -> where the return address is.
 #[map]
@@ -87,29 +88,6 @@ const FUTEX_LOCK_PI2: u64 = 13;
 /// `op` without FUTEX_PRIVATE_FLAG and FUTEX_CLOCK_REALTIME.
 const FUTEX_CMD_MASK: u64 = 0x7f;
 
-/// x86-64 `struct pt_regs`, in 8-byte slots.
-const PT_REGS_BP: usize = 4;
-const PT_REGS_IP: usize = 16;
-const PT_REGS_SP: usize = 19;
-
-#[inline(always)]
-fn read_u64(addr: u64) -> u64 {
-    // SAFETY: user memory through the helper, which faults safely.
-    unsafe { bpf_probe_read_user(addr as *const u64).unwrap_or(0) }
-}
-
-/// The current task's saved user ip, sp and bp.
-#[inline(always)]
-fn user_ip_sp_bp() -> Option<(u64, u64, u64)> {
-    // SAFETY: the helpers only read the current task.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u64 };
-    if regs.is_null() {
-        return None;
-    }
-    // SAFETY: kernel memory through the helper, which faults safely.
-    let r = |slot: usize| unsafe { bpf_probe_read_kernel(regs.add(slot)).unwrap_or(0) };
-    Some((r(PT_REGS_IP), r(PT_REGS_SP), r(PT_REGS_BP)))
-}
 
 #[inline(always)]
 fn config(index: u32) -> u64 {
@@ -136,7 +114,7 @@ fn libc_chain(ip: u64, sp: u64, bp: u64) -> Option<Chain> {
     let mut rbp_slot = if site.rbp_at != 0 { slot - site.rbp_at as u64 } else { 0 };
     let mut root = site.root;
     let mut first = ip;
-    let mut ret = read_u64(slot);
+    let mut ret = read_user_u64(slot);
     for _ in 0..6 {
         // SAFETY: copied out of the map value.
         let Some(c) = (unsafe { LOCK_CALL_SITES.get(&ret) }).copied() else { break };
@@ -148,9 +126,9 @@ fn libc_chain(ip: u64, sp: u64, bp: u64) -> Option<Chain> {
         if c.rbp_at != 0 {
             rbp_slot = slot - c.rbp_at as u64;
         }
-        ret = read_u64(slot);
+        ret = read_user_u64(slot);
     }
-    let app_bp = if rbp_slot != 0 { read_u64(rbp_slot) } else { bp };
+    let app_bp = if rbp_slot != 0 { read_user_u64(rbp_slot) } else { bp };
     Some(Chain { root, first, app_ret: ret, app_bp })
 }
 
@@ -170,13 +148,13 @@ fn walked_stack(chain: &Chain) -> u64 {
         if fp == 0 || len != i {
             continue;
         }
-        let ret = read_u64(fp + 8);
+        let ret = read_user_u64(fp + 8);
         if ret == 0 {
             continue;
         }
         f.ips[i] = ret;
         len = i + 1;
-        let next = read_u64(fp);
+        let next = read_user_u64(fp);
         fp = if next > fp { next } else { 0 };
     }
     f.len = len as u64;
@@ -371,7 +349,7 @@ fn go_acquire(ctx: &ProbeContext, k: u32) -> u32 {
     }
     // SAFETY: the probe's saved registers.
     let (g, sema, sp) = unsafe { ((*ctx.regs).r14, (*ctx.regs).rax, (*ctx.regs).rsp) };
-    let at = LockStack { lock: sema, stack: kernel_stack(ctx, read_u64(sp)), walked: 0 };
+    let at = LockStack { lock: sema, stack: kernel_stack(ctx, read_user_u64(sp)), walked: 0 };
     // SAFETY: no preconditions.
     let w = PendingWait { start_ns: unsafe { bpf_ktime_get_ns() }, kind: k, _pad: 0, at };
     if GO_PENDING.insert(&g, &w, 0).is_err() {
@@ -425,7 +403,7 @@ pub fn lock_go_release(ctx: ProbeContext) -> u32 {
     }
     // SAFETY: the probe's saved registers.
     let (sema, sp) = unsafe { ((*ctx.regs).rax, (*ctx.regs).rsp) };
-    let at = LockStack { lock: sema, stack: kernel_stack(&ctx, read_u64(sp)), walked: 0 };
+    let at = LockStack { lock: sema, stack: kernel_stack(&ctx, read_user_u64(sp)), walked: 0 };
     add(&LOCK_HOLDERS, &at, 0);
     bump(counter::LOCK_WAKES);
     0

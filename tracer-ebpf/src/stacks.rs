@@ -27,6 +27,7 @@ pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 static SYSCALL_SITES: HashMap<u64, SyscallSite> = HashMap::with_max_entries(1024, 0);
 
 /// x86-64 `struct pt_regs`, in 8-byte slots.
+const PT_REGS_BP: usize = 4;
 const PT_REGS_R10: usize = 7;
 const PT_REGS_DX: usize = 12;
 const PT_REGS_SI: usize = 13;
@@ -40,6 +41,24 @@ const PT_REGS_SP: usize = 19;
 fn user_regs() -> *const u64 {
     // SAFETY: the helpers only read the current task.
     unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u64 }
+}
+
+/// The current task's saved user ip, sp and bp (where a syscall or a
+/// tracepoint left the program).
+#[inline(always)]
+pub fn user_ip_sp_bp() -> Option<(u64, u64, u64)> {
+    let regs = user_regs();
+    if regs.is_null() {
+        return None;
+    }
+    Some((reg(regs, PT_REGS_IP), reg(regs, PT_REGS_SP), reg(regs, PT_REGS_BP)))
+}
+
+/// The u64 at `addr` in the current task's user memory (0 when unreadable).
+#[inline(always)]
+pub fn read_user_u64(addr: u64) -> u64 {
+    // SAFETY: user memory through the helper, which faults safely.
+    unsafe { bpf_probe_read_user(addr as *const u64).unwrap_or(0) }
 }
 
 #[inline(always)]
