@@ -391,24 +391,8 @@ impl GoroutineCollector {
             }
         }
 
-        let mut out = Vec::new();
-        let mut gopcs: Vec<u64> = groups.keys().chain(self.created.keys()).chain(self.ended.keys()).copied().collect();
-        gopcs.sort_unstable();
-        gopcs.dedup();
-        for gopc in gopcs {
-            let (live, oldest, _) = groups.get(&gopc).copied().unwrap_or((0, u64::MAX, None));
-            out.push(StackSample {
-                stack: go_statement(gopc),
-                live,
-                created: self.created.get(&gopc).copied().unwrap_or(0),
-                ended: self.ended.get(&gopc).copied().unwrap_or(0),
-                oldest_age_s: (live > 0).then(|| now_ns.saturating_sub(oldest) as f64 / 1e9),
-                peer: None,
-                thread_name: None,
-                blocked: blocked.remove(&gopc),
-                ..Default::default()
-            });
-        }
+        let live: HashMap<u64, (u64, u64)> = groups.iter().map(|(gopc, (n, oldest, _))| (*gopc, (*n, *oldest))).collect();
+        let out = self.samples(&live, now_ns, |gopc| blocked.remove(&gopc));
         self.last_scan = (gs.len(), started.elapsed());
         if self.last_scan.1 > self.slowest_scan.1 {
             self.slowest_scan = self.last_scan;
@@ -424,22 +408,31 @@ impl GoroutineCollector {
             e.0 += 1;
             e.1 = e.1.min(s.first_ns);
         }
-        let mut gopcs: Vec<u64> = groups.keys().chain(self.created.keys()).chain(self.ended.keys()).copied().collect();
+        self.samples(&groups, now_ns, |_| None)
+    }
+
+    /// One sample per `go` statement that has live goroutines (`live`:
+    /// count and oldest first-seen time) or created/ended any.
+    fn samples(
+        &self,
+        live: &HashMap<u64, (u64, u64)>,
+        now_ns: u64,
+        mut blocked: impl FnMut(u64) -> Option<Blocked>,
+    ) -> Vec<StackSample> {
+        let mut gopcs: Vec<u64> = live.keys().chain(self.created.keys()).chain(self.ended.keys()).copied().collect();
         gopcs.sort_unstable();
         gopcs.dedup();
         gopcs
             .into_iter()
             .map(|gopc| {
-                let (live, oldest) = groups.get(&gopc).copied().unwrap_or((0, u64::MAX));
+                let (n, oldest) = live.get(&gopc).copied().unwrap_or((0, u64::MAX));
                 StackSample {
                     stack: go_statement(gopc),
-                    live,
+                    live: n,
                     created: self.created.get(&gopc).copied().unwrap_or(0),
                     ended: self.ended.get(&gopc).copied().unwrap_or(0),
-                    oldest_age_s: (live > 0).then(|| now_ns.saturating_sub(oldest) as f64 / 1e9),
-                    peer: None,
-                    thread_name: None,
-                    blocked: None,
+                    oldest_age_s: (n > 0).then(|| now_ns.saturating_sub(oldest) as f64 / 1e9),
+                    blocked: blocked(gopc),
                     ..Default::default()
                 }
             })
