@@ -43,19 +43,18 @@ use tracer_common::{
         MAX_LIVE_ALLOCS, MAX_PENDING_ALLOCS,
     },
     counter,
-    stacks::{StackKey, WalkedFrames, MAX_WALKED_FRAMES, MAX_WALKED_STACKS, OVERFLOW_STACK, WALKED_STACK},
+    stacks::{StackKey, WalkedFrames, MAX_WALKED_STACKS, OVERFLOW_STACK, WALKED_STACK},
 };
 
 use crate::{
     bump,
-    stacks::{read_user_u64, syscall_args, user_stack, STACKS},
+    stacks::{read_user_u64, syscall_args, user_stack, walk_user_stack, STACKS},
     target_tgid,
 };
 
 /// Byte-weighted sampling period (0: track every block); set at load.
 #[no_mangle]
 static ALLOC_SAMPLE_BYTES: u64 = 0;
-
 
 /// Live blocks by address, preallocated at the size set at load: an
 /// on-demand table can fail an insert under a burst of allocations (its
@@ -142,7 +141,6 @@ fn reg_at(r: &aya_ebpf::bindings::pt_regs, i: u64) -> u64 {
         _ => 0,
     }
 }
-
 
 /// A value a point's cookie locates: a register, or a stack slot above `sp`.
 #[inline(always)]
@@ -288,57 +286,18 @@ static ALLOC_FRAMES: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_
 #[map]
 static ALLOC_SCRATCH: PerCpuArray<WalkedFrames> = PerCpuArray::with_max_entries(1, 0);
 
-/// Below `vm.mmap_min_addr` nothing is mapped: a frame pointer there (0 in
-/// a thread's outermost frame, a small integer glibc's startup leaves in
-/// `main`'s caller) ends the walk without a faulting read (~0.8 µs of
-/// exception handling on these VMs).
-const LOWEST_FRAME: u64 = 4096;
-
+/// An allocation's stack: the return address `ip`, then the frame-pointer
+/// chain from `fp` (`stacks::walk_user_stack`; cheaper than
+/// `bpf_get_stackid`, and possible at a result point, where the probe's own
+/// registers are not the caller's). (Reading a 512-byte window of the stack
+/// at once instead of one read per frame was tried: no measurable gain on
+/// `alloc_bench`'s 3-frame stacks.)
 #[inline(always)]
-fn mix(h: u64, x: u64) -> u64 {
-    let h = (h ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    h ^ (h >> 31)
-}
-
-/// The user stack whose innermost address is `ip` and whose frame-pointer
-/// chain starts at `fp`, walked here (cheaper than `bpf_get_stackid`, and
-/// possible where the probe's own registers are not the caller's): stored
-/// once in `ALLOC_FRAMES`, named by the hash of its addresses. (Reading a
-/// 512-byte window of the stack at once instead of one read per frame was
-/// tried: no measurable gain on `alloc_bench`'s 3-frame stacks.)
-#[inline(always)]
-fn walk(ip: u64, mut fp: u64) -> StackKey {
-    let Some(f) = ALLOC_SCRATCH.get_ptr_mut(0) else { return StackKey { stack_id: -1, caller: 0 } };
-    // SAFETY: this CPU's scratch slot; no other user while we run.
-    let f = unsafe { &mut *f };
-    f.ips[0] = ip;
-    let mut hash = mix(0xcbf2_9ce4_8422_2325, ip);
-    let mut len = 1usize;
-    for i in 1..MAX_WALKED_FRAMES {
-        if fp < LOWEST_FRAME {
-            break;
-        }
-        // SAFETY: user memory read through the helper, which faults safely.
-        let Ok(frame) = (unsafe { bpf_probe_read_user(fp as *const [u64; 2]) }) else { break };
-        if frame[1] == 0 {
-            break;
-        }
-        f.ips[i] = frame[1];
-        len = i + 1;
-        hash = mix(hash, frame[1]);
-        if frame[0] <= fp {
-            break;
-        }
-        fp = frame[0];
+fn walk(ip: u64, fp: u64) -> StackKey {
+    match walk_user_stack(&ALLOC_FRAMES, &ALLOC_SCRATCH, [ip, 0], 1, fp) {
+        Some(hash) => StackKey { stack_id: WALKED_STACK, caller: hash },
+        None => StackKey { stack_id: -1, caller: 0 },
     }
-    f.len = len as u64;
-    let hash = mix(hash, len as u64);
-    // SAFETY: lookup only.
-    if unsafe { ALLOC_FRAMES.get(&hash) }.is_none() && ALLOC_FRAMES.insert(&hash, f, 0).is_err() {
-        bump(counter::LOST_STACKS);
-        return StackKey { stack_id: -1, caller: 0 };
-    }
-    StackKey { stack_id: WALKED_STACK, caller: hash }
 }
 
 #[inline(always)]

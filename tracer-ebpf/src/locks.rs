@@ -33,7 +33,7 @@ use tracer_common::{
     counter,
     locks::{
         kind, root, LockSite, LockStack, LockStats, PendingWait, WaitTotals, WalkedFrames, CONFIG_IGNORE_FOREIGN,
-        HIST_BUCKETS, MAX_LOCKS, MAX_LOCK_SITES, MAX_LOCK_STACKS, MAX_PENDING_WAITS, MAX_WALKED_FRAMES,
+        HIST_BUCKETS, MAX_LOCKS, MAX_LOCK_SITES, MAX_LOCK_STACKS, MAX_PENDING_WAITS,
         MAX_WALKED_STACKS,
     },
     stacks::StackKey,
@@ -41,7 +41,7 @@ use tracer_common::{
 
 use crate::{
     bump,
-    stacks::{read_user_u64, user_ip_sp_bp, STACKS},
+    stacks::{read_user_u64, user_ip_sp_bp, walk_user_stack, STACKS},
     target_tgid,
 };
 
@@ -88,7 +88,6 @@ const FUTEX_LOCK_PI2: u64 = 13;
 /// `op` without FUTEX_PRIVATE_FLAG and FUTEX_CLOCK_REALTIME.
 const FUTEX_CMD_MASK: u64 = 0x7f;
 
-
 #[inline(always)]
 fn config(index: u32) -> u64 {
     LOCK_CONFIG.get(index).copied().unwrap_or(0)
@@ -133,46 +132,10 @@ fn libc_chain(ip: u64, sp: u64, bp: u64) -> Option<Chain> {
 }
 
 /// Walks the application's frame-pointer chain from the chain's end, stores
-/// the frames in `LOCK_FRAMES` and returns their hash (0 on failure).
+/// the frames in `LOCK_FRAMES` and returns their key (0 on failure).
 #[inline(always)]
 fn walked_stack(chain: &Chain) -> u64 {
-    let Some(f) = LOCK_SCRATCH_FRAMES.get_ptr_mut(0) else { return 0 };
-    // SAFETY: this CPU's scratch slot; no other user while we run.
-    let f = unsafe { &mut *f };
-    f.ips[0] = chain.first;
-    f.ips[1] = chain.app_ret;
-    let mut len = 2usize;
-    let mut fp = chain.app_bp;
-    for i in 2..MAX_WALKED_FRAMES {
-        f.ips[i] = 0;
-        if fp == 0 || len != i {
-            continue;
-        }
-        let ret = read_user_u64(fp + 8);
-        if ret == 0 {
-            continue;
-        }
-        f.ips[i] = ret;
-        len = i + 1;
-        let next = read_user_u64(fp);
-        fp = if next > fp { next } else { 0 };
-    }
-    f.len = len as u64;
-    // FNV-1a over the frames.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for i in 0..MAX_WALKED_FRAMES {
-        h ^= f.ips[i];
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    if h == 0 {
-        h = 1;
-    }
-    // SAFETY: lookup only.
-    if unsafe { LOCK_FRAMES.get(&h) }.is_none() && LOCK_FRAMES.insert(&h, f, 0).is_err() {
-        bump(counter::LOST_STACKS);
-        return 0;
-    }
-    h
+    walk_user_stack(&LOCK_FRAMES, &LOCK_SCRATCH_FRAMES, [chain.first, chain.app_ret], 2, chain.app_bp).unwrap_or(0)
 }
 
 /// The kernel's frame-pointer stack of the current task (`caller`: the
