@@ -81,9 +81,6 @@ impl AllocationCollector {
         if key.stack_id != WALKED_STACK {
             return SampleStack::Kernel(key);
         }
-        match self.frames.get(&key.caller, 0) {
-            Ok(f) => SampleStack::Addresses(f.ips[..(f.len as usize).min(f.ips.len())].to_vec()),
-            Err(_) => SampleStack::Kernel(StackKey { stack_id: -1, caller: 0 }),
-        }
+        super::walked_stack(&self.frames, key.caller)
     }
 }

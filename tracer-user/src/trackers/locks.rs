@@ -21,10 +21,7 @@ use aya::{
     Ebpf,
 };
 use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
-use tracer_common::{
-    locks::{kind, LockSite, LockStack, LockStats, WaitTotals, WalkedFrames, CONFIG_IGNORE_FOREIGN, HIST_BUCKETS},
-    stacks::StackKey,
-};
+use tracer_common::locks::{kind, LockSite, LockStack, LockStats, WaitTotals, WalkedFrames, CONFIG_IGNORE_FOREIGN, HIST_BUCKETS};
 
 use super::SampleStack;
 use crate::procfs::{self, MemoryMap};
@@ -265,10 +262,7 @@ impl LockCollector {
         if key.walked == 0 {
             return SampleStack::Kernel(key.stack);
         }
-        match self.frames.get(&key.walked, 0) {
-            Ok(f) => SampleStack::Addresses(f.ips[..(f.len as usize).min(f.ips.len())].to_vec()),
-            Err(_) => SampleStack::Kernel(StackKey { stack_id: -1, caller: 0 }),
-        }
+        super::walked_stack(&self.frames, key.walked)
     }
 
     /// Name of the Go sync function containing `addr` ("" when none).

@@ -10,8 +10,8 @@ pub mod threads;
 
 use std::collections::HashMap;
 
-use aya::maps::{MapData, PerCpuHashMap};
-use tracer_common::stacks::{StackCounts, StackKey};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap};
+use tracer_common::stacks::{StackCounts, StackKey, WalkedFrames};
 
 /// A stack as a collector has it: an id in the kernel's stack map (probes,
 /// tracepoints), or addresses read out of the target's memory (a goroutine's
@@ -25,6 +25,16 @@ pub enum SampleStack {
 impl From<StackKey> for SampleStack {
     fn from(key: StackKey) -> Self {
         SampleStack::Kernel(key)
+    }
+}
+
+/// A stack a BPF program walked itself, by its key in the tracker's
+/// walked-stack table (`stacks::walk_user_stack`); "[stack not recorded]"
+/// when it is not there.
+pub fn walked_stack(frames: &BpfHashMap<MapData, u64, WalkedFrames>, key: u64) -> SampleStack {
+    match frames.get(&key, 0) {
+        Ok(f) => SampleStack::Addresses(f.ips[..(f.len as usize).min(f.ips.len())].to_vec()),
+        Err(_) => SampleStack::Kernel(StackKey { stack_id: -1, caller: 0 }),
     }
 }
 
