@@ -21,7 +21,7 @@ pub mod results;
 use std::{collections::HashSet, path::Path};
 
 use anyhow::{Context, Result};
-use iced_x86::{Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, Mnemonic, OpKind, Register};
 use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 
 /// One allocator entry point: which program, where (file offset), and
@@ -270,10 +270,7 @@ pub fn probe_delta(code: &[u8], entry: u64, args: &[Register], allow_depth: bool
             continue;
         }
         let writes = info.info(&ins).used_registers().iter().any(|u| {
-            let written = matches!(
-                u.access(),
-                OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
-            );
+            let written = results::writes(u.access());
             let full = u.register().full_register();
             written && (full == Register::RSP || args.contains(&full))
         });

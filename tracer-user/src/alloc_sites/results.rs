@@ -118,26 +118,10 @@ fn gpr(r: Register) -> Option<usize> {
     (i < 16 && full.is_gpr64()).then_some(i)
 }
 
+/// The 64-bit register with index `i` (iced-x86 orders them rax, rcx,
+/// rdx, rbx, rsp, rbp, rsi, rdi, r8-r15, as [`gpr`] counts).
 fn gpr_name(i: usize) -> Register {
-    const NAMES: [Register; 16] = [
-        Register::RAX,
-        Register::RCX,
-        Register::RDX,
-        Register::RBX,
-        Register::RSP,
-        Register::RBP,
-        Register::RSI,
-        Register::RDI,
-        Register::R8,
-        Register::R9,
-        Register::R10,
-        Register::R11,
-        Register::R12,
-        Register::R13,
-        Register::R14,
-        Register::R15,
-    ];
-    NAMES[i]
+    Register::try_from(Register::RAX as usize + i).unwrap_or(Register::None)
 }
 
 const CALLER_SAVED: [Register; 9] = [
@@ -213,6 +197,11 @@ impl State {
 
 fn to_slot(off: i64) -> Option<Loc> {
     (0..=MAX_SLOT).contains(&off).then(|| Loc::Stack(off as u32))
+}
+
+/// Whether an operand access writes (maybe only under a condition).
+pub(super) fn writes(a: OpAccess) -> bool {
+    matches!(a, OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite)
 }
 
 /// Instructions the x86 uprobe code emulates instead of single-stepping.
@@ -380,7 +369,7 @@ impl Function {
             && i.immediate(1) == 0;
         let used = info.info(i);
         for u in used.used_registers() {
-            let written = matches!(u.access(), OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite);
+            let written = writes(u.access());
             if !written {
                 continue;
             }
@@ -395,7 +384,7 @@ impl Function {
             }
         }
         for m in used.used_memory() {
-            let written = matches!(m.access(), OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite);
+            let written = writes(m.access());
             if !written || m.base() != Register::RSP {
                 continue;
             }
@@ -498,7 +487,7 @@ fn back_through(i: &Instruction, st: &State, l: TailLoc) -> Option<Option<TailLo
         TailLoc::Reg(r) => {
             let writes = used.used_registers().iter().any(|u| {
                 u.register().full_register() == r
-                    && matches!(u.access(), OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite)
+                    && writes(u.access())
             });
             if !writes {
                 return Some(Some(l));
@@ -533,7 +522,7 @@ fn back_through(i: &Instruction, st: &State, l: TailLoc) -> Option<Option<TailLo
                 Mnemonic::Push if sp - 8 == o => reg0.filter(|r| r.is_gpr64()).map(|r| Some(TailLoc::Reg(r))),
                 _ => {
                     let hits = used.used_memory().iter().any(|m| {
-                        matches!(m.access(), OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite)
+                        writes(m.access())
                             && (m.base() != Register::RSP
                                 || m.index() != Register::None
                                 || (sp + m.displacement() as i64 - o).abs() < 8)
@@ -638,8 +627,6 @@ fn size_points(f: &Function, states: &[Option<State>], results: &[(usize, Result
         return Some(Vec::new());
     }
     let dom = dominators(f, states);
-    let preds = f.preds();
-    let _ = preds;
     let mut out: Vec<SizePoint> = Vec::new();
     for c in lacking {
         let best = dom[c]
@@ -699,10 +686,9 @@ fn dominators(f: &Function, states: &[Option<State>]) -> Vec<Vec<usize>> {
     let n = f.ins.len();
     let reachable: Vec<usize> = (0..n).filter(|&i| states[i].is_some()).collect();
     let preds = f.preds();
-    let all: Vec<usize> = reachable.clone();
     let mut dom: Vec<Vec<usize>> = vec![Vec::new(); n];
     for &i in &reachable {
-        dom[i] = if i == 0 { vec![0] } else { all.clone() };
+        dom[i] = if i == 0 { vec![0] } else { reachable.clone() };
     }
     let mut changed = true;
     while changed {
