@@ -381,19 +381,18 @@ pub fn bench(root: &Path, args: &[String]) -> Result<()> {
     // The same share taken in each round (leaktrace and the floor measured
     // seconds apart), then the median: steadier than a ratio of medians
     // when the machine's speed drifts between rounds.
-    let mut paired: Vec<f64> = (0..rounds)
-        .map(|r| {
-            let added = |i: usize| results[i][r].micro - untraced[r].micro;
-            added(3) / added(1).max(1.0)
-        })
-        .collect();
+    let share_per_round = |mode: Mode| -> Vec<f64> {
+        let at = |m: Mode| Mode::ALL.iter().position(|x| *x == m).unwrap();
+        (0..rounds)
+            .map(|r| {
+                let added = |m: Mode| results[at(m)][r].micro - untraced[r].micro;
+                added(mode) / added(Mode::Floor).max(1.0)
+            })
+            .collect()
+    };
+    let mut paired = share_per_round(Mode::Leaktrace);
     let per_round: Vec<String> = paired.iter().map(|v| format!("{v:.2}")).collect();
-    let mut traps: Vec<f64> = (0..rounds)
-        .map(|r| {
-            let added = |i: usize| results[i][r].micro - untraced[r].micro;
-            added(4) / added(1).max(1.0)
-        })
-        .collect();
+    let mut traps = share_per_round(Mode::TrapsOnly);
     writeln!(out)?;
     writeln!(out, "leaktrace's added cost per malloc+free pair = {:.3} of the entry floor's (target <= 0.2)", share)?;
     writeln!(
