@@ -190,13 +190,16 @@ fn result_probes(file: &object::File, data: &[u8], name: &str, addr: u64, size: 
         });
         Some(())
     };
+    // Size points first: probes are attached in this order, and a result
+    // point attached before its size point would meet calls that passed
+    // the size point unprobed (each counted as a lost call).
+    for p in &plan.sizes {
+        push("alloc_size", p.addr, point::pack(when(p.when), p.ret_slot.into(), 0, loc_code(p.size)?, 0))?;
+    }
     for p in &plan.results {
         let size = p.size.map_or(Some(point::PENDING), loc_code)?;
         let cookie = point::pack(when(p.when), p.ret_slot.into(), loc_code(p.result)?, size, loc_code(p.caller_bp)?);
         push("alloc_result", p.addr, cookie)?;
-    }
-    for p in &plan.sizes {
-        push("alloc_size", p.addr, point::pack(when(p.when), p.ret_slot.into(), 0, loc_code(p.size)?, 0))?;
     }
     Some(out)
 }
