@@ -57,10 +57,6 @@ pub mod ring_kind {
     /// The target called `close_range(a = first, b = last)` successfully at
     /// `c` (ktime ns): sockets in that range made before then are gone.
     pub const CLOSE_RANGE: u32 = 1;
-    /// The target exec'd at `a` (ktime ns): CLOEXEC sockets made before then are gone.
-    pub const EXEC: u32 = 2;
-    /// The target's main thread exited.
-    pub const EXIT: u32 = 3;
 }
 
 /// A ring-buffer record.

@@ -39,7 +39,7 @@ static CONN_FDS: HashMap<FdKey, ConnInfo> = HashMap::with_max_entries(MAX_LIVE_S
 static CONN_STACKS: PerCpuHashMap<StackKey, StackCounts> =
     PerCpuHashMap::with_max_entries(MAX_CONN_STACKS, 0);
 
-/// Rare events user space must act on (close_range, exec, exit).
+/// Rare events user space must act on (close_range).
 #[map]
 static CONN_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
@@ -234,29 +234,6 @@ pub fn conn_close_range_exit(ctx: TracePointContext) -> u32 {
     // reuse these fd numbers before it reads the event.
     let now = unsafe { bpf_ktime_get_ns() };
     send(ConnRingEvent { kind: ring_kind::CLOSE_RANGE, tgid, a: first, b: last, c: now });
-    0
-}
-
-/// sched:sched_process_exec — CLOEXEC sockets are gone.
-#[tracepoint]
-pub fn conn_exec(_ctx: TracePointContext) -> u32 {
-    if let Some(tgid) = target_tgid() {
-        // SAFETY: no preconditions.
-        let now = unsafe { bpf_ktime_get_ns() };
-        send(ConnRingEvent { kind: ring_kind::EXEC, tgid, a: now, b: 0, c: 0 });
-    }
-    0
-}
-
-/// sched:sched_process_exit — the target's main thread is leaving.
-#[tracepoint]
-pub fn conn_exit(_ctx: TracePointContext) -> u32 {
-    let id = aya_ebpf::helpers::bpf_get_current_pid_tgid();
-    if let Some(tgid) = target_tgid() {
-        if id as u32 == tgid {
-            send(ConnRingEvent { kind: ring_kind::EXIT, tgid, a: 0, b: 0, c: 0 });
-        }
-    }
     0
 }
 

@@ -8,6 +8,7 @@
 mod allocations;
 mod connections;
 mod maps;
+mod process;
 mod locks;
 mod stacks;
 mod threads;

@@ -4,10 +4,14 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::report::Kind;
+use crate::{
+    report::Kind,
+    trackers::{ALIASES, REGISTRY},
+};
 
-/// leaktrace: find what grows in a running process — connections, by the
-/// call stack that created them — and judge whether it leaks.
+/// leaktrace: find what grows in a running process — connections, threads,
+/// goroutines, Go map entries, heap blocks, by the call stack that created
+/// them — judge whether it leaks, and who waits on which lock.
 ///
 /// Examples:
 ///   sudo leaktrace attach --pid 1234
@@ -91,7 +95,8 @@ pub struct TraceOptions {
     pub max_sockets: u32,
     /// When the trace ends, write the final report as a gzipped pprof
     /// profile (profile.proto) to FILE: one sample per finding, weighted by
-    /// live objects (sample types `connections`, `threads`, `map_entries`),
+    /// live objects (sample types `connections`, `threads`, `goroutines`,
+    /// `map_entries`, `inuse_objects`/`inuse_space`, `contentions`/`delay`),
     /// labels `site`, `verdict`, `peer`, `thread_name`, `map`. Read it with
     /// `go tool pprof -top FILE`.
     #[arg(long, value_name = "FILE")]
@@ -163,37 +168,21 @@ fn parse_kind(s: &str) -> Result<Kind, String> {
     })
 }
 
-/// Trackers this build has.
-pub const AVAILABLE_TRACKERS: &[&str] = &["connections", "tasks", "maps", "allocations", "locks"];
-/// Trackers run when `--track` is not given. The others are asked for by
-/// name: `maps` reads the target's memory every interval and only applies to
-/// Go; `allocations` puts a uprobe on every malloc and free (about 1-2 µs
-/// each), too dear for a default; `locks` answers another question than
-/// "what leaks".
-pub const DEFAULT_TRACKERS: &[&str] = &["connections", "tasks"];
-/// Trackers planned but not in this build (none left).
-pub const PLANNED_TRACKERS: &[&str] = &[];
-
-/// Resolves `--track` into the trackers to run, with a one-line error for
-/// unknown or unavailable names.
+/// Resolves `--track` into the tracker names to run (as the user calls
+/// them: `tasks` stays `tasks`), with a one-line error for unknown names.
+/// Without `--track`: the registry's default trackers. The others are asked
+/// for by name, each for a reason its registry entry gives.
 pub fn trackers(list: &[String]) -> Result<Vec<&'static str>, String> {
     if list.is_empty() {
-        return Ok(DEFAULT_TRACKERS.to_vec());
+        return Ok(fold_aliases(REGISTRY.iter().filter(|s| s.default).map(|s| s.name).collect()));
     }
+    let known: Vec<&'static str> = REGISTRY.iter().map(|s| s.name).chain(ALIASES.iter().map(|a| a.0)).collect();
     let mut out = Vec::new();
     for name in list.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
-        if let Some(t) = AVAILABLE_TRACKERS.iter().find(|t| **t == name) {
-            if !out.contains(t) {
-                out.push(*t);
-            }
-        } else if PLANNED_TRACKERS.contains(&name) {
-            return Err(format!(
-                "tracker '{name}' is not available in this version (available: {})",
-                AVAILABLE_TRACKERS.join(",")
-            ));
-        } else {
-            let known: Vec<&str> = AVAILABLE_TRACKERS.iter().chain(PLANNED_TRACKERS).copied().collect();
-            return Err(format!("unknown tracker '{name}' (known: {})", known.join(",")));
+        match known.iter().find(|t| **t == name) {
+            Some(t) if !out.contains(t) => out.push(*t),
+            Some(_) => {}
+            None => return Err(format!("unknown tracker '{name}' (known: {})", known.join(","))),
         }
     }
     if out.is_empty() {
@@ -202,9 +191,36 @@ pub fn trackers(list: &[String]) -> Result<Vec<&'static str>, String> {
     Ok(out)
 }
 
+/// The registry names behind tracker names (aliases expanded).
+pub fn expand(names: &[&'static str]) -> Vec<&'static str> {
+    names
+        .iter()
+        .flat_map(|n| ALIASES.iter().find(|a| a.0 == *n).map_or_else(|| vec![*n], |a| a.1.to_vec()))
+        .collect()
+}
+
+/// Registry names with every complete alias group written as its alias.
+fn fold_aliases(mut names: Vec<&'static str>) -> Vec<&'static str> {
+    for (alias, members) in ALIASES {
+        if let Some(first) = names.iter().position(|n| members.contains(n)) {
+            if members.iter().all(|m| names.contains(m)) {
+                names.retain(|n| !members.contains(n));
+                names.insert(first, alias);
+            }
+        }
+    }
+    names
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aliases_expand_to_registry_names() {
+        assert_eq!(expand(&["connections", "tasks"]), vec!["connections", "threads", "goroutines"]);
+        assert_eq!(trackers(&["threads".into()]).unwrap(), vec!["threads"]);
+    }
 
     #[test]
     fn track_list_is_checked() {

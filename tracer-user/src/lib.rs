@@ -1,21 +1,26 @@
 //! leaktrace as a library: the `leaktrace` binary is a thin CLI over these modules.
 //!
-//! Data flows one way: probes -> per-stack aggregates in BPF maps ->
-//! a collector per tracker ([`trackers`]) that yields samples -> one growth
-//! engine ([`growth`]) -> one report model ([`report`]) -> renderers ([`render`]).
+//! Data flows one way, and the modules are listed in that order:
+//! probes ([`probes`], the kernel side) -> per-stack aggregates in BPF maps
+//! -> a collector per tracker ([`trackers`]) that yields samples -> stacks
+//! resolved and named ([`stacks`], [`symbolize`]) -> one judge ([`judge`]:
+//! growth engine, contention) -> one report model ([`report`]) -> renderers
+//! ([`render`]) -> where the output goes ([`output`]). [`session`] runs the
+//! loop; [`lifecycle`] follows the target's exec and exit.
 
-pub mod report;
-pub mod growth;
-pub mod metrics_server;
-pub mod render;
-pub mod alloc_sites;
-pub mod child;
 pub mod cli;
-pub mod golang;
-pub mod probes;
-pub mod procfs;
 pub mod session;
+pub mod lifecycle;
+pub mod child;
+pub mod procfs;
+pub mod probes;
+pub mod trackers;
+pub mod alloc_sites;
+pub mod golang;
 pub mod stacks;
 pub mod symbolize;
 pub mod syscall_sites;
-pub mod trackers;
+pub mod judge;
+pub mod report;
+pub mod render;
+pub mod output;

@@ -8,7 +8,6 @@ use clap::Parser;
 use leaktrace::{
     child::Held,
     cli::{Cli, Command, TraceOptions},
-    report::Verdict,
     session::{self, HeldChild},
 };
 
@@ -56,64 +55,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let outcome = rt.block_on(session::trace(pid, &opts, child))?;
     if is_check {
-        let report = &outcome.report;
-        let leaks: Vec<_> = report.findings.iter().filter(|f| f.verdict == Verdict::Leak).collect();
-        let summary = leaktrace::render::table::summary(report);
-        let lost = if report.lost.events + report.lost.stacks > 0 {
-            format!("; lost {} events, {} stacks (numbers are low)", report.lost.events, report.lost.stacks)
-        } else {
-            String::new()
-        };
-        // Locks whose waiters lost more than --fail-on-wait of the window.
-        let waits: Vec<_> = report
-            .findings
-            .iter()
-            .filter(|f| f.lock.as_ref().is_some_and(|l| fail_on_wait.is_some_and(|t| l.wait_share > t)))
-            .collect();
-        // Made for CI logs: one verdict line, the failing findings with the
-        // code path that created them, and what the exit status means.
-        if !leaks.is_empty() || !waits.is_empty() {
-            eprintln!(
-                "leaktrace check: FAIL: {summary} in {:.0}s of {} (pid {}){lost}",
-                report.elapsed_s, report.comm, report.pid
-            );
-            for f in &leaks {
-                eprintln!(
-                    "  LEAK {} at {}: {} live, {:+.1}/min, oldest {}{}",
-                    f.kind.as_str(),
-                    f.site,
-                    f.live,
-                    f.growth_per_min,
-                    f.oldest_age_s.map(|a| format!("{a:.0}s")).unwrap_or_else(|| "?".into()),
-                    f.peer.as_deref().map(|p| format!(", peer {p}")).unwrap_or_default()
-                        + &f.map.as_deref().map(|m| format!(", map {m}")).unwrap_or_default()
-                );
-                let path: Vec<&str> =
-                    f.stack.iter().skip(f.site_index).take(4).map(|fr| fr.function.as_str()).collect();
-                eprintln!("       created by {}", path.join(" <- "));
-            }
-            for f in &waits {
-                let Some(l) = &f.lock else { continue };
-                eprintln!(
-                    "  CONTENDED lock {} ({}): waiters lost {:.0}% of the window (> {:.0}%), {} waits, max {:.1} ms, waiting at {}, held by {}",
-                    l.lock,
-                    l.lock_kind,
-                    l.wait_share * 100.0,
-                    fail_on_wait.unwrap_or(0.0) * 100.0,
-                    l.contentions,
-                    l.max_wait_ns as f64 / 1e6,
-                    f.site,
-                    if l.holder_site.is_empty() { "?" } else { &l.holder_site }
-                );
-            }
-            let what = if fail_on_wait.is_some() { "3 = leak found or --fail-on-wait exceeded" } else { "3 = leak found" };
-            eprintln!("leaktrace check: exit 3 (0 = no leak, {what}, 1 = error)");
+        let check = leaktrace::render::check::render_check(&outcome.report, fail_on_wait);
+        eprint!("{}", check.text);
+        if check.failed {
             return Ok(ExitCode::from(3));
         }
-        eprintln!(
-            "leaktrace check: PASS: {summary} in {:.0}s of {} (pid {}){lost}; exit 0 (0 = no leak, 3 = leak found, 1 = error)",
-            report.elapsed_s, report.comm, report.pid
-        );
     }
     Ok(ExitCode::SUCCESS)
 }

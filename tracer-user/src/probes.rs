@@ -9,67 +9,41 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{HashMap as BpfHashMap, PerCpuHashMap, PerCpuValues},
+    maps::{HashMap as BpfHashMap, Map, PerCpuHashMap, PerCpuValues},
     programs::{
-        uprobe::{UProbeLinkId, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
         TracePoint, UProbe,
     },
     util::nr_cpus,
     Ebpf, EbpfLoader,
 };
-use aya::programs::uprobe::UProbeAttachLocation;
-use tracer_common::{
-    allocations::AllocCounts,
-    stacks::{StackCounts, StackKey, OVERFLOW_STACK},
-};
+use tracer_common::stacks::{StackKey, OVERFLOW_STACK};
 
 /// The compiled `tracer-ebpf` object (see build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
 
 /// Tracepoints of one tracker: (program, category, event).
-pub type Attachments = &'static [(&'static str, &'static str, &'static str)];
+pub type Tracepoints = &'static [(&'static str, &'static str, &'static str)];
 
-/// The connection tracker's programs: exits only (arguments come from the
-/// saved user registers), except close, which acts at entry.
-pub const CONNECTIONS: Attachments = &[
-    ("conn_socket_exit", "syscalls", "sys_exit_socket"),
-    ("conn_connect_exit", "syscalls", "sys_exit_connect"),
-    ("conn_accept_exit", "syscalls", "sys_exit_accept"),
-    ("conn_accept4_exit", "syscalls", "sys_exit_accept4"),
-    ("conn_close_enter", "syscalls", "sys_enter_close"),
-    ("conn_dup_exit", "syscalls", "sys_exit_dup2"),
-    ("conn_dup_exit", "syscalls", "sys_exit_dup3"),
-    ("conn_close_range_exit", "syscalls", "sys_exit_close_range"),
-    ("conn_exec", "sched", "sched_process_exec"),
-    ("conn_exit", "sched", "sched_process_exit"),
-];
+/// What trackers set before the object is loaded: globals and map sizes.
+#[derive(Default, Debug)]
+pub struct LoadSettings {
+    /// `u32` globals (name, value).
+    pub u32_globals: Vec<(&'static str, u32)>,
+    /// `u64` globals (name, value).
+    pub u64_globals: Vec<(&'static str, u64)>,
+    /// Map sizes (map name, entries).
+    pub max_entries: Vec<(&'static str, u32)>,
+}
 
-/// The thread tracker's tracepoints (its `pthread_create` uprobe is
-/// attached per libc by [`Probes::attach_pthread_create`]).
-pub const THREADS: Attachments = &[
-    ("thread_fork", "sched", "sched_process_fork"),
-    ("thread_exit", "sched", "sched_process_exit"),
-];
-
-/// The lock tracker's futex tracepoints (its Go uprobes are attached per
-/// executable by [`Probes::attach_uprobe_at`]).
-pub const LOCKS: Attachments = &[
-    ("lock_futex_enter", "syscalls", "sys_enter_futex"),
-    ("lock_futex_exit", "syscalls", "sys_exit_futex"),
-];
-
-/// Offset of `child_pid` in the `sched:sched_process_fork` record, from its
-/// format (Linux 6.18 has `__data_loc` comms; older kernels inline them).
-fn fork_child_pid_offset() -> u32 {
-    for dir in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
-        let Ok(format) = std::fs::read_to_string(format!("{dir}/events/sched/sched_process_fork/format")) else {
-            continue;
-        };
-        if let Some(off) = parse_field_offset(&format, "child_pid") {
-            return off;
-        }
-    }
-    tracer_common::threads::FORK_CHILD_PID_OFFSET
+/// `offset:N` of the field `field` in the record of tracepoint
+/// `category:event`, read from its tracefs format (layouts change between
+/// kernels).
+pub fn tracepoint_field_offset(category: &str, event: &str, field: &str) -> Option<u32> {
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"].iter().find_map(|dir| {
+        let format = std::fs::read_to_string(format!("{dir}/events/{category}/{event}/format")).ok()?;
+        parse_field_offset(&format, field)
+    })
 }
 
 /// `offset:N` of the field named `name` in a tracepoint format.
@@ -83,24 +57,6 @@ fn parse_field_offset(format: &str, name: &str) -> Option<u32> {
         l.split(';').find_map(|p| p.trim().strip_prefix("offset:")).and_then(|v| v.trim().parse().ok())
     })
 }
-
-/// The allocation tracker's load-time settings.
-#[derive(Clone, Copy, Debug)]
-pub struct AllocLoad {
-    /// Size of the live-block table (entries, preallocated).
-    pub max_allocations: u32,
-    /// Byte-weighted sampling period (0: every block).
-    pub sample_bytes: u64,
-    /// Size of the walked-stack table (entries of 264 bytes, preallocated).
-    pub max_stacks: u32,
-}
-
-/// The allocation tracker's tracepoints (its uprobes are attached per
-/// allocator object by [`Probes::attach_allocator`]).
-pub const ALLOCATIONS: Attachments = &[
-    ("alloc_mmap_exit", "syscalls", "sys_exit_mmap"),
-    ("alloc_munmap_enter", "syscalls", "sys_enter_munmap"),
-];
 
 /// Loaded and attached programs; detached on drop.
 pub struct Probes {
@@ -145,53 +101,57 @@ fn ensure_tracefs() -> Result<()> {
 }
 
 impl Probes {
-    /// Loads the object for `pid` with a live-socket table of `max_sockets`
-    /// entries and the allocation tracker's table size and sampling period;
-    /// nothing runs until [`Probes::attach`].
-    pub fn load(pid: u32, max_sockets: u32, alloc: AllocLoad) -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
-            .override_global("TARGET_TGID", &pid, true)
-            .override_global("ALLOC_SAMPLE_BYTES", &alloc.sample_bytes, true)
-            .map_max_entries("ALLOCS", alloc.max_allocations)
-            .map_max_entries("ALLOC_FRAMES", alloc.max_stacks)
-            .override_global("FORK_CHILD_PID_AT", &fork_child_pid_offset(), true)
-            .map_max_entries("CONN_FDS", max_sockets)
-            .load(OBJECT)
-            .map_err(|e| load_error(&e.to_string()))?;
-        // The overflow key of every per-stack table: objects whose stack did
-        // not fit are counted there.
-        let n = nr_cpus().map_err(|(_, e)| e)?;
-        for name in ["CONN_STACKS", "THREAD_STACKS"] {
-            let map = ebpf.map_mut(name).ok_or_else(|| anyhow!("{name} map missing"))?;
-            let mut stacks: PerCpuHashMap<_, StackKey, StackCounts> = PerCpuHashMap::try_from(map)?;
-            let zeros = PerCpuValues::try_from(vec![StackCounts::default(); n])?;
-            stacks.insert(OVERFLOW_STACK, zeros, 0)?;
+    /// Loads the object for `pid` with the trackers' settings; nothing runs
+    /// until programs are attached.
+    pub fn load(pid: u32, settings: &LoadSettings) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        loader.override_global("TARGET_TGID", &pid, true);
+        for (name, value) in &settings.u32_globals {
+            loader.override_global(name, value, true);
         }
-        {
-            let map = ebpf.map_mut("ALLOC_STACKS").ok_or_else(|| anyhow!("ALLOC_STACKS map missing"))?;
-            let mut stacks: PerCpuHashMap<_, StackKey, AllocCounts> = PerCpuHashMap::try_from(map)?;
-            stacks.insert(OVERFLOW_STACK, PerCpuValues::try_from(vec![AllocCounts::default(); n])?, 0)?;
+        for (name, value) in &settings.u64_globals {
+            loader.override_global(name, value, true);
         }
+        for &(name, entries) in &settings.max_entries {
+            loader.map_max_entries(name, entries);
+        }
+        let ebpf = loader.load(OBJECT).map_err(|e| load_error(&e.to_string()))?;
         Ok(Self { ebpf })
     }
 
-    /// Attaches the given trackers' programs.
-    pub fn attach(&mut self, trackers: &[Attachments]) -> Result<()> {
-        let ebpf = &mut self.ebpf;
-        let mut loaded = std::collections::HashSet::new();
-        for attachments in trackers {
-            for &(prog, category, event) in attachments.iter() {
-                let program: &mut TracePoint = ebpf
-                    .program_mut(prog)
-                    .ok_or_else(|| anyhow!("program {prog} missing from the eBPF object"))?
-                    .try_into()?;
-                if loaded.insert(prog) {
-                    program.load().map_err(|e| load_error(&format!("{prog}: {e:#}")))?;
-                }
-                program
-                    .attach(category, event)
-                    .with_context(|| format!("cannot attach {prog} to tracepoint {category}:{event}"))?;
+    /// Takes the map `name` out of the object, as the typed map `M`.
+    pub fn take_map<M: TryFrom<Map>>(&mut self, name: &str) -> Result<M>
+    where
+        M::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let map = self.ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
+        M::try_from(map).with_context(|| format!("map {name}"))
+    }
+
+    /// Puts the overflow key in the per-stack table `name`: objects whose
+    /// stack did not fit are counted there.
+    pub fn seed_overflow_stack<V: aya::Pod + Default + Clone>(&mut self, name: &str) -> Result<()> {
+        let n = nr_cpus().map_err(|(_, e)| e)?;
+        let map = self.ebpf.map_mut(name).ok_or_else(|| anyhow!("{name} map missing"))?;
+        let mut stacks: PerCpuHashMap<_, StackKey, V> = PerCpuHashMap::try_from(map)?;
+        stacks.insert(OVERFLOW_STACK, PerCpuValues::try_from(vec![V::default(); n])?, 0)?;
+        Ok(())
+    }
+
+    /// Attaches tracepoint programs.
+    pub fn attach_tracepoints(&mut self, tracepoints: Tracepoints) -> Result<()> {
+        for &(prog, category, event) in tracepoints {
+            let program: &mut TracePoint = self
+                .ebpf
+                .program_mut(prog)
+                .ok_or_else(|| anyhow!("program {prog} missing from the eBPF object"))?
+                .try_into()?;
+            if program.fd().is_err() {
+                program.load().map_err(|e| load_error(&format!("{prog}: {e:#}")))?;
             }
+            program
+                .attach(category, event)
+                .with_context(|| format!("cannot attach {prog} to tracepoint {category}:{event}"))?;
         }
         Ok(())
     }
@@ -210,27 +170,36 @@ impl Probes {
         Ok(program)
     }
 
-    /// Attaches the thread tracker's uprobe to `pthread_create` in the libc
-    /// at `libc` (as the target maps it), for `pid` only.
-    pub fn attach_pthread_create(&mut self, pid: u32, libc: &Path) -> Result<()> {
-        let program = self.loaded_uprobe("thread_create")?;
-        let scope = UProbeScope::OneProcess(std::num::NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0"))?);
+    /// Attaches the uprobe program `prog` at the function `symbol` of the
+    /// object at `path`, for `pid` only.
+    pub fn attach_uprobe_at_symbol(&mut self, prog: &str, symbol: &str, path: &Path, pid: u32) -> Result<UProbeLinkId> {
+        let program = self.loaded_uprobe(prog)?;
         program
-            .attach("pthread_create", libc, scope)
-            .with_context(|| format!("cannot attach a uprobe to pthread_create in {}", libc.display()))?;
-        Ok(())
+            .attach(symbol, path, one_process(pid)?)
+            .with_context(|| format!("cannot attach a uprobe to {symbol} in {}", path.display()))
     }
 
     /// Attaches the uprobe program `prog` at file offset `offset` of the
-    /// object at `path`, for `pid` only (the map tracker's probes, at
-    /// offsets chosen by disassembly).
-    /// (Also the lock tracker's Go probes: trackers/locks/golang.rs.)
+    /// object at `path`, for `pid` only (offsets chosen by disassembly).
     pub fn attach_uprobe_at(&mut self, prog: &str, path: &Path, offset: u64, pid: u32) -> Result<UProbeLinkId> {
-        let program = self.loaded_uprobe(prog)?;
-        let scope = UProbeScope::OneProcess(std::num::NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0"))?);
-        program
-            .attach(offset, path, scope)
+        self.attach_uprobe_with_cookie(prog, path, offset, None, pid)
             .with_context(|| format!("cannot attach a uprobe at {}+{offset:#x}", path.display()))
+    }
+
+    /// [`Probes::attach_uprobe_at`] with a BPF cookie the program reads
+    /// (`bpf_get_attach_cookie`).
+    pub fn attach_uprobe_with_cookie(
+        &mut self,
+        prog: &str,
+        path: &Path,
+        offset: u64,
+        cookie: Option<u64>,
+        pid: u32,
+    ) -> Result<UProbeLinkId> {
+        let scope = one_process(pid)?;
+        let program = self.loaded_uprobe(prog)?;
+        let point = UProbeAttachPoint { location: UProbeAttachLocation::AbsoluteOffset(offset), cookie };
+        Ok(program.attach(point, path, scope)?)
     }
 
     /// Detaches one link of the uprobe program `prog` (a probe that is only
@@ -242,34 +211,6 @@ impl Probes {
             .ok_or_else(|| anyhow!("program {prog} missing from the eBPF object"))?
             .try_into()?;
         program.detach(link)?;
-        Ok(())
-    }
-
-    /// Attaches the allocation tracker's programs to the allocator in the
-    /// ELF file `object` (as the target maps it), for `pid` only, at the
-    /// planned offsets; the return program goes with every entry that needs it.
-    pub fn attach_allocator(&mut self, pid: u32, object: &Path, plan: &[crate::alloc_sites::AllocProbe]) -> Result<()> {
-        let scope = UProbeScope::OneProcess(std::num::NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0"))?);
-        for p in plan {
-            let programs: &[&str] = if p.returns { &[p.program, "alloc_return"] } else { &[p.program] };
-            for &name in programs {
-                let program = self.loaded_uprobe(name)?;
-                let location = UProbeAttachLocation::AbsoluteOffset(p.file_offset);
-                let point = aya::programs::uprobe::UProbeAttachPoint {
-                    location,
-                    cookie: p.cookie,
-                };
-                program
-                    .attach(point, object, scope)
-                    .with_context(|| format!("cannot attach a uprobe to {}+{} in {}", p.function, p.delta, object.display()))?;
-            }
-        }
-        if plan.iter().any(|p| p.program == "alloc_new") {
-            // Tells the return program to look for an `operator new` in progress.
-            let map = self.ebpf.map_mut("ALLOC_FLAGS").ok_or_else(|| anyhow!("ALLOC_FLAGS map missing"))?;
-            let mut flags: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map)?;
-            flags.set(0, 1, 0)?;
-        }
         Ok(())
     }
 
@@ -291,6 +232,11 @@ impl Probes {
         }
         Ok(n)
     }
+}
+
+/// A uprobe scope of one process.
+fn one_process(pid: u32) -> Result<UProbeScope> {
+    Ok(UProbeScope::OneProcess(std::num::NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0"))?))
 }
 
 fn load_error(msg: &str) -> anyhow::Error {

@@ -33,7 +33,7 @@ pub enum Verdict {
     Leak,
     Growing,
     /// Locks: waiters lost a noticeable share of the window on this lock
-    /// (rule: `growth::contention_verdict`).
+    /// (rule: `judge::contention::contention_verdict`).
     Contended,
     Steady,
 }

@@ -5,6 +5,7 @@
 //! never disagree. The pprof profile and the flame graph are written once,
 //! from the final report.
 
+pub mod check;
 pub mod flamegraph;
 pub mod json;
 pub mod pprof;

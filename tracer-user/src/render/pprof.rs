@@ -21,16 +21,14 @@
 //! | kind | sample types (`type`/`unit`) | value | as in Go's |
 //! |---|---|---|---|
 //! | connection | `connections`/`count` | live connections | — (leaktrace's own) |
-//! | allocation (native heap, planned) | `inuse_objects`/`count`, `inuse_space`/`bytes` | live allocations, their bytes | heap profile |
-//! | lock (planned) | `contentions`/`count`, `delay`/`nanoseconds` | contended acquisitions, time waited | mutex / block profile |
-//! | goroutine | `goroutines`/`count` | live goroutines (by `go` statement) | goroutine profile |
-//! | lock | `contentions`/`count`, `delay`/`nanoseconds` | contended waits, time waited (waiter stack) | mutex / block profile |
-//! | goroutine (planned) | `goroutines`/`count` | live goroutines | goroutine profile |
 //! | thread | `threads`/`count` | live threads | threadcreate profile |
-//! | map entry (planned) | `map_entries`/`count` | live entries | — |
+//! | goroutine | `goroutines`/`count` | live goroutines (by `go` statement) | goroutine profile |
+//! | map | `map_entries`/`count` | live entries | — |
+//! | allocation | `inuse_objects`/`count`, `inuse_space`/`bytes` | live allocations, their bytes | heap profile |
+//! | lock | `contentions`/`count`, `delay`/`nanoseconds` | contended waits, time waited (waiter stack) | mutex / block profile |
 //!
-//! `connection`, `thread` and `goroutine` exist today: a tracker that adds a [`Kind`] adds its
-//! arm to [`sample_types`] and [`sample_values`] (the compiler asks for both).
+//! A tracker that adds a [`Kind`] adds its arm to [`sample_types`] and
+//! [`sample_values`] (the compiler asks for both).
 //!
 //! The messages below are the subset of profile.proto leaktrace writes,
 //! derived with prost (field numbers as in profile.proto; no protoc, no build

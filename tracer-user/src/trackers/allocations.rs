@@ -4,19 +4,194 @@
 //! live-block table: the work per interval is bounded by the number of
 //! stacks, not of blocks.
 
-use std::collections::HashMap;
-
-use anyhow::{anyhow, Result};
-use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap},
-    Ebpf,
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
 };
+
+use anyhow::{Context, Result};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap};
 use tracer_common::{
     allocations::AllocCounts,
-    stacks::{StackKey, WalkedFrames, WALKED_STACK},
+    counter,
+    stacks::{StackKey, WalkedFrames, MAX_WALKED_STACKS, WALKED_STACK},
 };
 
-use super::{SampleStack, StackSample};
+use super::{Collected, Counters, Judging, SampleStack, StackSample, Tally, Target, Tracker, TrackerSpec};
+use crate::{
+    cli::TraceOptions,
+    output,
+    probes::{LoadSettings, Probes, Tracepoints},
+    procfs::{self, MemoryMap},
+    report::Kind,
+    syscall_sites,
+};
+
+/// The allocation tracker in the registry (asked for by name: it traps on
+/// every malloc and free, about 1-2 µs each, too dear for a default).
+pub const SPEC: TrackerSpec = TrackerSpec { name: "allocations", default: false, configure, new };
+
+/// The live-block and walked-stack tables are preallocated (~100 and 264
+/// bytes an entry): only as big as asked when the tracker runs.
+fn configure(load: &mut LoadSettings, opts: &TraceOptions, active: bool) {
+    load.u64_globals.push(("ALLOC_SAMPLE_BYTES", opts.alloc_sample_bytes));
+    load.max_entries.push(("ALLOCS", if active { opts.max_allocations } else { 1 }));
+    load.max_entries.push(("ALLOC_FRAMES", if active { MAX_WALKED_STACKS } else { 1 }));
+}
+
+fn new(probes: &mut Probes, opts: &TraceOptions, _target: &Target) -> Result<Box<dyn Tracker>> {
+    if let Some(lib) = &opts.alloc_lib {
+        if !lib.exists() {
+            anyhow::bail!("--alloc-lib {}: no such file", lib.display());
+        }
+    }
+    Ok(Box::new(Allocations {
+        collector: AllocationCollector::new(probes)?,
+        flags: probes.take_map("ALLOC_FLAGS")?,
+        objects: HashSet::new(),
+        attached: false,
+        lib: opts.alloc_lib.clone(),
+        prefix: opts.alloc_prefix.clone(),
+    }))
+}
+
+/// The allocation tracker's tracepoints (its uprobes are attached per
+/// allocator object).
+const TRACEPOINTS: Tracepoints = &[
+    ("alloc_mmap_exit", "syscalls", "sys_exit_mmap"),
+    ("alloc_munmap_enter", "syscalls", "sys_enter_munmap"),
+];
+
+/// The allocation tracker: its collector, and the allocator objects probed.
+struct Allocations {
+    collector: AllocationCollector,
+    /// Tells the return program to look for an `operator new` in progress.
+    flags: Array<MapData, u32>,
+    /// Objects (by mapped path) whose allocator or `operator new` was
+    /// planned, so each gets its probes once.
+    objects: HashSet<PathBuf>,
+    /// An allocator (`malloc`) is probed.
+    attached: bool,
+    /// `--alloc-lib`, `--alloc-prefix`.
+    lib: Option<PathBuf>,
+    prefix: String,
+}
+
+impl Allocations {
+    /// Attaches the planned uprobes to the object at `path`; the return
+    /// program goes with every entry that needs it.
+    fn attach(&mut self, probes: &mut Probes, pid: u32, path: &std::path::Path, plan: &[crate::alloc_sites::AllocProbe]) -> Result<()> {
+        for p in plan {
+            let programs: &[&str] = if p.returns { &[p.program, "alloc_return"] } else { &[p.program] };
+            for &name in programs {
+                probes
+                    .attach_uprobe_with_cookie(name, path, p.file_offset, p.cookie, pid)
+                    .with_context(|| format!("cannot attach a uprobe to {}+{} in {}", p.function, p.delta, path.display()))?;
+            }
+        }
+        if plan.iter().any(|p| p.program == "alloc_new") {
+            self.flags.set(0, 1, 0)?;
+        }
+        Ok(())
+    }
+}
+
+impl Tracker for Allocations {
+    fn name(&self) -> &'static str {
+        SPEC.name
+    }
+
+    fn tracepoints(&self) -> Tracepoints {
+        TRACEPOINTS
+    }
+
+    /// Probes the allocator the target maps (`--alloc-lib`, else its libc,
+    /// else its executable when static) and `operator new` in libstdc++,
+    /// once per object.
+    fn on_mappings(&mut self, probes: &mut Probes, target: &Target, mappings: &MemoryMap) {
+        let pid = target.pid;
+        let prefix = self.prefix.clone();
+        let prefix = prefix.as_str();
+        let wanted = self.lib.as_ref().map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+        let executable = mappings.mappings.iter().filter(|m| m.executable);
+        let allocator = match &wanted {
+            Some(lib) => executable.clone().find(|m| &m.path == lib || m.path.file_name() == lib.file_name()),
+            None => executable
+                .clone()
+                .find(|m| syscall_sites::is_libc(&m.path))
+                .or_else(|| executable.clone().find(|m| Some(&m.path) == exe.as_ref())),
+        };
+        let mut objects: Vec<(&procfs::Mapping, bool)> = allocator.into_iter().map(|m| (m, true)).collect();
+        objects.extend(
+            executable
+                .filter(|m| m.path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libstdc++")))
+                .map(|m| (m, false)),
+        );
+        for (m, is_allocator) in objects {
+            if !self.objects.insert(m.path.clone()) {
+                continue;
+            }
+            let path = procfs::object_path(pid, m);
+            let plan = if is_allocator {
+                crate::alloc_sites::probes_in_file(&path, prefix, true)
+            } else {
+                std::fs::read(&path).map_err(anyhow::Error::from).and_then(|d| crate::alloc_sites::operator_new_probes(&d))
+            };
+            let plan = match plan {
+                Ok(p) => p,
+                Err(e) => {
+                    output::warn(format!("cannot read {} ({e:#}): its allocations are not tracked", path.display()));
+                    continue;
+                }
+            };
+            if is_allocator && !plan.iter().any(|p| p.function == "malloc") {
+                output::warn(format!(
+                    "no {prefix}malloc in {}: allocations not tracked (see --alloc-lib, --alloc-prefix)",
+                    m.path.display()
+                ));
+                continue;
+            }
+            let dear: Vec<&str> = plan.iter().filter(|p| !p.cheap).map(|p| p.function.as_str()).collect();
+            if !dear.is_empty() {
+                output::note(format!(
+                    "note: {} in {} start with instructions the kernel must single-step: probed at the symbol (slower)",
+                    dear.join(", "),
+                    m.path.display()
+                ));
+            }
+            match self.attach(probes, pid, &path, &plan) {
+                Ok(()) => self.attached |= is_allocator,
+                Err(e) => output::warn(format!("{e:#}; allocations are not tracked")),
+            }
+        }
+    }
+
+    fn on_start(&mut self, _probes: &mut Probes, target: &Target) {
+        if !self.attached {
+            output::warn(format!(
+                "no allocator found in {} yet (no libc with malloc; give --alloc-lib for a static binary or custom allocator)",
+                target.pid
+            ));
+        }
+    }
+
+    /// Judged on live bytes: a buffer realloc'd bigger grows in bytes, not
+    /// in blocks.
+    fn collect(&mut self, _probes: &mut Probes, _target: &Target, now_ns: u64) -> Result<Collected> {
+        let samples = self.collector.collect(now_ns)?;
+        Ok(Collected::Growth { kind: Kind::Allocation, judging: Judging::BytesSinceAttach, samples })
+    }
+
+    /// Blocks not tracked (live-block or pending-call table full) are lost.
+    fn tally(&self, counters: &Counters) -> Tally {
+        Tally {
+            events: vec![(Kind::Allocation, counters.sum(counter::ALLOC_EVENTS))],
+            lost: counters.sum(counter::ALLOC_LOST) + counters.sum(counter::ALLOC_LOST_CALLS),
+            untracked_frees: Some(counters.sum(counter::ALLOC_UNTRACKED_FREES)),
+        }
+    }
+}
 
 /// Reads the allocation tracker's maps for one target.
 pub struct AllocationCollector {
@@ -28,12 +203,12 @@ pub struct AllocationCollector {
 
 impl AllocationCollector {
     /// Takes the tracker's maps out of the loaded object.
-    pub fn new(ebpf: &mut Ebpf) -> Result<Self> {
-        let take = |ebpf: &mut Ebpf, name: &str| ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing"));
+    pub fn new(probes: &mut Probes) -> Result<Self> {
+        probes.seed_overflow_stack::<AllocCounts>("ALLOC_STACKS")?;
         Ok(Self {
-            stacks: PerCpuHashMap::try_from(take(ebpf, "ALLOC_STACKS")?)?,
-            oldest: BpfHashMap::try_from(take(ebpf, "ALLOC_OLDEST")?)?,
-            frames: BpfHashMap::try_from(take(ebpf, "ALLOC_FRAMES")?)?,
+            stacks: probes.take_map("ALLOC_STACKS")?,
+            oldest: probes.take_map("ALLOC_OLDEST")?,
+            frames: probes.take_map("ALLOC_FRAMES")?,
         })
     }
 

@@ -8,18 +8,78 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
 };
 
-use anyhow::{anyhow, Result};
-use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, RingBuf},
-    Ebpf,
-};
+use anyhow::Result;
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, RingBuf};
 use tracer_common::{
     connections::{flag, ring_kind, ConnInfo, ConnRingEvent, FdKey},
+    counter,
     stacks::{StackCounts, StackKey},
 };
 
-use super::{stack_samples, LiveStack, StackSample};
-use crate::procfs;
+use super::{stack_samples, Collected, Counters, Judging, LiveStack, StackSample, Tally, Target, Tracker, TrackerSpec};
+use crate::{
+    cli::TraceOptions,
+    probes::{LoadSettings, Probes, Tracepoints},
+    procfs,
+    report::Kind,
+};
+
+/// The connection tracker in the registry (a default tracker).
+pub const SPEC: TrackerSpec = TrackerSpec { name: "connections", default: true, configure, new };
+
+/// The live-socket table is preallocated: `--max-sockets` entries when the
+/// tracker runs, one otherwise.
+fn configure(load: &mut LoadSettings, opts: &TraceOptions, active: bool) {
+    load.max_entries.push(("CONN_FDS", if active { opts.max_sockets } else { 1 }));
+}
+
+fn new(probes: &mut Probes, _opts: &TraceOptions, target: &Target) -> Result<Box<dyn Tracker>> {
+    Ok(Box::new(ConnectionCollector::new(probes, target.pid)?))
+}
+
+/// The connection tracker's programs: exits only (arguments come from the
+/// saved user registers), except close, which acts at entry.
+const TRACEPOINTS: Tracepoints = &[
+    ("conn_socket_exit", "syscalls", "sys_exit_socket"),
+    ("conn_connect_exit", "syscalls", "sys_exit_connect"),
+    ("conn_accept_exit", "syscalls", "sys_exit_accept"),
+    ("conn_accept4_exit", "syscalls", "sys_exit_accept4"),
+    ("conn_close_enter", "syscalls", "sys_enter_close"),
+    ("conn_dup_exit", "syscalls", "sys_exit_dup2"),
+    ("conn_dup_exit", "syscalls", "sys_exit_dup3"),
+    ("conn_close_range_exit", "syscalls", "sys_exit_close_range"),
+];
+
+impl Tracker for ConnectionCollector {
+    fn name(&self) -> &'static str {
+        SPEC.name
+    }
+
+    fn tracepoints(&self) -> Tracepoints {
+        TRACEPOINTS
+    }
+
+    fn poll(&mut self) {
+        self.poll_events();
+    }
+
+    /// Only sockets of the old image: the new one may already have made its
+    /// own (CLOEXEC too) by the time we hear of the exec.
+    fn on_exec(&mut self, _probes: &mut Probes, _target: &Target, at_ns: u64) {
+        self.end_where(|_, info| info.flags & flag::CLOEXEC != 0 && info.created_ns < at_ns);
+    }
+
+    fn collect(&mut self, _probes: &mut Probes, target: &Target, now_ns: u64) -> Result<Collected> {
+        let samples = self.collect_samples(now_ns, target.alive)?;
+        Ok(Collected::Growth { kind: Kind::Connection, judging: Judging::ObjectsSinceAttach, samples })
+    }
+
+    /// `LOST_EVENTS`, `LOST_STACKS` and `LOST_RING` are shared by every
+    /// tracker and counted by the session.
+    fn tally(&self, counters: &Counters) -> Tally {
+        Tally { events: vec![(Kind::Connection, counters.sum(counter::EVENTS))], ..Tally::default() }
+    }
+}
 
 /// Reads the connection tracker's maps for one target.
 pub struct ConnectionCollector {
@@ -30,12 +90,6 @@ pub struct ConnectionCollector {
     /// Sockets user space found closed behind the kernel side's back
     /// (exec, close_range, anything missed), per stack.
     reconciled: HashMap<StackKey, u64>,
-    /// Set when the ring says the target exited.
-    pub exited: bool,
-    /// Time (ktime ns) of the last exec not yet applied.
-    exec_at: Option<u64>,
-    /// Number of execs seen: the session reloads what depends on the image.
-    pub execs: u64,
     /// Socket inode of each live entry (keyed with its creation time), as
     /// first seen in /proc: a different inode later means the fd was reused
     /// by a socket we did not see made, and ours is gone.
@@ -47,24 +101,21 @@ pub struct ConnectionCollector {
 
 impl ConnectionCollector {
     /// Takes the tracker's maps out of the loaded object.
-    pub fn new(ebpf: &mut Ebpf, pid: u32) -> Result<Self> {
-        let take = |ebpf: &mut Ebpf, name: &str| ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing"));
+    pub fn new(probes: &mut Probes, pid: u32) -> Result<Self> {
+        probes.seed_overflow_stack::<StackCounts>("CONN_STACKS")?;
         Ok(Self {
             pid,
-            fds: BpfHashMap::try_from(take(ebpf, "CONN_FDS")?)?,
-            stacks: PerCpuHashMap::try_from(take(ebpf, "CONN_STACKS")?)?,
-            ring: RingBuf::try_from(take(ebpf, "CONN_EVENTS")?)?,
+            fds: probes.take_map("CONN_FDS")?,
+            stacks: probes.take_map("CONN_STACKS")?,
+            ring: probes.take_map("CONN_EVENTS")?,
             reconciled: HashMap::new(),
-            exited: false,
-            exec_at: None,
-            execs: 0,
             inodes: HashMap::new(),
             net_peers: HashMap::new(),
         })
     }
 
-    /// Handles rare events from the ring buffer; cheap, call it often.
-    pub fn poll_events(&mut self) {
+    /// Handles rare events from the ring buffer (close_range).
+    fn poll_events(&mut self) {
         let mut ranges = Vec::new();
         while let Some(item) = self.ring.next() {
             if item.len() < std::mem::size_of::<ConnRingEvent>() {
@@ -72,25 +123,14 @@ impl ConnectionCollector {
             }
             // SAFETY: the kernel wrote a ConnRingEvent; read unaligned.
             let ev: ConnRingEvent = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const ConnRingEvent) };
-            match ev.kind {
-                ring_kind::CLOSE_RANGE => ranges.push((ev.a as u32, ev.b.min(u32::MAX as u64) as u32, ev.c)),
-                ring_kind::EXEC => {
-                    self.exec_at = Some(ev.a);
-                    self.execs += 1;
-                }
-                ring_kind::EXIT => self.exited = true,
-                _ => {}
+            if ev.kind == ring_kind::CLOSE_RANGE {
+                ranges.push((ev.a as u32, ev.b.min(u32::MAX as u64) as u32, ev.c));
             }
         }
         for (first, last, at) in ranges {
             // Only sockets made before the call: the fd numbers may already
             // belong to new sockets by the time we read the ring.
             self.end_where(|fd, info| fd >= first && fd <= last && info.created_ns < at);
-        }
-        if let Some(at) = self.exec_at.take() {
-            // Only sockets of the old image: the new one may already have
-            // made its own (CLOEXEC too) by the time we read the ring.
-            self.end_where(|_, info| info.flags & flag::CLOEXEC != 0 && info.created_ns < at);
         }
     }
 
@@ -122,14 +162,14 @@ impl ConnectionCollector {
     /// One sample per creation stack. `now_ns` is CLOCK_MONOTONIC (the
     /// clock of `bpf_ktime_get_ns`). When the target is gone the table is
     /// left as it was at exit: the final report shows what was live then.
-    pub fn collect(&mut self, now_ns: u64, target_alive: bool) -> Result<Vec<StackSample>> {
+    pub fn collect_samples(&mut self, now_ns: u64, target_alive: bool) -> Result<Vec<StackSample>> {
         self.poll_events();
         // Snapshot the table first, then /proc: a socket in the snapshot that
         // /proc no longer lists was closed without us seeing it.
         let live: Vec<(FdKey, ConnInfo)> =
             self.fds.iter().filter_map(|r| r.ok()).filter(|(k, _)| k.tgid == self.pid).collect();
         let mut stale = HashSet::new();
-        if target_alive && !self.exited {
+        if target_alive {
             // Read the fds, then make sure the process was not tearing down
             // (its sockets vanish at exit without close events; the final
             // report must show what was live, not zero).

@@ -20,11 +20,88 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use super::{SampleStack, StackSample};
+use super::{Blocked, Collected, Counters, Judging, SampleStack, StackSample, Tally, Target, Tracker, TrackerSpec};
 use crate::{
+    cli::TraceOptions,
     golang::{GoBinary, TargetMemory},
+    output,
+    probes::{LoadSettings, Probes},
     procfs::MemoryMap,
+    report::Kind,
 };
+
+/// The goroutine tracker in the registry (a default tracker, as part of
+/// `tasks`): it applies to Go programs only and loads nothing.
+pub const SPEC: TrackerSpec = TrackerSpec { name: "goroutines", default: true, configure, new };
+
+fn configure(_load: &mut LoadSettings, _opts: &TraceOptions, _active: bool) {}
+
+fn new(_probes: &mut Probes, _opts: &TraceOptions, _target: &Target) -> Result<Box<dyn Tracker>> {
+    Ok(Box::new(Goroutines { reader: None }))
+}
+
+/// The goroutine tracker: a reader of the target's goroutines once it is
+/// known to be a Go program (opened at start and after every exec).
+struct Goroutines {
+    reader: Option<GoroutineCollector>,
+}
+
+impl Goroutines {
+    /// The goroutine reader for a Go target; `None` (after one line on
+    /// stderr saying why, for a Go program we cannot read) otherwise. The
+    /// thread tracker runs either way.
+    fn open(&mut self, pid: u32) {
+        self.reader = match GoroutineCollector::open(pid) {
+            Ok(Some(c)) => {
+                output::note(format!("Go program, {}: tracking goroutines", c.describe()));
+                Some(c)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                output::note(format!("goroutines not tracked: {e:#} (threads still are)"));
+                None
+            }
+        };
+    }
+}
+
+impl Tracker for Goroutines {
+    fn name(&self) -> &'static str {
+        SPEC.name
+    }
+
+    fn on_start(&mut self, _probes: &mut Probes, target: &Target) {
+        self.open(target.pid);
+    }
+
+    fn on_exec(&mut self, _probes: &mut Probes, target: &Target, _at_ns: u64) {
+        self.open(target.pid);
+    }
+
+    fn collect(&mut self, _probes: &mut Probes, target: &Target, now_ns: u64) -> Result<Collected> {
+        let Some(g) = self.reader.as_mut() else { return Ok(Collected::Nothing) };
+        match g.collect(now_ns, target.alive) {
+            Ok(samples) => Ok(Collected::Growth { kind: Kind::Goroutine, judging: Judging::ObjectsSinceAttach, samples }),
+            Err(e) => {
+                output::warn(format!("cannot read the goroutines any more ({e:#}): goroutine tracking stops"));
+                self.reader = None;
+                Ok(Collected::Nothing)
+            }
+        }
+    }
+
+    /// Goroutines beyond the per-scan bound were not read: lost events.
+    fn tally(&self, _counters: &Counters) -> Tally {
+        match &self.reader {
+            Some(g) => Tally { events: vec![(Kind::Goroutine, g.events)], lost: g.skipped, ..Tally::default() },
+            None => Tally::default(),
+        }
+    }
+
+    fn closing_note(&self) -> Option<String> {
+        self.reader.as_ref().map(|g| g.scan_summary())
+    }
+}
 
 /// Goroutine states (runtime2.go), the same in every supported version.
 const G_IDLE: u32 = 0;
@@ -41,18 +118,6 @@ const SCAN_CHUNK: usize = 4096;
 
 /// Most frames walked in a parked goroutine's stack.
 const MAX_FRAMES: usize = 64;
-
-/// A parked goroutine's current stack and why it waits: what a goroutine
-/// dump says about it.
-#[derive(Clone, Debug)]
-pub struct Blocked {
-    /// Innermost first; return addresses (the first one stepped back into
-    /// its call already).
-    pub stack: SampleStack,
-    /// `select`, `chan receive`, ... or the state (`runnable`, `running`,
-    /// `syscall`) for goroutines that are not waiting.
-    pub wait_reason: String,
-}
 
 /// Goroutines by their start function.
 #[derive(Clone, Copy, PartialEq, Eq)]

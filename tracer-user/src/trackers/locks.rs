@@ -5,7 +5,7 @@
 //! global it lives in when there is one.
 //!
 //! Locks do not go through the growth engine: a lock's cost is the time its
-//! waiters lost, judged by `growth::contention_verdict`.
+//! waiters lost, judged by `judge::contention`.
 
 pub mod golang;
 pub mod sites;
@@ -16,15 +16,90 @@ use std::{
 };
 
 use anyhow::{anyhow, Result};
-use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap},
-    Ebpf,
-};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap};
 use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
-use tracer_common::locks::{kind, LockSite, LockStack, LockStats, WaitTotals, WalkedFrames, CONFIG_IGNORE_FOREIGN, HIST_BUCKETS};
+use tracer_common::{
+    counter,
+    locks::{kind, LockSite, LockStack, LockStats, WaitTotals, WalkedFrames, CONFIG_IGNORE_FOREIGN, HIST_BUCKETS},
+};
 
-use super::SampleStack;
-use crate::procfs::{self, MemoryMap};
+use super::{Collected, Counters, SampleStack, Tally, Target, Tracker, TrackerSpec};
+use crate::{
+    cli::TraceOptions,
+    output,
+    probes::{LoadSettings, Probes, Tracepoints},
+    procfs::{self, MemoryMap},
+    report::Kind,
+};
+
+/// The lock tracker in the registry (asked for by name: it answers another
+/// question than "what leaks").
+pub const SPEC: TrackerSpec = TrackerSpec { name: "locks", default: false, configure, new };
+
+fn configure(_load: &mut LoadSettings, _opts: &TraceOptions, _active: bool) {}
+
+fn new(probes: &mut Probes, _opts: &TraceOptions, target: &Target) -> Result<Box<dyn Tracker>> {
+    Ok(Box::new(LockCollector::new(probes, target.pid)?))
+}
+
+/// The lock tracker's futex tracepoints (its Go uprobes are attached per
+/// executable).
+const TRACEPOINTS: Tracepoints = &[
+    ("lock_futex_enter", "syscalls", "sys_enter_futex"),
+    ("lock_futex_exit", "syscalls", "sys_exit_futex"),
+];
+
+/// Waiter and holder stacks kept per lock (the costliest).
+const LOCK_STACKS_KEPT: usize = 16;
+
+impl Tracker for LockCollector {
+    fn name(&self) -> &'static str {
+        SPEC.name
+    }
+
+    fn tracepoints(&self) -> Tracepoints {
+        TRACEPOINTS
+    }
+
+    /// libc's lock sites, and for a Go program its semaphore probes (once
+    /// per libc / executable).
+    fn on_mappings(&mut self, probes: &mut Probes, target: &Target, mappings: &MemoryMap) {
+        if let Err(e) = self.load_libc_sites(mappings) {
+            output::warn(format!("cannot analyse libc's lock functions ({e:#}); C lock stacks will miss frames"));
+        }
+        let Some((exe, go_probes)) = self.go_setup(mappings) else { return };
+        use golang::Role;
+        for p in &go_probes {
+            let entry_prog = match p.role {
+                Role::AcquireMutex => "lock_go_acquire_mutex",
+                Role::AcquireRead => "lock_go_acquire_read",
+                Role::AcquireWrite => "lock_go_acquire_write",
+                Role::Release => "lock_go_release",
+            };
+            let mut r = probes.attach_uprobe_at(entry_prog, &exe, p.entry, target.pid).map(|_| ());
+            for &ret in &p.rets {
+                r = r.and_then(|_| probes.attach_uprobe_at("lock_go_acquired", &exe, ret, target.pid).map(|_| ()));
+            }
+            if let Err(e) = r {
+                output::warn(format!("{e:#}; Go {} waits are not tracked", p.name));
+            }
+        }
+    }
+
+    /// Locks do not go through the growth engine: they are judged by the
+    /// time their waiters lost.
+    fn collect(&mut self, _probes: &mut Probes, target: &Target, _now_ns: u64) -> Result<Collected> {
+        Ok(Collected::Contention(self.collect_locks(&target.memory, LOCK_STACKS_KEPT)))
+    }
+
+    fn tally(&self, counters: &Counters) -> Tally {
+        Tally {
+            events: vec![(Kind::Lock, counters.sum(counter::LOCK_WAITS))],
+            lost: counters.sum(counter::LOCK_LOST),
+            ..Tally::default()
+        }
+    }
+}
 
 /// Everything known about one lock at one instant (totals since attach).
 #[derive(Clone, Debug)]
@@ -70,17 +145,16 @@ pub struct LockCollector {
 
 impl LockCollector {
     /// Takes the tracker's maps out of the loaded object.
-    pub fn new(ebpf: &mut Ebpf, pid: u32) -> Result<Self> {
-        let take = |ebpf: &mut Ebpf, name: &str| ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing"));
+    pub fn new(probes: &mut Probes, pid: u32) -> Result<Self> {
         Ok(Self {
             pid,
-            locks: PerCpuHashMap::try_from(take(ebpf, "LOCKS")?)?,
-            waiters: PerCpuHashMap::try_from(take(ebpf, "LOCK_WAITERS")?)?,
-            holders: PerCpuHashMap::try_from(take(ebpf, "LOCK_HOLDERS")?)?,
-            frames: BpfHashMap::try_from(take(ebpf, "LOCK_FRAMES")?)?,
-            syscall_sites: BpfHashMap::try_from(take(ebpf, "LOCK_SYSCALL_SITES")?)?,
-            call_sites: BpfHashMap::try_from(take(ebpf, "LOCK_CALL_SITES")?)?,
-            config: Array::try_from(take(ebpf, "LOCK_CONFIG")?)?,
+            locks: probes.take_map("LOCKS")?,
+            waiters: probes.take_map("LOCK_WAITERS")?,
+            holders: probes.take_map("LOCK_HOLDERS")?,
+            frames: probes.take_map("LOCK_FRAMES")?,
+            syscall_sites: probes.take_map("LOCK_SYSCALL_SITES")?,
+            call_sites: probes.take_map("LOCK_CALL_SITES")?,
+            config: probes.take_map("LOCK_CONFIG")?,
             libc: None,
             exe: None,
             go_funcs: Vec::new(),
@@ -132,7 +206,7 @@ impl LockCollector {
         let probes = match golang::go_probes(&data) {
             Ok(p) if !p.is_empty() => p,
             _ => {
-                eprintln!("leaktrace: warning: {} has no sync.Mutex slow path: Go locks are not tracked", exe.display());
+                output::warn(format!("{} has no sync.Mutex slow path: Go locks are not tracked", exe.display()));
                 return None;
             }
         };
@@ -143,7 +217,7 @@ impl LockCollector {
     /// One sample per contended lock. Go semaphores are folded into their
     /// mutex; the several futex words of one rwlock stay separate here and
     /// are merged by name in the report.
-    pub fn collect(&mut self, memory: &MemoryMap, max_stacks: usize) -> Vec<LockSample> {
+    pub fn collect_locks(&mut self, memory: &MemoryMap, max_stacks: usize) -> Vec<LockSample> {
         let mut out: HashMap<u64, LockSample> = HashMap::new();
         let mut sema_to_lock: HashMap<u64, u64> = HashMap::new();
         let entries: Vec<(u64, LockStats)> = self

@@ -37,10 +37,74 @@ use tracer_common::{
 };
 
 use self::goelf::{DataSymbol, GoBinary};
-use crate::probes::Probes;
+use crate::probes::{LoadSettings, Probes};
 use aya::programs::uprobe::UProbeLinkId;
 use crate::golang::memory::{read_region, read_regions, u64_at};
-use super::{SampleStack, StackSample};
+use crate::{cli::TraceOptions, output, report::Kind};
+use super::{Collected, Counters, Judging, SampleStack, StackSample, Tally, Target, Tracker, TrackerSpec};
+
+/// The map tracker in the registry (asked for by name: it reads the
+/// target's memory every interval and only applies to Go).
+pub const SPEC: TrackerSpec = TrackerSpec { name: "maps", default: false, configure, new };
+
+fn configure(_load: &mut LoadSettings, _opts: &TraceOptions, _active: bool) {}
+
+fn new(_probes: &mut Probes, _opts: &TraceOptions, _target: &Target) -> Result<Box<dyn Tracker>> {
+    Ok(Box::new(Maps { collector: None }))
+}
+
+/// The map tracker: set up once the target runs; nothing when it is not a
+/// Go program.
+struct Maps {
+    collector: Option<MapCollector>,
+}
+
+impl Tracker for Maps {
+    fn name(&self) -> &'static str {
+        SPEC.name
+    }
+
+    /// Reads the target's Go executable and attaches the growth and clear
+    /// probes. A target that is not Go (or a probe that cannot be attached)
+    /// is a one-line warning and no map tracking.
+    fn on_start(&mut self, probes: &mut Probes, target: &Target) {
+        let pid = target.pid;
+        let started = MapCollector::new(&mut probes.ebpf, pid).and_then(|mut m| {
+            for p in &m.probes {
+                probes.attach_uprobe_at(p.program, &m.exe, p.file_offset, pid).with_context(|| format!("maps: {}", p.function))?;
+            }
+            m.duty_cycle(probes);
+            Ok(m)
+        });
+        match started {
+            Ok(m) => {
+                if m.stripped {
+                    output::note(format!("maps: {pid} has no symbol table (stripped): maps are named by address"));
+                }
+                self.collector = Some(m);
+            }
+            Err(e) => output::warn(format!("{e:#}; map tracking is off")),
+        }
+    }
+
+    fn collect(&mut self, probes: &mut Probes, target: &Target, now_ns: u64) -> Result<Collected> {
+        let Some(maps) = self.collector.as_mut() else { return Ok(Collected::Nothing) };
+        let samples = maps.collect(now_ns, target.alive)?;
+        maps.duty_cycle(probes);
+        // A map's first count is real: it may predate the attach.
+        Ok(Collected::Growth { kind: Kind::Map, judging: Judging::Objects, samples })
+    }
+
+    /// Maps not tracked (the kernel's table full) are lost events.
+    fn tally(&self, counters: &Counters) -> Tally {
+        use tracer_common::counter;
+        Tally {
+            events: self.collector.as_ref().map(|_| (Kind::Map, counters.sum(counter::MAP_EVENTS))).into_iter().collect(),
+            lost: counters.sum(counter::MAP_LOST),
+            ..Tally::default()
+        }
+    }
+}
 
 /// A probe the tracker wants: program name, function, file offset.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -313,7 +377,7 @@ impl MapCollector {
             (true, None) => match probes.attach_uprobe_at(p.program, &self.exe, p.file_offset, self.pid) {
                 Ok(link) => self.trie_link = Some(link),
                 Err(e) => {
-                    eprintln!("leaktrace: warning: {e:#}: Go 1.24+ sync.Maps are not tracked");
+                    output::warn(format!("{e:#}: Go 1.24+ sync.Maps are not tracked"));
                     self.trie_probe = None;
                 }
             },

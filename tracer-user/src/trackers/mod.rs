@@ -1,5 +1,7 @@
-//! One collector per tracker: each reads its kernel aggregates and yields
-//! per-stack samples; none of them formats output.
+//! The trackers: each one is a [`Tracker`] implementation under its own
+//! name (`trackers/X.rs`, beside `tracer-ebpf/src/X.rs` and
+//! `tracer-common/src/X.rs`), listed once in [`REGISTRY`]. The session
+//! loops over them and never names one; none of them formats output.
 
 pub mod allocations;
 pub mod connections;
@@ -10,8 +12,133 @@ pub mod threads;
 
 use std::collections::HashMap;
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap};
+use anyhow::Result;
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap};
 use tracer_common::stacks::{StackCounts, StackKey, WalkedFrames};
+
+use crate::{
+    cli::TraceOptions,
+    probes::{LoadSettings, Probes, Tracepoints},
+    procfs::MemoryMap,
+    report::Kind,
+};
+
+/// One tracker: what it loads and attaches, and what it yields each
+/// interval. Constructed by its [`TrackerSpec`] once the eBPF object is
+/// loaded; every hook but [`Tracker::collect`] and [`Tracker::tally`] has a
+/// default that does nothing.
+pub trait Tracker {
+    /// Its name: the module's, and the `--track` name.
+    fn name(&self) -> &'static str;
+
+    /// Tracepoints to attach (program, category, event).
+    fn tracepoints(&self) -> Tracepoints {
+        &[]
+    }
+
+    /// The target's mappings were read (at attach, every interval, after an
+    /// exec): probes go into objects as they appear (libc loaded late,
+    /// `dlopen`). Must be cheap when nothing is new.
+    fn on_mappings(&mut self, _probes: &mut Probes, _target: &Target, _mappings: &MemoryMap) {}
+
+    /// The target runs and its first mappings were handed to
+    /// [`Tracker::on_mappings`]: set up what needs a running image.
+    fn on_start(&mut self, _probes: &mut Probes, _target: &Target) {}
+
+    /// Called every 100 ms: handle rare events a ring buffer holds.
+    fn poll(&mut self) {}
+
+    /// The target exec'd at `at_ns` (ktime): a new image.
+    fn on_exec(&mut self, _probes: &mut Probes, _target: &Target, _at_ns: u64) {}
+
+    /// This interval's samples.
+    fn collect(&mut self, probes: &mut Probes, target: &Target, now_ns: u64) -> Result<Collected>;
+
+    /// Events seen and lost, from the shared counters and its own.
+    fn tally(&self, counters: &Counters) -> Tally;
+
+    /// A line for stderr when the trace ends (e.g. what the scans cost).
+    fn closing_note(&self) -> Option<String> {
+        None
+    }
+}
+
+/// A tracker as the registry knows it before it runs.
+pub struct TrackerSpec {
+    /// The `--track` name.
+    pub name: &'static str,
+    /// Run when `--track` is not given.
+    pub default: bool,
+    /// Sets map sizes and globals before the object is loaded; called for
+    /// every tracker, `active` or not (a tracker that does not run makes its
+    /// preallocated tables minimal).
+    pub configure: fn(&mut LoadSettings, &TraceOptions, active: bool),
+    /// Takes its maps out of the loaded object.
+    pub new: fn(&mut Probes, &TraceOptions, &Target) -> Result<Box<dyn Tracker>>,
+}
+
+/// Every tracker this build has, in report order. Adding a tracker is one
+/// line here (and its three same-named modules).
+pub static REGISTRY: &[TrackerSpec] = &[
+    connections::SPEC,
+    threads::SPEC,
+    goroutines::SPEC,
+    maps::SPEC,
+    allocations::SPEC,
+    locks::SPEC,
+];
+
+/// Names that stand for several trackers on the command line.
+pub const ALIASES: &[(&str, &[&str])] = &[
+    // Native threads, and goroutines in Go programs.
+    ("tasks", &["threads", "goroutines"]),
+];
+
+/// The traced process as trackers see it.
+pub struct Target {
+    pub pid: u32,
+    /// Everything the target mapped since attach (or since its last exec).
+    pub memory: MemoryMap,
+    /// The target's libc is mapped and its syscall sites are known.
+    pub libc_loaded: bool,
+    /// The target still runs: its tables may be reconciled with /proc (once
+    /// it exited they are left as they were at exit).
+    pub alive: bool,
+}
+
+/// What a tracker yields per interval.
+pub enum Collected {
+    /// Objects per creation stack, judged by growth.
+    Growth { kind: Kind, judging: Judging, samples: Vec<StackSample> },
+    /// Contended locks, judged by contention.
+    Contention(Vec<locks::LockSample>),
+    /// Nothing this interval (a tracker that does not apply to the target).
+    Nothing,
+}
+
+/// How a kind's growth series are judged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Judging {
+    /// On live objects; everything counted was created after attach, so a
+    /// stack first seen had nothing live at the previous sample.
+    ObjectsSinceAttach,
+    /// On live objects whose first count is real (may predate the attach).
+    Objects,
+    /// On live bytes (a rise below a noise floor ignored), with live
+    /// objects giving `growth_per_min`; created after attach.
+    BytesSinceAttach,
+}
+
+/// A tracker's share of the report's event and loss counts.
+#[derive(Clone, Debug, Default)]
+pub struct Tally {
+    /// Events seen, per kind.
+    pub events: Vec<(Kind, u64)>,
+    /// Events not tracked (its tables full, its bounds hit).
+    pub lost: u64,
+    /// Frees of blocks never seen allocated (allocations only).
+    pub untracked_frees: Option<u64>,
+}
 
 /// A stack as a collector has it: an id in the kernel's stack map (probes,
 /// tracepoints), or addresses read out of the target's memory (a goroutine's
@@ -63,7 +190,7 @@ pub struct StackSample {
     /// Threads: most common name of the live ones.
     pub thread_name: Option<String>,
     /// Goroutines: where one of the live ones is parked now, and why.
-    pub blocked: Option<goroutines::Blocked>,
+    pub blocked: Option<Blocked>,
     /// Maps: the map's variable (`main.cache`) or address; one series per
     /// map (the stack is the latest growth's and may change).
     pub map: Option<String>,
@@ -71,29 +198,24 @@ pub struct StackSample {
     pub live_bytes: Option<u64>,
 }
 
-/// Counter totals read from the kernel side.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Counters {
-    pub events: u64,
-    pub lost_events: u64,
-    pub lost_stacks: u64,
-    pub lost_ring: u64,
-    /// Thread tracker events (created, ended).
-    pub thread_events: u64,
-    /// Map tracker: growth and clear events.
-    pub map_events: u64,
-    /// Map tracker: maps not tracked (table full).
-    pub map_lost: u64,
-    /// Allocation tracker events (blocks allocated, freed).
-    pub alloc_events: u64,
-    /// Frees of blocks allocated before attach (or not sampled).
-    pub alloc_untracked_frees: u64,
-    /// Blocks not tracked: live-block or pending-call table full.
-    pub alloc_lost: u64,
-    /// Lock tracker: contended waits recorded.
-    pub lock_waits: u64,
-    /// Lock tracker: waits or wakes dropped (a full table).
-    pub lock_lost: u64,
+/// Where a live object is parked now, and why (a goroutine's wait).
+#[derive(Clone, Debug)]
+pub struct Blocked {
+    /// Its current stack (empty when running or in a syscall).
+    pub stack: SampleStack,
+    /// The runtime's wait reason ("chan receive", "select"...).
+    pub wait_reason: String,
+}
+
+/// The kernel side's per-CPU event and loss counters
+/// (`tracer_common::counter`), summed over CPUs when read.
+pub struct Counters(pub PerCpuArray<MapData, u64>);
+
+impl Counters {
+    /// The total of counter `index` over every CPU.
+    pub fn sum(&self, index: u32) -> u64 {
+        self.0.get(&index, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0)
+    }
 }
 
 /// The live objects of one creation stack, gathered while a collector walks

@@ -5,18 +5,90 @@
 
 use std::collections::{HashMap, HashSet};
 
-use anyhow::{anyhow, Result};
-use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap},
-    Ebpf,
-};
+use anyhow::Result;
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap};
 use tracer_common::{
+    counter,
     stacks::{StackCounts, StackKey},
     threads::ThreadInfo,
 };
 
-use super::{stack_samples, LiveStack, StackSample};
-use crate::procfs;
+use super::{stack_samples, Collected, Counters, Judging, LiveStack, StackSample, Tally, Target, Tracker, TrackerSpec};
+use crate::{
+    cli::TraceOptions,
+    probes::{self, LoadSettings, Probes, Tracepoints},
+    procfs::{self, MemoryMap},
+    report::Kind,
+    syscall_sites,
+};
+
+/// The thread tracker in the registry (a default tracker, as part of `tasks`).
+pub const SPEC: TrackerSpec = TrackerSpec { name: "threads", default: true, configure, new };
+
+/// Where `sched_process_fork` keeps the child's pid on this kernel.
+fn configure(load: &mut LoadSettings, _opts: &TraceOptions, _active: bool) {
+    let offset = probes::tracepoint_field_offset("sched", "sched_process_fork", "child_pid")
+        .unwrap_or(tracer_common::threads::FORK_CHILD_PID_OFFSET);
+    load.u32_globals.push(("FORK_CHILD_PID_AT", offset));
+}
+
+fn new(probes: &mut Probes, _opts: &TraceOptions, target: &Target) -> Result<Box<dyn Tracker>> {
+    Ok(Box::new(ThreadCollector::new(probes, target.pid)?))
+}
+
+/// The thread tracker's tracepoints (its `pthread_create` uprobe is
+/// attached per libc).
+const TRACEPOINTS: Tracepoints = &[
+    ("thread_fork", "sched", "sched_process_fork"),
+    ("thread_exit", "sched", "sched_process_exit"),
+];
+
+impl Tracker for ThreadCollector {
+    fn name(&self) -> &'static str {
+        SPEC.name
+    }
+
+    fn tracepoints(&self) -> Tracepoints {
+        TRACEPOINTS
+    }
+
+    /// The uprobe on the `pthread_create` of the libc the target maps (once
+    /// per libc file): it gives a new thread its creator's stack.
+    fn on_mappings(&mut self, probes: &mut Probes, target: &Target, mappings: &MemoryMap) {
+        let Some(m) = mappings.mappings.iter().find(|m| m.executable && syscall_sites::is_libc(&m.path)) else { return };
+        let path = procfs::object_path(target.pid, m);
+        if self.pthread_uprobe.as_ref() == Some(&path) {
+            return;
+        }
+        if let Err(e) = probes.attach_uprobe_at_symbol("thread_create", "pthread_create", &path, target.pid) {
+            crate::output::warn(format!("{e:#}; threads get the stack seen at clone (C stacks will be wrong)"));
+        }
+        self.pthread_uprobe = Some(path);
+    }
+
+    fn on_start(&mut self, _probes: &mut Probes, target: &Target) {
+        // Go programs need no libc: their goroutines are read from memory.
+        let is_go = || {
+            let data = std::fs::read(format!("/proc/{}/exe", target.pid)).unwrap_or_default();
+            object::File::parse(&*data).is_ok_and(|elf| crate::golang::is_go(&elf))
+        };
+        if !target.libc_loaded && self.pthread_uprobe.is_none() && !is_go() {
+            crate::output::note(format!(
+                "{} maps no libc (static or Go): no pthread_create probe; threads get the stack seen at clone",
+                target.pid
+            ));
+        }
+    }
+
+    fn collect(&mut self, _probes: &mut Probes, target: &Target, now_ns: u64) -> Result<Collected> {
+        let samples = self.collect_samples(now_ns, target.alive)?;
+        Ok(Collected::Growth { kind: Kind::Thread, judging: Judging::ObjectsSinceAttach, samples })
+    }
+
+    fn tally(&self, counters: &Counters) -> Tally {
+        Tally { events: vec![(Kind::Thread, counters.sum(counter::THREAD_EVENTS))], ..Tally::default() }
+    }
+}
 
 /// Reads the thread tracker's maps for one target.
 pub struct ThreadCollector {
@@ -27,18 +99,21 @@ pub struct ThreadCollector {
     reconciled: HashMap<StackKey, u64>,
     /// Name of each live thread (tid, creation time), read once.
     names: HashMap<(u32, u64), String>,
+    /// The libc whose `pthread_create` carries the uprobe.
+    pthread_uprobe: Option<std::path::PathBuf>,
 }
 
 impl ThreadCollector {
     /// Takes the tracker's maps out of the loaded object.
-    pub fn new(ebpf: &mut Ebpf, pid: u32) -> Result<Self> {
-        let take = |ebpf: &mut Ebpf, name: &str| ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing"));
+    pub fn new(probes: &mut Probes, pid: u32) -> Result<Self> {
+        probes.seed_overflow_stack::<StackCounts>("THREAD_STACKS")?;
         Ok(Self {
             pid,
-            threads: BpfHashMap::try_from(take(ebpf, "THREADS")?)?,
-            stacks: PerCpuHashMap::try_from(take(ebpf, "THREAD_STACKS")?)?,
+            threads: probes.take_map("THREADS")?,
+            stacks: probes.take_map("THREAD_STACKS")?,
             reconciled: HashMap::new(),
             names: HashMap::new(),
+            pthread_uprobe: None,
         })
     }
 
@@ -56,7 +131,7 @@ impl ThreadCollector {
 
     /// One sample per creation stack. `now_ns` is CLOCK_MONOTONIC. When the
     /// target is gone the table is left as it is.
-    pub fn collect(&mut self, now_ns: u64, target_alive: bool) -> Result<Vec<StackSample>> {
+    pub fn collect_samples(&mut self, now_ns: u64, target_alive: bool) -> Result<Vec<StackSample>> {
         // Snapshot the table first, then /proc: a thread in the snapshot
         // that /proc no longer lists ended without us seeing it.
         let live: Vec<(u32, ThreadInfo)> = self.threads.iter().filter_map(|r| r.ok()).collect();

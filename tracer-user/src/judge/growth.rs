@@ -1,8 +1,8 @@
 //! The one growth engine: every tracker feeds it `(series, time, live count)`
 //! samples and asks it for a [`Verdict`] per series.
 //!
-//! Keeping the rule in one place means every kind of object (connections
-//! today, more trackers later) is judged the same way, and `docs/report.md`
+//! Keeping the rule in one place means every kind of object that grows is
+//! judged the same way, and `docs/report.md`
 //! documents one rule.
 //!
 //! # The verdict rule
@@ -343,26 +343,6 @@ fn slope_per_s(window: &[Sample]) -> f64 {
     }
 }
 
-/// Locks: share of the traced time waiters must have lost on one lock for
-/// "contended" (0.05: on average one thread blocked 5 % of the time).
-pub const CONTENDED_MIN_WAIT_SHARE: f64 = 0.05;
-/// Locks: contended waits needed for "contended" (a few long waits at
-/// start-up are not a contended lock).
-pub const CONTENDED_MIN_WAITS: u64 = 20;
-
-/// The verdict of a lock (kind "lock"): **contended** when, since attach,
-/// its waiters lost at least [`CONTENDED_MIN_WAIT_SHARE`] of the traced time
-/// (`wait_share = wait_ns / elapsed_ns`, summed over waiters, so it can
-/// exceed 1) over at least [`CONTENDED_MIN_WAITS`] waits; else **steady**.
-/// Locks are not judged on growth: what they cost is time, not objects.
-pub fn contention_verdict(wait_share: f64, contentions: u64) -> Verdict {
-    if wait_share >= CONTENDED_MIN_WAIT_SHARE && contentions >= CONTENDED_MIN_WAITS {
-        Verdict::Contended
-    } else {
-        Verdict::Steady
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -395,14 +375,6 @@ mod tests {
         *seed ^= *seed >> 7;
         *seed ^= *seed << 17;
         *seed
-    }
-
-    #[test]
-    fn contention_rule() {
-        assert_eq!(contention_verdict(0.5, 1000), Verdict::Contended);
-        assert_eq!(contention_verdict(0.05, 20), Verdict::Contended);
-        assert_eq!(contention_verdict(0.049, 1000), Verdict::Steady);
-        assert_eq!(contention_verdict(3.0, 5), Verdict::Steady);
     }
 
     #[test]

@@ -1,0 +1,56 @@
+//! The traced process's lifecycle: exec and exit, from the kernel side's
+//! `PROCESS_EVENTS` ring (tracer-ebpf/src/process.rs). Always attached,
+//! whatever trackers run.
+
+use anyhow::Result;
+use aya::maps::{MapData, RingBuf};
+use tracer_common::process::{event, ProcessEvent};
+
+use crate::probes::{Probes, Tracepoints};
+
+/// The lifecycle programs.
+const TRACEPOINTS: Tracepoints = &[
+    ("process_exec", "sched", "sched_process_exec"),
+    ("process_exit", "sched", "sched_process_exit"),
+];
+
+/// Exec and exit of the target, as they happen.
+pub struct Lifecycle {
+    ring: RingBuf<MapData>,
+    /// The target's main thread exited.
+    pub exited: bool,
+}
+
+/// What happened since the last poll.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// The target exec'd (the last exec's time, ktime ns).
+    pub exec_at: Option<u64>,
+}
+
+impl Lifecycle {
+    /// Takes the ring out of the loaded object and attaches the programs.
+    pub fn attach(probes: &mut Probes) -> Result<Self> {
+        let ring = probes.take_map("PROCESS_EVENTS")?;
+        probes.attach_tracepoints(TRACEPOINTS)?;
+        Ok(Self { ring, exited: false })
+    }
+
+    /// Reads the ring; cheap, call it often.
+    pub fn poll(&mut self) -> Changes {
+        let mut changes = Changes::default();
+        while let Some(item) = self.ring.next() {
+            if item.len() < std::mem::size_of::<ProcessEvent>() {
+                continue;
+            }
+            // SAFETY: the kernel wrote a ProcessEvent; read unaligned.
+            let ev: ProcessEvent = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const ProcessEvent) };
+            match ev.kind {
+                event::EXEC => changes.exec_at = Some(ev.at_ns),
+                event::EXIT => self.exited = true,
+                _ => {}
+            }
+        }
+        changes
+    }
+}
