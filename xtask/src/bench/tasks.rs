@@ -29,10 +29,9 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::{
-    build, elf_file_offset, first_push_rbp, fixtures_bin, leaktrace_bin, libc_symbol_offset, median, send_signal,
-    stop_child, symbol_address, wait_timeout, TracefsUprobes,
-};
+use super::{elf_file_offset, first_push_rbp, libc_symbol_offset, median, symbol_address, TracefsUprobes};
+use crate::build;
+use crate::cmd::{fixtures_bin, leaktrace_bin, send_signal, stop_child, target_dir, wait_timeout};
 
 struct Options {
     runs: usize,
@@ -172,13 +171,13 @@ fn go_uprobes(bin: &Path, funcs: &[&str]) -> Result<TracefsUprobes> {
     TracefsUprobes::install(GROUP, &at)
 }
 
-pub fn bench_tasks(root: &Path, args: &[String]) -> Result<()> {
+pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let o = parse_args(args)?;
-    build(root)?;
+    build::run(root)?;
     let bin = fixtures_bin(root);
     let gochurn = bin.join("gochurn127");
     let thread_churn = bin.join("thread_churn");
-    let logs = super::target_dir(root).join("xtask-bench");
+    let logs = target_dir(root).join("xtask-bench");
     fs::create_dir_all(&logs)?;
     let go_args: Vec<String> = vec!["-wait".into(), "-goroutines".into(), o.goroutines.to_string()];
     let th_args: Vec<String> = vec!["--wait".into(), "--threads".into(), o.threads.to_string()];

@@ -27,7 +27,9 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::{announce, build, fixtures_bin, leaktrace_bin, median, send_signal, stop_child, target_dir, wait_timeout};
+use super::median;
+use crate::build;
+use crate::cmd::{announce, fixtures_bin, leaktrace_bin, send_signal, stop_child, target_dir, wait_timeout};
 
 const LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
 
@@ -308,7 +310,7 @@ fn daemon_cost(root: &Path, live: u64, hold_s: u64) -> Result<String> {
 }
 
 /// `cargo xtask bench allocations [--rounds N] [--micro N] [--mixed M]`.
-pub fn bench(root: &Path, args: &[String]) -> Result<()> {
+pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let mut rounds = 5usize;
     let mut micro = 200_000u64;
     let mut mixed = 2000u64;
@@ -332,7 +334,7 @@ pub fn bench(root: &Path, args: &[String]) -> Result<()> {
     if Command::new("bpftrace").arg("--version").output().is_err() {
         bail!("bpftrace is not installed: run `cargo xtask setup` (or apt-get install bpftrace)");
     }
-    build(root)?;
+    build::run(root)?;
     fs::create_dir_all(target_dir(root).join("xtask-bench"))?;
     let bench_args = vec!["--micro".to_string(), micro.to_string(), "--mixed".to_string(), mixed.to_string()];
     // results[mode][round]

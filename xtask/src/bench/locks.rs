@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::{announce, build, fixtures_bin, leaktrace_bin, median, send_signal, stop_child, wait_timeout};
+use super::median;
+use crate::build;
+use crate::cmd::{announce, fixtures_bin, leaktrace_bin, send_signal, stop_child, wait_timeout};
 
 /// pmlock.bt's idea on today's glibc (the mutex functions live in libc.so.6).
 const PMLOCK: &str = r#"
@@ -164,7 +166,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     if runs == 0 {
         bail!("bench locks: --runs must be positive");
     }
-    build(root)?;
+    build::run(root)?;
     let modes = [Mode::Untraced, Mode::Leaktrace, Mode::Bpftrace];
     // results[case][mode] = per-run ns/op
     let mut results = vec![vec![Vec::new(); modes.len()]; CASES.len()];

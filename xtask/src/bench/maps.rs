@@ -23,10 +23,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::{
-    announce, build, elf_file_offset, first_push_rbp, fixtures_bin, leaktrace_bin, median, send_signal, stop_child,
-    log_until_attached, symbol_address, target_dir, wait_timeout, TracefsUprobes,
-};
+use super::{elf_file_offset, first_push_rbp, log_until_attached, median, symbol_address, TracefsUprobes};
+use crate::build;
+use crate::cmd::{announce, fixtures_bin, leaktrace_bin, send_signal, stop_child, target_dir, wait_timeout};
 
 /// Go builds measured: (fixture, label).
 const BUILDS: &[(&str, &str)] = &[("mapbench-go122", "Go 1.22 (classic maps)"), ("mapbench-go127", "Go 1.27 (Swiss tables)")];
@@ -165,7 +164,7 @@ fn run_uprobed(bin: &Path, ms: u64, offset: u64) -> Result<f64> {
 }
 
 /// `cargo xtask bench maps [--rounds N] [--ms MS]`.
-pub fn bench_maps(root: &Path, args: &[String]) -> Result<()> {
+pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let mut rounds = 5usize;
     let mut ms = 2000u64;
     let mut it = args.iter();
@@ -179,7 +178,7 @@ pub fn bench_maps(root: &Path, args: &[String]) -> Result<()> {
     if rounds == 0 || ms == 0 {
         bail!("bench maps: --rounds and --ms must be positive");
     }
-    build(root)?;
+    build::run(root)?;
     let mut table = Vec::new();
     for (fixture, label) in BUILDS {
         let bin = fixtures_bin(root).join(fixture);

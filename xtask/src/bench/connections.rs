@@ -1,0 +1,259 @@
+//! `cargo xtask bench [--iterations N] [--runs N]`: what `leaktrace attach`
+//! costs conn_bench (socket()+connect()+close() on loopback), against
+//! untraced runs and bare uprobes at libc's `socket` and `connect` symbols.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::{libc_symbol_offset, log_until_attached, median, TracefsUprobes};
+use crate::build;
+use crate::cmd::{announce, fixtures_bin, leaktrace_bin, send_signal, stop_child, target_dir, wait_timeout};
+
+struct BenchResult {
+    ns_per_op: f64,
+}
+
+fn parse_bench_line(out: &str) -> Result<BenchResult> {
+    for line in out.lines() {
+        if !line.starts_with("iterations=") {
+            continue;
+        }
+        for kv in line.split_whitespace() {
+            if let Some(v) = kv.strip_prefix("ns_per_op=") {
+                return Ok(BenchResult {
+                    ns_per_op: v.parse().with_context(|| format!("bad ns_per_op in `{line}`"))?,
+                });
+            }
+        }
+    }
+    bail!("conn_bench printed no result line; output was:\n{out}")
+}
+
+fn bench_untraced(root: &Path, iterations: u64) -> Result<BenchResult> {
+    let mut cmd = Command::new(fixtures_bin(root).join("conn_bench"));
+    cmd.args(["--now", "--iterations", &iterations.to_string()])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null());
+    announce(&cmd);
+    let out = cmd.output().context("running conn_bench")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("conn_bench failed ({}):\n{stdout}", out.status);
+    }
+    parse_bench_line(&stdout)
+}
+
+fn bench_traced(root: &Path, iterations: u64, run: usize) -> Result<BenchResult> {
+    let mut cmd = Command::new(fixtures_bin(root).join("conn_bench"));
+    cmd.args(["--iterations", &iterations.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    announce(&cmd);
+    let mut target = cmd.spawn().context("starting conn_bench")?;
+    let pid = target.id();
+
+    // Wait for "ready", then collect the rest of its stdout in a thread.
+    let stdout = target.stdout.take().unwrap();
+    let (ready_tx, ready_rx) = mpsc::channel::<()>();
+    let collector = thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut rest = String::new();
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap_or(0) > 0 {
+            if line.trim() == "ready" {
+                let _ = ready_tx.send(());
+            } else {
+                rest.push_str(&line);
+            }
+            line.clear();
+        }
+        rest
+    });
+    if ready_rx.recv_timeout(Duration::from_secs(10)).is_err() {
+        stop_child(&mut target, "conn_bench");
+        bail!("conn_bench did not print `ready`");
+    }
+
+    let out_dir = target_dir(root).join("xtask-bench");
+    fs::create_dir_all(&out_dir)?;
+    let json_path = out_dir.join(format!("traced-{run}.json"));
+    let log_path = out_dir.join(format!("traced-{run}.log"));
+    let json_file = fs::File::create(&json_path)?;
+    let mut lt_cmd = Command::new(leaktrace_bin(root));
+    lt_cmd
+        .args(["attach", "--pid", &pid.to_string(), "--interval", "1s", "--format", "json"])
+        .stdin(Stdio::null())
+        .stdout(json_file)
+        .stderr(Stdio::piped());
+    announce(&lt_cmd);
+    let mut tracer = match lt_cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            stop_child(&mut target, "conn_bench");
+            return Err(e).context("starting leaktrace");
+        }
+    };
+
+    let (att_rx, logger) = log_until_attached(tracer.stderr.take().unwrap(), log_path.clone());
+
+    let cleanup = |target: &mut Child, tracer: &mut Child| {
+        stop_child(target, "conn_bench");
+        let _ = send_signal(tracer.id(), "INT");
+        if !matches!(wait_timeout(tracer, Duration::from_secs(10)), Ok(Some(_))) {
+            let _ = tracer.kill();
+            let _ = tracer.wait();
+        }
+    };
+
+    // Wait for "attached" (or leaktrace dying).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if att_rx.recv_timeout(Duration::from_millis(100)).is_ok() {
+            break;
+        }
+        if let Ok(Some(st)) = tracer.try_wait() {
+            cleanup(&mut target, &mut tracer);
+            let _ = logger.join();
+            let log = fs::read_to_string(&log_path).unwrap_or_default();
+            bail!("leaktrace exited before attaching ({st}); its stderr:\n{log}");
+        }
+        if Instant::now() >= deadline {
+            cleanup(&mut target, &mut tracer);
+            bail!("leaktrace did not print `attached` within 60s (log: {})", log_path.display());
+        }
+    }
+
+    send_signal(pid, "USR1")?;
+    let st = match wait_timeout(&mut target, Duration::from_secs(600))? {
+        Some(st) => st,
+        None => {
+            cleanup(&mut target, &mut tracer);
+            bail!("conn_bench did not finish within 600s");
+        }
+    };
+    let rest = collector.join().unwrap_or_default();
+
+    send_signal(tracer.id(), "INT")?;
+    let lt_status = match wait_timeout(&mut tracer, Duration::from_secs(15))? {
+        Some(s) => Some(s),
+        None => {
+            eprintln!("xtask: leaktrace did not exit on SIGINT; killing it");
+            let _ = tracer.kill();
+            let _ = tracer.wait();
+            None
+        }
+    };
+    let _ = logger.join();
+    if !st.success() {
+        bail!("conn_bench failed under tracing ({st}):\n{rest}");
+    }
+    if let Some(s) = lt_status {
+        if !s.success() {
+            eprintln!(
+                "xtask: warning: leaktrace exited with {s} after SIGINT (log: {})",
+                log_path.display()
+            );
+        }
+    }
+    let json_len = fs::metadata(&json_path).map(|m| m.len()).unwrap_or(0);
+    eprintln!("bench: leaktrace wrote {json_len} bytes of JSON to {}", json_path.display());
+    parse_bench_line(&rest)
+}
+
+/// tracefs uprobes at libc's `socket` and `connect` symbols — where a tool
+/// that probes by symbol puts them — while the untraced bench runs.
+fn bench_symbol_uprobes(root: &Path, iterations: u64) -> Result<BenchResult> {
+    let libc = Path::new("/lib/x86_64-linux-gnu/libc.so.6");
+    let libc_str = libc.to_str().unwrap_or_default();
+    let at = ["socket", "connect"]
+        .iter()
+        .map(|sym| Ok((sym.to_string(), libc, libc_symbol_offset(libc_str, sym)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let _probes = TracefsUprobes::install("leaktrace_bench", &at)?;
+    bench_untraced(root, iterations)
+}
+
+pub fn run(root: &Path, args: &[String]) -> Result<()> {
+    let mut iterations: u64 = 10000;
+    let mut runs: usize = 7;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let (key, val) = match a.split_once('=') {
+            Some((k, v)) => (k.to_string(), Some(v.to_string())),
+            None => (a.clone(), None),
+        };
+        let mut value = || -> Result<String> {
+            val.clone()
+                .or_else(|| it.next().cloned())
+                .ok_or_else(|| anyhow!("{key} needs a value"))
+        };
+        match key.as_str() {
+            "--iterations" => iterations = value()?.parse().context("--iterations")?,
+            "--runs" => runs = value()?.parse().context("--runs")?,
+            "--" => {}
+            other => bail!("bench: unknown argument `{other}`"),
+        }
+    }
+    if runs == 0 || iterations == 0 {
+        bail!("bench: --runs and --iterations must be positive");
+    }
+
+    build::run(root)?;
+    let mut untraced = Vec::new();
+    let mut traced = Vec::new();
+    let mut uprobed = Vec::new();
+    for run in 0..runs {
+        let u = bench_untraced(root, iterations)?;
+        eprintln!("bench: run {}/{runs} untraced: {:.1} ns/op", run + 1, u.ns_per_op);
+        untraced.push(u.ns_per_op);
+        let t = bench_traced(root, iterations, run)?;
+        eprintln!("bench: run {}/{runs} traced:   {:.1} ns/op", run + 1, t.ns_per_op);
+        traced.push(t.ns_per_op);
+        let p = bench_symbol_uprobes(root, iterations)?;
+        eprintln!("bench: run {}/{runs} uprobes at symbols: {:.1} ns/op", run + 1, p.ns_per_op);
+        uprobed.push(p.ns_per_op);
+    }
+    let u_all = untraced.clone();
+    let t_all = traced.clone();
+    let p_all = uprobed.clone();
+    let mu = median(&mut untraced);
+    let mt = median(&mut traced);
+    let mp = median(&mut uprobed);
+    // These VMs drift by ±20% within a minute: compare each traced run with
+    // the untraced run just before it and take the median of those ratios.
+    let paired = |v: &[f64]| {
+        let mut r: Vec<f64> = v.iter().zip(&u_all).map(|(x, u)| x / u).collect();
+        median(&mut r)
+    };
+    let ratio = paired(&t_all);
+    let pratio = paired(&p_all);
+    let fmt_all = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
+
+    let mut out = std::io::stdout().lock();
+    writeln!(out)?;
+    writeln!(
+        out,
+        "conn_bench: {iterations} x socket()+connect()+close() on loopback, {runs} runs each (median)"
+    )?;
+    writeln!(out, "ratio = median over runs of (mode / the untraced run just before it)")?;
+    writeln!(out, "{:<34} {:>10} {:>7}   runs", "mode", "ns/op", "ratio")?;
+    writeln!(out, "{:<34} {:>10.0} {:>6.2}x   {}", "untraced", mu, 1.0, fmt_all(&u_all))?;
+    writeln!(out, "{:<34} {:>10.0} {:>6.2}x   {}", "leaktrace attach", mt, ratio, fmt_all(&t_all))?;
+    writeln!(out, "{:<34} {:>10.0} {:>6.2}x   {}", "uprobes at socket+connect symbols", mp, pratio, fmt_all(&p_all))?;
+    writeln!(out)?;
+    writeln!(out, "README:")?;
+    writeln!(out, "| mode | ns/op (median of {runs}) | ratio to untraced (median of paired runs) |")?;
+    writeln!(out, "|---|---|---|")?;
+    writeln!(out, "| untraced | {mu:.0} | 1.00x |")?;
+    writeln!(out, "| leaktrace attach (tracepoints, caller from disassembly) | {mt:.0} | {ratio:.2}x |")?;
+    writeln!(out, "| bare uprobes at libc `socket` + `connect` symbols (what symbol-probing tools pay, before any BPF work) | {mp:.0} | {pratio:.2}x |")?;
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! `cargo xtask bench [connections|tasks|maps|allocations|locks]` and what
+//! the benches share.
+
+pub mod allocations;
+pub mod connections;
+pub mod locks;
+pub mod maps;
+pub mod tasks;
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::cmd::probe;
+
+/// `bench <name> [args]`, or the connection bench when no name is given.
+pub fn run(root: &Path, args: &[String]) -> Result<()> {
+    let rest = args.get(1..).unwrap_or_default();
+    match args.first().map(String::as_str) {
+        Some("tasks") => tasks::run(root, rest),
+        Some("maps") => maps::run(root, rest),
+        Some("allocations") => allocations::run(root, rest),
+        Some("locks") => locks::run(root, rest),
+        _ => connections::run(root, args),
+    }
+}
+
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Copies a tracer's stderr into `log_path` on a thread; the receiver gets
+/// one message when a line says it "attached".
+pub fn log_until_attached(
+    stderr: std::process::ChildStderr,
+    log_path: PathBuf,
+) -> (mpsc::Receiver<()>, thread::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel::<()>();
+    let logger = thread::spawn(move || {
+        let mut log = fs::File::create(&log_path).ok();
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(f) = log.as_mut() {
+                let _ = writeln!(f, "{line}");
+            }
+            if !sent && line.contains("attached") {
+                sent = true;
+                let _ = tx.send(());
+            }
+        }
+    });
+    (rx, logger)
+}
+
+/// Bare tracefs uprobes (no BPF program, no reader: the trap alone, what
+/// the benches compare against), one group per bench, removed on drop.
+pub struct TracefsUprobes {
+    group: &'static str,
+    names: Vec<String>,
+}
+
+impl TracefsUprobes {
+    const TRACEFS: &'static str = "/sys/kernel/tracing";
+
+    /// One uprobe per `(name, file, file offset)`, all enabled.
+    pub fn install(group: &'static str, at: &[(String, &Path, u64)]) -> Result<Self> {
+        let tracefs = Path::new(Self::TRACEFS);
+        let mut me = Self { group, names: Vec::new() };
+        for (name, file, off) in at {
+            let name = name.replace(['.', '/'], "_");
+            let def = format!("p:{group}/{name} {}:{off:#x}", file.display());
+            fs::OpenOptions::new()
+                .append(true)
+                .open(tracefs.join("uprobe_events"))?
+                .write_all(format!("{def}\n").as_bytes())
+                .with_context(|| format!("adding uprobe `{def}`"))?;
+            eprintln!("+ echo '{def}' >> uprobe_events");
+            me.names.push(name);
+        }
+        fs::write(tracefs.join("events").join(group).join("enable"), "1")?;
+        Ok(me)
+    }
+}
+
+impl Drop for TracefsUprobes {
+    fn drop(&mut self) {
+        let tracefs = Path::new(Self::TRACEFS);
+        let _ = fs::write(tracefs.join("events").join(self.group).join("enable"), "0");
+        for n in &self.names {
+            // Removal can fail with EBUSY for a moment after disabling: retry.
+            for _ in 0..50 {
+                let removed = fs::OpenOptions::new()
+                    .append(true)
+                    .open(tracefs.join("uprobe_events"))
+                    .and_then(|mut f| f.write_all(format!("-:{}/{n}\n", self.group).as_bytes()));
+                match removed {
+                    Ok(()) => break,
+                    Err(e) if e.raw_os_error() == Some(2) => break, // already gone
+                    Err(_) => thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        }
+        let _ = fs::write(tracefs.join("trace"), "");
+    }
+}
+
+
+// Benches find their probe addresses with binutils (nm, objdump, readelf),
+// not with leaktrace's own ELF and disassembly code, so that they do not
+// share code with what they measure.
+
+/// Address of `sym` in libc as a file offset (what tracefs uprobes take).
+pub fn libc_symbol_offset(libc: &str, sym: &str) -> Result<u64> {
+    let nm = probe("nm", &["-D", "--defined-only", libc]).ok_or_else(|| anyhow!("nm -D {libc} failed"))?;
+    let vaddr = nm
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let (a, t, n) = (it.next()?, it.next()?, it.next()?);
+            (matches!(t, "T" | "W" | "i") && n.split('@').next() == Some(sym)).then(|| u64::from_str_radix(a, 16).ok())?
+        })
+        .next()
+        .ok_or_else(|| anyhow!("{sym} not found in {libc}"))?;
+    elf_file_offset(libc, vaddr)
+}
+
+/// File offset of the link-time address `vaddr` in the ELF file at `path`,
+/// through its PT_LOAD headers (what tracefs uprobes take).
+pub fn elf_file_offset(path: &str, vaddr: u64) -> Result<u64> {
+    let readelf = probe("readelf", &["-lW", path]).ok_or_else(|| anyhow!("readelf -l {path} failed"))?;
+    for l in readelf.lines().filter(|l| l.trim_start().starts_with("LOAD")) {
+        let f: Vec<u64> = l
+            .split_whitespace()
+            .skip(1)
+            .take(5)
+            .filter_map(|x| u64::from_str_radix(x.trim_start_matches("0x"), 16).ok())
+            .collect();
+        if let [off, va, _pa, filesz, _] = f[..] {
+            if vaddr >= va && vaddr < va + filesz {
+                return Ok(vaddr - va + off);
+            }
+        }
+    }
+    bail!("{vaddr:#x} is in no LOAD segment of {path}")
+}
+
+/// Link-time address of `sym` in the symbol table of the ELF at `path` (nm).
+pub fn symbol_address(path: &str, sym: &str) -> Result<u64> {
+    let nm = probe("nm", &[path]).ok_or_else(|| anyhow!("nm {path} failed"))?;
+    nm.lines()
+        .find_map(|l| {
+            let mut it = l.split_whitespace();
+            let (a, _t, n) = (it.next()?, it.next()?, it.next()?);
+            (n == sym).then(|| u64::from_str_radix(a, 16).ok())?
+        })
+        .ok_or_else(|| anyhow!("{sym} not in {path}"))
+}
+
+/// Address of the first `push %rbp` in the 32 bytes from `entry` (objdump):
+/// a Go function's emulated prologue instruction.
+pub fn first_push_rbp(path: &str, entry: u64, what: &str) -> Result<u64> {
+    let start = format!("--start-address={entry:#x}");
+    let stop = format!("--stop-address={:#x}", entry + 32);
+    let dis = probe("objdump", &["-d", "--no-show-raw-insn", &start, &stop, path]).ok_or_else(|| anyhow!("objdump failed"))?;
+    dis.lines()
+        .find(|l| l.contains("push") && l.contains("%rbp"))
+        .and_then(|l| u64::from_str_radix(l.trim().split(':').next()?.trim(), 16).ok())
+        .ok_or_else(|| anyhow!("no push %rbp at the start of {what}"))
+}
