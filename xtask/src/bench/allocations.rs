@@ -27,7 +27,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::median;
+use super::{median, paired_ratio, parse_options};
 use crate::build;
 use crate::cmd::{announce, fixtures_bin, leaktrace_bin, send_signal, stop_child, target_dir, wait_timeout};
 
@@ -309,28 +309,15 @@ fn daemon_cost(root: &Path, live: u64, hold_s: u64) -> Result<String> {
     ))
 }
 
-/// `cargo xtask bench allocations [--rounds N] [--micro N] [--mixed M]`.
+/// `cargo xtask bench allocations [--rounds N] [--micro N] [--mixed M] [--live K]`.
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
-    let mut rounds = 5usize;
-    let mut micro = 200_000u64;
-    let mut mixed = 2000u64;
-    let mut live = 100_000u64;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = |name: &str| -> Result<u64> {
-            it.next().ok_or_else(|| anyhow!("{name} needs a value"))?.parse().with_context(|| name.to_string())
-        };
-        match a.as_str() {
-            "--rounds" => rounds = value("--rounds")? as usize,
-            "--micro" => micro = value("--micro")?,
-            "--mixed" => mixed = value("--mixed")?,
-            "--live" => live = value("--live")?,
-            other => bail!("bench allocations: unknown argument `{other}`"),
-        }
-    }
-    if rounds == 0 || micro == 0 || mixed == 0 {
-        bail!("bench allocations: --rounds, --micro and --mixed must be positive");
-    }
+    let [rounds, micro, mixed, live] = parse_options(
+        "bench allocations",
+        args,
+        [("--rounds", 5), ("--micro", 200_000), ("--mixed", 2000), ("--live", 100_000)],
+        &["--rounds", "--micro", "--mixed"],
+    )?;
+    let rounds = rounds as usize;
     if Command::new("bpftrace").arg("--version").output().is_err() {
         bail!("bpftrace is not installed: run `cargo xtask setup` (or apt-get install bpftrace)");
     }
@@ -357,10 +344,10 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
 
     let untraced = &results[0];
     let row = |i: usize, pick: fn(&Times) -> f64| -> (f64, f64, f64) {
-        let mut abs: Vec<f64> = results[i].iter().map(pick).collect();
-        let mut added: Vec<f64> = results[i].iter().zip(untraced).map(|(t, u)| pick(t) - pick(u)).collect();
-        let mut ratio: Vec<f64> = results[i].iter().zip(untraced).map(|(t, u)| pick(t) / pick(u)).collect();
-        (median(&mut abs), median(&mut added), median(&mut ratio))
+        let abs: Vec<f64> = results[i].iter().map(pick).collect();
+        let base: Vec<f64> = untraced.iter().map(pick).collect();
+        let added: Vec<f64> = abs.iter().zip(&base).map(|(t, u)| t - u).collect();
+        (median(&abs), median(&added), paired_ratio(&abs, &base))
     };
     let mut out = std::io::stdout().lock();
     writeln!(out)?;
@@ -392,21 +379,21 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             })
             .collect()
     };
-    let mut paired = share_per_round(Mode::Leaktrace);
+    let paired = share_per_round(Mode::Leaktrace);
     let per_round: Vec<String> = paired.iter().map(|v| format!("{v:.2}")).collect();
-    let mut traps = share_per_round(Mode::TrapsOnly);
+    let traps = share_per_round(Mode::TrapsOnly);
     writeln!(out)?;
     writeln!(out, "leaktrace's added cost per malloc+free pair = {:.3} of the entry floor's (target <= 0.2)", share)?;
     writeln!(
         out,
         "same share, paired in each round: median {:.3} (rounds: {})",
-        median(&mut paired),
+        median(&paired),
         per_round.join(", ")
     )?;
     writeln!(
         out,
         "leaktrace's traps alone (tracking nothing), paired share of the entry floor: median {:.3}",
-        median(&mut traps)
+        median(&traps)
     )?;
     writeln!(out)?;
     writeln!(out, "{daemon}")?;

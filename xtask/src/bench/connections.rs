@@ -10,9 +10,9 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 
-use super::{libc_symbol_offset, log_until_attached, median, TracefsUprobes};
+use super::{libc_symbol_offset, list, log_until_attached, median, paired_ratio, parse_options, TracefsUprobes};
 use crate::build;
 use crate::cmd::{announce, fixtures_bin, leaktrace_bin, send_signal, stop_child, target_dir, wait_timeout};
 
@@ -182,29 +182,9 @@ fn bench_symbol_uprobes(root: &Path, iterations: u64) -> Result<BenchResult> {
 }
 
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
-    let mut iterations: u64 = 10000;
-    let mut runs: usize = 7;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (key, val) = match a.split_once('=') {
-            Some((k, v)) => (k.to_string(), Some(v.to_string())),
-            None => (a.clone(), None),
-        };
-        let mut value = || -> Result<String> {
-            val.clone()
-                .or_else(|| it.next().cloned())
-                .ok_or_else(|| anyhow!("{key} needs a value"))
-        };
-        match key.as_str() {
-            "--iterations" => iterations = value()?.parse().context("--iterations")?,
-            "--runs" => runs = value()?.parse().context("--runs")?,
-            "--" => {}
-            other => bail!("bench: unknown argument `{other}`"),
-        }
-    }
-    if runs == 0 || iterations == 0 {
-        bail!("bench: --runs and --iterations must be positive");
-    }
+    let [iterations, runs] =
+        parse_options("bench", args, [("--iterations", 10000), ("--runs", 7)], &["--runs", "--iterations"])?;
+    let runs = runs as usize;
 
     build::run(root)?;
     let mut untraced = Vec::new();
@@ -221,21 +201,11 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         eprintln!("bench: run {}/{runs} uprobes at symbols: {:.1} ns/op", run + 1, p.ns_per_op);
         uprobed.push(p.ns_per_op);
     }
-    let u_all = untraced.clone();
-    let t_all = traced.clone();
-    let p_all = uprobed.clone();
-    let mu = median(&mut untraced);
-    let mt = median(&mut traced);
-    let mp = median(&mut uprobed);
+    let (mu, mt, mp) = (median(&untraced), median(&traced), median(&uprobed));
     // These VMs drift by ±20% within a minute: compare each traced run with
     // the untraced run just before it and take the median of those ratios.
-    let paired = |v: &[f64]| {
-        let mut r: Vec<f64> = v.iter().zip(&u_all).map(|(x, u)| x / u).collect();
-        median(&mut r)
-    };
-    let ratio = paired(&t_all);
-    let pratio = paired(&p_all);
-    let fmt_all = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
+    let ratio = paired_ratio(&traced, &untraced);
+    let pratio = paired_ratio(&uprobed, &untraced);
 
     let mut out = std::io::stdout().lock();
     writeln!(out)?;
@@ -245,9 +215,9 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     )?;
     writeln!(out, "ratio = median over runs of (mode / the untraced run just before it)")?;
     writeln!(out, "{:<34} {:>10} {:>7}   runs", "mode", "ns/op", "ratio")?;
-    writeln!(out, "{:<34} {:>10.0} {:>6.2}x   {}", "untraced", mu, 1.0, fmt_all(&u_all))?;
-    writeln!(out, "{:<34} {:>10.0} {:>6.2}x   {}", "leaktrace attach", mt, ratio, fmt_all(&t_all))?;
-    writeln!(out, "{:<34} {:>10.0} {:>6.2}x   {}", "uprobes at socket+connect symbols", mp, pratio, fmt_all(&p_all))?;
+    writeln!(out, "{:<34} {:>10.0} {:>6.2}x   {}", "untraced", mu, 1.0, list(&untraced, 0))?;
+    writeln!(out, "{:<34} {:>10.0} {:>6.2}x   {}", "leaktrace attach", mt, ratio, list(&traced, 0))?;
+    writeln!(out, "{:<34} {:>10.0} {:>6.2}x   {}", "uprobes at socket+connect symbols", mp, pratio, list(&uprobed, 0))?;
     writeln!(out)?;
     writeln!(out, "README:")?;
     writeln!(out, "| mode | ns/op (median of {runs}) | ratio to untraced (median of paired runs) |")?;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::median;
+use super::{list, median, paired_ratio, parse_options};
 use crate::build;
 use crate::cmd::{announce, fixtures_bin, leaktrace_bin, send_signal, stop_child, wait_timeout};
 
@@ -154,18 +154,7 @@ fn one(root: &Path, case: &Case, mode: Mode) -> Result<(f64, Option<u64>)> {
 
 /// Runs the benchmark and prints the table and a README-ready one.
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
-    let mut runs = 7usize;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--runs" => runs = it.next().ok_or_else(|| anyhow!("--runs needs a value"))?.parse().context("--runs")?,
-            "--" => {}
-            other => bail!("bench locks: unknown argument `{other}`"),
-        }
-    }
-    if runs == 0 {
-        bail!("bench locks: --runs must be positive");
-    }
+    let [runs] = parse_options("bench locks", args, [("--runs", 7)], &["--runs"])?;
     build::run(root)?;
     let modes = [Mode::Untraced, Mode::Leaktrace, Mode::Bpftrace];
     // results[case][mode] = per-run ns/op
@@ -192,11 +181,10 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         let w = waits[ci].iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ");
         writeln!(out, "{}: contended waits leaktrace recorded per run: {w}", case.name)?;
         for (mi, mode) in modes.iter().enumerate() {
-            let v = results[ci][mi].clone();
-            let mut ratios: Vec<f64> = v.iter().zip(&untraced).map(|(x, u)| x / u).collect();
-            let ratio = median(&mut ratios);
-            let med = median(&mut v.clone());
-            let all = v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
+            let v = &results[ci][mi];
+            let ratio = paired_ratio(v, &untraced);
+            let med = median(v);
+            let all = list(v, 0);
             writeln!(out, "  {:<48} {med:>10.1} ns/op {ratio:>8.2}x   {all}", mode_name(*mode))?;
             let recorded = if *mode == Mode::Leaktrace { w.clone() } else { "-".into() };
             readme.push(format!("| {} | {} | {med:.0} | {ratio:.2}x | {recorded} |", case.name, mode_name(*mode)));

@@ -23,7 +23,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::{elf_file_offset, first_push_rbp, log_until_attached, median, symbol_address, TracefsUprobes};
+use super::{
+    elf_file_offset, first_push_rbp, list, log_until_attached, median, paired_ratio, parse_options, symbol_address,
+    TracefsUprobes,
+};
 use crate::build;
 use crate::cmd::{announce, fixtures_bin, leaktrace_bin, send_signal, stop_child, target_dir, wait_timeout};
 
@@ -165,19 +168,8 @@ fn run_uprobed(bin: &Path, ms: u64, offset: u64) -> Result<f64> {
 
 /// `cargo xtask bench maps [--rounds N] [--ms MS]`.
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
-    let mut rounds = 5usize;
-    let mut ms = 2000u64;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--rounds" => rounds = it.next().ok_or_else(|| anyhow!("--rounds needs a value"))?.parse()?,
-            "--ms" => ms = it.next().ok_or_else(|| anyhow!("--ms needs a value"))?.parse()?,
-            other => bail!("bench maps: unknown argument `{other}`"),
-        }
-    }
-    if rounds == 0 || ms == 0 {
-        bail!("bench maps: --rounds and --ms must be positive");
-    }
+    let [rounds, ms] = parse_options("bench maps", args, [("--rounds", 5), ("--ms", 2000)], &["--rounds", "--ms"])?;
+    let rounds = rounds as usize;
     build::run(root)?;
     let mut table = Vec::new();
     for (fixture, label) in BUILDS {
@@ -202,17 +194,12 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                 ns[i].push(v);
             }
         }
-        let ratios: Vec<f64> = (0..MODES.len())
-            .map(|i| {
-                let mut r: Vec<f64> = ns[i].iter().zip(&ns[0]).map(|(x, u)| x / u).collect();
-                median(&mut r)
-            })
-            .collect();
-        let medians: Vec<f64> = ns.iter().map(|v| median(&mut v.clone())).collect();
+        let ratios: Vec<f64> = ns.iter().map(|v| paired_ratio(v, &ns[0])).collect();
+        let medians: Vec<f64> = ns.iter().map(|v| median(v)).collect();
         // The same cost from counts, steadier than a ratio of two noisy
         // timings: growth probes per insert x what one emulated trap costs
         // (the PUSHQ BP mode minus untraced), over the untraced cost.
-        let epi = median(&mut events_per_insert);
+        let epi = median(&events_per_insert);
         let trap_ns = (medians[3] - medians[0]).max(0.0);
         let estimate = 1.0 + epi * trap_ns / medians[0];
         table.push((label, medians, ratios, ns, epi, estimate));
@@ -221,17 +208,16 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     // Go 1.24+ sync.Map: stores of new keys, untraced and traced (its
     // trie's `expand` is probed: the costly case of the tracker).
     let sync_bin = fixtures_bin(root).join("mapbench-go127");
-    let (mut su, mut st, mut sr, mut se) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut su, mut st, mut se) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         let u = finish_bench(start_bench_with(&sync_bin, ms, &["-sync"])?)?;
         let (t, e) = run_traced(root, &sync_bin, ms, &format!("sync-{round}"), &["-sync"])?;
         eprintln!("bench maps: sync.Map round {}/{rounds}: untraced {u:.1}, leaktrace {t:.1} CPU ns/store", round + 1);
         su.push(u);
         st.push(t);
-        sr.push(t / u);
         se.push(e);
     }
-    let (su_m, st_m, sr_m, se_m) = (median(&mut su), median(&mut st), median(&mut sr), median(&mut se));
+    let (su_m, st_m, sr_m, se_m) = (median(&su), median(&st), paired_ratio(&st, &su), median(&se));
 
     let mut out = std::io::stdout().lock();
     writeln!(out)?;
@@ -241,8 +227,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     for (label, medians, ratios, ns, epi, estimate) in &table {
         writeln!(out, "{label}: {:.0} inserts per growth probe hit; estimated leaktrace cost from that count: {estimate:.3}x", 1.0 / epi.max(1e-12))?;
         for (i, mode) in MODES.iter().enumerate() {
-            let all = ns[i].iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
-            writeln!(out, "  {mode:<12} {:>10.1} CPU ns/insert {:>8.2}x   {all}", medians[i], ratios[i])?;
+            writeln!(out, "  {mode:<12} {:>10.1} CPU ns/insert {:>8.2}x   {}", medians[i], ratios[i], list(&ns[i], 0))?;
         }
     }
     writeln!(out)?;

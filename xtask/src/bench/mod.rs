@@ -30,7 +30,49 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     }
 }
 
-pub fn median(v: &mut [f64]) -> f64 {
+/// A bench's numeric options, `--name N` or `--name=N` (`--` is skipped),
+/// from the defaults in `flags`, returned in the order of `flags`; those
+/// named in `positive` must not be 0. `what` prefixes the errors.
+pub fn parse_options<const N: usize>(
+    what: &str,
+    args: &[String],
+    flags: [(&str, u64); N],
+    positive: &[&str],
+) -> Result<[u64; N]> {
+    let mut values = flags.map(|(_, default)| default);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--" {
+            continue;
+        }
+        let (key, inline) = match a.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (a.as_str(), None),
+        };
+        let Some(i) = flags.iter().position(|(name, _)| *name == key) else {
+            let usage = flags.iter().map(|(name, _)| format!("{name} N")).collect::<Vec<_>>().join(", ");
+            bail!("{what}: unknown argument `{key}` ({usage})");
+        };
+        let value = inline
+            .or_else(|| it.next().map(String::as_str))
+            .ok_or_else(|| anyhow!("{key} needs a value"))?;
+        values[i] = value.parse().with_context(|| key.to_string())?;
+    }
+    let zero = |p: &&str| flags.iter().zip(&values).any(|((name, _), v)| name == p && *v == 0);
+    if positive.iter().any(zero) {
+        let list = match positive {
+            [one] => one.to_string(),
+            [init @ .., last] => format!("{} and {last}", init.join(", ")),
+            [] => String::new(),
+        };
+        bail!("{what}: {list} must be positive");
+    }
+    Ok(values)
+}
+
+/// The median of `v` (NaN-free).
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = v.len();
     if n % 2 == 1 {
@@ -38,6 +80,18 @@ pub fn median(v: &mut [f64]) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
+}
+
+/// The median over runs of `v[i] / base[i]`: each mode against the
+/// untraced run of the same round (these machines drift by tens of percent
+/// within a minute; only ratios taken close together mean anything).
+pub fn paired_ratio(v: &[f64], base: &[f64]) -> f64 {
+    median(&v.iter().zip(base).map(|(x, u)| x / u).collect::<Vec<_>>())
+}
+
+/// Per-run values, `decimals` after the point, comma-separated.
+pub fn list(v: &[f64], decimals: usize) -> String {
+    v.iter().map(|x| format!("{x:.decimals$}")).collect::<Vec<_>>().join(", ")
 }
 
 /// Copies a tracer's stderr into `log_path` on a thread; the receiver gets
@@ -178,4 +232,33 @@ pub fn first_push_rbp(path: &str, entry: u64, what: &str) -> Result<u64> {
         .find(|l| l.contains("push") && l.contains("%rbp"))
         .and_then(|l| u64::from_str_radix(l.trim().split(':').next()?.trim(), 16).ok())
         .ok_or_else(|| anyhow!("no push %rbp at the start of {what}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn parses_options_both_ways() {
+        let flags = [("--runs", 7), ("--ms", 2000)];
+        assert_eq!(parse_options("b", &args(""), flags, &["--runs"]).unwrap(), [7, 2000]);
+        assert_eq!(parse_options("b", &args("-- --ms 5 --runs=3"), flags, &["--runs"]).unwrap(), [3, 5]);
+        let err = |a: &str, positive: &[&str]| parse_options("b", &args(a), flags, positive).unwrap_err().to_string();
+        assert_eq!(err("--bogus", &[]), "b: unknown argument `--bogus` (--runs N, --ms N)");
+        assert_eq!(err("--runs", &[]), "--runs needs a value");
+        assert_eq!(err("--runs 0", &["--runs", "--ms"]), "b: --runs and --ms must be positive");
+        assert_eq!(format!("{:#}", parse_options("b", &args("--ms=x"), flags, &[]).unwrap_err()), "--ms: invalid digit found in string");
+    }
+
+    #[test]
+    fn medians_and_paired_ratios() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(paired_ratio(&[2.0, 9.0, 3.0], &[1.0, 3.0, 1.0]), 3.0);
+        assert_eq!(list(&[1.234, 5.0], 1), "1.2, 5.0");
+    }
 }
