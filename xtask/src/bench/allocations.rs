@@ -17,17 +17,16 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader, Write},
+    io::Write,
     path::Path,
     process::{Child, Command, Stdio},
-    sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::{median, paired_ratio, parse_options};
+use super::{median, paired_ratio, parse_options, Lines};
 use crate::build;
 use crate::cmd::{announce, fixtures_bin, leaktrace_bin, send_signal, stop_child, target_dir, wait_timeout};
 
@@ -98,42 +97,10 @@ fn floor_script() -> String {
     format!("BEGIN {{ printf(\"attached\\n\"); }}\nuprobe:{LIBC}:malloc {{ }}\nuprobe:{LIBC}:free {{ }}\n")
 }
 
-/// A child's output lines, sent as they come.
-fn lines_of(r: impl std::io::Read + Send + 'static) -> (mpsc::Receiver<String>, thread::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel();
-    let h = thread::spawn(move || {
-        for line in BufReader::new(r).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (rx, h)
-}
-
-fn wait_line(rx: &mpsc::Receiver<String>, needle: &str, timeout: Duration, seen: &mut String) -> bool {
-    let until = Instant::now() + timeout;
-    while let Some(left) = until.checked_duration_since(Instant::now()) {
-        match rx.recv_timeout(left) {
-            Ok(l) => {
-                seen.push_str(&l);
-                seen.push('\n');
-                if l.contains(needle) {
-                    return true;
-                }
-            }
-            Err(_) => return false,
-        }
-    }
-    false
-}
-
 /// A tracer process and the line that says it has attached.
 struct Tracer {
     child: Child,
-    lines: mpsc::Receiver<String>,
-    log: String,
+    lines: Lines,
 }
 
 impl Tracer {
@@ -144,11 +111,7 @@ impl Tracer {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        while let Ok(l) = self.lines.try_recv() {
-            self.log.push_str(&l);
-            self.log.push('\n');
-        }
-        self.log
+        self.lines.all(Duration::from_secs(5))
     }
 }
 
@@ -182,18 +145,17 @@ fn start_tracer(root: &Path, mode: Mode, pid: u32, json: Option<&Path>) -> Resul
     cmd.stdin(Stdio::null());
     announce(&cmd);
     let mut child = cmd.spawn().with_context(|| format!("starting {}", mode.label()))?;
-    let (lines, _) = match mode {
-        Mode::Leaktrace | Mode::TrapsOnly => lines_of(child.stderr.take().unwrap()),
-        _ => lines_of(child.stdout.take().unwrap()),
+    let mut lines = match mode {
+        Mode::Leaktrace | Mode::TrapsOnly => Lines::new(child.stderr.take().unwrap()),
+        _ => Lines::new(child.stdout.take().unwrap()),
     };
     let needle = if matches!(mode, Mode::Leaktrace | Mode::TrapsOnly) { "attached to" } else { "attached" };
-    let mut log = String::new();
-    if !wait_line(&lines, needle, Duration::from_secs(60), &mut log) {
+    if !lines.wait_line(needle, Duration::from_secs(60)) {
         let _ = child.kill();
         let _ = child.wait();
-        bail!("{} did not attach; it printed:\n{log}", mode.label());
+        bail!("{} did not attach; it printed:\n{}", mode.label(), lines.seen());
     }
-    Ok(Some(Tracer { child, lines, log }))
+    Ok(Some(Tracer { child, lines }))
 }
 
 /// Starts alloc_bench (waiting for SIGUSR1), attaches `mode`, lets it run,
@@ -203,9 +165,8 @@ fn run_mode(root: &Path, mode: Mode, bench_args: &[String], json: Option<&Path>)
     cmd.args(bench_args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
     announce(&cmd);
     let mut target = cmd.spawn().context("starting alloc_bench")?;
-    let (out, out_h) = lines_of(target.stdout.take().unwrap());
-    let mut seen = String::new();
-    if !wait_line(&out, "ready", Duration::from_secs(10), &mut seen) {
+    let mut out = Lines::new(target.stdout.take().unwrap());
+    if !out.wait_line("ready", Duration::from_secs(10)) {
         stop_child(&mut target, "alloc_bench");
         bail!("alloc_bench did not print ready");
     }
@@ -234,9 +195,7 @@ fn run_mode(root: &Path, mode: Mode, bench_args: &[String], json: Option<&Path>)
         stop_child(&mut target, "alloc_bench");
         bail!("alloc_bench did not finish under {}", mode.label());
     }
-    let _ = out_h.join();
-    let text: String = out.try_iter().map(|l| l + "\n").collect();
-    Ok((parse_times(&text)?, log))
+    Ok((parse_times(&out.all(Duration::from_secs(10)))?, log))
 }
 
 /// utime + stime of a process, seconds.
@@ -264,9 +223,8 @@ fn daemon_cost(root: &Path, live: u64, hold_s: u64) -> Result<String> {
         .stderr(Stdio::null());
     announce(&cmd);
     let mut target = cmd.spawn().context("starting alloc_bench")?;
-    let (out, _h) = lines_of(target.stdout.take().unwrap());
-    let mut seen = String::new();
-    if !wait_line(&out, "ready", Duration::from_secs(10), &mut seen) {
+    let mut out = Lines::new(target.stdout.take().unwrap());
+    if !out.wait_line("ready", Duration::from_secs(10)) {
         stop_child(&mut target, "alloc_bench");
         bail!("alloc_bench did not print ready");
     }

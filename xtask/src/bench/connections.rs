@@ -3,16 +3,14 @@
 //! untraced runs and bare uprobes at libc's `socket` and `connect` symbols.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::{libc_symbol_offset, list, log_until_attached, median, paired_ratio, parse_options, TracefsUprobes};
+use super::{libc_symbol_offset, list, log_until_attached, median, paired_ratio, parse_options, Lines, TracefsUprobes};
 use crate::build;
 use crate::cmd::{announce, fixtures_bin, leaktrace_bin, send_signal, stop_child, target_dir, wait_timeout};
 
@@ -60,24 +58,8 @@ fn bench_traced(root: &Path, iterations: u64, run: usize) -> Result<BenchResult>
     let mut target = cmd.spawn().context("starting conn_bench")?;
     let pid = target.id();
 
-    // Wait for "ready", then collect the rest of its stdout in a thread.
-    let stdout = target.stdout.take().unwrap();
-    let (ready_tx, ready_rx) = mpsc::channel::<()>();
-    let collector = thread::spawn(move || {
-        let mut reader = BufReader::new(stdout);
-        let mut rest = String::new();
-        let mut line = String::new();
-        while reader.read_line(&mut line).unwrap_or(0) > 0 {
-            if line.trim() == "ready" {
-                let _ = ready_tx.send(());
-            } else {
-                rest.push_str(&line);
-            }
-            line.clear();
-        }
-        rest
-    });
-    if ready_rx.recv_timeout(Duration::from_secs(10)).is_err() {
+    let mut out = Lines::new(target.stdout.take().unwrap());
+    if !out.wait_line("ready", Duration::from_secs(10)) {
         stop_child(&mut target, "conn_bench");
         bail!("conn_bench did not print `ready`");
     }
@@ -139,7 +121,7 @@ fn bench_traced(root: &Path, iterations: u64, run: usize) -> Result<BenchResult>
             bail!("conn_bench did not finish within 600s");
         }
     };
-    let rest = collector.join().unwrap_or_default();
+    let rest = out.all(Duration::from_secs(10));
 
     send_signal(tracer.id(), "INT")?;
     let lt_status = match wait_timeout(&mut tracer, Duration::from_secs(15))? {

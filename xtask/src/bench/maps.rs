@@ -14,18 +14,16 @@
 //! time per insert (see mapbench), not wall time.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::{
     elf_file_offset, first_push_rbp, list, log_until_attached, median, paired_ratio, parse_options, symbol_address,
-    TracefsUprobes,
+    Lines, TracefsUprobes,
 };
 use crate::build;
 use crate::cmd::{announce, fixtures_bin, leaktrace_bin, send_signal, stop_child, target_dir, wait_timeout};
@@ -35,11 +33,10 @@ const BUILDS: &[(&str, &str)] = &[("mapbench-go122", "Go 1.22 (classic maps)"), 
 const MODES: &[&str] = &["untraced", "leaktrace", "uprobe+0", "uprobe@push"];
 const SIZE: &str = "10000";
 
-/// A started mapbench that printed `ready`; the rest of its stdout is
-/// collected by a thread.
+/// A started mapbench that printed `ready`, and its stdout.
 struct Bench {
     child: Child,
-    rest: thread::JoinHandle<String>,
+    out: Lines,
 }
 
 fn start_bench(bin: &Path, ms: u64) -> Result<Bench> {
@@ -52,26 +49,12 @@ fn start_bench_with(bin: &Path, ms: u64, extra: &[&str]) -> Result<Bench> {
         .args(extra).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
     announce(&cmd);
     let mut child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel::<()>();
-    let rest = thread::spawn(move || {
-        let mut rest = String::new();
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if line.trim() == "ready" {
-                let _ = tx.send(());
-            } else {
-                rest.push_str(&line);
-                rest.push('\n');
-            }
-        }
-        rest
-    });
-    if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+    let mut out = Lines::new(child.stdout.take().unwrap());
+    if !out.wait_line("ready", Duration::from_secs(10)) {
         stop_child(&mut child, "mapbench");
         bail!("mapbench did not print `ready`");
     }
-    Ok(Bench { child, rest })
+    Ok(Bench { child, out })
 }
 
 /// Starts the inserts, waits for the result: CPU ns per insert (the
@@ -91,7 +74,7 @@ fn finish_bench_counted(mut b: Bench) -> Result<(f64, u64)> {
             bail!("mapbench did not finish within 120s");
         }
     };
-    let out = b.rest.join().unwrap_or_default();
+    let out = b.out.all(Duration::from_secs(10));
     if !st.success() {
         bail!("mapbench failed ({st}): {out}");
     }

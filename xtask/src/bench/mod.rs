@@ -8,11 +8,11 @@ pub mod maps;
 pub mod tasks;
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
@@ -92,6 +92,62 @@ pub fn paired_ratio(v: &[f64], base: &[f64]) -> f64 {
 /// Per-run values, `decimals` after the point, comma-separated.
 pub fn list(v: &[f64], decimals: usize) -> String {
     v.iter().map(|x| format!("{x:.decimals$}")).collect::<Vec<_>>().join(", ")
+}
+
+/// A child's output stream, read line by line on a thread, to its end (a
+/// child must never stall on a full pipe because nobody reads it).
+pub struct Lines {
+    rx: mpsc::Receiver<String>,
+    seen: String,
+}
+
+impl Lines {
+    pub fn new(r: impl Read + Send + 'static) -> Self {
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(r).lines().map_while(std::io::Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Self { rx, seen: String::new() }
+    }
+
+    /// Waits up to `timeout` for a line that contains `needle` (any line
+    /// for ""); false when none came in time or the stream ended. The lines
+    /// read are kept ([`Lines::seen`]).
+    pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> bool {
+        let until = Instant::now() + timeout;
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            let Ok(line) = self.rx.recv_timeout(left) else { return false };
+            let hit = line.contains(needle);
+            self.keep(line);
+            if hit {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The lines read so far.
+    pub fn seen(&self) -> &str {
+        &self.seen
+    }
+
+    /// Every line: those read so far, then the rest up to the end of the
+    /// stream or, at the most, `timeout`.
+    pub fn all(mut self, timeout: Duration) -> String {
+        let until = Instant::now() + timeout;
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            let Ok(line) = self.rx.recv_timeout(left) else { break };
+            self.keep(line);
+        }
+        self.seen
+    }
+
+    fn keep(&mut self, line: String) {
+        self.seen.push_str(&line);
+        self.seen.push('\n');
+    }
 }
 
 /// Copies a tracer's stderr into `log_path` on a thread; the receiver gets
@@ -260,5 +316,15 @@ mod tests {
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
         assert_eq!(paired_ratio(&[2.0, 9.0, 3.0], &[1.0, 3.0, 1.0]), 3.0);
         assert_eq!(list(&[1.234, 5.0], 1), "1.2, 5.0");
+    }
+
+    #[test]
+    fn lines_wait_and_collect() {
+        let mut l = Lines::new(&b"a\nready\nresult=1\n"[..]);
+        assert!(l.wait_line("ready", Duration::from_secs(5)));
+        assert_eq!(l.seen(), "a\nready\n");
+        assert_eq!(l.all(Duration::from_secs(5)), "a\nready\nresult=1\n");
+        let mut l = Lines::new(&b"a\n"[..]);
+        assert!(!l.wait_line("ready", Duration::from_secs(5)));
     }
 }
