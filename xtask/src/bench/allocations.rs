@@ -26,7 +26,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::{median, paired_ratio, parse_options, Lines};
+use super::{interrupt, median, paired_ratio, parse_options, start_ready, Lines};
 use crate::build;
 use crate::cmd::{announce, fixtures_bin, leaktrace_bin, send_signal, stop_child, target_dir, wait_timeout};
 
@@ -105,12 +105,7 @@ struct Tracer {
 
 impl Tracer {
     fn stop(mut self, what: &str) -> String {
-        let _ = send_signal(self.child.id(), "INT");
-        if !matches!(wait_timeout(&mut self.child, Duration::from_secs(20)), Ok(Some(_))) {
-            eprintln!("xtask: {what} did not exit on SIGINT; killing it");
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        interrupt(&mut self.child, what, Duration::from_secs(20));
         self.lines.all(Duration::from_secs(5))
     }
 }
@@ -161,15 +156,7 @@ fn start_tracer(root: &Path, mode: Mode, pid: u32, json: Option<&Path>) -> Resul
 /// Starts alloc_bench (waiting for SIGUSR1), attaches `mode`, lets it run,
 /// returns its times (and the tracer's log).
 fn run_mode(root: &Path, mode: Mode, bench_args: &[String], json: Option<&Path>) -> Result<(Times, String)> {
-    let mut cmd = Command::new(fixtures_bin(root).join("alloc_bench"));
-    cmd.args(bench_args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
-    announce(&cmd);
-    let mut target = cmd.spawn().context("starting alloc_bench")?;
-    let mut out = Lines::new(target.stdout.take().unwrap());
-    if !out.wait_line("ready", Duration::from_secs(10)) {
-        stop_child(&mut target, "alloc_bench");
-        bail!("alloc_bench did not print ready");
-    }
+    let (mut target, out) = start_ready(Command::new(fixtures_bin(root).join("alloc_bench")).args(bench_args), "alloc_bench")?;
     let tracer = match start_tracer(root, mode, target.id(), json) {
         Ok(t) => t,
         Err(e) => {
@@ -217,17 +204,8 @@ fn status_kib(pid: u32, key: &str) -> Option<u64> {
 fn daemon_cost(root: &Path, live: u64, hold_s: u64) -> Result<String> {
     let json = target_dir(root).join("xtask-bench").join("alloc-daemon.json");
     let mut cmd = Command::new(fixtures_bin(root).join("alloc_bench"));
-    cmd.args(["--micro", "0", "--mixed", "0", "--live", &live.to_string(), "--hold-s", &hold_s.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    announce(&cmd);
-    let mut target = cmd.spawn().context("starting alloc_bench")?;
-    let mut out = Lines::new(target.stdout.take().unwrap());
-    if !out.wait_line("ready", Duration::from_secs(10)) {
-        stop_child(&mut target, "alloc_bench");
-        bail!("alloc_bench did not print ready");
-    }
+    cmd.args(["--micro", "0", "--mixed", "0", "--live", &live.to_string(), "--hold-s", &hold_s.to_string()]);
+    let (mut target, _out) = start_ready(&mut cmd, "alloc_bench")?;
     let tracer = match start_tracer(root, Mode::Leaktrace, target.id(), Some(&json)) {
         Ok(t) => t.ok_or_else(|| anyhow!("no tracer"))?,
         Err(e) => {

@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::{libc_symbol_offset, list, log_until_attached, median, paired_ratio, parse_options, Lines, TracefsUprobes};
+use super::{
+    interrupt, libc_symbol_offset, list, log_until_attached, median, paired_ratio, parse_options, start_ready,
+    TracefsUprobes,
+};
 use crate::build;
 use crate::cmd::{announce, fixtures_bin, leaktrace_bin, send_signal, stop_child, target_dir, wait_timeout};
 
@@ -50,19 +53,9 @@ fn bench_untraced(root: &Path, iterations: u64) -> Result<BenchResult> {
 
 fn bench_traced(root: &Path, iterations: u64, run: usize) -> Result<BenchResult> {
     let mut cmd = Command::new(fixtures_bin(root).join("conn_bench"));
-    cmd.args(["--iterations", &iterations.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    announce(&cmd);
-    let mut target = cmd.spawn().context("starting conn_bench")?;
+    cmd.args(["--iterations", &iterations.to_string()]);
+    let (mut target, out) = start_ready(&mut cmd, "conn_bench")?;
     let pid = target.id();
-
-    let mut out = Lines::new(target.stdout.take().unwrap());
-    if !out.wait_line("ready", Duration::from_secs(10)) {
-        stop_child(&mut target, "conn_bench");
-        bail!("conn_bench did not print `ready`");
-    }
 
     let out_dir = target_dir(root).join("xtask-bench");
     fs::create_dir_all(&out_dir)?;
@@ -88,11 +81,7 @@ fn bench_traced(root: &Path, iterations: u64, run: usize) -> Result<BenchResult>
 
     let cleanup = |target: &mut Child, tracer: &mut Child| {
         stop_child(target, "conn_bench");
-        let _ = send_signal(tracer.id(), "INT");
-        if !matches!(wait_timeout(tracer, Duration::from_secs(10)), Ok(Some(_))) {
-            let _ = tracer.kill();
-            let _ = tracer.wait();
-        }
+        interrupt(tracer, "leaktrace", Duration::from_secs(10));
     };
 
     // Wait for "attached" (or leaktrace dying).
@@ -123,16 +112,7 @@ fn bench_traced(root: &Path, iterations: u64, run: usize) -> Result<BenchResult>
     };
     let rest = out.all(Duration::from_secs(10));
 
-    send_signal(tracer.id(), "INT")?;
-    let lt_status = match wait_timeout(&mut tracer, Duration::from_secs(15))? {
-        Some(s) => Some(s),
-        None => {
-            eprintln!("xtask: leaktrace did not exit on SIGINT; killing it");
-            let _ = tracer.kill();
-            let _ = tracer.wait();
-            None
-        }
-    };
+    let lt_status = interrupt(&mut tracer, "leaktrace", Duration::from_secs(15));
     let _ = logger.join();
     if !st.success() {
         bail!("conn_bench failed under tracing ({st}):\n{rest}");

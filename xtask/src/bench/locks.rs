@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::{list, median, paired_ratio, parse_options, Lines};
+use super::{interrupt, list, median, paired_ratio, parse_options, start_ready, Lines};
 use crate::build;
 use crate::cmd::{announce, fixtures_bin, leaktrace_bin, send_signal, stop_child, wait_timeout};
 
@@ -60,17 +60,8 @@ fn expect_line(lines: &mut Lines, needle: &str, limit: Duration) -> Result<()> {
 fn one(root: &Path, case: &Case, mode: Mode) -> Result<(f64, Option<u64>)> {
     let iters = if mode == Mode::Bpftrace { case.iterations.1 } else { case.iterations.0 };
     let mut cmd = Command::new(fixtures_bin(root).join("lock_bench"));
-    cmd.args(["--threads", &case.threads.to_string(), "--iterations", &iters.to_string(), "--hold", &case.hold.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    announce(&cmd);
-    let mut target = cmd.spawn().context("starting lock_bench")?;
-    let mut out = Lines::new(target.stdout.take().unwrap());
-    if let Err(e) = expect_line(&mut out, "ready", Duration::from_secs(10)) {
-        stop_child(&mut target, "lock_bench");
-        return Err(e);
-    }
+    cmd.args(["--threads", &case.threads.to_string(), "--iterations", &iters.to_string(), "--hold", &case.hold.to_string()]);
+    let (mut target, out) = start_ready(&mut cmd, "lock_bench")?;
     let pid = target.id();
     let mut tracer: Option<Child> = None;
     let mut reports = None;
@@ -117,10 +108,7 @@ fn one(root: &Path, case: &Case, mode: Mode) -> Result<(f64, Option<u64>)> {
         bail!("lock_bench did not finish");
     }
     if let Some(mut t) = tracer {
-        let _ = send_signal(t.id(), "INT");
-        if wait_timeout(&mut t, Duration::from_secs(20))?.is_none() {
-            stop_child(&mut t, "tracer");
-        }
+        interrupt(&mut t, "tracer", Duration::from_secs(20));
     }
     let text = out.all(Duration::from_secs(5));
     let ns = text

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::{
-    elf_file_offset, first_push_rbp, list, log_until_attached, median, paired_ratio, parse_options, symbol_address,
-    Lines, TracefsUprobes,
+    elf_file_offset, first_push_rbp, interrupt, list, log_until_attached, median, paired_ratio, parse_options, symbol_address,
+    start_ready, Lines, TracefsUprobes,
 };
 use crate::build;
 use crate::cmd::{announce, fixtures_bin, leaktrace_bin, send_signal, stop_child, target_dir, wait_timeout};
@@ -44,16 +44,7 @@ fn start_bench(bin: &Path, ms: u64) -> Result<Bench> {
 }
 
 fn start_bench_with(bin: &Path, ms: u64, extra: &[&str]) -> Result<Bench> {
-    let mut cmd = Command::new(bin);
-    cmd.args(["-ms", &ms.to_string(), "-size", SIZE])
-        .args(extra).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
-    announce(&cmd);
-    let mut child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
-    let mut out = Lines::new(child.stdout.take().unwrap());
-    if !out.wait_line("ready", Duration::from_secs(10)) {
-        stop_child(&mut child, "mapbench");
-        bail!("mapbench did not print `ready`");
-    }
+    let (child, out) = start_ready(Command::new(bin).args(["-ms", &ms.to_string(), "-size", SIZE]).args(extra), "mapbench")?;
     Ok(Bench { child, out })
 }
 
@@ -123,11 +114,7 @@ fn run_traced(root: &Path, bin: &Path, ms: u64, tag: &str, extra: &[&str]) -> Re
         }
     }
     let result = finish_bench_counted(b);
-    let _ = send_signal(tracer.id(), "INT");
-    if wait_timeout(&mut tracer, Duration::from_secs(15))?.is_none() {
-        let _ = tracer.kill();
-        let _ = tracer.wait();
-    }
+    interrupt(&mut tracer, "leaktrace", Duration::from_secs(15));
     let _ = logger.join();
     let (ns, inserts) = result?;
     let events = map_events(&fs::read_to_string(&json_path).unwrap_or_default());

@@ -10,13 +10,14 @@ pub mod tasks;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::cmd::probe;
+use crate::cmd::{announce, probe, send_signal, stop_child, wait_timeout};
 
 /// `bench <name> [args]`, or the connection bench when no name is given.
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
@@ -147,6 +148,37 @@ impl Lines {
     fn keep(&mut self, line: String) {
         self.seen.push_str(&line);
         self.seen.push('\n');
+    }
+}
+
+/// Starts a bench program (stdout piped, stdin and stderr null) and waits
+/// up to 10 s for its `ready` line (it then waits for a signal or its
+/// stdin); stopped again when none comes. `name` is for messages.
+pub fn start_ready(cmd: &mut Command, name: &str) -> Result<(Child, Lines)> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    announce(cmd);
+    let mut child = cmd.spawn().with_context(|| format!("starting {}", cmd.get_program().to_string_lossy()))?;
+    let mut out = Lines::new(child.stdout.take().unwrap());
+    if !out.wait_line("ready", Duration::from_secs(10)) {
+        stop_child(&mut child, name);
+        bail!("{name} did not print `ready`");
+    }
+    Ok((child, out))
+}
+
+/// Stops a tracer the way a user does, SIGINT (its final report, its probes
+/// detached), and kills it when it has not exited after `grace`. Its exit
+/// status; None when it had to be killed.
+pub fn interrupt(tracer: &mut Child, what: &str, grace: Duration) -> Option<ExitStatus> {
+    let _ = send_signal(tracer.id(), "INT");
+    match wait_timeout(tracer, grace) {
+        Ok(Some(st)) => Some(st),
+        _ => {
+            eprintln!("xtask: {what} did not exit on SIGINT; killing it");
+            let _ = tracer.kill();
+            let _ = tracer.wait();
+            None
+        }
     }
 }
 

@@ -29,11 +29,11 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::{
-    elf_file_offset, first_push_rbp, libc_symbol_offset, list, log_until_attached, median, paired_ratio, parse_options,
+    elf_file_offset, first_push_rbp, interrupt, libc_symbol_offset, list, log_until_attached, median, paired_ratio, parse_options,
     symbol_address, TracefsUprobes,
 };
 use crate::build;
-use crate::cmd::{fixtures_bin, leaktrace_bin, send_signal, stop_child, target_dir, wait_timeout};
+use crate::cmd::{fixtures_bin, leaktrace_bin, stop_child, target_dir, wait_timeout};
 
 struct Options {
     runs: usize,
@@ -90,11 +90,7 @@ fn run_churn(root: &Path, bin: &Path, args: &[String], traced: bool, log: &Path)
         stop_child(&mut target, "churn");
     }
     if let Some(t) = tracer.as_mut() {
-        let _ = send_signal(t.id(), "INT");
-        if !matches!(wait_timeout(t, Duration::from_secs(15)), Ok(Some(_))) {
-            let _ = t.kill();
-            let _ = t.wait();
-        }
+        interrupt(t, "leaktrace", Duration::from_secs(15));
     }
     started
 }
