@@ -6,13 +6,13 @@ use std::fs;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
 use super::{
     interrupt, libc_symbol_offset, list, log_until_attached, median, paired_ratio, parse_options, start_ready,
-    TracefsUprobes,
+    wait_attached, TracefsUprobes,
 };
 use crate::build;
 use crate::cmd::{announce, fixtures_bin, leaktrace_bin, send_signal, stop_child, target_dir, wait_timeout};
@@ -84,19 +84,15 @@ fn bench_traced(root: &Path, iterations: u64, run: usize) -> Result<BenchResult>
         interrupt(tracer, "leaktrace", Duration::from_secs(10));
     };
 
-    // Wait for "attached" (or leaktrace dying).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if att_rx.recv_timeout(Duration::from_millis(100)).is_ok() {
-            break;
-        }
-        if let Ok(Some(st)) = tracer.try_wait() {
+    match wait_attached(&att_rx, &mut tracer, Duration::from_secs(60)) {
+        Ok(()) => {}
+        Err(Some(st)) => {
             cleanup(&mut target, &mut tracer);
             let _ = logger.join();
             let log = fs::read_to_string(&log_path).unwrap_or_default();
             bail!("leaktrace exited before attaching ({st}); its stderr:\n{log}");
         }
-        if Instant::now() >= deadline {
+        Err(None) => {
             cleanup(&mut target, &mut tracer);
             bail!("leaktrace did not print `attached` within 60s (log: {})", log_path.display());
         }

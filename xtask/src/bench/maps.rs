@@ -17,13 +17,13 @@ use std::fs;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::{
     elf_file_offset, first_push_rbp, interrupt, list, log_until_attached, median, paired_ratio, parse_options, symbol_address,
-    start_ready, Lines, TracefsUprobes,
+    start_ready, wait_attached, Lines, TracefsUprobes,
 };
 use crate::build;
 use crate::cmd::{announce, fixtures_bin, leaktrace_bin, send_signal, stop_child, target_dir, wait_timeout};
@@ -101,17 +101,12 @@ fn run_traced(root: &Path, bin: &Path, ms: u64, tag: &str, extra: &[&str]) -> Re
     announce(&lt);
     let mut tracer = lt.spawn().context("starting leaktrace")?;
     let (rx, logger) = log_until_attached(tracer.stderr.take().unwrap(), out_dir.join(format!("maps-{tag}.log")));
-    let deadline = Instant::now() + Duration::from_secs(60);
     let mut b = b;
-    loop {
-        if rx.recv_timeout(Duration::from_millis(100)).is_ok() {
-            break;
-        }
-        if tracer.try_wait()?.is_some() || Instant::now() > deadline {
-            stop_child(&mut b.child, "mapbench");
-            let _ = tracer.kill();
-            bail!("leaktrace did not attach (see target/xtask-bench/maps-{tag}.log)");
-        }
+    if wait_attached(&rx, &mut tracer, Duration::from_secs(60)).is_err() {
+        stop_child(&mut b.child, "mapbench");
+        let _ = tracer.kill();
+        let _ = tracer.wait();
+        bail!("leaktrace did not attach (see target/xtask-bench/maps-{tag}.log)");
     }
     let result = finish_bench_counted(b);
     interrupt(&mut tracer, "leaktrace", Duration::from_secs(15));

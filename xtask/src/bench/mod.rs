@@ -1,5 +1,7 @@
-//! `cargo xtask bench [connections|tasks|maps|allocations|locks]` and what
-//! the benches share.
+//! `cargo xtask bench [tasks|maps|allocations|locks]` (no name: the
+//! connection bench) and what the benches share: option parsing, medians
+//! and paired ratios, reading a child's lines, starting and stopping bench
+//! programs and tracers, bare tracefs uprobes, binutils lookups.
 
 pub mod allocations;
 pub mod connections;
@@ -204,6 +206,23 @@ pub fn log_until_attached(
         }
     });
     (rx, logger)
+}
+
+/// Waits up to `limit` for the message of [`log_until_attached`]. Err when
+/// the tracer exited first (with its status) or the time ran out (None).
+pub fn wait_attached(rx: &mpsc::Receiver<()>, tracer: &mut Child, limit: Duration) -> Result<(), Option<ExitStatus>> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if rx.recv_timeout(Duration::from_millis(100)).is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(st)) = tracer.try_wait() {
+            return Err(Some(st));
+        }
+        if Instant::now() >= deadline {
+            return Err(None);
+        }
+    }
 }
 
 /// Bare tracefs uprobes (no BPF program, no reader: the trap alone, what

@@ -23,14 +23,14 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::{
     elf_file_offset, first_push_rbp, interrupt, libc_symbol_offset, list, log_until_attached, median, paired_ratio, parse_options,
-    symbol_address, TracefsUprobes,
+    symbol_address, wait_attached, TracefsUprobes,
 };
 use crate::build;
 use crate::cmd::{fixtures_bin, leaktrace_bin, stop_child, target_dir, wait_timeout};
@@ -106,19 +106,14 @@ fn attach(root: &Path, pid: u32, log: &Path) -> Result<Child> {
         .context("starting leaktrace")?;
     let stderr = tracer.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
     let (rx, _logger) = log_until_attached(stderr, log.to_path_buf());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if rx.recv_timeout(Duration::from_millis(100)).is_ok() {
-            // The first sample follows "attached" at once; give it time.
-            thread::sleep(Duration::from_millis(500));
-            return Ok(tracer);
-        }
-        if tracer.try_wait()?.is_some() || Instant::now() >= deadline {
-            let _ = tracer.kill();
-            let _ = tracer.wait();
-            bail!("leaktrace did not attach (log: {})", log.display());
-        }
+    if wait_attached(&rx, &mut tracer, Duration::from_secs(60)).is_err() {
+        let _ = tracer.kill();
+        let _ = tracer.wait();
+        bail!("leaktrace did not attach (log: {})", log.display());
     }
+    // The first sample follows "attached" at once; give it time.
+    thread::sleep(Duration::from_millis(500));
+    Ok(tracer)
 }
 
 /// File offset of the first `push %rbp` of `func` in a Go binary (via
