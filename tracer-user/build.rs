@@ -6,9 +6,10 @@
 
 use std::{env, fs, path::PathBuf};
 
-/// The nightly that compiles the eBPF crate. Must use the same LLVM major (22)
-/// as bpf-linker; `cargo xtask setup` installs exactly this one.
-const EBPF_TOOLCHAIN: &str = "nightly-2026-05-19";
+/// The nightly that compiles the eBPF crate, named once in
+/// `tracer-ebpf/toolchain` (xtask reads the same file). Must use the same LLVM
+/// major (22) as bpf-linker; `cargo xtask setup` installs exactly this one.
+const EBPF_TOOLCHAIN: &str = include_str!("../tracer-ebpf/toolchain").trim_ascii();
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=LEAKTRACE_SKIP_EBPF");

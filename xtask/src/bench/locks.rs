@@ -4,16 +4,17 @@
 //! script (uprobe + uretprobe on `pthread_mutex_lock`, latency histogram by
 //! lock and stack: what the tools users know do).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::{announce, build, fixtures_bin, leaktrace_bin, median, send_signal, stop_child, wait_timeout};
+use super::{interrupt, list, median, paired_ratio, parse_options, start_ready, Lines};
+use crate::build;
+use crate::cmd::{announce, fixtures_bin, leaktrace_bin, send_signal, stop_child, wait_timeout};
 
 /// pmlock.bt's idea on today's glibc (the mutex functions live in libc.so.6).
 const PMLOCK: &str = r#"
@@ -46,25 +47,12 @@ const CASES: &[Case] = &[
     Case { name: "contended (4 threads, 1 mutex held 10x longer than not)", threads: 4, hold: 200, iterations: (200_000, 20_000) },
 ];
 
-/// Waits for a line containing `needle` on `r` (in a thread), up to `limit`.
-fn wait_line(r: impl std::io::Read + Send + 'static, needle: &'static str, limit: Duration) -> Result<mpsc::Receiver<String>> {
-    let (tx, rx) = mpsc::channel::<String>();
-    let (found_tx, found_rx) = mpsc::channel::<()>();
-    thread::spawn(move || {
-        let mut all = String::new();
-        let mut sent = false;
-        for line in BufReader::new(r).lines().map_while(|l| l.ok()) {
-            if !sent && line.contains(needle) {
-                let _ = found_tx.send(());
-                sent = true;
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        let _ = tx.send(all);
-    });
-    found_rx.recv_timeout(limit).map_err(|_| anyhow!("`{needle}` not seen in {limit:?}"))?;
-    Ok(rx)
+/// Waits for a line containing `needle` on `lines`, up to `limit`.
+fn expect_line(lines: &mut Lines, needle: &str, limit: Duration) -> Result<()> {
+    if !lines.wait_line(needle, limit) {
+        bail!("`{needle}` not seen in {limit:?}");
+    }
+    Ok(())
 }
 
 /// One measurement: ns per lock+unlock, and for leaktrace the contended
@@ -72,17 +60,11 @@ fn wait_line(r: impl std::io::Read + Send + 'static, needle: &'static str, limit
 fn one(root: &Path, case: &Case, mode: Mode) -> Result<(f64, Option<u64>)> {
     let iters = if mode == Mode::Bpftrace { case.iterations.1 } else { case.iterations.0 };
     let mut cmd = Command::new(fixtures_bin(root).join("lock_bench"));
-    cmd.args(["--threads", &case.threads.to_string(), "--iterations", &iters.to_string(), "--hold", &case.hold.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    announce(&cmd);
-    let mut target = cmd.spawn().context("starting lock_bench")?;
-    let out = wait_line(target.stdout.take().unwrap(), "ready", Duration::from_secs(10))?;
+    cmd.args(["--threads", &case.threads.to_string(), "--iterations", &iters.to_string(), "--hold", &case.hold.to_string()]);
+    let (mut target, out) = start_ready(&mut cmd, "lock_bench")?;
     let pid = target.id();
     let mut tracer: Option<Child> = None;
-    let mut tracer_out = None;
-    let mut report_rx = None;
+    let mut reports = None;
     let started = match mode {
         Mode::Untraced => Ok(()),
         Mode::Leaktrace => {
@@ -93,22 +75,23 @@ fn one(root: &Path, case: &Case, mode: Mode) -> Result<(f64, Option<u64>)> {
                 .stderr(Stdio::piped());
             announce(&c);
             let mut child = c.spawn().context("starting leaktrace")?;
-            let reports = child.stdout.take().unwrap();
-            report_rx = Some(wait_line(reports, "", Duration::from_secs(30)));
-            let r = wait_line(child.stderr.take().unwrap(), "attached to", Duration::from_secs(30));
+            // The first report, then the line that says it attached.
+            let mut r = Lines::new(child.stdout.take().unwrap());
+            reports = r.wait_line("", Duration::from_secs(30)).then_some(r);
+            let attached = expect_line(&mut Lines::new(child.stderr.take().unwrap()), "attached to", Duration::from_secs(30));
             tracer = Some(child);
-            r.map(|rx| tracer_out = Some(rx))
+            attached
         }
         Mode::Bpftrace => {
             let mut c = Command::new("bpftrace");
             c.args(["-p", &pid.to_string(), "-e", PMLOCK]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
             announce(&c);
             let mut child = c.spawn().context("starting bpftrace (apt-get install bpftrace)")?;
-            let r = wait_line(child.stdout.take().unwrap(), "Attaching", Duration::from_secs(60));
+            let attaching = expect_line(&mut Lines::new(child.stdout.take().unwrap()), "Attaching", Duration::from_secs(60));
             tracer = Some(child);
             // bpftrace prints "Attaching N probes..." just before attaching.
             thread::sleep(Duration::from_millis(1500));
-            r.map(|rx| tracer_out = Some(rx))
+            attaching
         }
     };
     if let Err(e) = started {
@@ -125,46 +108,28 @@ fn one(root: &Path, case: &Case, mode: Mode) -> Result<(f64, Option<u64>)> {
         bail!("lock_bench did not finish");
     }
     if let Some(mut t) = tracer {
-        let _ = send_signal(t.id(), "INT");
-        if wait_timeout(&mut t, Duration::from_secs(20))?.is_none() {
-            stop_child(&mut t, "tracer");
-        }
-        drop(tracer_out);
+        interrupt(&mut t, "tracer", Duration::from_secs(20));
     }
-    let text = out.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+    let text = out.all(Duration::from_secs(5));
     let ns = text
         .lines()
         .find_map(|l| l.split_whitespace().find_map(|kv| kv.strip_prefix("ns_per_op=")).and_then(|v| v.parse().ok()))
         .ok_or_else(|| anyhow!("lock_bench printed no result:\n{text}"))?;
     // `"events":{"lock":N}` of the final report (the last line).
-    let waits = report_rx
-        .and_then(|r| r.ok())
-        .and_then(|rx| rx.recv_timeout(Duration::from_secs(5)).ok())
-        .and_then(|all| {
-            let last = all.lines().last()?.to_string();
-            let at = last.find("\"events\":{")?;
-            let rest = &last[at..];
-            let v = rest[rest.find("\"lock\":")? + 7..].split(|c: char| !c.is_ascii_digit()).next()?.to_string();
-            v.parse().ok()
-        });
+    let waits = reports.map(|r| r.all(Duration::from_secs(5))).and_then(|all| {
+        let last = all.lines().last()?.to_string();
+        let at = last.find("\"events\":{")?;
+        let rest = &last[at..];
+        let v = rest[rest.find("\"lock\":")? + 7..].split(|c: char| !c.is_ascii_digit()).next()?.to_string();
+        v.parse().ok()
+    });
     Ok((ns, waits))
 }
 
 /// Runs the benchmark and prints the table and a README-ready one.
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
-    let mut runs = 7usize;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--runs" => runs = it.next().ok_or_else(|| anyhow!("--runs needs a value"))?.parse().context("--runs")?,
-            "--" => {}
-            other => bail!("bench locks: unknown argument `{other}`"),
-        }
-    }
-    if runs == 0 {
-        bail!("bench locks: --runs must be positive");
-    }
-    build(root)?;
+    let [runs] = parse_options("bench locks", args, [("--runs", 7)], &["--runs"])?;
+    build::run(root)?;
     let modes = [Mode::Untraced, Mode::Leaktrace, Mode::Bpftrace];
     // results[case][mode] = per-run ns/op
     let mut results = vec![vec![Vec::new(); modes.len()]; CASES.len()];
@@ -190,11 +155,10 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         let w = waits[ci].iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ");
         writeln!(out, "{}: contended waits leaktrace recorded per run: {w}", case.name)?;
         for (mi, mode) in modes.iter().enumerate() {
-            let v = results[ci][mi].clone();
-            let mut ratios: Vec<f64> = v.iter().zip(&untraced).map(|(x, u)| x / u).collect();
-            let ratio = median(&mut ratios);
-            let med = median(&mut v.clone());
-            let all = v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
+            let v = &results[ci][mi];
+            let ratio = paired_ratio(v, &untraced);
+            let med = median(v);
+            let all = list(v, 0);
             writeln!(out, "  {:<48} {med:>10.1} ns/op {ratio:>8.2}x   {all}", mode_name(*mode))?;
             let recorded = if *mode == Mode::Leaktrace { w.clone() } else { "-".into() };
             readme.push(format!("| {} | {} | {med:.0} | {ratio:.2}x | {recorded} |", case.name, mode_name(*mode)));

@@ -22,17 +22,18 @@ use std::{
     io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::mpsc,
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::{
-    build, elf_file_offset, first_push_rbp, fixtures_bin, leaktrace_bin, libc_symbol_offset, median, send_signal,
-    stop_child, symbol_address, wait_timeout, TracefsUprobes,
+    elf_file_offset, first_push_rbp, interrupt, libc_symbol_offset, list, log_until_attached, median, paired_ratio, parse_options,
+    symbol_address, wait_attached, TracefsUprobes,
 };
+use crate::build;
+use crate::cmd::{fixtures_bin, leaktrace_bin, stop_child, target_dir, wait_timeout};
 
 struct Options {
     runs: usize,
@@ -41,26 +42,13 @@ struct Options {
 }
 
 fn parse_args(args: &[String]) -> Result<Options> {
-    let mut o = Options { runs: 5, goroutines: 2_000_000, threads: 20_000 };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (key, val) = match a.split_once('=') {
-            Some((k, v)) => (k.to_string(), Some(v.to_string())),
-            None => (a.clone(), None),
-        };
-        let mut value = || -> Result<String> { val.clone().or_else(|| it.next().cloned()).ok_or_else(|| anyhow!("{key} needs a value")) };
-        match key.as_str() {
-            "--runs" => o.runs = value()?.parse().context("--runs")?,
-            "--goroutines" => o.goroutines = value()?.parse().context("--goroutines")?,
-            "--threads" => o.threads = value()?.parse().context("--threads")?,
-            "--" => {}
-            other => bail!("bench tasks: unknown argument `{other}` (--runs N, --goroutines N, --threads N)"),
-        }
-    }
-    if o.runs == 0 || o.goroutines == 0 || o.threads == 0 {
-        bail!("bench tasks: --runs, --goroutines and --threads must be positive");
-    }
-    Ok(o)
+    let [runs, goroutines, threads] = parse_options(
+        "bench tasks",
+        args,
+        [("--runs", 5), ("--goroutines", 2_000_000), ("--threads", 20_000)],
+        &["--runs", "--goroutines", "--threads"],
+    )?;
+    Ok(Options { runs: runs as usize, goroutines, threads })
 }
 
 /// Starts `bin args --wait`, optionally attaches leaktrace, then lets it
@@ -102,11 +90,7 @@ fn run_churn(root: &Path, bin: &Path, args: &[String], traced: bool, log: &Path)
         stop_child(&mut target, "churn");
     }
     if let Some(t) = tracer.as_mut() {
-        let _ = send_signal(t.id(), "INT");
-        if !matches!(wait_timeout(t, Duration::from_secs(15)), Ok(Some(_))) {
-            let _ = t.kill();
-            let _ = t.wait();
-        }
+        interrupt(t, "leaktrace", Duration::from_secs(15));
     }
     started
 }
@@ -121,39 +105,15 @@ fn attach(root: &Path, pid: u32, log: &Path) -> Result<Child> {
         .spawn()
         .context("starting leaktrace")?;
     let stderr = tracer.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-    let (tx, rx) = mpsc::channel();
-    let log = log.to_path_buf();
-    thread::spawn(move || {
-        let mut f = fs::File::create(&log).ok();
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if let Some(f) = f.as_mut() {
-                let _ = writeln!(f, "{line}");
-            }
-            if !sent && line.contains("attached") {
-                sent = true;
-                let _ = tx.send(());
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if rx.recv_timeout(Duration::from_millis(100)).is_ok() {
-            // The first sample follows "attached" at once; give it time.
-            thread::sleep(Duration::from_millis(500));
-            return Ok(tracer);
-        }
-        if tracer.try_wait()?.is_some() || Instant::now() >= deadline {
-            let _ = tracer.kill();
-            let _ = tracer.wait();
-            bail!("leaktrace did not attach (log: {})", log_path_hint());
-        }
+    let (rx, _logger) = log_until_attached(stderr, log.to_path_buf());
+    if wait_attached(&rx, &mut tracer, Duration::from_secs(60)).is_err() {
+        let _ = tracer.kill();
+        let _ = tracer.wait();
+        bail!("leaktrace did not attach (log: {})", log.display());
     }
-}
-
-fn log_path_hint() -> &'static str {
-    "target/xtask-bench/tasks-*.log"
+    // The first sample follows "attached" at once; give it time.
+    thread::sleep(Duration::from_millis(500));
+    Ok(tracer)
 }
 
 /// File offset of the first `push %rbp` of `func` in a Go binary (via
@@ -172,13 +132,13 @@ fn go_uprobes(bin: &Path, funcs: &[&str]) -> Result<TracefsUprobes> {
     TracefsUprobes::install(GROUP, &at)
 }
 
-pub fn bench_tasks(root: &Path, args: &[String]) -> Result<()> {
+pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let o = parse_args(args)?;
-    build(root)?;
+    build::run(root)?;
     let bin = fixtures_bin(root);
     let gochurn = bin.join("gochurn127");
     let thread_churn = bin.join("thread_churn");
-    let logs = super::target_dir(root).join("xtask-bench");
+    let logs = target_dir(root).join("xtask-bench");
     fs::create_dir_all(&logs)?;
     let go_args: Vec<String> = vec!["-wait".into(), "-goroutines".into(), o.goroutines.to_string()];
     let th_args: Vec<String> = vec!["--wait".into(), "--threads".into(), o.threads.to_string()];
@@ -218,36 +178,27 @@ pub fn bench_tasks(root: &Path, args: &[String]) -> Result<()> {
         );
     }
 
-    let paired = |v: &[f64], base: &[f64]| {
-        let mut r: Vec<f64> = v.iter().zip(base).map(|(x, u)| x / u).collect();
-        median(&mut r)
-    };
-    let per = |v: &[f64], n: u64| {
-        let mut v = v.to_vec();
-        median(&mut v) / n as f64 * 1e9
-    };
+    let per = |v: &[f64], n: u64| median(v) / n as f64 * 1e9;
     let gn = o.goroutines;
     let tn = o.threads;
-    let go_rate = gn as f64 / median(&mut go_u.clone());
-    // Extra µs per thread, paired per round.
-    let mut th_extra: Vec<f64> = th_t.iter().zip(&th_u).map(|(t, u)| (t - u) / tn as f64 * 1e6).collect();
-    let th_extra = median(&mut th_extra);
-    let mut th_p_extra: Vec<f64> = th_p.iter().zip(&th_u).map(|(t, u)| (t - u) / tn as f64 * 1e6).collect();
-    let th_p_extra = median(&mut th_p_extra);
-    let mut go_extra: Vec<f64> = go_p.iter().zip(&go_u).map(|(t, u)| (t - u) / gn as f64 * 1e6).collect();
-    let go_extra = median(&mut go_extra);
-    let all = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ");
+    let go_rate = gn as f64 / median(&go_u);
+    // Extra µs per task, paired per round.
+    let extra = |v: &[f64], base: &[f64], n: u64| median(&v.iter().zip(base).map(|(t, u)| (t - u) / n as f64 * 1e6).collect::<Vec<_>>());
+    let th_extra = extra(&th_t, &th_u, tn);
+    let th_p_extra = extra(&th_p, &th_u, tn);
+    let go_extra = extra(&go_p, &go_u, gn);
+    let all = |v: &[f64]| list(v, 2);
 
     let mut out = std::io::stdout().lock();
     writeln!(out)?;
     writeln!(out, "goroutine churn: gochurn127, {gn} goroutines ({go_rate:.0}/s untraced); thread churn: thread_churn, {tn} threads; {} rounds", o.runs)?;
     writeln!(out, "ratio = median over rounds of (mode / the round's untraced run); seconds per round in brackets")?;
     writeln!(out, "goroutines untraced:                 {:>8.1} ns/goroutine 1.00x [{}]", per(&go_u, gn), all(&go_u))?;
-    writeln!(out, "goroutines leaktrace --track tasks:  {:>8.1} ns/goroutine {:.3}x [{}]", per(&go_t, gn), paired(&go_t, &go_u), all(&go_t))?;
-    writeln!(out, "goroutines 2 bare uprobes:           {:>8.1} ns/goroutine {:.3}x [{}] (+{go_extra:.2} µs/goroutine)", per(&go_p, gn), paired(&go_p, &go_u), all(&go_p))?;
+    writeln!(out, "goroutines leaktrace --track tasks:  {:>8.1} ns/goroutine {:.3}x [{}]", per(&go_t, gn), paired_ratio(&go_t, &go_u), all(&go_t))?;
+    writeln!(out, "goroutines 2 bare uprobes:           {:>8.1} ns/goroutine {:.3}x [{}] (+{go_extra:.2} µs/goroutine)", per(&go_p, gn), paired_ratio(&go_p, &go_u), all(&go_p))?;
     writeln!(out, "threads untraced:                    {:>8.1} µs/thread 1.00x [{}]", per(&th_u, tn) / 1e3, all(&th_u))?;
-    writeln!(out, "threads leaktrace --track tasks:     {:>8.1} µs/thread {:.3}x [{}] (+{th_extra:.2} µs/thread)", per(&th_t, tn) / 1e3, paired(&th_t, &th_u), all(&th_t))?;
-    writeln!(out, "threads bare pthread_create uprobe:  {:>8.1} µs/thread {:.3}x [{}] (+{th_p_extra:.2} µs/thread)", per(&th_p, tn) / 1e3, paired(&th_p, &th_u), all(&th_p))?;
+    writeln!(out, "threads leaktrace --track tasks:     {:>8.1} µs/thread {:.3}x [{}] (+{th_extra:.2} µs/thread)", per(&th_t, tn) / 1e3, paired_ratio(&th_t, &th_u), all(&th_t))?;
+    writeln!(out, "threads bare pthread_create uprobe:  {:>8.1} µs/thread {:.3}x [{}] (+{th_p_extra:.2} µs/thread)", per(&th_p, tn) / 1e3, paired_ratio(&th_p, &th_u), all(&th_p))?;
     writeln!(out)?;
     writeln!(out, "README:")?;
     writeln!(out, "| churn ({} rounds, paired) | untraced | traced | ratio |", o.runs)?;
@@ -257,28 +208,28 @@ pub fn bench_tasks(root: &Path, args: &[String]) -> Result<()> {
         "| goroutines: Go 1.27, {gn} short goroutines ({go_rate:.0}/s), `leaktrace attach --track tasks` | {:.0} ns/goroutine | {:.0} ns/goroutine | {:.3}x |",
         per(&go_u, gn),
         per(&go_t, gn),
-        paired(&go_t, &go_u)
+        paired_ratio(&go_t, &go_u)
     )?;
     writeln!(
         out,
         "| goroutines: the same under 2 bare uprobes (`runtime.newproc1`, `runtime.goexit1` at `PUSHQ BP`), the least a probe-per-goroutine design pays | {:.0} ns/goroutine | {:.0} ns/goroutine | {:.3}x (+{go_extra:.2} µs/goroutine) |",
         per(&go_u, gn),
         per(&go_p, gn),
-        paired(&go_p, &go_u)
+        paired_ratio(&go_p, &go_u)
     )?;
     writeln!(
         out,
         "| threads: C, {tn} x pthread_create+join, `leaktrace attach --track tasks` (pthread_create uprobe + sched fork/exit) | {:.1} µs/thread | {:.1} µs/thread | {:.3}x (+{th_extra:.2} µs/thread) |",
         per(&th_u, tn) / 1e3,
         per(&th_t, tn) / 1e3,
-        paired(&th_t, &th_u)
+        paired_ratio(&th_t, &th_u)
     )?;
     writeln!(
         out,
         "| threads: the same under a bare uprobe at `pthread_create`+0 (where the thread tracker's sits) | {:.1} µs/thread | {:.1} µs/thread | {:.3}x (+{th_p_extra:.2} µs/thread) |",
         per(&th_u, tn) / 1e3,
         per(&th_p, tn) / 1e3,
-        paired(&th_p, &th_u)
+        paired_ratio(&th_p, &th_u)
     )?;
     Ok(())
 }

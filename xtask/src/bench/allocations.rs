@@ -17,17 +17,18 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader, Write},
+    io::Write,
     path::Path,
     process::{Child, Command, Stdio},
-    sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::{announce, build, fixtures_bin, leaktrace_bin, median, send_signal, stop_child, target_dir, wait_timeout};
+use super::{interrupt, median, paired_ratio, parse_options, start_ready, Lines};
+use crate::build;
+use crate::cmd::{announce, fixtures_bin, leaktrace_bin, send_signal, stop_child, target_dir, wait_timeout};
 
 const LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
 
@@ -96,57 +97,16 @@ fn floor_script() -> String {
     format!("BEGIN {{ printf(\"attached\\n\"); }}\nuprobe:{LIBC}:malloc {{ }}\nuprobe:{LIBC}:free {{ }}\n")
 }
 
-/// A child's output lines, sent as they come.
-fn lines_of(r: impl std::io::Read + Send + 'static) -> (mpsc::Receiver<String>, thread::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel();
-    let h = thread::spawn(move || {
-        for line in BufReader::new(r).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (rx, h)
-}
-
-fn wait_line(rx: &mpsc::Receiver<String>, needle: &str, timeout: Duration, seen: &mut String) -> bool {
-    let until = Instant::now() + timeout;
-    while let Some(left) = until.checked_duration_since(Instant::now()) {
-        match rx.recv_timeout(left) {
-            Ok(l) => {
-                seen.push_str(&l);
-                seen.push('\n');
-                if l.contains(needle) {
-                    return true;
-                }
-            }
-            Err(_) => return false,
-        }
-    }
-    false
-}
-
 /// A tracer process and the line that says it has attached.
 struct Tracer {
     child: Child,
-    lines: mpsc::Receiver<String>,
-    log: String,
+    lines: Lines,
 }
 
 impl Tracer {
     fn stop(mut self, what: &str) -> String {
-        let _ = send_signal(self.child.id(), "INT");
-        if !matches!(wait_timeout(&mut self.child, Duration::from_secs(20)), Ok(Some(_))) {
-            eprintln!("xtask: {what} did not exit on SIGINT; killing it");
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        while let Ok(l) = self.lines.try_recv() {
-            self.log.push_str(&l);
-            self.log.push('\n');
-        }
-        self.log
+        interrupt(&mut self.child, what, Duration::from_secs(20));
+        self.lines.all(Duration::from_secs(5))
     }
 }
 
@@ -180,33 +140,23 @@ fn start_tracer(root: &Path, mode: Mode, pid: u32, json: Option<&Path>) -> Resul
     cmd.stdin(Stdio::null());
     announce(&cmd);
     let mut child = cmd.spawn().with_context(|| format!("starting {}", mode.label()))?;
-    let (lines, _) = match mode {
-        Mode::Leaktrace | Mode::TrapsOnly => lines_of(child.stderr.take().unwrap()),
-        _ => lines_of(child.stdout.take().unwrap()),
+    let mut lines = match mode {
+        Mode::Leaktrace | Mode::TrapsOnly => Lines::new(child.stderr.take().unwrap()),
+        _ => Lines::new(child.stdout.take().unwrap()),
     };
     let needle = if matches!(mode, Mode::Leaktrace | Mode::TrapsOnly) { "attached to" } else { "attached" };
-    let mut log = String::new();
-    if !wait_line(&lines, needle, Duration::from_secs(60), &mut log) {
+    if !lines.wait_line(needle, Duration::from_secs(60)) {
         let _ = child.kill();
         let _ = child.wait();
-        bail!("{} did not attach; it printed:\n{log}", mode.label());
+        bail!("{} did not attach; it printed:\n{}", mode.label(), lines.seen());
     }
-    Ok(Some(Tracer { child, lines, log }))
+    Ok(Some(Tracer { child, lines }))
 }
 
 /// Starts alloc_bench (waiting for SIGUSR1), attaches `mode`, lets it run,
 /// returns its times (and the tracer's log).
 fn run_mode(root: &Path, mode: Mode, bench_args: &[String], json: Option<&Path>) -> Result<(Times, String)> {
-    let mut cmd = Command::new(fixtures_bin(root).join("alloc_bench"));
-    cmd.args(bench_args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
-    announce(&cmd);
-    let mut target = cmd.spawn().context("starting alloc_bench")?;
-    let (out, out_h) = lines_of(target.stdout.take().unwrap());
-    let mut seen = String::new();
-    if !wait_line(&out, "ready", Duration::from_secs(10), &mut seen) {
-        stop_child(&mut target, "alloc_bench");
-        bail!("alloc_bench did not print ready");
-    }
+    let (mut target, out) = start_ready(Command::new(fixtures_bin(root).join("alloc_bench")).args(bench_args), "alloc_bench")?;
     let tracer = match start_tracer(root, mode, target.id(), json) {
         Ok(t) => t,
         Err(e) => {
@@ -232,9 +182,7 @@ fn run_mode(root: &Path, mode: Mode, bench_args: &[String], json: Option<&Path>)
         stop_child(&mut target, "alloc_bench");
         bail!("alloc_bench did not finish under {}", mode.label());
     }
-    let _ = out_h.join();
-    let text: String = out.try_iter().map(|l| l + "\n").collect();
-    Ok((parse_times(&text)?, log))
+    Ok((parse_times(&out.all(Duration::from_secs(10)))?, log))
 }
 
 /// utime + stime of a process, seconds.
@@ -256,18 +204,8 @@ fn status_kib(pid: u32, key: &str) -> Option<u64> {
 fn daemon_cost(root: &Path, live: u64, hold_s: u64) -> Result<String> {
     let json = target_dir(root).join("xtask-bench").join("alloc-daemon.json");
     let mut cmd = Command::new(fixtures_bin(root).join("alloc_bench"));
-    cmd.args(["--micro", "0", "--mixed", "0", "--live", &live.to_string(), "--hold-s", &hold_s.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    announce(&cmd);
-    let mut target = cmd.spawn().context("starting alloc_bench")?;
-    let (out, _h) = lines_of(target.stdout.take().unwrap());
-    let mut seen = String::new();
-    if !wait_line(&out, "ready", Duration::from_secs(10), &mut seen) {
-        stop_child(&mut target, "alloc_bench");
-        bail!("alloc_bench did not print ready");
-    }
+    cmd.args(["--micro", "0", "--mixed", "0", "--live", &live.to_string(), "--hold-s", &hold_s.to_string()]);
+    let (mut target, _out) = start_ready(&mut cmd, "alloc_bench")?;
     let tracer = match start_tracer(root, Mode::Leaktrace, target.id(), Some(&json)) {
         Ok(t) => t.ok_or_else(|| anyhow!("no tracer"))?,
         Err(e) => {
@@ -307,32 +245,19 @@ fn daemon_cost(root: &Path, live: u64, hold_s: u64) -> Result<String> {
     ))
 }
 
-/// `cargo xtask bench allocations [--rounds N] [--micro N] [--mixed M]`.
-pub fn bench(root: &Path, args: &[String]) -> Result<()> {
-    let mut rounds = 5usize;
-    let mut micro = 200_000u64;
-    let mut mixed = 2000u64;
-    let mut live = 100_000u64;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = |name: &str| -> Result<u64> {
-            it.next().ok_or_else(|| anyhow!("{name} needs a value"))?.parse().with_context(|| name.to_string())
-        };
-        match a.as_str() {
-            "--rounds" => rounds = value("--rounds")? as usize,
-            "--micro" => micro = value("--micro")?,
-            "--mixed" => mixed = value("--mixed")?,
-            "--live" => live = value("--live")?,
-            other => bail!("bench allocations: unknown argument `{other}`"),
-        }
-    }
-    if rounds == 0 || micro == 0 || mixed == 0 {
-        bail!("bench allocations: --rounds, --micro and --mixed must be positive");
-    }
+/// `cargo xtask bench allocations [--rounds N] [--micro N] [--mixed M] [--live K]`.
+pub fn run(root: &Path, args: &[String]) -> Result<()> {
+    let [rounds, micro, mixed, live] = parse_options(
+        "bench allocations",
+        args,
+        [("--rounds", 5), ("--micro", 200_000), ("--mixed", 2000), ("--live", 100_000)],
+        &["--rounds", "--micro", "--mixed"],
+    )?;
+    let rounds = rounds as usize;
     if Command::new("bpftrace").arg("--version").output().is_err() {
         bail!("bpftrace is not installed: run `cargo xtask setup` (or apt-get install bpftrace)");
     }
-    build(root)?;
+    build::run(root)?;
     fs::create_dir_all(target_dir(root).join("xtask-bench"))?;
     let bench_args = vec!["--micro".to_string(), micro.to_string(), "--mixed".to_string(), mixed.to_string()];
     // results[mode][round]
@@ -355,10 +280,10 @@ pub fn bench(root: &Path, args: &[String]) -> Result<()> {
 
     let untraced = &results[0];
     let row = |i: usize, pick: fn(&Times) -> f64| -> (f64, f64, f64) {
-        let mut abs: Vec<f64> = results[i].iter().map(pick).collect();
-        let mut added: Vec<f64> = results[i].iter().zip(untraced).map(|(t, u)| pick(t) - pick(u)).collect();
-        let mut ratio: Vec<f64> = results[i].iter().zip(untraced).map(|(t, u)| pick(t) / pick(u)).collect();
-        (median(&mut abs), median(&mut added), median(&mut ratio))
+        let abs: Vec<f64> = results[i].iter().map(pick).collect();
+        let base: Vec<f64> = untraced.iter().map(pick).collect();
+        let added: Vec<f64> = abs.iter().zip(&base).map(|(t, u)| t - u).collect();
+        (median(&abs), median(&added), paired_ratio(&abs, &base))
     };
     let mut out = std::io::stdout().lock();
     writeln!(out)?;
@@ -390,21 +315,21 @@ pub fn bench(root: &Path, args: &[String]) -> Result<()> {
             })
             .collect()
     };
-    let mut paired = share_per_round(Mode::Leaktrace);
+    let paired = share_per_round(Mode::Leaktrace);
     let per_round: Vec<String> = paired.iter().map(|v| format!("{v:.2}")).collect();
-    let mut traps = share_per_round(Mode::TrapsOnly);
+    let traps = share_per_round(Mode::TrapsOnly);
     writeln!(out)?;
     writeln!(out, "leaktrace's added cost per malloc+free pair = {:.3} of the entry floor's (target <= 0.2)", share)?;
     writeln!(
         out,
         "same share, paired in each round: median {:.3} (rounds: {})",
-        median(&mut paired),
+        median(&paired),
         per_round.join(", ")
     )?;
     writeln!(
         out,
         "leaktrace's traps alone (tracking nothing), paired share of the entry floor: median {:.3}",
-        median(&mut traps)
+        median(&traps)
     )?;
     writeln!(out)?;
     writeln!(out, "{daemon}")?;

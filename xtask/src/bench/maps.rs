@@ -14,30 +14,29 @@
 //! time per insert (see mapbench), not wall time.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::{
-    announce, build, elf_file_offset, first_push_rbp, fixtures_bin, leaktrace_bin, median, send_signal, stop_child,
-    log_until_attached, symbol_address, target_dir, wait_timeout, TracefsUprobes,
+    elf_file_offset, first_push_rbp, interrupt, list, log_until_attached, median, paired_ratio, parse_options, symbol_address,
+    start_ready, wait_attached, Lines, TracefsUprobes,
 };
+use crate::build;
+use crate::cmd::{announce, fixtures_bin, leaktrace_bin, send_signal, stop_child, target_dir, wait_timeout};
 
 /// Go builds measured: (fixture, label).
 const BUILDS: &[(&str, &str)] = &[("mapbench-go122", "Go 1.22 (classic maps)"), ("mapbench-go127", "Go 1.27 (Swiss tables)")];
 const MODES: &[&str] = &["untraced", "leaktrace", "uprobe+0", "uprobe@push"];
 const SIZE: &str = "10000";
 
-/// A started mapbench that printed `ready`; the rest of its stdout is
-/// collected by a thread.
+/// A started mapbench that printed `ready`, and its stdout.
 struct Bench {
     child: Child,
-    rest: thread::JoinHandle<String>,
+    out: Lines,
 }
 
 fn start_bench(bin: &Path, ms: u64) -> Result<Bench> {
@@ -45,31 +44,8 @@ fn start_bench(bin: &Path, ms: u64) -> Result<Bench> {
 }
 
 fn start_bench_with(bin: &Path, ms: u64, extra: &[&str]) -> Result<Bench> {
-    let mut cmd = Command::new(bin);
-    cmd.args(["-ms", &ms.to_string(), "-size", SIZE])
-        .args(extra).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
-    announce(&cmd);
-    let mut child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel::<()>();
-    let rest = thread::spawn(move || {
-        let mut rest = String::new();
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if line.trim() == "ready" {
-                let _ = tx.send(());
-            } else {
-                rest.push_str(&line);
-                rest.push('\n');
-            }
-        }
-        rest
-    });
-    if rx.recv_timeout(Duration::from_secs(10)).is_err() {
-        stop_child(&mut child, "mapbench");
-        bail!("mapbench did not print `ready`");
-    }
-    Ok(Bench { child, rest })
+    let (child, out) = start_ready(Command::new(bin).args(["-ms", &ms.to_string(), "-size", SIZE]).args(extra), "mapbench")?;
+    Ok(Bench { child, out })
 }
 
 /// Starts the inserts, waits for the result: CPU ns per insert (the
@@ -89,7 +65,7 @@ fn finish_bench_counted(mut b: Bench) -> Result<(f64, u64)> {
             bail!("mapbench did not finish within 120s");
         }
     };
-    let out = b.rest.join().unwrap_or_default();
+    let out = b.out.all(Duration::from_secs(10));
     if !st.success() {
         bail!("mapbench failed ({st}): {out}");
     }
@@ -125,24 +101,15 @@ fn run_traced(root: &Path, bin: &Path, ms: u64, tag: &str, extra: &[&str]) -> Re
     announce(&lt);
     let mut tracer = lt.spawn().context("starting leaktrace")?;
     let (rx, logger) = log_until_attached(tracer.stderr.take().unwrap(), out_dir.join(format!("maps-{tag}.log")));
-    let deadline = Instant::now() + Duration::from_secs(60);
     let mut b = b;
-    loop {
-        if rx.recv_timeout(Duration::from_millis(100)).is_ok() {
-            break;
-        }
-        if tracer.try_wait()?.is_some() || Instant::now() > deadline {
-            stop_child(&mut b.child, "mapbench");
-            let _ = tracer.kill();
-            bail!("leaktrace did not attach (see target/xtask-bench/maps-{tag}.log)");
-        }
-    }
-    let result = finish_bench_counted(b);
-    let _ = send_signal(tracer.id(), "INT");
-    if wait_timeout(&mut tracer, Duration::from_secs(15))?.is_none() {
+    if wait_attached(&rx, &mut tracer, Duration::from_secs(60)).is_err() {
+        stop_child(&mut b.child, "mapbench");
         let _ = tracer.kill();
         let _ = tracer.wait();
+        bail!("leaktrace did not attach (see target/xtask-bench/maps-{tag}.log)");
     }
+    let result = finish_bench_counted(b);
+    interrupt(&mut tracer, "leaktrace", Duration::from_secs(15));
     let _ = logger.join();
     let (ns, inserts) = result?;
     let events = map_events(&fs::read_to_string(&json_path).unwrap_or_default());
@@ -165,21 +132,10 @@ fn run_uprobed(bin: &Path, ms: u64, offset: u64) -> Result<f64> {
 }
 
 /// `cargo xtask bench maps [--rounds N] [--ms MS]`.
-pub fn bench_maps(root: &Path, args: &[String]) -> Result<()> {
-    let mut rounds = 5usize;
-    let mut ms = 2000u64;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--rounds" => rounds = it.next().ok_or_else(|| anyhow!("--rounds needs a value"))?.parse()?,
-            "--ms" => ms = it.next().ok_or_else(|| anyhow!("--ms needs a value"))?.parse()?,
-            other => bail!("bench maps: unknown argument `{other}`"),
-        }
-    }
-    if rounds == 0 || ms == 0 {
-        bail!("bench maps: --rounds and --ms must be positive");
-    }
-    build(root)?;
+pub fn run(root: &Path, args: &[String]) -> Result<()> {
+    let [rounds, ms] = parse_options("bench maps", args, [("--rounds", 5), ("--ms", 2000)], &["--rounds", "--ms"])?;
+    let rounds = rounds as usize;
+    build::run(root)?;
     let mut table = Vec::new();
     for (fixture, label) in BUILDS {
         let bin = fixtures_bin(root).join(fixture);
@@ -203,17 +159,12 @@ pub fn bench_maps(root: &Path, args: &[String]) -> Result<()> {
                 ns[i].push(v);
             }
         }
-        let ratios: Vec<f64> = (0..MODES.len())
-            .map(|i| {
-                let mut r: Vec<f64> = ns[i].iter().zip(&ns[0]).map(|(x, u)| x / u).collect();
-                median(&mut r)
-            })
-            .collect();
-        let medians: Vec<f64> = ns.iter().map(|v| median(&mut v.clone())).collect();
+        let ratios: Vec<f64> = ns.iter().map(|v| paired_ratio(v, &ns[0])).collect();
+        let medians: Vec<f64> = ns.iter().map(|v| median(v)).collect();
         // The same cost from counts, steadier than a ratio of two noisy
         // timings: growth probes per insert x what one emulated trap costs
         // (the PUSHQ BP mode minus untraced), over the untraced cost.
-        let epi = median(&mut events_per_insert);
+        let epi = median(&events_per_insert);
         let trap_ns = (medians[3] - medians[0]).max(0.0);
         let estimate = 1.0 + epi * trap_ns / medians[0];
         table.push((label, medians, ratios, ns, epi, estimate));
@@ -222,17 +173,16 @@ pub fn bench_maps(root: &Path, args: &[String]) -> Result<()> {
     // Go 1.24+ sync.Map: stores of new keys, untraced and traced (its
     // trie's `expand` is probed: the costly case of the tracker).
     let sync_bin = fixtures_bin(root).join("mapbench-go127");
-    let (mut su, mut st, mut sr, mut se) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut su, mut st, mut se) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         let u = finish_bench(start_bench_with(&sync_bin, ms, &["-sync"])?)?;
         let (t, e) = run_traced(root, &sync_bin, ms, &format!("sync-{round}"), &["-sync"])?;
         eprintln!("bench maps: sync.Map round {}/{rounds}: untraced {u:.1}, leaktrace {t:.1} CPU ns/store", round + 1);
         su.push(u);
         st.push(t);
-        sr.push(t / u);
         se.push(e);
     }
-    let (su_m, st_m, sr_m, se_m) = (median(&mut su), median(&mut st), median(&mut sr), median(&mut se));
+    let (su_m, st_m, sr_m, se_m) = (median(&su), median(&st), paired_ratio(&st, &su), median(&se));
 
     let mut out = std::io::stdout().lock();
     writeln!(out)?;
@@ -242,8 +192,7 @@ pub fn bench_maps(root: &Path, args: &[String]) -> Result<()> {
     for (label, medians, ratios, ns, epi, estimate) in &table {
         writeln!(out, "{label}: {:.0} inserts per growth probe hit; estimated leaktrace cost from that count: {estimate:.3}x", 1.0 / epi.max(1e-12))?;
         for (i, mode) in MODES.iter().enumerate() {
-            let all = ns[i].iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
-            writeln!(out, "  {mode:<12} {:>10.1} CPU ns/insert {:>8.2}x   {all}", medians[i], ratios[i])?;
+            writeln!(out, "  {mode:<12} {:>10.1} CPU ns/insert {:>8.2}x   {}", medians[i], ratios[i], list(&ns[i], 0))?;
         }
     }
     writeln!(out)?;

@@ -1,0 +1,212 @@
+//! `cargo xtask build` (setup, leaktrace in release, the fixtures) and
+//! `cargo xtask fixtures` (the C, C++ and Go test programs into
+//! fixtures/bin, each rebuilt when its sources are newer).
+
+use std::env;
+use std::ffi::OsStr;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::SystemTime;
+
+use anyhow::{bail, Context, Result};
+
+use crate::cmd::{cargo, fixtures_bin, leaktrace_bin, run_cmd};
+use crate::setup::{self, extra_go, go_short, EXTRA_GO};
+
+/// A Go fixture program: `fixtures/go/<dir>` built to `fixtures/bin/<out>`.
+struct GoProgram {
+    /// Package directory under fixtures/go.
+    dir: &'static str,
+    /// Output name for Debian's Go 1.19.
+    out: &'static str,
+    /// Also build with every [`EXTRA_GO`] toolchain, to `<out><short>`
+    /// (`connleak-go` + 1.25.5 -> `connleak-go125`), and once stripped
+    /// (`-ldflags=-s -w`) with the newest, to `<out><short>-stripped`.
+    every_version: bool,
+}
+
+/// Every Go fixture. Add a line here for a new program.
+const GO_PROGRAMS: &[GoProgram] = &[
+    GoProgram { dir: "connleak", out: "connleak-go", every_version: true },
+    GoProgram { dir: "api-server", out: "api-server", every_version: false },
+    GoProgram { dir: "goroutineleak", out: "goroutineleak", every_version: true },
+    // Goroutine churn for `cargo xtask bench tasks` (which runs gochurn127).
+    GoProgram { dir: "gochurn", out: "gochurn", every_version: true },
+    GoProgram { dir: "mapgrow", out: "mapgrow-go", every_version: true },
+    GoProgram { dir: "mapbench", out: "mapbench-go", every_version: true },
+    GoProgram { dir: "lockpool", out: "lockpool-go", every_version: true },
+];
+const C_FLAGS: &[&str] = &[
+    "-O1",
+    "-g",
+    "-fno-omit-frame-pointer",
+    "-fno-optimize-sibling-calls",
+    "-pthread",
+    "-Wall",
+];
+
+pub fn run(root: &Path) -> Result<()> {
+    if env::var_os("XTASK_NO_BUILD").is_some_and(|v| v == "1") {
+        eprintln!("xtask: XTASK_NO_BUILD=1: skipping setup and builds");
+        return Ok(());
+    }
+    setup::run(root)?;
+    run_cmd(
+        cargo()
+            .current_dir(root)
+            .args(["build", "--release", "-p", "tracer-user"]),
+    )?;
+    let bin = leaktrace_bin(root);
+    if !bin.exists() {
+        bail!("{} was not produced", bin.display());
+    }
+    fixtures(root)
+}
+
+fn mtime(p: &Path) -> Option<SystemTime> {
+    fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+/// Newest modification time among files in `dir` and its subdirectories
+/// whose extension (or whole name) is one of `exts`.
+fn newest_source(dir: &Path, exts: &[&str]) -> Result<Option<SystemTime>> {
+    let mut newest = None;
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(OsStr::to_str).unwrap_or("");
+        let ext = path.extension().and_then(OsStr::to_str).unwrap_or("");
+        let t = if path.is_dir() {
+            newest_source(&path, exts)?
+        } else if path.is_file() && (exts.contains(&ext) || exts.contains(&name)) {
+            mtime(&path)
+        } else {
+            None
+        };
+        if t > newest {
+            newest = t;
+        }
+    }
+    Ok(newest)
+}
+
+fn up_to_date(output: &Path, newest_src: Option<SystemTime>) -> bool {
+    match (mtime(output), newest_src) {
+        (Some(out), Some(src)) => out >= src,
+        _ => false,
+    }
+}
+
+pub fn fixtures(root: &Path) -> Result<()> {
+    let bin = fixtures_bin(root);
+    fs::create_dir_all(&bin)?;
+    let mut built = 0;
+
+    // C fixtures: fixtures/c/<name>.c + fixtures/c/common/*.c -> fixtures/bin/<name>
+    // (rebuilt when the fixture's own file or any common .c/.h changes).
+    let c_dir = root.join("fixtures/c");
+    let common_dir = c_dir.join("common");
+    let c_files = |dir: &Path| -> Result<Vec<PathBuf>> {
+        let mut v = Vec::new();
+        for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            if path.is_file() && path.extension().and_then(OsStr::to_str) == Some("c") {
+                v.push(path);
+            }
+        }
+        v.sort();
+        Ok(v)
+    };
+    let common_srcs = c_files(&common_dir)?;
+    let common_newest = newest_source(&common_dir, &["c", "h"])?;
+    for src in c_files(&c_dir)? {
+        let name = src.file_stem().and_then(OsStr::to_str).unwrap_or_default();
+        let out = bin.join(name);
+        if up_to_date(&out, mtime(&src).max(common_newest)) {
+            continue;
+        }
+        // `<name>_static.c`: linked statically (malloc inside the program).
+        let static_link: &[&str] = if name.ends_with("_static") { &["-static"] } else { &[] };
+        run_cmd(
+            Command::new("gcc")
+                .args(C_FLAGS)
+                .args(static_link)
+                .arg("-o")
+                .arg(&out)
+                .arg(&src)
+                .args(&common_srcs),
+        )?;
+        built += 1;
+    }
+
+    // C++ fixtures: fixtures/cpp/<name>.cc -> fixtures/bin/<name> (g++, same flags).
+    let cpp_dir = root.join("fixtures/cpp");
+    if cpp_dir.is_dir() {
+        for entry in fs::read_dir(&cpp_dir).with_context(|| format!("reading {}", cpp_dir.display()))? {
+            let src = entry?.path();
+            if src.extension().and_then(OsStr::to_str) != Some("cc") {
+                continue;
+            }
+            let name = src.file_stem().and_then(OsStr::to_str).unwrap_or_default();
+            let out = bin.join(name);
+            if up_to_date(&out, mtime(&src)) {
+                continue;
+            }
+            run_cmd(Command::new("g++").args(C_FLAGS).arg("-o").arg(&out).arg(&src))?;
+            built += 1;
+        }
+    }
+
+    // Go fixtures: one module in fixtures/go (shared code in
+    // fixtures/go/internal/); the program in fixtures/go/<dir> ->
+    // fixtures/bin/<output>, built from the module root. Any change in the
+    // module rebuilds every program.
+    let go_dir = root.join("fixtures/go");
+    let go_newest = newest_source(&go_dir, &["go", "go.mod", "go.sum"])?;
+    let cache = root.join(".cache");
+    // (package dir, output name, go binary, stripped)
+    let mut go_builds: Vec<(&str, String, PathBuf, bool)> = Vec::new();
+    for p in GO_PROGRAMS {
+        go_builds.push((p.dir, p.out.into(), PathBuf::from("go"), false));
+        if !p.every_version {
+            continue;
+        }
+        for version in EXTRA_GO {
+            go_builds.push((p.dir, format!("{}{}", p.out, go_short(version)), extra_go(root, version), false));
+        }
+        if let Some(newest) = EXTRA_GO.last() {
+            go_builds.push((
+                p.dir,
+                format!("{}{}-stripped", p.out, go_short(newest)),
+                extra_go(root, newest),
+                true,
+            ));
+        }
+    }
+    for (dir, out_name, go, stripped) in &go_builds {
+        let out = bin.join(out_name);
+        if up_to_date(&out, go_newest) {
+            continue;
+        }
+        let mut cmd = Command::new(go);
+        cmd.current_dir(&go_dir)
+            .env("GOFLAGS", "-mod=mod")
+            .env("GOTOOLCHAIN", "local")
+            .env("GOCACHE", cache.join("go-build"))
+            .env("GOPATH", cache.join("go"))
+            .env("CGO_ENABLED", "0")
+            .args(["build", "-o"])
+            .arg(&out);
+        if *stripped {
+            cmd.arg("-ldflags=-s -w");
+        }
+        run_cmd(cmd.arg(format!("./{dir}")))?;
+        built += 1;
+    }
+    if built == 0 {
+        eprintln!("fixtures: up to date in {}", bin.display());
+    } else {
+        eprintln!("fixtures: built {built} into {}", bin.display());
+    }
+    Ok(())
+}
