@@ -14,7 +14,16 @@ use std::{
 
 use anyhow::{bail, Result};
 
-use crate::session::HeldChild;
+
+/// A process leaktrace started and holds before `exec` (run / check -- CMD).
+pub trait HeldChild: Send {
+    /// Lets the child exec its command.
+    fn release(&mut self) -> Result<()>;
+    /// Reaps the child if it exited; true when it is gone.
+    fn reap(&mut self) -> bool;
+    /// Stops the child (we started it, we end it).
+    fn terminate(&mut self);
+}
 
 /// A forked child waiting to exec.
 pub struct Held {

@@ -176,7 +176,11 @@ pub fn trackers(list: &[String]) -> Result<Vec<&'static str>, String> {
     if list.is_empty() {
         return Ok(fold_aliases(REGISTRY.iter().filter(|s| s.default).map(|s| s.name).collect()));
     }
-    let known: Vec<&'static str> = REGISTRY.iter().map(|s| s.name).chain(ALIASES.iter().map(|a| a.0)).collect();
+    // Aliases first where they stand for a group (`tasks`), then the
+    // group's members, which may also be named alone.
+    let all: Vec<&'static str> = REGISTRY.iter().map(|s| s.name).collect();
+    let mut known = fold_aliases(all.clone());
+    known.extend(all.iter().filter(|n| !known.contains(n)).collect::<Vec<_>>());
     let mut out = Vec::new();
     for name in list.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
         match known.iter().find(|t| **t == name) {

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use leaktrace::{
-    child::Held,
+    child::{Held, HeldChild},
     cli::{Cli, Command, TraceOptions},
-    session::{self, HeldChild},
+    session,
 };
 
 fn main() -> ExitCode {

@@ -58,6 +58,14 @@ fn parse_field_offset(format: &str, name: &str) -> Option<u32> {
     })
 }
 
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
+pub fn ktime_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Loaded and attached programs; detached on drop.
 pub struct Probes {
     pub ebpf: Ebpf,

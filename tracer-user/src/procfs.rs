@@ -27,6 +27,15 @@ pub struct MemoryMap {
 }
 
 impl MemoryMap {
+    /// A static program (Go, musl): mapped, and without a dynamic loader,
+    /// which the kernel maps at exec; no libc will come.
+    pub fn is_static(&self) -> bool {
+        let dynamic = self.mappings.iter().any(|x| {
+            x.path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("ld-linux") || n.starts_with("ld-musl"))
+        });
+        !self.mappings.is_empty() && !dynamic
+    }
+
     /// Reads /proc/PID/maps (file-backed mappings only).
     pub fn read(pid: u32) -> Result<Self> {
         let text = fs::read_to_string(format!("/proc/{pid}/maps"))

@@ -1,28 +1,24 @@
 //! One tracing session: load, attach every tracker, sample every interval,
 //! judge, report, detach. It loops over [`Tracker`]s and names none.
 
-use std::{
-    collections::{BTreeMap, HashSet},
-    io::IsTerminal,
-    time::{Duration, Instant, SystemTime},
-};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Result;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    cli::{Format, TraceOptions},
+    child::HeldChild,
+    cli::TraceOptions,
     judge::{self, Judge},
     lifecycle::Lifecycle,
-    output,
+    output::{self, Outlet},
     probes::{self, LoadSettings, Probes},
     procfs::{self, MemoryMap},
-    render::{self, prometheus::SharedReport, table::TableOptions},
     report::{Lost, Report},
     stacks::StackResolver,
-    symbolize::SymbolizerService,
+    symbolize::{StrippedWarnings, SymbolizerService},
     syscall_sites,
-    trackers::{Collected, Counters, SampleStack, Target, Tracker, REGISTRY},
+    trackers::{Counters, Tally, Target, Tracker, REGISTRY},
 };
 
 /// How the session ended.
@@ -39,16 +35,6 @@ pub struct Outcome {
     pub end: EndReason,
 }
 
-/// A process leaktrace started and holds before `exec` (run / check -- CMD).
-pub trait HeldChild: Send {
-    /// Lets the child exec its command.
-    fn release(&mut self) -> Result<()>;
-    /// Reaps the child if it exited; true when it is gone.
-    fn reap(&mut self) -> bool;
-    /// Stops the child (we started it, we end it).
-    fn terminate(&mut self);
-}
-
 /// Everything a session holds while it traces: dropping it detaches.
 struct Session {
     probes: Probes,
@@ -61,15 +47,7 @@ struct Session {
     comm: String,
     max_findings: usize,
     /// Objects already warned about for having no symbols.
-    warned_stripped: HashSet<String>,
-}
-
-/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    stripped: StrippedWarnings,
 }
 
 /// Traces `pid` until the duration ends, a signal comes or the target exits.
@@ -103,18 +81,7 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
         t.on_start(&mut s.probes, &s.target);
     }
 
-    let shared: SharedReport = render::prometheus::new_shared_report();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut server = None;
-    if let Some(addr) = opts.listen {
-        let mut rx = stop_rx.clone();
-        let shutdown = async move {
-            let _ = rx.wait_for(|v| *v).await;
-        };
-        let (bound, handle) = output::metrics::serve(addr, shared.clone(), opts.max_sites, shutdown).await?;
-        output::note(format!("serving metrics at http://{bound}/metrics"));
-        server = Some(handle);
-    }
+    let outlet = Outlet::open(opts).await?;
     output::note(format!(
         "attached to {pid} ({comm_at_start}): tracking {}; {}",
         names.join(","),
@@ -124,9 +91,6 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
         }
     ));
 
-    let format = opts.effective_format();
-    let is_tty = std::io::stdout().is_terminal();
-    let table_opts = TableOptions::default();
     let start = Instant::now();
     let started_wall = SystemTime::now();
     let deadline = opts.duration.map(|d| start + d);
@@ -139,8 +103,7 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     let mut poll_tick = tokio::time::interval(Duration::from_millis(100));
 
     // Sample at t=0 so growth is measured from attach.
-    let first = s.report(start, false, false).await?;
-    *shared.write().unwrap_or_else(|e| e.into_inner()) = Some(first);
+    outlet.share(s.report(start, false, false).await?);
     let end = loop {
         tokio::select! {
             _ = sigint.recv() => break EndReason::Signal,
@@ -163,9 +126,7 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
                     s.target.memory.merge(&m);
                     s.sync_mappings(&m);
                 }
-                let report = s.report(start, false, false).await?;
-                output::emit(&report, format, is_tty, &table_opts);
-                *shared.write().unwrap_or_else(|e| e.into_inner()) = Some(report);
+                outlet.publish(s.report(start, false, false).await?);
             }
         }
     };
@@ -177,21 +138,13 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     // it), not a reconciliation to zero.
     s.target.alive = alive;
     let final_report = s.report(start, true, exited).await?;
-    *shared.write().unwrap_or_else(|e| e.into_inner()) = Some(final_report.clone());
-    if format == Format::Table && is_tty {
-        // Keep the final report below the last live view.
-        println!();
-    }
-    output::emit(&final_report, format, false, &table_opts);
+    outlet.publish(final_report.clone());
     if let Some(c) = child.as_mut() {
         if !c.reap() {
             c.terminate();
         }
     }
-    let _ = stop_tx.send(true);
-    if let Some(h) = server {
-        let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
-    }
+    outlet.close().await;
     for note in s.trackers.iter().filter_map(|t| t.closing_note()) {
         output::note(note);
     }
@@ -231,7 +184,7 @@ impl Session {
             judge: Judge::new(opts.interval),
             comm: procfs::comm(pid),
             max_findings: opts.max_findings,
-            warned_stripped: HashSet::new(),
+            stripped: StrippedWarnings::default(),
         })
     }
 
@@ -267,12 +220,7 @@ impl Session {
                 if self.target.libc_loaded {
                     return;
                 }
-                // The kernel maps the dynamic loader at exec: without one the
-                // program is static (Go, musl) and no libc will come.
-                let dynamic = m.mappings.iter().any(|x| {
-                    x.path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("ld-linux") || n.starts_with("ld-musl"))
-                });
-                if !m.mappings.is_empty() && !dynamic {
+                if m.is_static() {
                     return;
                 }
             }
@@ -313,73 +261,22 @@ impl Session {
             self.target.alive = false;
         }
         let t = start.elapsed().as_secs_f64();
-        let now = monotonic_ns();
+        let now = probes::ktime_ns();
         let mut collected = Vec::new();
         for tr in &mut self.trackers {
             collected.push(tr.collect(&mut self.probes, &self.target, now)?);
         }
-        let mut keys: Vec<SampleStack> = Vec::new();
-        for c in &collected {
-            match c {
-                Collected::Growth { samples, .. } => keys.extend(samples.iter().map(|s| s.stack.clone())),
-                Collected::Contention(locks) => {
-                    for l in locks {
-                        keys.push(l.first.clone());
-                        keys.extend(l.waiters.iter().map(|w| w.0.clone()));
-                        keys.extend(l.holders.iter().map(|h| h.0.clone()));
-                    }
-                }
-                Collected::Nothing => {}
-            }
-        }
-        let frames = self.resolver.resolve(&keys, &self.target.memory).await;
-
-        self.judge.begin(t);
-        let mut findings = Vec::new();
-        // Leaked goroutines' current stacks, resolved after judging.
-        let mut blocked = Vec::new();
-        for c in &collected {
-            if let Collected::Growth { kind, judging, samples } = c {
-                let (f, b) = self.judge.growth(*kind, *judging, samples, &frames, findings.len());
-                findings.extend(f);
-                blocked.extend(b);
-            }
-        }
-        self.judge.end();
-        if !blocked.is_empty() {
-            let keys: Vec<_> = blocked.iter().map(|(_, b)| b.stack.clone()).collect();
-            let frames = self.resolver.resolve(&keys, &self.target.memory).await;
-            for (i, b) in blocked {
-                let f = &mut findings[i];
-                // No stack for a goroutine running or in a syscall: its saved
-                // registers are stale; the state still says where it is.
-                f.blocked_in = frames.get(&b.stack).cloned().filter(|_| b.stack != SampleStack::Addresses(Vec::new()));
-                f.wait_reason = Some(b.wait_reason);
-            }
-        }
-        for c in &collected {
-            if let Collected::Contention(locks) = c {
-                findings.extend(judge::contention::lock_findings(locks, &frames, t));
-            }
-        }
-        self.warn_stripped(&findings);
+        let mut findings = self.judge.findings(&collected, &mut self.resolver, &self.target.memory, t).await;
+        self.stripped.warn_once(&findings);
         let omitted = judge::rank(&mut findings, self.max_findings);
 
-        // Events per kind; what was lost: the shared counters, then each
-        // tracker's own bounds.
+        let tally = Tally::sum(self.trackers.iter().map(|tr| tr.tally(&self.counters)));
         use tracer_common::counter as c;
-        let mut events = BTreeMap::new();
-        let mut lost = Lost {
-            events: self.counters.sum(c::LOST_EVENTS) + self.counters.sum(c::LOST_RING),
+        // What was lost: the shared counters, then each tracker's own bounds.
+        let lost = Lost {
+            events: self.counters.sum(c::LOST_EVENTS) + self.counters.sum(c::LOST_RING) + tally.lost,
             stacks: self.counters.sum(c::LOST_STACKS),
         };
-        let mut untracked_frees = None;
-        for tr in &self.trackers {
-            let tally = tr.tally(&self.counters);
-            events.extend(tally.events.iter().map(|(k, n)| (k.as_str(), *n)));
-            lost.events += tally.lost;
-            untracked_frees = untracked_frees.or(tally.untracked_frees);
-        }
         Ok(Report {
             pid: self.target.pid,
             comm: self.comm.clone(),
@@ -388,20 +285,9 @@ impl Session {
             exited: exited.then_some(true),
             findings,
             lost,
-            events,
+            events: tally.events.iter().map(|(k, n)| (k.as_str(), *n)).collect(),
             findings_omitted: omitted,
-            untracked_frees,
+            untracked_frees: tally.untracked_frees,
         })
-    }
-
-    /// One warning per object shown without symbols.
-    fn warn_stripped(&mut self, findings: &[crate::report::Finding]) {
-        for f in findings {
-            for m in crate::symbolize::stripped_modules(&f.stack) {
-                if self.warned_stripped.insert(m.clone()) {
-                    output::warn(format!("{m} has no symbols (stripped?): its frames are shown as object+offset"));
-                }
-            }
-        }
     }
 }

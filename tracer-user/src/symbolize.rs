@@ -266,6 +266,23 @@ fn is_go_std(func: &str) -> bool {
     func.contains('.') && !head.contains("::") && GO_STD.contains(&pkg) && !outside_brackets.contains(' ')
 }
 
+/// Objects already warned about for having no symbols: one warning each.
+#[derive(Default)]
+pub struct StrippedWarnings(std::collections::HashSet<String>);
+
+impl StrippedWarnings {
+    /// Warns once per object that a finding's stack shows without symbols.
+    pub fn warn_once(&mut self, findings: &[crate::report::Finding]) {
+        for f in findings {
+            for m in stripped_modules(&f.stack) {
+                if self.0.insert(m.clone()) {
+                    crate::output::warn(format!("{m} has no symbols (stripped?): its frames are shown as object+offset"));
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,9 +9,11 @@ use std::collections::{HashMap, HashSet};
 
 use self::growth::{GrowthConfig, GrowthEngine, SeriesKey};
 use crate::{
+    procfs::MemoryMap,
     report::{Finding, Frame, Kind, Verdict},
+    stacks::StackResolver,
     symbolize::{site_index, site_of},
-    trackers::{Blocked, Judging, SampleStack, StackSample},
+    trackers::{Blocked, Collected, Judging, SampleStack, StackSample},
 };
 
 /// The growth rule for live bytes: the same rule, with a rise below 8 KiB
@@ -60,7 +62,7 @@ impl Judge {
     /// Starts the report at `t` seconds since attach. Samples closer than
     /// half an interval to the previous ones (the final report right after a
     /// tick, a late tick) would only add noise: they are judged, not observed.
-    pub fn begin(&mut self, t: f64) {
+    fn begin(&mut self, t: f64) {
         let observe = self.last_t.is_none_or(|prev| t - prev >= self.interval_s / 2.0);
         self.now = (t, observe);
         self.seen.clear();
@@ -69,7 +71,7 @@ impl Judge {
     /// Observes and judges one kind's samples; findings for every series
     /// that has something live or is not steady, and the leaked ones whose
     /// objects are parked somewhere (indexes counted from `first_index`).
-    pub fn growth(
+    fn growth(
         &mut self,
         kind: Kind,
         judging: Judging,
@@ -138,8 +140,63 @@ impl Judge {
         (findings, blocked)
     }
 
+    /// Every tracker's samples of one report as findings: stacks resolved,
+    /// growth and contention judged, leaked goroutines' current stacks added.
+    pub async fn findings(
+        &mut self,
+        collected: &[Collected],
+        resolver: &mut StackResolver,
+        memory: &MemoryMap,
+        t: f64,
+    ) -> Vec<Finding> {
+        let mut keys: Vec<SampleStack> = Vec::new();
+        for c in collected {
+            match c {
+                Collected::Growth { samples, .. } => keys.extend(samples.iter().map(|s| s.stack.clone())),
+                Collected::Contention(locks) => {
+                    for l in locks {
+                        keys.push(l.first.clone());
+                        keys.extend(l.waiters.iter().map(|w| w.0.clone()));
+                        keys.extend(l.holders.iter().map(|h| h.0.clone()));
+                    }
+                }
+                Collected::Nothing => {}
+            }
+        }
+        let frames = resolver.resolve(&keys, memory).await;
+        self.begin(t);
+        let mut findings = Vec::new();
+        // Leaked goroutines' current stacks, resolved after judging.
+        let mut blocked = Vec::new();
+        for c in collected {
+            if let Collected::Growth { kind, judging, samples } = c {
+                let (f, b) = self.growth(*kind, *judging, samples, &frames, findings.len());
+                findings.extend(f);
+                blocked.extend(b);
+            }
+        }
+        self.end();
+        if !blocked.is_empty() {
+            let keys: Vec<_> = blocked.iter().map(|(_, b)| b.stack.clone()).collect();
+            let frames = resolver.resolve(&keys, memory).await;
+            for (i, b) in blocked {
+                let f = &mut findings[i];
+                // No stack for a goroutine running or in a syscall: its saved
+                // registers are stale; the state still says where it is.
+                f.blocked_in = frames.get(&b.stack).cloned().filter(|_| b.stack != SampleStack::Addresses(Vec::new()));
+                f.wait_reason = Some(b.wait_reason);
+            }
+        }
+        for c in collected {
+            if let Collected::Contention(locks) = c {
+                findings.extend(contention::lock_findings(locks, &frames, t));
+            }
+        }
+        findings
+    }
+
     /// Ends the report: series not seen in it are forgotten (bounded memory).
-    pub fn end(&mut self) {
+    fn end(&mut self) {
         let (t, observe) = self.now;
         if observe {
             for engine in [&mut self.objects, &mut self.bytes_objects, &mut self.bytes] {

@@ -7,7 +7,7 @@ pub mod metrics;
 
 use std::{
     fmt::Display,
-    io::Write,
+    io::{IsTerminal, Write},
     path::Path,
     time::SystemTime,
 };
@@ -16,9 +16,64 @@ use anyhow::{Context, Result};
 
 use crate::{
     cli::{Format, TraceOptions},
-    render::{self, table::TableOptions},
+    render::{self, prometheus::SharedReport, table::TableOptions},
     report::Report,
 };
+
+/// Where each report goes while a session runs: stdout (table or JSON
+/// lines) and, with `--listen`, the `/metrics` server.
+pub struct Outlet {
+    format: Format,
+    is_tty: bool,
+    table_opts: TableOptions,
+    shared: SharedReport,
+    stop: tokio::sync::watch::Sender<bool>,
+    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Outlet {
+    /// Starts the metrics server when `--listen` asks for one.
+    pub async fn open(opts: &TraceOptions) -> Result<Self> {
+        let shared = render::prometheus::new_shared_report();
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let mut server = None;
+        if let Some(addr) = opts.listen {
+            let mut rx = stop_rx;
+            let shutdown = async move {
+                let _ = rx.wait_for(|v| *v).await;
+            };
+            let (bound, handle) = metrics::serve(addr, shared.clone(), opts.max_sites, shutdown).await?;
+            note(format!("serving metrics at http://{bound}/metrics"));
+            server = Some(handle);
+        }
+        let format = opts.effective_format();
+        let is_tty = std::io::stdout().is_terminal();
+        Ok(Self { format, is_tty, table_opts: TableOptions::default(), shared, stop, server })
+    }
+
+    /// Serves `report` on /metrics without printing it (the sample at attach).
+    pub fn share(&self, report: Report) {
+        *self.shared.write().unwrap_or_else(|e| e.into_inner()) = Some(report);
+    }
+
+    /// Prints `report` and serves it on /metrics. On a terminal, live tables
+    /// redraw in place and the final one goes below the last.
+    pub fn publish(&self, report: Report) {
+        if report.is_final && self.format == Format::Table && self.is_tty {
+            println!();
+        }
+        emit(&report, self.format, self.is_tty && !report.is_final, &self.table_opts);
+        self.share(report);
+    }
+
+    /// Stops the metrics server (waits up to 2 s for it).
+    pub async fn close(self) {
+        let _ = self.stop.send(true);
+        if let Some(h) = self.server {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), h).await;
+        }
+    }
+}
 
 /// A diagnostic for the person running leaktrace: `leaktrace: MSG`.
 pub fn note(msg: impl Display) {
@@ -33,12 +88,12 @@ pub fn warn(msg: impl Display) {
 
 /// Writes one report to stdout: a table (redrawn in place on a terminal
 /// until the final one) or one JSON line.
-pub fn emit(report: &Report, format: Format, is_tty: bool, table_opts: &TableOptions) {
+fn emit(report: &Report, format: Format, is_tty: bool, table_opts: &TableOptions) {
     let mut out = std::io::stdout().lock();
     let text = match format {
         Format::Json => render::json::to_json_line(report) + "\n",
         Format::Table => {
-            format!("{}{}", render::table::refresh_prefix(is_tty && !report.is_final), render::table::render_table(report, table_opts))
+            format!("{}{}", render::table::refresh_prefix(is_tty), render::table::render_table(report, table_opts))
         }
     };
     let _ = out.write_all(text.as_bytes());

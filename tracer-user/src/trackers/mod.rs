@@ -198,6 +198,18 @@ pub struct StackSample {
     pub live_bytes: Option<u64>,
 }
 
+impl Tally {
+    /// Every tracker's tally in one.
+    pub fn sum(tallies: impl IntoIterator<Item = Tally>) -> Tally {
+        tallies.into_iter().fold(Tally::default(), |mut all, t| {
+            all.events.extend(t.events);
+            all.lost += t.lost;
+            all.untracked_frees = all.untracked_frees.or(t.untracked_frees);
+            all
+        })
+    }
+}
+
 /// Where a live object is parked now, and why (a goroutine's wait).
 #[derive(Clone, Debug)]
 pub struct Blocked {
