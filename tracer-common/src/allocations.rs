@@ -147,6 +147,20 @@ pub const MAX_ALLOC_STACKS: u32 = 16384;
 /// Allocator calls in progress (one per thread, LRU).
 pub const MAX_PENDING_ALLOCS: u32 = 16384;
 
+/// The allocations tracker's slots in `COUNTERS` (see [`crate::counter`]).
+pub mod counter {
+    use crate::counter::ALLOCATIONS as BASE;
+    /// Blocks allocated or freed.
+    pub const EVENTS: u32 = BASE + 0;
+    /// Frees of blocks the tracker never saw allocated (made before attach,
+    /// or not sampled): ignored, never subtracted from any stack.
+    pub const UNTRACKED_FREES: u32 = BASE + 1;
+    /// Blocks not tracked because the live-block table was full.
+    pub const LOST: u32 = BASE + 2;
+    /// Allocator calls not tracked because the pending-call table was full.
+    pub const LOST_CALLS: u32 = BASE + 3;
+}
+
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::AllocPending {}

@@ -76,6 +76,13 @@ pub const MAX_LIVE_SOCKETS: u32 = 65536;
 /// Size of the per-stack table.
 pub const MAX_CONN_STACKS: u32 = 8192;
 
+/// The connections tracker's slots in `COUNTERS` (see [`crate::counter`]).
+pub mod counter {
+    use crate::counter::CONNECTIONS as BASE;
+    /// Events seen for the target: sockets created or closed.
+    pub const EVENTS: u32 = BASE + 0;
+}
+
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::FdKey {}

@@ -137,6 +137,20 @@ pub const MAX_PENDING_WAITS: u32 = 16384;
 /// libc sites (syscalls and calls) known.
 pub const MAX_LOCK_SITES: u32 = 4096;
 
+/// The locks tracker's slots in `COUNTERS` (see [`crate::counter`]).
+pub mod counter {
+    use crate::counter::LOCKS as BASE;
+    /// Contended waits recorded (futex waits on locks, Go semaphore waits).
+    pub const WAITS: u32 = BASE + 0;
+    /// Futex waits seen that are not lock waits (condition variables, joins,
+    /// other futex uses): not reported as contention.
+    pub const OTHER_WAITS: u32 = BASE + 1;
+    /// Waits or wakes dropped because a lock table was full.
+    pub const LOST: u32 = BASE + 2;
+    /// Holder wakes recorded (an unlock that woke waiters).
+    pub const WAKES: u32 = BASE + 3;
+}
+
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::LockSite {}

@@ -56,6 +56,15 @@ pub mod seed {
     pub const MASK: u32 = 1;
 }
 
+/// The maps tracker's slots in `COUNTERS` (see [`crate::counter`]).
+pub mod counter {
+    use crate::counter::MAPS as BASE;
+    /// Growth and clear events of tracked maps.
+    pub const EVENTS: u32 = BASE + 0;
+    /// Maps not tracked because the tracked-map table was full.
+    pub const LOST: u32 = BASE + 1;
+}
+
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::MapInfo {}

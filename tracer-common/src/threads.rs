@@ -26,6 +26,13 @@ pub const MAX_PENDING_CREATES: u32 = 4096;
 /// at 44. User space reads the real offset from the tracepoint's format.
 pub const FORK_CHILD_PID_OFFSET: u32 = 20;
 
+/// The threads tracker's slots in `COUNTERS` (see [`crate::counter`]).
+pub mod counter {
+    use crate::counter::THREADS as BASE;
+    /// Threads created or ended.
+    pub const EVENTS: u32 = BASE + 0;
+}
+
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::ThreadInfo {}

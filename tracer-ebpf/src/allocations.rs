@@ -73,7 +73,7 @@ static ALLOC_OLDEST: HashMap<StackKey, u64> = HashMap::with_max_entries(MAX_ALLO
 /// Allocator calls between entry and return, by pid_tgid. A plain
 /// (preallocated) hash: cheaper per call than an LRU, and an entry lives
 /// only from a call's entry to its return (a full table counts in
-/// `counter::ALLOC_LOST_CALLS`).
+/// `tracer_common::allocations::counter::LOST_CALLS`).
 #[map]
 static ALLOC_PENDING: HashMap<u64, AllocPending> = HashMap::with_max_entries(MAX_PENDING_ALLOCS, 0);
 
@@ -113,7 +113,7 @@ fn enter(ctx: &ProbeContext, call: u32, size: u64, arg: u64) -> u32 {
                 let _ = ALLOC_PENDING.insert(&id, &p, 0);
             }
         }
-        Err(_) => bump(counter::ALLOC_LOST_CALLS),
+        Err(_) => bump(tracer_common::allocations::counter::LOST_CALLS),
     }
     0
 }
@@ -238,7 +238,7 @@ pub fn alloc_result(ctx: ProbeContext) -> u32 {
         point::PENDING => match stored_size {
             Some(s) => s,
             None => {
-                bump(counter::ALLOC_LOST_CALLS);
+                bump(tracer_common::allocations::counter::LOST_CALLS);
                 return 0;
             }
         },
@@ -273,7 +273,7 @@ pub fn alloc_size(ctx: ProbeContext) -> u32 {
     }
     let p = AllocPending { size: located(regs, point::size(c)), arg: 0, entry_sp: frame, call: call::SIZE, _pad: 0 };
     if ALLOC_PENDING.insert(&id, &p, 0).is_err() {
-        bump(counter::ALLOC_LOST_CALLS);
+        bump(tracer_common::allocations::counter::LOST_CALLS);
     }
     0
 }
@@ -553,7 +553,7 @@ fn track(addr: u64, stack: StackKey, bytes: u64, count: u32, flags: u32) {
         stored = ALLOCS.insert(&addr, &info, BPF_NOEXIST as u64);
     }
     if stored.is_err() {
-        bump(counter::ALLOC_LOST);
+        bump(tracer_common::allocations::counter::LOST);
         if sentinel {
             vacate(&stack);
         }
@@ -564,7 +564,7 @@ fn track(addr: u64, stack: StackKey, bytes: u64, count: u32, flags: u32) {
         (*totals.1).created += count as u64;
         (*totals.1).bytes_created += bytes;
     }
-    bump(counter::ALLOC_EVENTS);
+    bump(tracer_common::allocations::counter::EVENTS);
 }
 
 /// Removes a block from the live table and counts it freed under its
@@ -574,7 +574,7 @@ fn release(addr: u64, count_untracked: bool) {
     // SAFETY: copied out before removal.
     let Some(info) = (unsafe { ALLOCS.get(&addr) }).copied() else {
         if count_untracked {
-            bump(counter::ALLOC_UNTRACKED_FREES);
+            bump(tracer_common::allocations::counter::UNTRACKED_FREES);
         }
         return;
     };
@@ -586,7 +586,7 @@ fn release(addr: u64, count_untracked: bool) {
         vacate(&info.stack);
     }
     add(&info.stack, 0, info.count as u64, 0, info.bytes);
-    bump(counter::ALLOC_EVENTS);
+    bump(tracer_common::allocations::counter::EVENTS);
 }
 
 /// Marks a stack's sentinel slot vacant (its block is gone).

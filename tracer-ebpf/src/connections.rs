@@ -91,7 +91,7 @@ fn opened(ctx: &TracePointContext, tgid: u32, fd: u32, info: &mut ConnInfo) {
         return;
     }
     count(&CONN_STACKS, &stack, 1, 0);
-    bump(counter::EVENTS);
+    bump(tracer_common::connections::counter::EVENTS);
 }
 
 /// Ends a live socket if it is one of ours. Only the side whose delete
@@ -106,7 +106,7 @@ fn closed(tgid: u32, fd: u32) {
     };
     if CONN_FDS.remove(&key).is_ok() {
         count(&CONN_STACKS, &stack, 0, 1);
-        bump(counter::EVENTS);
+        bump(tracer_common::connections::counter::EVENTS);
     }
 }
 

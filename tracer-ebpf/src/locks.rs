@@ -170,7 +170,7 @@ fn record_wait(w: &PendingWait, now: u64) {
             z.hist[i] = 0;
         }
         if LOCKS.insert(&lock, z, 0).is_err() {
-            bump(counter::LOCK_LOST);
+            bump(tracer_common::locks::counter::LOST);
             return;
         }
     }
@@ -191,7 +191,7 @@ fn record_wait(w: &PendingWait, now: u64) {
     let b = if b >= HIST_BUCKETS { HIST_BUCKETS - 1 } else { b };
     s.hist[b] += 1;
     add(&LOCK_WAITERS, &w.at, dt);
-    bump(counter::LOCK_WAITS);
+    bump(tracer_common::locks::counter::WAITS);
 }
 
 #[inline(always)]
@@ -203,7 +203,7 @@ fn add(table: &PerCpuHashMap<LockStack, WaitTotals>, key: &LockStack, wait_ns: u
             (*t).wait_ns += wait_ns;
         }
     } else if table.insert(key, &WaitTotals { count: 1, wait_ns }, 0).is_err() {
-        bump(counter::LOCK_LOST);
+        bump(tracer_common::locks::counter::LOST);
     }
 }
 
@@ -266,18 +266,18 @@ pub fn lock_futex_enter(ctx: TracePointContext) -> u32 {
         }
         let at = stack_at(&ctx, uaddr, chain.as_ref());
         add(&LOCK_HOLDERS, &at, 0);
-        bump(counter::LOCK_WAKES);
+        bump(tracer_common::locks::counter::WAKES);
         return 0;
     }
     let Some(k) = wait_kind(root, cmd, val, chain.is_some()) else {
-        bump(counter::LOCK_OTHER_WAITS);
+        bump(tracer_common::locks::counter::OTHER_WAITS);
         return 0;
     };
     let at = stack_at(&ctx, uaddr, chain.as_ref());
     // SAFETY: no preconditions.
     let w = PendingWait { start_ns: unsafe { bpf_ktime_get_ns() }, kind: k, _pad: 0, at };
     if FUTEX_PENDING.insert(&bpf_get_current_pid_tgid(), &w, 0).is_err() {
-        bump(counter::LOCK_LOST);
+        bump(tracer_common::locks::counter::LOST);
     }
     0
 }
@@ -316,7 +316,7 @@ fn go_acquire(ctx: &ProbeContext, k: u32) -> u32 {
     // SAFETY: no preconditions.
     let w = PendingWait { start_ns: unsafe { bpf_ktime_get_ns() }, kind: k, _pad: 0, at };
     if GO_PENDING.insert(&g, &w, 0).is_err() {
-        bump(counter::LOCK_LOST);
+        bump(tracer_common::locks::counter::LOST);
     }
     0
 }
@@ -368,6 +368,6 @@ pub fn lock_go_release(ctx: ProbeContext) -> u32 {
     let (sema, sp) = unsafe { ((*ctx.regs).rax, (*ctx.regs).rsp) };
     let at = LockStack { lock: sema, stack: kernel_stack(&ctx, read_user_u64(sp)), walked: 0 };
     add(&LOCK_HOLDERS, &at, 0);
-    bump(counter::LOCK_WAKES);
+    bump(tracer_common::locks::counter::WAKES);
     0
 }

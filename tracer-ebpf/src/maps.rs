@@ -67,7 +67,7 @@ fn grown_at(ctx: &ProbeContext, m: u64, seed_at: u64, mask: u64, kind: u32) {
     let seed = raw & mask;
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    bump(counter::MAP_EVENTS);
+    bump(tracer_common::maps::counter::EVENTS);
     let known = MAPS.get_ptr_mut(&m);
     if let Some(e) = known {
         // SAFETY: a map value; a concurrent update only races on statistics.
@@ -92,7 +92,7 @@ fn grown_at(ctx: &ProbeContext, m: u64, seed_at: u64, mask: u64, kind: u32) {
     // A new map, or another map at a reused address: start over.
     let info = MapInfo { stack: growth_stack(ctx), seed, first_ns: now, last_ns: now, grows: 1, clears: 0, kind, _pad: 0 };
     if MAPS.insert(&m, &info, 0).is_err() {
-        bump(counter::MAP_LOST);
+        bump(tracer_common::maps::counter::LOST);
     }
 }
 
@@ -153,7 +153,7 @@ pub fn map_clear(ctx: ProbeContext) -> u32 {
     if let Some(e) = MAPS.get_ptr_mut(&m) {
         // SAFETY: a map value.
         unsafe { (*e).clears += 1 };
-        bump(counter::MAP_EVENTS);
+        bump(tracer_common::maps::counter::EVENTS);
     }
     0
 }

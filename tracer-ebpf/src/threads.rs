@@ -125,7 +125,7 @@ pub fn thread_fork(ctx: TracePointContext) -> u32 {
         return 0;
     }
     count(&THREAD_STACKS, &stack, 1, 0);
-    bump(counter::THREAD_EVENTS);
+    bump(tracer_common::threads::counter::EVENTS);
     0
 }
 
@@ -144,7 +144,7 @@ pub fn thread_exit(_ctx: TracePointContext) -> u32 {
     // Only the side whose delete succeeds counts (user space reconciles too).
     if THREADS.remove(&tid).is_ok() {
         count(&THREAD_STACKS, &stack, 0, 1);
-        bump(counter::THREAD_EVENTS);
+        bump(tracer_common::threads::counter::EVENTS);
     }
     0
 }

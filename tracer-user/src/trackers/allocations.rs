@@ -12,8 +12,7 @@ use std::{
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap};
 use tracer_common::{
-    allocations::AllocCounts,
-    counter,
+    allocations::{counter, AllocCounts},
     stacks::{StackKey, WalkedFrames, MAX_WALKED_STACKS, WALKED_STACK},
 };
 
@@ -186,9 +185,9 @@ impl Tracker for Allocations {
     /// Blocks not tracked (live-block or pending-call table full) are lost.
     fn tally(&self, counters: &Counters) -> Tally {
         Tally {
-            events: vec![(Kind::Allocation, counters.sum(counter::ALLOC_EVENTS))],
-            lost: counters.sum(counter::ALLOC_LOST) + counters.sum(counter::ALLOC_LOST_CALLS),
-            untracked_frees: Some(counters.sum(counter::ALLOC_UNTRACKED_FREES)),
+            events: vec![(Kind::Allocation, counters.sum(counter::EVENTS))],
+            lost: counters.sum(counter::LOST) + counters.sum(counter::LOST_CALLS),
+            untracked_frees: Some(counters.sum(counter::UNTRACKED_FREES)),
         }
     }
 }

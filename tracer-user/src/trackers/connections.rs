@@ -11,8 +11,7 @@ use std::{
 use anyhow::Result;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, RingBuf};
 use tracer_common::{
-    connections::{flag, ring_kind, ConnInfo, ConnRingEvent, FdKey},
-    counter,
+    connections::{counter, flag, ring_kind, ConnInfo, ConnRingEvent, FdKey},
     stacks::{StackCounts, StackKey},
 };
 

@@ -19,8 +19,7 @@ use anyhow::{anyhow, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap};
 use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 use tracer_common::{
-    counter,
-    locks::{kind, LockSite, LockStack, LockStats, WaitTotals, WalkedFrames, CONFIG_IGNORE_FOREIGN, HIST_BUCKETS},
+    locks::{counter, kind, LockSite, LockStack, LockStats, WaitTotals, WalkedFrames, CONFIG_IGNORE_FOREIGN, HIST_BUCKETS},
 };
 
 use super::{Collected, Counters, SampleStack, Tally, Target, Tracker, TrackerSpec};
@@ -94,8 +93,8 @@ impl Tracker for LockCollector {
 
     fn tally(&self, counters: &Counters) -> Tally {
         Tally {
-            events: vec![(Kind::Lock, counters.sum(counter::LOCK_WAITS))],
-            lost: counters.sum(counter::LOCK_LOST),
+            events: vec![(Kind::Lock, counters.sum(counter::WAITS))],
+            lost: counters.sum(counter::LOST),
             ..Tally::default()
         }
     }

@@ -32,7 +32,7 @@ use aya::{
     Ebpf,
 };
 use tracer_common::{
-    maps::{seed, MapInfo, KIND_TRIE, MAX_TRACKED_MAPS, TRIE_SEED_OFFSET},
+    maps::{counter, seed, MapInfo, KIND_TRIE, MAX_TRACKED_MAPS, TRIE_SEED_OFFSET},
     stacks::StackKey,
 };
 
@@ -97,10 +97,9 @@ impl Tracker for Maps {
 
     /// Maps not tracked (the kernel's table full) are lost events.
     fn tally(&self, counters: &Counters) -> Tally {
-        use tracer_common::counter;
         Tally {
-            events: self.collector.as_ref().map(|_| (Kind::Map, counters.sum(counter::MAP_EVENTS))).into_iter().collect(),
-            lost: counters.sum(counter::MAP_LOST),
+            events: self.collector.as_ref().map(|_| (Kind::Map, counters.sum(counter::EVENTS))).into_iter().collect(),
+            lost: counters.sum(counter::LOST),
             ..Tally::default()
         }
     }

@@ -8,9 +8,8 @@ use std::collections::{HashMap, HashSet};
 use anyhow::Result;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap};
 use tracer_common::{
-    counter,
     stacks::{StackCounts, StackKey},
-    threads::ThreadInfo,
+    threads::{counter, ThreadInfo},
 };
 
 use super::{stack_samples, Collected, Counters, Judging, LiveStack, StackSample, Tally, Target, Tracker, TrackerSpec};
@@ -86,7 +85,7 @@ impl Tracker for ThreadCollector {
     }
 
     fn tally(&self, counters: &Counters) -> Tally {
-        Tally { events: vec![(Kind::Thread, counters.sum(counter::THREAD_EVENTS))], ..Tally::default() }
+        Tally { events: vec![(Kind::Thread, counters.sum(counter::EVENTS))], ..Tally::default() }
     }
 }
 
