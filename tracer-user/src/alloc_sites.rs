@@ -99,7 +99,7 @@ const MAX_PREFIX: usize = 6;
 /// custom allocator), names with `prefix` (`je_`); empty when it has no `malloc`.
 pub fn allocator_probes(data: &[u8], prefix: &str) -> Result<Vec<AllocProbe>> {
     let file = object::File::parse(data).context("not a valid ELF")?;
-    if crate::golang::is_go(&file) {
+    if crate::binary::golang::is_go(&file) {
         // Return probes move a goroutine's return address; Go's stack
         // growth and traceback would then crash the program.
         anyhow::bail!("a Go program: leaktrace never puts return probes in Go code");

@@ -11,7 +11,7 @@ pub mod render;
 pub mod alloc_sites;
 pub mod child;
 pub mod cli;
-pub mod golang;
+pub mod binary;
 pub mod probes;
 pub mod procfs;
 pub mod session;

@@ -5,7 +5,7 @@
 
 mod common;
 
-use leaktrace::golang::{offsets, Found, GoBinary, GoSymbols};
+use leaktrace::binary::golang::{offsets, Found, GoBinary, GoSymbols};
 use object::{Object, ObjectSymbol};
 
 /// Every Go fixture binary built with every toolchain.
@@ -50,12 +50,12 @@ fn disassembly_finds_what_the_symbol_table_says() {
         let elf = object::File::parse(&*data).unwrap();
         let syms = GoSymbols::from_elf(&elf).unwrap().unwrap();
         assert_eq!(
-            leaktrace::golang::allgs_by_disassembly(&elf, &syms).unwrap(),
+            leaktrace::binary::golang::allgs_by_disassembly(&elf, &syms).unwrap(),
             symbol(&data, "runtime.allgs").0,
             "{name}: runtime.allgs"
         );
         let (addr, size) = symbol(&data, "runtime.waitReasonStrings");
-        assert_eq!(leaktrace::golang::wait_reasons_by_disassembly(&data, &elf, &syms), Some((addr, size / 16)), "{name}");
+        assert_eq!(leaktrace::binary::golang::wait_reasons_by_disassembly(&data, &elf, &syms), Some((addr, size / 16)), "{name}");
         assert_eq!(bin.wait_reasons, Some((addr, size / 16)));
     }
 }

@@ -22,7 +22,7 @@ use anyhow::{Context, Result};
 
 use super::{SampleStack, StackSample};
 use crate::{
-    golang::{GoBinary, TargetMemory},
+    binary::golang::{GoBinary, TargetMemory},
     procfs::MemoryMap,
 };
 
@@ -152,12 +152,12 @@ impl GoroutineCollector {
             "{} (offsets from {}, runtime.allgs from {})",
             self.bin.version_string,
             match self.bin.offsets_source {
-                crate::golang::offsets::Source::Dwarf => "DWARF",
-                crate::golang::offsets::Source::Table => "the version table",
+                crate::binary::golang::offsets::Source::Dwarf => "DWARF",
+                crate::binary::golang::offsets::Source::Table => "the version table",
             },
             match self.bin.allgs_source {
-                crate::golang::Found::Symtab => "the symbol table",
-                crate::golang::Found::Disassembly => "disassembly",
+                crate::binary::golang::Found::Symtab => "the symbol table",
+                crate::binary::golang::Found::Disassembly => "disassembly",
             }
         )
     }

@@ -39,7 +39,7 @@ use tracer_common::{
 use self::goelf::{DataSymbol, GoBinary};
 use crate::probes::Probes;
 use aya::programs::uprobe::UProbeLinkId;
-use crate::golang::memory::{read_region, read_regions, u64_at};
+use crate::binary::golang::memory::{read_region, read_regions, u64_at};
 use super::{SampleStack, StackSample};
 
 /// A probe the tracker wants: program name, function, file offset.
@@ -195,7 +195,7 @@ fn trie_count(pid: u32, root: u64, budget: &mut usize) -> Option<u64> {
 /// `[sp]` holds the return address at all three, and the argument
 /// registers are untouched.
 fn cheap_probe_address(code: &[u8], entry: u64) -> u64 {
-    crate::golang::cheap_entry(code, entry).unwrap_or(entry)
+    crate::binary::golang::cheap_entry(code, entry).unwrap_or(entry)
 }
 
 /// The map tracker's own state about one kernel entry.

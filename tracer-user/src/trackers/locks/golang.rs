@@ -49,9 +49,9 @@ pub struct GoProbe {
     pub rets: Vec<u64>,
 }
 
-/// True when the ELF is a Go program ([`crate::golang::is_go`]).
+/// True when the ELF is a Go program ([`crate::binary::golang::is_go`]).
 pub fn is_go(data: &[u8]) -> bool {
-    object::File::parse(data).is_ok_and(|f| crate::golang::is_go(&f))
+    object::File::parse(data).is_ok_and(|f| crate::binary::golang::is_go(&f))
 }
 
 /// Every function of a Go executable as (name, link-time address, size):
@@ -67,7 +67,7 @@ pub fn text_functions(data: &[u8]) -> Vec<(String, u64, u64)> {
     if !from_symtab.is_empty() {
         return from_symtab;
     }
-    match crate::golang::GoSymbols::from_elf(&file) {
+    match crate::binary::golang::GoSymbols::from_elf(&file) {
         Ok(Some(g)) => g.pclntab.functions().map(|(n, start, end)| (n, start, end.saturating_sub(start))).collect(),
         _ => Vec::new(),
     }
@@ -109,7 +109,7 @@ fn code_of<'d>(file: &object::File, data: &'d [u8], addr: u64, size: u64) -> Opt
 }
 
 /// The cheap prologue instruction to probe (shared with the map tracker).
-pub use crate::golang::cheap_entry;
+pub use crate::binary::golang::cheap_entry;
 
 /// Addresses of every RET in the function (linear sweep: Go emits no data
 /// inside functions).

@@ -4,7 +4,7 @@
 //! (to pick a cheap probe address) and the package-level variables of the
 //! program's own packages (`.symtab`; none when stripped).
 //!
-//! The version and the pc table are read by the shared `crate::golang`
+//! The version and the pc table are read by the shared `crate::binary::golang`
 //! readers; this adds what only the map tracker needs (code bytes, data
 //! symbols of the program's own packages).
 
@@ -40,10 +40,10 @@ impl GoBinary {
     pub fn read(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         let file = object::File::parse(&*bytes).with_context(|| format!("{} is not an ELF file", path.display()))?;
-        let (version, _) = crate::golang::buildinfo::go_version(&file)?
+        let (version, _) = crate::binary::golang::buildinfo::go_version(&file)?
             .ok_or_else(|| anyhow!("not a Go program (no .go.buildinfo section)"))?;
         let version = (version.major, version.minor);
-        let symbols = crate::golang::GoSymbols::from_elf(&file)?.ok_or_else(|| anyhow!("no .gopclntab section"))?;
+        let symbols = crate::binary::golang::GoSymbols::from_elf(&file)?.ok_or_else(|| anyhow!("no .gopclntab section"))?;
         let mut functions = HashMap::with_capacity(symbols.pclntab.len());
         for (name, entry, end) in symbols.pclntab.functions() {
             functions.entry(name).or_insert((entry, end));
