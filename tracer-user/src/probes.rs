@@ -248,7 +248,7 @@ impl Probes {
     /// Attaches the allocation tracker's programs to the allocator in the
     /// ELF file `object` (as the target maps it), for `pid` only, at the
     /// planned offsets; the return program goes with every entry that needs it.
-    pub fn attach_allocator(&mut self, pid: u32, object: &Path, plan: &[crate::alloc_sites::AllocProbe]) -> Result<()> {
+    pub fn attach_allocator(&mut self, pid: u32, object: &Path, plan: &[crate::trackers::allocations::plan::AllocProbe]) -> Result<()> {
         let scope = UProbeScope::OneProcess(std::num::NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0"))?);
         for p in plan {
             let programs: &[&str] = if p.returns { &[p.program, "alloc_return"] } else { &[p.program] };
@@ -275,7 +275,7 @@ impl Probes {
 
     /// Tells the kernel side where libc's wrappers keep their return address
     /// (replacing what an earlier image of the process had).
-    pub fn set_syscall_sites(&mut self, sites: &[crate::syscall_sites::SyscallSite]) -> Result<usize> {
+    pub fn set_syscall_sites(&mut self, sites: &[crate::stacks::syscall_sites::SyscallSite]) -> Result<usize> {
         let map = self.ebpf.map_mut("SYSCALL_SITES").ok_or_else(|| anyhow!("SYSCALL_SITES map missing"))?;
         let mut table: BpfHashMap<_, u64, tracer_common::stacks::SyscallSite> = BpfHashMap::try_from(map)?;
         let old: Vec<u64> = table.keys().filter_map(|k| k.ok()).collect();

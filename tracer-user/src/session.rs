@@ -18,9 +18,11 @@ use crate::{
     procfs::{self, MemoryMap},
     render::{self, prometheus::SharedReport, table::TableOptions},
     report::{Finding, Kind, Lost, Report, Verdict},
-    stacks::StackResolver,
-    symbolize::{site_index, site_of, SymbolizerService},
-    syscall_sites,
+    stacks::{
+        resolve::StackResolver,
+        symbolize::{site_index, site_of, SymbolizerService},
+        syscall_sites,
+    },
     trackers::{
         allocations::AllocationCollector, connections::ConnectionCollector, goroutines::GoroutineCollector, locks::LockCollector, maps::MapCollector, threads::ThreadCollector,
         Counters,
@@ -485,9 +487,9 @@ fn attach_allocator(kernel: &mut Kernel, pid: u32, memory: &MemoryMap) {
         }
         let path = procfs::object_path(pid, m);
         let plan = if is_allocator {
-            crate::alloc_sites::probes_in_file(&path, prefix, true)
+            crate::trackers::allocations::plan::probes_in_file(&path, prefix, true)
         } else {
-            std::fs::read(&path).map_err(anyhow::Error::from).and_then(|d| crate::alloc_sites::operator_new_probes(&d))
+            std::fs::read(&path).map_err(anyhow::Error::from).and_then(|d| crate::trackers::allocations::plan::operator_new_probes(&d))
         };
         let plan = match plan {
             Ok(p) => p,
@@ -700,7 +702,7 @@ async fn build_report(
             continue;
         }
         let stack = frames.get(&s.stack).cloned().unwrap_or_default();
-        for m in crate::symbolize::stripped_modules(&stack) {
+        for m in crate::stacks::symbolize::stripped_modules(&stack) {
             if ctx.warned_stripped.insert(m.clone()) {
                 eprintln!("leaktrace: warning: {m} has no symbols (stripped?): its frames are shown as object+offset");
             }

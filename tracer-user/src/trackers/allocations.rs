@@ -4,6 +4,9 @@
 //! live-block table: the work per interval is bounded by the number of
 //! stacks, not of blocks.
 
+pub mod plan;
+pub mod results;
+
 use std::collections::HashMap;
 
 use anyhow::{anyhow, Result};

@@ -91,7 +91,7 @@ impl LockCollector {
     /// Loads libc's lock sites (once per libc file). Returns false when the
     /// target maps no libc.
     pub fn load_libc_sites(&mut self, memory: &MemoryMap) -> Result<bool> {
-        let Some(m) = memory.mappings.iter().find(|m| m.executable && crate::syscall_sites::is_libc(&m.path)) else {
+        let Some(m) = memory.mappings.iter().find(|m| m.executable && crate::stacks::syscall_sites::is_libc(&m.path)) else {
             return Ok(false);
         };
         let path = procfs::object_path(self.pid, m);

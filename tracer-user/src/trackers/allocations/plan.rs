@@ -16,13 +16,13 @@
 //! before each of its returns, where the block, the size and the caller are
 //! all readable — one trap per call instead of three.
 
-pub mod results;
-
 use std::{collections::HashSet, path::Path};
 
 use anyhow::{Context, Result};
 use iced_x86::{Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, Mnemonic, OpKind, Register};
 use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+
+use super::results;
 
 /// One allocator entry point: which program, where (file offset), and
 /// whether the return probe goes there too.
