@@ -3,3 +3,4 @@
 //! tracker that plans probes or reads a Go program; knows no tracker.
 
 pub mod golang;
+pub mod elf;

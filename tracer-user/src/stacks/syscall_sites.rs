@@ -13,9 +13,11 @@ use std::{collections::HashMap, fs, path::Path};
 
 use anyhow::{Context, Result};
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind, Register};
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 
-use crate::procfs::MemoryMap;
+use crate::{
+    binary::elf::{self, Segments},
+    procfs::MemoryMap,
+};
 
 /// libc functions whose callers the trackers need.
 pub const WRAPPERS: &[&str] = &["socket", "connect", "accept", "accept4", "__libc_connect", "__libc_accept", "mmap", "mmap64"];
@@ -38,11 +40,8 @@ pub fn find_in_process(pid: u32, map: &MemoryMap) -> Result<Vec<SyscallSite>> {
         }
         let path = crate::procfs::object_path(pid, m);
         let data = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        // Load bias: the executable mapping's start minus the address its
-        // file offset has in the ELF's segments.
         let file = object::File::parse(&*data).context("libc is not a valid ELF")?;
-        let Some(vaddr) = file_offset_to_vaddr(&file, m.offset) else { continue };
-        let bias = m.start.wrapping_sub(vaddr);
+        let Some(bias) = Segments::of(&file).load_bias(m) else { continue };
         for site in sites_in_elf(&data, WRAPPERS)? {
             out.push(SyscallSite { ip_after: site.ip_after.wrapping_add(bias), ret_offset: site.ret_offset });
         }
@@ -56,48 +55,23 @@ pub fn is_libc(path: &Path) -> bool {
         .is_some_and(|n| n.starts_with("libc.so") || n.starts_with("libc-"))
 }
 
-fn file_offset_to_vaddr(file: &object::File, offset: u64) -> Option<u64> {
-    file.segments().find_map(|s| {
-        let (fo, fsz) = s.file_range();
-        (offset >= fo && offset < fo + fsz.max(1)).then(|| s.address() + (offset - fo))
-    })
-}
-
 /// Syscall sites of the named functions in an ELF image, at ELF virtual
 /// addresses.
 pub fn sites_in_elf(data: &[u8], names: &[&str]) -> Result<Vec<SyscallSite>> {
     let file = object::File::parse(data).context("not a valid ELF")?;
     let mut funcs: HashMap<u64, u64> = HashMap::new();
-    for sym in file.dynamic_symbols().chain(file.symbols()) {
-        if sym.kind() != SymbolKind::Text || sym.size() == 0 {
-            continue;
-        }
-        if let Ok(name) = sym.name() {
-            let base = name.split('@').next().unwrap_or(name);
-            if names.contains(&base) {
-                funcs.insert(sym.address(), sym.size());
-            }
-        }
+    for sym in elf::text_symbols(&file).filter(|s| s.size != 0 && names.contains(&s.name)) {
+        funcs.insert(sym.addr, sym.size);
     }
+    let segments = Segments::of(&file);
     let mut out = Vec::new();
     for (addr, size) in funcs {
-        let Some(bytes) = bytes_at(&file, data, addr, size) else { continue };
+        let Some(bytes) = segments.function_bytes(data, addr, size) else { continue };
         out.extend(sites_in_function(bytes, addr));
     }
     out.sort_by_key(|s| s.ip_after);
     out.dedup();
     Ok(out)
-}
-
-fn bytes_at<'d>(file: &object::File, data: &'d [u8], addr: u64, size: u64) -> Option<&'d [u8]> {
-    file.segments().find_map(|s| {
-        let (fo, fsz) = s.file_range();
-        let start = s.address();
-        (addr >= start && addr + size <= start + fsz).then(|| {
-            let off = (fo + (addr - start)) as usize;
-            &data[off..off + size as usize]
-        })
-    })
 }
 
 /// Follows every path through one function from its entry, tracking how far

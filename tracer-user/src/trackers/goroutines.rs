@@ -21,9 +21,9 @@ use std::{
 use anyhow::{Context, Result};
 
 use super::{SampleStack, StackSample};
-use crate::{
-    binary::golang::{GoBinary, TargetMemory},
-    procfs::MemoryMap,
+use crate::binary::{
+    elf,
+    golang::{GoBinary, TargetMemory},
 };
 
 /// Goroutine states (runtime2.go), the same in every supported version.
@@ -122,7 +122,7 @@ impl GoroutineCollector {
     pub fn open(pid: u32) -> Result<Option<Self>> {
         let exe = PathBuf::from(format!("/proc/{pid}/exe"));
         let Some(bin) = GoBinary::open(&exe)? else { return Ok(None) };
-        let bias = load_bias(pid, &bin).unwrap_or(0);
+        let bias = elf::exe_load_bias(pid, &bin.symbols.segments).unwrap_or(0);
         let mut c = Self {
             mem: TargetMemory::new(pid),
             bin,
@@ -445,14 +445,4 @@ impl GoroutineCollector {
 /// names the statement's own line.
 fn go_statement(gopc: u64) -> SampleStack {
     SampleStack::Addresses(vec![gopc.saturating_sub(1)])
-}
-
-/// Runtime address minus link-time address of the target's executable
-/// (non-zero only for PIE builds).
-fn load_bias(pid: u32, bin: &GoBinary) -> Option<u64> {
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
-    let map = MemoryMap::read(pid).ok()?;
-    let m = map.mappings.iter().find(|m| m.path == exe)?;
-    let va = bin.symbols.vaddr_of_offset(m.offset)?;
-    Some(m.start.wrapping_sub(va))
 }

@@ -13,30 +13,25 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind, Register};
-use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
+use object::{Object, ObjectSection, ObjectSymbol};
 
 pub use buildinfo::GoVersion;
 pub use memory::TargetMemory;
 pub use offsets::GOffsets;
 pub use pclntab::Pclntab;
 
+use super::elf::Segments;
+
 /// Oldest and newest Go minor versions the tables and readers are checked on.
 pub const OLDEST_MINOR: u32 = 19;
 pub const NEWEST_MINOR: u32 = 27;
-
-/// A loadable segment: maps link-time addresses to file offsets.
-#[derive(Clone, Copy, Debug)]
-struct Segment {
-    vaddr: u64,
-    offset: u64,
-    filesz: u64,
-}
 
 /// Names for the pcs of one Go object from its `.gopclntab` (every Go
 /// binary has one): the symbolizer's fallback for `-s -w` builds.
 pub struct GoSymbols {
     pub pclntab: Pclntab,
-    segments: Vec<Segment>,
+    /// The object's PT_LOAD segments (file offsets <-> link-time addresses).
+    pub segments: Segments,
 }
 
 impl GoSymbols {
@@ -45,14 +40,7 @@ impl GoSymbols {
         let Some(sec) = elf.section_by_name(".gopclntab") else { return Ok(None) };
         let text = elf.section_by_name(".text").map_or(0, |t| t.address());
         let pclntab = Pclntab::parse(sec.data()?.to_vec(), text)?;
-        let segments = elf
-            .segments()
-            .map(|s| {
-                let (offset, filesz) = s.file_range();
-                Segment { vaddr: s.address(), offset, filesz }
-            })
-            .collect();
-        Ok(Some(Self { pclntab, segments }))
+        Ok(Some(Self { pclntab, segments: Segments::of(elf) }))
     }
 
     /// Reads `path` and parses its pc table.
@@ -62,19 +50,9 @@ impl GoSymbols {
         Self::from_elf(&elf)
     }
 
-    /// Link-time address of a file offset.
-    pub fn vaddr_of_offset(&self, off: u64) -> Option<u64> {
-        self.segments.iter().find(|s| off >= s.offset && off < s.offset + s.filesz).map(|s| off - s.offset + s.vaddr)
-    }
-
-    /// File offset of a link-time address.
-    pub fn offset_of_vaddr(&self, va: u64) -> Option<u64> {
-        self.segments.iter().find(|s| va >= s.vaddr && va < s.vaddr + s.filesz).map(|s| va - s.vaddr + s.offset)
-    }
-
     /// Name and file:line for a file offset in the object.
     pub fn lookup_offset(&self, off: u64) -> Option<pclntab::PcInfo> {
-        self.pclntab.lookup(self.vaddr_of_offset(off)?)
+        self.pclntab.lookup(self.segments.vaddr_of_offset(off)?)
     }
 }
 
@@ -247,7 +225,7 @@ pub fn wait_reasons_by_disassembly(data: &[u8], elf: &object::File, symbols: &Go
 /// printable strings (entry 0, `waitReasonZero`, is empty).
 fn is_string_array(data: &[u8], symbols: &GoSymbols, va: u64, n: u64) -> bool {
     let read = |va: u64, len: usize| -> Option<&[u8]> {
-        let off = symbols.offset_of_vaddr(va)? as usize;
+        let off = symbols.segments.offset_of_vaddr(va)? as usize;
         data.get(off..off + len)
     };
     let Some(headers) = read(va, n as usize * 16) else { return false };

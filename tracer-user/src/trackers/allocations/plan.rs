@@ -20,9 +20,9 @@ use std::{collections::HashSet, path::Path};
 
 use anyhow::{Context, Result};
 use iced_x86::{Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, Mnemonic, OpKind, Register};
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 
 use super::results;
+use crate::binary::elf::{find_text_symbol, Segments};
 
 /// One allocator entry point: which program, where (file offset), and
 /// whether the return probe goes there too.
@@ -104,29 +104,30 @@ pub fn allocator_probes(data: &[u8], prefix: &str) -> Result<Vec<AllocProbe>> {
         // growth and traceback would then crash the program.
         anyhow::bail!("a Go program: leaktrace never puts return probes in Go code");
     }
-    if find_symbol(&file, &format!("{prefix}malloc")).is_none() {
+    if find_text_symbol(&file, &format!("{prefix}malloc")).is_none() {
         return Ok(Vec::new());
     }
+    let segments = Segments::of(&file);
     let mut out = Vec::new();
     let mut claimed = HashSet::new();
     for entry in ENTRIES {
-        let Some((addr, size)) = find_symbol(&file, &format!("{prefix}{}", entry.name)) else { continue };
+        let Some((addr, size)) = find_text_symbol(&file, &format!("{prefix}{}", entry.name)) else { continue };
         if !claimed.insert(addr) {
             continue;
         }
         if entry.name == "malloc" {
-            if let Some(points) = result_probes(&file, data, entry.name, addr, size) {
+            if let Some(points) = result_probes(&segments, data, entry.name, addr, size) {
                 out.extend(points);
                 continue;
             }
         }
-        let Some(code) = bytes_at(&file, data, addr, size.clamp(1, 64)) else { continue };
+        let Some(code) = segments.bytes_at(data, addr, size.clamp(1, 64)) else { continue };
         let (delta, cheap) = match probe_delta(code, addr, entry.args, false) {
             Some((d, _)) => (d, true),
             None if entry.optional => continue,
             None => (0, false),
         };
-        let Some(file_offset) = file_offset(&file, addr + delta) else { continue };
+        let Some(file_offset) = segments.offset_of_vaddr(addr + delta) else { continue };
         out.push(AllocProbe {
             function: entry.name.to_string(),
             program: entry.program,
@@ -143,16 +144,17 @@ pub fn allocator_probes(data: &[u8], prefix: &str) -> Result<Vec<AllocProbe>> {
 /// `operator new` probes in one ELF file (libstdc++, or a static C++ binary).
 pub fn operator_new_probes(data: &[u8]) -> Result<Vec<AllocProbe>> {
     let file = object::File::parse(data).context("not a valid ELF")?;
+    let segments = Segments::of(&file);
     let mut out = Vec::new();
     let mut claimed = HashSet::new();
     for name in OPERATOR_NEW {
-        let Some((addr, size)) = find_symbol(&file, name) else { continue };
+        let Some((addr, size)) = find_text_symbol(&file, name) else { continue };
         if !claimed.insert(addr) {
             continue;
         }
-        let Some(code) = bytes_at(&file, data, addr, size.clamp(1, 64)) else { continue };
+        let Some(code) = segments.bytes_at(data, addr, size.clamp(1, 64)) else { continue };
         let (delta, sp_depth, cheap) = probe_delta(code, addr, &[], true).map_or((0, 0, false), |(d, depth)| (d, depth, true));
-        let Some(file_offset) = file_offset(&file, addr + delta) else { continue };
+        let Some(file_offset) = segments.offset_of_vaddr(addr + delta) else { continue };
         let cookie = (sp_depth > 0).then_some(u64::from(sp_depth));
         out.push(AllocProbe { function: name.to_string(), program: "alloc_new", file_offset, delta, cheap, returns: false, cookie });
     }
@@ -161,15 +163,12 @@ pub fn operator_new_probes(data: &[u8]) -> Result<Vec<AllocProbe>> {
 
 /// `malloc`'s result and size points (see [`results`]), as probes; `None`
 /// when its code was not understood (then it gets entry and return probes).
-fn result_probes(file: &object::File, data: &[u8], name: &str, addr: u64, size: u64) -> Option<Vec<AllocProbe>> {
+fn result_probes(segments: &Segments, data: &[u8], name: &str, addr: u64, size: u64) -> Option<Vec<AllocProbe>> {
     use tracer_common::allocations::point;
     if size == 0 {
         return None;
     }
-    let code = bytes_at(file, data, addr, size)?;
-    if code.len() as u64 != size {
-        return None;
-    }
+    let code = segments.function_bytes(data, addr, size)?;
     let plan = results::plan(code, addr)?;
     let when = |w: results::When| match w {
         results::When::Always => 0,
@@ -182,7 +181,7 @@ fn result_probes(file: &object::File, data: &[u8], name: &str, addr: u64, size: 
         out.push(AllocProbe {
             function: name.to_string(),
             program,
-            file_offset: file_offset(file, at)?,
+            file_offset: segments.offset_of_vaddr(at)?,
             delta: at - addr,
             cheap: true,
             returns: false,
@@ -286,35 +285,6 @@ pub fn probe_delta(code: &[u8], entry: u64, args: &[Register], allow_depth: bool
 
 use results::emulated;
 
-
-/// Address and size of a function symbol (dynamic symbols first, then the
-/// symbol table; versions like `@@GLIBC_2.2.5` ignored).
-fn find_symbol(file: &object::File, name: &str) -> Option<(u64, u64)> {
-    file.dynamic_symbols().chain(file.symbols()).find_map(|s| {
-        let n = s.name().ok()?;
-        let base = n.split('@').next().unwrap_or(n);
-        (base == name && s.kind() == SymbolKind::Text && s.address() != 0).then(|| (s.address(), s.size()))
-    })
-}
-
-fn file_offset(file: &object::File, addr: u64) -> Option<u64> {
-    file.segments().find_map(|s| {
-        let (fo, fsz) = s.file_range();
-        (addr >= s.address() && addr < s.address() + fsz).then(|| fo + (addr - s.address()))
-    })
-}
-
-fn bytes_at<'d>(file: &object::File, data: &'d [u8], addr: u64, size: u64) -> Option<&'d [u8]> {
-    file.segments().find_map(|s| {
-        let (fo, fsz) = s.file_range();
-        let start = s.address();
-        (addr >= start && addr < start + fsz).then(|| {
-            let off = (fo + (addr - start)) as usize;
-            let end = (off + size as usize).min((fo + fsz) as usize);
-            &data[off..end]
-        })
-    })
-}
 
 #[cfg(test)]
 mod tests {

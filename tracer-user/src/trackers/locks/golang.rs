@@ -12,7 +12,9 @@
 
 use anyhow::{Context, Result};
 use iced_x86::{Decoder, DecoderOptions, Mnemonic};
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+use object::{Object, ObjectSymbol, SymbolKind};
+
+use crate::binary::elf::Segments;
 
 /// Role of a probed Go function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,35 +79,22 @@ pub fn text_functions(data: &[u8]) -> Vec<(String, u64, u64)> {
 /// `.gopclntab` when stripped); empty when it does not use sync.Mutex.
 pub fn go_probes(data: &[u8]) -> Result<Vec<GoProbe>> {
     let file = object::File::parse(data).context("not a valid ELF")?;
+    let segments = Segments::of(&file);
     let mut out = Vec::new();
     for (name, address, size) in text_functions(data) {
         let Some(&(fname, role)) = FUNCS.iter().find(|(n, _)| *n == name) else { continue };
-        let Some((code, to_off)) = code_of(&file, data, address, size) else { continue };
+        let Some(code) = segments.function_bytes(data, address, size) else { continue };
         let Some(entry) = cheap_entry(code, address) else { continue };
         let rets = if role == Role::Release { Vec::new() } else { rets(code, address) };
         if role != Role::Release && rets.is_empty() {
             continue;
         }
-        out.push(GoProbe {
-            name: fname,
-            role,
-            entry: to_off(entry),
-            rets: rets.into_iter().map(&to_off).collect(),
-        });
+        // Inside the function's bytes: every address has an offset.
+        let Some(entry) = segments.offset_of_vaddr(entry) else { continue };
+        let Some(rets) = rets.into_iter().map(|r| segments.offset_of_vaddr(r)).collect() else { continue };
+        out.push(GoProbe { name: fname, role, entry, rets });
     }
     Ok(out)
-}
-
-/// The function's bytes and a vaddr -> file offset mapping (PT_LOAD).
-fn code_of<'d>(file: &object::File, data: &'d [u8], addr: u64, size: u64) -> Option<(&'d [u8], impl Fn(u64) -> u64)> {
-    file.segments().find_map(|s| {
-        let (fo, fsz) = s.file_range();
-        let start = s.address();
-        (addr >= start && addr + size <= start + fsz).then(|| {
-            let off = (fo + (addr - start)) as usize;
-            (&data[off..off + size as usize], move |va: u64| va - start + fo)
-        })
-    })
 }
 
 /// The cheap prologue instruction to probe (shared with the map tracker).

@@ -19,8 +19,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use anyhow::{Context, Result};
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind, Register};
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 use tracer_common::locks::{root, LockSite};
+
+use crate::binary::elf::{self, Segments};
 
 /// Exported libc functions the analysis starts from, and what they are.
 pub const ROOTS: &[(&str, u32)] = &[
@@ -64,49 +65,19 @@ pub struct LockSites {
     noreturn: HashSet<u64>,
 }
 
-/// The executable segments of an ELF: (vaddr, bytes).
-struct Text<'d> {
-    segments: Vec<(u64, &'d [u8])>,
-}
-
-impl<'d> Text<'d> {
-    fn at(&self, addr: u64) -> Option<&'d [u8]> {
-        self.segments
-            .iter()
-            .find(|(start, b)| addr >= *start && addr < start + b.len() as u64)
-            .map(|(start, b)| &b[(addr - start) as usize..])
-    }
-}
-
 /// Analyses a libc image.
 pub fn lock_sites_in_elf(data: &[u8]) -> Result<LockSites> {
     let file = object::File::parse(data).context("not a valid ELF")?;
-    let mut segments = Vec::new();
-    for s in file.segments() {
-        let (off, size) = s.file_range();
-        if size == 0 || off as usize + size as usize > data.len() {
-            continue;
-        }
-        if let object::SegmentFlags::Elf { p_flags } = s.flags() {
-            if p_flags & object::elf::PF_X != 0 {
-                segments.push((s.address(), &data[off as usize..(off + size) as usize]));
-            }
-        }
-    }
-    let text = Text { segments };
+    let segments = Segments::of(&file);
+    let text = |addr: u64| segments.code_at(data, addr);
     let mut roots: Vec<(u64, u32)> = Vec::new();
     let mut out = LockSites::default();
-    for sym in file.dynamic_symbols().chain(file.symbols()) {
-        if sym.kind() != SymbolKind::Text || sym.address() == 0 {
-            continue;
+    for sym in elf::text_symbols(&file).filter(|s| s.addr != 0) {
+        if NORETURN.contains(&sym.name) {
+            out.noreturn.insert(sym.addr);
         }
-        let Ok(name) = sym.name() else { continue };
-        let base = name.split('@').next().unwrap_or(name);
-        if NORETURN.contains(&base) {
-            out.noreturn.insert(sym.address());
-        }
-        if let Some((_, r)) = ROOTS.iter().find(|(n, _)| *n == base) {
-            roots.push((sym.address(), *r));
+        if let Some((_, r)) = ROOTS.iter().find(|(n, _)| *n == sym.name) {
+            roots.push((sym.addr, *r));
         }
     }
     roots.sort();
@@ -156,7 +127,7 @@ fn record(table: &mut HashMap<u64, LockSite>, rank: &mut HashMap<u64, u64>, ip: 
 /// Follows every path from `entry`, recording syscalls and calls; direct
 /// call targets are handed to `callee`. Jumps are followed wherever they go
 /// (a tail call keeps the same return-address slot).
-fn explore(text: &Text, entry: u64, r: u32, out: &mut LockSites, callee: &mut dyn FnMut(u64)) {
+fn explore<'d>(text: &dyn Fn(u64) -> Option<&'d [u8]>, entry: u64, r: u32, out: &mut LockSites, callee: &mut dyn FnMut(u64)) {
     // (depth below the return slot, where rbp was saved (0: not)).
     let mut seen: HashSet<u64> = HashSet::new();
     let mut work = vec![(entry, 0i64, 0i64)];
@@ -165,7 +136,7 @@ fn explore(text: &Text, entry: u64, r: u32, out: &mut LockSites, callee: &mut dy
         if seen.contains(&start) {
             continue;
         }
-        let Some(code) = text.at(start) else { continue };
+        let Some(code) = text(start) else { continue };
         let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
         let (mut depth, mut rbp_at) = (depth0, rbp0);
         while decoder.can_decode() && budget > 0 {
@@ -253,7 +224,7 @@ mod tests {
     fn tracks_rbp_saves_and_tail_jumps() {
         // push rbp; push rbx; sub $8,%rsp; syscall; add $8,%rsp; pop rbx; pop rbp; ret
         let code: &[u8] = &[0x55, 0x53, 0x48, 0x83, 0xec, 0x08, 0x0f, 0x05, 0x48, 0x83, 0xc4, 0x08, 0x5b, 0x5d, 0xc3];
-        let text = Text { segments: vec![(0x1000, code)] };
+        let text = |a: u64| (0x1000..0x1000 + code.len() as u64).contains(&a).then(|| &code[(a - 0x1000) as usize..]);
         let mut out = LockSites::default();
         explore(&text, 0x1000, root::MUTEX_LOCK, &mut out, &mut |_| {});
         assert_eq!(out.syscalls.get(&0x1008), Some(&LockSite { depth: 0x18, root: root::MUTEX_LOCK, rbp_at: 8, _pad: 0 }));
