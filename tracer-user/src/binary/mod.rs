@@ -4,3 +4,4 @@
 
 pub mod golang;
 pub mod elf;
+pub mod x86;

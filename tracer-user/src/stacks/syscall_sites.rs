@@ -12,10 +12,12 @@
 use std::{collections::HashMap, fs, path::Path};
 
 use anyhow::{Context, Result};
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind, Register};
 
 use crate::{
-    binary::elf::{self, Segments},
+    binary::{
+        elf::{self, Segments},
+        x86::{self, Reached},
+    },
     procfs::MemoryMap,
 };
 
@@ -80,58 +82,18 @@ pub fn sites_in_elf(data: &[u8], names: &[&str]) -> Result<Vec<SyscallSite>> {
 /// way are abandoned rather than guessed.
 pub fn sites_in_function(code: &[u8], entry: u64) -> Vec<SyscallSite> {
     let end = entry + code.len() as u64;
-    let mut depth_at: HashMap<u64, i64> = HashMap::new();
-    let mut work = vec![(entry, 0i64)];
+    let within = |a: u64| (a >= entry && a < end).then(|| &code[(a - entry) as usize..]);
     let mut out = Vec::new();
-    while let Some((start, depth0)) = work.pop() {
-        if depth_at.contains_key(&start) {
-            continue;
-        }
-        let mut decoder = Decoder::with_ip(64, &code[(start - entry) as usize..], start, DecoderOptions::NONE);
-        let mut depth = depth0;
-        while decoder.can_decode() {
-            let ins = decoder.decode();
-            if ins.is_invalid() || depth_at.insert(ins.ip(), depth).is_some() {
-                break;
-            }
-            let writes_sp = ins.op0_kind() == OpKind::Register && ins.op0_register() == Register::RSP;
-            match ins.mnemonic() {
-                Mnemonic::Syscall if depth >= 0 => {
-                    out.push(SyscallSite { ip_after: ins.next_ip(), ret_offset: depth as u32 });
-                }
-                Mnemonic::Push => depth += 8,
-                Mnemonic::Pop if !writes_sp => depth -= 8,
-                Mnemonic::Sub if writes_sp && is_imm(ins.op1_kind()) => depth += ins.immediate(1) as i64,
-                Mnemonic::Add if writes_sp && is_imm(ins.op1_kind()) => depth -= ins.immediate(1) as i64,
-                Mnemonic::Call => {}
-                _ if writes_sp => break,
-                _ => {}
-            }
-            match ins.flow_control() {
-                FlowControl::ConditionalBranch => {
-                    let t = ins.near_branch_target();
-                    if t >= entry && t < end {
-                        work.push((t, depth));
-                    }
-                }
-                FlowControl::UnconditionalBranch => {
-                    let t = ins.near_branch_target();
-                    if t >= entry && t < end {
-                        work.push((t, depth));
-                    }
-                    break;
-                }
-                FlowControl::Return | FlowControl::IndirectBranch | FlowControl::Exception | FlowControl::Interrupt => break,
-                _ => {}
+    x86::walk_sp(within, entry, usize::MAX, |reached, sp| {
+        if let Reached::Syscall { ip_after } = reached {
+            if sp.depth >= 0 {
+                out.push(SyscallSite { ip_after, ret_offset: sp.depth as u32 });
             }
         }
-    }
+        true
+    });
     out.sort_by_key(|s| s.ip_after);
     out
-}
-
-fn is_imm(kind: OpKind) -> bool {
-    matches!(kind, OpKind::Immediate8 | OpKind::Immediate8to64 | OpKind::Immediate32to64 | OpKind::Immediate32)
 }
 
 #[cfg(test)]

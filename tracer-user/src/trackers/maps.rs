@@ -195,7 +195,7 @@ fn trie_count(pid: u32, root: u64, budget: &mut usize) -> Option<u64> {
 /// `[sp]` holds the return address at all three, and the argument
 /// registers are untouched.
 fn cheap_probe_address(code: &[u8], entry: u64) -> u64 {
-    crate::binary::golang::cheap_entry(code, entry).unwrap_or(entry)
+    crate::binary::x86::go_cheap_entry(code, entry).unwrap_or(entry)
 }
 
 /// The map tracker's own state about one kernel entry.

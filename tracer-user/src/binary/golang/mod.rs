@@ -12,7 +12,7 @@ pub mod pclntab;
 use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind, Register};
+use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
 use object::{Object, ObjectSection, ObjectSymbol};
 
 pub use buildinfo::GoVersion;
@@ -64,39 +64,6 @@ pub fn is_go(elf: &object::File) -> bool {
     elf.section_by_name(".gopclntab").is_some()
         || elf.section_by_name(".go.buildinfo").is_some()
         || elf.symbols().any(|s| s.name() == Ok("runtime.goexit"))
-}
-
-/// The first emulated instruction of a Go function's prologue that every
-/// call runs once with its arguments intact: `PUSHQ BP` (Go 1.21+), else the
-/// stack check's conditional jump (Go 1.19's prologue pushes nothing).
-/// `None` when neither comes before the stack pointer moves or control
-/// leaves the straight line. A uprobe there costs ~0.5 µs, against ~17 µs
-/// for the single-stepped `CMPQ SP, 16(R14)` at the symbol
-/// (shared/notes/go-runtime.md). Used by every tracker that probes Go.
-pub fn cheap_entry(code: &[u8], entry: u64) -> Option<u64> {
-    let mut decoder = Decoder::with_ip(64, code, entry, DecoderOptions::NONE);
-    let mut jcc = None;
-    for _ in 0..6 {
-        if !decoder.can_decode() {
-            break;
-        }
-        let ins = decoder.decode();
-        if ins.mnemonic() == Mnemonic::Push && ins.op0_kind() == OpKind::Register && ins.op0_register() == Register::RBP {
-            return Some(ins.ip());
-        }
-        if ins.flow_control() == FlowControl::ConditionalBranch {
-            jcc.get_or_insert(ins.ip());
-            continue;
-        }
-        // The stack check `CMPQ SP, 16(R14)` only reads SP.
-        let compares = matches!(ins.mnemonic(), Mnemonic::Cmp | Mnemonic::Test);
-        let writes_sp =
-            !compares && ins.op_count() > 0 && ins.op0_kind() == OpKind::Register && ins.op0_register() == Register::RSP;
-        if writes_sp || ins.flow_control() != FlowControl::Next {
-            break;
-        }
-    }
-    jcc
 }
 
 /// Where a runtime global was found.
@@ -207,11 +174,7 @@ pub fn wait_reasons_by_disassembly(data: &[u8], elf: &object::File, symbols: &Go
             arrays.push(ins.ip_rel_memory_address());
         }
         if ins.mnemonic() == Mnemonic::Cmp && len.is_none() && ins.op_count() == 2 && ins.op0_kind() == OpKind::Register {
-            len = match ins.op1_kind() {
-                OpKind::Immediate8 | OpKind::Immediate8to32 | OpKind::Immediate8to64 | OpKind::Immediate32
-                | OpKind::Immediate32to64 => Some(ins.immediate(1)),
-                _ => None,
-            };
+            len = super::x86::is_imm(ins.op1_kind()).then(|| ins.immediate(1));
         }
     }
     let len = len.filter(|&n| n > 0 && n < 256)?;

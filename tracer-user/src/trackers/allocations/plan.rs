@@ -22,7 +22,10 @@ use anyhow::{Context, Result};
 use iced_x86::{Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, Mnemonic, OpKind, Register};
 
 use super::results;
-use crate::binary::elf::{find_text_symbol, Segments};
+use crate::binary::{
+    elf::{find_text_symbol, Segments},
+    x86::{emulated, is_imm, writes},
+};
 
 /// One allocator entry point: which program, where (file offset), and
 /// whether the return probe goes there too.
@@ -266,13 +269,13 @@ pub fn probe_delta(code: &[u8], entry: u64, args: &[Register], allow_depth: bool
             && ins.mnemonic() == Mnemonic::Sub
             && ins.op0_kind() == OpKind::Register
             && ins.op0_register() == Register::RSP
-            && matches!(ins.op1_kind(), OpKind::Immediate8to64 | OpKind::Immediate32to64)
+            && is_imm(ins.op1_kind())
         {
             depth = depth.checked_add(u32::try_from(ins.immediate(1)).ok()?)?;
             continue;
         }
         let writes = info.info(&ins).used_registers().iter().any(|u| {
-            let written = results::writes(u.access());
+            let written = writes(u.access());
             let full = u.register().full_register();
             written && (full == Register::RSP || args.contains(&full))
         });
@@ -282,9 +285,6 @@ pub fn probe_delta(code: &[u8], entry: u64, args: &[Register], allow_depth: bool
     }
     None
 }
-
-use results::emulated;
-
 
 #[cfg(test)]
 mod tests {

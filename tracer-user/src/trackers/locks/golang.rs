@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use iced_x86::{Decoder, DecoderOptions, Mnemonic};
 use object::{Object, ObjectSymbol, SymbolKind};
 
-use crate::binary::elf::Segments;
+use crate::binary::{elf::Segments, x86::go_cheap_entry};
 
 /// Role of a probed Go function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,7 +84,7 @@ pub fn go_probes(data: &[u8]) -> Result<Vec<GoProbe>> {
     for (name, address, size) in text_functions(data) {
         let Some(&(fname, role)) = FUNCS.iter().find(|(n, _)| *n == name) else { continue };
         let Some(code) = segments.function_bytes(data, address, size) else { continue };
-        let Some(entry) = cheap_entry(code, address) else { continue };
+        let Some(entry) = go_cheap_entry(code, address) else { continue };
         let rets = if role == Role::Release { Vec::new() } else { rets(code, address) };
         if role != Role::Release && rets.is_empty() {
             continue;
@@ -96,9 +96,6 @@ pub fn go_probes(data: &[u8]) -> Result<Vec<GoProbe>> {
     }
     Ok(out)
 }
-
-/// The cheap prologue instruction to probe (shared with the map tracker).
-pub use crate::binary::golang::cheap_entry;
 
 /// Addresses of every RET in the function (linear sweep: Go emits no data
 /// inside functions).
@@ -142,13 +139,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prologue_choices() {
-        // 1.21+: cmp 0x10(%r14),%rsp; jbe; push %rbp; mov %rsp,%rbp
-        let new: &[u8] = &[0x49, 0x3b, 0x66, 0x10, 0x76, 0x20, 0x55, 0x48, 0x89, 0xe5];
-        assert_eq!(cheap_entry(new, 0x100), Some(0x106));
-        // 1.19: cmp; jbe; sub $0x28,%rsp; mov %rbp,0x20(%rsp)
-        let old: &[u8] = &[0x49, 0x3b, 0x66, 0x10, 0x76, 0x20, 0x48, 0x83, 0xec, 0x28, 0x48, 0x89, 0x6c, 0x24, 0x20];
-        assert_eq!(cheap_entry(old, 0x100), Some(0x104));
+    fn rets_by_linear_sweep() {
         assert_eq!(rets(&[0x5d, 0xc3, 0x90, 0xc3], 0x10), vec![0x11, 0x13]);
     }
 

@@ -18,10 +18,12 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use anyhow::{Context, Result};
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind, Register};
 use tracer_common::locks::{root, LockSite};
 
-use crate::binary::elf::{self, Segments};
+use crate::binary::{
+    elf::{self, Segments},
+    x86::{self, Reached},
+};
 
 /// Exported libc functions the analysis starts from, and what they are.
 pub const ROOTS: &[(&str, u32)] = &[
@@ -128,76 +130,28 @@ fn record(table: &mut HashMap<u64, LockSite>, rank: &mut HashMap<u64, u64>, ip: 
 /// call targets are handed to `callee`. Jumps are followed wherever they go
 /// (a tail call keeps the same return-address slot).
 fn explore<'d>(text: &dyn Fn(u64) -> Option<&'d [u8]>, entry: u64, r: u32, out: &mut LockSites, callee: &mut dyn FnMut(u64)) {
-    // (depth below the return slot, where rbp was saved (0: not)).
-    let mut seen: HashSet<u64> = HashSet::new();
-    let mut work = vec![(entry, 0i64, 0i64)];
-    let mut budget = MAX_INSNS;
-    while let Some((start, depth0, rbp0)) = work.pop() {
-        if seen.contains(&start) {
-            continue;
-        }
-        let Some(code) = text(start) else { continue };
-        let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
-        let (mut depth, mut rbp_at) = (depth0, rbp0);
-        while decoder.can_decode() && budget > 0 {
-            budget -= 1;
-            let ins = decoder.decode();
-            if ins.is_invalid() || !seen.insert(ins.ip()) {
-                break;
+    x86::walk_sp(text, entry, MAX_INSNS, |reached, sp| {
+        let site = LockSite { depth: sp.depth as u32, root: r, rbp_at: sp.rbp_at as u32, _pad: 0 };
+        match reached {
+            Reached::Syscall { ip_after } => {
+                if sp.depth >= 0 {
+                    record(&mut out.syscalls, &mut out.rank, ip_after, entry, site);
+                }
             }
-            let site = |depth: i64, rbp_at: i64| LockSite { depth: depth as u32, root: r, rbp_at: rbp_at as u32, _pad: 0 };
-            let writes_sp = ins.op0_kind() == OpKind::Register && ins.op0_register() == Register::RSP;
-            let op0_rbp = ins.op0_kind() == OpKind::Register && ins.op0_register() == Register::RBP;
-            match ins.mnemonic() {
-                Mnemonic::Syscall if depth >= 0 => {
-                    record(&mut out.syscalls, &mut out.rank, ins.next_ip(), entry, site(depth, rbp_at))
+            Reached::Call { ip_after, target } => {
+                if sp.depth >= 0 {
+                    record(&mut out.calls, &mut out.rank, ip_after, entry, site);
                 }
-                Mnemonic::Push => {
-                    depth += 8;
-                    if op0_rbp && rbp_at == 0 {
-                        rbp_at = depth;
+                if let Some(t) = target {
+                    if out.noreturn.contains(&t) {
+                        return false;
                     }
+                    callee(t);
                 }
-                Mnemonic::Pop if !writes_sp => {
-                    if op0_rbp && depth == rbp_at {
-                        rbp_at = 0;
-                    }
-                    depth -= 8;
-                }
-                Mnemonic::Sub if writes_sp && is_imm(ins.op1_kind()) => depth += ins.immediate(1) as i64,
-                Mnemonic::Add if writes_sp && is_imm(ins.op1_kind()) => depth -= ins.immediate(1) as i64,
-                Mnemonic::Call => {
-                    if depth >= 0 {
-                        record(&mut out.calls, &mut out.rank, ins.next_ip(), entry, site(depth, rbp_at));
-                    }
-                    if ins.op0_kind() == OpKind::NearBranch64 {
-                        if out.noreturn.contains(&ins.near_branch_target()) {
-                            break;
-                        }
-                        callee(ins.near_branch_target());
-                    }
-                }
-                _ if writes_sp => break,
-                _ => {}
-            }
-            match ins.flow_control() {
-                FlowControl::ConditionalBranch => work.push((ins.near_branch_target(), depth, rbp_at)),
-                FlowControl::UnconditionalBranch => {
-                    work.push((ins.near_branch_target(), depth, rbp_at));
-                    break;
-                }
-                FlowControl::Return
-                | FlowControl::IndirectBranch
-                | FlowControl::Exception
-                | FlowControl::Interrupt => break,
-                _ => {}
             }
         }
-    }
-}
-
-fn is_imm(kind: OpKind) -> bool {
-    matches!(kind, OpKind::Immediate8 | OpKind::Immediate8to64 | OpKind::Immediate32to64 | OpKind::Immediate32)
+        true
+    });
 }
 
 #[cfg(test)]
