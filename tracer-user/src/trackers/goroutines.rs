@@ -23,7 +23,7 @@ use anyhow::{Context, Result};
 use super::{SampleStack, StackSample};
 use crate::binary::{
     elf,
-    golang::{GoBinary, TargetMemory},
+    golang::{GoRuntime, TargetMemory},
 };
 
 /// Goroutine states (runtime2.go), the same in every supported version.
@@ -91,7 +91,7 @@ struct Seen {
 /// Reads one Go target's goroutines.
 pub struct GoroutineCollector {
     mem: TargetMemory,
-    bin: GoBinary,
+    bin: GoRuntime,
     /// Load bias: runtime address = link-time address + bias (0 unless PIE).
     bias: u64,
     /// `runtime.waitReasonStrings`, read from the target once.
@@ -121,7 +121,7 @@ impl GoroutineCollector {
     /// program; an error says why a Go program cannot be read (version).
     pub fn open(pid: u32) -> Result<Option<Self>> {
         let exe = PathBuf::from(format!("/proc/{pid}/exe"));
-        let Some(bin) = GoBinary::open(&exe)? else { return Ok(None) };
+        let Some(bin) = GoRuntime::open(&exe)? else { return Ok(None) };
         let bias = elf::exe_load_bias(pid, &bin.symbols.segments).unwrap_or(0);
         let mut c = Self {
             mem: TargetMemory::new(pid),

@@ -126,7 +126,7 @@ impl LockCollector {
         let m = memory.mappings.iter().find(|m| m.path == exe)?;
         let path = procfs::object_path(self.pid, m);
         let data = std::fs::read(&path).ok()?;
-        if !golang::is_go(&data) {
+        if !object::File::parse(&*data).is_ok_and(|f| crate::binary::golang::is_go(&f)) {
             return None;
         }
         let _ = self.config.set(CONFIG_IGNORE_FOREIGN, 1, 0);
@@ -285,7 +285,7 @@ fn go_sync_funcs(data: &[u8], memory: &MemoryMap, exe: &Path) -> Vec<(u64, u64, 
         .find(|m| m.path == exe)
         .and_then(|m| Segments::of(&file).load_bias(m))
         .unwrap_or(0);
-    let mut out: Vec<(u64, u64, String)> = golang::text_functions(data)
+    let mut out: Vec<(u64, u64, String)> = crate::binary::golang::text_functions(&file)
         .into_iter()
         .filter(|(n, _, _)| n.starts_with("sync.") || n.starts_with("internal/sync."))
         .map(|(n, a, size)| (a.wrapping_add(bias), a.wrapping_add(bias) + size, n))

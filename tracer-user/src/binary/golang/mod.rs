@@ -1,8 +1,9 @@
-//! Go binaries: what leaktrace needs to read a Go program from outside,
-//! without probes: its version (`buildinfo`), the runtime's struct layout
-//! (`offsets`), names for pcs even in stripped builds (`pclntab`), where
-//! the runtime's globals are, and a reader of the target's memory
-//! (`memory`). Shared by every Go-aware tracker.
+//! Go binaries: what leaktrace needs to read a Go program from outside:
+//! its version (`buildinfo`), the runtime's struct layout (`offsets`),
+//! names for pcs even in stripped builds (`pclntab`), one [`GoBinary`] per
+//! executable (code, package-level variables), where the runtime's globals
+//! are ([`GoRuntime`]), and a reader of the target's memory (`memory`).
+//! Shared by every Go-aware tracker.
 
 pub mod buildinfo;
 pub mod memory;
@@ -13,14 +14,14 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
 use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
-use object::{Object, ObjectSection, ObjectSymbol};
+use object::{Object, ObjectSection, ObjectSymbol, SectionKind, SymbolKind};
 
 pub use buildinfo::GoVersion;
 pub use memory::TargetMemory;
 pub use offsets::GOffsets;
 pub use pclntab::Pclntab;
 
-use super::elf::Segments;
+use super::elf::{DataSymbol, Segments};
 
 /// Oldest and newest Go minor versions the tables and readers are checked on.
 pub const OLDEST_MINOR: u32 = 19;
@@ -74,11 +75,109 @@ pub enum Found {
     Disassembly,
 }
 
-/// What the goroutine reader needs to know about one Go executable.
+/// A Go executable, as every Go-aware tracker reads it: its version, its
+/// pc table (function names and ranges, even in a stripped build), its
+/// code, and the package-level variables of the program's own packages.
 pub struct GoBinary {
     pub version: GoVersion,
+    /// `go1.22.10`.
     pub version_string: String,
     pub symbols: GoSymbols,
+    /// `.text`: (address, file offset, bytes).
+    text: (u64, u64, Vec<u8>),
+    /// Variables of the program's own packages (`main.`, `github.com/...`),
+    /// from the symbol table (none when stripped).
+    pub data: Vec<DataSymbol>,
+    /// Whether the binary has a symbol table (names for maps).
+    pub has_symtab: bool,
+}
+
+impl GoBinary {
+    /// Reads the executable at `path`; an error when it is not a Go program.
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let file = object::File::parse(&*bytes).with_context(|| format!("{} is not an ELF file", path.display()))?;
+        Self::from_elf(&file)?.ok_or_else(|| anyhow!("not a Go program (no .go.buildinfo section)"))
+    }
+
+    /// `Ok(None)` when the ELF is not a Go program (no `.go.buildinfo`).
+    pub fn from_elf(file: &object::File) -> Result<Option<Self>> {
+        let Some((version, version_string)) = buildinfo::go_version(file)? else { return Ok(None) };
+        let symbols = GoSymbols::from_elf(file)?.ok_or_else(|| anyhow!("Go binary without .gopclntab"))?;
+        let text = file.section_by_name(".text").ok_or_else(|| anyhow!("no .text section"))?;
+        let (text_off, _) = text.file_range().ok_or_else(|| anyhow!(".text has no file data"))?;
+        let text = (text.address(), text_off, text.data()?.to_vec());
+        let mut data = Vec::new();
+        let mut has_symtab = false;
+        for sym in file.symbols() {
+            has_symtab = true;
+            if sym.kind() != SymbolKind::Data || sym.size() == 0 {
+                continue;
+            }
+            let Ok(name) = sym.name() else { continue };
+            let in_data = sym
+                .section_index()
+                .and_then(|i| file.section_by_index(i).ok())
+                .is_some_and(|s| matches!(s.kind(), SectionKind::Data | SectionKind::UninitializedData));
+            if in_data && is_user_package(name) {
+                data.push(DataSymbol { name: name.to_string(), addr: sym.address(), size: sym.size() });
+            }
+        }
+        Ok(Some(Self { version, version_string, symbols, text, data, has_symtab }))
+    }
+
+    /// Entry and end address of a function (the first of that name in the
+    /// pc table).
+    pub fn function(&self, name: &str) -> Option<(u64, u64)> {
+        self.symbols.pclntab.function_range(name)
+    }
+
+    /// Up to `n` bytes of code from `addr`.
+    pub fn code(&self, addr: u64, n: usize) -> Option<&[u8]> {
+        let (base, _, bytes) = &self.text;
+        let start = addr.checked_sub(*base)? as usize;
+        bytes.get(start..(start + n).min(bytes.len()))
+    }
+
+    /// File offset of a code address (what a uprobe is attached at).
+    pub fn file_offset(&self, addr: u64) -> Option<u64> {
+        let (base, off, bytes) = &self.text;
+        (addr >= *base && addr < base + bytes.len() as u64).then(|| addr - base + off)
+    }
+}
+
+/// `main.x` or `github.com/a/b.x`: a variable of the program itself, not of
+/// the runtime or the standard library (whose first path element has no dot).
+fn is_user_package(name: &str) -> bool {
+    if name.starts_with("main.") {
+        return true;
+    }
+    let head = name.split('/').next().unwrap_or(name);
+    name.contains('/') && head.contains('.') && !name.starts_with("go:") && !name.starts_with("type:")
+}
+
+/// Every function of a Go executable as (name, link-time address, size):
+/// from the symbol table, else (a `-s -w` build) from `.gopclntab`, which
+/// every Go binary keeps.
+pub fn text_functions(file: &object::File) -> Vec<(String, u64, u64)> {
+    let from_symtab: Vec<(String, u64, u64)> = file
+        .symbols()
+        .filter(|s| s.kind() == SymbolKind::Text && s.size() > 0)
+        .filter_map(|s| Some((s.name().ok()?.to_string(), s.address(), s.size())))
+        .collect();
+    if !from_symtab.is_empty() {
+        return from_symtab;
+    }
+    match GoSymbols::from_elf(file) {
+        Ok(Some(g)) => g.pclntab.functions().map(|(n, start, end)| (n, start, end.saturating_sub(start))).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A Go executable as the goroutine reader needs it: the [`GoBinary`] and
+/// the runtime's `g` layout and goroutine table.
+pub struct GoRuntime {
+    bin: GoBinary,
     pub offsets: GOffsets,
     pub offsets_source: offsets::Source,
     /// Link-time address of `runtime.allgs` (a `[]*g` slice header).
@@ -88,7 +187,15 @@ pub struct GoBinary {
     pub wait_reasons: Option<(u64, u64)>,
 }
 
-impl GoBinary {
+impl std::ops::Deref for GoRuntime {
+    type Target = GoBinary;
+
+    fn deref(&self) -> &GoBinary {
+        &self.bin
+    }
+}
+
+impl GoRuntime {
     /// Reads a Go executable; `Ok(None)` when it is not one. An error says
     /// what is unsupported (a version, a missing table).
     pub fn open(path: &Path) -> Result<Option<Self>> {
@@ -101,22 +208,22 @@ impl GoBinary {
         if elf.architecture() != object::Architecture::X86_64 {
             return Ok(None);
         }
-        let Some((version, version_string)) = buildinfo::go_version(&elf)? else { return Ok(None) };
+        let Some(bin) = GoBinary::from_elf(&elf)? else { return Ok(None) };
+        let (version, version_string) = (bin.version, &bin.version_string);
         if version.major != 1 || version.minor < OLDEST_MINOR {
             anyhow::bail!("Go {version_string} is older than go1.{OLDEST_MINOR}, the oldest supported");
         }
-        let symbols = GoSymbols::from_elf(&elf)?.ok_or_else(|| anyhow!("Go binary without .gopclntab"))?;
         let (offsets, offsets_source) = offsets::offsets(&elf, version)?;
         let sym = |name: &str| elf.symbols().find(|s| s.name() == Ok(name)).map(|s| (s.address(), s.size()));
         let (allgs, allgs_source) = match sym("runtime.allgs") {
             Some((a, _)) => (a, Found::Symtab),
-            None => (allgs_by_disassembly(&elf, &symbols)?, Found::Disassembly),
+            None => (allgs_by_disassembly(&elf, &bin.symbols)?, Found::Disassembly),
         };
         let wait_reasons = match sym("runtime.waitReasonStrings") {
             Some((a, size)) => Some((a, size / 16)),
-            None => wait_reasons_by_disassembly(data, &elf, &symbols),
+            None => wait_reasons_by_disassembly(data, &elf, &bin.symbols),
         };
-        Ok(Some(Self { version, version_string, symbols, offsets, offsets_source, allgs, allgs_source, wait_reasons }))
+        Ok(Some(Self { bin, offsets, offsets_source, allgs, allgs_source, wait_reasons }))
     }
 }
 
@@ -197,4 +304,27 @@ fn is_string_array(data: &[u8], symbols: &GoSymbols, va: u64, n: u64) -> bool {
         let len = u64::from_le_bytes(h[8..].try_into().unwrap());
         len == 0 || (len < 128 && read(ptr, len as usize).is_some_and(|s| s.iter().all(|b| b.is_ascii_graphic() || *b == b' ')))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_packages() {
+        assert!(is_user_package("main.cache"));
+        assert!(is_user_package("github.com/acme/api.sessions"));
+        assert!(!is_user_package("runtime.allgs"));
+        assert!(!is_user_package("net/http.DefaultClient"));
+        assert!(!is_user_package("sync.expunged"));
+    }
+
+    /// leaktrace's own test binary is not a Go program.
+    #[test]
+    fn non_go_binary_is_refused() {
+        let exe = std::env::current_exe().unwrap();
+        let err = GoBinary::read(&exe).err().unwrap();
+        assert!(err.to_string().contains("not a Go program"), "{err}");
+        assert!(GoRuntime::open(&exe).unwrap().is_none());
+    }
 }

@@ -12,9 +12,7 @@
 
 use anyhow::{Context, Result};
 use iced_x86::{Decoder, DecoderOptions, Mnemonic};
-use object::{Object, ObjectSymbol, SymbolKind};
-
-use crate::binary::{elf::Segments, x86::go_cheap_entry};
+use crate::binary::{elf::Segments, golang::text_functions, x86::go_cheap_entry};
 
 /// Role of a probed Go function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,37 +49,13 @@ pub struct GoProbe {
     pub rets: Vec<u64>,
 }
 
-/// True when the ELF is a Go program ([`crate::binary::golang::is_go`]).
-pub fn is_go(data: &[u8]) -> bool {
-    object::File::parse(data).is_ok_and(|f| crate::binary::golang::is_go(&f))
-}
-
-/// Every function of a Go executable as (name, link-time address, size):
-/// from the symbol table, else (a `-s -w` build) from `.gopclntab`, which
-/// every Go binary keeps.
-pub fn text_functions(data: &[u8]) -> Vec<(String, u64, u64)> {
-    let Ok(file) = object::File::parse(data) else { return Vec::new() };
-    let from_symtab: Vec<(String, u64, u64)> = file
-        .symbols()
-        .filter(|s| s.kind() == SymbolKind::Text && s.size() > 0)
-        .filter_map(|s| Some((s.name().ok()?.to_string(), s.address(), s.size())))
-        .collect();
-    if !from_symtab.is_empty() {
-        return from_symtab;
-    }
-    match crate::binary::golang::GoSymbols::from_elf(&file) {
-        Ok(Some(g)) => g.pclntab.functions().map(|(n, start, end)| (n, start, end.saturating_sub(start))).collect(),
-        _ => Vec::new(),
-    }
-}
-
 /// The probes for a Go executable (found through its symbol table, or its
 /// `.gopclntab` when stripped); empty when it does not use sync.Mutex.
 pub fn go_probes(data: &[u8]) -> Result<Vec<GoProbe>> {
     let file = object::File::parse(data).context("not a valid ELF")?;
     let segments = Segments::of(&file);
     let mut out = Vec::new();
-    for (name, address, size) in text_functions(data) {
+    for (name, address, size) in text_functions(&file) {
         let Some(&(fname, role)) = FUNCS.iter().find(|(n, _)| *n == name) else { continue };
         let Some(code) = segments.function_bytes(data, address, size) else { continue };
         let Some(entry) = go_cheap_entry(code, address) else { continue };
