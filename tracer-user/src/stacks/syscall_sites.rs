@@ -3,7 +3,7 @@
 //! A stack taken in a syscall tracepoint starts inside the libc wrapper
 //! (`connect`, `socket`...), which has no frame of its own, so the
 //! frame-pointer walk jumps from the wrapper to its caller's caller: the
-//! function that called `connect` is lost (shared/notes/platform.md). We
+//! function that called `connect` is lost. We
 //! disassemble each wrapper (iced-x86), follow the stack pointer along every
 //! path from its entry to each `syscall` instruction, and give the kernel
 //! side the offset of the return address from `sp` at that instruction. The

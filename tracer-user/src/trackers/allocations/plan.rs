@@ -1,8 +1,8 @@
 //! Where the allocation tracker's uprobes go in an allocator's code.
 //!
-//! A uprobe's cost depends on the instruction under it (shared/notes/
-//! platform.md): the kernel emulates `push reg`, branches, calls and nops
-//! (~0.5 µs a hit here) and single-steps anything else (~18 µs: glibc's
+//! A uprobe's cost depends on the instruction under it: the kernel emulates
+//! `push reg`, branches, calls and nops (~0.5 µs a hit here) and
+//! single-steps anything else (~18 µs: glibc's
 //! `free` starts with `test %rdi,%rdi`). For each allocator entry point we
 //! decode its first instructions (iced-x86) and take the first emulated one
 //! that every call reaches with its argument registers and `sp` as at the

@@ -3,7 +3,7 @@
 //! or an unlock has waiters to wake (release). Their fast paths are inlined
 //! atomics and never reach these functions.
 //!
-//! Probe placement (shared/notes/go-runtime.md): never at +0 (`CMPQ SP,
+//! Probe placement (`binary::x86::go_cheap_entry`): never at +0 (`CMPQ SP,
 //! 16(R14)` is single-stepped, ~17 µs) but at the first emulated instruction
 //! of the prologue: `PUSHQ BP` (Go 1.21+), else the stack-check's
 //! conditional jump (Go 1.19's prologue is `SUBQ; MOVQ BP; LEAQ`, all
