@@ -7,6 +7,13 @@ use std::collections::HashSet;
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpAccess, OpKind, Register};
 
+/// Every instruction of `code` (its first byte at `ip`), one after another:
+/// a linear sweep, sound where a function holds no data between its
+/// instructions (Go's and gcc's code).
+pub fn linear(code: &[u8], ip: u64) -> impl Iterator<Item = Instruction> + '_ {
+    Decoder::with_ip(64, code, ip, DecoderOptions::NONE).into_iter()
+}
+
 /// Whether an operand is an immediate (`sub $0x18,%rsp`).
 pub fn is_imm(kind: OpKind) -> bool {
     matches!(
@@ -147,13 +154,8 @@ pub fn walk_sp<'c>(
 /// for the single-stepped `CMPQ SP, 16(R14)` at the symbol. Used by every
 /// tracker that probes Go.
 pub fn go_cheap_entry(code: &[u8], entry: u64) -> Option<u64> {
-    let mut decoder = Decoder::with_ip(64, code, entry, DecoderOptions::NONE);
     let mut jcc = None;
-    for _ in 0..6 {
-        if !decoder.can_decode() {
-            break;
-        }
-        let ins = decoder.decode();
+    for ins in linear(code, entry).take(6) {
         if ins.mnemonic() == Mnemonic::Push && ins.op0_kind() == OpKind::Register && ins.op0_register() == Register::RBP {
             return Some(ins.ip());
         }

@@ -13,7 +13,7 @@ pub mod pclntab;
 use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
-use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
+use iced_x86::{Mnemonic, OpKind, Register};
 use object::{Object, ObjectSection, ObjectSymbol, SectionKind, SymbolKind};
 
 pub use buildinfo::GoVersion;
@@ -21,7 +21,10 @@ pub use memory::TargetMemory;
 pub use offsets::GOffsets;
 pub use pclntab::Pclntab;
 
-use super::elf::{DataSymbol, Segments};
+use super::{
+    elf::{DataSymbol, Segments},
+    x86::{is_imm, linear},
+};
 
 /// Oldest and newest Go minor versions the tables and readers are checked on.
 pub const OLDEST_MINOR: u32 = 19;
@@ -240,15 +243,10 @@ fn function_code<'a>(elf: &'a object::File, symbols: &GoSymbols, name: &str) -> 
 
 /// RIP-relative memory operands of a function: (instruction, address).
 fn rip_operands(ip: u64, code: &[u8]) -> Vec<(iced_x86::Instruction, u64)> {
-    let mut d = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
-    let mut out = Vec::new();
-    while d.can_decode() {
-        let ins = d.decode();
-        if ins.is_ip_rel_memory_operand() && ins.memory_base() == Register::RIP {
-            out.push((ins, ins.ip_rel_memory_address()));
-        }
-    }
-    out
+    linear(code, ip)
+        .filter(|ins| ins.is_ip_rel_memory_operand() && ins.memory_base() == Register::RIP)
+        .map(|ins| (ins, ins.ip_rel_memory_address()))
+        .collect()
 }
 
 /// `runtime.allgs` in a binary without symbols: `forEachG` ranges over
@@ -273,15 +271,13 @@ pub fn allgs_by_disassembly(elf: &object::File, symbols: &GoSymbols) -> Result<u
 /// indexes the array it LEAs.
 pub fn wait_reasons_by_disassembly(data: &[u8], elf: &object::File, symbols: &GoSymbols) -> Option<(u64, u64)> {
     let (ip, code) = function_code(elf, symbols, "runtime.waitReason.String")?;
-    let mut d = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
     let (mut arrays, mut len) = (Vec::new(), None);
-    while d.can_decode() {
-        let ins = d.decode();
+    for ins in linear(code, ip) {
         if ins.mnemonic() == Mnemonic::Lea && ins.memory_base() == Register::RIP {
             arrays.push(ins.ip_rel_memory_address());
         }
         if ins.mnemonic() == Mnemonic::Cmp && len.is_none() && ins.op_count() == 2 && ins.op0_kind() == OpKind::Register {
-            len = super::x86::is_imm(ins.op1_kind()).then(|| ins.immediate(1));
+            len = is_imm(ins.op1_kind()).then(|| ins.immediate(1));
         }
     }
     let len = len.filter(|&n| n > 0 && n < 256)?;

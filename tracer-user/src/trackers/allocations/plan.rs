@@ -19,12 +19,12 @@
 use std::{collections::HashSet, path::Path};
 
 use anyhow::{Context, Result};
-use iced_x86::{Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, Mnemonic, OpKind, Register};
+use iced_x86::{FlowControl, InstructionInfoFactory, Mnemonic, OpKind, Register};
 
 use super::results;
 use crate::binary::{
     elf::{find_text_symbol, Segments},
-    x86::{emulated, is_imm, writes},
+    x86::{emulated, is_imm, linear, writes},
 };
 
 /// One allocator entry point: which program, where (file offset), and
@@ -248,14 +248,9 @@ pub fn probes_in_file(path: &Path, prefix: &str, with_new: bool) -> Result<Vec<A
 /// or `sp` — except, with `allow_depth`, `sub $imm,%rsp` (then the second
 /// value says how far `sp` moved).
 pub fn probe_delta(code: &[u8], entry: u64, args: &[Register], allow_depth: bool) -> Option<(u64, u32)> {
-    let mut decoder = Decoder::with_ip(64, code, entry, DecoderOptions::NONE);
     let mut info = InstructionInfoFactory::new();
     let mut depth = 0u32;
-    for _ in 0..MAX_PREFIX {
-        if !decoder.can_decode() {
-            return None;
-        }
-        let ins = decoder.decode();
+    for ins in linear(code, entry).take(MAX_PREFIX) {
         if ins.is_invalid() {
             return None;
         }

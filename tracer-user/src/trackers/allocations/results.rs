@@ -35,11 +35,11 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use iced_x86::{
-    ConditionCode, Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind,
+    ConditionCode, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind,
     Register,
 };
 
-use crate::binary::x86::{emulated, gpr, gpr_name, is_imm, writes};
+use crate::binary::x86::{emulated, gpr, gpr_name, is_imm, linear, writes};
 
 /// Where a value is at the probed instruction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -202,10 +202,8 @@ struct Function {
 
 impl Function {
     fn decode(code: &[u8], start: u64) -> Option<Function> {
-        let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
         let mut ins = Vec::new();
-        while decoder.can_decode() {
-            let i = decoder.decode();
+        for i in linear(code, start) {
             if i.is_invalid() || ins.len() >= MAX_INSTRUCTIONS {
                 return None;
             }

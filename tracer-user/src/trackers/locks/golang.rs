@@ -11,8 +11,8 @@
 //! under contention). No uretprobes: they crash Go programs.
 
 use anyhow::{Context, Result};
-use iced_x86::{Decoder, DecoderOptions, Mnemonic};
-use crate::binary::{elf::Segments, golang::text_functions, x86::go_cheap_entry};
+use iced_x86::Mnemonic;
+use crate::binary::{elf::Segments, golang::text_functions, x86::{go_cheap_entry, linear}};
 
 /// Role of a probed Go function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,15 +74,7 @@ pub fn go_probes(data: &[u8]) -> Result<Vec<GoProbe>> {
 /// Addresses of every RET in the function (linear sweep: Go emits no data
 /// inside functions).
 pub fn rets(code: &[u8], addr: u64) -> Vec<u64> {
-    let mut d = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
-    let mut out = Vec::new();
-    while d.can_decode() {
-        let ins = d.decode();
-        if ins.mnemonic() == Mnemonic::Ret {
-            out.push(ins.ip());
-        }
-    }
-    out
+    linear(code, addr).filter(|ins| ins.mnemonic() == Mnemonic::Ret).map(|ins| ins.ip()).collect()
 }
 
 /// Offset of the semaphore inside the lock it belongs to, by who waits or
