@@ -104,7 +104,8 @@ pub fn walk_sp<'c>(
             let op0_rbp = ins.op0_kind() == OpKind::Register && ins.op0_register() == Register::RBP;
             match ins.mnemonic() {
                 Mnemonic::Syscall => {
-                    if !visit(Reached::Syscall { ip_after: ins.next_ip() }, st) {
+                    let go_on = visit(Reached::Syscall { ip_after: ins.next_ip() }, st);
+                    if !go_on {
                         break;
                     }
                 }
