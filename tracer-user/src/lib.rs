@@ -3,7 +3,7 @@
 //! Data flows one way, and the modules are listed in that order:
 //! probes ([`probes`], the kernel side) -> per-stack aggregates in BPF maps
 //! -> a collector per tracker ([`trackers`]) that yields samples -> stacks
-//! resolved and named ([`stacks`], [`symbolize`]) -> one judge ([`judge`]:
+//! resolved and named ([`stacks`]), with what [`binary`] knows of the executables -> one judge ([`judge`]:
 //! growth engine, contention) -> one report model ([`report`]) -> renderers
 //! ([`render`]) -> where the output goes ([`output`]). [`session`] runs the
 //! loop; [`lifecycle`] follows the target's exec and exit.
@@ -15,11 +15,8 @@ pub mod child;
 pub mod procfs;
 pub mod probes;
 pub mod trackers;
-pub mod alloc_sites;
-pub mod golang;
+pub mod binary;
 pub mod stacks;
-pub mod symbolize;
-pub mod syscall_sites;
 pub mod judge;
 pub mod report;
 pub mod render;

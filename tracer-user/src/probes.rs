@@ -224,7 +224,7 @@ impl Probes {
 
     /// Tells the kernel side where libc's wrappers keep their return address
     /// (replacing what an earlier image of the process had).
-    pub fn set_syscall_sites(&mut self, sites: &[crate::syscall_sites::SyscallSite]) -> Result<usize> {
+    pub fn set_syscall_sites(&mut self, sites: &[crate::stacks::syscall_sites::SyscallSite]) -> Result<usize> {
         let map = self.ebpf.map_mut("SYSCALL_SITES").ok_or_else(|| anyhow!("SYSCALL_SITES map missing"))?;
         let mut table: BpfHashMap<_, u64, tracer_common::stacks::SyscallSite> = BpfHashMap::try_from(map)?;
         let old: Vec<u64> = table.keys().filter_map(|k| k.ok()).collect();

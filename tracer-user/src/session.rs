@@ -15,9 +15,9 @@ use crate::{
     probes::{self, LoadSettings, Probes},
     procfs::{self, MemoryMap},
     report::{Lost, Report},
-    stacks::StackResolver,
-    symbolize::{StrippedWarnings, SymbolizerService},
-    syscall_sites,
+    stacks::resolve::StackResolver,
+    stacks::symbolize::{StrippedWarnings, SymbolizerService},
+    stacks::syscall_sites,
     trackers::{Counters, Tally, Target, Tracker, REGISTRY},
 };
 

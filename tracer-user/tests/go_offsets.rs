@@ -5,7 +5,7 @@
 
 mod common;
 
-use leaktrace::golang::{offsets, Found, GoBinary, GoSymbols};
+use leaktrace::binary::golang::{offsets, Found, GoRuntime, GoSymbols};
 use object::{Object, ObjectSymbol};
 
 /// Every Go fixture binary built with every toolchain.
@@ -33,7 +33,7 @@ fn version_tables_equal_the_dwarf_of_every_build() {
     for (name, minor) in BUILDS {
         let data = std::fs::read(common::fixture(name)).unwrap();
         let elf = object::File::parse(&*data).unwrap();
-        let bin = GoBinary::parse(&data).unwrap().unwrap();
+        let bin = GoRuntime::parse(&data).unwrap().unwrap();
         assert_eq!(bin.version.minor, *minor, "{name}: {}", bin.version_string);
         assert_eq!(bin.offsets_source, offsets::Source::Dwarf, "{name}");
         let dwarf = offsets::from_dwarf(&elf).unwrap().unwrap();
@@ -45,17 +45,17 @@ fn version_tables_equal_the_dwarf_of_every_build() {
 fn disassembly_finds_what_the_symbol_table_says() {
     for (name, _) in BUILDS {
         let data = std::fs::read(common::fixture(name)).unwrap();
-        let bin = GoBinary::parse(&data).unwrap().unwrap();
+        let bin = GoRuntime::parse(&data).unwrap().unwrap();
         assert_eq!(bin.allgs_source, Found::Symtab);
         let elf = object::File::parse(&*data).unwrap();
         let syms = GoSymbols::from_elf(&elf).unwrap().unwrap();
         assert_eq!(
-            leaktrace::golang::allgs_by_disassembly(&elf, &syms).unwrap(),
+            leaktrace::binary::golang::allgs_by_disassembly(&elf, &syms).unwrap(),
             symbol(&data, "runtime.allgs").0,
             "{name}: runtime.allgs"
         );
         let (addr, size) = symbol(&data, "runtime.waitReasonStrings");
-        assert_eq!(leaktrace::golang::wait_reasons_by_disassembly(&data, &elf, &syms), Some((addr, size / 16)), "{name}");
+        assert_eq!(leaktrace::binary::golang::wait_reasons_by_disassembly(&data, &elf, &syms), Some((addr, size / 16)), "{name}");
         assert_eq!(bin.wait_reasons, Some((addr, size / 16)));
     }
 }
@@ -96,8 +96,8 @@ fn pclntab_names_functions_like_the_symbol_table() {
 #[test]
 fn the_stripped_build_gets_everything_without_symbols() {
     let data = std::fs::read(common::fixture("goroutineleak127-stripped")).unwrap();
-    let full = GoBinary::parse(&std::fs::read(common::fixture("goroutineleak127")).unwrap()).unwrap().unwrap();
-    let bin = GoBinary::parse(&data).unwrap().unwrap();
+    let full = GoRuntime::parse(&std::fs::read(common::fixture("goroutineleak127")).unwrap()).unwrap().unwrap();
+    let bin = GoRuntime::parse(&data).unwrap().unwrap();
     assert_eq!(bin.version.minor, 27);
     assert_eq!(bin.offsets_source, offsets::Source::Table);
     assert_eq!(bin.offsets, full.offsets);
@@ -110,6 +110,6 @@ fn the_stripped_build_gets_everything_without_symbols() {
 #[test]
 fn non_go_binaries_are_not_go() {
     let data = std::fs::read(common::fixture("thread_leak")).unwrap();
-    assert!(GoBinary::parse(&data).unwrap().is_none());
+    assert!(GoRuntime::parse(&data).unwrap().is_none());
 }
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use crate::{
     report::{Finding, Frame, HistBucket, Kind, LockInfo, Verdict},
-    symbolize::{site_index, site_of},
+    stacks::symbolize::{site_index, site_of},
     trackers::{locks::LockSample, SampleStack},
 };
 

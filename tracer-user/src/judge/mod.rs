@@ -11,8 +11,8 @@ use self::growth::{GrowthConfig, GrowthEngine, SeriesKey};
 use crate::{
     procfs::MemoryMap,
     report::{Finding, Frame, Kind, Verdict},
-    stacks::StackResolver,
-    symbolize::{site_index, site_of},
+    stacks::resolve::StackResolver,
+    stacks::symbolize::{site_index, site_of},
     trackers::{Blocked, Collected, Judging, SampleStack, StackSample},
 };
 

@@ -16,7 +16,7 @@ use inferno::flamegraph::{self, color::BasicPalette, Options, Palette};
 
 use crate::{
     report::{Kind, Report},
-    symbolize::site_name,
+    stacks::symbolize::site_name,
 };
 
 /// How a frame is named in a folded line: its function (`object+0xoffset`

@@ -41,7 +41,7 @@ use prost::Message;
 
 use crate::{
     report::{Finding, Frame, Kind, Report},
-    symbolize::site_name,
+    stacks::symbolize::site_name,
 };
 
 /// `perftools.profiles` messages: the subset of profile.proto leaktrace writes.

@@ -144,7 +144,7 @@ fn write_rows(out: &mut String, findings: &[Finding], opts: &TableOptions) {
             }
         }
         if let Some(l) = finding.lock.as_ref().filter(|l| !l.holder_stack.is_empty()) {
-            let from = crate::symbolize::site_index(&l.holder_stack);
+            let from = crate::stacks::symbolize::site_index(&l.holder_stack);
             let _ = writeln!(out, "    held by (the unlock that woke waiters, {} wakes):", l.holder_wakes);
             for frame in l.holder_stack.iter().skip(from).take(opts.max_frames) {
                 let _ = writeln!(out, "      {}", frame_text(frame));

@@ -4,6 +4,9 @@
 //! live-block table: the work per interval is bounded by the number of
 //! stacks, not of blocks.
 
+pub mod plan;
+pub mod results;
+
 use std::{
     collections::{HashMap, HashSet},
     path::PathBuf,
@@ -23,7 +26,7 @@ use crate::{
     probes::{LoadSettings, Probes, Tracepoints},
     procfs::{self, MemoryMap},
     report::Kind,
-    syscall_sites,
+    stacks::syscall_sites,
 };
 
 /// The allocation tracker in the registry (asked for by name: it traps on
@@ -79,7 +82,7 @@ struct Allocations {
 impl Allocations {
     /// Attaches the planned uprobes to the object at `path`; the return
     /// program goes with every entry that needs it.
-    fn attach(&mut self, probes: &mut Probes, pid: u32, path: &std::path::Path, plan: &[crate::alloc_sites::AllocProbe]) -> Result<()> {
+    fn attach(&mut self, probes: &mut Probes, pid: u32, path: &std::path::Path, plan: &[self::plan::AllocProbe]) -> Result<()> {
         for p in plan {
             let programs: &[&str] = if p.returns { &[p.program, "alloc_return"] } else { &[p.program] };
             for &name in programs {
@@ -133,9 +136,9 @@ impl Tracker for Allocations {
             }
             let path = procfs::object_path(pid, m);
             let plan = if is_allocator {
-                crate::alloc_sites::probes_in_file(&path, prefix, true)
+                self::plan::probes_in_file(&path, prefix, true)
             } else {
-                std::fs::read(&path).map_err(anyhow::Error::from).and_then(|d| crate::alloc_sites::operator_new_probes(&d))
+                std::fs::read(&path).map_err(anyhow::Error::from).and_then(|d| self::plan::operator_new_probes(&d))
             };
             let plan = match plan {
                 Ok(p) => p,

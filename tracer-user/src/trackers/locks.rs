@@ -17,13 +17,13 @@ use std::{
 
 use anyhow::{anyhow, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap};
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 use tracer_common::{
     locks::{counter, kind, LockSite, LockStack, LockStats, WaitTotals, WalkedFrames, CONFIG_IGNORE_FOREIGN, HIST_BUCKETS},
 };
 
 use super::{Collected, Counters, SampleStack, Tally, Target, Tracker, TrackerSpec};
 use crate::{
+    binary::elf::{Globals, Segments},
     cli::TraceOptions,
     output,
     probes::{LoadSettings, Probes, Tracepoints},
@@ -139,7 +139,7 @@ pub struct LockCollector {
     /// sync functions of a Go executable (runtime address ranges), to tell
     /// which lock a semaphore belongs to from who waits on it.
     go_funcs: Vec<(u64, u64, String)>,
-    namer: DataSymbols,
+    namer: Globals,
 }
 
 impl LockCollector {
@@ -157,14 +157,14 @@ impl LockCollector {
             libc: None,
             exe: None,
             go_funcs: Vec::new(),
-            namer: DataSymbols::default(),
+            namer: Globals::default(),
         })
     }
 
     /// Loads libc's lock sites (once per libc file). Returns false when the
     /// target maps no libc.
     pub fn load_libc_sites(&mut self, memory: &MemoryMap) -> Result<bool> {
-        let Some(m) = memory.mappings.iter().find(|m| m.executable && crate::syscall_sites::is_libc(&m.path)) else {
+        let Some(m) = memory.mappings.iter().find(|m| m.executable && crate::stacks::syscall_sites::is_libc(&m.path)) else {
             return Ok(false);
         };
         let path = procfs::object_path(self.pid, m);
@@ -174,8 +174,7 @@ impl LockCollector {
         self.libc = Some(path.clone());
         let data = std::fs::read(&path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
         let file = object::File::parse(&*data).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        let Some(vaddr) = segment_vaddr(&file, m.offset) else { return Ok(false) };
-        let bias = m.start.wrapping_sub(vaddr);
+        let Some(bias) = Segments::of(&file).load_bias(m) else { return Ok(false) };
         let found = sites::lock_sites_in_elf(&data)?;
         for (ip, s) in &found.syscalls {
             self.syscall_sites.insert(ip.wrapping_add(bias), s, 0)?;
@@ -198,7 +197,7 @@ impl LockCollector {
         let m = memory.mappings.iter().find(|m| m.path == exe)?;
         let path = procfs::object_path(self.pid, m);
         let data = std::fs::read(&path).ok()?;
-        if !golang::is_go(&data) {
+        if !object::File::parse(&*data).is_ok_and(|f| crate::binary::golang::is_go(&f)) {
             return None;
         }
         let _ = self.config.set(CONFIG_IGNORE_FOREIGN, 1, 0);
@@ -285,7 +284,7 @@ impl LockCollector {
         // same lock (an rwlock's), found by the global's name.
         let mut by_name: HashMap<String, u64> = HashMap::new();
         for l in out.values_mut() {
-            l.symbol = self.namer.name(self.pid, memory, l.addr);
+            l.symbol = self.namer.name(self.pid, memory, l.addr, LOCK_OBJECT_MAX);
             if let Some(n) = &l.symbol {
                 by_name.insert(n.clone(), l.addr);
             }
@@ -302,7 +301,7 @@ impl LockCollector {
                 key.lock.wrapping_sub(golang::sema_offset(golang::Role::Release, go_caller).0)
             };
             if !out.contains_key(&addr) {
-                match self.namer.name(self.pid, memory, addr).and_then(|n| by_name.get(&n)) {
+                match self.namer.name(self.pid, memory, addr, LOCK_OBJECT_MAX).and_then(|n| by_name.get(&n)) {
                     Some(&a) => addr = a,
                     None => continue,
                 }
@@ -348,14 +347,6 @@ impl LockCollector {
     }
 }
 
-/// The ELF address of a file offset (through its PT_LOAD segments).
-fn segment_vaddr(file: &object::File, offset: u64) -> Option<u64> {
-    file.segments().find_map(|s| {
-        let (fo, fsz) = s.file_range();
-        (offset >= fo && offset < fo + fsz.max(1)).then(|| s.address() + (offset - fo))
-    })
-}
-
 /// Runtime address ranges of the executable's sync functions.
 fn go_sync_funcs(data: &[u8], memory: &MemoryMap, exe: &Path) -> Vec<(u64, u64, String)> {
     let Ok(file) = object::File::parse(data) else { return Vec::new() };
@@ -363,9 +354,9 @@ fn go_sync_funcs(data: &[u8], memory: &MemoryMap, exe: &Path) -> Vec<(u64, u64, 
         .mappings
         .iter()
         .find(|m| m.path == exe)
-        .and_then(|m| segment_vaddr(&file, m.offset).map(|v| m.start.wrapping_sub(v)))
+        .and_then(|m| Segments::of(&file).load_bias(m))
         .unwrap_or(0);
-    let mut out: Vec<(u64, u64, String)> = golang::text_functions(data)
+    let mut out: Vec<(u64, u64, String)> = crate::binary::golang::text_functions(&file)
         .into_iter()
         .filter(|(n, _, _)| n.starts_with("sync.") || n.starts_with("internal/sync."))
         .map(|(n, a, size)| (a.wrapping_add(bias), a.wrapping_add(bias) + size, n))
@@ -374,83 +365,8 @@ fn go_sync_funcs(data: &[u8], memory: &MemoryMap, exe: &Path) -> Vec<(u64, u64, 
     out
 }
 
-/// Names addresses by the data symbol (a global) containing them, per
-/// mapped object, cached.
-#[derive(Default)]
-pub struct DataSymbols {
-    objects: HashMap<PathBuf, ObjectData>,
-}
-
-/// Largest global named without an offset (pthread_rwlock_t is 56 bytes,
-/// pthread_mutex_t 40, Go's sync.RWMutex 24).
+/// Largest global a lock is named by without an offset (pthread_rwlock_t
+/// is 56 bytes, pthread_mutex_t 40, Go's sync.RWMutex 24): a lock object
+/// that size is the lock (an rwlock waits on several words of itself); in
+/// a larger global, the name says where.
 const LOCK_OBJECT_MAX: u64 = 64;
-
-/// An object's PT_LOAD segments (file offset, file size, vaddr) and its
-/// data symbols (vaddr, size, name), sorted.
-#[derive(Default)]
-struct ObjectData {
-    segments: Vec<(u64, u64, u64)>,
-    symbols: Vec<(u64, u64, String)>,
-}
-
-impl DataSymbols {
-    /// `hot_lock`, `main.pool+0x8`, or None for heap and stack addresses.
-    pub fn name(&mut self, pid: u32, memory: &MemoryMap, addr: u64) -> Option<String> {
-        // The mapping containing the address, or the object mapped just
-        // below it (its .bss continues in anonymous memory).
-        let i = memory.mappings.partition_point(|m| m.start <= addr);
-        let m = memory.mappings.get(i.checked_sub(1)?)?;
-        if addr >= m.end + (64 << 20) {
-            return None;
-        }
-        let path = procfs::object_path(pid, m);
-        let obj = self.objects.entry(path.clone()).or_insert_with(|| std::fs::read(&path).map(|d| object_data(&d)).unwrap_or_default());
-        let seg = obj.segments.iter().find(|(fo, fsz, _)| m.offset >= *fo && m.offset < fo + (*fsz).max(1))?;
-        let vaddr = addr - m.start + seg.2 + (m.offset - seg.0);
-        let j = obj.symbols.partition_point(|s| s.0 <= vaddr);
-        let (start, size, name) = obj.symbols.get(j.checked_sub(1)?)?;
-        if vaddr >= start + (*size).max(1) {
-            return None;
-        }
-        // A global the size of a lock object is the lock (an rwlock waits
-        // on several words of itself); in a larger one, say where.
-        Some(if vaddr == *start || *size <= LOCK_OBJECT_MAX { name.clone() } else { format!("{name}+{:#x}", vaddr - start) })
-    }
-}
-
-fn object_data(data: &[u8]) -> ObjectData {
-    let Ok(file) = object::File::parse(data) else { return ObjectData::default() };
-    let segments = file
-        .segments()
-        .map(|s| {
-            let (fo, fsz) = s.file_range();
-            (fo, fsz, s.address())
-        })
-        .collect();
-    let mut symbols: Vec<(u64, u64, String)> = file
-        .symbols()
-        .chain(file.dynamic_symbols())
-        .filter(|s| s.kind() == SymbolKind::Data && s.address() != 0)
-        .filter_map(|s| Some((s.address(), s.size(), s.name().ok()?.to_string())))
-        .collect();
-    symbols.sort();
-    symbols.dedup_by_key(|s| s.0);
-    ObjectData { segments, symbols }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_globals_of_this_test_binary() {
-        static PROBE: [u64; 16] = [1; 16];
-        let pid = std::process::id();
-        let memory = MemoryMap::read(pid).unwrap();
-        let mut n = DataSymbols::default();
-        let name = n.name(pid, &memory, &PROBE as *const _ as u64 + 8);
-        assert!(name.as_deref().is_some_and(|s| s.contains("PROBE") && s.ends_with("+0x8")), "{name:?}");
-        let heap = Box::new(5u64);
-        assert_eq!(n.name(pid, &memory, &*heap as *const u64 as u64), None);
-    }
-}

@@ -19,8 +19,6 @@
 //! map while `dirty` is nil). Stripped binaries have no symbol table: maps
 //! are named by address.
 
-mod goelf;
-
 use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
@@ -36,10 +34,15 @@ use tracer_common::{
     stacks::StackKey,
 };
 
-use self::goelf::{DataSymbol, GoBinary};
 use crate::probes::{LoadSettings, Probes};
 use aya::programs::uprobe::UProbeLinkId;
-use crate::golang::memory::{read_region, read_regions, u64_at};
+use crate::binary::{
+    elf::{self, DataSymbol},
+    golang::{
+        memory::{read_region, read_regions, u64_at},
+        GoBinary,
+    },
+};
 use crate::{cli::TraceOptions, output, report::Kind};
 use super::{Collected, Counters, Judging, SampleStack, StackSample, Tally, Target, Tracker, TrackerSpec};
 
@@ -258,7 +261,7 @@ fn trie_count(pid: u32, root: u64, budget: &mut usize) -> Option<u64> {
 /// `[sp]` holds the return address at all three, and the argument
 /// registers are untouched.
 fn cheap_probe_address(code: &[u8], entry: u64) -> u64 {
-    crate::golang::cheap_entry(code, entry).unwrap_or(entry)
+    crate::binary::x86::go_cheap_entry(code, entry).unwrap_or(entry)
 }
 
 /// The map tracker's own state about one kernel entry.
@@ -334,7 +337,7 @@ impl MapCollector {
         let bin = GoBinary::read(&exe).with_context(|| format!("maps: {}", real.display()))?;
         let (swiss, mut probes) = plan_probes(&bin)?;
         let trie_probe = probes.pop_if(|p| p.program == "map_trie_expand");
-        let layout = Layout::for_version(bin.version, swiss);
+        let layout = Layout::for_version((bin.version.major, bin.version.minor), swiss);
         let mut config: Array<_, u64> =
             Array::try_from(ebpf.map_mut("MAP_SEED").ok_or_else(|| anyhow!("MAP_SEED map missing"))?)?;
         config.set(seed::OFFSET, layout.seed_offset, 0)?;
@@ -347,7 +350,7 @@ impl MapCollector {
             pid,
             maps,
             layout,
-            bias: load_bias(pid, &exe),
+            bias: elf::exe_load_bias(pid, &bin.symbols.segments).unwrap_or(0),
             candidates,
             tracked: HashMap::new(),
             named: HashMap::new(),
@@ -361,7 +364,7 @@ impl MapCollector {
             exe,
             dropped: 0,
             stripped: !bin.has_symtab,
-            go_version: bin.version,
+            go_version: (bin.version.major, bin.version.minor),
         })
     }
 
@@ -657,19 +660,6 @@ fn claimed_events(valid: &HashMap<u64, (u64, MapInfo)>, addr: u64, also: Option<
         .flatten()
         .filter_map(|a| valid.get(&a))
         .fold((0, 0), |(g, c), (_, i)| (g + u64::from(i.grows), c + u64::from(i.clears)))
-}
-
-/// Load bias of the target's executable: 0 for a fixed-address (ET_EXEC)
-/// Go binary, the start of its first mapping for a PIE.
-fn load_bias(pid: u32, exe: &Path) -> u64 {
-    let Ok(bytes) = std::fs::read(exe) else { return 0 };
-    let Ok(file) = object::File::parse(&*bytes) else { return 0 };
-    if object::Object::kind(&file) != object::ObjectKind::Dynamic {
-        return 0;
-    }
-    let Ok(target) = std::fs::read_link(exe) else { return 0 };
-    let Ok(map) = crate::procfs::MemoryMap::read(pid) else { return 0 };
-    map.mappings.iter().filter(|m| m.path == target).map(|m| m.start - m.offset).min().unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use crate::{
     probes::{self, LoadSettings, Probes, Tracepoints},
     procfs::{self, MemoryMap},
     report::Kind,
-    syscall_sites,
+    stacks::syscall_sites,
 };
 
 /// The thread tracker in the registry (a default tracker, as part of `tasks`).
@@ -69,7 +69,7 @@ impl Tracker for ThreadCollector {
         // Go programs need no libc: their goroutines are read from memory.
         let is_go = || {
             let data = std::fs::read(format!("/proc/{}/exe", target.pid)).unwrap_or_default();
-            object::File::parse(&*data).is_ok_and(|elf| crate::golang::is_go(&elf))
+            object::File::parse(&*data).is_ok_and(|elf| crate::binary::golang::is_go(&elf))
         };
         if !target.libc_loaded && self.pthread_uprobe.is_none() && !is_go() {
             crate::output::note(format!(

@@ -3,7 +3,7 @@
 //! or an unlock has waiters to wake (release). Their fast paths are inlined
 //! atomics and never reach these functions.
 //!
-//! Probe placement (shared/notes/go-runtime.md): never at +0 (`CMPQ SP,
+//! Probe placement (`binary::x86::go_cheap_entry`): never at +0 (`CMPQ SP,
 //! 16(R14)` is single-stepped, ~17 µs) but at the first emulated instruction
 //! of the prologue: `PUSHQ BP` (Go 1.21+), else the stack-check's
 //! conditional jump (Go 1.19's prologue is `SUBQ; MOVQ BP; LEAQ`, all
@@ -11,8 +11,8 @@
 //! under contention). No uretprobes: they crash Go programs.
 
 use anyhow::{Context, Result};
-use iced_x86::{Decoder, DecoderOptions, Mnemonic};
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+use iced_x86::Mnemonic;
+use crate::binary::{elf::Segments, golang::text_functions, x86::{go_cheap_entry, linear}};
 
 /// Role of a probed Go function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,80 +49,32 @@ pub struct GoProbe {
     pub rets: Vec<u64>,
 }
 
-/// True when the ELF is a Go program ([`crate::golang::is_go`]).
-pub fn is_go(data: &[u8]) -> bool {
-    object::File::parse(data).is_ok_and(|f| crate::golang::is_go(&f))
-}
-
-/// Every function of a Go executable as (name, link-time address, size):
-/// from the symbol table, else (a `-s -w` build) from `.gopclntab`, which
-/// every Go binary keeps.
-pub fn text_functions(data: &[u8]) -> Vec<(String, u64, u64)> {
-    let Ok(file) = object::File::parse(data) else { return Vec::new() };
-    let from_symtab: Vec<(String, u64, u64)> = file
-        .symbols()
-        .filter(|s| s.kind() == SymbolKind::Text && s.size() > 0)
-        .filter_map(|s| Some((s.name().ok()?.to_string(), s.address(), s.size())))
-        .collect();
-    if !from_symtab.is_empty() {
-        return from_symtab;
-    }
-    match crate::golang::GoSymbols::from_elf(&file) {
-        Ok(Some(g)) => g.pclntab.functions().map(|(n, start, end)| (n, start, end.saturating_sub(start))).collect(),
-        _ => Vec::new(),
-    }
-}
-
 /// The probes for a Go executable (found through its symbol table, or its
 /// `.gopclntab` when stripped); empty when it does not use sync.Mutex.
 pub fn go_probes(data: &[u8]) -> Result<Vec<GoProbe>> {
     let file = object::File::parse(data).context("not a valid ELF")?;
+    let segments = Segments::of(&file);
     let mut out = Vec::new();
-    for (name, address, size) in text_functions(data) {
+    for (name, address, size) in text_functions(&file) {
         let Some(&(fname, role)) = FUNCS.iter().find(|(n, _)| *n == name) else { continue };
-        let Some((code, to_off)) = code_of(&file, data, address, size) else { continue };
-        let Some(entry) = cheap_entry(code, address) else { continue };
+        let Some(code) = segments.function_bytes(data, address, size) else { continue };
+        let Some(entry) = go_cheap_entry(code, address) else { continue };
         let rets = if role == Role::Release { Vec::new() } else { rets(code, address) };
         if role != Role::Release && rets.is_empty() {
             continue;
         }
-        out.push(GoProbe {
-            name: fname,
-            role,
-            entry: to_off(entry),
-            rets: rets.into_iter().map(&to_off).collect(),
-        });
+        // Inside the function's bytes: every address has an offset.
+        let Some(entry) = segments.offset_of_vaddr(entry) else { continue };
+        let Some(rets) = rets.into_iter().map(|r| segments.offset_of_vaddr(r)).collect() else { continue };
+        out.push(GoProbe { name: fname, role, entry, rets });
     }
     Ok(out)
 }
 
-/// The function's bytes and a vaddr -> file offset mapping (PT_LOAD).
-fn code_of<'d>(file: &object::File, data: &'d [u8], addr: u64, size: u64) -> Option<(&'d [u8], impl Fn(u64) -> u64)> {
-    file.segments().find_map(|s| {
-        let (fo, fsz) = s.file_range();
-        let start = s.address();
-        (addr >= start && addr + size <= start + fsz).then(|| {
-            let off = (fo + (addr - start)) as usize;
-            (&data[off..off + size as usize], move |va: u64| va - start + fo)
-        })
-    })
-}
-
-/// The cheap prologue instruction to probe (shared with the map tracker).
-pub use crate::golang::cheap_entry;
-
 /// Addresses of every RET in the function (linear sweep: Go emits no data
 /// inside functions).
 pub fn rets(code: &[u8], addr: u64) -> Vec<u64> {
-    let mut d = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
-    let mut out = Vec::new();
-    while d.can_decode() {
-        let ins = d.decode();
-        if ins.mnemonic() == Mnemonic::Ret {
-            out.push(ins.ip());
-        }
-    }
-    out
+    linear(code, addr).filter(|ins| ins.mnemonic() == Mnemonic::Ret).map(|ins| ins.ip()).collect()
 }
 
 /// Offset of the semaphore inside the lock it belongs to, by who waits or
@@ -153,13 +105,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prologue_choices() {
-        // 1.21+: cmp 0x10(%r14),%rsp; jbe; push %rbp; mov %rsp,%rbp
-        let new: &[u8] = &[0x49, 0x3b, 0x66, 0x10, 0x76, 0x20, 0x55, 0x48, 0x89, 0xe5];
-        assert_eq!(cheap_entry(new, 0x100), Some(0x106));
-        // 1.19: cmp; jbe; sub $0x28,%rsp; mov %rbp,0x20(%rsp)
-        let old: &[u8] = &[0x49, 0x3b, 0x66, 0x10, 0x76, 0x20, 0x48, 0x83, 0xec, 0x28, 0x48, 0x89, 0x6c, 0x24, 0x20];
-        assert_eq!(cheap_entry(old, 0x100), Some(0x104));
+    fn rets_by_linear_sweep() {
         assert_eq!(rets(&[0x5d, 0xc3, 0x90, 0xc3], 0x10), vec![0x11, 0x13]);
     }
 

@@ -18,9 +18,12 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use anyhow::{Context, Result};
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind, Register};
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 use tracer_common::locks::{root, LockSite};
+
+use crate::binary::{
+    elf::{self, Segments},
+    x86::{self, Reached},
+};
 
 /// Exported libc functions the analysis starts from, and what they are.
 pub const ROOTS: &[(&str, u32)] = &[
@@ -64,49 +67,19 @@ pub struct LockSites {
     noreturn: HashSet<u64>,
 }
 
-/// The executable segments of an ELF: (vaddr, bytes).
-struct Text<'d> {
-    segments: Vec<(u64, &'d [u8])>,
-}
-
-impl<'d> Text<'d> {
-    fn at(&self, addr: u64) -> Option<&'d [u8]> {
-        self.segments
-            .iter()
-            .find(|(start, b)| addr >= *start && addr < start + b.len() as u64)
-            .map(|(start, b)| &b[(addr - start) as usize..])
-    }
-}
-
 /// Analyses a libc image.
 pub fn lock_sites_in_elf(data: &[u8]) -> Result<LockSites> {
     let file = object::File::parse(data).context("not a valid ELF")?;
-    let mut segments = Vec::new();
-    for s in file.segments() {
-        let (off, size) = s.file_range();
-        if size == 0 || off as usize + size as usize > data.len() {
-            continue;
-        }
-        if let object::SegmentFlags::Elf { p_flags } = s.flags() {
-            if p_flags & object::elf::PF_X != 0 {
-                segments.push((s.address(), &data[off as usize..(off + size) as usize]));
-            }
-        }
-    }
-    let text = Text { segments };
+    let segments = Segments::of(&file);
+    let text = |addr: u64| segments.code_at(data, addr);
     let mut roots: Vec<(u64, u32)> = Vec::new();
     let mut out = LockSites::default();
-    for sym in file.dynamic_symbols().chain(file.symbols()) {
-        if sym.kind() != SymbolKind::Text || sym.address() == 0 {
-            continue;
+    for sym in elf::text_symbols(&file).filter(|s| s.addr != 0) {
+        if NORETURN.contains(&sym.name) {
+            out.noreturn.insert(sym.addr);
         }
-        let Ok(name) = sym.name() else { continue };
-        let base = name.split('@').next().unwrap_or(name);
-        if NORETURN.contains(&base) {
-            out.noreturn.insert(sym.address());
-        }
-        if let Some((_, r)) = ROOTS.iter().find(|(n, _)| *n == base) {
-            roots.push((sym.address(), *r));
+        if let Some((_, r)) = ROOTS.iter().find(|(n, _)| *n == sym.name) {
+            roots.push((sym.addr, *r));
         }
     }
     roots.sort();
@@ -156,77 +129,29 @@ fn record(table: &mut HashMap<u64, LockSite>, rank: &mut HashMap<u64, u64>, ip: 
 /// Follows every path from `entry`, recording syscalls and calls; direct
 /// call targets are handed to `callee`. Jumps are followed wherever they go
 /// (a tail call keeps the same return-address slot).
-fn explore(text: &Text, entry: u64, r: u32, out: &mut LockSites, callee: &mut dyn FnMut(u64)) {
-    // (depth below the return slot, where rbp was saved (0: not)).
-    let mut seen: HashSet<u64> = HashSet::new();
-    let mut work = vec![(entry, 0i64, 0i64)];
-    let mut budget = MAX_INSNS;
-    while let Some((start, depth0, rbp0)) = work.pop() {
-        if seen.contains(&start) {
-            continue;
-        }
-        let Some(code) = text.at(start) else { continue };
-        let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
-        let (mut depth, mut rbp_at) = (depth0, rbp0);
-        while decoder.can_decode() && budget > 0 {
-            budget -= 1;
-            let ins = decoder.decode();
-            if ins.is_invalid() || !seen.insert(ins.ip()) {
-                break;
+fn explore<'d>(text: &dyn Fn(u64) -> Option<&'d [u8]>, entry: u64, r: u32, out: &mut LockSites, callee: &mut dyn FnMut(u64)) {
+    x86::walk_sp(text, entry, MAX_INSNS, |reached, sp| {
+        let site = LockSite { depth: sp.depth as u32, root: r, rbp_at: sp.rbp_at as u32, _pad: 0 };
+        match reached {
+            Reached::Syscall { ip_after } => {
+                if sp.depth >= 0 {
+                    record(&mut out.syscalls, &mut out.rank, ip_after, entry, site);
+                }
             }
-            let site = |depth: i64, rbp_at: i64| LockSite { depth: depth as u32, root: r, rbp_at: rbp_at as u32, _pad: 0 };
-            let writes_sp = ins.op0_kind() == OpKind::Register && ins.op0_register() == Register::RSP;
-            let op0_rbp = ins.op0_kind() == OpKind::Register && ins.op0_register() == Register::RBP;
-            match ins.mnemonic() {
-                Mnemonic::Syscall if depth >= 0 => {
-                    record(&mut out.syscalls, &mut out.rank, ins.next_ip(), entry, site(depth, rbp_at))
+            Reached::Call { ip_after, target } => {
+                if sp.depth >= 0 {
+                    record(&mut out.calls, &mut out.rank, ip_after, entry, site);
                 }
-                Mnemonic::Push => {
-                    depth += 8;
-                    if op0_rbp && rbp_at == 0 {
-                        rbp_at = depth;
+                if let Some(t) = target {
+                    if out.noreturn.contains(&t) {
+                        return false;
                     }
+                    callee(t);
                 }
-                Mnemonic::Pop if !writes_sp => {
-                    if op0_rbp && depth == rbp_at {
-                        rbp_at = 0;
-                    }
-                    depth -= 8;
-                }
-                Mnemonic::Sub if writes_sp && is_imm(ins.op1_kind()) => depth += ins.immediate(1) as i64,
-                Mnemonic::Add if writes_sp && is_imm(ins.op1_kind()) => depth -= ins.immediate(1) as i64,
-                Mnemonic::Call => {
-                    if depth >= 0 {
-                        record(&mut out.calls, &mut out.rank, ins.next_ip(), entry, site(depth, rbp_at));
-                    }
-                    if ins.op0_kind() == OpKind::NearBranch64 {
-                        if out.noreturn.contains(&ins.near_branch_target()) {
-                            break;
-                        }
-                        callee(ins.near_branch_target());
-                    }
-                }
-                _ if writes_sp => break,
-                _ => {}
-            }
-            match ins.flow_control() {
-                FlowControl::ConditionalBranch => work.push((ins.near_branch_target(), depth, rbp_at)),
-                FlowControl::UnconditionalBranch => {
-                    work.push((ins.near_branch_target(), depth, rbp_at));
-                    break;
-                }
-                FlowControl::Return
-                | FlowControl::IndirectBranch
-                | FlowControl::Exception
-                | FlowControl::Interrupt => break,
-                _ => {}
             }
         }
-    }
-}
-
-fn is_imm(kind: OpKind) -> bool {
-    matches!(kind, OpKind::Immediate8 | OpKind::Immediate8to64 | OpKind::Immediate32to64 | OpKind::Immediate32)
+        true
+    });
 }
 
 #[cfg(test)]
@@ -253,7 +178,7 @@ mod tests {
     fn tracks_rbp_saves_and_tail_jumps() {
         // push rbp; push rbx; sub $8,%rsp; syscall; add $8,%rsp; pop rbx; pop rbp; ret
         let code: &[u8] = &[0x55, 0x53, 0x48, 0x83, 0xec, 0x08, 0x0f, 0x05, 0x48, 0x83, 0xc4, 0x08, 0x5b, 0x5d, 0xc3];
-        let text = Text { segments: vec![(0x1000, code)] };
+        let text = |a: u64| (0x1000..0x1000 + code.len() as u64).contains(&a).then(|| &code[(a - 0x1000) as usize..]);
         let mut out = LockSites::default();
         explore(&text, 0x1000, root::MUTEX_LOCK, &mut out, &mut |_| {});
         assert_eq!(out.syscalls.get(&0x1008), Some(&LockSite { depth: 0x18, root: root::MUTEX_LOCK, rbp_at: 8, _pad: 0 }));

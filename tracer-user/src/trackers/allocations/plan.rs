@@ -1,8 +1,8 @@
 //! Where the allocation tracker's uprobes go in an allocator's code.
 //!
-//! A uprobe's cost depends on the instruction under it (shared/notes/
-//! platform.md): the kernel emulates `push reg`, branches, calls and nops
-//! (~0.5 µs a hit here) and single-steps anything else (~18 µs: glibc's
+//! A uprobe's cost depends on the instruction under it: the kernel emulates
+//! `push reg`, branches, calls and nops (~0.5 µs a hit here) and
+//! single-steps anything else (~18 µs: glibc's
 //! `free` starts with `test %rdi,%rdi`). For each allocator entry point we
 //! decode its first instructions (iced-x86) and take the first emulated one
 //! that every call reaches with its argument registers and `sp` as at the
@@ -16,13 +16,16 @@
 //! before each of its returns, where the block, the size and the caller are
 //! all readable — one trap per call instead of three.
 
-pub mod results;
-
 use std::{collections::HashSet, path::Path};
 
 use anyhow::{Context, Result};
-use iced_x86::{Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, Mnemonic, OpKind, Register};
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+use iced_x86::{FlowControl, InstructionInfoFactory, Mnemonic, OpKind, Register};
+
+use super::results;
+use crate::binary::{
+    elf::{find_text_symbol, Segments},
+    x86::{emulated, is_imm, linear, writes},
+};
 
 /// One allocator entry point: which program, where (file offset), and
 /// whether the return probe goes there too.
@@ -99,34 +102,35 @@ const MAX_PREFIX: usize = 6;
 /// custom allocator), names with `prefix` (`je_`); empty when it has no `malloc`.
 pub fn allocator_probes(data: &[u8], prefix: &str) -> Result<Vec<AllocProbe>> {
     let file = object::File::parse(data).context("not a valid ELF")?;
-    if crate::golang::is_go(&file) {
+    if crate::binary::golang::is_go(&file) {
         // Return probes move a goroutine's return address; Go's stack
         // growth and traceback would then crash the program.
         anyhow::bail!("a Go program: leaktrace never puts return probes in Go code");
     }
-    if find_symbol(&file, &format!("{prefix}malloc")).is_none() {
+    if find_text_symbol(&file, &format!("{prefix}malloc")).is_none() {
         return Ok(Vec::new());
     }
+    let segments = Segments::of(&file);
     let mut out = Vec::new();
     let mut claimed = HashSet::new();
     for entry in ENTRIES {
-        let Some((addr, size)) = find_symbol(&file, &format!("{prefix}{}", entry.name)) else { continue };
+        let Some((addr, size)) = find_text_symbol(&file, &format!("{prefix}{}", entry.name)) else { continue };
         if !claimed.insert(addr) {
             continue;
         }
         if entry.name == "malloc" {
-            if let Some(points) = result_probes(&file, data, entry.name, addr, size) {
+            if let Some(points) = result_probes(&segments, data, entry.name, addr, size) {
                 out.extend(points);
                 continue;
             }
         }
-        let Some(code) = bytes_at(&file, data, addr, size.clamp(1, 64)) else { continue };
+        let Some(code) = segments.bytes_at(data, addr, size.clamp(1, 64)) else { continue };
         let (delta, cheap) = match probe_delta(code, addr, entry.args, false) {
             Some((d, _)) => (d, true),
             None if entry.optional => continue,
             None => (0, false),
         };
-        let Some(file_offset) = file_offset(&file, addr + delta) else { continue };
+        let Some(file_offset) = segments.offset_of_vaddr(addr + delta) else { continue };
         out.push(AllocProbe {
             function: entry.name.to_string(),
             program: entry.program,
@@ -143,16 +147,17 @@ pub fn allocator_probes(data: &[u8], prefix: &str) -> Result<Vec<AllocProbe>> {
 /// `operator new` probes in one ELF file (libstdc++, or a static C++ binary).
 pub fn operator_new_probes(data: &[u8]) -> Result<Vec<AllocProbe>> {
     let file = object::File::parse(data).context("not a valid ELF")?;
+    let segments = Segments::of(&file);
     let mut out = Vec::new();
     let mut claimed = HashSet::new();
     for name in OPERATOR_NEW {
-        let Some((addr, size)) = find_symbol(&file, name) else { continue };
+        let Some((addr, size)) = find_text_symbol(&file, name) else { continue };
         if !claimed.insert(addr) {
             continue;
         }
-        let Some(code) = bytes_at(&file, data, addr, size.clamp(1, 64)) else { continue };
+        let Some(code) = segments.bytes_at(data, addr, size.clamp(1, 64)) else { continue };
         let (delta, sp_depth, cheap) = probe_delta(code, addr, &[], true).map_or((0, 0, false), |(d, depth)| (d, depth, true));
-        let Some(file_offset) = file_offset(&file, addr + delta) else { continue };
+        let Some(file_offset) = segments.offset_of_vaddr(addr + delta) else { continue };
         let cookie = (sp_depth > 0).then_some(u64::from(sp_depth));
         out.push(AllocProbe { function: name.to_string(), program: "alloc_new", file_offset, delta, cheap, returns: false, cookie });
     }
@@ -161,15 +166,12 @@ pub fn operator_new_probes(data: &[u8]) -> Result<Vec<AllocProbe>> {
 
 /// `malloc`'s result and size points (see [`results`]), as probes; `None`
 /// when its code was not understood (then it gets entry and return probes).
-fn result_probes(file: &object::File, data: &[u8], name: &str, addr: u64, size: u64) -> Option<Vec<AllocProbe>> {
+fn result_probes(segments: &Segments, data: &[u8], name: &str, addr: u64, size: u64) -> Option<Vec<AllocProbe>> {
     use tracer_common::allocations::point;
     if size == 0 {
         return None;
     }
-    let code = bytes_at(file, data, addr, size)?;
-    if code.len() as u64 != size {
-        return None;
-    }
+    let code = segments.function_bytes(data, addr, size)?;
     let plan = results::plan(code, addr)?;
     let when = |w: results::When| match w {
         results::When::Always => 0,
@@ -182,7 +184,7 @@ fn result_probes(file: &object::File, data: &[u8], name: &str, addr: u64, size: 
         out.push(AllocProbe {
             function: name.to_string(),
             program,
-            file_offset: file_offset(file, at)?,
+            file_offset: segments.offset_of_vaddr(at)?,
             delta: at - addr,
             cheap: true,
             returns: false,
@@ -246,14 +248,9 @@ pub fn probes_in_file(path: &Path, prefix: &str, with_new: bool) -> Result<Vec<A
 /// or `sp` — except, with `allow_depth`, `sub $imm,%rsp` (then the second
 /// value says how far `sp` moved).
 pub fn probe_delta(code: &[u8], entry: u64, args: &[Register], allow_depth: bool) -> Option<(u64, u32)> {
-    let mut decoder = Decoder::with_ip(64, code, entry, DecoderOptions::NONE);
     let mut info = InstructionInfoFactory::new();
     let mut depth = 0u32;
-    for _ in 0..MAX_PREFIX {
-        if !decoder.can_decode() {
-            return None;
-        }
-        let ins = decoder.decode();
+    for ins in linear(code, entry).take(MAX_PREFIX) {
         if ins.is_invalid() {
             return None;
         }
@@ -267,13 +264,13 @@ pub fn probe_delta(code: &[u8], entry: u64, args: &[Register], allow_depth: bool
             && ins.mnemonic() == Mnemonic::Sub
             && ins.op0_kind() == OpKind::Register
             && ins.op0_register() == Register::RSP
-            && matches!(ins.op1_kind(), OpKind::Immediate8to64 | OpKind::Immediate32to64)
+            && is_imm(ins.op1_kind())
         {
             depth = depth.checked_add(u32::try_from(ins.immediate(1)).ok()?)?;
             continue;
         }
         let writes = info.info(&ins).used_registers().iter().any(|u| {
-            let written = results::writes(u.access());
+            let written = writes(u.access());
             let full = u.register().full_register();
             written && (full == Register::RSP || args.contains(&full))
         });
@@ -282,38 +279,6 @@ pub fn probe_delta(code: &[u8], entry: u64, args: &[Register], allow_depth: bool
         }
     }
     None
-}
-
-use results::emulated;
-
-
-/// Address and size of a function symbol (dynamic symbols first, then the
-/// symbol table; versions like `@@GLIBC_2.2.5` ignored).
-fn find_symbol(file: &object::File, name: &str) -> Option<(u64, u64)> {
-    file.dynamic_symbols().chain(file.symbols()).find_map(|s| {
-        let n = s.name().ok()?;
-        let base = n.split('@').next().unwrap_or(n);
-        (base == name && s.kind() == SymbolKind::Text && s.address() != 0).then(|| (s.address(), s.size()))
-    })
-}
-
-fn file_offset(file: &object::File, addr: u64) -> Option<u64> {
-    file.segments().find_map(|s| {
-        let (fo, fsz) = s.file_range();
-        (addr >= s.address() && addr < s.address() + fsz).then(|| fo + (addr - s.address()))
-    })
-}
-
-fn bytes_at<'d>(file: &object::File, data: &'d [u8], addr: u64, size: u64) -> Option<&'d [u8]> {
-    file.segments().find_map(|s| {
-        let (fo, fsz) = s.file_range();
-        let start = s.address();
-        (addr >= start && addr < start + fsz).then(|| {
-            let off = (fo + (addr - start)) as usize;
-            let end = (off + size as usize).min((fo + fsz) as usize);
-            &data[off..end]
-        })
-    })
 }
 
 #[cfg(test)]

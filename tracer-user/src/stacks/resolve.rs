@@ -13,7 +13,7 @@ use crate::{
     trackers::SampleStack,
     procfs::MemoryMap,
     report::Frame,
-    symbolize::{lookup_addr, SymbolizerService},
+    stacks::symbolize::{lookup_addr, SymbolizerService},
 };
 
 /// Resolves [`StackKey`]s of one target; results are cached for the session

@@ -35,9 +35,11 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use iced_x86::{
-    ConditionCode, Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind,
+    ConditionCode, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind,
     Register,
 };
+
+use crate::binary::x86::{emulated, gpr, gpr_name, is_imm, linear, writes};
 
 /// Where a value is at the probed instruction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,18 +112,6 @@ struct State {
     sp: Option<i64>,
     regs: [Val; 16],
     slots: BTreeMap<i64, Val>,
-}
-
-fn gpr(r: Register) -> Option<usize> {
-    let full = r.full_register();
-    let i = (full as u32).checked_sub(Register::RAX as u32)? as usize;
-    (i < 16 && full.is_gpr64()).then_some(i)
-}
-
-/// The 64-bit register with index `i` (iced-x86 orders them rax, rcx,
-/// rdx, rbx, rsp, rbp, rsi, rdi, r8-r15, as [`gpr`] counts).
-fn gpr_name(i: usize) -> Register {
-    Register::try_from(Register::RAX as usize + i).unwrap_or(Register::None)
 }
 
 const CALLER_SAVED: [Register; 9] = [
@@ -199,23 +189,6 @@ fn to_slot(off: i64) -> Option<Loc> {
     (0..=MAX_SLOT).contains(&off).then(|| Loc::Stack(off as u32))
 }
 
-/// Whether an operand access writes (maybe only under a condition).
-pub(super) fn writes(a: OpAccess) -> bool {
-    matches!(a, OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite)
-}
-
-/// Instructions the x86 uprobe code emulates instead of single-stepping.
-pub(super) fn emulated(ins: &Instruction) -> bool {
-    match ins.mnemonic() {
-        Mnemonic::Push => ins.op0_kind() == OpKind::Register,
-        Mnemonic::Nop => true,
-        _ => matches!(
-            (ins.flow_control(), ins.op0_kind()),
-            (FlowControl::ConditionalBranch | FlowControl::UnconditionalBranch | FlowControl::Call, OpKind::NearBranch64)
-        ),
-    }
-}
-
 /// One decoded function with its control flow.
 struct Function {
     ins: Vec<Instruction>,
@@ -229,10 +202,8 @@ struct Function {
 
 impl Function {
     fn decode(code: &[u8], start: u64) -> Option<Function> {
-        let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
         let mut ins = Vec::new();
-        while decoder.can_decode() {
-            let i = decoder.decode();
+        for i in linear(code, start) {
             if i.is_invalid() || ins.len() >= MAX_INSTRUCTIONS {
                 return None;
             }
@@ -328,7 +299,7 @@ impl Function {
                 return out;
             }
             Mnemonic::Add | Mnemonic::Sub
-                if reg0 == Some(Register::RSP) && matches!(i.op1_kind(), OpKind::Immediate8to64 | OpKind::Immediate32to64) =>
+                if reg0 == Some(Register::RSP) && is_imm(i.op1_kind()) =>
             {
                 let imm = i.immediate(1) as i64;
                 out.sp = st.sp.map(|s| if i.mnemonic() == Mnemonic::Add { s + imm } else { s - imm });

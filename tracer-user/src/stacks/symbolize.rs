@@ -76,7 +76,7 @@ struct Worker {
     max_cache: usize,
     /// Go pc tables per object, for the frames blazesym cannot name
     /// (`-s -w` Go builds have no symtab and no DWARF); `None`: not Go.
-    go: HashMap<PathBuf, Option<crate::golang::GoSymbols>>,
+    go: HashMap<PathBuf, Option<crate::binary::golang::GoSymbols>>,
 }
 
 impl Worker {
@@ -141,7 +141,7 @@ impl Worker {
             if self.go.len() >= 64 {
                 self.go.clear();
             }
-            let syms = crate::golang::GoSymbols::open(path).ok().flatten();
+            let syms = crate::binary::golang::GoSymbols::open(path).ok().flatten();
             self.go.insert(path.clone(), syms);
         }
         let info = self.go.get(path)?.as_ref()?.lookup_offset(file_offset)?;

