@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use crate::{
     report::{Finding, Frame, HistBucket, Kind, LockInfo, Verdict},
     stacks::symbolize::{site_index, site_of},
-    trackers::{locks::LockSample, SampleStack},
+    stacks::SampleStack,
+    trackers::locks::LockSample,
 };
 
 /// Locks: share of the traced time waiters must have lost on one lock for

@@ -13,7 +13,8 @@ use crate::{
     report::{Finding, Frame, Kind, Verdict},
     stacks::resolve::StackResolver,
     stacks::symbolize::{site_index, site_of},
-    trackers::{Blocked, Collected, Judging, SampleStack, StackSample},
+    stacks::SampleStack,
+    trackers::{Blocked, Collected, Judging, StackSample},
 };
 
 /// The growth rule for live bytes: the same rule, with a rise below 8 KiB

@@ -10,7 +10,7 @@ use aya::{
 use tracer_common::stacks::{StackKey, OVERFLOW_STACK};
 
 use crate::{
-    trackers::SampleStack,
+    stacks::SampleStack,
     procfs::MemoryMap,
     report::Frame,
     stacks::symbolize::{lookup_addr, SymbolizerService},

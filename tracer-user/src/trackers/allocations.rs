@@ -19,8 +19,9 @@ use tracer_common::{
     stacks::{StackKey, WalkedFrames, MAX_WALKED_STACKS, WALKED_STACK},
 };
 
-use super::{Collected, Counters, Judging, SampleStack, StackSample, Tally, Target, Tracker, TrackerSpec};
+use super::{Collected, Counters, Judging, StackSample, Tally, Target, Tracker, TrackerSpec};
 use crate::{
+    stacks::{walked_stack, SampleStack},
     cli::TraceOptions,
     output,
     probes::{LoadSettings, Probes, Tracepoints},
@@ -258,6 +259,6 @@ impl AllocationCollector {
         if key.stack_id != WALKED_STACK {
             return SampleStack::Kernel(key);
         }
-        super::walked_stack(&self.frames, key.caller)
+        walked_stack(&self.frames, key.caller)
     }
 }

@@ -21,8 +21,9 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use super::{Blocked, Collected, Counters, Judging, SampleStack, StackSample, Tally, Target, Tracker, TrackerSpec};
+use super::{Blocked, Collected, Counters, Judging, StackSample, Tally, Target, Tracker, TrackerSpec};
 use crate::{
+    stacks::SampleStack,
     cli::TraceOptions,
     binary::{
         elf,

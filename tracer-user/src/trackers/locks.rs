@@ -21,8 +21,9 @@ use tracer_common::{
     locks::{counter, kind, LockSite, LockStack, LockStats, WaitTotals, WalkedFrames, CONFIG_IGNORE_FOREIGN, HIST_BUCKETS},
 };
 
-use super::{Collected, Counters, SampleStack, Tally, Target, Tracker, TrackerSpec};
+use super::{Collected, Counters, Tally, Target, Tracker, TrackerSpec};
 use crate::{
+    stacks::{walked_stack, SampleStack},
     binary::elf::{Globals, Segments},
     cli::TraceOptions,
     output,
@@ -334,7 +335,7 @@ impl LockCollector {
         if key.walked == 0 {
             return SampleStack::Kernel(key.stack);
         }
-        super::walked_stack(&self.frames, key.walked)
+        walked_stack(&self.frames, key.walked)
     }
 
     /// Name of the Go sync function containing `addr` ("" when none).

@@ -44,7 +44,8 @@ use crate::binary::{
     },
 };
 use crate::{cli::TraceOptions, output, report::Kind};
-use super::{Collected, Counters, Judging, SampleStack, StackSample, Tally, Target, Tracker, TrackerSpec};
+use crate::stacks::SampleStack;
+use super::{Collected, Counters, Judging, StackSample, Tally, Target, Tracker, TrackerSpec};
 
 /// The map tracker in the registry (asked for by name: it reads the
 /// target's memory every interval and only applies to Go).

@@ -13,10 +13,11 @@ pub mod threads;
 use std::collections::HashMap;
 
 use anyhow::Result;
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap};
-use tracer_common::stacks::{StackCounts, StackKey, WalkedFrames};
+use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
+use tracer_common::stacks::{StackCounts, StackKey};
 
 use crate::{
+    stacks::SampleStack,
     cli::TraceOptions,
     probes::{LoadSettings, Probes, Tracepoints},
     procfs::MemoryMap,
@@ -138,38 +139,6 @@ pub struct Tally {
     pub lost: u64,
     /// Frees of blocks never seen allocated (allocations only).
     pub untracked_frees: Option<u64>,
-}
-
-/// A stack as a collector has it: an id in the kernel's stack map (probes,
-/// tracepoints), or addresses read out of the target's memory (a goroutine's
-/// `go` statement, a parked goroutine's frames), innermost first.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum SampleStack {
-    Kernel(StackKey),
-    Addresses(Vec<u64>),
-}
-
-impl From<StackKey> for SampleStack {
-    fn from(key: StackKey) -> Self {
-        SampleStack::Kernel(key)
-    }
-}
-
-/// A stack a BPF program walked itself, by its key in the tracker's
-/// walked-stack table (`stacks::walk_user_stack`); "[stack not recorded]"
-/// when it is not there.
-pub fn walked_stack(frames: &BpfHashMap<MapData, u64, WalkedFrames>, key: u64) -> SampleStack {
-    match frames.get(&key, 0) {
-        Ok(f) => SampleStack::Addresses(f.ips[..(f.len as usize).min(f.ips.len())].to_vec()),
-        Err(_) => SampleStack::Kernel(StackKey { stack_id: -1, caller: 0 }),
-    }
-}
-
-/// The empty stack (shown as "[stack not recorded]").
-impl Default for SampleStack {
-    fn default() -> Self {
-        SampleStack::Addresses(Vec::new())
-    }
 }
 
 /// What a collector says about one creation stack at one instant.
