@@ -30,15 +30,13 @@ use crate::{
         golang::{GoRuntime, TargetMemory},
     },
     output,
-    probes::{LoadSettings, Probes},
+    probes::Probes,
     report::Kind,
 };
 
 /// The goroutine tracker in the registry (a default tracker, as part of
 /// `tasks`): it applies to Go programs only and loads nothing.
-pub const SPEC: TrackerSpec = TrackerSpec { name: "goroutines", default: true, configure, new };
-
-fn configure(_load: &mut LoadSettings, _opts: &TraceOptions, _active: bool) {}
+pub const SPEC: TrackerSpec = TrackerSpec { name: "goroutines", default: true, configure: super::no_settings, new };
 
 fn new(_probes: &mut Probes, _opts: &TraceOptions, _target: &Target) -> Result<Box<dyn Tracker>> {
     Ok(Box::new(Goroutines { reader: None }))

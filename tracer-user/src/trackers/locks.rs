@@ -27,16 +27,14 @@ use crate::{
     binary::elf::{Globals, Segments},
     cli::TraceOptions,
     output,
-    probes::{LoadSettings, Probes, Tracepoints},
+    probes::{Probes, Tracepoints},
     procfs::{self, MemoryMap},
     report::Kind,
 };
 
 /// The lock tracker in the registry (asked for by name: it answers another
 /// question than "what leaks").
-pub const SPEC: TrackerSpec = TrackerSpec { name: "locks", default: false, configure, new };
-
-fn configure(_load: &mut LoadSettings, _opts: &TraceOptions, _active: bool) {}
+pub const SPEC: TrackerSpec = TrackerSpec { name: "locks", default: false, configure: super::no_settings, new };
 
 fn new(probes: &mut Probes, _opts: &TraceOptions, target: &Target) -> Result<Box<dyn Tracker>> {
     Ok(Box::new(LockCollector::new(probes, target.pid)?))

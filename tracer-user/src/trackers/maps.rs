@@ -34,7 +34,7 @@ use tracer_common::{
     stacks::StackKey,
 };
 
-use crate::probes::{LoadSettings, Probes};
+use crate::probes::Probes;
 use aya::programs::uprobe::UProbeLinkId;
 use crate::binary::{
     elf::{self, DataSymbol},
@@ -49,9 +49,7 @@ use super::{Collected, Counters, Judging, StackSample, Tally, Target, Tracker, T
 
 /// The map tracker in the registry (asked for by name: it reads the
 /// target's memory every interval and only applies to Go).
-pub const SPEC: TrackerSpec = TrackerSpec { name: "maps", default: false, configure, new };
-
-fn configure(_load: &mut LoadSettings, _opts: &TraceOptions, _active: bool) {}
+pub const SPEC: TrackerSpec = TrackerSpec { name: "maps", default: false, configure: super::no_settings, new };
 
 fn new(_probes: &mut Probes, _opts: &TraceOptions, _target: &Target) -> Result<Box<dyn Tracker>> {
     Ok(Box::new(Maps { collector: None }))

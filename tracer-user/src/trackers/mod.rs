@@ -78,6 +78,9 @@ pub struct TrackerSpec {
     pub new: fn(&mut Probes, &TraceOptions, &Target) -> Result<Box<dyn Tracker>>,
 }
 
+/// `TrackerSpec::configure` of a tracker whose tables need no sizing.
+pub fn no_settings(_load: &mut LoadSettings, _opts: &TraceOptions, _active: bool) {}
+
 /// Every tracker this build has, in report order. Adding a tracker is one
 /// line here (and its three same-named modules).
 pub static REGISTRY: &[TrackerSpec] = &[
