@@ -23,6 +23,8 @@ pub trait HeldChild: Send {
     fn reap(&mut self) -> bool;
     /// Stops the child (we started it, we end it).
     fn terminate(&mut self);
+    /// Waits up to `limit` for a child that is exiting; its wait status.
+    fn wait_exit(&mut self, limit: std::time::Duration) -> Option<i32>;
 }
 
 /// A forked child waiting to exec.
@@ -66,6 +68,7 @@ impl Held {
     pub fn spawn(cmd: &[String], stdout_to_stderr: bool) -> Result<Self> {
         let Some((prog, _)) = cmd.split_first() else { bail!("no command given after --") };
         let path = resolve_program(prog)?;
+        crate::procfs::check_executable(&path, &path.display().to_string())?;
         let c_path = CString::new(path.as_os_str().as_bytes())?;
         let c_args: Vec<CString> = cmd.iter().map(|a| CString::new(a.as_bytes())).collect::<Result<_, _>>()?;
         let mut argv: Vec<*const libc::c_char> = c_args.iter().map(|a| a.as_ptr()).collect();
@@ -148,11 +151,21 @@ impl HeldChild for Held {
         let mut status = 0;
         // SAFETY: our child.
         let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
-        if r == self.pid || r < 0 {
+        if r == self.pid {
             self.reaped = true;
             self.status = Some(status);
+        } else if r < 0 {
+            self.reaped = true;
         }
         self.reaped
+    }
+
+    fn wait_exit(&mut self, limit: std::time::Duration) -> Option<i32> {
+        let until = std::time::Instant::now() + limit;
+        while !self.reap() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        self.status
     }
 
     fn terminate(&mut self) {

@@ -141,6 +141,7 @@ pub fn check_target(pid: u32) -> Result<()> {
     if fs::read_link(format!("/proc/{pid}/exe")).is_err() && fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|m| m.is_empty()) {
         bail!("{pid} is a kernel thread: nothing to trace");
     }
+    check_executable(Path::new(&format!("/proc/{pid}/exe")), &format!("{pid} ({})", comm(pid)))?;
     // Only whole processes: a thread id is not a target.
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     if let Some(tgid) = status.lines().find_map(|l| l.strip_prefix("Tgid:")) {
@@ -148,6 +149,25 @@ pub fn check_target(pid: u32) -> Result<()> {
         if tgid != pid {
             bail!("{pid} is a thread of process {tgid}: give the process id (--pid {tgid})");
         }
+    }
+    Ok(())
+}
+
+/// Refuses what the probes cannot read: a 32-bit or non-x86-64 ELF
+/// executable (its syscalls and stacks are another ABI; traced, it would
+/// silently show 0 events). Anything that is not ELF (a script before its
+/// exec, an unreadable file) passes: its interpreter is judged after exec.
+pub fn check_executable(path: &Path, who: &str) -> Result<()> {
+    let mut head = [0u8; 20];
+    let Ok(mut f) = fs::File::open(path) else { return Ok(()) };
+    if io::Read::read_exact(&mut f, &mut head).is_err() || head[..4] != *b"\x7fELF" {
+        return Ok(());
+    }
+    let machine = u16::from_le_bytes([head[18], head[19]]);
+    const EM_X86_64: u16 = 62;
+    if head[4] != 2 || machine != EM_X86_64 {
+        let what = if head[4] == 1 { "a 32-bit program".to_string() } else { format!("an ELF for machine {machine}") };
+        bail!("{who} is {what}: leaktrace traces 64-bit x86-64 processes only");
     }
     Ok(())
 }
