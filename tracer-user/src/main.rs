@@ -16,7 +16,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("leaktrace: error: {}", one_line(&e));
+            leaktrace::output::error(one_line(&e));
             ExitCode::from(if e.is::<UsageError>() { 2 } else { 1 })
         }
     }
@@ -53,7 +53,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let outcome = rt.block_on(session::trace(pid, &opts, child))?;
+    let outcome = rt.block_on(session::trace(pid, &opts, child, is_check))?;
     if let Some(status) = outcome.command_status.filter(|s| *s != 0) {
         // A command that fails on its own is not a program that passed.
         if is_check {
@@ -63,7 +63,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     if is_check {
         let check = leaktrace::render::check::render_check(&outcome.report, &outcome.omitted, fail_on_wait);
-        eprint!("{}", check.text);
+        leaktrace::output::write_stderr(&check.text);
         if check.failed {
             return Ok(ExitCode::from(3));
         }

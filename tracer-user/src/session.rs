@@ -27,6 +27,8 @@ pub enum EndReason {
     Duration,
     Signal,
     TargetExited,
+    /// The reader of stdout went away (`attach ... | head`).
+    OutputClosed,
 }
 
 /// What a finished session hands back to the CLI.
@@ -58,8 +60,10 @@ struct Session {
     omitted: Vec<Finding>,
 }
 
-/// Traces `pid` until the duration ends, a signal comes or the target exits.
-pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn HeldChild>>) -> Result<Outcome> {
+/// Traces `pid` until the duration ends, a signal comes, the target exits
+/// or (unless `to_the_end`: `check`, whose verdict is its exit status)
+/// nobody reads stdout any more.
+pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn HeldChild>>, to_the_end: bool) -> Result<Outcome> {
     let names = crate::cli::trackers(&opts.track).map_err(anyhow::Error::msg)?;
     probes::preflight()?;
     procfs::check_target(pid)?;
@@ -130,6 +134,9 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
                 if gone || s.lifecycle.exited || !procfs::is_alive(pid) {
                     break EndReason::TargetExited;
                 }
+                if !to_the_end && outlet.stdout_closed() {
+                    break EndReason::OutputClosed;
+                }
             }
             _ = report_tick.tick() => {
                 if let Ok(m) = MemoryMap::read(pid) {
@@ -141,6 +148,9 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
         }
     };
 
+    if end == EndReason::OutputClosed {
+        output::note("stdout was closed: ending the trace");
+    }
     let alive = end != EndReason::TargetExited && procfs::is_alive(pid);
     let exited = !alive && end == EndReason::TargetExited;
     // After the target exits its objects vanish without end events: the

@@ -65,3 +65,61 @@ fn a_32_bit_target_is_refused() {
     let run = run_leaktrace(&["check", "--pid", &t64.pid().to_string(), "--for", "2s", "--interval", "1s"]);
     assert_eq!(run.status, 0, "stderr: {}", run.stderr);
 }
+
+/// `check ... 2>&1 | head -n 1`: both pipes closed after one line. No
+/// panic (101): check traces to the end and exits with its verdict.
+#[test]
+fn check_with_closed_pipes_exits_with_its_verdict() {
+    let t = start("conn_leak", &[]);
+    let (reader, writer) = std::io::pipe().unwrap();
+    let mut child = Command::new(leaktrace())
+        .args(["check", "--pid", &t.pid().to_string(), "--for", "6s", "--interval", "1s"])
+        .stdout(writer.try_clone().unwrap())
+        .stderr(writer)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(reader).read_line(&mut first).unwrap(); // the reader is dropped here: `head -n 1`
+    assert!(first.contains("leaktrace"), "{first}");
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(3), "check with closed stdout/stderr: {status:?}");
+}
+
+/// `attach ... | head -n 2`: the trace ends once a report cannot be
+/// written (not at --for), detaches, exit 0.
+#[test]
+fn attach_stops_when_stdout_is_closed() {
+    let t = start("conn_leak", &[]);
+    let started = Instant::now();
+    let mut child = Command::new(leaktrace())
+        .args(["attach", "--pid", &t.pid().to_string(), "--for", "60s", "--interval", "1s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = read_all(child.stderr.take().unwrap());
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for _ in 0..2 {
+        lines.next().unwrap().unwrap();
+    }
+    drop(lines);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("leaktrace kept tracing after its stdout was closed");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stderr = err.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("stdout was closed: ending the trace"), "{stderr}");
+    assert!(stderr.contains("detached from"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    // The target was not harmed.
+    assert!(std::path::Path::new(&format!("/proc/{}", t.pid())).exists());
+}

@@ -9,6 +9,7 @@ use std::{
     fmt::Display,
     io::{IsTerminal, Write},
     path::Path,
+    sync::atomic::{AtomicBool, Ordering},
     time::SystemTime,
 };
 
@@ -60,10 +61,16 @@ impl Outlet {
     /// redraw in place and the final one goes below the last.
     pub fn publish(&self, report: Report) {
         if report.is_final && self.format == Format::Table && self.is_tty {
-            println!();
+            write_stdout("\n");
         }
         emit(&report, self.format, self.is_tty && !report.is_final, &self.table_opts);
         self.share(report);
+    }
+
+    /// Whether stdout was closed by its reader (`| head`): nobody reads the
+    /// reports any more.
+    pub fn stdout_closed(&self) -> bool {
+        STDOUT_CLOSED.load(Ordering::Relaxed)
     }
 
     /// Stops the metrics server (waits up to 2 s for it).
@@ -75,29 +82,54 @@ impl Outlet {
     }
 }
 
+/// Set once a write to stdout failed (its reader is gone).
+static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
+
 /// A diagnostic for the person running leaktrace: `leaktrace: MSG`.
 pub fn note(msg: impl Display) {
-    eprintln!("leaktrace: {msg}");
+    write_stderr(&format!("leaktrace: {msg}\n"));
 }
 
 /// Something that makes the report less complete than asked:
 /// `leaktrace: warning: MSG`.
 pub fn warn(msg: impl Display) {
-    eprintln!("leaktrace: warning: {msg}");
+    write_stderr(&format!("leaktrace: warning: {msg}\n"));
+}
+
+/// The error that ends leaktrace: `leaktrace: error: MSG`.
+pub fn error(msg: impl Display) {
+    write_stderr(&format!("leaktrace: error: {msg}\n"));
+}
+
+/// Writes text on stderr. A closed stderr loses the text and nothing else:
+/// unlike `eprintln!`, never a panic.
+pub fn write_stderr(text: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(text.as_bytes()).and_then(|()| err.flush());
+}
+
+/// Writes text on stdout; a failure marks stdout closed (see
+/// [`Outlet::stdout_closed`]) instead of panicking like `println!`.
+fn write_stdout(text: &str) {
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    if out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_err() {
+        STDOUT_CLOSED.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Writes one report to stdout: a table (redrawn in place on a terminal
 /// until the final one) or one JSON line.
 fn emit(report: &Report, format: Format, is_tty: bool, table_opts: &TableOptions) {
-    let mut out = std::io::stdout().lock();
     let text = match format {
         Format::Json => render::json::to_json_line(report) + "\n",
         Format::Table => {
             format!("{}{}", render::table::refresh_prefix(is_tty), render::table::render_table(report, table_opts))
         }
     };
-    let _ = out.write_all(text.as_bytes());
-    let _ = out.flush();
+    write_stdout(&text);
 }
 
 /// Writes the `--pprof` profile and the `--flamegraph` SVGs of the final
