@@ -15,6 +15,28 @@ use std::{
 use anyhow::{bail, Result};
 
 
+/// leaktrace's descriptor limit as it was given, before
+/// [`raise_fd_limit`]: what the command gets back.
+static GIVEN_NOFILE: std::sync::OnceLock<libc::rlimit> = std::sync::OnceLock::new();
+
+/// Raises leaktrace's soft descriptor limit to its hard limit (BPF objects,
+/// probes and /metrics clients all take descriptors). A command leaktrace
+/// starts gets the limit leaktrace was given.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: reads and sets our own limit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let _ = GIVEN_NOFILE.set(lim);
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &raised);
+        }
+    }
+}
+
 /// A process leaktrace started and holds before `exec` (run / check -- CMD).
 pub trait HeldChild: Send {
     /// Lets the child exec its command.
@@ -74,6 +96,7 @@ impl Held {
         let mut argv: Vec<*const libc::c_char> = c_args.iter().map(|a| a.as_ptr()).collect();
         argv.push(std::ptr::null());
 
+        let given_nofile = GIVEN_NOFILE.get().copied();
         let mut go = [0; 2];
         let mut err = [0; 2];
         // SAFETY: valid arrays of two ints.
@@ -83,7 +106,8 @@ impl Held {
             }
         }
         // SAFETY: after fork the child only calls async-signal-safe functions
-        // (close, read, write, execv, _exit) on memory prepared before fork.
+        // (close, read, write, dup2, setrlimit, execv, _exit) on memory
+        // prepared before fork.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             bail!("fork: {}", std::io::Error::last_os_error());
@@ -104,6 +128,9 @@ impl Held {
                 }
                 if stdout_to_stderr {
                     libc::dup2(2, 1);
+                }
+                if let Some(lim) = given_nofile {
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
                 }
                 libc::execv(c_path.as_ptr(), argv.as_ptr());
                 let e = *libc::__errno_location();

@@ -12,6 +12,7 @@ use leaktrace::{
 };
 
 fn main() -> ExitCode {
+    leaktrace::child::raise_fd_limit();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,

@@ -104,16 +104,29 @@ impl MemoryMap {
     }
 }
 
-/// Whether the process exists and is not a zombie.
-pub fn is_alive(pid: u32) -> bool {
+/// Whether the process exists and is not a zombie; an error when /proc
+/// cannot tell (leaktrace out of descriptors or memory): a failure of our
+/// own is never the target's death.
+pub fn liveness(pid: u32) -> io::Result<bool> {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
             // State is the first field after the parenthesised comm.
             let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
-            !matches!(state, Some('Z') | Some('X') | None)
+            Ok(!matches!(state, Some('Z') | Some('X') | None))
         }
-        Err(_) => false,
+        Err(e) if is_gone(&e) => Ok(false),
+        Err(e) => Err(e),
     }
+}
+
+/// Whether an error reading /proc/PID/... means the process is gone.
+fn is_gone(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH)
+}
+
+/// [`liveness`], taking "cannot tell" for alive.
+pub fn is_alive(pid: u32) -> bool {
+    liveness(pid).unwrap_or(true)
 }
 
 /// Whether the process still has its address space. An exiting process

@@ -115,6 +115,8 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     // machine) must not be followed by a burst of samples a few ms apart.
     report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut poll_tick = tokio::time::interval(Duration::from_millis(100));
+    // Warned once that /proc could not be read (our own failure).
+    let mut proc_unreadable = false;
 
     // Sample at t=0 so growth is measured from attach.
     outlet.share(s.report(start, false, false).await?);
@@ -131,7 +133,14 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
             _ = poll_tick.tick() => {
                 s.poll().await;
                 let gone = child.as_mut().map(|c| c.reap()).unwrap_or(false);
-                if gone || s.lifecycle.exited || !procfs::is_alive(pid) {
+                let alive = procfs::liveness(pid).unwrap_or_else(|e| {
+                    if !proc_unreadable {
+                        output::warn(format!("cannot read /proc/{pid}/stat ({e}): leaktrace's own failure, still tracing"));
+                        proc_unreadable = true;
+                    }
+                    true
+                });
+                if gone || s.lifecycle.exited || !alive {
                     break EndReason::TargetExited;
                 }
                 if !to_the_end && outlet.stdout_closed() {

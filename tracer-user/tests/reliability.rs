@@ -123,3 +123,67 @@ fn attach_stops_when_stdout_is_closed() {
     // The target was not harmed.
     assert!(std::path::Path::new(&format!("/proc/{}", t.pid())).exists());
 }
+
+/// A free loopback port (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// With a descriptor limit of 256 that leaktrace cannot raise, 400 idle
+/// clients on /metrics neither exhaust its descriptors nor make it take the
+/// target for dead: the leak is still found, no `exited`; idle clients are
+/// closed after the idle timeout and a new scrape is served.
+#[test]
+fn idle_metrics_clients_do_not_end_the_trace() {
+    use std::io::{Read, Write};
+    let t = start("conn_leak", &[]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new("prlimit")
+        .args(["--nofile=256:256", "--"])
+        .arg(leaktrace())
+        .args(["attach", "--pid", &t.pid().to_string(), "--for", "16s", "--interval", "1s", "--json", "--listen", &addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("prlimit (util-linux) is needed for this test");
+    let out = read_all(child.stdout.take().unwrap());
+    let mut err_lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut stderr = String::new();
+    for line in err_lines.by_ref() {
+        let line = line.unwrap();
+        stderr += &line;
+        stderr += "\n";
+        if line.contains("serving metrics") {
+            break;
+        }
+    }
+    let err = std::thread::spawn(move || err_lines.map_while(Result::ok).collect::<Vec<_>>().join("\n"));
+    let opened = Instant::now();
+    let mut idle: Vec<std::net::TcpStream> = (0..400).filter_map(|_| std::net::TcpStream::connect(&addr).ok()).collect();
+    assert!(idle.len() >= 300, "only {} connections", idle.len());
+    // Idle clients are closed by the server (EOF) once the idle timeout passed.
+    std::thread::sleep(Duration::from_secs(11).saturating_sub(opened.elapsed()));
+    let mut first = idle.remove(0);
+    first.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 16];
+    assert!(matches!(first.read(&mut buf), Ok(0)), "an idle client was not closed");
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut scrape = std::net::TcpStream::connect(&addr).unwrap();
+    scrape.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    scrape.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    let mut body = String::new();
+    let _ = scrape.read_to_string(&mut body);
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.contains("leaktrace_up 1"), "{body}");
+    let status = child.wait().unwrap();
+    let stderr = stderr + &err.join().unwrap();
+    let run = Run { status: status.code().unwrap_or(-1), stdout: out.join().unwrap(), stderr };
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    let report = run.final_report();
+    assert!(report.get("exited").is_none(), "the target was taken for dead: {}", run.stderr);
+    assert!(report["elapsed_s"].as_f64().unwrap() >= 15.0, "the trace ended early: {}", run.stderr);
+    let leaks = findings_with(&report, "dial_cache");
+    assert!(leaks.iter().any(|f| f["verdict"] == "leak" && functions(f).iter().any(|n| n == "bad_handler")), "{}", summarize(&report));
+}
