@@ -133,6 +133,19 @@ pub struct TraceOptions {
     pub flamegraph_kind: Option<Kind>,
 }
 
+/// A command-line error found after parsing (an unknown tracker, `check`
+/// without a target): exit 2 like clap's own usage errors.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
 /// Output format.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {

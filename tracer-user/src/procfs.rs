@@ -104,16 +104,29 @@ impl MemoryMap {
     }
 }
 
-/// Whether the process exists and is not a zombie.
-pub fn is_alive(pid: u32) -> bool {
+/// Whether the process exists and is not a zombie; an error when /proc
+/// cannot tell (leaktrace out of descriptors or memory): a failure of our
+/// own is never the target's death.
+pub fn liveness(pid: u32) -> io::Result<bool> {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
             // State is the first field after the parenthesised comm.
             let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
-            !matches!(state, Some('Z') | Some('X') | None)
+            Ok(!matches!(state, Some('Z') | Some('X') | None))
         }
-        Err(_) => false,
+        Err(e) if is_gone(&e) => Ok(false),
+        Err(e) => Err(e),
     }
+}
+
+/// Whether an error reading /proc/PID/... means the process is gone.
+fn is_gone(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH)
+}
+
+/// [`liveness`], taking "cannot tell" for alive.
+pub fn is_alive(pid: u32) -> bool {
+    liveness(pid).unwrap_or(true)
 }
 
 /// Whether the process still has its address space. An exiting process
@@ -141,6 +154,7 @@ pub fn check_target(pid: u32) -> Result<()> {
     if fs::read_link(format!("/proc/{pid}/exe")).is_err() && fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|m| m.is_empty()) {
         bail!("{pid} is a kernel thread: nothing to trace");
     }
+    check_executable(Path::new(&format!("/proc/{pid}/exe")), &format!("{pid} ({})", comm(pid)))?;
     // Only whole processes: a thread id is not a target.
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     if let Some(tgid) = status.lines().find_map(|l| l.strip_prefix("Tgid:")) {
@@ -148,6 +162,25 @@ pub fn check_target(pid: u32) -> Result<()> {
         if tgid != pid {
             bail!("{pid} is a thread of process {tgid}: give the process id (--pid {tgid})");
         }
+    }
+    Ok(())
+}
+
+/// Refuses what the probes cannot read: a 32-bit or non-x86-64 ELF
+/// executable (its syscalls and stacks are another ABI; traced, it would
+/// silently show 0 events). Anything that is not ELF (a script before its
+/// exec, an unreadable file) passes: its interpreter is judged after exec.
+pub fn check_executable(path: &Path, who: &str) -> Result<()> {
+    let mut head = [0u8; 20];
+    let Ok(mut f) = fs::File::open(path) else { return Ok(()) };
+    if io::Read::read_exact(&mut f, &mut head).is_err() || head[..4] != *b"\x7fELF" {
+        return Ok(());
+    }
+    let machine = u16::from_le_bytes([head[18], head[19]]);
+    const EM_X86_64: u16 = 62;
+    if head[4] != 2 || machine != EM_X86_64 {
+        let what = if head[4] == 1 { "a 32-bit program".to_string() } else { format!("an ELF for machine {machine}") };
+        bail!("{who} is {what}: leaktrace traces 64-bit x86-64 processes only");
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ use crate::{
     output::{self, Outlet},
     probes::{self, LoadSettings, Probes},
     procfs::{self, MemoryMap},
-    report::{Lost, Report},
+    report::{Finding, Lost, Report},
     stacks::resolve::StackResolver,
     stacks::symbolize::{StrippedWarnings, SymbolizerService},
     stacks::syscall_sites,
@@ -27,12 +27,20 @@ pub enum EndReason {
     Duration,
     Signal,
     TargetExited,
+    /// The reader of stdout went away (`attach ... | head`).
+    OutputClosed,
 }
 
 /// What a finished session hands back to the CLI.
 pub struct Outcome {
     pub report: Report,
+    /// Findings of the final report cut by `--max-findings`: `check` judges
+    /// them too.
+    pub omitted: Vec<Finding>,
     pub end: EndReason,
+    /// The command's wait status when leaktrace started it (`run`,
+    /// `check -- CMD`) and it exited on its own.
+    pub command_status: Option<i32>,
 }
 
 /// Everything a session holds while it traces: dropping it detaches.
@@ -48,10 +56,14 @@ struct Session {
     max_findings: usize,
     /// Objects already warned about for having no symbols.
     stripped: StrippedWarnings,
+    /// The findings the last report cut (`--max-findings`).
+    omitted: Vec<Finding>,
 }
 
-/// Traces `pid` until the duration ends, a signal comes or the target exits.
-pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn HeldChild>>) -> Result<Outcome> {
+/// Traces `pid` until the duration ends, a signal comes, the target exits
+/// or (unless `to_the_end`: `check`, whose verdict is its exit status)
+/// nobody reads stdout any more.
+pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn HeldChild>>, to_the_end: bool) -> Result<Outcome> {
     let names = crate::cli::trackers(&opts.track).map_err(anyhow::Error::msg)?;
     probes::preflight()?;
     procfs::check_target(pid)?;
@@ -73,6 +85,8 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
         // later, mapped by the dynamic loader: watch for it closely so the
         // first events already get their direct caller.
         c.release()?;
+        // What it exec'd (a command that already exited is judged as such).
+        procfs::check_executable(std::path::Path::new(&format!("/proc/{pid}/exe")), &format!("{pid} ({})", procfs::comm(pid)))?;
         s.wait_for_libc(Duration::from_secs(2)).await;
     }
     let comm_at_start = procfs::comm(pid);
@@ -101,6 +115,8 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     // machine) must not be followed by a burst of samples a few ms apart.
     report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut poll_tick = tokio::time::interval(Duration::from_millis(100));
+    // Warned once that /proc could not be read (our own failure).
+    let mut proc_unreadable = false;
 
     // Sample at t=0 so growth is measured from attach.
     outlet.share(s.report(start, false, false).await?);
@@ -117,8 +133,18 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
             _ = poll_tick.tick() => {
                 s.poll().await;
                 let gone = child.as_mut().map(|c| c.reap()).unwrap_or(false);
-                if gone || s.lifecycle.exited || !procfs::is_alive(pid) {
+                let alive = procfs::liveness(pid).unwrap_or_else(|e| {
+                    if !proc_unreadable {
+                        output::warn(format!("cannot read /proc/{pid}/stat ({e}): leaktrace's own failure, still tracing"));
+                        proc_unreadable = true;
+                    }
+                    true
+                });
+                if gone || s.lifecycle.exited || !alive {
                     break EndReason::TargetExited;
+                }
+                if !to_the_end && outlet.stdout_closed() {
+                    break EndReason::OutputClosed;
                 }
             }
             _ = report_tick.tick() => {
@@ -131,6 +157,9 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
         }
     };
 
+    if end == EndReason::OutputClosed {
+        output::note("stdout was closed: ending the trace");
+    }
     let alive = end != EndReason::TargetExited && procfs::is_alive(pid);
     let exited = !alive && end == EndReason::TargetExited;
     // After the target exits its objects vanish without end events: the
@@ -139,21 +168,24 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     s.target.alive = alive;
     let final_report = s.report(start, true, exited).await?;
     outlet.publish(final_report.clone());
+    let mut command_status = None;
     if let Some(c) = child.as_mut() {
-        if !c.reap() {
-            c.terminate();
+        if end == EndReason::TargetExited {
+            command_status = c.wait_exit(Duration::from_secs(1));
         }
+        c.terminate();
     }
     outlet.close().await;
     for note in s.trackers.iter().filter_map(|t| t.closing_note()) {
         output::note(note);
     }
+    let omitted = std::mem::take(&mut s.omitted);
     drop(s);
     output::note(format!("detached from {pid}"));
     // After the final report is printed: a file that cannot be written is an
     // error (exit 1), but the report is not lost.
     output::write_exports(&final_report, opts, started_wall)?;
-    Ok(Outcome { report: final_report, end })
+    Ok(Outcome { report: final_report, omitted, end, command_status })
 }
 
 impl Session {
@@ -185,6 +217,7 @@ impl Session {
             comm: procfs::comm(pid),
             max_findings: opts.max_findings,
             stripped: StrippedWarnings::default(),
+            omitted: Vec::new(),
         })
     }
 
@@ -268,7 +301,7 @@ impl Session {
         }
         let mut findings = self.judge.findings(&collected, &mut self.resolver, &self.target.memory, t).await;
         self.stripped.warn_once(&findings);
-        let omitted = judge::rank(&mut findings, self.max_findings);
+        self.omitted = judge::rank(&mut findings, self.max_findings);
 
         let tally = Tally::sum(self.trackers.iter().map(|tr| tr.tally(&self.counters)));
         use tracer_common::counter as c;
@@ -286,7 +319,7 @@ impl Session {
             findings,
             lost,
             events: tally.events.iter().map(|(k, n)| (k.as_str(), *n)).collect(),
-            findings_omitted: omitted,
+            findings_omitted: self.omitted.len() as u64,
             untracked_frees: tally.untracked_frees,
         })
     }

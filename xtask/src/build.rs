@@ -138,6 +138,14 @@ pub fn fixtures(root: &Path) -> Result<()> {
         )?;
         built += 1;
     }
+    // A 32-bit build of conn_leak (gcc-multilib): leaktrace must refuse it
+    // with one line rather than trace it as 0 events.
+    let src32 = c_dir.join("conn_leak.c");
+    let out32 = bin.join("conn_leak32");
+    if !up_to_date(&out32, mtime(&src32).max(common_newest)) {
+        run_cmd(Command::new("gcc").args(C_FLAGS).arg("-m32").arg("-o").arg(&out32).arg(&src32).args(&common_srcs))?;
+        built += 1;
+    }
 
     // C++ fixtures: fixtures/cpp/<name>.cc -> fixtures/bin/<name> (g++, same flags).
     let cpp_dir = root.join("fixtures/cpp");

@@ -29,6 +29,8 @@ const APT_PACKAGES: &[&str] = &[
     "gcc",
     // C++ fixtures (fixtures/cpp).
     "g++",
+    // A 32-bit fixture (conn_leak32) that leaktrace must refuse.
+    "gcc-multilib",
     "bpftool",
     // `cargo xtask bench allocations` compares with bpftrace (entry floor,
     // memleak-style script).

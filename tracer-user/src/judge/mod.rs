@@ -209,8 +209,8 @@ impl Judge {
 }
 
 /// Sorts findings (worst verdict, fastest growth, most live, longest lock
-/// wait first) and keeps the first `max`; returns how many were cut.
-pub fn rank(findings: &mut Vec<Finding>, max: usize) -> u64 {
+/// wait first) and keeps the first `max`; returns the ones cut, in order.
+pub fn rank(findings: &mut Vec<Finding>, max: usize) -> Vec<Finding> {
     findings.sort_by(|a, b| {
         a.verdict
             .cmp(&b.verdict)
@@ -218,9 +218,9 @@ pub fn rank(findings: &mut Vec<Finding>, max: usize) -> u64 {
             .then(b.live.cmp(&a.live))
             .then(lock_wait(b).cmp(&lock_wait(a)))
     });
-    let omitted = findings.len().saturating_sub(max) as u64;
-    findings.truncate(max);
-    omitted
+    // The cut findings are handed back: a display bound must not change
+    // what `check` concludes.
+    findings.split_off(max.min(findings.len()))
 }
 
 fn lock_wait(f: &Finding) -> u64 {

@@ -5,12 +5,26 @@
 //! `leaktrace_up 0` (a scrape that fails would look like leaktrace being
 //! down, which it is not). `GET /` answers one line pointing at `/metrics`.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use anyhow::anyhow;
 use axum::{extract::State, http::header, response::IntoResponse, routing::get, Router};
 use prometheus_client::registry::Registry;
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+    task::JoinHandle,
+    time::{Instant, Sleep},
+};
 
 use crate::render::prometheus::{self, SharedReport, CONTENT_TYPE};
 
@@ -35,12 +49,115 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/", get(index))
         .with_state(registry);
+    let listener = Bounded { inner: listener, slots: Arc::new(Semaphore::new(connection_slots())) };
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
     });
     Ok((local_addr, task))
+}
+
+/// A connection that sends nothing for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// No connection lives longer (a scraper reconnects; a client trickling
+/// bytes cannot hold a slot for ever).
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
+
+/// Connections served at once: a quarter of leaktrace's descriptor limit,
+/// 16 to 512. Beyond it new connections are closed at once, so clients on
+/// /metrics can never take the descriptors tracing needs.
+pub fn connection_slots() -> usize {
+    let mut lim = libc::rlimit { rlim_cur: 1024, rlim_max: 1024 };
+    // SAFETY: fills `lim`.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    (lim.rlim_cur / 4).clamp(16, 512) as usize
+}
+
+/// The metrics listener with a bound on connections and their idle time.
+struct Bounded {
+    inner: TcpListener,
+    slots: Arc<Semaphore>,
+}
+
+impl axum::serve::Listener for Bounded {
+    type Io = BoundedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (stream, addr) = match self.inner.accept().await {
+                Ok(x) => x,
+                // Out of descriptors (or another transient failure): wait
+                // for connections to end rather than spin.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            match self.slots.clone().try_acquire_owned() {
+                Ok(slot) => {
+                    let now = Instant::now();
+                    return (
+                        BoundedStream {
+                            stream,
+                            _slot: slot,
+                            idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)),
+                            end_of_life: now + MAX_CONNECTION_AGE,
+                        },
+                        addr,
+                    );
+                }
+                Err(_) => drop(stream),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A served connection: holds its slot, and fails its reads once it was
+/// idle for [`IDLE_TIMEOUT`] or lived [`MAX_CONNECTION_AGE`] (the server
+/// then closes it).
+struct BoundedStream {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+    idle: Pin<Box<Sleep>>,
+    end_of_life: Instant,
+}
+
+impl AsyncRead for BoundedStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                let deadline = (Instant::now() + IDLE_TIMEOUT).min(self.end_of_life);
+                self.idle.as_mut().reset(deadline);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => match self.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::ErrorKind::TimedOut.into())),
+                Poll::Pending => Poll::Pending,
+            },
+            other => other,
+        }
+    }
+}
+
+impl AsyncWrite for BoundedStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 async fn metrics(State(registry): State<Arc<Registry>>) -> impl IntoResponse {

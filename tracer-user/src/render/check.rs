@@ -1,7 +1,7 @@
 //! The `check` verdict for CI logs: one verdict line, the failing findings
 //! with the code path that created them, and what the exit status means.
 
-use crate::report::{Report, Verdict};
+use crate::report::{Finding, Report, Verdict};
 
 /// What `check` concluded, with the lines to print on stderr.
 pub struct CheckResult {
@@ -11,8 +11,20 @@ pub struct CheckResult {
 }
 
 /// Judges the final report for `check` (`fail_on_wait`: a lock's share of
-/// the traced time its waiters may lose).
-pub fn render_check(report: &Report, fail_on_wait: Option<f64>) -> CheckResult {
+/// the traced time its waiters may lose). `omitted` are the findings
+/// `--max-findings` cut from the report: they are judged like the rest, a
+/// display bound never changes the verdict.
+pub fn render_check(report: &Report, omitted: &[Finding], fail_on_wait: Option<f64>) -> CheckResult {
+    let whole;
+    let report = if omitted.is_empty() {
+        report
+    } else {
+        let mut all = report.clone();
+        all.findings.extend(omitted.iter().cloned());
+        all.findings_omitted = 0;
+        whole = all;
+        &whole
+    };
     let leaks: Vec<_> = report.findings.iter().filter(|f| f.verdict == Verdict::Leak).collect();
     let summary = super::table::summary(report);
     let lost = if report.lost.events + report.lost.stacks > 0 {
@@ -66,4 +78,26 @@ pub fn render_check(report: &Report, fail_on_wait: Option<f64>) -> CheckResult {
     let what = if fail_on_wait.is_some() { "3 = leak found or --fail-on-wait exceeded" } else { "3 = leak found" };
     out += &format!("leaktrace check: exit 3 (0 = no leak, {what}, 1 = error)\n");
     CheckResult { failed: true, text: out }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{judge, render::json::tests::example_report};
+
+    #[test]
+    fn a_leak_cut_by_max_findings_still_fails() {
+        let mut report = example_report();
+        report.is_final = true;
+        let omitted = judge::rank(&mut report.findings, 0);
+        report.findings_omitted = omitted.len() as u64;
+        assert!(report.findings.is_empty());
+        let check = render_check(&report, &omitted, None);
+        assert!(check.failed, "{}", check.text);
+        assert!(check.text.contains("FAIL: 1 leak"), "{}", check.text);
+        assert!(check.text.contains("LEAK connection at main.badHandler"), "{}", check.text);
+        // Nothing cut, nothing leaking: a pass.
+        let check = render_check(&report, &[], None);
+        assert!(!check.failed && check.text.contains("PASS"), "{}", check.text);
+    }
 }

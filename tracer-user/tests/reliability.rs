@@ -1,0 +1,189 @@
+//! Faults found by probing leaktrace as a hostile or careless user would
+//! (issue "Reliability", its findings): each test here would have caught one.
+//! docs/reliability.md lists what is tested and where.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::*;
+
+fn error_line(run: &Run) -> String {
+    let lines: Vec<&str> = run.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected exactly one line on stderr, got:\n{}", run.stderr);
+    lines[0].to_string()
+}
+
+/// `--max-findings 0` cuts every finding from the report, not from the
+/// verdict: a leaking program still fails, a clean one still passes.
+#[test]
+fn check_judges_findings_cut_from_the_display() {
+    let bin = fixture("conn_leak");
+    let bin = bin.to_str().unwrap();
+    let leaky = run_leaktrace(&["check", "--for", "6s", "--interval", "1s", "--max-findings", "0", "--", bin]);
+    assert_eq!(leaky.status, 3, "a leak cut from the display passed check; stderr: {}", leaky.stderr);
+    assert!(leaky.stderr.contains("LEAK connection at dial_cache"), "{}", leaky.stderr);
+    let clean = run_leaktrace(&["check", "--for", "6s", "--interval", "1s", "--max-findings", "0", "--", bin, "--no-leak"]);
+    assert_eq!(clean.status, 0, "stderr: {}", clean.stderr);
+    assert!(clean.stderr.contains("PASS"), "{}", clean.stderr);
+}
+
+/// A command that fails on its own is an error (exit 1, its status named),
+/// not a pass; one that exits 0 by itself is judged as usual.
+#[test]
+fn check_of_a_failing_command_is_an_error() {
+    let run = run_leaktrace(&["check", "--for", "10s", "--", "/bin/false"]);
+    assert_eq!(run.status, 1, "stderr: {}", run.stderr);
+    assert!(run.stderr.contains("leaktrace: error: the command exited with status 1"), "{}", run.stderr);
+    assert!(!run.stderr.contains("PASS"), "{}", run.stderr);
+    let run = run_leaktrace(&["check", "--for", "10s", "--", "/bin/true"]);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    assert!(run.stderr.contains("PASS"), "{}", run.stderr);
+    let run = run_leaktrace(&["check", "--for", "10s", "--", "sh", "-c", "kill -SEGV $$"]);
+    assert_eq!(run.status, 1, "stderr: {}", run.stderr);
+    assert!(run.stderr.contains("the command was killed by signal 11"), "{}", run.stderr);
+}
+
+/// A 32-bit program (conn_leak built with -m32) is refused with one line,
+/// by pid and as a command; the 64-bit build of the same source is traced.
+#[test]
+fn a_32_bit_target_is_refused() {
+    let t = start("conn_leak32", &[]);
+    let pid = t.pid().to_string();
+    let run = run_leaktrace(&["check", "--pid", &pid, "--for", "2s"]);
+    assert_eq!(run.status, 1, "stderr: {}", run.stderr);
+    let line = error_line(&run);
+    assert!(line.contains("is a 32-bit program: leaktrace traces 64-bit x86-64 processes only"), "{line}");
+    let run = run_leaktrace(&["check", "--for", "2s", "--", fixture("conn_leak32").to_str().unwrap()]);
+    assert_eq!(run.status, 1, "stderr: {}", run.stderr);
+    assert!(error_line(&run).contains("is a 32-bit program"), "{}", run.stderr);
+    let t64 = start("conn_leak", &["--no-leak"]);
+    let run = run_leaktrace(&["check", "--pid", &t64.pid().to_string(), "--for", "2s", "--interval", "1s"]);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+}
+
+/// `check ... 2>&1 | head -n 1`: both pipes closed after one line. No
+/// panic (101): check traces to the end and exits with its verdict.
+#[test]
+fn check_with_closed_pipes_exits_with_its_verdict() {
+    let t = start("conn_leak", &[]);
+    let (reader, writer) = std::io::pipe().unwrap();
+    let mut child = Command::new(leaktrace())
+        .args(["check", "--pid", &t.pid().to_string(), "--for", "6s", "--interval", "1s"])
+        .stdout(writer.try_clone().unwrap())
+        .stderr(writer)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(reader).read_line(&mut first).unwrap(); // the reader is dropped here: `head -n 1`
+    assert!(first.contains("leaktrace"), "{first}");
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(3), "check with closed stdout/stderr: {status:?}");
+}
+
+/// `attach ... | head -n 2`: the trace ends once a report cannot be
+/// written (not at --for), detaches, exit 0.
+#[test]
+fn attach_stops_when_stdout_is_closed() {
+    let t = start("conn_leak", &[]);
+    let started = Instant::now();
+    let mut child = Command::new(leaktrace())
+        .args(["attach", "--pid", &t.pid().to_string(), "--for", "60s", "--interval", "1s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = read_all(child.stderr.take().unwrap());
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for _ in 0..2 {
+        lines.next().unwrap().unwrap();
+    }
+    drop(lines);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("leaktrace kept tracing after its stdout was closed");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stderr = err.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("stdout was closed: ending the trace"), "{stderr}");
+    assert!(stderr.contains("detached from"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    // The target was not harmed.
+    assert!(std::path::Path::new(&format!("/proc/{}", t.pid())).exists());
+}
+
+/// A free loopback port (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// With a descriptor limit of 256 that leaktrace cannot raise, 400 idle
+/// clients on /metrics neither exhaust its descriptors nor make it take the
+/// target for dead: the leak is still found, no `exited`; idle clients are
+/// closed after the idle timeout and a new scrape is served.
+#[test]
+fn idle_metrics_clients_do_not_end_the_trace() {
+    use std::io::{Read, Write};
+    let t = start("conn_leak", &[]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new("prlimit")
+        .args(["--nofile=256:256", "--"])
+        .arg(leaktrace())
+        .args(["attach", "--pid", &t.pid().to_string(), "--for", "16s", "--interval", "1s", "--json", "--listen", &addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("prlimit (util-linux) is needed for this test");
+    let out = read_all(child.stdout.take().unwrap());
+    let mut err_lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut stderr = String::new();
+    for line in err_lines.by_ref() {
+        let line = line.unwrap();
+        stderr += &line;
+        stderr += "\n";
+        if line.contains("serving metrics") {
+            break;
+        }
+    }
+    let err = std::thread::spawn(move || err_lines.map_while(Result::ok).collect::<Vec<_>>().join("\n"));
+    let opened = Instant::now();
+    let mut idle: Vec<std::net::TcpStream> = (0..400).filter_map(|_| std::net::TcpStream::connect(&addr).ok()).collect();
+    assert!(idle.len() >= 300, "only {} connections", idle.len());
+    // Idle clients are closed by the server (EOF) once the idle timeout passed.
+    std::thread::sleep(Duration::from_secs(11).saturating_sub(opened.elapsed()));
+    let mut first = idle.remove(0);
+    first.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 16];
+    assert!(matches!(first.read(&mut buf), Ok(0)), "an idle client was not closed");
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut scrape = std::net::TcpStream::connect(&addr).unwrap();
+    scrape.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    scrape.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    let mut body = String::new();
+    let _ = scrape.read_to_string(&mut body);
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.contains("leaktrace_up 1"), "{body}");
+    let status = child.wait().unwrap();
+    let stderr = stderr + &err.join().unwrap();
+    let run = Run { status: status.code().unwrap_or(-1), stdout: out.join().unwrap(), stderr };
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    let report = run.final_report();
+    assert!(report.get("exited").is_none(), "the target was taken for dead: {}", run.stderr);
+    assert!(report["elapsed_s"].as_f64().unwrap() >= 15.0, "the trace ended early: {}", run.stderr);
+    let leaks = findings_with(&report, "dial_cache");
+    assert!(leaks.iter().any(|f| f["verdict"] == "leak" && functions(f).iter().any(|n| n == "bad_handler")), "{}", summarize(&report));
+}
