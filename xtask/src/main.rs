@@ -8,6 +8,7 @@ mod build;
 mod cmd;
 mod demo;
 mod setup;
+mod soak;
 mod test;
 mod vm_test;
 
@@ -44,6 +45,12 @@ commands:
                      boot each in QEMU (TCG) with an initramfs that runs
                      `leaktrace check` against conn_leak (expects 3) and
                      conn_leak --no-leak (expects 0); logs in target/vm/
+  soak [--minutes N]  (default 60)
+                     build, then trace api-server (default trackers) and
+                     alloc_leak (--track allocations,locks) for N minutes
+                     while Prometheus scrapes /metrics every second; judge
+                     leaktrace's RSS by its slope over the second half;
+                     samples and logs in target/soak/
 
 environment:
   XTASK_NO_BUILD=1   skip setup and all builds (use what is already built)";
@@ -75,6 +82,7 @@ fn run(args: &[String]) -> Result<i32> {
         "test" => test::run(&root, rest),
         "bench" => bench::run(&root, rest).map(|_| 0),
         "vm-test" => vm_test::run(&root, rest),
+        "soak" => soak::run(&root, rest),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(0)
