@@ -76,12 +76,35 @@ pub fn preflight() -> Result<()> {
     if OBJECT.is_empty() {
         bail!("this leaktrace was built without its eBPF programs (LEAKTRACE_SKIP_EBPF=1): rebuild it");
     }
+    check_kernel_release(&std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default())?;
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     if euid != 0 && !has_bpf_caps() {
         bail!("permission denied: leaktrace needs root (or CAP_BPF and CAP_PERFMON) to load eBPF programs; try sudo");
     }
     ensure_tracefs()
+}
+
+/// The oldest kernel the programs load on: BPF attach cookies (the
+/// allocation tracker's probe depths) and `bpf_task_pt_regs` (stack walks
+/// from a task's saved registers) arrived in 5.15.
+pub const OLDEST_KERNEL: (u32, u32) = (5, 15);
+
+/// One line instead of a verifier dump when the running kernel (its
+/// `osrelease`, e.g. `5.10.0-32-cloud-amd64`) predates [`OLDEST_KERNEL`].
+/// An unparsable release is let through (the loader will say more).
+pub fn check_kernel_release(release: &str) -> Result<()> {
+    let release = release.trim();
+    let mut nums = release.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse::<u32>());
+    let (Some(Ok(major)), Some(Ok(minor))) = (nums.next(), nums.next()) else { return Ok(()) };
+    if (major, minor) < OLDEST_KERNEL {
+        bail!(
+            "kernel too old: needs Linux {}.{} or newer (BPF attach cookies, bpf_task_pt_regs); this is {release}",
+            OLDEST_KERNEL.0,
+            OLDEST_KERNEL.1
+        );
+    }
+    Ok(())
 }
 
 fn has_bpf_caps() -> bool {
@@ -266,5 +289,15 @@ mod tests {
         let old = "\tfield:char child_comm[16];\toffset:28;\tsize:16;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;\n";
         assert_eq!(parse_field_offset(old, "child_pid"), Some(44));
         assert_eq!(parse_field_offset(old, "parent_pid"), None);
+    }
+
+    #[test]
+    fn kernels_before_5_15_are_refused_in_one_line() {
+        let e = check_kernel_release("5.10.0-32-cloud-amd64\n").unwrap_err().to_string();
+        assert_eq!(e, "kernel too old: needs Linux 5.15 or newer (BPF attach cookies, bpf_task_pt_regs); this is 5.10.0-32-cloud-amd64");
+        assert!(check_kernel_release("4.19.0-27-amd64").is_err());
+        for ok in ["5.15.0-1", "6.1.0-44-cloud-amd64", "6.12.117+deb13-cloud-amd64", "7.2.13+deb14-cloud-amd64", "weird"] {
+            assert!(check_kernel_release(ok).is_ok(), "{ok}");
+        }
     }
 }

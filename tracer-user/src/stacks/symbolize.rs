@@ -77,6 +77,10 @@ struct Worker {
     /// Go pc tables per object, for the frames blazesym cannot name
     /// (`-s -w` Go builds have no symtab and no DWARF); `None`: not Go.
     go: HashMap<PathBuf, Option<crate::binary::golang::GoSymbols>>,
+    /// Per object: whether its section headers are safe to hand to
+    /// blazesym, which allocates whatever a compression header claims
+    /// ([`crate::binary::elf::check_sections_of`]).
+    readable: HashMap<PathBuf, bool>,
 }
 
 impl Worker {
@@ -86,7 +90,7 @@ impl Worker {
             .enable_inlined_fns(true)
             .enable_demangling(true)
             .build();
-        Self { symbolizer, cache: HashMap::new(), max_cache: 200_000, go: HashMap::new() }
+        Self { symbolizer, cache: HashMap::new(), max_cache: 200_000, go: HashMap::new(), readable: HashMap::new() }
     }
 
     fn resolve(&mut self, pid: u32, map: &MemoryMap, addr: u64) -> Vec<Frame> {
@@ -110,8 +114,9 @@ impl Worker {
         let path: PathBuf = crate::procfs::object_path(pid, m);
         let file_offset = addr - m.start + m.offset;
         let src = Source::Elf(Elf::new(path.clone()));
-        let sym = match self.symbolizer.symbolize_single(&src, Input::FileOffset(file_offset)) {
-            Ok(Symbolized::Sym(sym)) => sym,
+        let found = if self.readable(&path) { self.symbolizer.symbolize_single(&src, Input::FileOffset(file_offset)).ok() } else { None };
+        let sym = match found {
+            Some(Symbolized::Sym(sym)) => sym,
             _ => {
                 return vec![self.go_frame(&path, &module, file_offset).unwrap_or_else(|| unknown(Some(module), hex, Some(file_offset)))]
             }
@@ -132,6 +137,27 @@ impl Worker {
 }
 
 impl Worker {
+    /// Whether blazesym may read `path`: a file whose headers lie (a
+    /// compressed section claiming terabytes) is named by its pc table or
+    /// left `[unknown]`, with one warning.
+    fn readable(&mut self, path: &PathBuf) -> bool {
+        if let Some(&ok) = self.readable.get(path) {
+            return ok;
+        }
+        if self.readable.len() >= 1024 {
+            self.readable.clear();
+        }
+        let ok = match crate::binary::elf::check_sections_of(path) {
+            Ok(()) => true,
+            Err(e) => {
+                crate::output::warn(format!("not reading symbols or DWARF of {e:#}"));
+                false
+            }
+        };
+        self.readable.insert(path.clone(), ok);
+        ok
+    }
+
     /// A frame named by the object's `.gopclntab`, if it is a Go binary.
     fn go_frame(&mut self, path: &PathBuf, module: &str, file_offset: u64) -> Option<Frame> {
         if is_system_module(module) {

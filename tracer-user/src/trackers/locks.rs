@@ -202,8 +202,12 @@ impl LockCollector {
         let _ = self.config.set(CONFIG_IGNORE_FOREIGN, 1, 0);
         let probes = match golang::go_probes(&data) {
             Ok(p) if !p.is_empty() => p,
-            _ => {
+            Ok(_) => {
                 output::warn(format!("{} has no sync.Mutex slow path: Go locks are not tracked", exe.display()));
+                return None;
+            }
+            Err(e) => {
+                output::warn(format!("{}: {e:#}: Go locks are not tracked", exe.display()));
                 return None;
             }
         };
@@ -355,7 +359,9 @@ fn go_sync_funcs(data: &[u8], memory: &MemoryMap, exe: &Path) -> Vec<(u64, u64, 
         .find(|m| m.path == exe)
         .and_then(|m| Segments::of(&file).load_bias(m))
         .unwrap_or(0);
+    // A pc table that cannot be read was already reported by go_probes.
     let mut out: Vec<(u64, u64, String)> = crate::binary::golang::text_functions(&file)
+        .unwrap_or_default()
         .into_iter()
         .filter(|(n, _, _)| n.starts_with("sync.") || n.starts_with("internal/sync."))
         .map(|(n, a, size)| (a.wrapping_add(bias), a.wrapping_add(bias) + size, n))
