@@ -144,7 +144,7 @@ fn write_rows(out: &mut String, findings: &[Finding], opts: &TableOptions) {
             }
         }
         if let Some(l) = finding.lock.as_ref().filter(|l| !l.holder_stack.is_empty()) {
-            let from = crate::stacks::symbolize::site_index(&l.holder_stack);
+            let from = l.holder_site_index.min(l.holder_stack.len().saturating_sub(1));
             let _ = writeln!(out, "    held by (the unlock that woke waiters, {} wakes):", l.holder_wakes);
             for frame in l.holder_stack.iter().skip(from).take(opts.max_frames) {
                 let _ = writeln!(out, "      {}", frame_text(frame));
@@ -180,7 +180,7 @@ fn row(f: &Finding, opts: &TableOptions) -> [String; 7] {
         return [
             f.verdict.as_str().to_string(),
             f.kind.as_str().to_string(),
-            truncate(&f.site, opts.max_site_width),
+            truncate(&site_text(f), opts.max_site_width),
             format!("{} waits", l.contentions),
             format!("{:.1}% wait", l.wait_share * 100.0),
             format!("max {:.1}ms", l.max_wait_ns as f64 / 1e6),
@@ -190,7 +190,7 @@ fn row(f: &Finding, opts: &TableOptions) -> [String; 7] {
     [
         f.verdict.as_str().to_string(),
         f.kind.as_str().to_string(),
-        truncate(&f.site, opts.max_site_width),
+        truncate(&site_text(f), opts.max_site_width),
         // Allocations: blocks and bytes live; growth in bytes (what is judged).
         match f.live_bytes {
             Some(b) => format!("{} ({})", f.live, bytes_text(b as f64)),
@@ -208,6 +208,25 @@ fn row(f: &Finding, opts: &TableOptions) -> [String; 7] {
             .or_else(|| f.map.clone())
             .unwrap_or_else(|| "-".to_string()),
     ]
+}
+
+/// The SITE cell: the own-code site, and the library it went through by
+/// its short name (`main.getProfile via redis.Dial`).
+fn site_text(f: &Finding) -> String {
+    match &f.via {
+        Some(via) => format!("{} via {}", f.site, short_function(via)),
+        None => f.site.clone(),
+    }
+}
+
+/// A Go function without its import path's directories
+/// (`github.com/gomodule/redigo/redis.Dial` → `redis.Dial`); other names as they are.
+fn short_function(name: &str) -> &str {
+    let head_end = name.find(['(', '[', ' ']).unwrap_or(name.len());
+    match name[..head_end].rfind('/') {
+        Some(i) if !name.contains("::") => &name[i + 1..],
+        _ => name,
+    }
 }
 
 /// `function (file:line)`, else `function [module]`, with the address when
@@ -421,6 +440,17 @@ mod tests {
             file_offset: None,
         };
         assert_eq!(frame_text(&unknown), "[unknown] 0x401136 [/lib/x.so]");
+    }
+
+    #[test]
+    fn site_cell_names_the_library_it_went_through() {
+        let mut f = steady("main.getProfile", 3);
+        f.via = Some("github.com/gomodule/redigo/redis.Dial".into());
+        assert_eq!(row(&f, &TableOptions::default())[2], "main.getProfile via redis.Dial");
+        f.via = Some("github.com/a/b.(*Pool).Get".into());
+        assert_eq!(site_text(&f), "main.getProfile via b.(*Pool).Get");
+        f.via = Some("redisConnect".into());
+        assert_eq!(site_text(&f), "main.getProfile via redisConnect");
     }
 
     #[test]
