@@ -82,6 +82,17 @@ pub struct TraceOptions {
     /// Serve Prometheus metrics at http://ADDR/metrics while tracing.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// What counts as your own code when naming a finding's site: functions
+    /// starting with PREFIX (repeatable; e.g. `github.com/acme/` for a
+    /// monorepo, a plugin's package). Default: the main executable's own
+    /// code (Go: package main and the main module).
+    #[arg(long = "own", value_name = "PREFIX")]
+    pub own: Vec<String>,
+    /// Table: list every finding; by default steady ones (nothing to act
+    /// on) are folded into one line so the table leads with what needs
+    /// action. JSON, metrics and files always have every finding.
+    #[arg(long)]
+    pub all: bool,
     /// Findings kept per report (the rest are counted as omitted).
     #[arg(long, default_value_t = 50, value_name = "N")]
     pub max_findings: usize,

@@ -90,8 +90,14 @@ impl Kind {
 pub struct Finding {
     pub kind: Kind,
     pub verdict: Verdict,
-    /// First frame outside runtimes, libc and standard libraries.
+    /// The program's own code that created the objects: the innermost own
+    /// frame (rule: `stacks::symbolize::OwnCode`).
     pub site: String,
+    /// The outermost library frame the site went through
+    /// (`github.com/gomodule/redigo/redis.Dial`); absent when only runtimes
+    /// and standard libraries lie below the site.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
     /// Innermost first.
     pub stack: Vec<Frame>,
     /// Index in `stack` of the site's frame: renderers show the stack from
@@ -147,6 +153,7 @@ impl Finding {
             kind,
             verdict,
             site: String::new(),
+            via: None,
             stack: Vec::new(),
             site_index: 0,
             live: 0,
@@ -191,8 +198,11 @@ pub struct LockInfo {
     /// The holder: the code that released the lock to waiters (its unlock
     /// woke them), innermost first; empty when no wake was seen.
     pub holder_stack: Vec<Frame>,
-    /// Site of the holder stack (first application frame).
+    /// Site of the holder stack (its own-code frame, as for the finding).
     pub holder_site: String,
+    /// Index of that frame in `holder_stack`. Not part of the JSON.
+    #[serde(skip)]
+    pub holder_site_index: usize,
     /// Wakes by the holder stack shown / by all holder stacks.
     pub holder_wakes: u64,
 }

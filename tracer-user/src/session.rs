@@ -16,7 +16,7 @@ use crate::{
     procfs::{self, MemoryMap},
     report::{Finding, Lost, Report},
     stacks::resolve::StackResolver,
-    stacks::symbolize::{StrippedWarnings, SymbolizerService},
+    stacks::symbolize::{OwnCode, StrippedWarnings, SymbolizerService},
     stacks::syscall_sites,
     trackers::{Counters, Tally, Target, Tracker, REGISTRY},
 };
@@ -206,6 +206,8 @@ impl Session {
         let resolver = StackResolver::new(&mut probes.ebpf, pid, SymbolizerService::start())?;
         let counters = Counters(probes.take_map("COUNTERS")?);
         let lifecycle = Lifecycle::attach(&mut probes)?;
+        let mut judge = Judge::new(opts.interval);
+        judge.own.prefixes = opts.own.clone();
         Ok(Self {
             probes,
             trackers,
@@ -213,7 +215,7 @@ impl Session {
             lifecycle,
             resolver,
             counters,
-            judge: Judge::new(opts.interval),
+            judge,
             comm: procfs::comm(pid),
             max_findings: opts.max_findings,
             stripped: StrippedWarnings::default(),
@@ -280,6 +282,17 @@ impl Session {
         }
     }
 
+    /// Reads what counts as the program's own code again when the target's
+    /// executable changed (first report, after an exec); kept once it exited.
+    fn refresh_own_code(&mut self) {
+        let Ok(exe) = std::fs::read_link(format!("/proc/{}/exe", self.target.pid)) else { return };
+        let exe = exe.display().to_string();
+        if self.judge.own.executable.as_deref() != Some(exe.trim_end_matches(" (deleted)")) {
+            let prefixes = std::mem::take(&mut self.judge.own.prefixes);
+            self.judge.own = OwnCode::of_process(self.target.pid, &prefixes);
+        }
+    }
+
     /// Collects every tracker, resolves the stacks, judges and builds one report.
     async fn report(&mut self, start: Instant, is_final: bool, exited: bool) -> Result<Report> {
         if !is_final {
@@ -299,6 +312,7 @@ impl Session {
         for tr in &mut self.trackers {
             collected.push(tr.collect(&mut self.probes, &self.target, now)?);
         }
+        self.refresh_own_code();
         let mut findings = self.judge.findings(&collected, &mut self.resolver, &self.target.memory, t).await;
         self.stripped.warn_once(&findings);
         self.omitted = judge::rank(&mut findings, self.max_findings);

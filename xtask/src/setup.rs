@@ -42,6 +42,12 @@ const APT_PACKAGES: &[&str] = &[
     // The end-to-end test scrapes leaktrace with a real Prometheus; promtool
     // checks deploy/prometheus.
     "prometheus",
+    // Real libraries and servers for the site / close-way tests: gin and
+    // redigo (GOPATH builds against /usr/share/gocode), redis-server, hiredis.
+    "golang-github-gin-gonic-gin-dev",
+    "golang-github-gomodule-redigo-dev",
+    "redis-server",
+    "libhiredis-dev",
 ];
 
 /// `125` for 1.25.5: the suffix of fixtures built with that toolchain.

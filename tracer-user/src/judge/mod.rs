@@ -12,7 +12,7 @@ use crate::{
     procfs::MemoryMap,
     report::{Finding, Frame, Kind, Verdict},
     stacks::resolve::StackResolver,
-    stacks::symbolize::{site_index, site_of},
+    stacks::symbolize::OwnCode,
     stacks::SampleStack,
     trackers::{Blocked, Collected, Judging, StackSample},
 };
@@ -41,6 +41,8 @@ pub struct Judge {
     seen: HashSet<SeriesKey>,
     /// The current report's time, and whether its samples are observed.
     now: (f64, bool),
+    /// What counts as the program's own code (names every site).
+    pub own: OwnCode,
 }
 
 /// A growth finding whose live objects are parked somewhere worth showing
@@ -57,6 +59,7 @@ impl Judge {
             bytes: GrowthEngine::new(bytes_config()),
             seen: HashSet::new(),
             now: (0.0, false),
+            own: OwnCode::default(),
         }
     }
 
@@ -121,9 +124,11 @@ impl Judge {
             if let (Verdict::Leak, Some(b)) = (j.verdict, &s.blocked) {
                 blocked.push((first_index + findings.len(), b.clone()));
             }
+            let site = self.own.site(&stack);
             findings.push(Finding {
-                site: site_of(&stack),
-                site_index: site_index(&stack),
+                site: site.name,
+                via: site.via,
+                site_index: site.index,
                 stack,
                 live: s.live,
                 growth_per_min: round1(growth_per_min),
@@ -190,7 +195,7 @@ impl Judge {
         }
         for c in collected {
             if let Collected::Contention(locks) = c {
-                findings.extend(contention::lock_findings(locks, &frames, t));
+                findings.extend(contention::lock_findings(locks, &frames, t, &self.own));
             }
         }
         findings

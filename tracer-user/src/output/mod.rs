@@ -49,7 +49,7 @@ impl Outlet {
         }
         let format = opts.effective_format();
         let is_tty = std::io::stdout().is_terminal();
-        Ok(Self { format, is_tty, table_opts: TableOptions::default(), shared, stop, server })
+        Ok(Self { format, is_tty, table_opts: TableOptions { fold_steady: !opts.all, ..TableOptions::default() }, shared, stop, server })
     }
 
     /// Serves `report` on /metrics without printing it (the sample at attach).

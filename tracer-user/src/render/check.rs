@@ -49,9 +49,10 @@ pub fn render_check(report: &Report, omitted: &[Finding], fail_on_wait: Option<f
     out += &format!("leaktrace check: FAIL: {summary} in {:.0}s of {} (pid {}){lost}\n", report.elapsed_s, report.comm, report.pid);
     for f in &leaks {
         out += &format!(
-            "  LEAK {} at {}: {} live, {:+.1}/min, oldest {}{}\n",
+            "  LEAK {} at {}{}: {} live, {:+.1}/min, oldest {}{}\n",
             f.kind.as_str(),
             f.site,
+            f.via.as_deref().map(|v| format!(" via {v}")).unwrap_or_default(),
             f.live,
             f.growth_per_min,
             f.oldest_age_s.map(|a| format!("{a:.0}s")).unwrap_or_else(|| "?".into()),

@@ -349,6 +349,9 @@ pub fn build_profile(report: &Report, time_nanos: i64) -> Profile {
             b.label("site", &f.site),
             b.label("verdict", f.verdict.as_str()),
         ];
+        if let Some(via) = &f.via {
+            label.push(b.label("via", via));
+        }
         if let Some(peer) = &f.peer {
             label.push(b.label("peer", peer));
         }
@@ -433,6 +436,7 @@ mod tests {
         let mut steady = leak.clone();
         steady.verdict = Verdict::Steady;
         steady.site = "pool_init".into();
+        steady.via = Some("redisConnect".into());
         steady.live = 4;
         steady.peer = None;
         steady.stack = vec![
@@ -495,7 +499,7 @@ mod tests {
         );
         assert_eq!(
             labels(&p, steady),
-            [("kind", "connection"), ("site", "pool_init"), ("verdict", "steady")].map(|(k, v)| (k.to_string(), v.to_string()))
+            [("kind", "connection"), ("site", "pool_init"), ("verdict", "steady"), ("via", "redisConnect")].map(|(k, v)| (k.to_string(), v.to_string()))
         );
 
         // Lines and files; `main` is one function at two lines (two locations).

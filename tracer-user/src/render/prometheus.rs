@@ -591,6 +591,7 @@ mod tests {
                 waiter_stacks: 1,
                 holder_stack: vec![],
                 holder_site: String::new(),
+                holder_site_index: 0,
                 holder_wakes: 0,
             }),
             ..finding("worker", 0, 0.0, v)

@@ -18,6 +18,10 @@ pub struct TableOptions {
     pub max_frames: usize,
     /// Longest SITE shown, in characters (default 60); longer ones end in `…`.
     pub max_site_width: usize,
+    /// Fold steady findings into one line, so that the table leads with what
+    /// needs action (the CLI's default; `--all` unfolds them). Off here: a
+    /// renderer shows everything unless asked.
+    pub fold_steady: bool,
 }
 
 impl Default for TableOptions {
@@ -26,6 +30,7 @@ impl Default for TableOptions {
             max_findings: 10,
             max_frames: 5,
             max_site_width: 60,
+            fold_steady: false,
         }
     }
 }
@@ -60,14 +65,21 @@ pub fn render_table(report: &Report, opts: &TableOptions) -> String {
     }
     out.push('\n');
 
-    let shown = &report.findings[..report.findings.len().min(opts.max_findings)];
-    if shown.is_empty() {
+    let (listed, folded): (Vec<&Finding>, Vec<&Finding>) =
+        report.findings.iter().partition(|f| !opts.fold_steady || f.verdict != Verdict::Steady);
+    let shown = &listed[..listed.len().min(opts.max_findings)];
+    if report.findings.is_empty() {
         out.push_str("no tracked objects yet\n");
     } else {
         out.push('\n');
-        write_rows(&mut out, shown, opts);
+        if !shown.is_empty() {
+            write_rows(&mut out, shown, opts);
+        }
     }
-    let not_shown = (report.findings.len() - shown.len()) as u64 + report.findings_omitted;
+    if !folded.is_empty() {
+        let _ = writeln!(out, "{}", folded_line(&folded));
+    }
+    let not_shown = (listed.len() - shown.len()) as u64 + report.findings_omitted;
     if not_shown > 0 {
         let _ = writeln!(
             out,
@@ -103,6 +115,27 @@ pub fn summary(report: &Report) -> String {
     s
 }
 
+/// The one line steady findings fold into:
+/// `steady  13 findings (3 connection, 10 goroutine), 25 live: nothing to act on (--all lists them)`.
+fn folded_line(folded: &[&Finding]) -> String {
+    let mut kinds: Vec<(crate::report::Kind, usize)> = Vec::new();
+    for f in folded {
+        match kinds.iter_mut().find(|k| k.0 == f.kind) {
+            Some(k) => k.1 += 1,
+            None => kinds.push((f.kind, 1)),
+        }
+    }
+    kinds.sort();
+    let by_kind: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {}", k.as_str())).collect();
+    let live: u64 = folded.iter().map(|f| f.live).sum();
+    format!(
+        "steady   {} finding{} ({}), {live} live: nothing to act on (--all lists them)",
+        folded.len(),
+        plural(folded.len() as u64),
+        by_kind.join(", ")
+    )
+}
+
 const HEADERS: [&str; 7] = [
     "VERDICT",
     "KIND",
@@ -117,7 +150,7 @@ const HEADERS: [&str; 7] = [
 /// Columns right-aligned because they hold numbers.
 const NUMERIC: [bool; 7] = [false, false, false, true, true, true, false];
 
-fn write_rows(out: &mut String, findings: &[Finding], opts: &TableOptions) {
+fn write_rows(out: &mut String, findings: &[&Finding], opts: &TableOptions) {
     let rows: Vec<[String; 7]> = findings.iter().map(|f| row(f, opts)).collect();
     let mut widths = HEADERS.map(|h| h.chars().count());
     for r in &rows {
@@ -144,7 +177,7 @@ fn write_rows(out: &mut String, findings: &[Finding], opts: &TableOptions) {
             }
         }
         if let Some(l) = finding.lock.as_ref().filter(|l| !l.holder_stack.is_empty()) {
-            let from = crate::stacks::symbolize::site_index(&l.holder_stack);
+            let from = l.holder_site_index.min(l.holder_stack.len().saturating_sub(1));
             let _ = writeln!(out, "    held by (the unlock that woke waiters, {} wakes):", l.holder_wakes);
             for frame in l.holder_stack.iter().skip(from).take(opts.max_frames) {
                 let _ = writeln!(out, "      {}", frame_text(frame));
@@ -180,7 +213,7 @@ fn row(f: &Finding, opts: &TableOptions) -> [String; 7] {
         return [
             f.verdict.as_str().to_string(),
             f.kind.as_str().to_string(),
-            truncate(&f.site, opts.max_site_width),
+            truncate(&site_text(f), opts.max_site_width),
             format!("{} waits", l.contentions),
             format!("{:.1}% wait", l.wait_share * 100.0),
             format!("max {:.1}ms", l.max_wait_ns as f64 / 1e6),
@@ -190,7 +223,7 @@ fn row(f: &Finding, opts: &TableOptions) -> [String; 7] {
     [
         f.verdict.as_str().to_string(),
         f.kind.as_str().to_string(),
-        truncate(&f.site, opts.max_site_width),
+        truncate(&site_text(f), opts.max_site_width),
         // Allocations: blocks and bytes live; growth in bytes (what is judged).
         match f.live_bytes {
             Some(b) => format!("{} ({})", f.live, bytes_text(b as f64)),
@@ -208,6 +241,25 @@ fn row(f: &Finding, opts: &TableOptions) -> [String; 7] {
             .or_else(|| f.map.clone())
             .unwrap_or_else(|| "-".to_string()),
     ]
+}
+
+/// The SITE cell: the own-code site, and the library it went through by
+/// its short name (`main.getProfile via redis.Dial`).
+fn site_text(f: &Finding) -> String {
+    match &f.via {
+        Some(via) => format!("{} via {}", f.site, short_function(via)),
+        None => f.site.clone(),
+    }
+}
+
+/// A Go function without its import path's directories
+/// (`github.com/gomodule/redigo/redis.Dial` → `redis.Dial`); other names as they are.
+fn short_function(name: &str) -> &str {
+    let head_end = name.find(['(', '[', ' ']).unwrap_or(name.len());
+    match name[..head_end].rfind('/') {
+        Some(i) if !name.contains("::") => &name[i + 1..],
+        _ => name,
+    }
 }
 
 /// `function (file:line)`, else `function [module]`, with the address when
@@ -392,6 +444,7 @@ mod tests {
             max_findings: 4,
             max_frames: 5,
             max_site_width: 20,
+            fold_steady: false,
         };
         let text = render_table(&report, &opts);
         assert!(text.contains(&format!("{}…", "x".repeat(19))));
@@ -421,6 +474,41 @@ mod tests {
             file_offset: None,
         };
         assert_eq!(frame_text(&unknown), "[unknown] 0x401136 [/lib/x.so]");
+    }
+
+    #[test]
+    fn steady_findings_fold_into_one_line_unless_all() {
+        let mut report = example_report();
+        report.is_final = true;
+        report.findings.push(steady("db.Open", 4));
+        let mut g = steady("runtime.main", 1);
+        g.kind = Kind::Goroutine;
+        report.findings.push(g);
+        let opts = TableOptions { fold_steady: true, ..TableOptions::default() };
+        let text = render_table(&report, &opts);
+        let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("leak ") || l.starts_with("steady ")).collect();
+        assert_eq!(rows.len(), 2, "{text}");
+        assert!(rows[0].starts_with("leak     connection  main.badHandler"), "{text}");
+        assert_eq!(rows[1], "steady   2 findings (1 connection, 1 goroutine), 5 live: nothing to act on (--all lists them)");
+        assert!(!text.contains("db.Open") && !text.contains("pool.get"), "{text}");
+        assert_eq!(text.lines().last().unwrap(), "1 leak, 0 growing, 2 steady");
+        // Everything steady: the header row is not printed, the folded line is.
+        report.findings.remove(0);
+        let text = render_table(&report, &opts);
+        assert!(!text.contains("VERDICT") && text.contains("steady   2 findings"), "{text}");
+        // Unfolded (--all): every row.
+        assert!(render_table(&report, &TableOptions::default()).contains("db.Open"));
+    }
+
+    #[test]
+    fn site_cell_names_the_library_it_went_through() {
+        let mut f = steady("main.getProfile", 3);
+        f.via = Some("github.com/gomodule/redigo/redis.Dial".into());
+        assert_eq!(row(&f, &TableOptions::default())[2], "main.getProfile via redis.Dial");
+        f.via = Some("github.com/a/b.(*Pool).Get".into());
+        assert_eq!(site_text(&f), "main.getProfile via b.(*Pool).Get");
+        f.via = Some("redisConnect".into());
+        assert_eq!(site_text(&f), "main.getProfile via redisConnect");
     }
 
     #[test]
