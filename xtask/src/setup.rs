@@ -37,6 +37,10 @@ const APT_PACKAGES: &[&str] = &[
     // The end-to-end test scrapes leaktrace with a real Prometheus; promtool
     // checks deploy/prometheus.
     "prometheus",
+    // No-frame-pointer fixtures (fixtures/nofp): a C service on Debian's
+    // libhiredis against a real redis-server the tests start.
+    "libhiredis-dev",
+    "redis-server",
 ];
 
 /// `125` for 1.25.5: the suffix of fixtures built with that toolchain.
