@@ -117,7 +117,24 @@ pub struct UnwindRule {
 /// Exact-pc rules kept in the kernel (bound; a full table is shown).
 pub const MAX_UNWIND_RULES: u32 = 16384;
 /// pcs waiting for user space to learn their rule.
-pub const MAX_UNWIND_MISSES: u32 = 1024;
+pub const MAX_UNWIND_MISSES: u32 = 256;
+
+/// Bytes of stack copied with a miss (from the frame's sp): enough for
+/// user space to learn the rules of the rest of the call path at once
+/// rather than one frame per round (a C service's socket call reaches
+/// `main` within ~700 bytes, a Rust one within ~1 KiB).
+pub const MISS_STACK_BYTES: usize = 2048;
+
+/// A walk's miss: the registers of the frame whose pc had no rule and the
+/// stack above it (`stack[..len]` from `sp`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct MissSnapshot {
+    pub sp: u64,
+    pub bp: u64,
+    pub len: u64,
+    pub stack: [u8; MISS_STACK_BYTES],
+}
 /// Stacks walked with rules, shared by the trackers that take stacks at
 /// syscalls and probes (connections, threads).
 pub const MAX_UNWOUND_STACKS: u32 = 8192;
@@ -138,6 +155,7 @@ pub mod unwind_counter {
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::UnwindRule {}
+    unsafe impl aya::Pod for super::MissSnapshot {}
     unsafe impl aya::Pod for super::WalkedFrames {}
     unsafe impl aya::Pod for super::StackKey {}
     unsafe impl aya::Pod for super::SyscallSite {}

@@ -5,7 +5,8 @@
 //!   space from the object's `.eh_frame`, see `tracer-user/src/stacks/unwind.rs`).
 //!   One hash lookup and one or two reads per frame, correct in code built
 //!   without frame pointers; a pc with no rule yet ends the walk there and
-//!   is queued in `UNWIND_MISSES` for user space to learn;
+//!   is queued in `UNWIND_MISSES` with a copy of the stack above it, from
+//!   which user space learns the rules of the whole call path at once;
 //! - with frame pointers: `bpf_get_stackid` for syscall tracepoints, where
 //!   the libc wrapper's caller (skipped: the wrapper has no frame) is read
 //!   at the offset user space found by disassembly (`SYSCALL_SITES`), and the
@@ -21,8 +22,8 @@ use aya_ebpf::{
 use tracer_common::{
     counter,
     stacks::{
-        rule_kind, unwind_counter, unwind_mode, StackCounts, StackKey, SyscallSite, UnwindRule, WalkedFrames,
-        MAX_UNWIND_MISSES, MAX_UNWIND_RULES, MAX_UNWOUND_STACKS, MAX_WALKED_FRAMES, OVERFLOW_STACK, RULE_AT_PC,
+        rule_kind, unwind_counter, unwind_mode, MissSnapshot, StackCounts, StackKey, SyscallSite, UnwindRule, WalkedFrames,
+        MAX_UNWIND_MISSES, MAX_UNWIND_RULES, MISS_STACK_BYTES, MAX_UNWOUND_STACKS, MAX_WALKED_FRAMES, OVERFLOW_STACK, RULE_AT_PC,
         UNWOUND_STACK,
     },
 };
@@ -37,9 +38,44 @@ static UNWIND_MODE: u32 = unwind_mode::RULES;
 #[map]
 static UNWIND_RULES: HashMap<u64, UnwindRule> = HashMap::with_max_entries(MAX_UNWIND_RULES, 0);
 
-/// pcs a walk met without a rule, for user space to learn (then delete).
+/// pcs a walk met without a rule, with the stack above them, for user
+/// space to learn (then delete).
 #[map]
-static UNWIND_MISSES: HashMap<u64, u8> = HashMap::with_max_entries(MAX_UNWIND_MISSES, 0);
+static UNWIND_MISSES: HashMap<u64, MissSnapshot> = HashMap::with_max_entries(MAX_UNWIND_MISSES, 0);
+
+/// Where a miss's snapshot is built (too big for the BPF stack).
+#[map]
+static MISS_SCRATCH: PerCpuArray<MissSnapshot> = PerCpuArray::with_max_entries(1, 0);
+
+/// Queues `key` for user space with the registers and up to
+/// `MISS_STACK_BYTES` of stack from `sp` (read in 512-byte pieces: a read
+/// past the stack's end fails whole), unless it is queued already.
+#[inline(always)]
+fn queue_miss(key: u64, sp: u64, bp: u64) {
+    // SAFETY: lookup only.
+    if unsafe { UNWIND_MISSES.get(&key) }.is_some() {
+        return;
+    }
+    let Some(m) = MISS_SCRATCH.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's scratch slot; no other user while we run.
+    let m = unsafe { &mut *m };
+    m.sp = sp;
+    m.bp = bp;
+    m.len = 0;
+    const PIECE: usize = 512;
+    for i in 0..MISS_STACK_BYTES / PIECE {
+        let at = i * PIECE;
+        // SAFETY: user memory through the helper, which faults safely.
+        let ok = unsafe {
+            aya_ebpf::helpers::bpf_probe_read_user_buf((sp + at as u64) as *const u8, &mut m.stack[at..at + PIECE])
+        };
+        if ok.is_err() {
+            break;
+        }
+        m.len = (at + PIECE) as u64;
+    }
+    let _ = UNWIND_MISSES.insert(&key, m, aya_ebpf::bindings::BPF_NOEXIST as u64);
+}
 
 /// Stacks walked with rules for the trackers that have no walked-stack
 /// table of their own (connections, threads), by hash.
@@ -228,7 +264,7 @@ pub fn unwind_user_stack(
         len += 1;
         // SAFETY: copied out of the map value.
         let Some(rule) = (unsafe { UNWIND_RULES.get(&key) }).copied() else {
-            let _ = UNWIND_MISSES.insert(&key, &0, aya_ebpf::bindings::BPF_NOEXIST as u64);
+            queue_miss(key, sp, bp);
             crate::bump(unwind_counter::MISSES);
             break;
         };

@@ -235,6 +235,11 @@ pub fn is_system_frame(f: &Frame) -> bool {
     if is_go_std(func) {
         return true;
     }
+    // Rust's `<std::net::TcpStream>::connect`, `<alloc::vec::Vec<T> as ..>`.
+    let func = func.trim_start_matches('<');
+    if func.starts_with("impl ") && ["std::", "core::", "alloc::"].iter().any(|p| func[5..].starts_with(p)) {
+        return true;
+    }
     func.starts_with("std::")
         || func.starts_with("core::")
         || func.starts_with("alloc::")
@@ -334,6 +339,19 @@ mod tests {
         let frames = vec![frame("__GI_socket", "/usr/lib/x86_64-linux-gnu/libc.so.6"), app];
         assert_eq!(site_of(&frames), "server+0x1234");
         assert_eq!(stripped_modules(&frames), vec!["/opt/app/bin/server".to_string()]);
+    }
+
+    #[test]
+    fn rust_and_cpp_library_frames_are_not_sites() {
+        let frames = vec![
+            frame("__GI_socket", "/usr/lib/x86_64-linux-gnu/libc.so.6"),
+            frame("<std::sys::net::connection::socket::TcpStream>::connect::inner", "/srv/app"),
+            frame("std::net::each_addr", "/srv/app"),
+            frame("<alloc::vec::Vec<u8> as core::clone::Clone>::clone", "/srv/app"),
+            frame("std::vector<int, std::allocator<int> >::push_back", "/srv/app"),
+            frame("app::dial", "/srv/app"),
+        ];
+        assert_eq!(site_of(&frames), "app::dial");
     }
 
     #[test]

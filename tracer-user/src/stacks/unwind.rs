@@ -7,9 +7,11 @@
 //! function of the binary and the pc, so the kernel keeps one per pc it has
 //! met: when a walk meets a pc without one it stops there and queues the pc
 //! in `UNWIND_MISSES`; [`Unwinder::learn`] reads the queue, finds the object
-//! mapped at each pc, asks gimli for the CFI row and inserts the rule. The
-//! first walks of a new call path are cut short (counted); later ones are
-//! whole, and the stack key stays a hash of real return addresses.
+//! mapped at each pc, asks gimli for the CFI row and inserts the rule; then
+//! it steps through the copy of the stack the miss came with, by the same
+//! rules, and learns those of every caller on the path too. The first walk
+//! of a new call path is cut short (counted); later ones are whole, and the
+//! stack key stays a hash of real return addresses.
 //!
 //! Parsed CFI is cached per object (device, inode, size, mtime), built the
 //! first time one of its pcs is met, and bounded ([`MAX_OBJECTS`]).
@@ -23,7 +25,7 @@ use gimli::{
     LittleEndian, Location, RegisterRule, UnwindContext, UnwindSection, Value, X86_64,
 };
 use object::{Object, ObjectSection};
-use tracer_common::stacks::{rule_kind, UnwindRule, MAX_UNWIND_RULES, RULE_AT_PC};
+use tracer_common::stacks::{rule_kind, MissSnapshot, UnwindRule, MAX_UNWIND_RULES, MAX_WALKED_FRAMES, RULE_AT_PC};
 
 use crate::{
     binary::elf::Segments,
@@ -230,7 +232,9 @@ pub struct UnwindStats {
 pub struct Unwinder {
     pid: u32,
     rules: BpfHashMap<MapData, u64, UnwindRule>,
-    misses: BpfHashMap<MapData, u64, u8>,
+    misses: BpfHashMap<MapData, u64, MissSnapshot>,
+    /// Keys already in `rules`.
+    known: std::collections::HashSet<u64>,
     objects: HashMap<ObjectKey, Option<Arc<ObjectCfi>>>,
     /// Insertion order of `objects`, for the bound.
     order: Vec<ObjectKey>,
@@ -245,6 +249,7 @@ impl Unwinder {
             pid,
             rules: probes.take_map("UNWIND_RULES")?,
             misses: probes.take_map("UNWIND_MISSES")?,
+            known: Default::default(),
             objects: HashMap::new(),
             order: Vec::new(),
             stats: UnwindStats::default(),
@@ -252,47 +257,93 @@ impl Unwinder {
         })
     }
 
-    /// Learns the rule of every queued pc; returns how many it learned.
-    /// `memory` is re-read once when a pc lies outside every known mapping
-    /// (an object mapped since the last read).
+    /// Learns the rules of every queued miss's call path; returns how many
+    /// it learned. `memory` is re-read once when a pc lies outside every
+    /// known mapping (an object mapped since the last read).
     pub fn learn(&mut self, memory: &mut MemoryMap) -> usize {
-        let keys: Vec<u64> = self.misses.keys().filter_map(|k| k.ok()).collect();
+        let misses: Vec<(u64, MissSnapshot)> = self.misses.iter().filter_map(|e| e.ok()).collect();
         let mut reread = false;
         let mut learned = 0;
-        for key in keys {
+        for (key, snap) in misses {
             let _ = self.misses.remove(&key);
-            if self.stats.full {
-                continue;
-            }
-            let pc = key & !RULE_AT_PC;
-            if memory.find(pc).is_none() && !reread {
-                reread = true;
-                if let Ok(fresh) = MemoryMap::read(self.pid) {
-                    memory.merge(&fresh);
-                }
-            }
-            let rule = match memory.find(pc).filter(|m| m.executable).cloned() {
-                Some(m) => self.rule_in(&m, pc, key & RULE_AT_PC == 0),
-                // Anonymous or JIT code, the vDSO: the stack ends cleanly.
-                None => END_RULE,
+            let stack = &snap.stack[..(snap.len as usize).min(snap.stack.len())];
+            let read = |addr: u64| -> Option<u64> {
+                let at = usize::try_from(addr.checked_sub(snap.sp)?).ok()?;
+                Some(u64::from_le_bytes(stack.get(at..at + 8)?.try_into().ok()?))
             };
-            if self.rules.insert(key, rule, 0).is_err() {
-                self.stats.full = true;
-                crate::output::warn(format!(
-                    "unwind rule table full ({MAX_UNWIND_RULES} pcs): new call paths are cut at their first unknown pc \
-                     (counted in lost.truncated_stacks)"
-                ));
-                continue;
-            }
-            learned += 1;
-            self.stats.rules += 1;
-            match rule.kind {
-                rule_kind::FP_GUESS => self.stats.fp_guess_rules += 1,
-                rule_kind::END => self.stats.end_rules += 1,
-                _ => {}
+            let (mut key, mut sp, mut bp) = (key, snap.sp, snap.bp);
+            for _ in 0..MAX_WALKED_FRAMES {
+                let rule = match self.learn_one(key, memory, &mut reread) {
+                    Some((rule, new)) => {
+                        learned += new as usize;
+                        rule
+                    }
+                    None => break,
+                };
+                // Step as the kernel's walk does, inside the copy.
+                let next = match rule.kind {
+                    rule_kind::SIGNAL => {
+                        let m = sp + 40;
+                        match (read(m + 8 * 16), read(m + 8 * 15), read(m + 8 * 10)) {
+                            (Some(ip), Some(nsp), Some(nbp)) => Some((ip | RULE_AT_PC, nsp, nbp)),
+                            _ => None,
+                        }
+                    }
+                    rule_kind::CFA_SP | rule_kind::CFA_BP | rule_kind::FP_GUESS => {
+                        let base = if rule.kind == rule_kind::CFA_SP { sp } else { bp };
+                        let cfa = base.wrapping_add(rule.cfa_offset as i64 as u64);
+                        let nbp = if rule.rbp_offset != 0 { read(cfa.wrapping_add(rule.rbp_offset as i64 as u64)) } else { Some(bp) };
+                        match (read(cfa - 8), nbp) {
+                            (Some(ret), Some(nbp)) if ret >= 4096 && cfa > sp => Some((ret, cfa, nbp)),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                };
+                let Some((k, s, b)) = next else { break };
+                (key, sp, bp) = (k, s, b);
             }
         }
         learned
+    }
+
+    /// The rule for `key`, inserted in the kernel table when new (the flag
+    /// says so); `None` when the table is full.
+    fn learn_one(&mut self, key: u64, memory: &mut MemoryMap, reread: &mut bool) -> Option<(UnwindRule, bool)> {
+        let pc = key & !RULE_AT_PC;
+        if memory.find(pc).is_none() && !*reread {
+            *reread = true;
+            if let Ok(fresh) = MemoryMap::read(self.pid) {
+                memory.merge(&fresh);
+            }
+        }
+        let rule = match memory.find(pc).filter(|m| m.executable).cloned() {
+            Some(m) => self.rule_in(&m, pc, key & RULE_AT_PC == 0),
+            // Anonymous or JIT code, the vDSO: the stack ends cleanly.
+            None => END_RULE,
+        };
+        if self.known.contains(&key) {
+            return Some((rule, false));
+        }
+        if self.stats.full {
+            return None;
+        }
+        if self.rules.insert(key, rule, 0).is_err() {
+            self.stats.full = true;
+            crate::output::warn(format!(
+                "unwind rule table full ({MAX_UNWIND_RULES} pcs): new call paths are cut at their first unknown pc \
+                 (counted in lost.truncated_stacks)"
+            ));
+            return None;
+        }
+        self.known.insert(key);
+        self.stats.rules += 1;
+        match rule.kind {
+            rule_kind::FP_GUESS => self.stats.fp_guess_rules += 1,
+            rule_kind::END => self.stats.end_rules += 1,
+            _ => {}
+        }
+        Some((rule, true))
     }
 
     /// Forgets every rule (a new image after exec: the addresses mean
@@ -302,6 +353,7 @@ impl Unwinder {
         for k in keys {
             let _ = self.rules.remove(&k);
         }
+        self.known.clear();
         self.stats.rules = 0;
         self.stats.fp_guess_rules = 0;
         self.stats.end_rules = 0;
