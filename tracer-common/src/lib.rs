@@ -38,6 +38,8 @@ pub mod counter {
     pub const ALLOCATIONS: u32 = 16;
     /// First slot of the lock tracker's counters.
     pub const LOCKS: u32 = 20;
+    /// First slot of the unwinder's counters (`stacks::unwind_counter`).
+    pub const UNWIND: u32 = 24;
     /// Number of slots.
     pub const COUNT: u32 = 32;
 }

@@ -1,22 +1,115 @@
-//! User stacks taken in syscall tracepoints, with the caller the
-//! frame-pointer walk misses put back.
+//! User stacks of every tracker, walked one of two ways (`UNWIND_MODE`):
 //!
-//! Inside a libc syscall wrapper (no frame of its own) the walk goes from the
-//! wrapper straight to its caller's caller. User space disassembles the
-//! wrappers and fills `SYSCALL_SITES` with where the return address sits
-//! relative to `sp` at each `syscall` instruction; here we read it.
+//! - with per-pc unwind rules (the default): `UNWIND_RULES` holds, for each
+//!   exact pc seen so far, where the caller's frame is (learned by user
+//!   space from the object's `.eh_frame`, see `tracer-user/src/stacks/unwind.rs`).
+//!   One hash lookup and one or two reads per frame, correct in code built
+//!   without frame pointers; a pc with no rule yet ends the walk there and
+//!   is queued in `UNWIND_MISSES` with a copy of the stack above it, from
+//!   which user space learns the rules of the whole call path at once;
+//! - with frame pointers: `bpf_get_stackid` for syscall tracepoints, where
+//!   the libc wrapper's caller (skipped: the wrapper has no frame) is read
+//!   at the offset user space found by disassembly (`SYSCALL_SITES`), and the
+//!   hand-made walk of `walk_user_stack`.
 
 use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
     helpers::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs},
     macros::map,
     maps::{HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
-    programs::{tracing::StackIdContext, TracePointContext},
+    programs::{tracing::StackIdContext, ProbeContext, TracePointContext},
 };
 use tracer_common::{
     counter,
-    stacks::{StackCounts, StackKey, SyscallSite, WalkedFrames, MAX_WALKED_FRAMES, OVERFLOW_STACK},
+    stacks::{
+        rule_kind, unwind_counter, unwind_mode, MissSnapshot, StackCounts, StackKey, SyscallSite, UnwindRule, WalkedFrames,
+        MAX_UNWIND_MISSES, MAX_UNWIND_RULES, MISS_STACK_BYTES, MAX_UNWOUND_STACKS, MAX_WALKED_FRAMES, OVERFLOW_STACK, RULE_AT_PC,
+        UNWOUND_STACK,
+    },
 };
+
+/// How user stacks are walked (`tracer_common::stacks::unwind_mode`); set
+/// by user space at load time.
+#[no_mangle]
+static UNWIND_MODE: u32 = unwind_mode::RULES;
+
+/// Exact pc (a return address, or with `RULE_AT_PC` the pc a thread is
+/// at) -> how to find its caller's frame; filled by user space.
+#[map]
+static UNWIND_RULES: HashMap<u64, UnwindRule> = HashMap::with_max_entries(MAX_UNWIND_RULES, 0);
+
+/// pcs a walk met without a rule, with the stack above them, for user
+/// space to learn (then delete).
+#[map]
+static UNWIND_MISSES: HashMap<u64, MissSnapshot> = HashMap::with_max_entries(MAX_UNWIND_MISSES, 0);
+
+/// Where a miss's snapshot is built (too big for the BPF stack).
+#[map]
+static MISS_SCRATCH: PerCpuArray<MissSnapshot> = PerCpuArray::with_max_entries(1, 0);
+
+/// Queues `key` for user space with the registers and up to
+/// `MISS_STACK_BYTES` of stack from `sp` (read in 512-byte pieces: a read
+/// past the stack's end fails whole), unless it is queued already.
+#[inline(always)]
+fn queue_miss(key: u64, sp: u64, bp: u64) {
+    // SAFETY: lookup only.
+    if unsafe { UNWIND_MISSES.get(&key) }.is_some() {
+        return;
+    }
+    let Some(m) = MISS_SCRATCH.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's scratch slot; no other user while we run.
+    let m = unsafe { &mut *m };
+    m.sp = sp;
+    m.bp = bp;
+    m.len = 0;
+    const PIECE: usize = 512;
+    for i in 0..MISS_STACK_BYTES / PIECE {
+        let at = i * PIECE;
+        // SAFETY: user memory through the helper, which faults safely.
+        let ok = unsafe {
+            aya_ebpf::helpers::bpf_probe_read_user_buf((sp + at as u64) as *const u8, &mut m.stack[at..at + PIECE])
+        };
+        if ok.is_err() {
+            break;
+        }
+        m.len = (at + PIECE) as u64;
+    }
+    let _ = UNWIND_MISSES.insert(&key, m, aya_ebpf::bindings::BPF_NOEXIST as u64);
+}
+
+/// Stacks walked with rules for the trackers that have no walked-stack
+/// table of their own (connections, threads), by hash.
+#[map]
+static UNWOUND_STACKS: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_UNWOUND_STACKS, 0);
+
+/// Scratch space for a walk into `UNWOUND_STACKS` (too big for the BPF stack).
+#[map]
+static UNWOUND_SCRATCH: PerCpuArray<WalkedFrames> = PerCpuArray::with_max_entries(1, 0);
+
+/// Whether stacks are walked with unwind rules (else frame pointers).
+#[inline(always)]
+pub fn unwinding() -> bool {
+    // SAFETY: a plain read of a global that user space wrote before load.
+    unsafe { core::ptr::read_volatile(&UNWIND_MODE) == unwind_mode::RULES }
+}
+
+/// Where a walk starts: the registers of the innermost frame not yet
+/// recorded. `at_return` says `ip` is a return address (the frame is a
+/// caller's, looked up at `ip - 1`), else the pc the thread is at.
+#[derive(Clone, Copy)]
+pub struct UserRegs {
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    pub at_return: bool,
+}
+
+/// `sigcontext` (in the `ucontext` a signal frame holds at `sp + 40` when
+/// `__restore_rt` runs): rbp, rsp and rip, in 8-byte slots.
+const SIGFRAME_MCONTEXT: u64 = 40;
+const SIGCONTEXT_BP: u64 = 10;
+const SIGCONTEXT_SP: u64 = 15;
+const SIGCONTEXT_IP: u64 = 16;
 
 /// User stacks of every tracker, deduplicated by the kernel.
 #[map]
@@ -125,6 +218,146 @@ pub fn walk_user_stack(
     Some(hash)
 }
 
+/// A user stack walked with unwind rules: the `known` innermost addresses
+/// (`known[..n_known]`, 0 to 2: frames a probe already knows), then `regs.ip`
+/// and each caller found by `UNWIND_RULES`, at most `MAX_WALKED_FRAMES` in
+/// all. The walk ends at an outermost frame (`END`), a pc without a rule
+/// (queued in `UNWIND_MISSES` for user space, counted), an unreadable or
+/// non-growing frame, or the frame cap (counted). Stored in `table` under
+/// the same hash as [`walk_user_stack`]'s; returns the key, or `None` when
+/// the table is full (counted in `LOST_STACKS`).
+#[inline(always)]
+pub fn unwind_user_stack(
+    table: &HashMap<u64, WalkedFrames>,
+    scratch: &PerCpuArray<WalkedFrames>,
+    known: [u64; 2],
+    n_known: usize,
+    regs: UserRegs,
+) -> Option<u64> {
+    let f = scratch.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch slot; no other user while we run.
+    let f = unsafe { &mut *f };
+    let mut hash = 0xcbf2_9ce4_8422_2325;
+    let mut len = 0usize;
+    if n_known > 0 {
+        f.ips[0] = known[0];
+        hash = mix(hash, known[0]);
+        len = 1;
+    }
+    if n_known > 1 {
+        f.ips[1] = known[1];
+        hash = mix(hash, known[1]);
+        len = 2;
+    }
+    let UserRegs { mut ip, mut sp, mut bp, at_return } = regs;
+    let mut key = if at_return { ip } else { ip | RULE_AT_PC };
+    for _ in 0..MAX_WALKED_FRAMES {
+        if ip < LOWEST_FRAME {
+            break;
+        }
+        let Some(slot) = f.ips.get_mut(len) else {
+            crate::bump(unwind_counter::DEPTH_CAP);
+            break;
+        };
+        *slot = ip;
+        hash = mix(hash, ip);
+        len += 1;
+        // SAFETY: copied out of the map value.
+        let Some(rule) = (unsafe { UNWIND_RULES.get(&key) }).copied() else {
+            queue_miss(key, sp, bp);
+            crate::bump(unwind_counter::MISSES);
+            break;
+        };
+        if rule.kind == rule_kind::SIGNAL {
+            // The interrupted frame: its pc is where it was, not a return address.
+            let m = sp + SIGFRAME_MCONTEXT;
+            let (nip, nsp) = (read_user_u64(m + 8 * SIGCONTEXT_IP), read_user_u64(m + 8 * SIGCONTEXT_SP));
+            bp = read_user_u64(m + 8 * SIGCONTEXT_BP);
+            if nsp == 0 || nip == 0 {
+                crate::bump(unwind_counter::BAD_FRAMES);
+                break;
+            }
+            ip = nip;
+            sp = nsp;
+            key = ip | RULE_AT_PC;
+            continue;
+        }
+        let base = match rule.kind {
+            rule_kind::CFA_SP => sp,
+            rule_kind::CFA_BP => bp,
+            rule_kind::FP_GUESS => {
+                crate::bump(unwind_counter::FP_GUESSES);
+                bp
+            }
+            _ => break,
+        };
+        let cfa = base.wrapping_add(rule.cfa_offset as i64 as u64);
+        let ret;
+        if rule.rbp_offset == -16 {
+            // The usual frame: saved rbp and the return address side by side.
+            // SAFETY: user memory read through the helper, which faults safely.
+            let Ok(w) = (unsafe { bpf_probe_read_user((cfa - 16) as *const [u64; 2]) }) else {
+                crate::bump(unwind_counter::BAD_FRAMES);
+                break;
+            };
+            bp = w[0];
+            ret = w[1];
+        } else {
+            ret = read_user_u64(cfa - 8);
+            if rule.rbp_offset != 0 {
+                bp = read_user_u64(cfa.wrapping_add(rule.rbp_offset as i64 as u64));
+            }
+        }
+        if ret == 0 || cfa <= sp {
+            if ret != 0 {
+                crate::bump(unwind_counter::BAD_FRAMES);
+            }
+            break;
+        }
+        sp = cfa;
+        ip = ret;
+        key = ret;
+    }
+    f.len = len as u64;
+    let hash = mix(hash, len as u64).max(1);
+    // SAFETY: lookup only.
+    if unsafe { table.get(&hash) }.is_none() && table.insert(&hash, f, 0).is_err() {
+        crate::bump(counter::LOST_STACKS);
+        return None;
+    }
+    Some(hash)
+}
+
+/// The stack from `regs` (no known frames) as a key of the shared
+/// `UNWOUND_STACKS` table; a lost stack when it does not fit.
+#[inline(always)]
+pub fn unwound_stack(regs: UserRegs) -> StackKey {
+    match unwind_user_stack(&UNWOUND_STACKS, &UNWOUND_SCRATCH, [0, 0], 0, regs) {
+        Some(hash) => StackKey { stack_id: UNWOUND_STACK, caller: hash },
+        None => StackKey { stack_id: -1, caller: 0 },
+    }
+}
+
+/// The stack of a uprobe placed on a function's first instruction: walked
+/// with rules from the probe's registers, or with frame pointers plus the
+/// return address at `[sp]` the frame-pointer walk skips.
+#[inline(always)]
+pub fn entry_probe_stack(ctx: &ProbeContext) -> StackKey {
+    // SAFETY: the probe's saved registers.
+    let (ip, sp, bp) = unsafe { ((*ctx.regs).rip, (*ctx.regs).rsp, (*ctx.regs).rbp) };
+    if unwinding() {
+        return unwound_stack(UserRegs { ip, sp, bp, at_return: false });
+    }
+    let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+        Ok(id) => id,
+        Err(_) => {
+            crate::bump(counter::LOST_STACKS);
+            -1
+        }
+    };
+    StackKey { stack_id, caller: read_user_u64(sp) }
+}
+
 /// The u64 at `addr` in the current task's user memory (0 when unreadable).
 #[inline(always)]
 pub fn read_user_u64(addr: u64) -> u64 {
@@ -161,9 +394,18 @@ pub fn syscall_nr_and_arg0() -> Option<(u64, u64)> {
     Some((reg(regs, PT_REGS_ORIG_AX), reg(regs, PT_REGS_DI)))
 }
 
-/// The current user stack as a [`StackKey`]; counts a lost stack on failure.
+/// The current user stack as a [`StackKey`] (walked with rules, or the
+/// kernel's frame-pointer walk plus the wrapper's caller); counts a lost
+/// stack on failure.
 #[inline(always)]
 pub fn user_stack(ctx: &TracePointContext) -> StackKey {
+    if unwinding() {
+        let Some((ip, sp, bp)) = user_ip_sp_bp() else {
+            crate::bump(counter::LOST_STACKS);
+            return StackKey { stack_id: -1, caller: 0 };
+        };
+        return unwound_stack(UserRegs { ip, sp, bp, at_return: false });
+    }
     let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
         Ok(id) => id,
         Err(_) => {

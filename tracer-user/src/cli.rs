@@ -142,6 +142,19 @@ pub struct TraceOptions {
     /// (kinds: connection, thread, goroutine, map, allocation, lock).
     #[arg(long, value_name = "KIND", requires = "flamegraph", value_parser = parse_kind)]
     pub flamegraph_kind: Option<Kind>,
+    /// How user stacks are walked: `eh-frame` (the compiler's unwind
+    /// tables, learned per pc: right in code built without frame pointers,
+    /// as most distro libraries, `gcc -O2` and `cargo --release` are) or
+    /// `fp` (frame pointers only: cheaper, wrong where they are missing).
+    #[arg(long, value_enum, default_value_t = Unwind::EhFrame, value_name = "HOW")]
+    pub unwind: Unwind,
+}
+
+/// How user stacks are walked (`--unwind`).
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unwind {
+    EhFrame,
+    Fp,
 }
 
 /// A command-line error found after parsing (an unknown tracker, `check`

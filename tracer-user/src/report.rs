@@ -221,6 +221,15 @@ pub struct Lost {
     pub events: u64,
     /// Stacks that could not be stored (objects still counted, stack unknown).
     pub stacks: u64,
+    /// Stacks cut short by the unwinder: a pc whose rule was still being
+    /// learned (the first events of a new call path) or a stack deeper than
+    /// the walk's 32 frames. The objects are counted under the partial stack.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub truncated_stacks: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One report: emitted per interval and once at the end.

@@ -17,7 +17,7 @@ use crate::{
     report::{Finding, Lost, Report},
     stacks::resolve::StackResolver,
     stacks::symbolize::{OwnCode, StrippedWarnings, SymbolizerService},
-    stacks::syscall_sites,
+    stacks::{syscall_sites, unwind::Unwinder},
     trackers::{Counters, Tally, Target, Tracker, REGISTRY},
 };
 
@@ -50,6 +50,8 @@ struct Session {
     target: Target,
     lifecycle: Lifecycle,
     resolver: StackResolver,
+    /// Learns unwind rules for the kernel's walker (`None`: `--unwind fp`).
+    unwinder: Option<Unwinder>,
     counters: Counters,
     judge: Judge,
     comm: String,
@@ -117,6 +119,10 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     let mut poll_tick = tokio::time::interval(Duration::from_millis(100));
     // Warned once that /proc could not be read (our own failure).
     let mut proc_unreadable = false;
+    // Rules missing for a new call path cut its stacks short until learned
+    // (one round per frame): learn them quickly.
+    let mut unwind_tick = tokio::time::interval(Duration::from_millis(10));
+    unwind_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
 
     // Sample at t=0 so growth is measured from attach.
     outlet.share(s.report(start, false, false).await?);
@@ -130,6 +136,7 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
                     None => std::future::pending::<()>().await,
                 }
             } => break EndReason::Duration,
+            _ = unwind_tick.tick(), if s.unwinder.is_some() => s.learn_unwind_rules(),
             _ = poll_tick.tick() => {
                 s.poll().await;
                 let gone = child.as_mut().map(|c| c.reap()).unwrap_or(false);
@@ -197,6 +204,9 @@ impl Session {
         for spec in REGISTRY {
             (spec.configure)(&mut settings, opts, active(spec.name));
         }
+        let unwind = opts.unwind == crate::cli::Unwind::EhFrame;
+        use tracer_common::stacks::unwind_mode;
+        settings.u32_globals.push(("UNWIND_MODE", if unwind { unwind_mode::RULES } else { unwind_mode::FRAME_POINTERS }));
         let mut probes = Probes::load(pid, &settings)?;
         let target = Target { pid, memory: MemoryMap::default(), libc_loaded: false, alive: true };
         let mut trackers = Vec::new();
@@ -204,6 +214,7 @@ impl Session {
             trackers.push((spec.new)(&mut probes, opts, &target)?);
         }
         let resolver = StackResolver::new(&mut probes.ebpf, pid, SymbolizerService::start())?;
+        let unwinder = if unwind { Some(Unwinder::new(&mut probes, pid)?) } else { None };
         let counters = Counters(probes.take_map("COUNTERS")?);
         let lifecycle = Lifecycle::attach(&mut probes)?;
         let mut judge = Judge::new(opts.interval);
@@ -214,6 +225,7 @@ impl Session {
             target,
             lifecycle,
             resolver,
+            unwinder,
             counters,
             judge,
             comm: procfs::comm(pid),
@@ -266,6 +278,13 @@ impl Session {
         }
     }
 
+    /// Learns the unwind rules the kernel's walks asked for.
+    fn learn_unwind_rules(&mut self) {
+        if let Some(u) = self.unwinder.as_mut() {
+            u.learn(&mut self.target.memory);
+        }
+    }
+
     /// Rare events: the target's exec and exit, the trackers' rings.
     async fn poll(&mut self) {
         let changes = self.lifecycle.poll();
@@ -275,6 +294,9 @@ impl Session {
         if let Some(at_ns) = changes.exec_at {
             // A new image: addresses of the old one mean nothing now.
             self.target.libc_loaded = false;
+            if let Some(u) = self.unwinder.as_mut() {
+                u.clear();
+            }
             self.wait_for_libc(Duration::from_millis(500)).await;
             for t in &mut self.trackers {
                 t.on_exec(&mut self.probes, &self.target, at_ns);
@@ -323,6 +345,10 @@ impl Session {
         let lost = Lost {
             events: self.counters.sum(c::LOST_EVENTS) + self.counters.sum(c::LOST_RING) + tally.lost,
             stacks: self.counters.sum(c::LOST_STACKS),
+            truncated_stacks: {
+                use tracer_common::stacks::unwind_counter as u;
+                self.counters.sum(u::MISSES) + self.counters.sum(u::DEPTH_CAP)
+            },
         };
         Ok(Report {
             pid: self.target.pid,

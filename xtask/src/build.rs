@@ -169,6 +169,49 @@ pub fn fixtures(root: &Path) -> Result<()> {
         }
     }
 
+    // Fixtures built the way distributions and cargo build them, without
+    // frame pointers (the unwinder's tests): fixtures/nofp/<name>.c ->
+    // fixtures/bin/<name> with `gcc -O2 -g` against Debian's libhiredis,
+    // and the Rust packages in fixtures/rust/<name> with `cargo build
+    // --release` (default profile) of the pinned stable toolchain.
+    let nofp_dir = root.join("fixtures/nofp");
+    if nofp_dir.is_dir() {
+        for src in c_files(&nofp_dir)? {
+            let name = src.file_stem().and_then(OsStr::to_str).unwrap_or_default();
+            let out = bin.join(name);
+            if up_to_date(&out, mtime(&src)) {
+                continue;
+            }
+            run_cmd(Command::new("gcc").args(["-O2", "-g", "-o"]).arg(&out).arg(&src).args(["-lhiredis", "-pthread"]))?;
+            built += 1;
+        }
+    }
+    let rust_dir = root.join("fixtures/rust");
+    if rust_dir.is_dir() {
+        for entry in fs::read_dir(&rust_dir).with_context(|| format!("reading {}", rust_dir.display()))? {
+            let pkg = entry?.path();
+            let name = pkg.file_name().and_then(OsStr::to_str).unwrap_or_default().to_string();
+            let out = bin.join(&name);
+            if !pkg.join("Cargo.toml").is_file() || up_to_date(&out, newest_source(&pkg, &["rs", "toml"])?) {
+                continue;
+            }
+            let target_dir = root.join(".cache/rust-fixtures");
+            run_cmd(
+                Command::new("cargo")
+                    .current_dir(root)
+                    .args(["build", "--release", "--manifest-path"])
+                    .arg(pkg.join("Cargo.toml"))
+                    .arg("--target-dir")
+                    .arg(&target_dir)
+                    // The fixture's own default profile, whatever the caller's environment says.
+                    .env_remove("RUSTFLAGS")
+                    .env_remove("CARGO_PROFILE_RELEASE_DEBUG"),
+            )?;
+            fs::copy(target_dir.join("release").join(&name), &out)?;
+            built += 1;
+        }
+    }
+
     // Go fixtures: one module in fixtures/go (shared code in
     // fixtures/go/internal/); the program in fixtures/go/<dir> ->
     // fixtures/bin/<output>, built from the module root. Any change in the

@@ -43,7 +43,8 @@ const APT_PACKAGES: &[&str] = &[
     // checks deploy/prometheus.
     "prometheus",
     // Real libraries and servers for the site / close-way tests: gin and
-    // redigo (GOPATH builds against /usr/share/gocode), redis-server, hiredis.
+    // redigo (GOPATH builds against /usr/share/gocode), redis-server, hiredis
+    // (also the no-frame-pointer C fixture in fixtures/nofp).
     "golang-github-gin-gonic-gin-dev",
     "golang-github-gomodule-redigo-dev",
     "redis-server",

@@ -126,6 +126,18 @@ impl Segments {
             .and_then(|s| s.vaddr.checked_add(offset - s.offset))
     }
 
+    /// Link-time address of a file offset that holds code: the executable
+    /// segment is preferred, since with lld's layout a page-aligned mapping
+    /// offset can fall in the segment before it while the code's own
+    /// offset lies in the executable one.
+    pub fn vaddr_of_code_offset(&self, offset: u64) -> Option<u64> {
+        self.0
+            .iter()
+            .filter(|s| offset >= s.offset && offset < s.offset + s.filesz.max(1))
+            .max_by_key(|s| s.executable)
+            .map(|s| s.vaddr + (offset - s.offset))
+    }
+
     /// File offset of a link-time address (what a uprobe is attached at).
     pub fn offset_of_vaddr(&self, vaddr: u64) -> Option<u64> {
         self.segment_of(vaddr).and_then(|s| s.offset.checked_add(vaddr - s.vaddr))

@@ -296,9 +296,14 @@ fn encode_report(
     family(
         e,
         "leaktrace_events_lost",
-        "Records lost since attach: reason events (the kernel side could not record an event) or stacks (a stack could not be stored; the object is still counted).",
+        "Records lost since attach: reason events (the kernel side could not record an event), stacks (a stack could not be stored; the object is still counted) or truncated_stacks (a stack cut short while its unwind rules were learned, or deeper than 32 frames).",
         MetricType::Counter,
-        [("events", report.lost.events), ("stacks", report.lost.stacks)].map(|(reason, n)| {
+        [
+            ("events", report.lost.events),
+            ("stacks", report.lost.stacks),
+            ("truncated_stacks", report.lost.truncated_stacks),
+        ]
+        .map(|(reason, n)| {
             (vec![("pid", pid.clone()), ("reason", reason.to_string())], ConstCounter::new(n))
         }),
     )?;

@@ -60,6 +60,9 @@ pub fn render_table(report: &Report, opts: &TableOptions) -> String {
         "leaktrace  pid {} ({})  elapsed {:.1}s  lost: events {}, stacks {}",
         report.pid, report.comm, report.elapsed_s, report.lost.events, report.lost.stacks
     );
+    if report.lost.truncated_stacks > 0 {
+        let _ = write!(out, ", truncated stacks {}", report.lost.truncated_stacks);
+    }
     if report.exited == Some(true) {
         out.push_str("  EXITED");
     }

@@ -2,12 +2,14 @@
 //! a kernel stack id or addresses walked by a BPF program or read from
 //! memory), where a libc wrapper keeps its caller's return address
 //! (`syscall_sites`), addresses to frames (`symbolize`), and stack keys to
-//! symbolized frames, cached (`resolve`). The kernel-side walkers are
-//! `tracer-ebpf/src/stacks.rs`.
+//! symbolized frames, cached (`resolve`), and the unwind rules the kernel
+//! side walks code without frame pointers with (`unwind`). The kernel-side
+//! walkers are `tracer-ebpf/src/stacks.rs`.
 
 pub mod resolve;
 pub mod symbolize;
 pub mod syscall_sites;
+pub mod unwind;
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use tracer_common::stacks::{StackKey, WalkedFrames};

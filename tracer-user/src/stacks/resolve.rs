@@ -4,10 +4,10 @@ use std::collections::HashMap;
 
 use anyhow::{anyhow, Result};
 use aya::{
-    maps::{MapData, StackTraceMap},
+    maps::{HashMap as BpfHashMap, MapData, StackTraceMap},
     Ebpf,
 };
-use tracer_common::stacks::{StackKey, OVERFLOW_STACK};
+use tracer_common::stacks::{StackKey, WalkedFrames, OVERFLOW_STACK, UNWOUND_STACK};
 
 use crate::{
     stacks::SampleStack,
@@ -21,20 +21,36 @@ use crate::{
 pub struct StackResolver {
     pid: u32,
     traces: StackTraceMap<MapData>,
+    /// Stacks walked with unwind rules (`UNWOUND_STACK` keys).
+    unwound: BpfHashMap<MapData, u64, WalkedFrames>,
     symbolizer: SymbolizerService,
     cache: HashMap<SampleStack, Vec<Frame>>,
 }
 
 impl StackResolver {
-    /// Takes the shared `STACKS` map out of the loaded object.
+    /// Takes the shared `STACKS` and `UNWOUND_STACKS` maps out of the loaded object.
     pub fn new(ebpf: &mut Ebpf, pid: u32, symbolizer: SymbolizerService) -> Result<Self> {
         let map = ebpf.take_map("STACKS").ok_or_else(|| anyhow!("STACKS map missing"))?;
-        Ok(Self { pid, traces: StackTraceMap::try_from(map)?, symbolizer, cache: HashMap::new() })
+        let unwound = ebpf.take_map("UNWOUND_STACKS").ok_or_else(|| anyhow!("UNWOUND_STACKS map missing"))?;
+        Ok(Self {
+            pid,
+            traces: StackTraceMap::try_from(map)?,
+            unwound: BpfHashMap::try_from(unwound)?,
+            symbolizer,
+            cache: HashMap::new(),
+        })
     }
 
-    /// The raw addresses of a stack, innermost first, with the wrapper's
-    /// caller put back after the first frame.
+    /// The raw addresses of a stack, innermost first: walked with unwind
+    /// rules, or the kernel's with the wrapper's caller put back after the
+    /// first frame.
     pub fn addresses(&self, key: &StackKey) -> Vec<u64> {
+        if key.stack_id == UNWOUND_STACK {
+            return match crate::stacks::walked_stack(&self.unwound, key.caller) {
+                SampleStack::Addresses(a) => a,
+                SampleStack::Kernel(_) => Vec::new(),
+            };
+        }
         if key.stack_id < 0 {
             return Vec::new();
         }

@@ -410,6 +410,11 @@ fn is_runtime_or_std(f: &Frame) -> bool {
 
 /// Functions of a language's runtime or standard library, by name.
 fn is_standard_function(func: &str) -> bool {
+    // Rust's `<std::net::TcpStream>::connect`, `<alloc::vec::Vec<T> as ..>`.
+    let func = func.trim_start_matches('<');
+    if func.starts_with("impl ") && ["std::", "core::", "alloc::"].iter().any(|p| func[5..].starts_with(p)) {
+        return true;
+    }
     is_go_std(func)
         || func.starts_with("std::")
         || func.starts_with("__gnu_cxx::")
@@ -566,6 +571,19 @@ mod tests {
         let frames = vec![frame("__GI_socket", "/usr/lib/x86_64-linux-gnu/libc.so.6"), app];
         assert_eq!(site_of(&frames), "server+0x1234");
         assert_eq!(stripped_modules(&frames), vec!["/opt/app/bin/server".to_string()]);
+    }
+
+    #[test]
+    fn rust_and_cpp_library_frames_are_not_sites() {
+        let frames = vec![
+            frame("__GI_socket", "/usr/lib/x86_64-linux-gnu/libc.so.6"),
+            frame("<std::sys::net::connection::socket::TcpStream>::connect::inner", "/srv/app"),
+            frame("std::net::each_addr", "/srv/app"),
+            frame("<alloc::vec::Vec<u8> as core::clone::Clone>::clone", "/srv/app"),
+            frame("std::vector<int, std::allocator<int> >::push_back", "/srv/app"),
+            frame("app::dial", "/srv/app"),
+        ];
+        assert_eq!(site_of(&frames), "app::dial");
     }
 
     #[test]
