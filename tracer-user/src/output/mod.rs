@@ -33,17 +33,17 @@ pub struct Outlet {
 }
 
 impl Outlet {
-    /// Starts the metrics server when `--listen` asks for one.
-    pub async fn open(opts: &TraceOptions) -> Result<Self> {
+    /// Starts the metrics server on `listener` (bound for `--listen`).
+    pub async fn open(opts: &TraceOptions, listener: Option<tokio::net::TcpListener>) -> Result<Self> {
         let shared = render::prometheus::new_shared_report();
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let mut server = None;
-        if let Some(addr) = opts.listen {
+        if let Some(listener) = listener {
             let mut rx = stop_rx;
             let shutdown = async move {
                 let _ = rx.wait_for(|v| *v).await;
             };
-            let (bound, handle) = metrics::serve(addr, shared.clone(), opts.max_sites, shutdown).await?;
+            let (bound, handle) = metrics::serve(listener, shared.clone(), opts.max_sites, shutdown).await?;
             note(format!("serving metrics at http://{bound}/metrics"));
             server = Some(handle);
         }
