@@ -300,3 +300,21 @@ fn a_traced_command_sees_what_an_untraced_one_sees() {
     let untraced: Vec<&str> = untraced.lines().collect();
     assert_eq!(traced, untraced, "traced:\n{}", run.stderr);
 }
+
+/// A program whose name carries escape sequences (comm from its file name)
+/// cannot clear the screen or recolour it: the table, `check`'s verdict and
+/// the notes on stderr show the sequences escaped.
+#[test]
+fn escape_sequences_in_names_are_not_printed_raw() {
+    let dir = std::env::temp_dir().join(format!("leaktrace-ansi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("x\x1b[2J\x1b[31mred");
+    std::fs::copy(fixture("conn_leak"), &bin).unwrap();
+    let run = run_leaktrace(&["check", "--for", "5s", "--interval", "1s", "--", bin.to_str().unwrap()]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(run.status, 3, "{}", run.stderr);
+    assert!(!run.stdout.contains('\x1b'), "raw escape on stdout: {:?}", run.stdout);
+    assert!(!run.stderr.contains('\x1b'), "raw escape on stderr: {:?}", run.stderr);
+    assert!(run.stdout.contains(r"(x\x1b[2J\x1b[31m"), "{}", run.stdout);
+    assert!(run.stderr.contains(r"x\x1b[2J\x1b[31m"), "{}", run.stderr);
+}

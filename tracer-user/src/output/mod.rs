@@ -86,19 +86,21 @@ impl Outlet {
 static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
 
 /// A diagnostic for the person running leaktrace: `leaktrace: MSG`.
+/// Diagnostics quote names and paths from the target: control characters
+/// are escaped ([`render::printable`]).
 pub fn note(msg: impl Display) {
-    write_stderr(&format!("leaktrace: {msg}\n"));
+    write_stderr(&format!("leaktrace: {}\n", render::printable(&msg.to_string(), false)));
 }
 
 /// Something that makes the report less complete than asked:
 /// `leaktrace: warning: MSG`.
 pub fn warn(msg: impl Display) {
-    write_stderr(&format!("leaktrace: warning: {msg}\n"));
+    write_stderr(&format!("leaktrace: warning: {}\n", render::printable(&msg.to_string(), false)));
 }
 
 /// The error that ends leaktrace: `leaktrace: error: MSG`.
 pub fn error(msg: impl Display) {
-    write_stderr(&format!("leaktrace: error: {msg}\n"));
+    write_stderr(&format!("leaktrace: error: {}\n", render::printable(&msg.to_string(), false)));
 }
 
 /// Writes text on stderr. A closed stderr loses the text and nothing else:
