@@ -318,3 +318,24 @@ fn escape_sequences_in_names_are_not_printed_raw() {
     assert!(run.stdout.contains(r"(x\x1b[2J\x1b[31m"), "{}", run.stdout);
     assert!(run.stderr.contains(r"x\x1b[2J\x1b[31m"), "{}", run.stderr);
 }
+
+/// Root without capabilities (a bounded capability set, as in a container)
+/// is told which capabilities are missing, not "failed to create map".
+#[test]
+fn missing_capabilities_are_named() {
+    let t = start("conn_leak", &["--no-leak"]);
+    let pid = t.pid().to_string();
+    for (bounding, missing) in [("-all", "missing: CAP_BPF, CAP_PERFMON"), ("-bpf,-sys_admin", "missing: CAP_BPF (")] {
+        let out = Command::new("setpriv")
+            .args([&format!("--bounding-set={bounding}"), "--inh-caps=-all", "--"])
+            .arg(leaktrace())
+            .args(["attach", "--pid", &pid, "--for", "1s"])
+            .output()
+            .expect("setpriv (util-linux) is needed for this test");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.starts_with("leaktrace: error: permission denied: leaktrace needs CAP_BPF and CAP_PERFMON"), "{stderr}");
+        assert!(stderr.contains(missing), "{stderr}");
+    }
+}
