@@ -4,7 +4,10 @@
 //! We fork, the child blocks reading a pipe, the tracer attaches to the
 //! child's pid, then one byte on the pipe lets it exec the command. If
 //! leaktrace dies first the pipe closes and the child exits without running
-//! the command untraced.
+//! the command untraced; if it dies later (even by SIGKILL) the kernel kills
+//! the command (`PR_SET_PDEATHSIG`). The command sees what it would see
+//! untraced: default SIGPIPE, an empty signal mask, the descriptor limit
+//! leaktrace was given.
 
 use std::{
     ffi::CString,
@@ -97,6 +100,8 @@ impl Held {
         argv.push(std::ptr::null());
 
         let given_nofile = GIVEN_NOFILE.get().copied();
+        // SAFETY: getpid cannot fail.
+        let parent = unsafe { libc::getpid() };
         let mut go = [0; 2];
         let mut err = [0; 2];
         // SAFETY: valid arrays of two ints.
@@ -106,14 +111,21 @@ impl Held {
             }
         }
         // SAFETY: after fork the child only calls async-signal-safe functions
-        // (close, read, write, dup2, setrlimit, execv, _exit) on memory
-        // prepared before fork.
+        // (prctl, getppid, close, read, write, dup2, setrlimit, signal,
+        // sigprocmask, execv, _exit) on memory prepared before fork.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             bail!("fork: {}", std::io::Error::last_os_error());
         }
         if pid == 0 {
             unsafe {
+                // The command dies with leaktrace (even by SIGKILL): it never
+                // runs on untraced. (Not across a set-user-ID exec, which
+                // clears it.) If leaktrace died before this, give up.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+                if libc::getppid() != parent {
+                    libc::_exit(126);
+                }
                 libc::close(go[1]);
                 libc::close(err[0]);
                 let mut b = 0u8;
@@ -132,6 +144,13 @@ impl Held {
                 if let Some(lim) = given_nofile {
                     libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
                 }
+                // The Rust runtime ignores SIGPIPE in leaktrace; an ignored
+                // signal survives exec. The command gets the default back
+                // (as std::process::Command gives it) and an empty mask.
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                let mut none: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut none);
+                libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
                 libc::execv(c_path.as_ptr(), argv.as_ptr());
                 let e = *libc::__errno_location();
                 libc::write(err[1], &e as *const i32 as *const libc::c_void, 4);

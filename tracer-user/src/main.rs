@@ -45,6 +45,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     leaktrace::cli::trackers(&opts.track).map_err(UsageError)?;
     leaktrace::probes::preflight()?;
 
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // A busy port fails before a command starts or a probe attaches.
+    let listener = match &opts.listen {
+        Some(addr) => Some(rt.block_on(leaktrace::output::metrics::bind(addr))?),
+        None => None,
+    };
     let (pid, child): (u32, Option<Box<dyn HeldChild>>) = match pid {
         Some(pid) => (pid, None),
         None => {
@@ -53,8 +59,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             (held.pid(), Some(Box::new(held)))
         }
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let outcome = rt.block_on(session::trace(pid, &opts, child, is_check))?;
+    let outcome = rt.block_on(session::trace(pid, &opts, child, listener, is_check))?;
     if let Some(status) = outcome.command_status.filter(|s| *s != 0) {
         // A command that fails on its own is not a program that passed.
         if is_check {

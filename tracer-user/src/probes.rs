@@ -77,10 +77,17 @@ pub fn preflight() -> Result<()> {
         bail!("this leaktrace was built without its eBPF programs (LEAKTRACE_SKIP_EBPF=1): rebuild it");
     }
     check_kernel_release(&std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default())?;
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    if euid != 0 && !has_bpf_caps() {
-        bail!("permission denied: leaktrace needs root (or CAP_BPF and CAP_PERFMON) to load eBPF programs; try sudo");
+    // Checked for root too: root in a container or a bounded service may
+    // lack them, and the loader would only say "failed to create map".
+    let missing = missing_bpf_caps(effective_caps());
+    if !missing.is_empty() {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        bail!(
+            "permission denied: leaktrace needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) to load eBPF programs; missing: {}{}",
+            missing.join(", "),
+            if root { " (running as root without them: a container or a service with a bounded capability set?)" } else { "; try sudo" }
+        );
     }
     ensure_tracefs()
 }
@@ -107,14 +114,29 @@ pub fn check_kernel_release(release: &str) -> Result<()> {
     Ok(())
 }
 
-fn has_bpf_caps() -> bool {
+/// The effective capability bits (CapEff of /proc/self/status).
+fn effective_caps() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let Some(eff) = status.lines().find_map(|l| l.strip_prefix("CapEff:")) else { return false };
-    let Ok(bits) = u64::from_str_radix(eff.trim(), 16) else { return false };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|eff| u64::from_str_radix(eff.trim(), 16).ok())
+        .unwrap_or(0)
+}
+
+/// The capabilities loading and attaching needs that `caps` lacks, by name.
+fn missing_bpf_caps(caps: u64) -> Vec<&'static str> {
+    const CAP_SYS_ADMIN: u64 = 21;
     const CAP_PERFMON: u64 = 38;
     const CAP_BPF: u64 = 39;
-    const CAP_SYS_ADMIN: u64 = 21;
-    bits & (1 << CAP_SYS_ADMIN) != 0 || (bits & (1 << CAP_BPF) != 0 && bits & (1 << CAP_PERFMON) != 0)
+    if caps & (1 << CAP_SYS_ADMIN) != 0 {
+        return Vec::new();
+    }
+    [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|(bit, _)| caps & (1 << bit) == 0)
+        .map(|(_, name)| name)
+        .collect()
 }
 
 /// Tracepoint ids are read from tracefs; mount it when a fresh machine has not.
@@ -299,5 +321,13 @@ mod tests {
         for ok in ["5.15.0-1", "6.1.0-44-cloud-amd64", "6.12.117+deb13-cloud-amd64", "7.2.13+deb14-cloud-amd64", "weird"] {
             assert!(check_kernel_release(ok).is_ok(), "{ok}");
         }
+    }
+
+    #[test]
+    fn missing_capabilities_are_named() {
+        assert_eq!(missing_bpf_caps(0), vec!["CAP_BPF", "CAP_PERFMON"]);
+        assert_eq!(missing_bpf_caps(1 << 39), vec!["CAP_PERFMON"]);
+        assert!(missing_bpf_caps((1 << 39) | (1 << 38)).is_empty());
+        assert!(missing_bpf_caps(1 << 21).is_empty());
     }
 }

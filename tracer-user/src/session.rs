@@ -65,7 +65,14 @@ struct Session {
 /// Traces `pid` until the duration ends, a signal comes, the target exits
 /// or (unless `to_the_end`: `check`, whose verdict is its exit status)
 /// nobody reads stdout any more.
-pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn HeldChild>>, to_the_end: bool) -> Result<Outcome> {
+/// `listener`: the `--listen` socket, bound before anything started.
+pub async fn trace(
+    pid: u32,
+    opts: &TraceOptions,
+    mut child: Option<Box<dyn HeldChild>>,
+    listener: Option<tokio::net::TcpListener>,
+    to_the_end: bool,
+) -> Result<Outcome> {
     let names = crate::cli::trackers(&opts.track).map_err(anyhow::Error::msg)?;
     probes::preflight()?;
     procfs::check_target(pid)?;
@@ -97,7 +104,7 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
         t.on_start(&mut s.probes, &s.target);
     }
 
-    let outlet = Outlet::open(opts).await?;
+    let outlet = Outlet::open(opts, listener).await?;
     output::note(format!(
         "attached to {pid} ({comm_at_start}): tracking {}; {}",
         names.join(","),

@@ -187,3 +187,155 @@ fn idle_metrics_clients_do_not_end_the_trace() {
     let leaks = findings_with(&report, "dial_cache");
     assert!(leaks.iter().any(|f| f["verdict"] == "leak" && functions(f).iter().any(|n| n == "bad_handler")), "{}", summarize(&report));
 }
+
+/// `--for 300000000000y` panicked after attaching, `--interval 1ms` spent a
+/// core: both are refused by the command line (exit 2, one line each).
+#[test]
+fn absurd_durations_are_refused_before_attaching() {
+    let t = start("conn_leak", &["--no-leak"]);
+    let pid = t.pid().to_string();
+    let run = run_leaktrace(&["attach", "--pid", &pid, "--for", "300000000000y"]);
+    assert_eq!(run.status, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("must be at most 365d"), "{}", run.stderr);
+    assert!(!run.stderr.contains("attached"), "{}", run.stderr);
+    let run = run_leaktrace(&["attach", "--pid", &pid, "--interval", "1ms"]);
+    assert_eq!(run.status, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("must be at least 250ms"), "{}", run.stderr);
+}
+
+/// `run --listen <busy port>` fails before the command starts; a host name
+/// (`localhost:PORT`) is accepted and served.
+#[test]
+fn listen_is_bound_before_the_command_starts() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let marker = std::env::temp_dir().join(format!("leaktrace-busy-port-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let run = run_leaktrace(&["run", "--for", "3s", "--listen", &addr, "--", "touch", marker.to_str().unwrap()]);
+    assert_eq!(run.status, 1, "{}", run.stderr);
+    assert!(error_line(&run).starts_with(&format!("leaktrace: error: cannot listen on {addr}: ")), "{}", run.stderr);
+    assert!(!marker.exists(), "the command ran although leaktrace could not start");
+    drop(busy);
+
+    let t = start("conn_leak", &["--no-leak"]);
+    let port = free_port();
+    let mut child = Command::new(leaktrace())
+        .args(["attach", "--pid", &t.pid().to_string(), "--for", "4s", "--interval", "1s", "--json"])
+        .args(["--listen", &format!("localhost:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let serving = lines.by_ref().map_while(Result::ok).find(|l| l.contains("serving metrics")).expect("no metrics server");
+    assert!(serving.contains(&format!(":{port}/metrics")), "{serving}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let body = http_get(&format!("127.0.0.1:{port}"), "/metrics");
+    assert!(body.contains("leaktrace_up 1"), "{body}");
+    assert!(child.wait().unwrap().success());
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body
+}
+
+/// Whether `pid` exists and is not a zombie.
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !matches!(s.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next()), Some('Z') | Some('X')))
+        .unwrap_or(false)
+}
+
+/// A command `leaktrace run` started dies with leaktrace, even when
+/// leaktrace is SIGKILLed: it never keeps running untraced.
+#[test]
+fn run_command_dies_with_leaktrace() {
+    let mut child = Command::new(leaktrace())
+        .args(["run", "--for", "60s", "--json", "--", "sleep", "1000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let attached = lines.by_ref().map_while(Result::ok).find(|l| l.contains("attached to")).expect("never attached");
+    let cmd_pid: u32 = attached.split_whitespace().nth(3).and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{attached}"));
+    assert!(running(cmd_pid), "{attached}");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let until = Instant::now() + Duration::from_secs(5);
+    while running(cmd_pid) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let alive = running(cmd_pid);
+    if alive {
+        // SAFETY: cleaning up the sleep we made leaktrace start.
+        unsafe { libc::kill(cmd_pid as i32, libc::SIGKILL) };
+    }
+    assert!(!alive, "the command kept running after leaktrace was killed");
+}
+
+/// What a command sees of its signals and limits, by a shell that prints
+/// them (SigIgn, SigBlk, Max open files) and runs `yes | head -n 1`,
+/// printing yes's exit status (141: killed by SIGPIPE).
+const SEES: &str = r#"grep -E '^(SigIgn|SigBlk)' /proc/self/status; grep 'Max open files' /proc/self/limits; (yes; echo "yes exited $?" >&2) | head -n 1 >/dev/null"#;
+
+/// `leaktrace run` starts the command as it would start untraced: the
+/// SIGPIPE leaktrace's runtime ignores, its signal mask and its raised
+/// descriptor limit do not leak into it (`yes | head` dies by SIGPIPE).
+#[test]
+fn a_traced_command_sees_what_an_untraced_one_sees() {
+    let untraced = Command::new("sh").args(["-c", SEES]).output().unwrap();
+    let untraced = String::from_utf8_lossy(&untraced.stdout).to_string() + &String::from_utf8_lossy(&untraced.stderr);
+    assert!(untraced.contains("yes exited 141"), "{untraced}");
+    // --json: the command's stdout goes to stderr, stdout carries JSON only.
+    let run = run_leaktrace(&["run", "--json", "--", "sh", "-c", SEES]);
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    let traced: Vec<&str> = run.stderr.lines().filter(|l| !l.starts_with("leaktrace")).collect();
+    let untraced: Vec<&str> = untraced.lines().collect();
+    assert_eq!(traced, untraced, "traced:\n{}", run.stderr);
+}
+
+/// A program whose name carries escape sequences (comm from its file name)
+/// cannot clear the screen or recolour it: the table, `check`'s verdict and
+/// the notes on stderr show the sequences escaped.
+#[test]
+fn escape_sequences_in_names_are_not_printed_raw() {
+    let dir = std::env::temp_dir().join(format!("leaktrace-ansi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("x\x1b[2J\x1b[31mred");
+    std::fs::copy(fixture("conn_leak"), &bin).unwrap();
+    let run = run_leaktrace(&["check", "--for", "5s", "--interval", "1s", "--", bin.to_str().unwrap()]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(run.status, 3, "{}", run.stderr);
+    assert!(!run.stdout.contains('\x1b'), "raw escape on stdout: {:?}", run.stdout);
+    assert!(!run.stderr.contains('\x1b'), "raw escape on stderr: {:?}", run.stderr);
+    assert!(run.stdout.contains(r"(x\x1b[2J\x1b[31m"), "{}", run.stdout);
+    assert!(run.stderr.contains(r"x\x1b[2J\x1b[31m"), "{}", run.stderr);
+}
+
+/// Root without capabilities (a bounded capability set, as in a container)
+/// is told which capabilities are missing, not "failed to create map".
+#[test]
+fn missing_capabilities_are_named() {
+    let t = start("conn_leak", &["--no-leak"]);
+    let pid = t.pid().to_string();
+    for (bounding, missing) in [("-all", "missing: CAP_BPF, CAP_PERFMON"), ("-bpf,-sys_admin", "missing: CAP_BPF (")] {
+        let out = Command::new("setpriv")
+            .args([&format!("--bounding-set={bounding}"), "--inh-caps=-all", "--"])
+            .arg(leaktrace())
+            .args(["attach", "--pid", &pid, "--for", "1s"])
+            .output()
+            .expect("setpriv (util-linux) is needed for this test");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.starts_with("leaktrace: error: permission denied: leaktrace needs CAP_BPF and CAP_PERFMON"), "{stderr}");
+        assert!(stderr.contains(missing), "{stderr}");
+    }
+}

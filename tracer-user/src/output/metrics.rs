@@ -28,21 +28,23 @@ use tokio::{
 
 use crate::render::prometheus::{self, SharedReport, CONTENT_TYPE};
 
-/// Binds `addr` and serves `/metrics` from `shared` on a spawned task until
+/// Binds `addr` (`HOST:PORT`, the first of HOST's addresses that binds).
+/// Fails with `cannot listen on ADDR: REASON`. Called before anything is
+/// attached or started, so a busy port starts nothing.
+pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| anyhow!("cannot listen on {addr}: {e}"))
+}
+
+/// Serves `/metrics` from `shared` on `listener` on a spawned task until
 /// `shutdown` completes. Returns the bound address (useful with port 0) and
-/// the server task, which ends with the server's I/O result.
-///
-/// Fails with `cannot listen on ADDR: REASON` when the address cannot be
-/// bound, before anything is spawned. Must be called within a tokio runtime.
+/// the server task, which ends with the server's I/O result. Must be called
+/// within a tokio runtime.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: TcpListener,
     shared: SharedReport,
     max_sites: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<std::io::Result<()>>)> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow!("cannot listen on {addr}: {e}"))?;
     let local_addr = listener.local_addr()?;
     let registry = Arc::new(prometheus::registry(shared, max_sites));
     let app = Router::new()
@@ -197,7 +199,7 @@ mod tests {
         let shared = new_shared_report();
         let (stop, stopped) = oneshot::channel::<()>();
         let (addr, task) = serve(
-            "127.0.0.1:0".parse().unwrap(),
+            bind("localhost:0").await.unwrap(),
             shared.clone(),
             prometheus::DEFAULT_MAX_SITES,
             async move {
@@ -238,10 +240,7 @@ mod tests {
     async fn bind_error_is_one_clear_line() {
         let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = taken.local_addr().unwrap();
-        let err = serve(addr, new_shared_report(), 20, std::future::pending())
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = bind(&addr.to_string()).await.unwrap_err().to_string();
         assert!(
             err.starts_with(&format!("cannot listen on {addr}: ")),
             "{err}"

@@ -33,17 +33,17 @@ pub struct Outlet {
 }
 
 impl Outlet {
-    /// Starts the metrics server when `--listen` asks for one.
-    pub async fn open(opts: &TraceOptions) -> Result<Self> {
+    /// Starts the metrics server on `listener` (bound for `--listen`).
+    pub async fn open(opts: &TraceOptions, listener: Option<tokio::net::TcpListener>) -> Result<Self> {
         let shared = render::prometheus::new_shared_report();
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let mut server = None;
-        if let Some(addr) = opts.listen {
+        if let Some(listener) = listener {
             let mut rx = stop_rx;
             let shutdown = async move {
                 let _ = rx.wait_for(|v| *v).await;
             };
-            let (bound, handle) = metrics::serve(addr, shared.clone(), opts.max_sites, shutdown).await?;
+            let (bound, handle) = metrics::serve(listener, shared.clone(), opts.max_sites, shutdown).await?;
             note(format!("serving metrics at http://{bound}/metrics"));
             server = Some(handle);
         }
@@ -86,19 +86,21 @@ impl Outlet {
 static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
 
 /// A diagnostic for the person running leaktrace: `leaktrace: MSG`.
+/// Diagnostics quote names and paths from the target: control characters
+/// are escaped ([`render::printable`]).
 pub fn note(msg: impl Display) {
-    write_stderr(&format!("leaktrace: {msg}\n"));
+    write_stderr(&format!("leaktrace: {}\n", render::printable(&msg.to_string(), false)));
 }
 
 /// Something that makes the report less complete than asked:
 /// `leaktrace: warning: MSG`.
 pub fn warn(msg: impl Display) {
-    write_stderr(&format!("leaktrace: warning: {msg}\n"));
+    write_stderr(&format!("leaktrace: warning: {}\n", render::printable(&msg.to_string(), false)));
 }
 
 /// The error that ends leaktrace: `leaktrace: error: MSG`.
 pub fn error(msg: impl Display) {
-    write_stderr(&format!("leaktrace: error: {msg}\n"));
+    write_stderr(&format!("leaktrace: error: {}\n", render::printable(&msg.to_string(), false)));
 }
 
 /// Writes text on stderr. A closed stderr loses the text and nothing else:

@@ -44,7 +44,7 @@ pub fn render_check(report: &Report, omitted: &[Finding], fail_on_wait: Option<f
             "leaktrace check: PASS: {summary} in {:.0}s of {} (pid {}){lost}; exit 0 (0 = no leak, 3 = leak found, 1 = error)\n",
             report.elapsed_s, report.comm, report.pid
         );
-        return CheckResult { failed: false, text: out };
+        return CheckResult { failed: false, text: super::printable(&out, true).into_owned() };
     }
     out += &format!("leaktrace check: FAIL: {summary} in {:.0}s of {} (pid {}){lost}\n", report.elapsed_s, report.comm, report.pid);
     for f in &leaks {
@@ -78,7 +78,8 @@ pub fn render_check(report: &Report, omitted: &[Finding], fail_on_wait: Option<f
     }
     let what = if fail_on_wait.is_some() { "3 = leak found or --fail-on-wait exceeded" } else { "3 = leak found" };
     out += &format!("leaktrace check: exit 3 (0 = no leak, {what}, 1 = error)\n");
-    CheckResult { failed: true, text: out }
+    // Names, sites and peers come from the target: no control characters.
+    CheckResult { failed: true, text: super::printable(&out, true).into_owned() }
 }
 
 #[cfg(test)]

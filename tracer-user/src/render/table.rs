@@ -58,7 +58,11 @@ pub fn render_table(report: &Report, opts: &TableOptions) -> String {
     let _ = write!(
         out,
         "leaktrace  pid {} ({})  elapsed {:.1}s  lost: events {}, stacks {}",
-        report.pid, report.comm, report.elapsed_s, report.lost.events, report.lost.stacks
+        report.pid,
+        super::printable(&report.comm, false),
+        report.elapsed_s,
+        report.lost.events,
+        report.lost.stacks
     );
     if report.lost.truncated_stacks > 0 {
         let _ = write!(out, ", truncated stacks {}", report.lost.truncated_stacks);
@@ -93,7 +97,8 @@ pub fn render_table(report: &Report, opts: &TableOptions) -> String {
     if report.is_final {
         let _ = writeln!(out, "{}", summary(report));
     }
-    out
+    // Every field was made printable; this keeps it so for any added later.
+    super::printable(&out, true).into_owned()
 }
 
 /// `2 leaks, 1 growing, 5 steady` over every finding in the report (plus a
@@ -154,7 +159,8 @@ const HEADERS: [&str; 7] = [
 const NUMERIC: [bool; 7] = [false, false, false, true, true, true, false];
 
 fn write_rows(out: &mut String, findings: &[&Finding], opts: &TableOptions) {
-    let rows: Vec<[String; 7]> = findings.iter().map(|f| row(f, opts)).collect();
+    let rows: Vec<[String; 7]> =
+        findings.iter().map(|f| row(f, opts).map(|cell| super::printable(&cell, false).into_owned())).collect();
     let mut widths = HEADERS.map(|h| h.chars().count());
     for r in &rows {
         for (w, cell) in widths.iter_mut().zip(r) {
@@ -292,7 +298,7 @@ fn frame_text(frame: &Frame) -> String {
         }
         (None, _, None) => {}
     }
-    s
+    super::printable(&s, false).into_owned()
 }
 
 /// `512B`, `1.5KiB`, `12.0MiB`, `-3.0KiB`.
@@ -357,6 +363,19 @@ mod tests {
     use super::*;
     use crate::render::json::tests::example_report;
     use crate::report::Kind;
+
+    #[test]
+    fn names_from_the_target_cannot_drive_the_terminal() {
+        let mut report = example_report();
+        report.comm = "x\x1b[2J\x1b[31m".into();
+        report.findings[0].peer = Some("evil\x1b]0;title\x07\nleak  forged".into());
+        report.findings[0].stack[0].function = "f\x1b[1A".into();
+        let text = render_table(&report, &TableOptions::default());
+        assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text:?}");
+        assert!(text.contains("pid 1234 (x\\x1b[2J\\x1b[31m)"), "{text}");
+        assert!(text.contains("evil\\x1b]0;title\\x07\\x0aleak  forged"), "{text}");
+        assert!(text.contains("f\\x1b[1A"), "{text}");
+    }
 
     #[test]
     fn frames_start_at_the_site() {
