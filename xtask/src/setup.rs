@@ -40,6 +40,8 @@ const APT_PACKAGES: &[&str] = &[
     // The end-to-end test scrapes leaktrace with a real Prometheus; promtool
     // checks deploy/prometheus.
     "prometheus",
+    // `cargo xtask cores`: core files of the Go fixtures (gcore).
+    "gdb",
 ];
 
 /// `125` for 1.25.5: the suffix of fixtures built with that toolchain.
