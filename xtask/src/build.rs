@@ -40,6 +40,8 @@ const GO_PROGRAMS: &[GoProgram] = &[
     GoProgram { dir: "mapgrow", out: "mapgrow-go", every_version: true },
     GoProgram { dir: "mapbench", out: "mapbench-go", every_version: true },
     GoProgram { dir: "lockpool", out: "lockpool-go", every_version: true },
+    // Deterministic work with a checksum per round: `cargo xtask safety`.
+    GoProgram { dir: "workload", out: "workload-go", every_version: true },
 ];
 const C_FLAGS: &[&str] = &[
     "-O1",

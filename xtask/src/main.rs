@@ -6,8 +6,10 @@
 mod bench;
 mod build;
 mod cmd;
+mod cores;
 mod demo;
 mod fuzz;
+mod safety;
 mod setup;
 mod soak;
 mod test;
@@ -54,6 +56,13 @@ commands:
                      build info, pc table, DWARF, x86 analyses) on the
                      pinned nightly, seeded from the fixtures; crashes in
                      tracer-user/fuzz/artifacts/
+  cores              core files (gcore) of goroutineleak -hold and mapgrow
+                     -fill, every Go build, into target/cores/ (replayed by
+                     `cargo test -p tracer-user --test cores`)
+  safety [--minutes N | --seconds N]   (default 10 minutes per Go build)
+                     every Go build of the workload fixture traced by every
+                     tracker that applies (connections,tasks,maps,locks):
+                     each round's checksum must equal the untraced one
   soak [--minutes N]  (default 60)
                      build, then trace api-server (default trackers) and
                      alloc_leak (--track allocations,locks) for N minutes
@@ -93,6 +102,8 @@ fn run(args: &[String]) -> Result<i32> {
         "vm-test" => vm_test::run(&root, rest),
         "soak" => soak::run(&root, rest),
         "fuzz" => fuzz::run(&root, rest),
+        "cores" => cores::run(&root),
+        "safety" => safety::run(&root, rest),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(0)

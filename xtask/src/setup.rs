@@ -49,6 +49,8 @@ const APT_PACKAGES: &[&str] = &[
     "golang-github-gomodule-redigo-dev",
     "redis-server",
     "libhiredis-dev",
+    // `cargo xtask cores`: core files of the Go fixtures (gcore).
+    "gdb",
 ];
 
 /// `125` for 1.25.5: the suffix of fixtures built with that toolchain.

@@ -120,13 +120,21 @@ fn kernel_candidates(apt_cache_search: &str, series: &KernelSeries) -> Vec<(Stri
     found
 }
 
-/// The vmlinuz inside an unpacked kernel package, if it is there.
+/// The vmlinuz inside an unpacked kernel package, if it is there:
+/// boot/vmlinuz-X, or usr/lib/modules/X/vmlinuz (Debian 14's split packages).
 fn unpacked_vmlinuz(dir: &Path) -> Option<PathBuf> {
-    let boot = dir.join("boot");
-    fs::read_dir(&boot)
-        .ok()?
+    let boot = fs::read_dir(dir.join("boot"))
+        .ok()
+        .into_iter()
+        .flatten()
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().and_then(OsStr::to_str).is_some_and(|n| n.starts_with("vmlinuz-")))
+        .find(|p| p.file_name().and_then(OsStr::to_str).is_some_and(|n| n.starts_with("vmlinuz-")));
+    boot.or_else(|| {
+        fs::read_dir(dir.join("usr/lib/modules"))
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path().join("vmlinuz")))
+            .find(|p| p.is_file())
+    })
 }
 
 /// Newest kernel of the series already unpacked in .cache/vm (used when apt
@@ -227,8 +235,32 @@ fn fetch_kernel_once(root: &Path, series: &KernelSeries) -> Result<(String, Path
         }
     }
     let pkg = cands[0].0.clone();
+    let dest = cache.join(&pkg);
+    let tmp = cache.join(format!("{pkg}.partial"));
+    let _ = fs::remove_dir_all(&tmp);
+    let deb = download_deb(&debs, &opts, series, &pkg)?;
+    run_cmd(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp))?;
+    if unpacked_vmlinuz(&tmp).is_none() {
+        // Newer suites split the image: linux-image-X depends on
+        // linux-binary-X, which holds /boot/vmlinuz-X.
+        let depends = probe("dpkg-deb", &["-f", deb.to_str().unwrap_or_default(), "Depends"]).unwrap_or_default();
+        for binary in depends.split([',', '|']).map(|d| d.split_whitespace().next().unwrap_or("")).filter(|d| d.starts_with("linux-binary-")) {
+            let bdeb = download_deb(&debs, &opts, series, binary)?;
+            run_cmd(Command::new("dpkg-deb").arg("-x").arg(&bdeb).arg(&tmp))?;
+        }
+    }
+    let _ = fs::remove_dir_all(&dest);
+    fs::rename(&tmp, &dest)?;
+    let vmlinuz = unpacked_vmlinuz(&dest).ok_or_else(|| anyhow!("{} (and its linux-binary package) has no vmlinuz", deb.display()))?;
+    eprintln!("vm-test: kernel {}: {pkg} unpacked into {}", series.label, dest.display());
+    Ok((pkg, vmlinuz))
+}
+
+/// The .deb of `pkg` in `debs`, downloaded with `apt-get download` unless
+/// it is there already.
+fn download_deb(debs: &Path, opts: &[String], series: &KernelSeries, pkg: &str) -> Result<PathBuf> {
     let find_deb = || -> Option<PathBuf> {
-        fs::read_dir(&debs)
+        fs::read_dir(debs)
             .ok()?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .find(|p| {
@@ -243,21 +275,12 @@ fn fetch_kernel_once(root: &Path, series: &KernelSeries) -> Result<(String, Path
         // without apt's warning about it.
         run_cmd(
             Command::new("apt-get")
-                .current_dir(&debs)
-                .args(&opts)
-                .args(["-o", "APT::Sandbox::User=root", "download", &pkg]),
+                .current_dir(debs)
+                .args(opts)
+                .args(["-o", "APT::Sandbox::User=root", "download", pkg]),
         )?;
     }
-    let deb = find_deb().ok_or_else(|| anyhow!("apt-get download {pkg} left no .deb in {}", debs.display()))?;
-    let dest = cache.join(&pkg);
-    let tmp = cache.join(format!("{pkg}.partial"));
-    let _ = fs::remove_dir_all(&tmp);
-    run_cmd(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp))?;
-    let _ = fs::remove_dir_all(&dest);
-    fs::rename(&tmp, &dest)?;
-    let vmlinuz = unpacked_vmlinuz(&dest).ok_or_else(|| anyhow!("{} has no boot/vmlinuz-*", deb.display()))?;
-    eprintln!("vm-test: kernel {}: {pkg} unpacked into {}", series.label, dest.display());
-    Ok((pkg, vmlinuz))
+    find_deb().ok_or_else(|| anyhow!("apt-get download {pkg} left no .deb in {}", debs.display()))
 }
 
 /// Shared libraries (and the dynamic loader) `ldd` lists for `bin`.

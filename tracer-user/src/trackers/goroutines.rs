@@ -190,8 +190,15 @@ impl GoroutineCollector {
         let exe = PathBuf::from(format!("/proc/{pid}/exe"));
         let Some(bin) = GoRuntime::open(&exe)? else { return Ok(None) };
         let bias = elf::exe_load_bias(pid, &bin.symbols.segments).unwrap_or(0);
+        Self::from_memory(bin, TargetMemory::new(pid), bias).map(Some)
+    }
+
+    /// A reader of the goroutines of the Go program `bin` in `mem` (a live
+    /// process, or a core file for replay), its code loaded `bias` above
+    /// its link-time addresses.
+    pub fn from_memory(bin: GoRuntime, mem: TargetMemory, bias: u64) -> Result<Self> {
         let mut c = Self {
-            mem: TargetMemory::new(pid),
+            mem,
             bin,
             bias,
             wait_reasons: None,
@@ -210,7 +217,7 @@ impl GoroutineCollector {
         // One read now: a layout we cannot read is an error at attach,
         // not silence later.
         c.read_allgs_header().context("cannot read runtime.allgs in the target")?;
-        Ok(Some(c))
+        Ok(c)
     }
 
     /// One line for the user: version and where the layout came from.

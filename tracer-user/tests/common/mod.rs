@@ -52,7 +52,12 @@ impl Drop for Target {
 
 /// Starts a fixture and waits for its `ready` line.
 pub fn start(name: &str, args: &[&str]) -> Target {
-    let mut child = Command::new(fixture(name))
+    start_path(&fixture(name), args)
+}
+
+/// Starts the program at `path` (a fixture's copy) and waits for `ready`.
+pub fn start_path(path: &std::path::Path, args: &[&str]) -> Target {
+    let mut child = Command::new(path)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
