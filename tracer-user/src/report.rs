@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 /// One symbolized frame, innermost first in a [`Finding::stack`].
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, Eq, Hash)]
 pub struct Frame {
     /// Function name, demangled; `"[unknown]"` when it cannot be resolved
     /// (then `addr` says where).
