@@ -211,9 +211,9 @@ pub struct Lost {
     pub events: u64,
     /// Stacks that could not be stored (objects still counted, stack unknown).
     pub stacks: u64,
-    /// Stacks cut short by the unwinder: a pc whose rule was still being
-    /// learned (the first events of a new call path) or a stack deeper than
-    /// the walk's 32 frames. The objects are counted under the partial stack.
+    /// Stacks cut short: deeper than the walk's 32 frames, or the first
+    /// event of a new call path whose stack copy (4 KiB) ended before the
+    /// stack did. The objects are counted under the partial stack.
     #[serde(skip_serializing_if = "is_zero")]
     pub truncated_stacks: u64,
 }

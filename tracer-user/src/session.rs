@@ -155,6 +155,9 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     for note in s.trackers.iter().filter_map(|t| t.closing_note()) {
         output::note(note);
     }
+    if let Some(u) = &s.unwinder {
+        output::note(u.stats.summary());
+    }
     drop(s);
     output::note(format!("detached from {pid}"));
     // After the final report is printed: a file that cannot be written is an
@@ -300,7 +303,8 @@ impl Session {
             stacks: self.counters.sum(c::LOST_STACKS),
             truncated_stacks: {
                 use tracer_common::stacks::unwind_counter as u;
-                self.counters.sum(u::MISSES) + self.counters.sum(u::DEPTH_CAP)
+                let unfinished = self.unwinder.as_ref().map_or(0, |w| w.stats.unfinished);
+                self.counters.sum(u::DEPTH_CAP) + unfinished
             },
         };
         Ok(Report {

@@ -256,6 +256,27 @@ pub struct UnwindStats {
     pub cfi_bytes: usize,
     /// Whether the rule table filled (further misses stay misses).
     pub full: bool,
+    /// Walks cut at a miss and finished here from their snapshot, and
+    /// those of them whose snapshot ended before the stack did.
+    pub finished: u64,
+    pub unfinished: u64,
+}
+
+impl UnwindStats {
+    /// One line for the session's closing notes.
+    pub fn summary(&self) -> String {
+        format!(
+            "unwinding: {} rules learned ({} frame-pointer guesses, {} stack ends) from {} objects ({} KiB of CFI kept); \
+             {} first walks of new call paths finished from their stack copy, {} of them cut short",
+            self.rules,
+            self.fp_guess_rules,
+            self.end_rules,
+            self.objects,
+            self.cfi_bytes / 1024,
+            self.finished,
+            self.unfinished
+        )
+    }
 }
 
 /// Learns rules for the pcs the kernel side met without one.
@@ -304,6 +325,7 @@ impl Unwinder {
                 Some(u64::from_le_bytes(stack.get(at..at + 8)?.try_into().ok()?))
             };
             let (mut key, mut sp, mut bp) = (key, snap.sp, snap.bp);
+            let mut finished = false;
             for _ in 0..MAX_WALKED_FRAMES {
                 let rule = match self.learn_one(key, memory, &mut reread) {
                     Some((rule, new)) => {
@@ -330,11 +352,22 @@ impl Unwinder {
                             _ => None,
                         }
                     }
-                    _ => None,
+                    _ => {
+                        finished = true;
+                        None
+                    }
                 };
                 let Some((k, s, b)) = next else { break };
                 beyond.push(k & !RULE_AT_PC);
                 (key, sp, bp) = (k, s, b);
+            }
+            if beyond.len() + 1 >= MAX_WALKED_FRAMES {
+                finished = true;
+            }
+            self.stats.finished += 1;
+            if !finished {
+                // The copy ended (a deep stack) or a read failed first.
+                self.stats.unfinished += 1;
             }
             complete(provisional, beyond);
         }
