@@ -116,25 +116,34 @@ pub struct UnwindRule {
 
 /// Exact-pc rules kept in the kernel (bound; a full table is shown).
 pub const MAX_UNWIND_RULES: u32 = 16384;
-/// pcs waiting for user space to learn their rule.
+/// Misses waiting for user space (4 KiB each; the first events of new
+/// call paths: a few per path).
 pub const MAX_UNWIND_MISSES: u32 = 256;
 
-/// Bytes of stack copied with a miss (from the frame's sp): enough for
-/// user space to learn the rules of the rest of the call path at once
-/// rather than one frame per round (a C service's socket call reaches
-/// `main` within ~700 bytes, a Rust one within ~1 KiB).
-pub const MISS_STACK_BYTES: usize = 2048;
+/// Bytes of stack copied with a miss (from the missing frame's sp): what
+/// user space steps through to finish the event's stack and to learn the
+/// rules of the rest of its call path at once.
+pub const MISS_STACK_BYTES: usize = 4096;
 
-/// A walk's miss: the registers of the frame whose pc had no rule and the
-/// stack above it (`stack[..len]` from `sp`).
+/// Set in the key of a stack whose walk stopped at a pc without a rule: the
+/// key is then unique to the event (it also mixes in a sequence number), so
+/// that stacks of different call paths cut at the same pc never share one;
+/// user space finishes it from the event's `MissSnapshot`.
+pub const PROVISIONAL_KEY: u64 = 1 << 63;
+
+/// A walk's miss, by the event's provisional stack key: the rule key of
+/// the frame that had no rule, its registers, and the stack above it
+/// (`stack[..len]` from `sp`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct MissSnapshot {
+    pub rule_key: u64,
     pub sp: u64,
     pub bp: u64,
     pub len: u64,
     pub stack: [u8; MISS_STACK_BYTES],
 }
+
 /// Stacks walked with rules, shared by the trackers that take stacks at
 /// syscalls and probes (connections, threads).
 pub const MAX_UNWOUND_STACKS: u32 = 8192;

@@ -23,7 +23,7 @@ use tracer_common::{
     counter,
     stacks::{
         rule_kind, unwind_counter, unwind_mode, MissSnapshot, StackCounts, StackKey, SyscallSite, UnwindRule, WalkedFrames,
-        MAX_UNWIND_MISSES, MAX_UNWIND_RULES, MISS_STACK_BYTES, MAX_UNWOUND_STACKS, MAX_WALKED_FRAMES, OVERFLOW_STACK, RULE_AT_PC,
+        MAX_UNWIND_MISSES, MAX_UNWIND_RULES, MISS_STACK_BYTES, MAX_UNWOUND_STACKS, MAX_WALKED_FRAMES, OVERFLOW_STACK, PROVISIONAL_KEY, RULE_AT_PC,
         UNWOUND_STACK,
     },
 };
@@ -38,8 +38,8 @@ static UNWIND_MODE: u32 = unwind_mode::RULES;
 #[map]
 static UNWIND_RULES: HashMap<u64, UnwindRule> = HashMap::with_max_entries(MAX_UNWIND_RULES, 0);
 
-/// pcs a walk met without a rule, with the stack above them, for user
-/// space to learn (then delete).
+/// Walks that stopped at a pc without a rule, by their provisional stack
+/// key, with the stack above that pc, for user space (which deletes them).
 #[map]
 static UNWIND_MISSES: HashMap<u64, MissSnapshot> = HashMap::with_max_entries(MAX_UNWIND_MISSES, 0);
 
@@ -47,18 +47,36 @@ static UNWIND_MISSES: HashMap<u64, MissSnapshot> = HashMap::with_max_entries(MAX
 #[map]
 static MISS_SCRATCH: PerCpuArray<MissSnapshot> = PerCpuArray::with_max_entries(1, 0);
 
-/// Queues `key` for user space with the registers and up to
-/// `MISS_STACK_BYTES` of stack from `sp` (read in 512-byte pieces: a read
-/// past the stack's end fails whole), unless it is queued already.
+/// Per-CPU sequence numbers that make provisional keys unique.
+#[map]
+static MISS_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// A provisional key for a walk that stopped at a miss (`hash`: the partial
+/// stack's): unique to this event.
 #[inline(always)]
-fn queue_miss(key: u64, sp: u64, bp: u64) {
-    // SAFETY: lookup only.
-    if unsafe { UNWIND_MISSES.get(&key) }.is_some() {
-        return;
+fn provisional_key(hash: u64) -> u64 {
+    let mut seq = 0;
+    if let Some(n) = MISS_SEQ.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; no other writer while we run.
+        unsafe {
+            *n += 1;
+            seq = *n;
+        }
     }
+    // SAFETY: no preconditions.
+    let cpu = unsafe { aya_ebpf::helpers::bpf_get_smp_processor_id() } as u64;
+    mix(hash, seq ^ (cpu << 48)) | PROVISIONAL_KEY
+}
+
+/// Queues the miss of the walk keyed `key` for user space: the frame's rule
+/// key and registers, and up to `MISS_STACK_BYTES` of stack from `sp` (read
+/// in 512-byte pieces: a read past the stack's end fails whole).
+#[inline(always)]
+fn queue_miss(key: u64, rule_key: u64, sp: u64, bp: u64) {
     let Some(m) = MISS_SCRATCH.get_ptr_mut(0) else { return };
     // SAFETY: this CPU's scratch slot; no other user while we run.
     let m = unsafe { &mut *m };
+    m.rule_key = rule_key;
     m.sp = sp;
     m.bp = bp;
     m.len = 0;
@@ -74,7 +92,7 @@ fn queue_miss(key: u64, sp: u64, bp: u64) {
         }
         m.len = (at + PIECE) as u64;
     }
-    let _ = UNWIND_MISSES.insert(&key, m, aya_ebpf::bindings::BPF_NOEXIST as u64);
+    let _ = UNWIND_MISSES.insert(&key, m, 0);
 }
 
 /// Stacks walked with rules for the trackers that have no walked-stack
@@ -222,7 +240,8 @@ pub fn walk_user_stack(
 /// (`known[..n_known]`, 0 to 2: frames a probe already knows), then `regs.ip`
 /// and each caller found by `UNWIND_RULES`, at most `MAX_WALKED_FRAMES` in
 /// all. The walk ends at an outermost frame (`END`), a pc without a rule
-/// (queued in `UNWIND_MISSES` for user space, counted), an unreadable or
+/// (counted; the stack then gets a provisional key of its own and the miss
+/// is queued in `UNWIND_MISSES` for user space to finish), an unreadable or
 /// non-growing frame, or the frame cap (counted). Stored in `table` under
 /// the same hash as [`walk_user_stack`]'s; returns the key, or `None` when
 /// the table is full (counted in `LOST_STACKS`).
@@ -251,6 +270,7 @@ pub fn unwind_user_stack(
     }
     let UserRegs { mut ip, mut sp, mut bp, at_return } = regs;
     let mut key = if at_return { ip } else { ip | RULE_AT_PC };
+    let mut missed = false;
     for _ in 0..MAX_WALKED_FRAMES {
         if ip < LOWEST_FRAME {
             break;
@@ -264,7 +284,7 @@ pub fn unwind_user_stack(
         len += 1;
         // SAFETY: copied out of the map value.
         let Some(rule) = (unsafe { UNWIND_RULES.get(&key) }).copied() else {
-            queue_miss(key, sp, bp);
+            missed = true;
             crate::bump(unwind_counter::MISSES);
             break;
         };
@@ -319,11 +339,17 @@ pub fn unwind_user_stack(
         key = ret;
     }
     f.len = len as u64;
-    let hash = mix(hash, len as u64).max(1);
+    let mut hash = mix(hash, len as u64).max(1);
+    if missed {
+        hash = provisional_key(hash);
+    }
     // SAFETY: lookup only.
     if unsafe { table.get(&hash) }.is_none() && table.insert(&hash, f, 0).is_err() {
         crate::bump(counter::LOST_STACKS);
         return None;
+    }
+    if missed {
+        queue_miss(hash, key, sp, bp);
     }
     Some(hash)
 }

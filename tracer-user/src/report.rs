@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 /// One symbolized frame, innermost first in a [`Finding::stack`].
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, Eq, Hash)]
 pub struct Frame {
     /// Function name, demangled; `"[unknown]"` when it cannot be resolved
     /// (then `addr` says where).
@@ -221,9 +221,9 @@ pub struct Lost {
     pub events: u64,
     /// Stacks that could not be stored (objects still counted, stack unknown).
     pub stacks: u64,
-    /// Stacks cut short by the unwinder: a pc whose rule was still being
-    /// learned (the first events of a new call path) or a stack deeper than
-    /// the walk's 32 frames. The objects are counted under the partial stack.
+    /// Stacks cut short: deeper than the walk's 32 frames, or the first
+    /// event of a new call path whose stack copy (4 KiB) ended before the
+    /// stack did. The objects are counted under the partial stack.
     #[serde(skip_serializing_if = "is_zero")]
     pub truncated_stacks: u64,
 }

@@ -193,6 +193,9 @@ pub async fn trace(
     for note in s.trackers.iter().filter_map(|t| t.closing_note()) {
         output::note(note);
     }
+    if let Some(u) = &s.unwinder {
+        output::note(u.stats.summary());
+    }
     let omitted = std::mem::take(&mut s.omitted);
     drop(s);
     output::note(format!("detached from {pid}"));
@@ -354,7 +357,8 @@ impl Session {
             stacks: self.counters.sum(c::LOST_STACKS),
             truncated_stacks: {
                 use tracer_common::stacks::unwind_counter as u;
-                self.counters.sum(u::MISSES) + self.counters.sum(u::DEPTH_CAP)
+                let unfinished = self.unwinder.as_ref().map_or(0, |w| w.stats.unfinished);
+                self.counters.sum(u::DEPTH_CAP) + unfinished
             },
         };
         Ok(Report {

@@ -43,6 +43,10 @@ const GO_PROGRAMS: &[GoProgram] = &[
     // Deterministic work with a checksum per round: `cargo xtask safety`.
     GoProgram { dir: "workload", out: "workload-go", every_version: true },
 ];
+/// C workloads the benchmarks also run built without frame pointers
+/// (`gcc -O2 -g`, as distributions build), as `<name>_nofp`.
+pub const NOFP_BUILDS: &[&str] = &["conn_bench", "alloc_bench"];
+
 const C_FLAGS: &[&str] = &[
     "-O1",
     "-g",
@@ -176,6 +180,16 @@ pub fn fixtures(root: &Path) -> Result<()> {
     // fixtures/bin/<name> with `gcc -O2 -g` against Debian's libhiredis,
     // and the Rust packages in fixtures/rust/<name> with `cargo build
     // --release` (default profile) of the pinned stable toolchain.
+    // Benchmark workloads again with distribution flags (`<name>_nofp`).
+    for name in NOFP_BUILDS {
+        let src = c_dir.join(format!("{name}.c"));
+        let out = bin.join(format!("{name}_nofp"));
+        if up_to_date(&out, mtime(&src).max(common_newest)) {
+            continue;
+        }
+        run_cmd(Command::new("gcc").args(["-O2", "-g", "-pthread", "-o"]).arg(&out).arg(&src).args(&common_srcs))?;
+        built += 1;
+    }
     let nofp_dir = root.join("fixtures/nofp");
     if nofp_dir.is_dir() {
         for src in c_files(&nofp_dir)? {

@@ -176,7 +176,8 @@ impl Judge {
         let mut blocked = Vec::new();
         for c in collected {
             if let Collected::Growth { kind, judging, samples } = c {
-                let (f, b) = self.growth(*kind, *judging, samples, &frames, findings.len());
+                let samples = merge_same_frames(samples, &frames);
+                let (f, b) = self.growth(*kind, *judging, &samples, &frames, findings.len());
                 findings.extend(f);
                 blocked.extend(b);
             }
@@ -211,6 +212,45 @@ impl Judge {
             self.last_t = Some(t);
         }
     }
+}
+
+/// Samples whose stacks resolve to the same frames, as one sample under
+/// the smallest of their keys: a call path's first events, finished in user
+/// space from a miss snapshot under keys of their own (`stacks::unwind`),
+/// and the same path walked whole in the kernel. Maps stay one series each.
+fn merge_same_frames(samples: &[StackSample], frames: &HashMap<SampleStack, Vec<Frame>>) -> Vec<StackSample> {
+    let mut out: Vec<StackSample> = Vec::with_capacity(samples.len());
+    let mut by_frames: HashMap<&Vec<Frame>, usize> = HashMap::new();
+    let mut order: Vec<&StackSample> = samples.iter().collect();
+    order.sort_by(|a, b| a.stack.cmp(&b.stack));
+    for s in order {
+        let f = frames.get(&s.stack).filter(|f| !f.is_empty() && s.map.is_none());
+        let Some(&i) = f.and_then(|f| by_frames.get(f)) else {
+            if let Some(f) = f {
+                by_frames.insert(f, out.len());
+            }
+            out.push(s.clone());
+            continue;
+        };
+        let m = &mut out[i];
+        if s.live > m.live {
+            m.peer = s.peer.clone().or(m.peer.take());
+            m.thread_name = s.thread_name.clone().or(m.thread_name.take());
+            m.blocked = s.blocked.clone().or(m.blocked.take());
+        }
+        m.live += s.live;
+        m.created += s.created;
+        m.ended += s.ended;
+        m.oldest_age_s = match (m.oldest_age_s, s.oldest_age_s) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        m.live_bytes = match (m.live_bytes, s.live_bytes) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+    }
+    out
 }
 
 /// Sorts findings (worst verdict, fastest growth, most live, longest lock

@@ -296,7 +296,7 @@ fn encode_report(
     family(
         e,
         "leaktrace_events_lost",
-        "Records lost since attach: reason events (the kernel side could not record an event), stacks (a stack could not be stored; the object is still counted) or truncated_stacks (a stack cut short while its unwind rules were learned, or deeper than 32 frames).",
+        "Records lost since attach: reason events (the kernel side could not record an event), stacks (a stack could not be stored; the object is still counted) or truncated_stacks (a stack cut short: deeper than 32 frames, or a new call path's first stack copy ended first).",
         MetricType::Counter,
         [
             ("events", report.lost.events),

@@ -7,7 +7,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, StackTraceMap},
     Ebpf,
 };
-use tracer_common::stacks::{StackKey, WalkedFrames, OVERFLOW_STACK, UNWOUND_STACK};
+use tracer_common::stacks::{StackKey, WalkedFrames, OVERFLOW_STACK, PROVISIONAL_KEY, UNWOUND_STACK};
 
 use crate::{
     stacks::SampleStack,
@@ -69,6 +69,7 @@ impl StackResolver {
         let mut missing: Vec<SampleStack> = keys.iter().filter(|k| !self.cache.contains_key(k)).cloned().collect();
         missing.sort();
         missing.dedup();
+        let mut out_of_cache = HashMap::new();
         if !missing.is_empty() {
             let stacks: Vec<Vec<u64>> = missing
                 .iter()
@@ -89,10 +90,18 @@ impl StackResolver {
                 if frames.is_empty() {
                     frames.push(placeholder(key));
                 }
+                if matches!(key, SampleStack::Kernel(k) if k.caller & PROVISIONAL_KEY != 0 && k.stack_id == UNWOUND_STACK) {
+                    // Finished later from its snapshot: not final yet.
+                    out_of_cache.insert(key.clone(), frames);
+                    continue;
+                }
                 self.cache.insert(key.clone(), frames);
             }
         }
-        keys.iter().filter_map(|k| self.cache.get(k).map(|f| (k.clone(), f.clone()))).collect()
+        let mut out: HashMap<SampleStack, Vec<Frame>> =
+            keys.iter().filter_map(|k| self.cache.get(k).map(|f| (k.clone(), f.clone()))).collect();
+        out.extend(out_of_cache);
+        out
     }
 }
 

@@ -9,9 +9,11 @@
 //! in `UNWIND_MISSES`; [`Unwinder::learn`] reads the queue, finds the object
 //! mapped at each pc, asks gimli for the CFI row and inserts the rule; then
 //! it steps through the copy of the stack the miss came with, by the same
-//! rules, and learns those of every caller on the path too. The first walk
-//! of a new call path is cut short (counted); later ones are whole, and the
-//! stack key stays a hash of real return addresses.
+//! rules, learning those of every caller on the path, and keeps the frames
+//! it found ([`completed_frames`]) for the event's provisional key. So the
+//! first events of a new call path get their whole stack too (as far as the
+//! copy reaches), and later ones are walked whole in the kernel under a
+//! hash of real return addresses; the judge merges the two by frames.
 //!
 //! Parsed CFI is cached per object (device, inode, size, mtime), built the
 //! first time one of its pcs is met, and bounded ([`MAX_OBJECTS`]).
@@ -25,7 +27,9 @@ use gimli::{
     LittleEndian, Location, RegisterRule, UnwindContext, UnwindSection, Value, X86_64,
 };
 use object::{Object, ObjectSection};
-use tracer_common::stacks::{rule_kind, MissSnapshot, UnwindRule, MAX_UNWIND_RULES, MAX_WALKED_FRAMES, RULE_AT_PC};
+use tracer_common::stacks::{
+    rule_kind, MissSnapshot, UnwindRule, MAX_UNWIND_RULES, MAX_WALKED_FRAMES, PROVISIONAL_KEY, RULE_AT_PC,
+};
 
 use crate::{
     binary::elf::Segments,
@@ -34,6 +38,32 @@ use crate::{
 
 /// Objects whose parsed CFI is kept (the least recently added goes first).
 pub const MAX_OBJECTS: usize = 256;
+
+/// Provisional stacks finished from their miss's snapshot (a bound: a
+/// provisional key only comes from the first events of a call path).
+pub const MAX_COMPLETED: usize = 65536;
+
+/// The frames found beyond the miss of each provisional stack key, shared
+/// with the stack readers (`stacks::walked_stack`) that append them.
+static COMPLETED: std::sync::Mutex<Option<HashMap<u64, Vec<u64>>>> = std::sync::Mutex::new(None);
+
+/// The frames a provisional stack `key` continues with after its own
+/// (`None`: not a provisional key, or not finished).
+pub fn completed_frames(key: u64) -> Option<Vec<u64>> {
+    if key & PROVISIONAL_KEY == 0 {
+        return None;
+    }
+    COMPLETED.lock().ok()?.as_ref()?.get(&key).cloned()
+}
+
+fn complete(key: u64, frames: Vec<u64>) {
+    if let Ok(mut m) = COMPLETED.lock() {
+        let m = m.get_or_insert_with(HashMap::new);
+        if m.len() < MAX_COMPLETED {
+            m.insert(key, frames);
+        }
+    }
+}
 
 type Slice<'a> = gimli::EndianSlice<'a, LittleEndian>;
 
@@ -226,6 +256,27 @@ pub struct UnwindStats {
     pub cfi_bytes: usize,
     /// Whether the rule table filled (further misses stay misses).
     pub full: bool,
+    /// Walks cut at a miss and finished here from their snapshot, and
+    /// those of them whose snapshot ended before the stack did.
+    pub finished: u64,
+    pub unfinished: u64,
+}
+
+impl UnwindStats {
+    /// One line for the session's closing notes.
+    pub fn summary(&self) -> String {
+        format!(
+            "unwinding: {} rules learned ({} frame-pointer guesses, {} stack ends) from {} objects ({} KiB of CFI kept); \
+             {} first walks of new call paths finished from their stack copy, {} of them cut short",
+            self.rules,
+            self.fp_guess_rules,
+            self.end_rules,
+            self.objects,
+            self.cfi_bytes / 1024,
+            self.finished,
+            self.unfinished
+        )
+    }
 }
 
 /// Learns rules for the pcs the kernel side met without one.
@@ -264,14 +315,17 @@ impl Unwinder {
         let misses: Vec<(u64, MissSnapshot)> = self.misses.iter().filter_map(|e| e.ok()).collect();
         let mut reread = false;
         let mut learned = 0;
-        for (key, snap) in misses {
-            let _ = self.misses.remove(&key);
+        for (provisional, snap) in misses {
+            let _ = self.misses.remove(&provisional);
+            let key = snap.rule_key;
+            let mut beyond = Vec::new();
             let stack = &snap.stack[..(snap.len as usize).min(snap.stack.len())];
             let read = |addr: u64| -> Option<u64> {
                 let at = usize::try_from(addr.checked_sub(snap.sp)?).ok()?;
                 Some(u64::from_le_bytes(stack.get(at..at + 8)?.try_into().ok()?))
             };
             let (mut key, mut sp, mut bp) = (key, snap.sp, snap.bp);
+            let mut finished = false;
             for _ in 0..MAX_WALKED_FRAMES {
                 let rule = match self.learn_one(key, memory, &mut reread) {
                     Some((rule, new)) => {
@@ -298,11 +352,24 @@ impl Unwinder {
                             _ => None,
                         }
                     }
-                    _ => None,
+                    _ => {
+                        finished = true;
+                        None
+                    }
                 };
                 let Some((k, s, b)) = next else { break };
+                beyond.push(k & !RULE_AT_PC);
                 (key, sp, bp) = (k, s, b);
             }
+            if beyond.len() + 1 >= MAX_WALKED_FRAMES {
+                finished = true;
+            }
+            self.stats.finished += 1;
+            if !finished {
+                // The copy ended (a deep stack) or a read failed first.
+                self.stats.unfinished += 1;
+            }
+            complete(provisional, beyond);
         }
         learned
     }

@@ -37,8 +37,8 @@ fn parse_bench_line(out: &str) -> Result<BenchResult> {
     bail!("conn_bench printed no result line; output was:\n{out}")
 }
 
-fn bench_untraced(root: &Path, iterations: u64) -> Result<BenchResult> {
-    let mut cmd = Command::new(fixtures_bin(root).join("conn_bench"));
+fn bench_untraced(root: &Path, fixture: &str, iterations: u64) -> Result<BenchResult> {
+    let mut cmd = Command::new(fixtures_bin(root).join(fixture));
     cmd.args(["--now", "--iterations", &iterations.to_string()])
         .stdin(Stdio::null())
         .stderr(Stdio::null());
@@ -51,20 +51,60 @@ fn bench_untraced(root: &Path, iterations: u64) -> Result<BenchResult> {
     parse_bench_line(&stdout)
 }
 
-fn bench_traced(root: &Path, iterations: u64, run: usize) -> Result<BenchResult> {
-    let mut cmd = Command::new(fixtures_bin(root).join("conn_bench"));
+/// What a traced run measured: the loop, and the socket programs' BPF time
+/// per event (`kernel.bpf_stats_enabled`), when bpftool could say.
+struct TracedResult {
+    ns_per_op: f64,
+    bpf_ns_per_event: Option<f64>,
+}
+
+/// `run_time_ns / run_cnt` of leaktrace `tracer`'s `conn_socket_exit`
+/// program (bpftool names are cut at 15 characters).
+fn socket_program_ns(tracer: u32) -> Option<f64> {
+    let out = Command::new("bpftool").args(["prog", "show"]).output().ok()?;
+    program_ns_per_run(&String::from_utf8_lossy(&out.stdout), "conn_socket_exi", tracer)
+}
+
+/// From `bpftool prog show`'s text: `run_time_ns / run_cnt` of the program
+/// `name` loaded by process `pid` (blocks start with `ID: type name ...`;
+/// a `pids comm(PID)` line says who holds it).
+fn program_ns_per_run(text: &str, name: &str, pid: u32) -> Option<f64> {
+    let owner = format!("({pid})");
+    let mut blocks: Vec<String> = Vec::new();
+    for line in text.lines() {
+        if line.split(':').next().is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())) {
+            blocks.push(String::new());
+        }
+        if let Some(b) = blocks.last_mut() {
+            b.push_str(line);
+            b.push(' ');
+        }
+    }
+    blocks.iter().find_map(|b| {
+        let words: Vec<&str> = b.split_whitespace().collect();
+        let after = |k: &str| words.iter().position(|w| *w == k).and_then(|i| words.get(i + 1));
+        if after("name") != Some(&name) || !b.contains(&owner) {
+            return None;
+        }
+        let (t, n): (f64, f64) = (after("run_time_ns")?.parse().ok()?, after("run_cnt")?.parse().ok()?);
+        (n > 0.0).then(|| t / n)
+    })
+}
+
+fn bench_traced(root: &Path, fixture: &str, unwind: &str, iterations: u64, run: usize) -> Result<TracedResult> {
+    let mut cmd = Command::new(fixtures_bin(root).join(fixture));
     cmd.args(["--iterations", &iterations.to_string()]);
     let (mut target, out) = start_ready(&mut cmd, "conn_bench")?;
     let pid = target.id();
 
     let out_dir = target_dir(root).join("xtask-bench");
     fs::create_dir_all(&out_dir)?;
-    let json_path = out_dir.join(format!("traced-{run}.json"));
-    let log_path = out_dir.join(format!("traced-{run}.log"));
+    let json_path = out_dir.join(format!("traced-{fixture}-{unwind}-{run}.json"));
+    let log_path = out_dir.join(format!("traced-{fixture}-{unwind}-{run}.log"));
     let json_file = fs::File::create(&json_path)?;
     let mut lt_cmd = Command::new(leaktrace_bin(root));
     lt_cmd
-        .args(["attach", "--pid", &pid.to_string(), "--interval", "1s", "--format", "json"])
+        .args(["attach", "--pid", &pid.to_string(), "--interval", "1s", "--format", "json", "--unwind", unwind])
         .stdin(Stdio::null())
         .stdout(json_file)
         .stderr(Stdio::piped());
@@ -107,6 +147,10 @@ fn bench_traced(root: &Path, iterations: u64, run: usize) -> Result<BenchResult>
         }
     };
     let rest = out.all(Duration::from_secs(10));
+    let bpf_ns_per_event = socket_program_ns(tracer.id());
+    if bpf_ns_per_event.is_none() {
+        eprintln!("bench: no BPF run time for leaktrace's socket program (bpftool, kernel.bpf_stats_enabled)");
+    }
 
     let lt_status = interrupt(&mut tracer, "leaktrace", Duration::from_secs(15));
     let _ = logger.join();
@@ -123,7 +167,7 @@ fn bench_traced(root: &Path, iterations: u64, run: usize) -> Result<BenchResult>
     }
     let json_len = fs::metadata(&json_path).map(|m| m.len()).unwrap_or(0);
     eprintln!("bench: leaktrace wrote {json_len} bytes of JSON to {}", json_path.display());
-    parse_bench_line(&rest)
+    Ok(TracedResult { ns_per_op: parse_bench_line(&rest)?.ns_per_op, bpf_ns_per_event })
 }
 
 /// tracefs uprobes at libc's `socket` and `connect` symbols — where a tool
@@ -136,7 +180,7 @@ fn bench_symbol_uprobes(root: &Path, iterations: u64) -> Result<BenchResult> {
         .map(|sym| Ok((sym.to_string(), libc, libc_symbol_offset(libc_str, sym)?)))
         .collect::<Result<Vec<_>>>()?;
     let _probes = TracefsUprobes::install("leaktrace_bench", &at)?;
-    bench_untraced(root, iterations)
+    bench_untraced(root, "conn_bench", iterations)
 }
 
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
@@ -145,25 +189,58 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let runs = runs as usize;
 
     build::run(root)?;
+    // BPF run times per program, for the unwinder's cost per event.
+    let stats_before = fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+    let _ = fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
     let mut untraced = Vec::new();
     let mut traced = Vec::new();
     let mut uprobed = Vec::new();
+    // Frame-pointer build under --unwind fp; no-FP build untraced, and
+    // traced both ways (eh-frame: whole stacks; fp: what it costs to be wrong).
+    let mut traced_fp = Vec::new();
+    let mut untraced_nofp = Vec::new();
+    let mut traced_nofp = Vec::new();
+    let mut traced_nofp_fp = Vec::new();
+    let mut bpf: [Vec<f64>; 4] = Default::default();
+    let mut keep_bpf = |i: usize, r: &TracedResult| {
+        if let Some(ns) = r.bpf_ns_per_event {
+            bpf[i].push(ns);
+        }
+    };
     for run in 0..runs {
-        let u = bench_untraced(root, iterations)?;
+        let u = bench_untraced(root, "conn_bench", iterations)?;
         eprintln!("bench: run {}/{runs} untraced: {:.1} ns/op", run + 1, u.ns_per_op);
         untraced.push(u.ns_per_op);
-        let t = bench_traced(root, iterations, run)?;
+        let t = bench_traced(root, "conn_bench", "eh-frame", iterations, run)?;
         eprintln!("bench: run {}/{runs} traced:   {:.1} ns/op", run + 1, t.ns_per_op);
         traced.push(t.ns_per_op);
+        keep_bpf(0, &t);
+        let t = bench_traced(root, "conn_bench", "fp", iterations, run)?;
+        traced_fp.push(t.ns_per_op);
+        keep_bpf(1, &t);
         let p = bench_symbol_uprobes(root, iterations)?;
         eprintln!("bench: run {}/{runs} uprobes at symbols: {:.1} ns/op", run + 1, p.ns_per_op);
         uprobed.push(p.ns_per_op);
+        let u = bench_untraced(root, "conn_bench_nofp", iterations)?;
+        untraced_nofp.push(u.ns_per_op);
+        let t = bench_traced(root, "conn_bench_nofp", "eh-frame", iterations, run)?;
+        eprintln!("bench: run {}/{runs} no-FP build traced: {:.1} ns/op (untraced {:.1})", run + 1, t.ns_per_op, u.ns_per_op);
+        traced_nofp.push(t.ns_per_op);
+        keep_bpf(2, &t);
+        let t = bench_traced(root, "conn_bench_nofp", "fp", iterations, run)?;
+        traced_nofp_fp.push(t.ns_per_op);
+        keep_bpf(3, &t);
     }
+    let _ = fs::write("/proc/sys/kernel/bpf_stats_enabled", if stats_before.trim() == "1" { "1" } else { "0" });
     let (mu, mt, mp) = (median(&untraced), median(&traced), median(&uprobed));
     // These VMs drift by ±20% within a minute: compare each traced run with
     // the untraced run just before it and take the median of those ratios.
     let ratio = paired_ratio(&traced, &untraced);
     let pratio = paired_ratio(&uprobed, &untraced);
+    let fratio = paired_ratio(&traced_fp, &untraced);
+    let nratio = paired_ratio(&traced_nofp, &untraced_nofp);
+    let nfratio = paired_ratio(&traced_nofp_fp, &untraced_nofp);
+    let bpf_ns = |i: usize| if bpf[i].is_empty() { "n/a".to_string() } else { format!("{:.0}", median(&bpf[i])) };
 
     let mut out = std::io::stdout().lock();
     writeln!(out)?;
@@ -172,16 +249,39 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         "conn_bench: {iterations} x socket()+connect()+close() on loopback, {runs} runs each (median)"
     )?;
     writeln!(out, "ratio = median over runs of (mode / the untraced run just before it)")?;
-    writeln!(out, "{:<34} {:>10} {:>7}   runs", "mode", "ns/op", "ratio")?;
-    writeln!(out, "{:<34} {:>10.0} {:>6.2}x   {}", "untraced", mu, 1.0, list(&untraced, 0))?;
-    writeln!(out, "{:<34} {:>10.0} {:>6.2}x   {}", "leaktrace attach", mt, ratio, list(&traced, 0))?;
-    writeln!(out, "{:<34} {:>10.0} {:>6.2}x   {}", "uprobes at socket+connect symbols", mp, pratio, list(&uprobed, 0))?;
+    writeln!(out, "bpf ns = run_time_ns / run_cnt of the socket-exit program (one stack walk + map updates)")?;
+    writeln!(out, "{:<44} {:>10} {:>7} {:>8}   runs", "mode", "ns/op", "ratio", "bpf ns")?;
+    writeln!(out, "{:<44} {:>10.0} {:>6.2}x {:>8}   {}", "untraced", mu, 1.0, "", list(&untraced, 0))?;
+    writeln!(out, "{:<44} {:>10.0} {:>6.2}x {:>8}   {}", "leaktrace attach (--unwind eh-frame)", mt, ratio, bpf_ns(0), list(&traced, 0))?;
+    writeln!(out, "{:<44} {:>10.0} {:>6.2}x {:>8}   {}", "leaktrace attach --unwind fp", median(&traced_fp), fratio, bpf_ns(1), list(&traced_fp, 0))?;
+    writeln!(out, "{:<44} {:>10.0} {:>6.2}x {:>8}   {}", "uprobes at socket+connect symbols", mp, pratio, "", list(&uprobed, 0))?;
+    writeln!(out, "{:<44} {:>10.0} {:>6.2}x {:>8}   {}", "no-FP build (gcc -O2) untraced", median(&untraced_nofp), 1.0, "", list(&untraced_nofp, 0))?;
+    writeln!(out, "{:<44} {:>10.0} {:>6.2}x {:>8}   {}", "no-FP build, leaktrace (--unwind eh-frame)", median(&traced_nofp), nratio, bpf_ns(2), list(&traced_nofp, 0))?;
+    writeln!(out, "{:<44} {:>10.0} {:>6.2}x {:>8}   {}", "no-FP build, leaktrace --unwind fp", median(&traced_nofp_fp), nfratio, bpf_ns(3), list(&traced_nofp_fp, 0))?;
     writeln!(out)?;
     writeln!(out, "README:")?;
     writeln!(out, "| mode | ns/op (median of {runs}) | ratio to untraced (median of paired runs) |")?;
     writeln!(out, "|---|---|---|")?;
     writeln!(out, "| untraced | {mu:.0} | 1.00x |")?;
-    writeln!(out, "| leaktrace attach (tracepoints, caller from disassembly) | {mt:.0} | {ratio:.2}x |")?;
+    writeln!(out, "| leaktrace attach (tracepoints, stacks unwound from .eh_frame rules) | {mt:.0} | {ratio:.2}x |")?;
     writeln!(out, "| bare uprobes at libc `socket` + `connect` symbols (what symbol-probing tools pay, before any BPF work) | {mp:.0} | {pratio:.2}x |")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_programs_run_time_from_bpftool() {
+        let text = "12: tracepoint  name conn_socket_exi  tag 0011  gpl run_time_ns 5000 run_cnt 10
+\tloaded_at 2026-12-07T10:00:00+0000  uid 0
+\tpids leaktrace(77)
+13: tracepoint  name conn_socket_exi  tag 0011  gpl run_time_ns 9 run_cnt 1
+\tpids leaktrace(78)
+";
+        assert_eq!(program_ns_per_run(text, "conn_socket_exi", 77), Some(500.0));
+        assert_eq!(program_ns_per_run(text, "conn_socket_exi", 78), Some(9.0));
+        assert_eq!(program_ns_per_run(text, "conn_socket_exi", 79), None);
+    }
 }
