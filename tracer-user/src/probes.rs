@@ -76,6 +76,7 @@ pub fn preflight() -> Result<()> {
     if OBJECT.is_empty() {
         bail!("this leaktrace was built without its eBPF programs (LEAKTRACE_SKIP_EBPF=1): rebuild it");
     }
+    check_pid_namespace(std::fs::read_link("/proc/self/ns/pid").ok().as_deref())?;
     // Checked for root too: root in a container or a bounded service may
     // lack them, and the loader would only say "failed to create map".
     let missing = missing_bpf_caps(effective_caps());
@@ -89,6 +90,20 @@ pub fn preflight() -> Result<()> {
         );
     }
     ensure_tracefs()
+}
+
+/// Refuses to run in a PID namespace other than the host's (`ns`: the
+/// link `/proc/self/ns/pid`): the kernel side sees host pids, a `--pid`
+/// numbered in a container would match nothing and every check would pass.
+fn check_pid_namespace(ns: Option<&Path>) -> Result<()> {
+    // PROC_PID_INIT_INO: the initial PID namespace's fixed inode number.
+    const INIT_PID_NS: &str = "pid:[4026531836]";
+    match ns.and_then(|p| p.to_str()) {
+        Some(ns) if ns != INIT_PID_NS => bail!(
+            "leaktrace runs in a PID namespace other than the host's ({ns}): the kernel reports host pids, so the pid given cannot be matched; run it in the host's PID namespace (e.g. docker run --pid=host)"
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// The effective capability bits (CapEff of /proc/self/status).
@@ -288,6 +303,14 @@ mod tests {
         let old = "\tfield:char child_comm[16];\toffset:28;\tsize:16;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;\n";
         assert_eq!(parse_field_offset(old, "child_pid"), Some(44));
         assert_eq!(parse_field_offset(old, "parent_pid"), None);
+    }
+
+    #[test]
+    fn only_the_host_pid_namespace_is_accepted() {
+        assert!(check_pid_namespace(Some(Path::new("pid:[4026531836]"))).is_ok());
+        assert!(check_pid_namespace(None).is_ok());
+        let err = check_pid_namespace(Some(Path::new("pid:[4026532301]"))).unwrap_err().to_string();
+        assert!(err.starts_with("leaktrace runs in a PID namespace other than the host's (pid:[4026532301])"), "{err}");
     }
 
     #[test]

@@ -52,8 +52,15 @@ impl Drop for Target {
 
 /// Starts a fixture and waits for its `ready` line.
 pub fn start(name: &str, args: &[&str]) -> Target {
-    let mut child = Command::new(fixture(name))
-        .args(args)
+    let mut cmd = Command::new(fixture(name));
+    cmd.args(args);
+    start_command(cmd)
+}
+
+/// Starts a command that runs a fixture (from another path, in a namespace)
+/// and waits for its `ready` line.
+pub fn start_command(mut cmd: Command) -> Target {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
