@@ -80,8 +80,17 @@ impl StackResolver {
     }
 }
 
+/// Functions of the frames that stand for a stack the kernel could not keep.
+const PLACEHOLDERS: [&str; 2] = ["[stack table full]", "[stack not recorded]"];
+
 /// The frame shown for a stack the kernel could not keep.
 fn placeholder(key: &SampleStack) -> Frame {
-    let function = if *key == SampleStack::Kernel(OVERFLOW_STACK) { "[stack table full]" } else { "[stack not recorded]" };
+    let function = if *key == SampleStack::Kernel(OVERFLOW_STACK) { PLACEHOLDERS[0] } else { PLACEHOLDERS[1] };
     Frame { function: function.into(), file: None, line: None, module: None, addr: None, file_offset: None }
+}
+
+/// Whether resolved frames are a placeholder: a bucket of objects whose
+/// stacks were lost, which holds unrelated stacks and is never judged.
+pub fn is_placeholder(frames: &[Frame]) -> bool {
+    matches!(frames, [f] if PLACEHOLDERS.contains(&f.function.as_str()))
 }
