@@ -65,6 +65,13 @@ pub const MAX_WALKED_STACKS: u32 = 8192;
 /// its frames in the tracker's walked-stack map.
 pub const WALKED_STACK: i64 = -3;
 
+/// `StackKey::stack_id` of a stack whose bucket in the kernel's stack map
+/// was taken by another stack (`bpf_get_stackid` hashes into as many
+/// buckets as entries and fails on a collision, long before the map is
+/// full): walked by the program instead, `caller` is then its key in the
+/// shared `STACK_FRAMES` map.
+pub const COLLIDED_STACK: i64 = -4;
+
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::WalkedFrames {}

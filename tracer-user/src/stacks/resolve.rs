@@ -4,10 +4,10 @@ use std::collections::HashMap;
 
 use anyhow::{anyhow, Result};
 use aya::{
-    maps::{MapData, StackTraceMap},
+    maps::{HashMap as BpfHashMap, MapData, StackTraceMap},
     Ebpf,
 };
-use tracer_common::stacks::{StackKey, OVERFLOW_STACK};
+use tracer_common::stacks::{StackKey, WalkedFrames, COLLIDED_STACK, OVERFLOW_STACK};
 
 use crate::{
     stacks::SampleStack,
@@ -21,6 +21,8 @@ use crate::{
 pub struct StackResolver {
     pid: u32,
     traces: StackTraceMap<MapData>,
+    /// Stacks walked by the programs when their `STACKS` bucket was taken.
+    collided: BpfHashMap<MapData, u64, WalkedFrames>,
     symbolizer: SymbolizerService,
     cache: HashMap<SampleStack, Vec<Frame>>,
 }
@@ -29,12 +31,25 @@ impl StackResolver {
     /// Takes the shared `STACKS` map out of the loaded object.
     pub fn new(ebpf: &mut Ebpf, pid: u32, symbolizer: SymbolizerService) -> Result<Self> {
         let map = ebpf.take_map("STACKS").ok_or_else(|| anyhow!("STACKS map missing"))?;
-        Ok(Self { pid, traces: StackTraceMap::try_from(map)?, symbolizer, cache: HashMap::new() })
+        let collided = ebpf.take_map("STACK_FRAMES").ok_or_else(|| anyhow!("STACK_FRAMES map missing"))?;
+        Ok(Self {
+            pid,
+            traces: StackTraceMap::try_from(map)?,
+            collided: BpfHashMap::try_from(collided)?,
+            symbolizer,
+            cache: HashMap::new(),
+        })
     }
 
     /// The raw addresses of a stack, innermost first, with the wrapper's
     /// caller put back after the first frame.
     pub fn addresses(&self, key: &StackKey) -> Vec<u64> {
+        if key.stack_id == COLLIDED_STACK {
+            return match crate::stacks::walked_stack(&self.collided, key.caller) {
+                SampleStack::Addresses(a) => a,
+                SampleStack::Kernel(_) => Vec::new(),
+            };
+        }
         if key.stack_id < 0 {
             return Vec::new();
         }
