@@ -161,6 +161,13 @@ pub mod unwind_counter {
     pub const BAD_FRAMES: u32 = crate::counter::UNWIND + 3;
 }
 
+/// `StackKey::stack_id` of a stack whose bucket in the kernel's stack map
+/// was taken by another stack (`bpf_get_stackid` hashes into as many
+/// buckets as entries and fails on a collision, long before the map is
+/// full): walked by the program instead, `caller` is then its key in the
+/// shared `STACK_FRAMES` map.
+pub const COLLIDED_STACK: i64 = -5;
+
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::UnwindRule {}

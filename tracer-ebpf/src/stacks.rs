@@ -24,7 +24,7 @@ use tracer_common::{
     stacks::{
         rule_kind, unwind_counter, unwind_mode, MissSnapshot, StackCounts, StackKey, SyscallSite, UnwindRule, WalkedFrames,
         MAX_UNWIND_MISSES, MAX_UNWIND_RULES, MISS_STACK_BYTES, MAX_UNWOUND_STACKS, MAX_WALKED_FRAMES, OVERFLOW_STACK, PROVISIONAL_KEY, RULE_AT_PC,
-        UNWOUND_STACK,
+        UNWOUND_STACK, COLLIDED_STACK, MAX_WALKED_STACKS,
     },
 };
 
@@ -132,6 +132,15 @@ const SIGCONTEXT_IP: u64 = 16;
 /// User stacks of every tracker, deduplicated by the kernel.
 #[map]
 pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
+
+/// Stacks whose `STACKS` bucket another stack holds, walked instead
+/// ([`user_stack`]), by the hash of their frames.
+#[map]
+pub static STACK_FRAMES: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_WALKED_STACKS, 0);
+
+/// This CPU's [`WalkedFrames`] being built for `STACK_FRAMES`.
+#[map]
+static STACK_SCRATCH: PerCpuArray<WalkedFrames> = PerCpuArray::with_max_entries(1, 0);
 
 /// Address after a `syscall` instruction in a libc wrapper -> return-address offset.
 #[map]
@@ -432,14 +441,27 @@ pub fn user_stack(ctx: &TracePointContext) -> StackKey {
         };
         return unwound_stack(UserRegs { ip, sp, bp, at_return: false });
     }
-    let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
-        Ok(id) => id,
+    const EEXIST: i32 = 17;
+    match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+        Ok(stack_id) => StackKey { stack_id, caller: missing_caller() },
+        // The bucket is another stack's: walk this one ourselves (the same
+        // frame-pointer chain, the wrapper's caller put back).
+        Err(e) if e == -EEXIST => {
+            let caller = missing_caller();
+            let Some((ip, _, bp)) = user_ip_sp_bp() else {
+                crate::bump(counter::LOST_STACKS);
+                return StackKey { stack_id: -1, caller: 0 };
+            };
+            match walk_user_stack(&STACK_FRAMES, &STACK_SCRATCH, [ip, caller], if caller != 0 { 2 } else { 1 }, bp) {
+                Some(key) => StackKey { stack_id: COLLIDED_STACK, caller: key },
+                None => StackKey { stack_id: -1, caller: 0 },
+            }
+        }
         Err(_) => {
             crate::bump(counter::LOST_STACKS);
-            -1
+            StackKey { stack_id: -1, caller: missing_caller() }
         }
-    };
-    StackKey { stack_id, caller: missing_caller() }
+    }
 }
 
 /// The wrapper's return address when the current syscall site is known.

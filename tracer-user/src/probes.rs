@@ -77,6 +77,7 @@ pub fn preflight() -> Result<()> {
         bail!("this leaktrace was built without its eBPF programs (LEAKTRACE_SKIP_EBPF=1): rebuild it");
     }
     check_kernel_release(&std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default())?;
+    check_pid_namespace(std::fs::read_link("/proc/self/ns/pid").ok().as_deref())?;
     // Checked for root too: root in a container or a bounded service may
     // lack them, and the loader would only say "failed to create map".
     let missing = missing_bpf_caps(effective_caps());
@@ -112,6 +113,20 @@ pub fn check_kernel_release(release: &str) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Refuses to run in a PID namespace other than the host's (`ns`: the
+/// link `/proc/self/ns/pid`): the kernel side sees host pids, a `--pid`
+/// numbered in a container would match nothing and every check would pass.
+fn check_pid_namespace(ns: Option<&Path>) -> Result<()> {
+    // PROC_PID_INIT_INO: the initial PID namespace's fixed inode number.
+    const INIT_PID_NS: &str = "pid:[4026531836]";
+    match ns.and_then(|p| p.to_str()) {
+        Some(ns) if ns != INIT_PID_NS => bail!(
+            "leaktrace runs in a PID namespace other than the host's ({ns}): the kernel reports host pids, so the pid given cannot be matched; run it in the host's PID namespace (e.g. docker run --pid=host)"
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// The effective capability bits (CapEff of /proc/self/status).
@@ -321,6 +336,14 @@ mod tests {
         for ok in ["5.15.0-1", "6.1.0-44-cloud-amd64", "6.12.117+deb13-cloud-amd64", "7.2.13+deb14-cloud-amd64", "weird"] {
             assert!(check_kernel_release(ok).is_ok(), "{ok}");
         }
+    }
+
+    #[test]
+    fn only_the_host_pid_namespace_is_accepted() {
+        assert!(check_pid_namespace(Some(Path::new("pid:[4026531836]"))).is_ok());
+        assert!(check_pid_namespace(None).is_ok());
+        let err = check_pid_namespace(Some(Path::new("pid:[4026532301]"))).unwrap_err().to_string();
+        assert!(err.starts_with("leaktrace runs in a PID namespace other than the host's (pid:[4026532301])"), "{err}");
     }
 
     #[test]

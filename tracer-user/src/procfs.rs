@@ -18,6 +18,11 @@ pub struct Mapping {
     pub offset: u64,
     pub executable: bool,
     pub path: PathBuf,
+    /// Device (major, minor) and inode of the mapped file: which file it
+    /// is, whatever its path now names (another mount namespace, a file
+    /// replaced or deleted since).
+    pub dev: (u32, u32),
+    pub inode: u64,
 }
 
 /// The target's file mappings, sorted by start address.
@@ -48,7 +53,7 @@ impl MemoryMap {
         let mut mappings = Vec::new();
         for line in text.lines() {
             let mut it = line.split_ascii_whitespace();
-            let (Some(range), Some(perms), Some(offset), Some(_dev), Some(_inode)) =
+            let (Some(range), Some(perms), Some(offset), Some(dev), Some(inode)) =
                 (it.next(), it.next(), it.next(), it.next(), it.next())
             else {
                 continue;
@@ -66,12 +71,18 @@ impl MemoryMap {
             ) else {
                 continue;
             };
+            let dev = dev
+                .split_once(':')
+                .and_then(|(ma, mi)| Some((u32::from_str_radix(ma, 16).ok()?, u32::from_str_radix(mi, 16).ok()?)))
+                .unwrap_or((0, 0));
             mappings.push(Mapping {
                 start,
                 end,
                 offset,
                 executable: perms.as_bytes().get(2) == Some(&b'x'),
                 path: PathBuf::from(path),
+                dev,
+                inode: inode.parse().unwrap_or(0),
             });
         }
         mappings.sort_by_key(|m| m.start);
@@ -274,22 +285,70 @@ fn parse_net_addr(s: &str, v6: bool) -> Option<String> {
     None
 }
 
-/// The ELF file behind a mapping, opened through the target's root and
-/// map_files when the path alone may not reach it (containers, deleted files).
+/// The file a mapping maps, as a path leaktrace can open and probe: the
+/// path itself when it still names that file (same device and inode), else
+/// the path in the target's mount namespace (`/proc/PID/root/...`: a
+/// container's own libc), else the mapping itself (`/proc/PID/map_files/...`:
+/// an executable replaced or deleted since it started). Symbols, syscall
+/// sites and uprobes all go through here, so they are the target's file.
 pub fn object_path(pid: u32, m: &Mapping) -> PathBuf {
-    if m.path.exists() {
-        return m.path.clone();
+    let candidates = [m.path.clone(), PathBuf::from(format!("/proc/{pid}/root{}", m.path.display()))];
+    if m.inode == 0 {
+        return candidates.into_iter().find(|p| p.exists()).unwrap_or_else(|| map_files(pid, m));
     }
-    let via_root = PathBuf::from(format!("/proc/{pid}/root{}", m.path.display()));
-    if via_root.exists() {
-        return via_root;
+    for path in candidates {
+        if is_same_file(&path, m) {
+            return path;
+        }
     }
+    let mapped = map_files(pid, m);
+    if mapped.exists() {
+        return mapped;
+    }
+    // Without CAP_SYS_ADMIN map_files cannot be opened: the best guess.
+    PathBuf::from(format!("/proc/{pid}/root{}", m.path.display()))
+}
+
+fn map_files(pid: u32, m: &Mapping) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
+}
+
+/// Whether `path` is the file `m` maps (device and inode).
+fn is_same_file(path: &Path, m: &Mapping) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = fs::metadata(path) else { return false };
+    let dev = meta.dev();
+    meta.ino() == m.inode && (libc::major(dev), libc::minor(dev)) == m.dev
+}
+
+/// The path of the process's executable as its memory map names it
+/// (`/proc/PID/exe` without the ` (deleted)` of a replaced file).
+pub fn exe_path(pid: u32) -> Option<PathBuf> {
+    let link = fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let text = link.to_str()?;
+    Some(PathBuf::from(text.strip_suffix(" (deleted)").unwrap_or(text)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A mapping resolves to the file it maps: its path while that names
+    /// the same inode, else the mapping itself (map_files, needs root).
+    #[test]
+    fn object_path_is_the_mapped_file() {
+        let pid = std::process::id();
+        let map = MemoryMap::read(pid).unwrap();
+        let exe = exe_path(pid).unwrap();
+        let m = map.mappings.iter().find(|m| m.path == exe && m.executable).unwrap();
+        assert_eq!(object_path(pid, m), m.path);
+        let replaced = Mapping { inode: m.inode + 1, ..m.clone() };
+        let path = object_path(pid, &replaced);
+        assert_ne!(path, m.path, "a path naming another inode was taken for the mapped file");
+        if unsafe { libc::geteuid() } == 0 {
+            assert_eq!(path, PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)));
+        }
+    }
 
     #[test]
     fn parses_proc_net_addresses() {
@@ -317,6 +376,7 @@ mod tests {
         assert_eq!(map.mappings.len(), 3);
         let m = map.find(0x55d0c0001234).unwrap();
         assert!(m.executable);
+        assert_eq!((m.dev, m.inode), ((0xfe, 1), 123));
         assert_eq!(m.path, PathBuf::from("/usr/bin/demo"));
         assert!(map.find(0x7f0000000010).is_none());
         assert!(map.find(0x55d0c0002000).is_none());

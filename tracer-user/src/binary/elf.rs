@@ -191,7 +191,7 @@ impl Segment {
 /// from the first mapping of the file `/proc/PID/exe` names: 0 unless it
 /// is position-independent.
 pub fn exe_load_bias(pid: u32, segments: &Segments) -> Option<u64> {
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let exe = procfs::exe_path(pid)?;
     let map = MemoryMap::read(pid).ok()?;
     segments.load_bias(map.mappings.iter().find(|m| m.path == exe)?)
 }

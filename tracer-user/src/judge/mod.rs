@@ -11,7 +11,7 @@ use self::growth::{GrowthConfig, GrowthEngine, SeriesKey};
 use crate::{
     procfs::MemoryMap,
     report::{Finding, Frame, Kind, Verdict},
-    stacks::resolve::StackResolver,
+    stacks::resolve::{is_placeholder, StackResolver},
     stacks::symbolize::OwnCode,
     stacks::SampleStack,
     trackers::{Blocked, Collected, Judging, StackSample},
@@ -117,11 +117,14 @@ impl Judge {
             } else {
                 (j.growth_per_min, None)
             };
-            if s.live == 0 && j.verdict == Verdict::Steady {
+            let stack = frames.get(&s.stack).cloned().unwrap_or_default();
+            // A placeholder bucket ("[stack not recorded]", "[stack table
+            // full]") mixes unrelated stacks: shown, counted, never judged.
+            let verdict = if is_placeholder(&stack) { Verdict::Steady } else { j.verdict };
+            if s.live == 0 && verdict == Verdict::Steady {
                 continue;
             }
-            let stack = frames.get(&s.stack).cloned().unwrap_or_default();
-            if let (Verdict::Leak, Some(b)) = (j.verdict, &s.blocked) {
+            if let (Verdict::Leak, Some(b)) = (verdict, &s.blocked) {
                 blocked.push((first_index + findings.len(), b.clone()));
             }
             let site = self.own.site(&stack);
@@ -140,7 +143,7 @@ impl Judge {
                 growth_bytes_per_min,
                 created: s.created,
                 ended: s.ended,
-                ..Finding::new(kind, j.verdict)
+                ..Finding::new(kind, verdict)
             });
         }
         (findings, blocked)
@@ -281,4 +284,48 @@ fn series_id(key: &impl std::hash::Hash) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut h);
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(function: &str) -> Frame {
+        Frame { function: function.into(), file: None, line: None, module: None, addr: None, file_offset: None }
+    }
+
+    /// A placeholder bucket rising like a leak is shown but never judged;
+    /// a real stack rising the same way is a leak.
+    #[test]
+    fn placeholder_buckets_are_never_judged() {
+        let lost = SampleStack::Addresses(vec![1]);
+        let real = SampleStack::Addresses(vec![2]);
+        let frames = HashMap::from([
+            (lost.clone(), vec![frame("[stack not recorded]")]),
+            (real.clone(), vec![frame("dial_cache"), frame("bad_handler")]),
+        ]);
+        let mut judge = Judge::new(std::time::Duration::from_secs(1));
+        let mut last = Vec::new();
+        for i in 0..20u64 {
+            let sample = |stack: &SampleStack| StackSample {
+                stack: stack.clone(),
+                live: 10 * i,
+                created: 10 * i,
+                ended: 0,
+                oldest_age_s: Some(i as f64),
+                peer: None,
+                thread_name: None,
+                blocked: None,
+                map: None,
+                live_bytes: None,
+            };
+            judge.begin(i as f64);
+            let (f, _) = judge.growth(Kind::Connection, Judging::ObjectsSinceAttach, &[sample(&lost), sample(&real)], &frames, 0);
+            judge.end();
+            last = f;
+        }
+        let verdict = |site: &str| last.iter().find(|f| f.site == site).map(|f| f.verdict);
+        assert_eq!(verdict("dial_cache"), Some(Verdict::Leak), "{last:?}");
+        assert_eq!(verdict("[stack not recorded]"), Some(Verdict::Steady), "{last:?}");
+    }
 }

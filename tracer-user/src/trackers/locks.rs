@@ -188,7 +188,7 @@ impl LockCollector {
     /// (`None`: nothing to do). Futex calls from outside libc are then the
     /// Go runtime's own and are ignored from now on.
     pub fn go_setup(&mut self, memory: &MemoryMap) -> Option<(PathBuf, Vec<golang::GoProbe>)> {
-        let exe = std::fs::read_link(format!("/proc/{}/exe", self.pid)).ok()?;
+        let exe = procfs::exe_path(self.pid)?;
         if self.exe.as_ref() == Some(&exe) {
             return None;
         }

@@ -57,8 +57,15 @@ pub fn start(name: &str, args: &[&str]) -> Target {
 
 /// Starts the program at `path` (a fixture's copy) and waits for `ready`.
 pub fn start_path(path: &std::path::Path, args: &[&str]) -> Target {
-    let mut child = Command::new(path)
-        .args(args)
+    let mut cmd = Command::new(path);
+    cmd.args(args);
+    start_command(cmd)
+}
+
+/// Starts a command that runs a fixture (from another path, in a namespace)
+/// and waits for its `ready` line.
+pub fn start_command(mut cmd: Command) -> Target {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
