@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use object::{Object, ObjectSection};
@@ -35,7 +35,7 @@ fn patched(name: &str, section: &str, at: u64, value: u64) -> PathBuf {
 
 /// Attaches for `secs` with `track`; checks the run ended on time, cleanly,
 /// with `warning` on stderr. Returns the run.
-fn attach(path: &PathBuf, track: &str, secs: u64, warning: &str) -> common::Run {
+fn attach(path: &Path, track: &str, secs: u64, warning: &str) -> common::Run {
     let target = common::start_path(path, &[]);
     let started = Instant::now();
     let pid = target.pid().to_string();

@@ -115,7 +115,7 @@ pub fn run(root: &std::path::Path, args: &[String]) -> Result<i32> {
         let name = format!("workload-go{suffix}");
         match check_build(root, &name, seconds) {
             Ok((sum, rounds)) => {
-                eprintln!("safety: {name}: {rounds} traced rounds, every one checksum {sum} as untraced");
+                eprintln!("safety: {name}: {rounds} rounds (before, during and after a {seconds} s trace), every one checksum {sum} as untraced");
                 rows.push(format!("| {name} | {seconds} s | {rounds} | {sum} | same |"));
             }
             Err(e) => {

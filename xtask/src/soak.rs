@@ -278,7 +278,9 @@ pub fn run(root: &Path, args: &[String]) -> Result<i32> {
         let peak = r.samples.iter().map(|s| s.1).max().unwrap_or(0);
         let clean_exit = status.map(exit_code) == Some(0);
         let (n, up) = (find(&scrapes), find(&scrapes_up));
-        let scrapes_ok = n > 0.0 && up >= n - 2.0;
+        // A scrape that misses the 1 s timeout on a loaded machine is
+        // noise; more than 1 in 200 is not.
+        let scrapes_ok = n > 0.0 && up >= 0.995 * n;
         passed &= flat && clean_exit && scrapes_ok;
         lines.push(format!(
             "| {} (`--track {}`) | {:.0} min | {} → {} KiB (peak {}) | {:+.1} KiB/min; {:+.0} KiB over the half, noise allows {:.0} | {:.2}% of a core | {:.0}/{:.0} up, slowest {:.0} ms, ≤ {:.0} series | {} |",

@@ -214,7 +214,7 @@ fn plan_probes(bin: &GoBinary) -> Result<(bool, Vec<MapProbe>)> {
     let mut probes = Vec::new();
     let mut add = |program: &'static str, function: &str| -> bool {
         let Some((entry, end)) = bin.function(function) else { return false };
-        let Some(code) = bin.code(entry, (end - entry).min(64) as usize) else { return false };
+        let Some(code) = bin.code(entry, end.saturating_sub(entry).min(64) as usize) else { return false };
         let at = cheap_probe_address(code, entry);
         let Some(file_offset) = bin.file_offset(at) else { return false };
         probes.push(MapProbe { program, function: function.to_string(), file_offset });
