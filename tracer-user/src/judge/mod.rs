@@ -111,7 +111,10 @@ impl Judge {
                 }
                 engine.observe(key, t, value);
             }
-            let j = if by_bytes { &self.bytes } else { &self.objects }.judge(key, s.oldest_age_s);
+            let mut j = if by_bytes { &self.bytes } else { &self.objects }.judge(key, s.oldest_age_s);
+            if j.verdict != Verdict::Leak && s.ended_by_finalizer.is_some_and(|n| unclosed_verdict(n, s.ended)) {
+                j.verdict = Verdict::Unclosed;
+            }
             let (growth_per_min, growth_bytes_per_min) = if by_bytes {
                 (self.bytes_objects.judge(key, None).growth_per_min, Some(round1(j.growth_per_min)))
             } else {
@@ -140,6 +143,7 @@ impl Judge {
                 growth_bytes_per_min,
                 created: s.created,
                 ended: s.ended,
+                ended_by_finalizer: s.ended_by_finalizer,
                 ..Finding::new(kind, j.verdict)
             });
         }
@@ -213,6 +217,18 @@ impl Judge {
     }
 }
 
+/// Objects ended by Go's finalizers, at least, for "unclosed" (a few
+/// stragglers a GC finds are not a habit).
+pub const UNCLOSED_MIN_FINALIZED: u64 = 5;
+
+/// **unclosed** when the Go runtime's finalizers, not the program, ended
+/// most (more than half) of a finding's objects since attach, and at least
+/// [`UNCLOSED_MIN_FINALIZED`] of them: the program drops them without
+/// `Close`. A leak stays a leak (it is worse: not even the GC frees them).
+pub fn unclosed_verdict(ended_by_finalizer: u64, ended: u64) -> bool {
+    ended_by_finalizer >= UNCLOSED_MIN_FINALIZED && ended_by_finalizer * 2 > ended
+}
+
 /// Sorts findings (worst verdict, fastest growth, most live, longest lock
 /// wait first) and keeps the first `max`; returns how many were cut.
 pub fn rank(findings: &mut Vec<Finding>, max: usize) -> u64 {
@@ -241,4 +257,18 @@ fn series_id(key: &impl std::hash::Hash) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut h);
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unclosed_rule() {
+        assert!(unclosed_verdict(184, 184));
+        assert!(unclosed_verdict(6, 11));
+        assert!(!unclosed_verdict(5, 10), "half is not most");
+        assert!(!unclosed_verdict(4, 4), "a few stragglers");
+        assert!(!unclosed_verdict(0, 1717), "a pool that closes its own");
+    }
 }

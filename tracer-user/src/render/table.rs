@@ -99,12 +99,12 @@ pub fn render_table(report: &Report, opts: &TableOptions) -> String {
 pub fn summary(report: &Report) -> String {
     let count = |v: Verdict| report.findings.iter().filter(|f| f.verdict == v).count();
     let leaks = count(Verdict::Leak);
-    let mut s = format!(
-        "{leaks} leak{}, {} growing, {} steady",
-        plural(leaks as u64),
-        count(Verdict::Growing),
-        count(Verdict::Steady)
-    );
+    let unclosed = count(Verdict::Unclosed);
+    let mut s = format!("{leaks} leak{}", plural(leaks as u64));
+    if unclosed > 0 {
+        let _ = write!(s, ", {unclosed} unclosed");
+    }
+    let _ = write!(s, ", {} growing, {} steady", count(Verdict::Growing), count(Verdict::Steady));
     let contended = count(Verdict::Contended);
     if contended > 0 {
         let _ = write!(s, ", {contended} contended lock{}", plural(contended as u64));

@@ -9,9 +9,9 @@ use std::{
 };
 
 use anyhow::Result;
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap, RingBuf};
 use tracer_common::{
-    connections::{counter, flag, ring_kind, ConnInfo, ConnRingEvent, FdKey},
+    connections::{counter, finalizer, flag, ring_kind, ConnInfo, ConnRingEvent, FdKey},
     stacks::{StackCounts, StackKey},
 };
 
@@ -62,10 +62,15 @@ impl Tracker for ConnectionCollector {
         self.poll_events();
     }
 
+    fn on_start(&mut self, _probes: &mut Probes, _target: &Target) {
+        self.set_finalizer_range();
+    }
+
     /// Only sockets of the old image: the new one may already have made its
     /// own (CLOEXEC too) by the time we hear of the exec.
     fn on_exec(&mut self, _probes: &mut Probes, _target: &Target, at_ns: u64) {
         self.end_where(|_, info| info.flags & flag::CLOEXEC != 0 && info.created_ns < at_ns);
+        self.set_finalizer_range();
     }
 
     fn collect(&mut self, _probes: &mut Probes, target: &Target, now_ns: u64) -> Result<Collected> {
@@ -86,6 +91,10 @@ pub struct ConnectionCollector {
     fds: BpfHashMap<MapData, FdKey, ConnInfo>,
     stacks: PerCpuHashMap<MapData, StackKey, StackCounts>,
     ring: RingBuf<MapData>,
+    /// Per stack: sockets Go's finalizer goroutine closed.
+    finalized: PerCpuHashMap<MapData, StackKey, u64>,
+    /// `runtime.runfinq`'s pc range for the kernel side (0, 0: not Go).
+    finalizer_range: Array<MapData, u64>,
     /// Sockets user space found closed behind the kernel side's back
     /// (exec, close_range, anything missed), per stack.
     reconciled: HashMap<StackKey, u64>,
@@ -96,6 +105,8 @@ pub struct ConnectionCollector {
     /// Peers found in /proc/PID/net for live sockets the syscalls gave no
     /// address for (accept with a NULL address, sockets adopted at connect).
     net_peers: HashMap<(FdKey, u64), String>,
+    /// The target is a Go program whose finalizer closes are told apart.
+    is_go: bool,
 }
 
 impl ConnectionCollector {
@@ -107,10 +118,32 @@ impl ConnectionCollector {
             fds: probes.take_map("CONN_FDS")?,
             stacks: probes.take_map("CONN_STACKS")?,
             ring: probes.take_map("CONN_EVENTS")?,
+            finalized: probes.take_map("CONN_FINALIZED")?,
+            finalizer_range: probes.take_map("CONN_FINALIZER")?,
             reconciled: HashMap::new(),
             inodes: HashMap::new(),
             net_peers: HashMap::new(),
+            is_go: false,
         })
+    }
+
+    /// Tells the kernel side where the target's `runtime.runfinq` is (Go
+    /// programs; a close on the finalizer goroutine has it in its stack), or
+    /// that there is none.
+    fn set_finalizer_range(&mut self) {
+        let exe = std::path::PathBuf::from(format!("/proc/{}/exe", self.pid));
+        let range = crate::binary::golang::GoSymbols::open(&exe)
+            .ok()
+            .flatten()
+            .and_then(|syms| {
+                let (start, end) = syms.pclntab.function_range("runtime.runfinq")?;
+                let bias = crate::binary::elf::exe_load_bias(self.pid, &syms.segments).unwrap_or(0);
+                Some((start + bias, end + bias))
+            })
+            .unwrap_or((0, 0));
+        let _ = self.finalizer_range.set(finalizer::START, range.0, 0);
+        let _ = self.finalizer_range.set(finalizer::END, range.1, 0);
+        self.is_go = range.0 != 0;
     }
 
     /// Handles rare events from the ring buffer (close_range).
@@ -212,9 +245,22 @@ impl ConnectionCollector {
             let peer = format_peer(info).or_else(|| self.net_peers.get(&(*key, info.created_ns)).cloned());
             per_stack.entry(info.stack).or_default().add(info.created_ns, peer);
         }
+        let finalized: HashMap<StackKey, u64> = self
+            .finalized
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, per_cpu)| (k, per_cpu.iter().sum()))
+            .collect();
+        let is_go = self.is_go;
         Ok(stack_samples(&self.stacks, &self.reconciled, per_stack, now_ns)
             .into_iter()
-            .map(|(sample, peer)| StackSample { peer, ..sample })
+            .map(|(sample, peer)| {
+                let ended_by_finalizer = match &sample.stack {
+                    crate::stacks::SampleStack::Kernel(k) if is_go => Some(finalized.get(k).copied().unwrap_or(0)),
+                    _ => None,
+                };
+                StackSample { peer, ended_by_finalizer, ..sample }
+            })
             .collect())
     }
 }

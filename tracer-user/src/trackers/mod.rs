@@ -165,6 +165,9 @@ pub struct StackSample {
     pub map: Option<String>,
     /// Allocations: bytes alive now.
     pub live_bytes: Option<u64>,
+    /// Connections of a Go program: how many of `ended` the runtime's
+    /// finalizer goroutine closed.
+    pub ended_by_finalizer: Option<u64>,
 }
 
 impl Tally {
@@ -247,6 +250,7 @@ pub fn stack_samples(
             blocked: None,
             map: None,
             live_bytes: None,
+            ended_by_finalizer: None,
         };
         out.push((sample, most_common(acc.labels)));
     }
