@@ -147,6 +147,11 @@ pub struct Finding {
     pub created: u64,
     /// Objects from this stack that ended since attach.
     pub ended: u64,
+    /// Objects that already existed when leaktrace attached, grouped by
+    /// `peer` / `thread_name`: their creation stack is unknown (`stack` is
+    /// empty, `site` is `"[before attach]"`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub before_attach: bool,
     /// Connections of a Go program: how many of `ended` the Go runtime's
     /// finalizers closed (the program dropped them without `Close`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -179,6 +184,7 @@ impl Finding {
             created: 0,
             ended: 0,
             ended_by_finalizer: None,
+            before_attach: false,
         }
     }
 }

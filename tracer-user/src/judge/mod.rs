@@ -87,8 +87,13 @@ impl Judge {
         let mut findings = Vec::new();
         let mut blocked = Vec::new();
         for s in samples {
-            // A map is one series whatever stack last grew it.
-            let key = (kind, s.map.as_ref().map_or_else(|| series_id(&s.stack), series_id));
+            // A map is one series whatever stack last grew it; objects from
+            // before attach, one per group (they have no stack).
+            let key = if s.before_attach {
+                (kind, series_id(&("before attach", &s.peer, &s.thread_name)))
+            } else {
+                (kind, s.map.as_ref().map_or_else(|| series_id(&s.stack), series_id))
+            };
             self.seen.insert(key);
             let by_bytes = judging == Judging::BytesSinceAttach;
             let mut engines = vec![];
@@ -123,11 +128,14 @@ impl Judge {
             if s.live == 0 && j.verdict == Verdict::Steady {
                 continue;
             }
-            let stack = frames.get(&s.stack).cloned().unwrap_or_default();
+            let stack = if s.before_attach { Vec::new() } else { frames.get(&s.stack).cloned().unwrap_or_default() };
             if let (Verdict::Leak, Some(b)) = (j.verdict, &s.blocked) {
                 blocked.push((first_index + findings.len(), b.clone()));
             }
-            let site = self.own.site(&stack);
+            let mut site = self.own.site(&stack);
+            if s.before_attach {
+                site.name = BEFORE_ATTACH_SITE.into();
+            }
             findings.push(Finding {
                 site: site.name,
                 via: site.via,
@@ -144,6 +152,7 @@ impl Judge {
                 created: s.created,
                 ended: s.ended,
                 ended_by_finalizer: s.ended_by_finalizer,
+                before_attach: s.before_attach,
                 ..Finding::new(kind, j.verdict)
             });
         }
@@ -216,6 +225,9 @@ impl Judge {
         }
     }
 }
+
+/// The site of objects that existed before attach (their stack is unknown).
+pub const BEFORE_ATTACH_SITE: &str = "[before attach]";
 
 /// Objects ended by Go's finalizers, at least, for "unclosed" (a few
 /// stragglers a GC finds are not a habit).

@@ -64,6 +64,7 @@ impl Tracker for ConnectionCollector {
 
     fn on_start(&mut self, _probes: &mut Probes, _target: &Target) {
         self.set_finalizer_range();
+        self.take_inventory();
     }
 
     /// Only sockets of the old image: the new one may already have made its
@@ -107,7 +108,24 @@ pub struct ConnectionCollector {
     net_peers: HashMap<(FdKey, u64), String>,
     /// The target is a Go program whose finalizer closes are told apart.
     is_go: bool,
+    /// Sockets that existed at attach: inode -> group (its peer, or
+    /// [`NO_PEER`]); at most [`MAX_INVENTORY`], the rest counted.
+    before_attach: HashMap<u64, String>,
+    /// The last inventory samples: kept once the target exited (the final
+    /// report shows what was open then).
+    last_inventory: Vec<StackSample>,
 }
+
+/// The group of sockets from before attach that have no peer (listening,
+/// unconnected, Unix sockets).
+pub const NO_PEER: &str = "no peer (listening, unconnected or unix)";
+/// Sockets from before attach remembered (one inode and a group name each).
+pub const MAX_INVENTORY: usize = 100_000;
+/// Groups of sockets from before attach reported; the others are summed
+/// into [`OTHER_PEERS`] (accepted connections have a peer each).
+pub const MAX_INVENTORY_GROUPS: usize = 32;
+/// The group the smaller groups are summed into.
+pub const OTHER_PEERS: &str = "other peers";
 
 impl ConnectionCollector {
     /// Takes the tracker's maps out of the loaded object.
@@ -124,6 +142,8 @@ impl ConnectionCollector {
             inodes: HashMap::new(),
             net_peers: HashMap::new(),
             is_go: false,
+            before_attach: HashMap::new(),
+            last_inventory: Vec::new(),
         })
     }
 
@@ -144,6 +164,59 @@ impl ConnectionCollector {
         let _ = self.finalizer_range.set(finalizer::START, range.0, 0);
         let _ = self.finalizer_range.set(finalizer::END, range.1, 0);
         self.is_go = range.0 != 0;
+    }
+
+    /// The sockets the target already has at attach, by peer (from
+    /// /proc/PID/net): their creation stacks are unknown, so they are
+    /// reported as "before attach" groups, not given a stack.
+    fn take_inventory(&mut self) {
+        let Ok(sockets) = procfs::socket_fds(self.pid) else { return };
+        let peers = procfs::net_peers(self.pid);
+        let mut groups: HashMap<String, usize> = HashMap::new();
+        for ino in sockets.values().take(MAX_INVENTORY) {
+            let peer = peers.get(ino).cloned().unwrap_or_else(|| NO_PEER.to_string());
+            *groups.entry(peer.clone()).or_default() += 1;
+            self.before_attach.insert(*ino, peer);
+        }
+        // Bounded: the biggest groups keep their peer, the rest are one group.
+        let mut by_size: Vec<(String, usize)> = groups.into_iter().collect();
+        by_size.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let kept: HashSet<String> = by_size.into_iter().take(MAX_INVENTORY_GROUPS).map(|g| g.0).collect();
+        for group in self.before_attach.values_mut() {
+            if !kept.contains(group) {
+                *group = OTHER_PEERS.to_string();
+            }
+        }
+        if sockets.len() > MAX_INVENTORY {
+            crate::output::warn(format!(
+                "{} sockets existed at attach; only {MAX_INVENTORY} are counted as before attach",
+                sockets.len()
+            ));
+        }
+    }
+
+    /// Samples of the sockets from before attach still open, one per group
+    /// (`sockets`: the target's socket fds now; `tracked`: inodes the kernel
+    /// side tracks, adopted at a `connect`).
+    fn inventory_samples(&mut self, sockets: &HashMap<u32, u64>, tracked: &HashSet<u64>) -> Vec<StackSample> {
+        let open: HashSet<u64> = sockets.values().copied().collect();
+        self.before_attach.retain(|ino, _| open.contains(ino) && !tracked.contains(ino));
+        let mut groups: HashMap<&str, u64> = HashMap::new();
+        for group in self.before_attach.values() {
+            *groups.entry(group.as_str()).or_default() += 1;
+        }
+        let mut out: Vec<StackSample> = groups
+            .into_iter()
+            .map(|(group, n)| StackSample {
+                live: n,
+                created: 0,
+                peer: Some(group.to_string()),
+                before_attach: true,
+                ..Default::default()
+            })
+            .collect();
+        out.sort_by(|a, b| a.peer.cmp(&b.peer));
+        out
     }
 
     /// Handles rare events from the ring buffer (close_range).
@@ -237,6 +310,10 @@ impl ConnectionCollector {
                     .collect();
                 self.inodes.retain(|id, _| ids.contains(id));
                 self.net_peers.retain(|id, _| ids.contains(id));
+                if !self.before_attach.is_empty() {
+                    let tracked: HashSet<u64> = self.inodes.values().copied().collect();
+                    self.last_inventory = self.inventory_samples(&sockets, &tracked);
+                }
             }
         }
 
@@ -252,7 +329,7 @@ impl ConnectionCollector {
             .map(|(k, per_cpu)| (k, per_cpu.iter().sum()))
             .collect();
         let is_go = self.is_go;
-        Ok(stack_samples(&self.stacks, &self.reconciled, per_stack, now_ns)
+        let mut samples: Vec<StackSample> = stack_samples(&self.stacks, &self.reconciled, per_stack, now_ns)
             .into_iter()
             .map(|(sample, peer)| {
                 let ended_by_finalizer = match &sample.stack {
@@ -261,7 +338,9 @@ impl ConnectionCollector {
                 };
                 StackSample { peer, ended_by_finalizer, ..sample }
             })
-            .collect())
+            .collect();
+        samples.extend(self.last_inventory.iter().cloned());
+        Ok(samples)
     }
 }
 

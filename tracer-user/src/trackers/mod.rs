@@ -168,6 +168,9 @@ pub struct StackSample {
     /// Connections of a Go program: how many of `ended` the runtime's
     /// finalizer goroutine closed.
     pub ended_by_finalizer: Option<u64>,
+    /// Objects that existed before attach, grouped by what is known of
+    /// them (`peer`, `thread_name`): their creation stack is unknown.
+    pub before_attach: bool,
 }
 
 impl Tally {
@@ -251,6 +254,7 @@ pub fn stack_samples(
             map: None,
             live_bytes: None,
             ended_by_finalizer: None,
+            before_attach: false,
         };
         out.push((sample, most_common(acc.labels)));
     }
