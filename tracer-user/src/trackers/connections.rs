@@ -32,8 +32,10 @@ fn configure(load: &mut LoadSettings, opts: &TraceOptions, active: bool) {
     load.max_entries.push(("CONN_FDS", if active { opts.max_sockets } else { 1 }));
 }
 
-fn new(probes: &mut Probes, _opts: &TraceOptions, target: &Target) -> Result<Box<dyn Tracker>> {
-    Ok(Box::new(ConnectionCollector::new(probes, target.pid)?))
+fn new(probes: &mut Probes, opts: &TraceOptions, target: &Target) -> Result<Box<dyn Tracker>> {
+    let mut c = ConnectionCollector::new(probes, target.pid)?;
+    c.max_inventory = (opts.max_sockets as usize).min(MAX_INVENTORY);
+    Ok(Box::new(c))
 }
 
 /// The connection tracker's programs: exits only (arguments come from the
@@ -109,8 +111,10 @@ pub struct ConnectionCollector {
     /// The target is a Go program whose finalizer closes are told apart.
     is_go: bool,
     /// Sockets that existed at attach: inode -> group (its peer, or
-    /// [`NO_PEER`]); at most [`MAX_INVENTORY`], the rest counted.
+    /// [`NO_PEER`]); at most `max_inventory`, the rest counted.
     before_attach: HashMap<u64, String>,
+    /// Bound on `before_attach`: `--max-sockets`, at most [`MAX_INVENTORY`].
+    max_inventory: usize,
     /// The last inventory samples: kept once the target exited (the final
     /// report shows what was open then).
     last_inventory: Vec<StackSample>,
@@ -119,7 +123,8 @@ pub struct ConnectionCollector {
 /// The group of sockets from before attach that have no peer (listening,
 /// unconnected, Unix sockets).
 pub const NO_PEER: &str = "no peer (listening, unconnected or unix)";
-/// Sockets from before attach remembered (one inode and a group name each).
+/// Sockets from before attach remembered at most (one inode and a group
+/// name each); `--max-sockets` lowers it.
 pub const MAX_INVENTORY: usize = 100_000;
 /// Groups of sockets from before attach reported; the others are summed
 /// into [`OTHER_PEERS`] (accepted connections have a peer each).
@@ -143,6 +148,7 @@ impl ConnectionCollector {
             net_peers: HashMap::new(),
             is_go: false,
             before_attach: HashMap::new(),
+            max_inventory: MAX_INVENTORY,
             last_inventory: Vec::new(),
         })
     }
@@ -173,7 +179,7 @@ impl ConnectionCollector {
         let Ok(sockets) = procfs::socket_fds(self.pid) else { return };
         let peers = procfs::net_peers(self.pid);
         let mut groups: HashMap<String, usize> = HashMap::new();
-        for ino in sockets.values().take(MAX_INVENTORY) {
+        for ino in sockets.values().take(self.max_inventory) {
             let peer = peers.get(ino).cloned().unwrap_or_else(|| NO_PEER.to_string());
             *groups.entry(peer.clone()).or_default() += 1;
             self.before_attach.insert(*ino, peer);
@@ -187,10 +193,11 @@ impl ConnectionCollector {
                 *group = OTHER_PEERS.to_string();
             }
         }
-        if sockets.len() > MAX_INVENTORY {
+        if sockets.len() > self.max_inventory {
             crate::output::warn(format!(
-                "{} sockets existed at attach; only {MAX_INVENTORY} are counted as before attach",
-                sockets.len()
+                "{} sockets existed at attach; only {} are counted as before attach (--max-sockets)",
+                sockets.len(),
+                self.max_inventory
             ));
         }
     }
