@@ -31,6 +31,10 @@ pub struct Frame {
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
     Leak,
+    /// Connections mostly closed by Go's finalizers, not by the program: a
+    /// forgotten `Close` the garbage collector cleans up at some later GC
+    /// (rule: `judge::unclosed_verdict`).
+    Unclosed,
     Growing,
     /// Locks: waiters lost a noticeable share of the window on this lock
     /// (rule: `judge::contention::contention_verdict`).
@@ -42,6 +46,7 @@ impl Verdict {
     pub fn as_str(self) -> &'static str {
         match self {
             Verdict::Leak => "leak",
+            Verdict::Unclosed => "unclosed",
             Verdict::Growing => "growing",
             Verdict::Contended => "contended",
             Verdict::Steady => "steady",
@@ -142,6 +147,15 @@ pub struct Finding {
     pub created: u64,
     /// Objects from this stack that ended since attach.
     pub ended: u64,
+    /// Objects that already existed when leaktrace attached, grouped by
+    /// `peer` / `thread_name`: their creation stack is unknown (`stack` is
+    /// empty, `site` is `"[before attach]"`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub before_attach: bool,
+    /// Connections of a Go program: how many of `ended` the Go runtime's
+    /// finalizers closed (the program dropped them without `Close`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_by_finalizer: Option<u64>,
 }
 
 impl Finding {
@@ -169,6 +183,8 @@ impl Finding {
             lock: None,
             created: 0,
             ended: 0,
+            ended_by_finalizer: None,
+            before_attach: false,
         }
     }
 }

@@ -87,8 +87,13 @@ impl Judge {
         let mut findings = Vec::new();
         let mut blocked = Vec::new();
         for s in samples {
-            // A map is one series whatever stack last grew it.
-            let key = (kind, s.map.as_ref().map_or_else(|| series_id(&s.stack), series_id));
+            // A map is one series whatever stack last grew it; objects from
+            // before attach, one per group (they have no stack).
+            let key = if s.before_attach {
+                (kind, series_id(&("before attach", &s.peer, &s.thread_name)))
+            } else {
+                (kind, s.map.as_ref().map_or_else(|| series_id(&s.stack), series_id))
+            };
             self.seen.insert(key);
             let by_bytes = judging == Judging::BytesSinceAttach;
             let mut engines = vec![];
@@ -111,13 +116,16 @@ impl Judge {
                 }
                 engine.observe(key, t, value);
             }
-            let j = if by_bytes { &self.bytes } else { &self.objects }.judge(key, s.oldest_age_s);
+            let mut j = if by_bytes { &self.bytes } else { &self.objects }.judge(key, s.oldest_age_s);
+            if j.verdict != Verdict::Leak && s.ended_by_finalizer.is_some_and(|n| unclosed_verdict(n, s.ended)) {
+                j.verdict = Verdict::Unclosed;
+            }
             let (growth_per_min, growth_bytes_per_min) = if by_bytes {
                 (self.bytes_objects.judge(key, None).growth_per_min, Some(round1(j.growth_per_min)))
             } else {
                 (j.growth_per_min, None)
             };
-            let stack = frames.get(&s.stack).cloned().unwrap_or_default();
+            let stack = if s.before_attach { Vec::new() } else { frames.get(&s.stack).cloned().unwrap_or_default() };
             // A placeholder bucket ("[stack not recorded]", "[stack table
             // full]") mixes unrelated stacks: shown, counted, never judged.
             let verdict = if is_placeholder(&stack) { Verdict::Steady } else { j.verdict };
@@ -127,7 +135,10 @@ impl Judge {
             if let (Verdict::Leak, Some(b)) = (verdict, &s.blocked) {
                 blocked.push((first_index + findings.len(), b.clone()));
             }
-            let site = self.own.site(&stack);
+            let mut site = self.own.site(&stack);
+            if s.before_attach {
+                site.name = BEFORE_ATTACH_SITE.into();
+            }
             findings.push(Finding {
                 site: site.name,
                 via: site.via,
@@ -143,6 +154,8 @@ impl Judge {
                 growth_bytes_per_min,
                 created: s.created,
                 ended: s.ended,
+                ended_by_finalizer: s.ended_by_finalizer,
+                before_attach: s.before_attach,
                 ..Finding::new(kind, verdict)
             });
         }
@@ -256,6 +269,21 @@ fn merge_same_frames(samples: &[StackSample], frames: &HashMap<SampleStack, Vec<
     out
 }
 
+/// The site of objects that existed before attach (their stack is unknown).
+pub const BEFORE_ATTACH_SITE: &str = "[before attach]";
+
+/// Objects ended by Go's finalizers, at least, for "unclosed" (a few
+/// stragglers a GC finds are not a habit).
+pub const UNCLOSED_MIN_FINALIZED: u64 = 5;
+
+/// **unclosed** when the Go runtime's finalizers, not the program, ended
+/// most (more than half) of a finding's objects since attach, and at least
+/// [`UNCLOSED_MIN_FINALIZED`] of them: the program drops them without
+/// `Close`. A leak stays a leak (it is worse: not even the GC frees them).
+pub fn unclosed_verdict(ended_by_finalizer: u64, ended: u64) -> bool {
+    ended_by_finalizer >= UNCLOSED_MIN_FINALIZED && ended_by_finalizer * 2 > ended
+}
+
 /// Sorts findings (worst verdict, fastest growth, most live, longest lock
 /// wait first) and keeps the first `max`; returns the ones cut, in order.
 pub fn rank(findings: &mut Vec<Finding>, max: usize) -> Vec<Finding> {
@@ -318,6 +346,7 @@ mod tests {
                 blocked: None,
                 map: None,
                 live_bytes: None,
+                ..StackSample::default()
             };
             judge.begin(i as f64);
             let (f, _) = judge.growth(Kind::Connection, Judging::ObjectsSinceAttach, &[sample(&lost), sample(&real)], &frames, 0);
@@ -327,5 +356,14 @@ mod tests {
         let verdict = |site: &str| last.iter().find(|f| f.site == site).map(|f| f.verdict);
         assert_eq!(verdict("dial_cache"), Some(Verdict::Leak), "{last:?}");
         assert_eq!(verdict("[stack not recorded]"), Some(Verdict::Steady), "{last:?}");
+    }
+
+    #[test]
+    fn unclosed_rule() {
+        assert!(unclosed_verdict(184, 184));
+        assert!(unclosed_verdict(6, 11));
+        assert!(!unclosed_verdict(5, 10), "half is not most");
+        assert!(!unclosed_verdict(4, 4), "a few stragglers");
+        assert!(!unclosed_verdict(0, 1717), "a pool that closes its own");
     }
 }

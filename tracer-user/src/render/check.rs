@@ -25,7 +25,9 @@ pub fn render_check(report: &Report, omitted: &[Finding], fail_on_wait: Option<f
         whole = all;
         &whole
     };
-    let leaks: Vec<_> = report.findings.iter().filter(|f| f.verdict == Verdict::Leak).collect();
+    // Leaks, and objects the program never closes (Go's finalizers do).
+    let leaks: Vec<_> =
+        report.findings.iter().filter(|f| matches!(f.verdict, Verdict::Leak | Verdict::Unclosed)).collect();
     let summary = super::table::summary(report);
     let lost = if report.lost.events + report.lost.stacks > 0 {
         format!("; lost {} events, {} stacks (numbers are low)", report.lost.events, report.lost.stacks)
@@ -49,7 +51,8 @@ pub fn render_check(report: &Report, omitted: &[Finding], fail_on_wait: Option<f
     out += &format!("leaktrace check: FAIL: {summary} in {:.0}s of {} (pid {}){lost}\n", report.elapsed_s, report.comm, report.pid);
     for f in &leaks {
         out += &format!(
-            "  LEAK {} at {}{}: {} live, {:+.1}/min, oldest {}{}\n",
+            "  {} {} at {}{}: {} live, {:+.1}/min, oldest {}{}{}\n",
+            f.verdict.as_str().to_uppercase(),
             f.kind.as_str(),
             f.site,
             f.via.as_deref().map(|v| format!(" via {v}")).unwrap_or_default(),
@@ -57,7 +60,11 @@ pub fn render_check(report: &Report, omitted: &[Finding], fail_on_wait: Option<f
             f.growth_per_min,
             f.oldest_age_s.map(|a| format!("{a:.0}s")).unwrap_or_else(|| "?".into()),
             f.peer.as_deref().map(|p| format!(", peer {p}")).unwrap_or_default()
-                + &f.map.as_deref().map(|m| format!(", map {m}")).unwrap_or_default()
+                + &f.map.as_deref().map(|m| format!(", map {m}")).unwrap_or_default(),
+            match (f.verdict, f.ended_by_finalizer) {
+                (Verdict::Unclosed, Some(n)) => format!("; {n} of {} ended were closed by Go's finalizers, not by the program (missing Close)", f.ended),
+                _ => String::new(),
+            }
         );
         let path: Vec<&str> = f.stack.iter().skip(f.site_index).take(4).map(|fr| fr.function.as_str()).collect();
         out += &format!("       created by {}\n", path.join(" <- "));
@@ -76,6 +83,7 @@ pub fn render_check(report: &Report, omitted: &[Finding], fail_on_wait: Option<f
             if l.holder_site.is_empty() { "?" } else { &l.holder_site }
         );
     }
+    // "leak" covers `unclosed` too (objects the program drops unclosed).
     let what = if fail_on_wait.is_some() { "3 = leak found or --fail-on-wait exceeded" } else { "3 = leak found" };
     out += &format!("leaktrace check: exit 3 (0 = no leak, {what}, 1 = error)\n");
     // Names, sites and peers come from the target: no control characters.

@@ -323,7 +323,8 @@ fn encode_report(
         MetricType::Gauge,
         kinds.iter().flat_map(|kind| {
             let lock_verdict = (*kind == "lock").then_some(Verdict::Contended);
-            [Verdict::Leak, Verdict::Growing, Verdict::Steady].into_iter().chain(lock_verdict).map(|v| {
+            let unclosed = (*kind == "connection").then_some(Verdict::Unclosed);
+            [Verdict::Leak, Verdict::Growing, Verdict::Steady].into_iter().chain(lock_verdict).chain(unclosed).map(|v| {
                 let n = report.findings.iter().filter(|f| f.kind.as_str() == *kind && f.verdict == v).count();
                 (
                     vec![("pid", pid.clone()), ("kind", escape_label(kind)), ("verdict", v.as_str().to_string())],

@@ -72,8 +72,7 @@ pub fn render_table(report: &Report, opts: &TableOptions) -> String {
     }
     out.push('\n');
 
-    let (listed, folded): (Vec<&Finding>, Vec<&Finding>) =
-        report.findings.iter().partition(|f| !opts.fold_steady || f.verdict != Verdict::Steady);
+    let (listed, folded): (Vec<&Finding>, Vec<&Finding>) = report.findings.iter().partition(|f| !opts.fold_steady || !foldable(f));
     let shown = &listed[..listed.len().min(opts.max_findings)];
     if report.findings.is_empty() {
         out.push_str("no tracked objects yet\n");
@@ -107,12 +106,12 @@ pub fn render_table(report: &Report, opts: &TableOptions) -> String {
 pub fn summary(report: &Report) -> String {
     let count = |v: Verdict| report.findings.iter().filter(|f| f.verdict == v).count();
     let leaks = count(Verdict::Leak);
-    let mut s = format!(
-        "{leaks} leak{}, {} growing, {} steady",
-        plural(leaks as u64),
-        count(Verdict::Growing),
-        count(Verdict::Steady)
-    );
+    let unclosed = count(Verdict::Unclosed);
+    let mut s = format!("{leaks} leak{}", plural(leaks as u64));
+    if unclosed > 0 {
+        let _ = write!(s, ", {unclosed} unclosed");
+    }
+    let _ = write!(s, ", {} growing, {} steady", count(Verdict::Growing), count(Verdict::Steady));
     let contended = count(Verdict::Contended);
     if contended > 0 {
         let _ = write!(s, ", {contended} contended lock{}", plural(contended as u64));
@@ -121,6 +120,17 @@ pub fn summary(report: &Report) -> String {
         let _ = write!(s, " ({} more omitted)", report.findings_omitted);
     }
     s
+}
+
+/// Objects from before attach in one group that get a row even when steady:
+/// a pile found at attach (10 000 sockets to one peer) is what the on-call
+/// engineer came for, a handful is not.
+pub const BEFORE_ATTACH_ROW_MIN: u64 = 100;
+
+/// Whether a finding folds into the steady line: steady, and not a big
+/// group of objects from before attach.
+fn foldable(f: &Finding) -> bool {
+    f.verdict == Verdict::Steady && !(f.before_attach && f.live >= BEFORE_ATTACH_ROW_MIN)
 }
 
 /// The one line steady findings fold into:
@@ -170,6 +180,10 @@ fn write_rows(out: &mut String, findings: &[&Finding], opts: &TableOptions) {
     write_line(out, &HEADERS.map(String::from), &widths);
     for (finding, r) in findings.iter().zip(&rows) {
         write_line(out, r, &widths);
+        if finding.before_attach {
+            let _ = writeln!(out, "    creation stack unknown: open before leaktrace attached");
+            continue;
+        }
         // Start at the site: the frames below it are the runtime's and libc's.
         let from = finding.site_index.min(finding.stack.len().saturating_sub(1));
         if from > 0 {
@@ -520,6 +534,26 @@ mod tests {
         assert!(!text.contains("VERDICT") && text.contains("steady   2 findings"), "{text}");
         // Unfolded (--all): every row.
         assert!(render_table(&report, &TableOptions::default()).contains("db.Open"));
+    }
+
+    #[test]
+    fn big_groups_from_before_attach_get_a_row_and_say_their_stack_is_unknown() {
+        let mut report = example_report();
+        let group = |live| Finding {
+            site: "[before attach]".into(),
+            peer: Some("127.0.0.1:6379".into()),
+            before_attach: true,
+            live,
+            ..Finding::new(Kind::Connection, Verdict::Steady)
+        };
+        report.findings = vec![group(10_000)];
+        let opts = TableOptions { fold_steady: true, ..TableOptions::default() };
+        let text = render_table(&report, &opts);
+        assert!(text.contains("steady   connection  [before attach]  10000"), "{text}");
+        assert!(text.contains("    creation stack unknown: open before leaktrace attached\n"), "{text}");
+        report.findings = vec![group(3)];
+        let text = render_table(&report, &opts);
+        assert!(text.contains("steady   1 finding (1 connection), 3 live"), "{text}");
     }
 
     #[test]

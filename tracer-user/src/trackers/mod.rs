@@ -168,6 +168,12 @@ pub struct StackSample {
     pub map: Option<String>,
     /// Allocations: bytes alive now.
     pub live_bytes: Option<u64>,
+    /// Connections of a Go program: how many of `ended` the runtime's
+    /// finalizer goroutine closed.
+    pub ended_by_finalizer: Option<u64>,
+    /// Objects that existed before attach, grouped by what is known of
+    /// them (`peer`, `thread_name`): their creation stack is unknown.
+    pub before_attach: bool,
 }
 
 impl Tally {
@@ -250,6 +256,8 @@ pub fn stack_samples(
             blocked: None,
             map: None,
             live_bytes: None,
+            ended_by_finalizer: None,
+            before_attach: false,
         };
         out.push((sample, most_common(acc.labels)));
     }
