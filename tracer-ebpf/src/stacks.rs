@@ -92,6 +92,17 @@ fn queue_miss(key: u64, rule_key: u64, sp: u64, bp: u64) {
         }
         m.len = (at + PIECE) as u64;
     }
+    // The stack's end (a thread's top) is rarely 512-aligned: take what is
+    // left of it in halving pieces.
+    for shift in 0..6u32 {
+        let piece = (PIECE / 2) >> shift;
+        let at = m.len as usize;
+        let Some(dst) = m.stack.get_mut(at..at + piece) else { continue };
+        // SAFETY: user memory through the helper, which faults safely.
+        if unsafe { aya_ebpf::helpers::bpf_probe_read_user_buf((sp + at as u64) as *const u8, dst) }.is_ok() {
+            m.len = (at + piece) as u64;
+        }
+    }
     let _ = UNWIND_MISSES.insert(&key, m, 0);
 }
 
