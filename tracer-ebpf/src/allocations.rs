@@ -49,7 +49,7 @@ use tracer_common::{
 use crate::{
     bump,
     stacks::{
-        read_user_u64, syscall_args, unwind_user_stack, unwinding, user_stack, walk_user_stack, UserRegs, STACKS,
+        read_user_u64, syscall_args, unwind_user_stack, unwinding, user_stack, walk_user_stack, UserRegs, AT_RETURN, STACKS,
     },
     target_tgid,
 };
@@ -258,7 +258,7 @@ pub fn alloc_result(ctx: ProbeContext) -> u32 {
         None => {
             let (ret, bp) = ret_and_bp(regs, point::ret_slot(c), point::caller_bp(c));
             let caller_sp = regs.rsp + point::ret_slot(c) + 8;
-            walk(UserRegs { ip: ret, sp: caller_sp, bp, at_return: true })
+            walk(UserRegs { ip: ret, sp: caller_sp, bp, at: AT_RETURN })
         }
     };
     track(addr, stack, bytes, count, 0);
@@ -428,7 +428,7 @@ pub fn alloc_new(ctx: ProbeContext) -> u32 {
     let stack = if unwinding() {
         // SAFETY: the probe's saved registers (rbp is still the caller's
         // before the prologue sets up a frame).
-        walk(UserRegs { ip: caller, sp: sp + 8, bp: unsafe { (*ctx.regs).rbp }, at_return: true })
+        walk(UserRegs { ip: caller, sp: sp + 8, bp: unsafe { (*ctx.regs).rbp }, at: AT_RETURN })
     } else {
         let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
             Ok(id) => id,
@@ -486,7 +486,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     let stack = match outer {
         Some(s) => s,
         // SAFETY: the probe's saved registers.
-        None => unsafe { walk(UserRegs { ip: (*ctx.regs).rip, sp: (*ctx.regs).rsp, bp: (*ctx.regs).rbp, at_return: true }) },
+        None => unsafe { walk(UserRegs { ip: (*ctx.regs).rip, sp: (*ctx.regs).rsp, bp: (*ctx.regs).rbp, at: AT_RETURN }) },
     };
     track(addr, stack, bytes, count, 0);
     0

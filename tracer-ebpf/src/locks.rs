@@ -42,7 +42,7 @@ use tracer_common::{
 use crate::{
     bump,
     stacks::{
-        read_user_u64, unwind_user_stack, unwinding, unwound_stack, user_ip_sp_bp, walk_user_stack, UserRegs, STACKS,
+        read_user_u64, unwind_user_stack, unwinding, unwound_stack, user_ip_sp_bp, walk_user_stack, UserRegs, AT_PC, STACKS,
     },
     target_tgid,
 };
@@ -251,13 +251,18 @@ pub fn lock_futex_enter(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let Some((ip, sp, bp)) = user_ip_sp_bp() else { return 0 };
-    let regs = UserRegs { ip, sp, bp, at_return: false };
-    let chain = libc_chain(ip, sp, bp);
+    let regs = UserRegs { ip, sp, bp, at: AT_PC };
+    // A `None`'s payload is undefined, and copies of it spill registers the
+    // verifier has never seen written: keep a defined value behind it.
+    let found = libc_chain(ip, sp, bp);
+    let known = found.is_some();
+    let defined = found.unwrap_or(Chain { root: root::NONE, first: 0, app_ret: 0, app_bp: 0 });
+    let chain = if known { Some(&defined) } else { None };
     if chain.is_none() && config(CONFIG_IGNORE_FOREIGN) != 0 {
         // A Go program's runtime.futex: the runtime's own locks and parking.
         return 0;
     }
-    let root = chain.as_ref().map_or(root::NONE, |c| c.root);
+    let root = chain.map_or(root::NONE, |c| c.root);
     if is_wake {
         let holder = match root {
             root::MUTEX_UNLOCK | root::RWLOCK_UNLOCK => true,
@@ -271,7 +276,7 @@ pub fn lock_futex_enter(ctx: TracePointContext) -> u32 {
         if !holder {
             return 0;
         }
-        let at = stack_at(&ctx, uaddr, chain.as_ref(), regs);
+        let at = stack_at(&ctx, uaddr, chain, regs);
         add(&LOCK_HOLDERS, &at, 0);
         bump(tracer_common::locks::counter::WAKES);
         return 0;
@@ -280,7 +285,7 @@ pub fn lock_futex_enter(ctx: TracePointContext) -> u32 {
         bump(tracer_common::locks::counter::OTHER_WAITS);
         return 0;
     };
-    let at = stack_at(&ctx, uaddr, chain.as_ref(), regs);
+    let at = stack_at(&ctx, uaddr, chain, regs);
     // SAFETY: no preconditions.
     let w = PendingWait { start_ns: unsafe { bpf_ktime_get_ns() }, kind: k, _pad: 0, at };
     if FUTEX_PENDING.insert(&bpf_get_current_pid_tgid(), &w, 0).is_err() {

@@ -92,6 +92,17 @@ fn queue_miss(key: u64, rule_key: u64, sp: u64, bp: u64) {
         }
         m.len = (at + PIECE) as u64;
     }
+    // The stack's end (a thread's top) is rarely 512-aligned: take what is
+    // left of it in halving pieces.
+    for shift in 0..6u32 {
+        let piece = (PIECE / 2) >> shift;
+        let at = m.len as usize;
+        let Some(dst) = m.stack.get_mut(at..at + piece) else { continue };
+        // SAFETY: user memory through the helper, which faults safely.
+        if unsafe { aya_ebpf::helpers::bpf_probe_read_user_buf((sp + at as u64) as *const u8, dst) }.is_ok() {
+            m.len = (at + piece) as u64;
+        }
+    }
     let _ = UNWIND_MISSES.insert(&key, m, 0);
 }
 
@@ -112,15 +123,22 @@ pub fn unwinding() -> bool {
 }
 
 /// Where a walk starts: the registers of the innermost frame not yet
-/// recorded. `at_return` says `ip` is a return address (the frame is a
-/// caller's, looked up at `ip - 1`), else the pc the thread is at.
+/// recorded, and whether `ip` is a return address (`at: AT_RETURN`: the
+/// frame is a caller's, its rule is looked up at `ip - 1`) or the pc the
+/// thread is at (`AT_PC`). All u64: a padded struct's copy hands the
+/// verifier uninitialized bytes.
 #[derive(Clone, Copy)]
 pub struct UserRegs {
     pub ip: u64,
     pub sp: u64,
     pub bp: u64,
-    pub at_return: bool,
+    pub at: u64,
 }
+
+/// `UserRegs::at` of a return address.
+pub const AT_RETURN: u64 = 0;
+/// `UserRegs::at` of the pc a thread is at.
+pub const AT_PC: u64 = RULE_AT_PC;
 
 /// `sigcontext` (in the `ucontext` a signal frame holds at `sp + 40` when
 /// `__restore_rt` runs): rbp, rsp and rip, in 8-byte slots.
@@ -277,8 +295,8 @@ pub fn unwind_user_stack(
         hash = mix(hash, known[1]);
         len = 2;
     }
-    let UserRegs { mut ip, mut sp, mut bp, at_return } = regs;
-    let mut key = if at_return { ip } else { ip | RULE_AT_PC };
+    let UserRegs { mut ip, mut sp, mut bp, at } = regs;
+    let mut key = ip | (at & RULE_AT_PC);
     let mut missed = false;
     for _ in 0..MAX_WALKED_FRAMES {
         if ip < LOWEST_FRAME {
@@ -381,7 +399,7 @@ pub fn entry_probe_stack(ctx: &ProbeContext) -> StackKey {
     // SAFETY: the probe's saved registers.
     let (ip, sp, bp) = unsafe { ((*ctx.regs).rip, (*ctx.regs).rsp, (*ctx.regs).rbp) };
     if unwinding() {
-        return unwound_stack(UserRegs { ip, sp, bp, at_return: false });
+        return unwound_stack(UserRegs { ip, sp, bp, at: AT_PC });
     }
     let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
         Ok(id) => id,
@@ -439,7 +457,7 @@ pub fn user_stack(ctx: &TracePointContext) -> StackKey {
             crate::bump(counter::LOST_STACKS);
             return StackKey { stack_id: -1, caller: 0 };
         };
-        return unwound_stack(UserRegs { ip, sp, bp, at_return: false });
+        return unwound_stack(UserRegs { ip, sp, bp, at: AT_PC });
     }
     const EEXIST: i32 = 17;
     match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {

@@ -450,7 +450,7 @@ impl Unwinder {
         if let Some(o) = self.objects.get(&key) {
             return o.clone();
         }
-        let obj = std::fs::read(&path).ok().and_then(|data| ObjectCfi::parse(&data).ok()).map(Arc::new);
+        let obj = map_file(&path).and_then(|data| ObjectCfi::parse(&data).ok()).map(Arc::new);
         if self.order.len() >= MAX_OBJECTS {
             let old = self.order.remove(0);
             if let Some(Some(o)) = self.objects.remove(&old) {
@@ -465,6 +465,15 @@ impl Unwinder {
         self.stats.objects = self.objects.len();
         obj
     }
+}
+
+/// The file at `path`, mapped read-only: only the pages of the sections
+/// copied out are read.
+fn map_file(path: &std::path::Path) -> Option<memmap2::Mmap> {
+    let file = std::fs::File::open(path).ok()?;
+    // SAFETY: a read-only private mapping of an object the target has
+    // mapped itself; the bytes are copied out at once and the map dropped.
+    unsafe { memmap2::Mmap::map(&file) }.ok()
 }
 
 #[cfg(test)]
@@ -544,5 +553,38 @@ mod tests {
         };
         assert_eq!(at(e), (rule_kind::CFA_SP, 8));
         assert_eq!(at(e + 11), (rule_kind::CFA_SP, 16));
+    }
+
+    /// What the first miss in a large object costs (`cargo test --release
+    /// -p tracer-user --lib cfi_cost -- --ignored --nocapture`; figures in
+    /// docs/performance.md): reading and copying its CFI, then one rule.
+    #[test]
+    #[ignore]
+    fn cfi_cost() {
+        let exe = std::env::args().next().unwrap();
+        for path in [exe.as_str(), LIBC, "/usr/lib/x86_64-linux-gnu/libstdc++.so.6"] {
+            let Ok(meta) = std::fs::metadata(path) else { continue };
+            let t = std::time::Instant::now();
+            let cfi = ObjectCfi::parse(&map_file(std::path::Path::new(path)).unwrap()).unwrap();
+            let parsed = t.elapsed();
+            let data = std::fs::read(path).unwrap();
+            let file = object::File::parse(&*data).unwrap();
+            let text = file.section_by_name(".text").unwrap();
+            let n = 2000u64;
+            let t = std::time::Instant::now();
+            let mut kinds = [0usize; 6];
+            for i in 0..n {
+                let r = cfi.rule(text.address() + i * (text.size() / n), true);
+                kinds[r.kind as usize] += 1;
+            }
+            let per_rule = t.elapsed() / n as u32;
+            println!(
+                "{path}: {} MB, read+copy CFI {:?}, {} KiB kept, {:?} per rule, kinds {kinds:?}",
+                meta.len() / 1_000_000,
+                parsed,
+                cfi.size() / 1024,
+                per_rule
+            );
+        }
     }
 }

@@ -58,37 +58,40 @@ struct TracedResult {
     bpf_ns_per_event: Option<f64>,
 }
 
-/// `run_time_ns / run_cnt` of leaktrace `tracer`'s `conn_socket_exit`
-/// program (bpftool names are cut at 15 characters).
-fn socket_program_ns(tracer: u32) -> Option<f64> {
+/// `run_time_ns / run_cnt` of the first `conn_socket_exit` program loaded
+/// after program id `after` (this run's leaktrace: bpftool here shows no
+/// owning pids, and other tracers may be loaded).
+fn socket_program_ns(after: u64) -> Option<f64> {
     let out = Command::new("bpftool").args(["prog", "show"]).output().ok()?;
-    program_ns_per_run(&String::from_utf8_lossy(&out.stdout), "conn_socket_exi", tracer)
+    program_ns_per_run(&String::from_utf8_lossy(&out.stdout), "conn_socket_exit", after)
 }
 
-/// From `bpftool prog show`'s text: `run_time_ns / run_cnt` of the program
-/// `name` loaded by process `pid` (blocks start with `ID: type name ...`;
-/// a `pids comm(PID)` line says who holds it).
-fn program_ns_per_run(text: &str, name: &str, pid: u32) -> Option<f64> {
-    let owner = format!("({pid})");
-    let mut blocks: Vec<String> = Vec::new();
-    for line in text.lines() {
-        if line.split(':').next().is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())) {
-            blocks.push(String::new());
-        }
-        if let Some(b) = blocks.last_mut() {
-            b.push_str(line);
-            b.push(' ');
-        }
-    }
-    blocks.iter().find_map(|b| {
-        let words: Vec<&str> = b.split_whitespace().collect();
-        let after = |k: &str| words.iter().position(|w| *w == k).and_then(|i| words.get(i + 1));
-        if after("name") != Some(&name) || !b.contains(&owner) {
-            return None;
-        }
-        let (t, n): (f64, f64) = (after("run_time_ns")?.parse().ok()?, after("run_cnt")?.parse().ok()?);
-        (n > 0.0).then(|| t / n)
-    })
+/// The highest BPF program id loaded now.
+fn max_program_id() -> u64 {
+    let out = Command::new("bpftool").args(["prog", "show"]).output().map(|o| o.stdout).unwrap_or_default();
+    String::from_utf8_lossy(&out).lines().filter_map(program_id).max().unwrap_or(0)
+}
+
+/// The id of a `bpftool prog show` block's first line (`ID: type name ...`).
+fn program_id(line: &str) -> Option<u64> {
+    line.split(':').next()?.parse().ok()
+}
+
+/// From `bpftool prog show`'s text: `run_time_ns / run_cnt` of the
+/// lowest-numbered program `name` with an id above `after`.
+fn program_ns_per_run(text: &str, name: &str, after: u64) -> Option<f64> {
+    text.lines()
+        .filter_map(|l| Some((program_id(l)?, l)))
+        .filter(|(id, _)| *id > after)
+        .find_map(|(_, l)| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let value = |k: &str| words.iter().position(|w| *w == k).and_then(|i| words.get(i + 1));
+            if value("name") != Some(&name) {
+                return None;
+            }
+            let (t, n): (f64, f64) = (value("run_time_ns")?.parse().ok()?, value("run_cnt")?.parse().ok()?);
+            (n > 0.0).then(|| t / n)
+        })
 }
 
 fn bench_traced(root: &Path, fixture: &str, unwind: &str, iterations: u64, run: usize) -> Result<TracedResult> {
@@ -109,6 +112,7 @@ fn bench_traced(root: &Path, fixture: &str, unwind: &str, iterations: u64, run: 
         .stdout(json_file)
         .stderr(Stdio::piped());
     announce(&lt_cmd);
+    let programs_before = max_program_id();
     let mut tracer = match lt_cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -147,7 +151,7 @@ fn bench_traced(root: &Path, fixture: &str, unwind: &str, iterations: u64, run: 
         }
     };
     let rest = out.all(Duration::from_secs(10));
-    let bpf_ns_per_event = socket_program_ns(tracer.id());
+    let bpf_ns_per_event = socket_program_ns(programs_before);
     if bpf_ns_per_event.is_none() {
         eprintln!("bench: no BPF run time for leaktrace's socket program (bpftool, kernel.bpf_stats_enabled)");
     }
@@ -274,14 +278,13 @@ mod tests {
 
     #[test]
     fn reads_a_programs_run_time_from_bpftool() {
-        let text = "12: tracepoint  name conn_socket_exi  tag 0011  gpl run_time_ns 5000 run_cnt 10
+        let text = "12: tracepoint  name conn_socket_exit  tag 0011  gpl run_time_ns 5000 run_cnt 10
 \tloaded_at 2026-12-07T10:00:00+0000  uid 0
-\tpids leaktrace(77)
-13: tracepoint  name conn_socket_exi  tag 0011  gpl run_time_ns 9 run_cnt 1
-\tpids leaktrace(78)
+13: tracepoint  name conn_connect_exit  tag 0011  gpl run_time_ns 7 run_cnt 1
+20: tracepoint  name conn_socket_exit  tag 0011  gpl run_time_ns 9 run_cnt 1
 ";
-        assert_eq!(program_ns_per_run(text, "conn_socket_exi", 77), Some(500.0));
-        assert_eq!(program_ns_per_run(text, "conn_socket_exi", 78), Some(9.0));
-        assert_eq!(program_ns_per_run(text, "conn_socket_exi", 79), None);
+        assert_eq!(program_ns_per_run(text, "conn_socket_exit", 0), Some(500.0));
+        assert_eq!(program_ns_per_run(text, "conn_socket_exit", 12), Some(9.0));
+        assert_eq!(program_ns_per_run(text, "conn_socket_exit", 20), None);
     }
 }
