@@ -29,10 +29,12 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut fail_on_wait = None;
+    let mut fail_within = None;
     let (pid, opts, cmd, is_check): (Option<u32>, TraceOptions, Vec<String>, bool) = match cli.command {
         Command::Attach { pid, opts } => (Some(pid), opts, Vec::new(), false),
         Command::Run { opts, cmd } => (None, opts, cmd, false),
-        Command::Check { pid, opts, cmd, fail_on_wait: f } => {
+        Command::Check { pid, opts, cmd, fail_on_wait: f, fail_within: w } => {
+            fail_within = w;
             if pid.is_none() && cmd.is_empty() {
                 anyhow::bail!("check needs --pid PID or -- CMD [ARGS...]");
             }
@@ -55,7 +57,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let outcome = rt.block_on(session::trace(pid, &opts, child))?;
     if is_check {
-        let check = leaktrace::render::check::render_check(&outcome.report, fail_on_wait);
+        let check = leaktrace::render::check::render_check(&outcome.report, fail_on_wait, fail_within);
         eprint!("{}", check.text);
         if check.failed {
             return Ok(ExitCode::from(3));

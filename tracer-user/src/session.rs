@@ -48,6 +48,10 @@ struct Session {
     max_findings: usize,
     /// Objects already warned about for having no symbols.
     stripped: StrippedWarnings,
+    /// The last limit read per resource (kept for the report after exit).
+    limits: std::collections::HashMap<&'static str, judge::exhaustion::Limit>,
+    /// The executable's text range given to the kernel side.
+    app_text: (u64, u64),
 }
 
 /// Traces `pid` until the duration ends, a signal comes or the target exits.
@@ -185,12 +189,21 @@ impl Session {
             comm: procfs::comm(pid),
             max_findings: opts.max_findings,
             stripped: StrippedWarnings::default(),
+            limits: Default::default(),
+            app_text: (0, 0),
         })
     }
 
     /// Hands newly read mappings to every tracker, and loads libc's syscall
     /// sites until a libc is there (late: `dlopen`, `run` before the loader).
     fn sync_mappings(&mut self, mappings: &MemoryMap) {
+        // Where the executable's code is: `stacks::app_stack` finds the
+        // application's frames under deep libc calls by it.
+        if let Some(range) = procfs::exe_text(self.target.pid, mappings) {
+            if range != self.app_text && self.probes.set_app_text(range).is_ok() {
+                self.app_text = range;
+            }
+        }
         for t in &mut self.trackers {
             t.on_mappings(&mut self.probes, &self.target, mappings);
         }
@@ -268,6 +281,17 @@ impl Session {
         }
         let mut findings = self.judge.findings(&collected, &mut self.resolver, &self.target.memory, t).await;
         self.stripped.warn_once(&findings);
+        // Limits are read while the target lives; after its exit the last
+        // ones read stand (the final report shows the state at exit).
+        let (pid, alive, limits) = (self.target.pid, self.target.alive, &mut self.limits);
+        let exhaustion = judge::exhaustion::annotate(&mut findings, |r| {
+            if alive {
+                if let Some(l) = judge::exhaustion::read_limit(pid, r) {
+                    limits.insert(r, l);
+                }
+            }
+            limits.get(r).cloned()
+        });
         let omitted = judge::rank(&mut findings, self.max_findings);
 
         let tally = Tally::sum(self.trackers.iter().map(|tr| tr.tally(&self.counters)));
@@ -287,6 +311,7 @@ impl Session {
             lost,
             events: tally.events.iter().map(|(k, n)| (k.as_str(), *n)).collect(),
             findings_omitted: omitted,
+            exhaustion,
             untracked_frees: tally.untracked_frees,
         })
     }

@@ -11,8 +11,9 @@ pub struct CheckResult {
 }
 
 /// Judges the final report for `check` (`fail_on_wait`: a lock's share of
-/// the traced time its waiters may lose).
-pub fn render_check(report: &Report, fail_on_wait: Option<f64>) -> CheckResult {
+/// the traced time its waiters may lose; `fail_within`: the least time a
+/// resource may have left).
+pub fn render_check(report: &Report, fail_on_wait: Option<f64>, fail_within: Option<std::time::Duration>) -> CheckResult {
     let leaks: Vec<_> = report.findings.iter().filter(|f| f.verdict == Verdict::Leak).collect();
     let summary = super::table::summary(report);
     let lost = if report.lost.events + report.lost.stacks > 0 {
@@ -26,8 +27,13 @@ pub fn render_check(report: &Report, fail_on_wait: Option<f64>) -> CheckResult {
         .iter()
         .filter(|f| f.lock.as_ref().is_some_and(|l| fail_on_wait.is_some_and(|t| l.wait_share > t)))
         .collect();
+    // The resource that runs out first, when sooner than --fail-within.
+    let runs_out = report
+        .exhaustion
+        .as_ref()
+        .filter(|e| fail_within.is_some_and(|w| e.seconds < w.as_secs_f64()));
     let mut out = String::new();
-    if leaks.is_empty() && waits.is_empty() {
+    if leaks.is_empty() && waits.is_empty() && runs_out.is_none() {
         out += &format!(
             "leaktrace check: PASS: {summary} in {:.0}s of {} (pid {}){lost}; exit 0 (0 = no leak, 3 = leak found, 1 = error)\n",
             report.elapsed_s, report.comm, report.pid
@@ -63,7 +69,19 @@ pub fn render_check(report: &Report, fail_on_wait: Option<f64>) -> CheckResult {
             if l.holder_site.is_empty() { "?" } else { &l.holder_site }
         );
     }
-    let what = if fail_on_wait.is_some() { "3 = leak found or --fail-on-wait exceeded" } else { "3 = leak found" };
+    if let Some(e) = runs_out {
+        out += &format!(
+            "  EXHAUSTS {} (< --fail-within {})\n",
+            crate::judge::exhaustion::headline(&report.comm, e),
+            humantime::format_duration(fail_within.unwrap_or_default())
+        );
+    }
+    let what = match (fail_on_wait.is_some(), fail_within.is_some()) {
+        (false, false) => "3 = leak found",
+        (true, false) => "3 = leak found or --fail-on-wait exceeded",
+        (false, true) => "3 = leak found or a resource runs out within --fail-within",
+        (true, true) => "3 = leak found, --fail-on-wait exceeded or a resource runs out within --fail-within",
+    };
     out += &format!("leaktrace check: exit 3 (0 = no leak, {what}, 1 = error)\n");
     CheckResult { failed: true, text: out }
 }

@@ -5,6 +5,7 @@
 
 pub mod allocations;
 pub mod connections;
+pub mod fds;
 pub mod goroutines;
 pub mod maps;
 pub mod locks;
@@ -82,6 +83,7 @@ pub struct TrackerSpec {
 /// line here (and its three same-named modules).
 pub static REGISTRY: &[TrackerSpec] = &[
     connections::SPEC,
+    fds::SPEC,
     threads::SPEC,
     goroutines::SPEC,
     maps::SPEC,
@@ -165,6 +167,10 @@ pub struct StackSample {
     pub map: Option<String>,
     /// Allocations: bytes alive now.
     pub live_bytes: Option<u64>,
+    /// fds: their type, first path, distinct paths.
+    pub fd_type: Option<String>,
+    pub path: Option<String>,
+    pub distinct_paths: Option<u64>,
 }
 
 impl Tally {
@@ -247,6 +253,9 @@ pub fn stack_samples(
             blocked: None,
             map: None,
             live_bytes: None,
+            fd_type: None,
+            path: None,
+            distinct_paths: None,
         };
         out.push((sample, most_common(acc.labels)));
     }

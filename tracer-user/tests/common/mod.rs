@@ -52,8 +52,22 @@ impl Drop for Target {
 
 /// Starts a fixture and waits for its `ready` line.
 pub fn start(name: &str, args: &[&str]) -> Target {
-    let mut child = Command::new(fixture(name))
-        .args(args)
+    let mut cmd = Command::new(fixture(name));
+    cmd.args(args);
+    start_command(cmd)
+}
+
+/// Starts a fixture under `sh -c 'ulimit -n N; exec FIXTURE ARGS'` (the
+/// fd limit the target runs with) and waits for its `ready` line.
+pub fn start_with_fd_limit(name: &str, limit: u32, args: &[&str]) -> Target {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\"")).arg(fixture(name)).args(args);
+    start_command(cmd)
+}
+
+/// Starts a command and waits for its `ready` line.
+pub fn start_command(mut cmd: Command) -> Target {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
