@@ -58,6 +58,10 @@ pub struct WalkedFrames {
     pub ips: [u64; MAX_WALKED_FRAMES],
 }
 
+/// Words of user stack scanned for the executable's return address when a
+/// syscall is made deep inside libc (`stacks::app_stack`): 1 KiB.
+pub const SCAN_WORDS: usize = 128;
+
 /// Hand-walked stacks a tracker keeps (entries of its walked-stack map).
 pub const MAX_WALKED_STACKS: u32 = 8192;
 

@@ -43,7 +43,8 @@ pub enum Command {
         cmd: Vec<String>,
     },
     /// Trace, then exit 0 if nothing leaks, 3 if any finding has verdict
-    /// "leak" (or a lock's waits exceed --fail-on-wait), 1 on error.
+    /// "leak" (or a lock's waits exceed --fail-on-wait, or a resource runs
+    /// out sooner than --fail-within), 1 on error.
     Check {
         /// Process id to trace (or give `-- CMD ARGS...`).
         #[arg(long, conflicts_with = "cmd")]
@@ -53,6 +54,10 @@ pub enum Command {
         /// needs --track with locks).
         #[arg(long, value_name = "SHARE", value_parser = parse_share)]
         fail_on_wait: Option<f64>,
+        /// Also fail (exit 3) when a resource (open files, threads, memory)
+        /// runs out sooner than DURATION at the current growth (e.g. 10m).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        fail_within: Option<Duration>,
         #[command(flatten)]
         opts: TraceOptions,
         /// Command and arguments to start and trace.
@@ -71,7 +76,7 @@ pub struct TraceOptions {
     /// Sampling and report interval (250ms to 365d).
     #[arg(long, value_parser = parse_interval, default_value = "5s", value_name = "DURATION")]
     pub interval: Duration,
-    /// Trackers to run: connections,tasks,maps,allocations,locks (default: connections,tasks).
+    /// Trackers to run: connections,fds,tasks,maps,allocations,locks (default: connections,tasks).
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     pub track: Vec<String>,
     /// Output format: a table for people, or one JSON object per interval.
@@ -141,7 +146,7 @@ pub struct TraceOptions {
           value_parser = clap::value_parser!(u32).range(1..=1 << 24))]
     pub max_allocations: u32,
     /// Only this kind's flame graph, written to the --flamegraph FILE itself
-    /// (kinds: connection, thread, goroutine, map, allocation, lock).
+    /// (kinds: connection, fd, thread, goroutine, map, allocation, lock).
     #[arg(long, value_name = "KIND", requires = "flamegraph", value_parser = parse_kind)]
     pub flamegraph_kind: Option<Kind>,
     /// How user stacks are walked: `eh-frame` (the compiler's unwind
@@ -302,6 +307,7 @@ mod tests {
         assert!(trackers(&["sockets".into()]).unwrap_err().contains("unknown tracker"));
         assert_eq!(trackers(&["maps".into()]).unwrap(), vec!["maps"]);
         assert_eq!(trackers(&["allocations".into()]).unwrap(), vec!["allocations"]);
+        assert_eq!(trackers(&["fds".into(), "connections".into()]).unwrap(), vec!["fds", "connections"]);
     }
 
     #[test]

@@ -30,10 +30,12 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut fail_on_wait = None;
+    let mut fail_within = None;
     let (pid, opts, cmd, is_check): (Option<u32>, TraceOptions, Vec<String>, bool) = match cli.command {
         Command::Attach { pid, opts } => (Some(pid), opts, Vec::new(), false),
         Command::Run { opts, cmd } => (None, opts, cmd, false),
-        Command::Check { pid, opts, cmd, fail_on_wait: f } => {
+        Command::Check { pid, opts, cmd, fail_on_wait: f, fail_within: w } => {
+            fail_within = w;
             if pid.is_none() && cmd.is_empty() {
                 return Err(UsageError("check needs --pid PID or -- CMD [ARGS...]".into()).into());
             }
@@ -68,7 +70,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         leaktrace::output::note(format!("the command {}", describe_wait_status(status)));
     }
     if is_check {
-        let check = leaktrace::render::check::render_check(&outcome.report, &outcome.omitted, fail_on_wait);
+        let check = leaktrace::render::check::render_check(&outcome.report, &outcome.omitted, fail_on_wait, fail_within);
         leaktrace::output::write_stderr(&check.text);
         if check.failed {
             return Ok(ExitCode::from(3));

@@ -282,6 +282,16 @@ impl Probes {
         Ok(())
     }
 
+    /// Tells the kernel side where the executable's code is (`APP_TEXT`).
+    pub fn set_app_text(&mut self, (start, end): (u64, u64)) -> Result<()> {
+        let map = self.ebpf.map_mut("APP_TEXT").ok_or_else(|| anyhow!("APP_TEXT map missing"))?;
+        let mut table: aya::maps::Array<_, u64> = aya::maps::Array::try_from(map)?;
+        table.set(0, 0, 0)?;
+        table.set(1, end, 0)?;
+        table.set(0, start, 0)?;
+        Ok(())
+    }
+
     /// Tells the kernel side where libc's wrappers keep their return address
     /// (replacing what an earlier image of the process had).
     pub fn set_syscall_sites(&mut self, sites: &[crate::stacks::syscall_sites::SyscallSite]) -> Result<usize> {

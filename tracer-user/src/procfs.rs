@@ -115,6 +115,16 @@ impl MemoryMap {
     }
 }
 
+/// The `[start, end)` of the executable's code in the process (its
+/// executable mappings of `/proc/PID/exe`).
+pub fn exe_text(pid: u32, map: &MemoryMap) -> Option<(u64, u64)> {
+    let exe = fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let exe = exe.to_string_lossy();
+    let exe = Path::new(exe.trim_end_matches(" (deleted)"));
+    let text: Vec<&Mapping> = map.mappings.iter().filter(|m| m.executable && m.path == exe).collect();
+    Some((text.iter().map(|m| m.start).min()?, text.iter().map(|m| m.end).max()?))
+}
+
 /// Whether the process exists and is not a zombie; an error when /proc
 /// cannot tell (leaktrace out of descriptors or memory): a failure of our
 /// own is never the target's death.
@@ -220,22 +230,154 @@ pub fn thread_comm(pid: u32, tid: u32) -> Option<String> {
     fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok().map(|s| s.trim_end().to_string())
 }
 
-/// Open fds of the process that are sockets, with the socket's inode.
-pub fn socket_fds(pid: u32) -> io::Result<HashMap<u32, u64>> {
-    let mut out = HashMap::new();
+/// Open fds of the process with what each link names (`/proc/PID/fd/N`).
+fn fd_links(pid: u32) -> io::Result<Vec<(u32, PathBuf)>> {
+    let mut out = Vec::new();
     for entry in fs::read_dir(format!("/proc/{pid}/fd"))? {
         let Ok(entry) = entry else { continue };
         let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
         if let Ok(target) = fs::read_link(entry.path()) {
-            let t = target.to_string_lossy();
-            if let Some(ino) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
-                out.insert(fd, ino.parse().unwrap_or(0));
-            }
+            out.push((fd, target));
         }
     }
     Ok(out)
+}
+
+/// Open fds of the process that are sockets, with the socket's inode.
+pub fn socket_fds(pid: u32) -> io::Result<HashMap<u32, u64>> {
+    let mut out = HashMap::new();
+    for (fd, target) in fd_links(pid)? {
+        let t = target.to_string_lossy();
+        if let Some(ino) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+            out.insert(fd, ino.parse().unwrap_or(0));
+        }
+    }
+    Ok(out)
+}
+
+/// One open fd as /proc shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FdEntry {
+    /// The object it refers to: (device, inode) of the link's target. Anon
+    /// inodes (eventfd, epoll...) share one inode per kind.
+    pub identity: (u64, u64),
+    /// `file`, `pipe`, `socket`, `epoll`, `eventfd`... from the link.
+    pub kind: &'static str,
+    /// Files: the path (` (deleted)` kept: the file was unlinked while open).
+    pub path: Option<String>,
+}
+
+/// Every open fd of the process: what it is and which object it names.
+pub fn fd_table(pid: u32) -> io::Result<HashMap<u32, FdEntry>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = HashMap::new();
+    for (fd, target) in fd_links(pid)? {
+        let link = target.to_string_lossy();
+        let identity = fs::metadata(format!("/proc/{pid}/fd/{fd}")).map(|m| (m.dev(), m.ino())).unwrap_or((0, 0));
+        let kind = fd_kind(&link);
+        let path = (kind == "file").then(|| link.into_owned());
+        out.insert(fd, FdEntry { identity, kind, path });
+    }
+    Ok(out)
+}
+
+/// The kind of object a `/proc/PID/fd` link names.
+pub fn fd_kind(link: &str) -> &'static str {
+    if link.starts_with("/memfd:") {
+        return "memfd";
+    }
+    if link.starts_with('/') {
+        return "file";
+    }
+    let Some((prefix, rest)) = link.split_once(':') else { return "other" };
+    let name = rest.trim_start_matches('[').trim_end_matches(']');
+    match (prefix, name) {
+        ("socket", _) => "socket",
+        ("pipe", _) => "pipe",
+        ("anon_inode", "eventpoll") => "epoll",
+        ("anon_inode", "eventfd") => "eventfd",
+        ("anon_inode", "timerfd") => "timerfd",
+        ("anon_inode", "signalfd") => "signalfd",
+        ("anon_inode", "inotify") => "inotify",
+        ("anon_inode", "fanotify") => "fanotify",
+        ("anon_inode", "userfaultfd") => "userfaultfd",
+        ("anon_inode", "pidfd") => "pidfd",
+        ("anon_inode", "io_uring") => "io_uring",
+        _ => "other",
+    }
+}
+
+/// How many fds the process has open.
+pub fn fd_count(pid: u32) -> io::Result<u64> {
+    Ok(fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64)
+}
+
+/// The process's soft limit on open files (`Max open files` in
+/// /proc/PID/limits); None when unlimited or unreadable.
+pub fn open_files_limit(pid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..].split_ascii_whitespace().next()?.parse().ok()
+}
+
+/// The cgroup directories of the process, innermost first, up to the root:
+/// the v2 hierarchy's, else the v1 `controller` hierarchy's.
+pub fn cgroup_dirs(pid: u32, controller: &str) -> Vec<PathBuf> {
+    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else { return Vec::new() };
+    let mut found = None;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        if ctrls.is_empty() && Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            found = Some(PathBuf::from("/sys/fs/cgroup").join(path.trim_start_matches('/')));
+            break;
+        }
+        if ctrls.split(',').any(|c| c == controller) {
+            found = Some(PathBuf::from("/sys/fs/cgroup").join(controller).join(path.trim_start_matches('/')));
+        }
+    }
+    let mut out = Vec::new();
+    let mut dir = found;
+    while let Some(d) = dir {
+        if !d.starts_with("/sys/fs/cgroup") || d.as_os_str().len() < "/sys/fs/cgroup".len() {
+            break;
+        }
+        dir = d.parent().map(Path::to_path_buf);
+        out.push(d);
+    }
+    out
+}
+
+/// A cgroup file holding one number; None for `max`, a missing file or garbage.
+pub fn cgroup_value(dir: &Path, file: &str) -> Option<u64> {
+    fs::read_to_string(dir.join(file)).ok()?.trim().parse().ok()
+}
+
+/// Threads on the whole system (`/proc/loadavg`'s scheduling entities) and
+/// the kernel's limit (`/proc/sys/kernel/threads-max`).
+pub fn system_threads() -> Option<(u64, u64)> {
+    let load = fs::read_to_string("/proc/loadavg").ok()?;
+    let total = load.split_ascii_whitespace().nth(3)?.split_once('/')?.1.parse().ok()?;
+    let max = fs::read_to_string("/proc/sys/kernel/threads-max").ok()?.trim().parse().ok()?;
+    Some((total, max))
+}
+
+/// The process's resident set, bytes (`VmRSS`).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = text.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A variable of the process's initial environment.
+pub fn environ_var(pid: u32, name: &str) -> Option<String> {
+    let data = fs::read(format!("/proc/{pid}/environ")).ok()?;
+    data.split(|&b| b == 0).find_map(|kv| {
+        let kv = std::str::from_utf8(kv).ok()?;
+        kv.strip_prefix(name)?.strip_prefix('=').map(str::to_string)
+    })
 }
 
 /// Remote addresses of the process's TCP and UDP sockets by inode, from
@@ -362,6 +504,19 @@ mod tests {
             parse_net_addr("0000000000000000FFFF00000100007F:18EB", true).as_deref(),
             Some("127.0.0.1:6379")
         );
+    }
+
+    #[test]
+    fn names_fd_kinds_from_links() {
+        assert_eq!(fd_kind("/var/log/app.log"), "file");
+        assert_eq!(fd_kind("pipe:[123]"), "pipe");
+        assert_eq!(fd_kind("socket:[9]"), "socket");
+        assert_eq!(fd_kind("anon_inode:[eventfd]"), "eventfd");
+        assert_eq!(fd_kind("anon_inode:[eventpoll]"), "epoll");
+        assert_eq!(fd_kind("anon_inode:inotify"), "inotify");
+        assert_eq!(fd_kind("/memfd:cache (deleted)"), "memfd");
+        assert_eq!(fd_kind("anon_inode:[io_uring]"), "io_uring");
+        assert_eq!(fd_kind("weird"), "other");
     }
 
     #[test]

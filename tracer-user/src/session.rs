@@ -60,6 +60,10 @@ struct Session {
     stripped: StrippedWarnings,
     /// The findings the last report cut (`--max-findings`).
     omitted: Vec<Finding>,
+    /// The last limit read per resource (kept for the report after exit).
+    limits: std::collections::HashMap<&'static str, judge::exhaustion::Limit>,
+    /// The executable's text range given to the kernel side.
+    app_text: (u64, u64),
 }
 
 /// Traces `pid` until the duration ends, a signal comes, the target exits
@@ -242,12 +246,21 @@ impl Session {
             max_findings: opts.max_findings,
             stripped: StrippedWarnings::default(),
             omitted: Vec::new(),
+            limits: Default::default(),
+            app_text: (0, 0),
         })
     }
 
     /// Hands newly read mappings to every tracker, and loads libc's syscall
     /// sites until a libc is there (late: `dlopen`, `run` before the loader).
     fn sync_mappings(&mut self, mappings: &MemoryMap) {
+        // Where the executable's code is: `stacks::app_stack` finds the
+        // application's frames under deep libc calls by it.
+        if let Some(range) = procfs::exe_text(self.target.pid, mappings) {
+            if range != self.app_text && self.probes.set_app_text(range).is_ok() {
+                self.app_text = range;
+            }
+        }
         for t in &mut self.trackers {
             t.on_mappings(&mut self.probes, &self.target, mappings);
         }
@@ -347,6 +360,17 @@ impl Session {
         self.refresh_own_code();
         let mut findings = self.judge.findings(&collected, &mut self.resolver, &self.target.memory, t).await;
         self.stripped.warn_once(&findings);
+        // Limits are read while the target lives; after its exit the last
+        // ones read stand (the final report shows the state at exit).
+        let (pid, alive, limits) = (self.target.pid, self.target.alive, &mut self.limits);
+        let exhaustion = judge::exhaustion::annotate(&mut findings, |r| {
+            if alive {
+                if let Some(l) = judge::exhaustion::read_limit(pid, r) {
+                    limits.insert(r, l);
+                }
+            }
+            limits.get(r).cloned()
+        });
         self.omitted = judge::rank(&mut findings, self.max_findings);
 
         let tally = Tally::sum(self.trackers.iter().map(|tr| tr.tally(&self.counters)));
@@ -371,6 +395,7 @@ impl Session {
             lost,
             events: tally.events.iter().map(|(k, n)| (k.as_str(), *n)).collect(),
             findings_omitted: self.omitted.len() as u64,
+            exhaustion,
             untracked_frees: tally.untracked_frees,
         })
     }

@@ -3,6 +3,7 @@
 //! Growth is judged by [`growth`]; locks by [`contention`].
 
 pub mod contention;
+pub mod exhaustion;
 pub mod growth;
 
 use std::collections::{HashMap, HashSet};
@@ -152,6 +153,9 @@ impl Judge {
                 map: s.map.clone(),
                 live_bytes: s.live_bytes,
                 growth_bytes_per_min,
+                fd_type: s.fd_type.clone(),
+                path: s.path.clone(),
+                distinct_paths: s.distinct_paths,
                 created: s.created,
                 ended: s.ended,
                 ended_by_finalizer: s.ended_by_finalizer,

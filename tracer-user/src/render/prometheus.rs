@@ -275,6 +275,30 @@ fn encode_report(
         }),
     )?;
 
+    // Time to exhaustion: each growing site at its own slope (the soonest
+    // `max_sites`), and site="all" for the resource at every site's slope.
+    let mut exhausting: Vec<(&str, &crate::report::Exhaustion)> =
+        report.findings.iter().filter_map(|f| f.exhausts.as_ref().map(|x| (f.site.as_str(), x))).collect();
+    exhausting.sort_by(|a, b| a.1.seconds.total_cmp(&b.1.seconds));
+    exhausting.truncate(max_sites);
+    family(
+        e,
+        "leaktrace_exhaustion_seconds",
+        "Seconds until the resource (open files, threads, memory) runs out at the site's current growth; site all: at every growing site's growth together.",
+        MetricType::Gauge,
+        report
+            .exhaustion
+            .iter()
+            .map(|x| ("all", x))
+            .chain(exhausting)
+            .map(|(site, x)| {
+                (
+                    vec![("pid", pid.clone()), ("resource", escape_label(&x.resource)), ("site", escape_label(site))],
+                    ConstGauge::new(finite(x.seconds)),
+                )
+            }),
+    )?;
+
     let kinds: BTreeSet<&str> = report
         .events
         .keys()

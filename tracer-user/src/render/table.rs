@@ -71,6 +71,9 @@ pub fn render_table(report: &Report, opts: &TableOptions) -> String {
         out.push_str("  EXITED");
     }
     out.push('\n');
+    if let Some(e) = &report.exhaustion {
+        let _ = writeln!(out, "{}", crate::judge::exhaustion::headline(&report.comm, e));
+    }
 
     let (listed, folded): (Vec<&Finding>, Vec<&Finding>) = report.findings.iter().partition(|f| !opts.fold_steady || !foldable(f));
     let shown = &listed[..listed.len().min(opts.max_findings)];
@@ -192,6 +195,18 @@ fn write_rows(out: &mut String, findings: &[&Finding], opts: &TableOptions) {
         for frame in finding.stack.iter().skip(from).take(opts.max_frames) {
             let _ = writeln!(out, "    {}", frame_text(frame));
         }
+        if let Some(e) = &finding.exhausts {
+            let _ = writeln!(
+                out,
+                "    exhausts {} in {} at this rate ({} {}, {} in use; {:.0} % of the growth)",
+                e.resource,
+                crate::judge::exhaustion::eta_text(e.seconds),
+                e.limit_source,
+                e.limit,
+                e.in_use,
+                e.share * 100.0
+            );
+        }
         // Leaked goroutines: where they are stuck now.
         if let Some(blocked) = &finding.blocked_in {
             let _ = writeln!(out, "  blocked in ({}):", finding.wait_reason.as_deref().unwrap_or("?"));
@@ -259,6 +274,7 @@ fn row(f: &Finding, opts: &TableOptions) -> [String; 7] {
         f.oldest_age_s.map_or_else(|| "-".to_string(), age_text),
         f.peer
             .clone()
+            .or_else(|| fd_text(f))
             .or_else(|| f.thread_name.clone())
             .or_else(|| f.wait_reason.clone())
             .or_else(|| f.map.clone())
@@ -283,6 +299,19 @@ fn short_function(name: &str) -> &str {
         Some(i) if !name.contains("::") => &name[i + 1..],
         _ => name,
     }
+}
+
+/// fds: `file /var/log/app.log (+3 paths)`, `pipe`.
+fn fd_text(f: &Finding) -> Option<String> {
+    let t = f.fd_type.as_deref()?;
+    let mut s = t.to_string();
+    if let Some(p) = &f.path {
+        let _ = write!(s, " {p}");
+        if let Some(n) = f.distinct_paths.filter(|&n| n > 1) {
+            let _ = write!(s, " (+{} paths)", n - 1);
+        }
+    }
+    Some(s)
 }
 
 /// `function (file:line)`, else `function [module]`, with the address when

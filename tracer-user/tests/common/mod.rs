@@ -62,6 +62,14 @@ pub fn start_path(path: &std::path::Path, args: &[&str]) -> Target {
     start_command(cmd)
 }
 
+/// Starts a fixture under `sh -c 'ulimit -n N; exec FIXTURE ARGS'` (the
+/// fd limit the target runs with) and waits for its `ready` line.
+pub fn start_with_fd_limit(name: &str, limit: u32, args: &[&str]) -> Target {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\"")).arg(fixture(name)).args(args);
+    start_command(cmd)
+}
+
 /// Starts a command that runs a fixture (from another path, in a namespace)
 /// and waits for its `ready` line.
 pub fn start_command(mut cmd: Command) -> Target {
