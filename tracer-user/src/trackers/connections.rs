@@ -177,6 +177,10 @@ impl ConnectionCollector {
     /// reported as "before attach" groups, not given a stack.
     fn take_inventory(&mut self) {
         let Ok(sockets) = procfs::socket_fds(self.pid) else { return };
+        if sockets.is_empty() {
+            // /proc/PID/net lists the whole namespace: slow on a busy host.
+            return;
+        }
         let peers = procfs::net_peers(self.pid);
         let mut groups: HashMap<String, usize> = HashMap::new();
         for ino in sockets.values().take(self.max_inventory) {
