@@ -239,7 +239,9 @@ impl Session {
         }
         self.target.libc_loaded = match syscall_sites::find_in_process(self.target.pid, mappings) {
             Ok(sites) if !sites.is_empty() => self.probes.set_syscall_sites(&sites).is_ok(),
-            Ok(_) => false,
+            // A static program (Go, musl, static glibc) was read whole: no
+            // libc will come.
+            Ok(_) => mappings.is_static(),
             Err(e) => {
                 output::warn(format!(
                     "cannot read libc's syscall wrappers ({e:#}); C stacks will miss the direct caller of connect/socket"

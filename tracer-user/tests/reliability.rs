@@ -448,3 +448,17 @@ fn many_distinct_stacks_are_kept_and_nothing_is_judged_growing() {
     let paths = findings.iter().filter(|f| functions(f).iter().any(|n| n == "open_socket")).count();
     assert!(paths >= 4990, "only {paths} distinct stacks of 5000");
 }
+
+/// A static glibc program: the syscall wrappers are in the executable, so
+/// their sites are read there, and the wrapper is not taken for the site:
+/// the leak is named by its helper and its caller (was `socket`, with
+/// `dial_cache` missing). The pool through the same helper is not a leak.
+#[test]
+fn a_static_glibc_programs_connection_site_is_its_caller() {
+    let bin = fixture("conn_leak_static");
+    let run = run_leaktrace(&["check", "--for", "6s", "--interval", "1s", "--", bin.to_str().unwrap()]);
+    assert_eq!(run.status, 3, "{}", run.stderr);
+    assert!(run.stderr.contains("LEAK connection at dial_cache"), "{}", run.stderr);
+    assert!(run.stderr.contains("created by dial_cache <- bad_handler <- request_loop"), "{}", run.stderr);
+    assert!(run.stderr.contains("FAIL: 1 leak,"), "{}", run.stderr);
+}

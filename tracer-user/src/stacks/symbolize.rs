@@ -235,6 +235,11 @@ pub fn is_system_frame(f: &Frame) -> bool {
     if is_go_std(func) {
         return true;
     }
+    // A libc syscall wrapper linked into a static program: the program's
+    // module, but libc's code (libc.a has no line info).
+    if f.file.is_none() && crate::stacks::syscall_sites::WRAPPERS.contains(&func.trim_start_matches("__")) {
+        return true;
+    }
     func.starts_with("std::")
         || func.starts_with("core::")
         || func.starts_with("alloc::")
