@@ -462,3 +462,45 @@ fn a_static_glibc_programs_connection_site_is_its_caller() {
     assert!(run.stderr.contains("created by dial_cache <- bad_handler <- request_loop"), "{}", run.stderr);
     assert!(run.stderr.contains("FAIL: 1 leak,"), "{}", run.stderr);
 }
+
+/// Entries of the BPF map `name` that process `pid` holds (bpftool).
+fn bpf_map_entries(pid: u32, name: &str) -> Option<usize> {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).ok()?.flatten() {
+        let info = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let Some(id) = info.lines().find_map(|l| l.strip_prefix("map_id:")).map(|v| v.trim().to_string()) else { continue };
+        let show = Command::new("bpftool").args(["-j", "map", "show", "id", &id]).output().ok()?;
+        let show: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap_or_default();
+        if show["name"] != name {
+            continue;
+        }
+        let dump = Command::new("bpftool").args(["-j", "map", "dump", "id", &id]).output().ok()?;
+        let dump: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap_or_default();
+        return dump.as_array().map(|a| a.len());
+    }
+    None
+}
+
+/// A goroutine-heavy Go program whose sync.WaitGroup releases wake waiters
+/// and whose locks are never waited on: the Go lock tracker's holder table
+/// stays empty (it filled with WaitGroup releases, then lost events).
+#[test]
+fn waitgroup_releases_do_not_fill_the_lock_holder_table() {
+    let mut child = Command::new(leaktrace())
+        .args(["run", "--track", "locks", "--for", "6s", "--interval", "1s", "--json", "--"])
+        .arg(fixture("gochurn"))
+        .args(["--goroutines", "100000000", "--rate", "200000", "--batch", "100"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = read_all(child.stdout.take().unwrap());
+    let err = read_all(child.stderr.take().unwrap());
+    std::thread::sleep(Duration::from_secs(4));
+    let holders = bpf_map_entries(child.id(), "LOCK_HOLDERS");
+    let status = child.wait().unwrap();
+    let run = Run { status: status.code().unwrap_or(-1), stdout: out.join().unwrap(), stderr: err.join().unwrap() };
+    assert_eq!(run.status, 0, "{}", run.stderr);
+    assert_eq!(holders, Some(0), "WaitGroup releases recorded as lock holders; stderr: {}", run.stderr);
+    let report = run.final_report();
+    assert_eq!(report["lost"]["events"], 0, "{}", run.stderr);
+}
