@@ -88,6 +88,12 @@ pub async fn trace(
         s.probes.attach_tracepoints(t.tracepoints())?;
     }
     if let Some(c) = child.as_mut() {
+        // Probes by file (the libc the command will map) before its first
+        // instruction.
+        let program = c.program().to_path_buf();
+        for t in &mut s.trackers {
+            t.before_exec(&mut s.probes, &s.target, &program);
+        }
         // Returns once the command has exec'd; its libc appears a moment
         // later, mapped by the dynamic loader: watch for it closely so the
         // first events already get their direct caller.
