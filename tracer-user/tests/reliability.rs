@@ -12,12 +12,6 @@ use std::{
 
 use common::*;
 
-fn error_line(run: &Run) -> String {
-    let lines: Vec<&str> = run.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected exactly one line on stderr, got:\n{}", run.stderr);
-    lines[0].to_string()
-}
-
 /// `--max-findings 0` cuts every finding from the report, not from the
 /// verdict: a leaking program still fails, a clean one still passes.
 #[test]
@@ -124,11 +118,6 @@ fn attach_stops_when_stdout_is_closed() {
     assert!(std::path::Path::new(&format!("/proc/{}", t.pid())).exists());
 }
 
-/// A free loopback port (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// With a descriptor limit of 256 that leaktrace cannot raise, 400 idle
 /// clients on /metrics neither exhaust its descriptors nor make it take the
 /// target for dead: the leak is still found, no `exited`; idle clients are
@@ -233,16 +222,6 @@ fn listen_is_bound_before_the_command_starts() {
     let body = http_get(&format!("127.0.0.1:{port}"), "/metrics");
     assert!(body.contains("leaktrace_up 1"), "{body}");
     assert!(child.wait().unwrap().success());
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body
 }
 
 /// Whether `pid` exists and is not a zombie.
