@@ -139,10 +139,11 @@ impl Tracker for Allocations {
         let executable = mappings.mappings.iter().filter(|m| m.executable);
         let allocator = match &wanted {
             Some(lib) => executable.clone().find(|m| &m.path == lib || m.path.file_name() == lib.file_name()),
-            None => executable
-                .clone()
-                .find(|m| syscall_sites::is_libc(&m.path))
-                .or_else(|| executable.clone().find(|m| Some(&m.path) == exe.as_ref())),
+            // The executable only when static: a dynamic program's libc may
+            // not be mapped yet (`run`), and comes with a later read.
+            None => executable.clone().find(|m| syscall_sites::is_libc(&m.path)).or_else(|| {
+                mappings.is_static().then(|| executable.clone().find(|m| Some(&m.path) == exe.as_ref())).flatten()
+            }),
         };
         let mut objects: Vec<(&procfs::Mapping, bool)> = allocator.into_iter().map(|m| (m, true)).collect();
         objects.extend(
