@@ -65,6 +65,11 @@ static LOCK_WAITERS: PerCpuHashMap<LockStack, WaitTotals> = PerCpuHashMap::with_
 /// Per (lock, holder stack): wakes of waiters by an unlock (per CPU).
 #[map]
 static LOCK_HOLDERS: PerCpuHashMap<LockStack, WaitTotals> = PerCpuHashMap::with_max_entries(MAX_LOCK_STACKS, 0);
+/// Go semaphores a sync.Mutex/RWMutex wait was seen on (LRU-bounded): a
+/// release of any other (sync.WaitGroup, sync.Cond...) is no lock's holder
+/// and would only fill `LOCK_HOLDERS`.
+#[map]
+static GO_WAITED_SEMAS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(MAX_LOCKS, 0);
 /// Hand-walked stacks, by hash of their frames.
 #[map]
 static LOCK_FRAMES: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_WALKED_STACKS, 0);
@@ -326,6 +331,7 @@ fn go_acquire(ctx: &ProbeContext, k: u32) -> u32 {
     // SAFETY: the probe's saved registers.
     let (g, sema, sp) = unsafe { ((*ctx.regs).r14, (*ctx.regs).rax, (*ctx.regs).rsp) };
     let at = LockStack { lock: sema, stack: kernel_stack(ctx, read_user_u64(sp)), walked: 0 };
+    let _ = GO_WAITED_SEMAS.insert(&sema, &1, 0);
     // SAFETY: no preconditions.
     let w = PendingWait { start_ns: unsafe { bpf_ktime_get_ns() }, kind: k, _pad: 0, at };
     if GO_PENDING.insert(&g, &w, 0).is_err() {
@@ -379,6 +385,11 @@ pub fn lock_go_release(ctx: ProbeContext) -> u32 {
     }
     // SAFETY: the probe's saved registers.
     let (sema, sp) = unsafe { ((*ctx.regs).rax, (*ctx.regs).rsp) };
+    // Only the holders a wait can need: semaphores of locks waited on.
+    // SAFETY: lookup only.
+    if unsafe { GO_WAITED_SEMAS.get(&sema) }.is_none() {
+        return 0;
+    }
     let at = LockStack { lock: sema, stack: kernel_stack(&ctx, read_user_u64(sp)), walked: 0 };
     add(&LOCK_HOLDERS, &at, 0);
     bump(tracer_common::locks::counter::WAKES);

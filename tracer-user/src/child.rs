@@ -50,11 +50,14 @@ pub trait HeldChild: Send {
     fn terminate(&mut self);
     /// Waits up to `limit` for a child that is exiting; its wait status.
     fn wait_exit(&mut self, limit: std::time::Duration) -> Option<i32>;
+    /// The program it will exec.
+    fn program(&self) -> &Path;
 }
 
 /// A forked child waiting to exec.
 pub struct Held {
     pid: libc::pid_t,
+    program: PathBuf,
     go_fd: Option<libc::c_int>,
     err_fd: libc::c_int,
     reaped: bool,
@@ -161,7 +164,7 @@ impl Held {
             libc::close(go[0]);
             libc::close(err[1]);
         }
-        Ok(Self { pid, go_fd: Some(go[1]), err_fd: err[0], reaped: false, status: None })
+        Ok(Self { pid, program: path, go_fd: Some(go[1]), err_fd: err[0], reaped: false, status: None })
     }
 
     /// Process id of the command.
@@ -204,6 +207,10 @@ impl HeldChild for Held {
             self.reaped = true;
         }
         self.reaped
+    }
+
+    fn program(&self) -> &Path {
+        &self.program
     }
 
     fn wait_exit(&mut self, limit: std::time::Duration) -> Option<i32> {

@@ -94,6 +94,12 @@ pub async fn trace(
         s.probes.attach_tracepoints(t.tracepoints())?;
     }
     if let Some(c) = child.as_mut() {
+        // Probes by file (the libc the command will map) before its first
+        // instruction.
+        let program = c.program().to_path_buf();
+        for t in &mut s.trackers {
+            t.before_exec(&mut s.probes, &s.target, &program);
+        }
         // Returns once the command has exec'd; its libc appears a moment
         // later, mapped by the dynamic loader: watch for it closely so the
         // first events already get their direct caller.
@@ -269,7 +275,9 @@ impl Session {
         }
         self.target.libc_loaded = match syscall_sites::find_in_process(self.target.pid, mappings) {
             Ok(sites) if !sites.is_empty() => self.probes.set_syscall_sites(&sites).is_ok(),
-            Ok(_) => false,
+            // A static program (Go, musl, static glibc) was read whole: no
+            // libc will come.
+            Ok(_) => mappings.is_static(),
             Err(e) => {
                 output::warn(format!(
                     "cannot read libc's syscall wrappers ({e:#}); C stacks will miss the direct caller of connect/socket"

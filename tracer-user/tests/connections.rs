@@ -174,15 +174,6 @@ fn prometheus_endpoint_serves_growth_of_the_leaking_site() {
     assert!(line.contains("verdict=\"leak\""), "{line}");
 }
 
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 #[test]
 fn a_full_socket_table_is_counted_not_hidden() {
     let t = start("conn_leak", &[]);

@@ -11,12 +11,6 @@ use std::{
 
 use common::*;
 
-fn error_line(run: &Run) -> String {
-    let lines: Vec<&str> = run.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected exactly one line on stderr, got:\n{}", run.stderr);
-    lines[0].to_string()
-}
-
 #[test]
 fn no_such_pid() {
     let run = run_leaktrace(&["attach", "--pid", "999999999", "--for", "1s"]);

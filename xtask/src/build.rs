@@ -150,11 +150,14 @@ pub fn fixtures(root: &Path) -> Result<()> {
     }
     // A 32-bit build of conn_leak (gcc-multilib): leaktrace must refuse it
     // with one line rather than trace it as 0 events.
-    let src32 = c_dir.join("conn_leak.c");
-    let out32 = bin.join("conn_leak32");
-    if !up_to_date(&out32, mtime(&src32).max(common_newest)) {
-        run_cmd(Command::new("gcc").args(C_FLAGS).arg("-m32").arg("-o").arg(&out32).arg(&src32).args(&common_srcs))?;
-        built += 1;
+    // And a static one (glibc's socket/connect wrappers inside the program).
+    let conn_leak = c_dir.join("conn_leak.c");
+    for (out, flag) in [("conn_leak32", "-m32"), ("conn_leak_static", "-static")] {
+        let out = bin.join(out);
+        if !up_to_date(&out, mtime(&conn_leak).max(common_newest)) {
+            run_cmd(Command::new("gcc").args(C_FLAGS).arg(flag).arg("-o").arg(&out).arg(&conn_leak).args(&common_srcs))?;
+            built += 1;
+        }
     }
 
     // C++ fixtures: fixtures/cpp/<name>.cc -> fixtures/bin/<name> (g++, same flags).

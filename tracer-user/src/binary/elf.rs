@@ -187,6 +187,24 @@ impl Segment {
     }
 }
 
+/// The libc a dynamically linked glibc program will map once its loader
+/// runs: the one leaktrace's loader picked (same environment, which the
+/// command inherits, same mount namespace). `None` for a static program or
+/// another loader (musl). A program whose RPATH picks another libc maps
+/// that one instead; it is probed when it appears.
+pub fn libc_it_will_map(program: &Path) -> Option<PathBuf> {
+    let data = std::fs::read(program).ok()?;
+    let file = object::File::parse(&*data).ok()?;
+    let interp = file.section_by_name(".interp")?.data().ok()?;
+    let interp = Path::new(std::str::from_utf8(interp).ok()?.trim_end_matches('\0'));
+    if !interp.file_name()?.to_str()?.starts_with("ld-linux-x86-64") {
+        return None;
+    }
+    let ours = MemoryMap::read(std::process::id()).ok()?;
+    let libc = ours.mappings.iter().find(|m| m.executable && crate::stacks::syscall_sites::is_libc(&m.path))?;
+    Some(libc.path.clone())
+}
+
 /// Load bias of process `pid`'s executable (whose segments are given),
 /// from the first mapping of the file `/proc/PID/exe` names: 0 unless it
 /// is position-independent.

@@ -392,6 +392,11 @@ pub fn is_system_frame(f: &Frame) -> bool {
     if f.module.as_deref().is_some_and(is_system_module) {
         return true;
     }
+    // A libc syscall wrapper linked into a static program: the program's
+    // module, but libc's code (libc.a has no line info).
+    if f.file.is_none() && crate::stacks::syscall_sites::WRAPPERS.contains(&f.function.trim_start_matches("__")) {
+        return true;
+    }
     is_standard_function(&f.function)
 }
 

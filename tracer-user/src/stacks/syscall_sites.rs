@@ -32,11 +32,14 @@ pub struct SyscallSite {
     pub ret_offset: u32,
 }
 
-/// Finds the syscall sites of [`WRAPPERS`] in every libc the process maps.
+/// Finds the syscall sites of [`WRAPPERS`] in every libc the process maps,
+/// or in its executable when it is static (glibc linked in).
 pub fn find_in_process(pid: u32, map: &MemoryMap) -> Result<Vec<SyscallSite>> {
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for m in map.mappings.iter().filter(|m| m.executable && is_libc(&m.path)) {
+    let static_exe = if map.is_static() { crate::procfs::exe_path(pid) } else { None };
+    let holds_wrappers = |m: &&crate::procfs::Mapping| is_libc(&m.path) || Some(&m.path) == static_exe.as_ref();
+    for m in map.mappings.iter().filter(|m| m.executable).filter(holds_wrappers) {
         if !seen.insert(m.path.clone()) {
             continue;
         }

@@ -108,6 +108,25 @@ impl Tracker for Allocations {
         TRACEPOINTS
     }
 
+    /// `run`: the allocator probes go on the libc the command will map
+    /// (`--alloc-lib` when given) before it runs, so its first allocations
+    /// are seen; [`Tracker::on_mappings`] then finds that object done.
+    fn before_exec(&mut self, probes: &mut Probes, target: &Target, program: &std::path::Path) {
+        let lib = match &self.lib {
+            Some(lib) => std::fs::canonicalize(lib).ok(),
+            None => crate::binary::elf::libc_it_will_map(program),
+        };
+        let Some(lib) = lib else { return };
+        let Ok(plan) = self::plan::probes_in_file(&lib, &self.prefix, true) else { return };
+        if !plan.iter().any(|p| p.function == "malloc") {
+            return;
+        }
+        if self.attach(probes, target.pid, &lib, &plan).is_ok() {
+            self.attached = true;
+            self.objects.insert(lib);
+        }
+    }
+
     /// Probes the allocator the target maps (`--alloc-lib`, else its libc,
     /// else its executable when static) and `operator new` in libstdc++,
     /// once per object.
@@ -120,10 +139,11 @@ impl Tracker for Allocations {
         let executable = mappings.mappings.iter().filter(|m| m.executable);
         let allocator = match &wanted {
             Some(lib) => executable.clone().find(|m| &m.path == lib || m.path.file_name() == lib.file_name()),
-            None => executable
-                .clone()
-                .find(|m| syscall_sites::is_libc(&m.path))
-                .or_else(|| executable.clone().find(|m| Some(&m.path) == exe.as_ref())),
+            // The executable only when static: a dynamic program's libc may
+            // not be mapped yet (`run`), and comes with a later read.
+            None => executable.clone().find(|m| syscall_sites::is_libc(&m.path)).or_else(|| {
+                mappings.is_static().then(|| executable.clone().find(|m| Some(&m.path) == exe.as_ref())).flatten()
+            }),
         };
         let mut objects: Vec<(&procfs::Mapping, bool)> = allocator.into_iter().map(|m| (m, true)).collect();
         objects.extend(

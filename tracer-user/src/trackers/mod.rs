@@ -43,6 +43,11 @@ pub trait Tracker {
     /// `dlopen`). Must be cheap when nothing is new.
     fn on_mappings(&mut self, _probes: &mut Probes, _target: &Target, _mappings: &MemoryMap) {}
 
+    /// `run`: the command leaktrace started is about to exec `program`.
+    /// Probes by file go in now, before its first instruction (a uprobe on
+    /// a file applies to mappings made later).
+    fn before_exec(&mut self, _probes: &mut Probes, _target: &Target, _program: &std::path::Path) {}
+
     /// The target runs and its first mappings were handed to
     /// [`Tracker::on_mappings`]: set up what needs a running image.
     fn on_start(&mut self, _probes: &mut Probes, _target: &Target) {}

@@ -222,3 +222,21 @@ pub fn start_redis() -> Server {
     }
     server
 }
+
+/// The one line a failed run printed on stderr (asserts there is one).
+pub fn error_line(run: &Run) -> String {
+    let lines: Vec<&str> = run.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected exactly one line on stderr, got:\n{}", run.stderr);
+    lines[0].to_string()
+}
+
+/// A raw HTTP/1.1 GET (`Connection: close`): the whole response.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
