@@ -91,7 +91,7 @@ pub const MAX_CONN_STACKS: u32 = 8192;
 pub mod counter {
     use crate::counter::CONNECTIONS as BASE;
     /// Events seen for the target: sockets created or closed.
-    pub const EVENTS: u32 = BASE + 0;
+    pub const EVENTS: u32 = BASE;
 }
 
 #[cfg(feature = "user")]

@@ -48,7 +48,9 @@ use tracer_common::{
 
 use crate::{
     bump,
-    stacks::{read_user_u64, syscall_args, user_stack, walk_user_stack, STACKS},
+    stacks::{
+        read_user_u64, syscall_args, unwind_user_stack, unwinding, user_stack, walk_user_stack, UserRegs, AT_RETURN, STACKS,
+    },
     target_tgid,
 };
 
@@ -255,7 +257,8 @@ pub fn alloc_result(ctx: ProbeContext) -> u32 {
         Some(s) => s,
         None => {
             let (ret, bp) = ret_and_bp(regs, point::ret_slot(c), point::caller_bp(c));
-            walk(ret, bp)
+            let caller_sp = regs.rsp + point::ret_slot(c) + 8;
+            walk(UserRegs { ip: ret, sp: caller_sp, bp, at: AT_RETURN })
         }
     };
     track(addr, stack, bytes, count, 0);
@@ -286,15 +289,22 @@ static ALLOC_FRAMES: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_
 #[map]
 static ALLOC_SCRATCH: PerCpuArray<WalkedFrames> = PerCpuArray::with_max_entries(1, 0);
 
-/// An allocation's stack: the return address `ip`, then the frame-pointer
-/// chain from `fp` (`stacks::walk_user_stack`; cheaper than
+/// An allocation's stack from the caller's registers (`from.ip` is the
+/// return address): walked with unwind rules (`stacks::unwind_user_stack`),
+/// or the return address then the frame-pointer
+/// chain from `from.bp` (`stacks::walk_user_stack`; cheaper than
 /// `bpf_get_stackid`, and possible at a result point, where the probe's own
 /// registers are not the caller's). (Reading a 512-byte window of the stack
 /// at once instead of one read per frame was tried: no measurable gain on
 /// `alloc_bench`'s 3-frame stacks.)
 #[inline(always)]
-fn walk(ip: u64, fp: u64) -> StackKey {
-    match walk_user_stack(&ALLOC_FRAMES, &ALLOC_SCRATCH, [ip, 0], 1, fp) {
+fn walk(from: UserRegs) -> StackKey {
+    let walked = if unwinding() {
+        unwind_user_stack(&ALLOC_FRAMES, &ALLOC_SCRATCH, [0, 0], 0, from)
+    } else {
+        walk_user_stack(&ALLOC_FRAMES, &ALLOC_SCRATCH, [from.ip, 0], 1, from.bp)
+    };
+    match walked {
         Some(hash) => StackKey { stack_id: WALKED_STACK, caller: hash },
         None => StackKey { stack_id: -1, caller: 0 },
     }
@@ -413,16 +423,23 @@ pub fn alloc_new(ctx: ProbeContext) -> u32 {
             return 0;
         }
     }
-    let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
-        Ok(id) => id,
-        Err(_) => {
-            bump(counter::LOST_STACKS);
-            -1
-        }
-    };
     // SAFETY: user memory read through the helper, which faults safely.
     let caller = unsafe { bpf_probe_read_user(sp as *const u64).unwrap_or(0) };
-    let outer = OuterStack { stack: StackKey { stack_id, caller }, sp, ns };
+    let stack = if unwinding() {
+        // SAFETY: the probe's saved registers (rbp is still the caller's
+        // before the prologue sets up a frame).
+        walk(UserRegs { ip: caller, sp: sp + 8, bp: unsafe { (*ctx.regs).rbp }, at: AT_RETURN })
+    } else {
+        let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+            Ok(id) => id,
+            Err(_) => {
+                bump(counter::LOST_STACKS);
+                -1
+            }
+        };
+        StackKey { stack_id, caller }
+    };
+    let outer = OuterStack { stack, sp, ns };
     let _ = ALLOC_OUTER.insert(&id, &outer, 0);
     0
 }
@@ -469,7 +486,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     let stack = match outer {
         Some(s) => s,
         // SAFETY: the probe's saved registers.
-        None => unsafe { walk((*ctx.regs).rip, (*ctx.regs).rbp) },
+        None => unsafe { walk(UserRegs { ip: (*ctx.regs).rip, sp: (*ctx.regs).rsp, bp: (*ctx.regs).rbp, at: AT_RETURN }) },
     };
     track(addr, stack, bytes, count, 0);
     0

@@ -41,7 +41,9 @@ use tracer_common::{
 
 use crate::{
     bump,
-    stacks::{read_user_u64, user_ip_sp_bp, walk_user_stack, STACKS},
+    stacks::{
+        read_user_u64, unwind_user_stack, unwinding, unwound_stack, user_ip_sp_bp, walk_user_stack, UserRegs, AT_PC, STACKS,
+    },
     target_tgid,
 };
 
@@ -131,10 +133,14 @@ fn libc_chain(ip: u64, sp: u64, bp: u64) -> Option<Chain> {
     Some(Chain { root, first, app_ret: ret, app_bp })
 }
 
-/// Walks the application's frame-pointer chain from the chain's end, stores
-/// the frames in `LOCK_FRAMES` and returns their key (0 on failure).
+/// Walks the stack from the futex call `at` with unwind rules, or the
+/// application's frame-pointer chain from the chain's end; stores the frames
+/// in `LOCK_FRAMES` and returns their key (0 on failure).
 #[inline(always)]
-fn walked_stack(chain: &Chain) -> u64 {
+fn walked_stack(chain: &Chain, at: UserRegs) -> u64 {
+    if unwinding() {
+        return unwind_user_stack(&LOCK_FRAMES, &LOCK_SCRATCH_FRAMES, [0, 0], 0, at).unwrap_or(0);
+    }
     walk_user_stack(&LOCK_FRAMES, &LOCK_SCRATCH_FRAMES, [chain.first, chain.app_ret], 2, chain.app_bp).unwrap_or(0)
 }
 
@@ -245,12 +251,18 @@ pub fn lock_futex_enter(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let Some((ip, sp, bp)) = user_ip_sp_bp() else { return 0 };
-    let chain = libc_chain(ip, sp, bp);
+    let regs = UserRegs { ip, sp, bp, at: AT_PC };
+    // A `None`'s payload is undefined, and copies of it spill registers the
+    // verifier has never seen written: keep a defined value behind it.
+    let found = libc_chain(ip, sp, bp);
+    let known = found.is_some();
+    let defined = found.unwrap_or(Chain { root: root::NONE, first: 0, app_ret: 0, app_bp: 0 });
+    let chain = if known { Some(&defined) } else { None };
     if chain.is_none() && config(CONFIG_IGNORE_FOREIGN) != 0 {
         // A Go program's runtime.futex: the runtime's own locks and parking.
         return 0;
     }
-    let root = chain.as_ref().map_or(root::NONE, |c| c.root);
+    let root = chain.map_or(root::NONE, |c| c.root);
     if is_wake {
         let holder = match root {
             root::MUTEX_UNLOCK | root::RWLOCK_UNLOCK => true,
@@ -264,7 +276,7 @@ pub fn lock_futex_enter(ctx: TracePointContext) -> u32 {
         if !holder {
             return 0;
         }
-        let at = stack_at(&ctx, uaddr, chain.as_ref());
+        let at = stack_at(&ctx, uaddr, chain, regs);
         add(&LOCK_HOLDERS, &at, 0);
         bump(tracer_common::locks::counter::WAKES);
         return 0;
@@ -273,7 +285,7 @@ pub fn lock_futex_enter(ctx: TracePointContext) -> u32 {
         bump(tracer_common::locks::counter::OTHER_WAITS);
         return 0;
     };
-    let at = stack_at(&ctx, uaddr, chain.as_ref());
+    let at = stack_at(&ctx, uaddr, chain, regs);
     // SAFETY: no preconditions.
     let w = PendingWait { start_ns: unsafe { bpf_ktime_get_ns() }, kind: k, _pad: 0, at };
     if FUTEX_PENDING.insert(&bpf_get_current_pid_tgid(), &w, 0).is_err() {
@@ -283,9 +295,10 @@ pub fn lock_futex_enter(ctx: TracePointContext) -> u32 {
 }
 
 #[inline(always)]
-fn stack_at(ctx: &TracePointContext, lock: u64, chain: Option<&Chain>) -> LockStack {
+fn stack_at(ctx: &TracePointContext, lock: u64, chain: Option<&Chain>, at: UserRegs) -> LockStack {
     match chain {
-        Some(c) => LockStack { lock, stack: StackKey::default(), walked: walked_stack(c) },
+        Some(c) => LockStack { lock, stack: StackKey::default(), walked: walked_stack(c, at) },
+        None if unwinding() => LockStack { lock, stack: unwound_stack(at), walked: 0 },
         None => LockStack { lock, stack: kernel_stack(ctx, 0), walked: 0 },
     }
 }

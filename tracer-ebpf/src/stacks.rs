@@ -1,30 +1,178 @@
-//! User stacks taken in syscall tracepoints, with the caller the
-//! frame-pointer walk misses put back.
+//! User stacks of every tracker, walked one of two ways (`UNWIND_MODE`):
 //!
-//! Inside a libc syscall wrapper (no frame of its own) the walk goes from the
-//! wrapper straight to its caller's caller. User space disassembles the
-//! wrappers and fills `SYSCALL_SITES` with where the return address sits
-//! relative to `sp` at each `syscall` instruction; here we read it.
+//! - with per-pc unwind rules (the default): `UNWIND_RULES` holds, for each
+//!   exact pc seen so far, where the caller's frame is (learned by user
+//!   space from the object's `.eh_frame`, see `tracer-user/src/stacks/unwind.rs`).
+//!   One hash lookup and one or two reads per frame, correct in code built
+//!   without frame pointers; a pc with no rule yet ends the walk there and
+//!   is queued in `UNWIND_MISSES` with a copy of the stack above it, from
+//!   which user space learns the rules of the whole call path at once;
+//! - with frame pointers: `bpf_get_stackid` for syscall tracepoints, where
+//!   the libc wrapper's caller (skipped: the wrapper has no frame) is read
+//!   at the offset user space found by disassembly (`SYSCALL_SITES`), and the
+//!   hand-made walk of `walk_user_stack`.
 
 use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
-    helpers::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs},
+    helpers::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf, bpf_task_pt_regs},
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
-    programs::{tracing::StackIdContext, TracePointContext},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
+    programs::{tracing::StackIdContext, ProbeContext, TracePointContext},
 };
 use tracer_common::{
     counter,
-    stacks::{StackCounts, StackKey, SyscallSite, WalkedFrames, MAX_WALKED_FRAMES, OVERFLOW_STACK},
+    stacks::{
+        rule_kind, unwind_counter, unwind_mode, MissSnapshot, StackCounts, StackKey, SyscallSite, UnwindRule, WalkedFrames,
+        MAX_UNWIND_MISSES, MAX_UNWIND_RULES, MISS_STACK_BYTES, MAX_UNWOUND_STACKS, MAX_WALKED_FRAMES, OVERFLOW_STACK, PROVISIONAL_KEY, RULE_AT_PC,
+        UNWOUND_STACK, COLLIDED_STACK, MAX_WALKED_STACKS, SCAN_WORDS, WALKED_STACK,
+    },
 };
+
+/// How user stacks are walked (`tracer_common::stacks::unwind_mode`); set
+/// by user space at load time.
+#[no_mangle]
+static UNWIND_MODE: u32 = unwind_mode::RULES;
+
+/// Exact pc (a return address, or with `RULE_AT_PC` the pc a thread is
+/// at) -> how to find its caller's frame; filled by user space.
+#[map]
+static UNWIND_RULES: HashMap<u64, UnwindRule> = HashMap::with_max_entries(MAX_UNWIND_RULES, 0);
+
+/// Walks that stopped at a pc without a rule, by their provisional stack
+/// key, with the stack above that pc, for user space (which deletes them).
+#[map]
+static UNWIND_MISSES: HashMap<u64, MissSnapshot> = HashMap::with_max_entries(MAX_UNWIND_MISSES, 0);
+
+/// Where a miss's snapshot is built (too big for the BPF stack).
+#[map]
+static MISS_SCRATCH: PerCpuArray<MissSnapshot> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU sequence numbers that make provisional keys unique.
+#[map]
+static MISS_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// A provisional key for a walk that stopped at a miss (`hash`: the partial
+/// stack's): unique to this event.
+#[inline(always)]
+fn provisional_key(hash: u64) -> u64 {
+    let mut seq = 0;
+    if let Some(n) = MISS_SEQ.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; no other writer while we run.
+        unsafe {
+            *n += 1;
+            seq = *n;
+        }
+    }
+    // SAFETY: no preconditions.
+    let cpu = unsafe { aya_ebpf::helpers::bpf_get_smp_processor_id() } as u64;
+    mix(hash, seq ^ (cpu << 48)) | PROVISIONAL_KEY
+}
+
+/// Queues the miss of the walk keyed `key` for user space: the frame's rule
+/// key and registers, and up to `MISS_STACK_BYTES` of stack from `sp` (read
+/// in 512-byte pieces: a read past the stack's end fails whole).
+#[inline(always)]
+fn queue_miss(key: u64, rule_key: u64, sp: u64, bp: u64) {
+    let Some(m) = MISS_SCRATCH.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's scratch slot; no other user while we run.
+    let m = unsafe { &mut *m };
+    m.rule_key = rule_key;
+    m.sp = sp;
+    m.bp = bp;
+    m.len = 0;
+    const PIECE: usize = 512;
+    for i in 0..MISS_STACK_BYTES / PIECE {
+        let at = i * PIECE;
+        // SAFETY: user memory through the helper, which faults safely.
+        let ok = unsafe {
+            aya_ebpf::helpers::bpf_probe_read_user_buf((sp + at as u64) as *const u8, &mut m.stack[at..at + PIECE])
+        };
+        if ok.is_err() {
+            break;
+        }
+        m.len = (at + PIECE) as u64;
+    }
+    // The stack's end (a thread's top) is rarely 512-aligned: take what is
+    // left of it in halving pieces.
+    for shift in 0..6u32 {
+        let piece = (PIECE / 2) >> shift;
+        let at = m.len as usize;
+        let Some(dst) = m.stack.get_mut(at..at + piece) else { continue };
+        // SAFETY: user memory through the helper, which faults safely.
+        if unsafe { aya_ebpf::helpers::bpf_probe_read_user_buf((sp + at as u64) as *const u8, dst) }.is_ok() {
+            m.len = (at + piece) as u64;
+        }
+    }
+    let _ = UNWIND_MISSES.insert(&key, m, 0);
+}
+
+/// Stacks walked with rules for the trackers that have no walked-stack
+/// table of their own (connections, threads), by hash.
+#[map]
+static UNWOUND_STACKS: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_UNWOUND_STACKS, 0);
+
+/// Scratch space for a walk into `UNWOUND_STACKS` (too big for the BPF stack).
+#[map]
+static UNWOUND_SCRATCH: PerCpuArray<WalkedFrames> = PerCpuArray::with_max_entries(1, 0);
+
+/// Whether stacks are walked with unwind rules (else frame pointers).
+#[inline(always)]
+pub fn unwinding() -> bool {
+    // SAFETY: a plain read of a global that user space wrote before load.
+    unsafe { core::ptr::read_volatile(&UNWIND_MODE) == unwind_mode::RULES }
+}
+
+/// Where a walk starts: the registers of the innermost frame not yet
+/// recorded, and whether `ip` is a return address (`at: AT_RETURN`: the
+/// frame is a caller's, its rule is looked up at `ip - 1`) or the pc the
+/// thread is at (`AT_PC`). All u64: a padded struct's copy hands the
+/// verifier uninitialized bytes.
+#[derive(Clone, Copy)]
+pub struct UserRegs {
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    pub at: u64,
+}
+
+/// `UserRegs::at` of a return address.
+pub const AT_RETURN: u64 = 0;
+/// `UserRegs::at` of the pc a thread is at.
+pub const AT_PC: u64 = RULE_AT_PC;
+
+/// `sigcontext` (in the `ucontext` a signal frame holds at `sp + 40` when
+/// `__restore_rt` runs): rbp, rsp and rip, in 8-byte slots.
+const SIGFRAME_MCONTEXT: u64 = 40;
+const SIGCONTEXT_BP: u64 = 10;
+const SIGCONTEXT_SP: u64 = 15;
+const SIGCONTEXT_IP: u64 = 16;
 
 /// User stacks of every tracker, deduplicated by the kernel.
 #[map]
 pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 
+/// Stacks whose `STACKS` bucket another stack holds, walked instead
+/// ([`user_stack`]), by the hash of their frames.
+#[map]
+pub static STACK_FRAMES: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_WALKED_STACKS, 0);
+
+/// This CPU's [`WalkedFrames`] being built for `STACK_FRAMES`.
+#[map]
+static STACK_SCRATCH: PerCpuArray<WalkedFrames> = PerCpuArray::with_max_entries(1, 0);
+
 /// Address after a `syscall` instruction in a libc wrapper -> return-address offset.
 #[map]
 static SYSCALL_SITES: HashMap<u64, SyscallSite> = HashMap::with_max_entries(1024, 0);
+
+/// The executable's text, `[start, end)` (slots 0 and 1; 0 while unknown):
+/// set by user space from the target's mappings.
+#[map]
+static APP_TEXT: Array<u64> = Array::with_max_entries(2, 0);
+
+/// Per CPU: the top of a user stack copied for [`app_stack`]'s scan (and
+/// one slot for the index found).
+#[map]
+static SCAN_BUF: PerCpuArray<[u64; SCAN_WORDS + 1]> = PerCpuArray::with_max_entries(1, 0);
 
 /// x86-64 `struct pt_regs`, in 8-byte slots.
 const PT_REGS_BP: usize = 4;
@@ -125,6 +273,154 @@ pub fn walk_user_stack(
     Some(hash)
 }
 
+/// A user stack walked with unwind rules: the `known` innermost addresses
+/// (`known[..n_known]`, 0 to 2: frames a probe already knows), then `regs.ip`
+/// and each caller found by `UNWIND_RULES`, at most `MAX_WALKED_FRAMES` in
+/// all. The walk ends at an outermost frame (`END`), a pc without a rule
+/// (counted; the stack then gets a provisional key of its own and the miss
+/// is queued in `UNWIND_MISSES` for user space to finish), an unreadable or
+/// non-growing frame, or the frame cap (counted). Stored in `table` under
+/// the same hash as [`walk_user_stack`]'s; returns the key, or `None` when
+/// the table is full (counted in `LOST_STACKS`).
+#[inline(always)]
+pub fn unwind_user_stack(
+    table: &HashMap<u64, WalkedFrames>,
+    scratch: &PerCpuArray<WalkedFrames>,
+    known: [u64; 2],
+    n_known: usize,
+    regs: UserRegs,
+) -> Option<u64> {
+    let f = scratch.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch slot; no other user while we run.
+    let f = unsafe { &mut *f };
+    let mut hash = 0xcbf2_9ce4_8422_2325;
+    let mut len = 0usize;
+    if n_known > 0 {
+        f.ips[0] = known[0];
+        hash = mix(hash, known[0]);
+        len = 1;
+    }
+    if n_known > 1 {
+        f.ips[1] = known[1];
+        hash = mix(hash, known[1]);
+        len = 2;
+    }
+    let UserRegs { mut ip, mut sp, mut bp, at } = regs;
+    let mut key = ip | (at & RULE_AT_PC);
+    let mut missed = false;
+    for _ in 0..MAX_WALKED_FRAMES {
+        if ip < LOWEST_FRAME {
+            break;
+        }
+        let Some(slot) = f.ips.get_mut(len) else {
+            crate::bump(unwind_counter::DEPTH_CAP);
+            break;
+        };
+        *slot = ip;
+        hash = mix(hash, ip);
+        len += 1;
+        // SAFETY: copied out of the map value.
+        let Some(rule) = (unsafe { UNWIND_RULES.get(&key) }).copied() else {
+            missed = true;
+            crate::bump(unwind_counter::MISSES);
+            break;
+        };
+        if rule.kind == rule_kind::SIGNAL {
+            // The interrupted frame: its pc is where it was, not a return address.
+            let m = sp + SIGFRAME_MCONTEXT;
+            let (nip, nsp) = (read_user_u64(m + 8 * SIGCONTEXT_IP), read_user_u64(m + 8 * SIGCONTEXT_SP));
+            bp = read_user_u64(m + 8 * SIGCONTEXT_BP);
+            if nsp == 0 || nip == 0 {
+                crate::bump(unwind_counter::BAD_FRAMES);
+                break;
+            }
+            ip = nip;
+            sp = nsp;
+            key = ip | RULE_AT_PC;
+            continue;
+        }
+        let base = match rule.kind {
+            rule_kind::CFA_SP => sp,
+            rule_kind::CFA_BP => bp,
+            rule_kind::FP_GUESS => {
+                crate::bump(unwind_counter::FP_GUESSES);
+                bp
+            }
+            _ => break,
+        };
+        let cfa = base.wrapping_add(rule.cfa_offset as i64 as u64);
+        let ret;
+        if rule.rbp_offset == -16 {
+            // The usual frame: saved rbp and the return address side by side.
+            // SAFETY: user memory read through the helper, which faults safely.
+            let Ok(w) = (unsafe { bpf_probe_read_user((cfa - 16) as *const [u64; 2]) }) else {
+                crate::bump(unwind_counter::BAD_FRAMES);
+                break;
+            };
+            bp = w[0];
+            ret = w[1];
+        } else {
+            ret = read_user_u64(cfa - 8);
+            if rule.rbp_offset != 0 {
+                bp = read_user_u64(cfa.wrapping_add(rule.rbp_offset as i64 as u64));
+            }
+        }
+        if ret == 0 || cfa <= sp {
+            if ret != 0 {
+                crate::bump(unwind_counter::BAD_FRAMES);
+            }
+            break;
+        }
+        sp = cfa;
+        ip = ret;
+        key = ret;
+    }
+    f.len = len as u64;
+    let mut hash = mix(hash, len as u64).max(1);
+    if missed {
+        hash = provisional_key(hash);
+    }
+    // SAFETY: lookup only.
+    if unsafe { table.get(&hash) }.is_none() && table.insert(&hash, f, 0).is_err() {
+        crate::bump(counter::LOST_STACKS);
+        return None;
+    }
+    if missed {
+        queue_miss(hash, key, sp, bp);
+    }
+    Some(hash)
+}
+
+/// The stack from `regs` (no known frames) as a key of the shared
+/// `UNWOUND_STACKS` table; a lost stack when it does not fit.
+#[inline(always)]
+pub fn unwound_stack(regs: UserRegs) -> StackKey {
+    match unwind_user_stack(&UNWOUND_STACKS, &UNWOUND_SCRATCH, [0, 0], 0, regs) {
+        Some(hash) => StackKey { stack_id: UNWOUND_STACK, caller: hash },
+        None => StackKey { stack_id: -1, caller: 0 },
+    }
+}
+
+/// The stack of a uprobe placed on a function's first instruction: walked
+/// with rules from the probe's registers, or with frame pointers plus the
+/// return address at `[sp]` the frame-pointer walk skips.
+#[inline(always)]
+pub fn entry_probe_stack(ctx: &ProbeContext) -> StackKey {
+    // SAFETY: the probe's saved registers.
+    let (ip, sp, bp) = unsafe { ((*ctx.regs).rip, (*ctx.regs).rsp, (*ctx.regs).rbp) };
+    if unwinding() {
+        return unwound_stack(UserRegs { ip, sp, bp, at: AT_PC });
+    }
+    let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+        Ok(id) => id,
+        Err(_) => {
+            crate::bump(counter::LOST_STACKS);
+            -1
+        }
+    };
+    StackKey { stack_id, caller: read_user_u64(sp) }
+}
+
 /// The u64 at `addr` in the current task's user memory (0 when unreadable).
 #[inline(always)]
 pub fn read_user_u64(addr: u64) -> u64 {
@@ -161,17 +457,39 @@ pub fn syscall_nr_and_arg0() -> Option<(u64, u64)> {
     Some((reg(regs, PT_REGS_ORIG_AX), reg(regs, PT_REGS_DI)))
 }
 
-/// The current user stack as a [`StackKey`]; counts a lost stack on failure.
+/// The current user stack as a [`StackKey`] (walked with rules, or the
+/// kernel's frame-pointer walk plus the wrapper's caller); counts a lost
+/// stack on failure.
 #[inline(always)]
 pub fn user_stack(ctx: &TracePointContext) -> StackKey {
-    let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
-        Ok(id) => id,
+    if unwinding() {
+        let Some((ip, sp, bp)) = user_ip_sp_bp() else {
+            crate::bump(counter::LOST_STACKS);
+            return StackKey { stack_id: -1, caller: 0 };
+        };
+        return unwound_stack(UserRegs { ip, sp, bp, at: AT_PC });
+    }
+    const EEXIST: i32 = 17;
+    match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+        Ok(stack_id) => StackKey { stack_id, caller: missing_caller() },
+        // The bucket is another stack's: walk this one ourselves (the same
+        // frame-pointer chain, the wrapper's caller put back).
+        Err(e) if e == -EEXIST => {
+            let caller = missing_caller();
+            let Some((ip, _, bp)) = user_ip_sp_bp() else {
+                crate::bump(counter::LOST_STACKS);
+                return StackKey { stack_id: -1, caller: 0 };
+            };
+            match walk_user_stack(&STACK_FRAMES, &STACK_SCRATCH, [ip, caller], if caller != 0 { 2 } else { 1 }, bp) {
+                Some(key) => StackKey { stack_id: COLLIDED_STACK, caller: key },
+                None => StackKey { stack_id: -1, caller: 0 },
+            }
+        }
         Err(_) => {
             crate::bump(counter::LOST_STACKS);
-            -1
+            StackKey { stack_id: -1, caller: missing_caller() }
         }
-    };
-    StackKey { stack_id, caller: missing_caller() }
+    }
 }
 
 /// The wrapper's return address when the current syscall site is known.
@@ -213,5 +531,103 @@ pub fn count(table: &PerCpuHashMap<StackKey, StackCounts>, stack: &StackKey, cre
         }
     } else if table.insert(stack, &StackCounts { created, ended }, 0).is_err() {
         crate::bump(counter::LOST_STACKS);
+    }
+}
+
+/// Words below the application's return address searched for the `rbp`
+/// libc saved (`app_stack`).
+const SAVED_RBP_WORDS: usize = 24;
+
+/// The executable's text range (0, 0 until user space sets it).
+#[inline(always)]
+fn app_text() -> (u64, u64) {
+    (APP_TEXT.get(0).copied().unwrap_or(0), APP_TEXT.get(1).copied().unwrap_or(0))
+}
+
+/// The current user stack, also when the syscall is made deep inside libc
+/// (`fopen` -> `__fopen_internal` -> ... -> `__libc_open64`): there libc
+/// has reused `rbp` and the frame-pointer walk stops at the first frame, so
+/// neither `bpf_get_stackid` nor the syscall-site fix reaches the
+/// application. When neither the user ip nor the wrapper's caller lies in
+/// the executable, the top [`SCAN_WORDS`] words of the stack are scanned for
+/// the first return address into the executable (the call into libc), then,
+/// below it, for the `rbp` libc saved (a pointer just up the stack to a
+/// frame whose return address is in the executable), and the walk goes on
+/// from there by frame pointers. Stored as a hand-walked stack (`[ip, return
+/// address, callers...]` under `WALKED_STACK`). Cheap when not needed: two
+/// range checks.
+#[inline(always)]
+pub fn app_stack(
+    ctx: &TracePointContext,
+    table: &HashMap<u64, WalkedFrames>,
+    scratch: &PerCpuArray<WalkedFrames>,
+) -> StackKey {
+    let (lo, hi) = app_text();
+    let regs = user_regs();
+    if regs.is_null() || lo == 0 || hi <= lo {
+        return user_stack(ctx);
+    }
+    let ip = reg(regs, PT_REGS_IP);
+    let sp = reg(regs, PT_REGS_SP);
+    let caller = missing_caller();
+    if (ip >= lo && ip < hi) || (caller >= lo && caller < hi) {
+        return user_stack(ctx);
+    }
+    let in_app = |a: u64| a >= lo && a < hi;
+    let Some(buf) = SCAN_BUF.get_ptr_mut(0) else { return user_stack(ctx) };
+    // SAFETY: this CPU's scratch slot; user memory read through the helper.
+    let buf = unsafe { &mut *buf };
+    if unsafe { bpf_probe_read_user_buf(sp as *const u8, core::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, SCAN_WORDS * 8)) }.is_err() {
+        return user_stack(ctx);
+    }
+    let mut found = SCAN_WORDS;
+    for i in 0..SCAN_WORDS {
+        if in_app(buf[i]) {
+            found = i;
+            break;
+        }
+    }
+    if found >= SCAN_WORDS {
+        return user_stack(ctx);
+    }
+    // Through map memory, so that the verifier goes on with one unknown
+    // index rather than one state per position found.
+    // SAFETY: the extra slot of this CPU's buffer.
+    let at = unsafe {
+        core::ptr::write_volatile(&mut buf[SCAN_WORDS], found as u64);
+        core::ptr::read_volatile(&buf[SCAN_WORDS])
+    } as usize
+        & (SCAN_WORDS - 1);
+    let ret = buf[at];
+    // The application function's frame: libc saved its `rbp` when it first
+    // reused the register, so it sits below the return address among the
+    // live libc frames — a pointer a little up the stack, at a frame whose
+    // return address is in the executable again. (The words above the
+    // return address are the application's own frame: uninitialised buffers
+    // there hold stale return addresses of earlier calls.)
+    let ret_slot = sp + 8 * at as u64;
+    let mut fp = 0u64;
+    // Downwards from the return address: the libc function called by the
+    // application pushes callee-saved registers first thing.
+    for k in 1..=SAVED_RBP_WORDS {
+        if k > at {
+            break;
+        }
+        let w = buf[(at - k) & (SCAN_WORDS - 1)];
+        if w <= ret_slot || w - ret_slot >= (1 << 16) || w & 7 != 0 {
+            continue;
+        }
+        // SAFETY: user memory through the helper, which faults safely.
+        if let Ok(frame) = unsafe { bpf_probe_read_user(w as *const [u64; 2]) } {
+            if in_app(frame[1]) && (frame[0] > w || frame[0] < LOWEST_FRAME) {
+                fp = w;
+                break;
+            }
+        }
+    }
+    crate::bump(counter::SCANNED_STACKS);
+    match walk_user_stack(table, scratch, [ip, ret], 2, fp) {
+        Some(hash) => StackKey { stack_id: WALKED_STACK, caller: hash },
+        None => StackKey { stack_id: -1, caller: 0 },
     }
 }

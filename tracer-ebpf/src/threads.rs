@@ -2,9 +2,8 @@
 //! creation to its exit, counted per creation stack.
 //!
 //! The creation stack is the creator's at `pthread_create` (a uprobe on its
-//! first instruction, `push %r15` on glibc 2.36: emulated, cheap). At a
-//! function's entry the frame-pointer walk skips the direct caller, so the
-//! return address at `[sp]` is kept as `StackKey::caller`. The stack waits
+//! first instruction, `push %r15` on glibc 2.36: emulated, cheap), walked
+//! by the shared stack code (`stacks::entry_probe_stack`). The stack waits
 //! in `THREAD_PENDING` (per creating thread) until `sched_process_fork`
 //! fires in the creator for the new thread. A thread made without
 //! `pthread_create` (Go, raw `clone`) gets the stack taken at the fork
@@ -12,11 +11,10 @@
 //! Forks of new processes are not threads and are ignored.
 
 use aya_ebpf::{
-    bindings::BPF_F_USER_STACK,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, tracepoint, uprobe},
     maps::{HashMap, LruHashMap, PerCpuHashMap},
-    programs::{tracing::StackIdContext, ProbeContext, TracePointContext},
+    programs::{ProbeContext, TracePointContext},
 };
 use tracer_common::{
     counter,
@@ -29,7 +27,7 @@ use tracer_common::{
 
 use crate::{
     bump,
-    stacks::{count, counted_stack, syscall_nr_and_arg0, user_stack, STACKS},
+    stacks::{count, counted_stack, entry_probe_stack, syscall_nr_and_arg0, user_stack},
     target_tgid,
 };
 
@@ -61,20 +59,7 @@ pub fn thread_create(ctx: ProbeContext) -> u32 {
     if target_tgid().is_none() {
         return 0;
     }
-    let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
-        Ok(id) => id,
-        Err(_) => {
-            bump(counter::LOST_STACKS);
-            -1
-        }
-    };
-    // SAFETY: the probe's saved registers, then user memory through the
-    // helper, which faults safely.
-    let caller = unsafe {
-        let sp = (*ctx.regs).rsp;
-        bpf_probe_read_user(sp as *const u64).unwrap_or(0)
-    };
-    let key = StackKey { stack_id, caller };
+    let key = entry_probe_stack(&ctx);
     let id = bpf_get_current_pid_tgid();
     if THREAD_PENDING.insert(&id, &key, 0).is_err() {
         bump(counter::LOST_EVENTS);

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 /// One symbolized frame, innermost first in a [`Finding::stack`].
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, Eq, Hash)]
 pub struct Frame {
     /// Function name, demangled; `"[unknown]"` when it cannot be resolved
     /// (then `addr` says where).
@@ -65,11 +65,14 @@ pub enum Kind {
     Allocation,
     /// A contended lock (`--track locks`).
     Lock,
+    /// A file descriptor other than a socket made by socket/accept (`--track fds`).
+    Fd,
 }
 
 impl Kind {
     /// Every kind, in report order.
-    pub const ALL: &'static [Kind] = &[Kind::Connection, Kind::Thread, Kind::Goroutine, Kind::Map, Kind::Allocation, Kind::Lock];
+    pub const ALL: &'static [Kind] =
+        &[Kind::Connection, Kind::Fd, Kind::Thread, Kind::Goroutine, Kind::Map, Kind::Allocation, Kind::Lock];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -79,6 +82,7 @@ impl Kind {
             Kind::Map => "map",
             Kind::Allocation => "allocation",
             Kind::Lock => "lock",
+            Kind::Fd => "fd",
         }
     }
 
@@ -140,6 +144,20 @@ pub struct Finding {
     /// window, bytes per minute (the verdict is judged on bytes).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub growth_bytes_per_min: Option<f64>,
+    /// fds: what the fds are (`file`, `pipe`, `socketpair`, `epoll`,
+    /// `eventfd`, `timerfd`, `signalfd`, `inotify`, `fanotify`, `memfd`,
+    /// `userfaultfd`, `pidfd`, `socket`, `other`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fd_type: Option<String>,
+    /// fds of type `file`: the first path seen for this stack.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// fds of type `file`: distinct paths among the live fds seen (at most 1024).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distinct_paths: Option<u64>,
+    /// Growing or leaking findings: the limit this growth runs into first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exhausts: Option<Exhaustion>,
     /// Locks: what the lock cost its waiters (fields flattened into the finding).
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub lock: Option<LockInfo>,
@@ -180,6 +198,10 @@ impl Finding {
             map: None,
             live_bytes: None,
             growth_bytes_per_min: None,
+            fd_type: None,
+            path: None,
+            distinct_paths: None,
+            exhausts: None,
             lock: None,
             created: 0,
             ended: 0,
@@ -187,6 +209,27 @@ impl Finding {
             before_attach: false,
         }
     }
+}
+
+/// When a growing resource runs out, for one finding (its own slope) or for
+/// the whole process (every growing finding's slope: [`Report::exhaustion`]).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Exhaustion {
+    /// `open files`, `threads`, `memory`, `ephemeral ports to PEER`.
+    pub resource: String,
+    /// Where the limit comes from (`RLIMIT_NOFILE`, `pids.max`, ...).
+    pub limit_source: String,
+    pub limit: u64,
+    /// In use now (fds open, tasks in the cgroup, bytes resident, sockets to the peer).
+    pub in_use: u64,
+    /// Seconds until `in_use` reaches `limit` at the current slope.
+    pub seconds: f64,
+    /// This site's share of the resource's growth (0..1); on the report: the
+    /// top site's.
+    pub share: f64,
+    /// Report only: the site with the largest share.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
 }
 
 /// A lock finding's own fields (kind "lock"). Totals are since attach; the
@@ -237,6 +280,15 @@ pub struct Lost {
     pub events: u64,
     /// Stacks that could not be stored (objects still counted, stack unknown).
     pub stacks: u64,
+    /// Stacks cut short: deeper than the walk's 32 frames, or the first
+    /// event of a new call path whose stack copy (4 KiB) ended before the
+    /// stack did. The objects are counted under the partial stack.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub truncated_stacks: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One report: emitted per interval and once at the end.
@@ -260,6 +312,9 @@ pub struct Report {
     pub events: BTreeMap<&'static str, u64>,
     /// Findings not shown because of `--max-findings` (bounded output).
     pub findings_omitted: u64,
+    /// The resource that runs out first at the current growth, and when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exhaustion: Option<Exhaustion>,
     /// Allocations: frees of blocks allocated before attach (or not
     /// sampled), ignored rather than subtracted from any stack.
     #[serde(skip_serializing_if = "Option::is_none")]

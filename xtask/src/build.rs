@@ -40,7 +40,13 @@ const GO_PROGRAMS: &[GoProgram] = &[
     GoProgram { dir: "mapgrow", out: "mapgrow-go", every_version: true },
     GoProgram { dir: "mapbench", out: "mapbench-go", every_version: true },
     GoProgram { dir: "lockpool", out: "lockpool-go", every_version: true },
+    // Deterministic work with a checksum per round: `cargo xtask safety`.
+    GoProgram { dir: "workload", out: "workload-go", every_version: true },
 ];
+/// C workloads the benchmarks also run built without frame pointers
+/// (`gcc -O2 -g`, as distributions build), as `<name>_nofp`.
+pub const NOFP_BUILDS: &[&str] = &["conn_bench", "alloc_bench"];
+
 const C_FLAGS: &[&str] = &[
     "-O1",
     "-g",
@@ -142,6 +148,14 @@ pub fn fixtures(root: &Path) -> Result<()> {
         )?;
         built += 1;
     }
+    // A 32-bit build of conn_leak (gcc-multilib): leaktrace must refuse it
+    // with one line rather than trace it as 0 events.
+    let src32 = c_dir.join("conn_leak.c");
+    let out32 = bin.join("conn_leak32");
+    if !up_to_date(&out32, mtime(&src32).max(common_newest)) {
+        run_cmd(Command::new("gcc").args(C_FLAGS).arg("-m32").arg("-o").arg(&out32).arg(&src32).args(&common_srcs))?;
+        built += 1;
+    }
 
     // C++ fixtures: fixtures/cpp/<name>.cc -> fixtures/bin/<name> (g++, same flags).
     let cpp_dir = root.join("fixtures/cpp");
@@ -157,6 +171,59 @@ pub fn fixtures(root: &Path) -> Result<()> {
                 continue;
             }
             run_cmd(Command::new("g++").args(C_FLAGS).arg("-o").arg(&out).arg(&src))?;
+            built += 1;
+        }
+    }
+
+    // Fixtures built the way distributions and cargo build them, without
+    // frame pointers (the unwinder's tests): fixtures/nofp/<name>.c ->
+    // fixtures/bin/<name> with `gcc -O2 -g` against Debian's libhiredis,
+    // and the Rust packages in fixtures/rust/<name> with `cargo build
+    // --release` (default profile) of the pinned stable toolchain.
+    // Benchmark workloads again with distribution flags (`<name>_nofp`).
+    for name in NOFP_BUILDS {
+        let src = c_dir.join(format!("{name}.c"));
+        let out = bin.join(format!("{name}_nofp"));
+        if up_to_date(&out, mtime(&src).max(common_newest)) {
+            continue;
+        }
+        run_cmd(Command::new("gcc").args(["-O2", "-g", "-pthread", "-o"]).arg(&out).arg(&src).args(&common_srcs))?;
+        built += 1;
+    }
+    let nofp_dir = root.join("fixtures/nofp");
+    if nofp_dir.is_dir() {
+        for src in c_files(&nofp_dir)? {
+            let name = src.file_stem().and_then(OsStr::to_str).unwrap_or_default();
+            let out = bin.join(name);
+            if up_to_date(&out, mtime(&src)) {
+                continue;
+            }
+            run_cmd(Command::new("gcc").args(["-O2", "-g", "-o"]).arg(&out).arg(&src).args(["-lhiredis", "-pthread"]))?;
+            built += 1;
+        }
+    }
+    let rust_dir = root.join("fixtures/rust");
+    if rust_dir.is_dir() {
+        for entry in fs::read_dir(&rust_dir).with_context(|| format!("reading {}", rust_dir.display()))? {
+            let pkg = entry?.path();
+            let name = pkg.file_name().and_then(OsStr::to_str).unwrap_or_default().to_string();
+            let out = bin.join(&name);
+            if !pkg.join("Cargo.toml").is_file() || up_to_date(&out, newest_source(&pkg, &["rs", "toml"])?) {
+                continue;
+            }
+            let target_dir = root.join(".cache/rust-fixtures");
+            run_cmd(
+                Command::new("cargo")
+                    .current_dir(root)
+                    .args(["build", "--release", "--manifest-path"])
+                    .arg(pkg.join("Cargo.toml"))
+                    .arg("--target-dir")
+                    .arg(&target_dir)
+                    // The fixture's own default profile, whatever the caller's environment says.
+                    .env_remove("RUSTFLAGS")
+                    .env_remove("CARGO_PROFILE_RELEASE_DEBUG"),
+            )?;
+            fs::copy(target_dir.join("release").join(&name), &out)?;
             built += 1;
         }
     }

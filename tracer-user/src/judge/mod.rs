@@ -3,6 +3,7 @@
 //! Growth is judged by [`growth`]; locks by [`contention`].
 
 pub mod contention;
+pub mod exhaustion;
 pub mod growth;
 
 use std::collections::{HashMap, HashSet};
@@ -11,7 +12,7 @@ use self::growth::{GrowthConfig, GrowthEngine, SeriesKey};
 use crate::{
     procfs::MemoryMap,
     report::{Finding, Frame, Kind, Verdict},
-    stacks::resolve::StackResolver,
+    stacks::resolve::{is_placeholder, StackResolver},
     stacks::symbolize::OwnCode,
     stacks::SampleStack,
     trackers::{Blocked, Collected, Judging, StackSample},
@@ -125,11 +126,14 @@ impl Judge {
             } else {
                 (j.growth_per_min, None)
             };
-            if s.live == 0 && j.verdict == Verdict::Steady {
+            let stack = if s.before_attach { Vec::new() } else { frames.get(&s.stack).cloned().unwrap_or_default() };
+            // A placeholder bucket ("[stack not recorded]", "[stack table
+            // full]") mixes unrelated stacks: shown, counted, never judged.
+            let verdict = if is_placeholder(&stack) { Verdict::Steady } else { j.verdict };
+            if s.live == 0 && verdict == Verdict::Steady {
                 continue;
             }
-            let stack = if s.before_attach { Vec::new() } else { frames.get(&s.stack).cloned().unwrap_or_default() };
-            if let (Verdict::Leak, Some(b)) = (j.verdict, &s.blocked) {
+            if let (Verdict::Leak, Some(b)) = (verdict, &s.blocked) {
                 blocked.push((first_index + findings.len(), b.clone()));
             }
             let mut site = self.own.site(&stack);
@@ -149,11 +153,14 @@ impl Judge {
                 map: s.map.clone(),
                 live_bytes: s.live_bytes,
                 growth_bytes_per_min,
+                fd_type: s.fd_type.clone(),
+                path: s.path.clone(),
+                distinct_paths: s.distinct_paths,
                 created: s.created,
                 ended: s.ended,
                 ended_by_finalizer: s.ended_by_finalizer,
                 before_attach: s.before_attach,
-                ..Finding::new(kind, j.verdict)
+                ..Finding::new(kind, verdict)
             });
         }
         (findings, blocked)
@@ -189,7 +196,8 @@ impl Judge {
         let mut blocked = Vec::new();
         for c in collected {
             if let Collected::Growth { kind, judging, samples } = c {
-                let (f, b) = self.growth(*kind, *judging, samples, &frames, findings.len());
+                let samples = merge_same_frames(samples, &frames);
+                let (f, b) = self.growth(*kind, *judging, &samples, &frames, findings.len());
                 findings.extend(f);
                 blocked.extend(b);
             }
@@ -226,6 +234,45 @@ impl Judge {
     }
 }
 
+/// Samples whose stacks resolve to the same frames, as one sample under
+/// the smallest of their keys: a call path's first events, finished in user
+/// space from a miss snapshot under keys of their own (`stacks::unwind`),
+/// and the same path walked whole in the kernel. Maps stay one series each.
+fn merge_same_frames(samples: &[StackSample], frames: &HashMap<SampleStack, Vec<Frame>>) -> Vec<StackSample> {
+    let mut out: Vec<StackSample> = Vec::with_capacity(samples.len());
+    let mut by_frames: HashMap<&Vec<Frame>, usize> = HashMap::new();
+    let mut order: Vec<&StackSample> = samples.iter().collect();
+    order.sort_by(|a, b| a.stack.cmp(&b.stack));
+    for s in order {
+        let f = frames.get(&s.stack).filter(|f| !f.is_empty() && s.map.is_none());
+        let Some(&i) = f.and_then(|f| by_frames.get(f)) else {
+            if let Some(f) = f {
+                by_frames.insert(f, out.len());
+            }
+            out.push(s.clone());
+            continue;
+        };
+        let m = &mut out[i];
+        if s.live > m.live {
+            m.peer = s.peer.clone().or(m.peer.take());
+            m.thread_name = s.thread_name.clone().or(m.thread_name.take());
+            m.blocked = s.blocked.clone().or(m.blocked.take());
+        }
+        m.live += s.live;
+        m.created += s.created;
+        m.ended += s.ended;
+        m.oldest_age_s = match (m.oldest_age_s, s.oldest_age_s) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        m.live_bytes = match (m.live_bytes, s.live_bytes) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+    }
+    out
+}
+
 /// The site of objects that existed before attach (their stack is unknown).
 pub const BEFORE_ATTACH_SITE: &str = "[before attach]";
 
@@ -242,8 +289,8 @@ pub fn unclosed_verdict(ended_by_finalizer: u64, ended: u64) -> bool {
 }
 
 /// Sorts findings (worst verdict, fastest growth, most live, longest lock
-/// wait first) and keeps the first `max`; returns how many were cut.
-pub fn rank(findings: &mut Vec<Finding>, max: usize) -> u64 {
+/// wait first) and keeps the first `max`; returns the ones cut, in order.
+pub fn rank(findings: &mut Vec<Finding>, max: usize) -> Vec<Finding> {
     findings.sort_by(|a, b| {
         a.verdict
             .cmp(&b.verdict)
@@ -251,9 +298,9 @@ pub fn rank(findings: &mut Vec<Finding>, max: usize) -> u64 {
             .then(b.live.cmp(&a.live))
             .then(lock_wait(b).cmp(&lock_wait(a)))
     });
-    let omitted = findings.len().saturating_sub(max) as u64;
-    findings.truncate(max);
-    omitted
+    // The cut findings are handed back: a display bound must not change
+    // what `check` concludes.
+    findings.split_off(max.min(findings.len()))
 }
 
 fn lock_wait(f: &Finding) -> u64 {
@@ -274,6 +321,46 @@ fn series_id(key: &impl std::hash::Hash) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn frame(function: &str) -> Frame {
+        Frame { function: function.into(), file: None, line: None, module: None, addr: None, file_offset: None }
+    }
+
+    /// A placeholder bucket rising like a leak is shown but never judged;
+    /// a real stack rising the same way is a leak.
+    #[test]
+    fn placeholder_buckets_are_never_judged() {
+        let lost = SampleStack::Addresses(vec![1]);
+        let real = SampleStack::Addresses(vec![2]);
+        let frames = HashMap::from([
+            (lost.clone(), vec![frame("[stack not recorded]")]),
+            (real.clone(), vec![frame("dial_cache"), frame("bad_handler")]),
+        ]);
+        let mut judge = Judge::new(std::time::Duration::from_secs(1));
+        let mut last = Vec::new();
+        for i in 0..20u64 {
+            let sample = |stack: &SampleStack| StackSample {
+                stack: stack.clone(),
+                live: 10 * i,
+                created: 10 * i,
+                ended: 0,
+                oldest_age_s: Some(i as f64),
+                peer: None,
+                thread_name: None,
+                blocked: None,
+                map: None,
+                live_bytes: None,
+                ..StackSample::default()
+            };
+            judge.begin(i as f64);
+            let (f, _) = judge.growth(Kind::Connection, Judging::ObjectsSinceAttach, &[sample(&lost), sample(&real)], &frames, 0);
+            judge.end();
+            last = f;
+        }
+        let verdict = |site: &str| last.iter().find(|f| f.site == site).map(|f| f.verdict);
+        assert_eq!(verdict("dial_cache"), Some(Verdict::Leak), "{last:?}");
+        assert_eq!(verdict("[stack not recorded]"), Some(Verdict::Steady), "{last:?}");
+    }
 
     #[test]
     fn unclosed_rule() {

@@ -45,9 +45,11 @@ pub(crate) mod tests {
             lost: Lost {
                 events: 0,
                 stacks: 0,
+                truncated_stacks: 0,
             },
             events: BTreeMap::from([("connection", 1234)]),
             findings_omitted: 0,
+            exhaustion: None,
             untracked_frees: None,
         }
     }

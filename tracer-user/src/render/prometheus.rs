@@ -275,6 +275,30 @@ fn encode_report(
         }),
     )?;
 
+    // Time to exhaustion: each growing site at its own slope (the soonest
+    // `max_sites`), and site="all" for the resource at every site's slope.
+    let mut exhausting: Vec<(&str, &crate::report::Exhaustion)> =
+        report.findings.iter().filter_map(|f| f.exhausts.as_ref().map(|x| (f.site.as_str(), x))).collect();
+    exhausting.sort_by(|a, b| a.1.seconds.total_cmp(&b.1.seconds));
+    exhausting.truncate(max_sites);
+    family(
+        e,
+        "leaktrace_exhaustion_seconds",
+        "Seconds until the resource (open files, threads, memory) runs out at the site's current growth; site all: at every growing site's growth together.",
+        MetricType::Gauge,
+        report
+            .exhaustion
+            .iter()
+            .map(|x| ("all", x))
+            .chain(exhausting)
+            .map(|(site, x)| {
+                (
+                    vec![("pid", pid.clone()), ("resource", escape_label(&x.resource)), ("site", escape_label(site))],
+                    ConstGauge::new(finite(x.seconds)),
+                )
+            }),
+    )?;
+
     let kinds: BTreeSet<&str> = report
         .events
         .keys()
@@ -296,9 +320,14 @@ fn encode_report(
     family(
         e,
         "leaktrace_events_lost",
-        "Records lost since attach: reason events (the kernel side could not record an event) or stacks (a stack could not be stored; the object is still counted).",
+        "Records lost since attach: reason events (the kernel side could not record an event), stacks (a stack could not be stored; the object is still counted) or truncated_stacks (a stack cut short: deeper than 32 frames, or a new call path's first stack copy ended first).",
         MetricType::Counter,
-        [("events", report.lost.events), ("stacks", report.lost.stacks)].map(|(reason, n)| {
+        [
+            ("events", report.lost.events),
+            ("stacks", report.lost.stacks),
+            ("truncated_stacks", report.lost.truncated_stacks),
+        ]
+        .map(|(reason, n)| {
             (vec![("pid", pid.clone()), ("reason", reason.to_string())], ConstCounter::new(n))
         }),
     )?;

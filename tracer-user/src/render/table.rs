@@ -58,12 +58,22 @@ pub fn render_table(report: &Report, opts: &TableOptions) -> String {
     let _ = write!(
         out,
         "leaktrace  pid {} ({})  elapsed {:.1}s  lost: events {}, stacks {}",
-        report.pid, report.comm, report.elapsed_s, report.lost.events, report.lost.stacks
+        report.pid,
+        super::printable(&report.comm, false),
+        report.elapsed_s,
+        report.lost.events,
+        report.lost.stacks
     );
+    if report.lost.truncated_stacks > 0 {
+        let _ = write!(out, ", truncated stacks {}", report.lost.truncated_stacks);
+    }
     if report.exited == Some(true) {
         out.push_str("  EXITED");
     }
     out.push('\n');
+    if let Some(e) = &report.exhaustion {
+        let _ = writeln!(out, "{}", crate::judge::exhaustion::headline(&report.comm, e));
+    }
 
     let (listed, folded): (Vec<&Finding>, Vec<&Finding>) = report.findings.iter().partition(|f| !opts.fold_steady || !foldable(f));
     let shown = &listed[..listed.len().min(opts.max_findings)];
@@ -89,7 +99,8 @@ pub fn render_table(report: &Report, opts: &TableOptions) -> String {
     if report.is_final {
         let _ = writeln!(out, "{}", summary(report));
     }
-    out
+    // Every field was made printable; this keeps it so for any added later.
+    super::printable(&out, true).into_owned()
 }
 
 /// `2 leaks, 1 growing, 5 steady` over every finding in the report (plus a
@@ -161,7 +172,8 @@ const HEADERS: [&str; 7] = [
 const NUMERIC: [bool; 7] = [false, false, false, true, true, true, false];
 
 fn write_rows(out: &mut String, findings: &[&Finding], opts: &TableOptions) {
-    let rows: Vec<[String; 7]> = findings.iter().map(|f| row(f, opts)).collect();
+    let rows: Vec<[String; 7]> =
+        findings.iter().map(|f| row(f, opts).map(|cell| super::printable(&cell, false).into_owned())).collect();
     let mut widths = HEADERS.map(|h| h.chars().count());
     for r in &rows {
         for (w, cell) in widths.iter_mut().zip(r) {
@@ -182,6 +194,18 @@ fn write_rows(out: &mut String, findings: &[&Finding], opts: &TableOptions) {
         }
         for frame in finding.stack.iter().skip(from).take(opts.max_frames) {
             let _ = writeln!(out, "    {}", frame_text(frame));
+        }
+        if let Some(e) = &finding.exhausts {
+            let _ = writeln!(
+                out,
+                "    exhausts {} in {} at this rate ({} {}, {} in use; {:.0} % of the growth)",
+                e.resource,
+                crate::judge::exhaustion::eta_text(e.seconds),
+                e.limit_source,
+                e.limit,
+                e.in_use,
+                e.share * 100.0
+            );
         }
         // Leaked goroutines: where they are stuck now.
         if let Some(blocked) = &finding.blocked_in {
@@ -250,6 +274,7 @@ fn row(f: &Finding, opts: &TableOptions) -> [String; 7] {
         f.oldest_age_s.map_or_else(|| "-".to_string(), age_text),
         f.peer
             .clone()
+            .or_else(|| fd_text(f))
             .or_else(|| f.thread_name.clone())
             .or_else(|| f.wait_reason.clone())
             .or_else(|| f.map.clone())
@@ -274,6 +299,19 @@ fn short_function(name: &str) -> &str {
         Some(i) if !name.contains("::") => &name[i + 1..],
         _ => name,
     }
+}
+
+/// fds: `file /var/log/app.log (+3 paths)`, `pipe`.
+fn fd_text(f: &Finding) -> Option<String> {
+    let t = f.fd_type.as_deref()?;
+    let mut s = t.to_string();
+    if let Some(p) = &f.path {
+        let _ = write!(s, " {p}");
+        if let Some(n) = f.distinct_paths.filter(|&n| n > 1) {
+            let _ = write!(s, " (+{} paths)", n - 1);
+        }
+    }
+    Some(s)
 }
 
 /// `function (file:line)`, else `function [module]`, with the address when
@@ -303,7 +341,7 @@ fn frame_text(frame: &Frame) -> String {
         }
         (None, _, None) => {}
     }
-    s
+    super::printable(&s, false).into_owned()
 }
 
 /// `512B`, `1.5KiB`, `12.0MiB`, `-3.0KiB`.
@@ -368,6 +406,19 @@ mod tests {
     use super::*;
     use crate::render::json::tests::example_report;
     use crate::report::Kind;
+
+    #[test]
+    fn names_from_the_target_cannot_drive_the_terminal() {
+        let mut report = example_report();
+        report.comm = "x\x1b[2J\x1b[31m".into();
+        report.findings[0].peer = Some("evil\x1b]0;title\x07\nleak  forged".into());
+        report.findings[0].stack[0].function = "f\x1b[1A".into();
+        let text = render_table(&report, &TableOptions::default());
+        assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text:?}");
+        assert!(text.contains("pid 1234 (x\\x1b[2J\\x1b[31m)"), "{text}");
+        assert!(text.contains("evil\\x1b]0;title\\x07\\x0aleak  forged"), "{text}");
+        assert!(text.contains("f\\x1b[1A"), "{text}");
+    }
 
     #[test]
     fn frames_start_at_the_site() {

@@ -4,10 +4,10 @@ use std::collections::HashMap;
 
 use anyhow::{anyhow, Result};
 use aya::{
-    maps::{MapData, StackTraceMap},
+    maps::{HashMap as BpfHashMap, MapData, StackTraceMap},
     Ebpf,
 };
-use tracer_common::stacks::{StackKey, OVERFLOW_STACK};
+use tracer_common::stacks::{StackKey, WalkedFrames, COLLIDED_STACK, OVERFLOW_STACK, PROVISIONAL_KEY, UNWOUND_STACK};
 
 use crate::{
     stacks::SampleStack,
@@ -21,20 +21,45 @@ use crate::{
 pub struct StackResolver {
     pid: u32,
     traces: StackTraceMap<MapData>,
+    /// Stacks walked with unwind rules (`UNWOUND_STACK` keys).
+    unwound: BpfHashMap<MapData, u64, WalkedFrames>,
+    /// Stacks walked by the programs when their `STACKS` bucket was taken.
+    collided: BpfHashMap<MapData, u64, WalkedFrames>,
     symbolizer: SymbolizerService,
     cache: HashMap<SampleStack, Vec<Frame>>,
 }
 
 impl StackResolver {
-    /// Takes the shared `STACKS` map out of the loaded object.
+    /// Takes the shared `STACKS` and `UNWOUND_STACKS` maps out of the loaded object.
     pub fn new(ebpf: &mut Ebpf, pid: u32, symbolizer: SymbolizerService) -> Result<Self> {
         let map = ebpf.take_map("STACKS").ok_or_else(|| anyhow!("STACKS map missing"))?;
-        Ok(Self { pid, traces: StackTraceMap::try_from(map)?, symbolizer, cache: HashMap::new() })
+        let unwound = ebpf.take_map("UNWOUND_STACKS").ok_or_else(|| anyhow!("UNWOUND_STACKS map missing"))?;
+        let collided = ebpf.take_map("STACK_FRAMES").ok_or_else(|| anyhow!("STACK_FRAMES map missing"))?;
+        Ok(Self {
+            pid,
+            traces: StackTraceMap::try_from(map)?,
+            unwound: BpfHashMap::try_from(unwound)?,
+            collided: BpfHashMap::try_from(collided)?,
+            symbolizer,
+            cache: HashMap::new(),
+        })
     }
 
-    /// The raw addresses of a stack, innermost first, with the wrapper's
-    /// caller put back after the first frame.
+    /// The raw addresses of a stack, innermost first: walked with unwind
+    /// rules, or the kernel's with the wrapper's caller put back after the
+    /// first frame.
     pub fn addresses(&self, key: &StackKey) -> Vec<u64> {
+        let walked = match key.stack_id {
+            UNWOUND_STACK => Some(&self.unwound),
+            COLLIDED_STACK => Some(&self.collided),
+            _ => None,
+        };
+        if let Some(table) = walked {
+            return match crate::stacks::walked_stack(table, key.caller) {
+                SampleStack::Addresses(a) => a,
+                SampleStack::Kernel(_) => Vec::new(),
+            };
+        }
         if key.stack_id < 0 {
             return Vec::new();
         }
@@ -53,6 +78,7 @@ impl StackResolver {
         let mut missing: Vec<SampleStack> = keys.iter().filter(|k| !self.cache.contains_key(k)).cloned().collect();
         missing.sort();
         missing.dedup();
+        let mut out_of_cache = HashMap::new();
         if !missing.is_empty() {
             let stacks: Vec<Vec<u64>> = missing
                 .iter()
@@ -73,15 +99,32 @@ impl StackResolver {
                 if frames.is_empty() {
                     frames.push(placeholder(key));
                 }
+                if matches!(key, SampleStack::Kernel(k) if k.caller & PROVISIONAL_KEY != 0 && k.stack_id == UNWOUND_STACK) {
+                    // Finished later from its snapshot: not final yet.
+                    out_of_cache.insert(key.clone(), frames);
+                    continue;
+                }
                 self.cache.insert(key.clone(), frames);
             }
         }
-        keys.iter().filter_map(|k| self.cache.get(k).map(|f| (k.clone(), f.clone()))).collect()
+        let mut out: HashMap<SampleStack, Vec<Frame>> =
+            keys.iter().filter_map(|k| self.cache.get(k).map(|f| (k.clone(), f.clone()))).collect();
+        out.extend(out_of_cache);
+        out
     }
 }
 
+/// Functions of the frames that stand for a stack the kernel could not keep.
+const PLACEHOLDERS: [&str; 2] = ["[stack table full]", "[stack not recorded]"];
+
 /// The frame shown for a stack the kernel could not keep.
 fn placeholder(key: &SampleStack) -> Frame {
-    let function = if *key == SampleStack::Kernel(OVERFLOW_STACK) { "[stack table full]" } else { "[stack not recorded]" };
+    let function = if *key == SampleStack::Kernel(OVERFLOW_STACK) { PLACEHOLDERS[0] } else { PLACEHOLDERS[1] };
     Frame { function: function.into(), file: None, line: None, module: None, addr: None, file_offset: None }
+}
+
+/// Whether resolved frames are a placeholder: a bucket of objects whose
+/// stacks were lost, which holds unrelated stacks and is never judged.
+pub fn is_placeholder(frames: &[Frame]) -> bool {
+    matches!(frames, [f] if PLACEHOLDERS.contains(&f.function.as_str()))
 }

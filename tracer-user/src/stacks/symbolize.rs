@@ -77,6 +77,10 @@ struct Worker {
     /// Go pc tables per object, for the frames blazesym cannot name
     /// (`-s -w` Go builds have no symtab and no DWARF); `None`: not Go.
     go: HashMap<PathBuf, Option<crate::binary::golang::GoSymbols>>,
+    /// Per object: whether its section headers are safe to hand to
+    /// blazesym, which allocates whatever a compression header claims
+    /// ([`crate::binary::elf::check_sections_of`]).
+    readable: HashMap<PathBuf, bool>,
 }
 
 impl Worker {
@@ -86,7 +90,7 @@ impl Worker {
             .enable_inlined_fns(true)
             .enable_demangling(true)
             .build();
-        Self { symbolizer, cache: HashMap::new(), max_cache: 200_000, go: HashMap::new() }
+        Self { symbolizer, cache: HashMap::new(), max_cache: 200_000, go: HashMap::new(), readable: HashMap::new() }
     }
 
     fn resolve(&mut self, pid: u32, map: &MemoryMap, addr: u64) -> Vec<Frame> {
@@ -110,8 +114,9 @@ impl Worker {
         let path: PathBuf = crate::procfs::object_path(pid, m);
         let file_offset = addr - m.start + m.offset;
         let src = Source::Elf(Elf::new(path.clone()));
-        let sym = match self.symbolizer.symbolize_single(&src, Input::FileOffset(file_offset)) {
-            Ok(Symbolized::Sym(sym)) => sym,
+        let found = if self.readable(&path) { self.symbolizer.symbolize_single(&src, Input::FileOffset(file_offset)).ok() } else { None };
+        let sym = match found {
+            Some(Symbolized::Sym(sym)) => sym,
             _ => {
                 return vec![self.go_frame(&path, &module, file_offset).unwrap_or_else(|| unknown(Some(module), hex, Some(file_offset)))]
             }
@@ -132,6 +137,27 @@ impl Worker {
 }
 
 impl Worker {
+    /// Whether blazesym may read `path`: a file whose headers lie (a
+    /// compressed section claiming terabytes) is named by its pc table or
+    /// left `[unknown]`, with one warning.
+    fn readable(&mut self, path: &PathBuf) -> bool {
+        if let Some(&ok) = self.readable.get(path) {
+            return ok;
+        }
+        if self.readable.len() >= 1024 {
+            self.readable.clear();
+        }
+        let ok = match crate::binary::elf::check_sections_of(path) {
+            Ok(()) => true,
+            Err(e) => {
+                crate::output::warn(format!("not reading symbols or DWARF of {e:#}"));
+                false
+            }
+        };
+        self.readable.insert(path.clone(), ok);
+        ok
+    }
+
     /// A frame named by the object's `.gopclntab`, if it is a Go binary.
     fn go_frame(&mut self, path: &PathBuf, module: &str, file_offset: u64) -> Option<Frame> {
         if is_system_module(module) {
@@ -384,6 +410,11 @@ fn is_runtime_or_std(f: &Frame) -> bool {
 
 /// Functions of a language's runtime or standard library, by name.
 fn is_standard_function(func: &str) -> bool {
+    // Rust's `<std::net::TcpStream>::connect`, `<alloc::vec::Vec<T> as ..>`.
+    let func = func.trim_start_matches('<');
+    if func.starts_with("impl ") && ["std::", "core::", "alloc::"].iter().any(|p| func[5..].starts_with(p)) {
+        return true;
+    }
     is_go_std(func)
         || func.starts_with("std::")
         || func.starts_with("__gnu_cxx::")
@@ -540,6 +571,19 @@ mod tests {
         let frames = vec![frame("__GI_socket", "/usr/lib/x86_64-linux-gnu/libc.so.6"), app];
         assert_eq!(site_of(&frames), "server+0x1234");
         assert_eq!(stripped_modules(&frames), vec!["/opt/app/bin/server".to_string()]);
+    }
+
+    #[test]
+    fn rust_and_cpp_library_frames_are_not_sites() {
+        let frames = vec![
+            frame("__GI_socket", "/usr/lib/x86_64-linux-gnu/libc.so.6"),
+            frame("<std::sys::net::connection::socket::TcpStream>::connect::inner", "/srv/app"),
+            frame("std::net::each_addr", "/srv/app"),
+            frame("<alloc::vec::Vec<u8> as core::clone::Clone>::clone", "/srv/app"),
+            frame("std::vector<int, std::allocator<int> >::push_back", "/srv/app"),
+            frame("app::dial", "/srv/app"),
+        ];
+        assert_eq!(site_of(&frames), "app::dial");
     }
 
     #[test]

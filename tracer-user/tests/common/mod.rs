@@ -52,8 +52,28 @@ impl Drop for Target {
 
 /// Starts a fixture and waits for its `ready` line.
 pub fn start(name: &str, args: &[&str]) -> Target {
-    let mut child = Command::new(fixture(name))
-        .args(args)
+    start_path(&fixture(name), args)
+}
+
+/// Starts the program at `path` (a fixture's copy) and waits for `ready`.
+pub fn start_path(path: &std::path::Path, args: &[&str]) -> Target {
+    let mut cmd = Command::new(path);
+    cmd.args(args);
+    start_command(cmd)
+}
+
+/// Starts a fixture under `sh -c 'ulimit -n N; exec FIXTURE ARGS'` (the
+/// fd limit the target runs with) and waits for its `ready` line.
+pub fn start_with_fd_limit(name: &str, limit: u32, args: &[&str]) -> Target {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\"")).arg(fixture(name)).args(args);
+    start_command(cmd)
+}
+
+/// Starts a command that runs a fixture (from another path, in a namespace)
+/// and waits for its `ready` line.
+pub fn start_command(mut cmd: Command) -> Target {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -28,7 +28,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use super::{interrupt, median, paired_ratio, parse_options, start_ready, Lines};
 use crate::build;
-use crate::cmd::{announce, fixtures_bin, leaktrace_bin, send_signal, stop_child, target_dir, wait_timeout};
+use crate::cmd::{announce, cpu_seconds, fixtures_bin, leaktrace_bin, send_signal, status_kib, stop_child, target_dir, wait_timeout};
 
 const LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
 
@@ -44,10 +44,47 @@ enum Mode {
     /// leaktrace sampling so sparsely that it tracks nothing: its traps
     /// plus ~0.1 µs of BPF, the least its probe placement can cost.
     TrapsOnly,
+    /// leaktrace walking frame pointers only (`--unwind fp`).
+    LeaktraceFp,
+    /// The same workload built without frame pointers (`gcc -O2 -g`).
+    UntracedNoFp,
+    LeaktraceNoFp,
+    LeaktraceNoFpFp,
 }
 
 impl Mode {
-    const ALL: [Mode; 5] = [Mode::Untraced, Mode::Floor, Mode::Memleak, Mode::Leaktrace, Mode::TrapsOnly];
+    const ALL: [Mode; 9] = [
+        Mode::Untraced,
+        Mode::Floor,
+        Mode::Memleak,
+        Mode::Leaktrace,
+        Mode::TrapsOnly,
+        Mode::LeaktraceFp,
+        Mode::UntracedNoFp,
+        Mode::LeaktraceNoFp,
+        Mode::LeaktraceNoFpFp,
+    ];
+
+    /// The workload's build: with frame pointers, or as distributions build.
+    fn fixture(self) -> &'static str {
+        match self {
+            Mode::UntracedNoFp | Mode::LeaktraceNoFp | Mode::LeaktraceNoFpFp => "alloc_bench_nofp",
+            _ => "alloc_bench",
+        }
+    }
+
+    /// The untraced mode of the same build (what "added" is measured from).
+    fn base(self) -> Mode {
+        if self.fixture() == "alloc_bench_nofp" { Mode::UntracedNoFp } else { Mode::Untraced }
+    }
+
+    /// How leaktrace walks stacks in this mode.
+    fn unwind(self) -> &'static str {
+        match self {
+            Mode::LeaktraceFp | Mode::LeaktraceNoFpFp => "fp",
+            _ => "eh-frame",
+        }
+    }
 
     fn label(self) -> &'static str {
         match self {
@@ -56,6 +93,10 @@ impl Mode {
             Mode::Memleak => "bpftrace memleak-style",
             Mode::Leaktrace => "leaktrace --track allocations",
             Mode::TrapsOnly => "leaktrace, tracking nothing (its traps alone)",
+            Mode::LeaktraceFp => "leaktrace --track allocations --unwind fp",
+            Mode::UntracedNoFp => "no-FP build (gcc -O2), untraced",
+            Mode::LeaktraceNoFp => "no-FP build, leaktrace --track allocations",
+            Mode::LeaktraceNoFpFp => "no-FP build, leaktrace --unwind fp (stacks cut short)",
         }
     }
 }
@@ -112,7 +153,7 @@ impl Tracer {
 
 fn start_tracer(root: &Path, mode: Mode, pid: u32, json: Option<&Path>) -> Result<Option<Tracer>> {
     let mut cmd = match mode {
-        Mode::Untraced => return Ok(None),
+        Mode::Untraced | Mode::UntracedNoFp => return Ok(None),
         Mode::Floor | Mode::Memleak => {
             let script = if mode == Mode::Floor { floor_script() } else { memleak_script() };
             let mut c = Command::new("bpftrace");
@@ -122,9 +163,10 @@ fn start_tracer(root: &Path, mode: Mode, pid: u32, json: Option<&Path>) -> Resul
                 .stderr(Stdio::null());
             c
         }
-        Mode::Leaktrace | Mode::TrapsOnly => {
+        Mode::Leaktrace | Mode::TrapsOnly | Mode::LeaktraceFp | Mode::LeaktraceNoFp | Mode::LeaktraceNoFpFp => {
             let mut c = Command::new(leaktrace_bin(root));
             c.args(["attach", "--pid", &pid.to_string(), "--track", "allocations", "--interval", "1s", "--format", "json"])
+                .args(["--unwind", mode.unwind()])
                 .stderr(Stdio::piped());
             if mode == Mode::TrapsOnly {
                 // A block is kept with probability size / 2^50: never here.
@@ -141,10 +183,10 @@ fn start_tracer(root: &Path, mode: Mode, pid: u32, json: Option<&Path>) -> Resul
     announce(&cmd);
     let mut child = cmd.spawn().with_context(|| format!("starting {}", mode.label()))?;
     let mut lines = match mode {
-        Mode::Leaktrace | Mode::TrapsOnly => Lines::new(child.stderr.take().unwrap()),
-        _ => Lines::new(child.stdout.take().unwrap()),
+        Mode::Floor | Mode::Memleak => Lines::new(child.stdout.take().unwrap()),
+        _ => Lines::new(child.stderr.take().unwrap()),
     };
-    let needle = if matches!(mode, Mode::Leaktrace | Mode::TrapsOnly) { "attached to" } else { "attached" };
+    let needle = if matches!(mode, Mode::Floor | Mode::Memleak) { "attached" } else { "attached to" };
     if !lines.wait_line(needle, Duration::from_secs(60)) {
         let _ = child.kill();
         let _ = child.wait();
@@ -156,7 +198,7 @@ fn start_tracer(root: &Path, mode: Mode, pid: u32, json: Option<&Path>) -> Resul
 /// Starts alloc_bench (waiting for SIGUSR1), attaches `mode`, lets it run,
 /// returns its times (and the tracer's log).
 fn run_mode(root: &Path, mode: Mode, bench_args: &[String], json: Option<&Path>) -> Result<(Times, String)> {
-    let (mut target, out) = start_ready(Command::new(fixtures_bin(root).join("alloc_bench")).args(bench_args), "alloc_bench")?;
+    let (mut target, out) = start_ready(Command::new(fixtures_bin(root).join(mode.fixture())).args(bench_args), "alloc_bench")?;
     let tracer = match start_tracer(root, mode, target.id(), json) {
         Ok(t) => t,
         Err(e) => {
@@ -183,20 +225,6 @@ fn run_mode(root: &Path, mode: Mode, bench_args: &[String], json: Option<&Path>)
         bail!("alloc_bench did not finish under {}", mode.label());
     }
     Ok((parse_times(&out.all(Duration::from_secs(10)))?, log))
-}
-
-/// utime + stime of a process, seconds.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
-}
-
-fn status_kib(pid: u32, key: &str) -> Option<u64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse().ok())
 }
 
 /// The daemon's CPU and memory while the target holds `live` blocks and
@@ -281,7 +309,8 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let untraced = &results[0];
     let row = |i: usize, pick: fn(&Times) -> f64| -> (f64, f64, f64) {
         let abs: Vec<f64> = results[i].iter().map(pick).collect();
-        let base: Vec<f64> = untraced.iter().map(pick).collect();
+        let base_at = Mode::ALL.iter().position(|m| *m == Mode::ALL[i].base()).unwrap_or(0);
+        let base: Vec<f64> = results[base_at].iter().map(pick).collect();
         let added: Vec<f64> = abs.iter().zip(&base).map(|(t, u)| t - u).collect();
         (median(&abs), median(&added), paired_ratio(&abs, &base))
     };

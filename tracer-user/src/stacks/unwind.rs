@@ -1,0 +1,590 @@
+//! Unwind rules for exact pcs, learned from each object's CFI and handed to
+//! the kernel side's walker (`UNWIND_RULES` in `tracer-ebpf/src/stacks.rs`).
+//!
+//! Code built without frame pointers (Debian's libraries, `gcc -O2`,
+//! `cargo build --release`) can only be unwound with the compiler's call
+//! frame information (`.eh_frame`, else `.debug_frame`). A rule is a pure
+//! function of the binary and the pc, so the kernel keeps one per pc it has
+//! met: when a walk meets a pc without one it stops there and queues the pc
+//! in `UNWIND_MISSES`; [`Unwinder::learn`] reads the queue, finds the object
+//! mapped at each pc, asks gimli for the CFI row and inserts the rule; then
+//! it steps through the copy of the stack the miss came with, by the same
+//! rules, learning those of every caller on the path, and keeps the frames
+//! it found ([`completed_frames`]) for the event's provisional key. So the
+//! first events of a new call path get their whole stack too (as far as the
+//! copy reaches), and later ones are walked whole in the kernel under a
+//! hash of real return addresses; the judge merges the two by frames.
+//!
+//! Parsed CFI is cached per object (device, inode, size, mtime), built the
+//! first time one of its pcs is met, and bounded ([`MAX_OBJECTS`]).
+
+use std::{collections::HashMap, os::unix::fs::MetadataExt, sync::Arc};
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use gimli::{
+    BaseAddresses, CfaRule, DebugFrame, EhFrame, EhFrameHdr, EvaluationResult, FrameDescriptionEntry,
+    LittleEndian, Location, RegisterRule, UnwindContext, UnwindSection, Value, X86_64,
+};
+use object::{Object, ObjectSection};
+use tracer_common::stacks::{
+    rule_kind, MissSnapshot, UnwindRule, MAX_UNWIND_RULES, MAX_WALKED_FRAMES, PROVISIONAL_KEY, RULE_AT_PC,
+};
+
+use crate::{
+    binary::elf::Segments,
+    procfs::{self, Mapping, MemoryMap},
+};
+
+/// Objects whose parsed CFI is kept (the least recently added goes first).
+pub const MAX_OBJECTS: usize = 256;
+
+/// Provisional stacks finished from their miss's snapshot (a bound: a
+/// provisional key only comes from the first events of a call path).
+pub const MAX_COMPLETED: usize = 65536;
+
+/// The frames found beyond the miss of each provisional stack key, shared
+/// with the stack readers (`stacks::walked_stack`) that append them.
+static COMPLETED: std::sync::Mutex<Option<HashMap<u64, Vec<u64>>>> = std::sync::Mutex::new(None);
+
+/// The frames a provisional stack `key` continues with after its own
+/// (`None`: not a provisional key, or not finished).
+pub fn completed_frames(key: u64) -> Option<Vec<u64>> {
+    if key & PROVISIONAL_KEY == 0 {
+        return None;
+    }
+    COMPLETED.lock().ok()?.as_ref()?.get(&key).cloned()
+}
+
+fn complete(key: u64, frames: Vec<u64>) {
+    if let Ok(mut m) = COMPLETED.lock() {
+        let m = m.get_or_insert_with(HashMap::new);
+        if m.len() < MAX_COMPLETED {
+            m.insert(key, frames);
+        }
+    }
+}
+
+type Slice<'a> = gimli::EndianSlice<'a, LittleEndian>;
+
+/// One CFI section, copied out of its file, at its link-time address.
+struct Section {
+    svma: u64,
+    data: Vec<u8>,
+}
+
+/// The unwind information of one object: what a rule needs, and nothing
+/// else of the file (a 50 MB binary keeps only its `.eh_frame*`).
+pub struct ObjectCfi {
+    eh_frame: Option<Section>,
+    eh_frame_hdr: Option<Section>,
+    debug_frame: Option<Section>,
+    text_svma: u64,
+    segments: Segments,
+    /// Go binaries always keep frame pointers and carry no `.eh_frame`.
+    frame_pointers: bool,
+}
+
+/// The frame-pointer step: `CFA = rbp + 16`, caller's rbp at `CFA - 16`.
+const FP_RULE: UnwindRule = UnwindRule { kind: rule_kind::CFA_BP, cfa_offset: 16, rbp_offset: -16, _pad: 0 };
+const END_RULE: UnwindRule = UnwindRule { kind: rule_kind::END, cfa_offset: 0, rbp_offset: 0, _pad: 0 };
+
+impl ObjectCfi {
+    /// Copies the CFI sections out of an ELF image.
+    pub fn parse(data: &[u8]) -> Result<Self> {
+        let file = object::File::parse(data).context("not a valid ELF")?;
+        let section = |name: &str| {
+            let s = file.section_by_name(name)?;
+            let bytes = s.uncompressed_data().ok()?;
+            (!bytes.is_empty()).then(|| Section { svma: s.address(), data: bytes.into_owned() })
+        };
+        let text_svma = file.section_by_name(".text").map_or(0, |s| s.address());
+        let frame_pointers = file.section_by_name(".gopclntab").is_some() || file.section_by_name(".go.buildinfo").is_some();
+        Ok(Self {
+            eh_frame: section(".eh_frame"),
+            eh_frame_hdr: section(".eh_frame_hdr"),
+            debug_frame: section(".debug_frame"),
+            text_svma,
+            segments: Segments::of(&file),
+            frame_pointers,
+        })
+    }
+
+    /// Bytes held for this object.
+    pub fn size(&self) -> usize {
+        [&self.eh_frame, &self.eh_frame_hdr, &self.debug_frame].iter().filter_map(|s| s.as_ref()).map(|s| s.data.len()).sum()
+    }
+
+    /// Whether the object has any CFI at all.
+    pub fn has_cfi(&self) -> bool {
+        self.eh_frame.is_some() || self.debug_frame.is_some()
+    }
+
+    /// The rule at link-time address `svma`: a return address (`at_return`,
+    /// looked up inside the call, at `svma - 1`) or the pc a thread is at.
+    pub fn rule(&self, svma: u64, at_return: bool) -> UnwindRule {
+        if self.frame_pointers {
+            return FP_RULE;
+        }
+        let addr = if at_return { svma.saturating_sub(1) } else { svma };
+        if let Some(eh) = &self.eh_frame {
+            let mut section = EhFrame::new(&eh.data, LittleEndian);
+            section.set_address_size(8);
+            let mut bases = BaseAddresses::default().set_eh_frame(eh.svma).set_text(self.text_svma);
+            let mut fde = None;
+            if let Some(hdr) = &self.eh_frame_hdr {
+                bases = bases.set_eh_frame_hdr(hdr.svma);
+                if let Ok(parsed) = EhFrameHdr::new(&hdr.data, LittleEndian).parse(&bases, 8) {
+                    if let Some(table) = parsed.table() {
+                        fde = Some(table.fde_for_address(&section, &bases, addr, EhFrame::cie_from_offset));
+                    }
+                }
+            }
+            let fde = fde.unwrap_or_else(|| section.fde_for_address(&bases, addr, EhFrame::cie_from_offset));
+            if let Ok(fde) = fde {
+                return rule_of_fde(&section, &bases, &fde, addr, svma);
+            }
+        }
+        if let Some(df) = &self.debug_frame {
+            let mut section = DebugFrame::new(&df.data, LittleEndian);
+            section.set_address_size(8);
+            let bases = BaseAddresses::default().set_text(self.text_svma);
+            if let Ok(fde) = section.fde_for_address(&bases, addr, DebugFrame::cie_from_offset) {
+                return rule_of_fde(&section, &bases, &fde, addr, svma);
+            }
+        }
+        UnwindRule { kind: rule_kind::FP_GUESS, ..FP_RULE }
+    }
+
+    /// Link-time address of runtime `pc` in mapping `m` of this object.
+    pub fn svma_of(&self, m: &Mapping, pc: u64) -> Option<u64> {
+        self.segments.vaddr_of_code_offset(pc - m.start + m.offset)
+    }
+}
+
+/// The rule of the CFI row for `addr` (`pc`: the address a PLT-style
+/// expression sees as rip; only its low bits matter, which the load bias
+/// keeps).
+fn rule_of_fde<'a, S: UnwindSection<Slice<'a>>>(
+    section: &S,
+    bases: &BaseAddresses,
+    fde: &FrameDescriptionEntry<Slice<'a>>,
+    addr: u64,
+    pc: u64,
+) -> UnwindRule {
+    if fde.is_signal_trampoline() {
+        return UnwindRule { kind: rule_kind::SIGNAL, ..END_RULE };
+    }
+    let mut ctx = UnwindContext::new();
+    let Ok(row) = fde.unwind_info_for_address(section, bases, &mut ctx, addr) else { return END_RULE };
+    match row.register(X86_64::RA) {
+        Some(RegisterRule::Offset(-8)) => {}
+        // Undefined: the outermost frame (`_start`, `clone3`).
+        _ => return END_RULE,
+    }
+    let (kind, offset) = match row.cfa() {
+        CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RSP => (rule_kind::CFA_SP, *offset),
+        CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RBP => (rule_kind::CFA_BP, *offset),
+        CfaRule::RegisterAndOffset { .. } => return END_RULE,
+        CfaRule::Expression(e) => {
+            // A PLT stub's CFA (rsp + 8 or 16 by rip's low bits): an
+            // expression of rsp and rip alone, linear in rsp. Anything
+            // reading memory (stack realignment) ends the stack there.
+            let Ok(expr) = e.get(section) else { return END_RULE };
+            let encoding = fde.cie().encoding();
+            let eval_at = |rsp: u64| -> Option<u64> {
+                let mut eval = expr.clone().evaluation(encoding);
+                let mut r = eval.evaluate().ok()?;
+                loop {
+                    match r {
+                        EvaluationResult::Complete => break,
+                        EvaluationResult::RequiresRegister { register, .. } => {
+                            let v = match register {
+                                X86_64::RSP => rsp,
+                                X86_64::RA => pc,
+                                _ => return None,
+                            };
+                            r = eval.resume_with_register(Value::Generic(v)).ok()?;
+                        }
+                        _ => return None,
+                    }
+                }
+                match eval.as_result() {
+                    [p] => match p.location {
+                        Location::Address { address } => Some(address),
+                        _ => None,
+                    },
+                    _ => None,
+                }
+            };
+            const A: u64 = 0x10_0000;
+            const B: u64 = 0x20_0000;
+            match (eval_at(A), eval_at(B)) {
+                (Some(a), Some(b)) if b.wrapping_sub(a) == B - A => (rule_kind::CFA_SP, a.wrapping_sub(A) as i64),
+                _ => return END_RULE,
+            }
+        }
+    };
+    let Ok(cfa_offset) = i32::try_from(offset) else { return END_RULE };
+    let rbp_offset = match row.register(X86_64::RBP) {
+        Some(RegisterRule::Offset(o)) => i32::try_from(o).unwrap_or(0),
+        _ => 0,
+    };
+    UnwindRule { kind, cfa_offset, rbp_offset, _pad: 0 }
+}
+
+/// An object file as it is on disk (path + inode + mtime: a rebuilt or
+/// replaced binary is another object).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ObjectKey {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i64,
+}
+
+/// What the unwinder has done, for the report's notes and the benchmarks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UnwindStats {
+    /// Rules in the kernel table.
+    pub rules: usize,
+    /// Rules by kind: frame-pointer guesses (no CFI), stack ends.
+    pub fp_guess_rules: usize,
+    pub end_rules: usize,
+    /// Objects whose CFI is cached, and the bytes it takes.
+    pub objects: usize,
+    pub cfi_bytes: usize,
+    /// Whether the rule table filled (further misses stay misses).
+    pub full: bool,
+    /// Walks cut at a miss and finished here from their snapshot, and
+    /// those of them whose snapshot ended before the stack did.
+    pub finished: u64,
+    pub unfinished: u64,
+}
+
+impl UnwindStats {
+    /// One line for the session's closing notes.
+    pub fn summary(&self) -> String {
+        format!(
+            "unwinding: {} rules learned ({} frame-pointer guesses, {} stack ends) from {} objects ({} KiB of CFI kept); \
+             {} first walks of new call paths finished from their stack copy, {} of them cut short",
+            self.rules,
+            self.fp_guess_rules,
+            self.end_rules,
+            self.objects,
+            self.cfi_bytes / 1024,
+            self.finished,
+            self.unfinished
+        )
+    }
+}
+
+/// Learns rules for the pcs the kernel side met without one.
+pub struct Unwinder {
+    pid: u32,
+    rules: BpfHashMap<MapData, u64, UnwindRule>,
+    misses: BpfHashMap<MapData, u64, MissSnapshot>,
+    /// Keys already in `rules`.
+    known: std::collections::HashSet<u64>,
+    objects: HashMap<ObjectKey, Option<Arc<ObjectCfi>>>,
+    /// Insertion order of `objects`, for the bound.
+    order: Vec<ObjectKey>,
+    pub stats: UnwindStats,
+    warned_no_cfi: std::collections::HashSet<std::path::PathBuf>,
+}
+
+impl Unwinder {
+    /// Takes the rule and miss maps out of the loaded object.
+    pub fn new(probes: &mut crate::probes::Probes, pid: u32) -> Result<Self> {
+        Ok(Self {
+            pid,
+            rules: probes.take_map("UNWIND_RULES")?,
+            misses: probes.take_map("UNWIND_MISSES")?,
+            known: Default::default(),
+            objects: HashMap::new(),
+            order: Vec::new(),
+            stats: UnwindStats::default(),
+            warned_no_cfi: Default::default(),
+        })
+    }
+
+    /// Learns the rules of every queued miss's call path; returns how many
+    /// it learned. `memory` is re-read once when a pc lies outside every
+    /// known mapping (an object mapped since the last read).
+    pub fn learn(&mut self, memory: &mut MemoryMap) -> usize {
+        let misses: Vec<(u64, MissSnapshot)> = self.misses.iter().filter_map(|e| e.ok()).collect();
+        let mut reread = false;
+        let mut learned = 0;
+        for (provisional, snap) in misses {
+            let _ = self.misses.remove(&provisional);
+            let key = snap.rule_key;
+            let mut beyond = Vec::new();
+            let stack = &snap.stack[..(snap.len as usize).min(snap.stack.len())];
+            let read = |addr: u64| -> Option<u64> {
+                let at = usize::try_from(addr.checked_sub(snap.sp)?).ok()?;
+                Some(u64::from_le_bytes(stack.get(at..at + 8)?.try_into().ok()?))
+            };
+            let (mut key, mut sp, mut bp) = (key, snap.sp, snap.bp);
+            let mut finished = false;
+            for _ in 0..MAX_WALKED_FRAMES {
+                let rule = match self.learn_one(key, memory, &mut reread) {
+                    Some((rule, new)) => {
+                        learned += new as usize;
+                        rule
+                    }
+                    None => break,
+                };
+                // Step as the kernel's walk does, inside the copy.
+                let next = match rule.kind {
+                    rule_kind::SIGNAL => {
+                        let m = sp + 40;
+                        match (read(m + 8 * 16), read(m + 8 * 15), read(m + 8 * 10)) {
+                            (Some(ip), Some(nsp), Some(nbp)) => Some((ip | RULE_AT_PC, nsp, nbp)),
+                            _ => None,
+                        }
+                    }
+                    rule_kind::CFA_SP | rule_kind::CFA_BP | rule_kind::FP_GUESS => {
+                        let base = if rule.kind == rule_kind::CFA_SP { sp } else { bp };
+                        let cfa = base.wrapping_add(rule.cfa_offset as i64 as u64);
+                        let nbp = if rule.rbp_offset != 0 { read(cfa.wrapping_add(rule.rbp_offset as i64 as u64)) } else { Some(bp) };
+                        match (read(cfa - 8), nbp) {
+                            (Some(ret), Some(nbp)) if ret >= 4096 && cfa > sp => Some((ret, cfa, nbp)),
+                            _ => None,
+                        }
+                    }
+                    _ => {
+                        finished = true;
+                        None
+                    }
+                };
+                let Some((k, s, b)) = next else { break };
+                beyond.push(k & !RULE_AT_PC);
+                (key, sp, bp) = (k, s, b);
+            }
+            if beyond.len() + 1 >= MAX_WALKED_FRAMES {
+                finished = true;
+            }
+            self.stats.finished += 1;
+            if !finished {
+                // The copy ended (a deep stack) or a read failed first.
+                self.stats.unfinished += 1;
+            }
+            complete(provisional, beyond);
+        }
+        learned
+    }
+
+    /// The rule for `key`, inserted in the kernel table when new (the flag
+    /// says so); `None` when the table is full.
+    fn learn_one(&mut self, key: u64, memory: &mut MemoryMap, reread: &mut bool) -> Option<(UnwindRule, bool)> {
+        let pc = key & !RULE_AT_PC;
+        if memory.find(pc).is_none() && !*reread {
+            *reread = true;
+            if let Ok(fresh) = MemoryMap::read(self.pid) {
+                memory.merge(&fresh);
+            }
+        }
+        let rule = match memory.find(pc).filter(|m| m.executable).cloned() {
+            Some(m) => self.rule_in(&m, pc, key & RULE_AT_PC == 0),
+            // Anonymous or JIT code, the vDSO: the stack ends cleanly.
+            None => END_RULE,
+        };
+        if self.known.contains(&key) {
+            return Some((rule, false));
+        }
+        if self.stats.full {
+            return None;
+        }
+        if self.rules.insert(key, rule, 0).is_err() {
+            self.stats.full = true;
+            crate::output::warn(format!(
+                "unwind rule table full ({MAX_UNWIND_RULES} pcs): new call paths are cut at their first unknown pc \
+                 (counted in lost.truncated_stacks)"
+            ));
+            return None;
+        }
+        self.known.insert(key);
+        self.stats.rules += 1;
+        match rule.kind {
+            rule_kind::FP_GUESS => self.stats.fp_guess_rules += 1,
+            rule_kind::END => self.stats.end_rules += 1,
+            _ => {}
+        }
+        Some((rule, true))
+    }
+
+    /// Forgets every rule (a new image after exec: the addresses mean
+    /// something else now).
+    pub fn clear(&mut self) {
+        let keys: Vec<u64> = self.rules.keys().filter_map(|k| k.ok()).collect();
+        for k in keys {
+            let _ = self.rules.remove(&k);
+        }
+        self.known.clear();
+        self.stats.rules = 0;
+        self.stats.fp_guess_rules = 0;
+        self.stats.end_rules = 0;
+        self.stats.full = false;
+    }
+
+    /// The rule at `pc` in mapping `m`.
+    fn rule_in(&mut self, m: &Mapping, pc: u64, at_return: bool) -> UnwindRule {
+        let Some(obj) = self.object(m) else { return UnwindRule { kind: rule_kind::FP_GUESS, ..FP_RULE } };
+        if !obj.has_cfi() && !obj.frame_pointers && self.warned_no_cfi.insert(m.path.clone()) {
+            crate::output::note(format!(
+                "{} has no unwind information: its frames are walked by frame pointers (counted)",
+                m.path.display()
+            ));
+        }
+        match obj.svma_of(m, pc) {
+            Some(svma) => obj.rule(svma, at_return),
+            None => END_RULE,
+        }
+    }
+
+    /// The cached CFI of the object mapped at `m` (parsed on first use).
+    fn object(&mut self, m: &Mapping) -> Option<Arc<ObjectCfi>> {
+        let path = procfs::object_path(self.pid, m);
+        let meta = std::fs::metadata(&path).ok()?;
+        let key = ObjectKey { dev: meta.dev(), ino: meta.ino(), size: meta.size(), mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec() };
+        if let Some(o) = self.objects.get(&key) {
+            return o.clone();
+        }
+        let obj = map_file(&path).and_then(|data| ObjectCfi::parse(&data).ok()).map(Arc::new);
+        if self.order.len() >= MAX_OBJECTS {
+            let old = self.order.remove(0);
+            if let Some(Some(o)) = self.objects.remove(&old) {
+                self.stats.cfi_bytes -= o.size();
+            }
+        }
+        if let Some(o) = &obj {
+            self.stats.cfi_bytes += o.size();
+        }
+        self.order.push(key.clone());
+        self.objects.insert(key, obj.clone());
+        self.stats.objects = self.objects.len();
+        obj
+    }
+}
+
+/// The file at `path`, mapped read-only: only the pages of the sections
+/// copied out are read.
+fn map_file(path: &std::path::Path) -> Option<memmap2::Mmap> {
+    let file = std::fs::File::open(path).ok()?;
+    // SAFETY: a read-only private mapping of an object the target has
+    // mapped itself; the bytes are copied out at once and the map dropped.
+    unsafe { memmap2::Mmap::map(&file) }.ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stacks::syscall_sites;
+
+    const LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
+
+    /// The `.eh_frame` rule at every syscall site the disassembly finds in
+    /// this machine's libc says what the disassembly says: the return
+    /// address at `sp + ret_offset` (CFA = rsp + ret_offset + 8). The
+    /// unwinder replaces the syscall-site fix only because of this.
+    #[test]
+    fn eh_frame_agrees_with_syscall_site_disassembly() {
+        let Ok(data) = std::fs::read(LIBC) else { return };
+        let cfi = ObjectCfi::parse(&data).unwrap();
+        let sites = syscall_sites::sites_in_elf(&data, syscall_sites::WRAPPERS).unwrap();
+        assert!(sites.len() >= 3);
+        for s in sites {
+            let rule = cfi.rule(s.ip_after, false);
+            assert_eq!(
+                (rule.kind, rule.cfa_offset),
+                (rule_kind::CFA_SP, s.ret_offset as i32 + 8),
+                "site {:#x}",
+                s.ip_after
+            );
+        }
+    }
+
+    /// glibc's signal trampoline is marked as one, `_start` ends the
+    /// stack, and a function's first instruction has its return address at
+    /// `[sp]`.
+    #[test]
+    fn libc_special_frames() {
+        let Ok(data) = std::fs::read(LIBC) else { return };
+        let cfi = ObjectCfi::parse(&data).unwrap();
+        let file = object::File::parse(&*data).unwrap();
+        let sym = |n: &str| crate::binary::elf::find_text_symbol(&file, n).map(|(a, _)| a);
+        // __restore_rt has no dynamic symbol; find it through sigaction's
+        // neighbour-free marker: the FDE flagged `S`.
+        if let Some(a) = sym("socket") {
+            let r = cfi.rule(a, false);
+            assert_eq!((r.kind, r.cfa_offset), (rule_kind::CFA_SP, 8));
+        }
+        let mut signal = 0;
+        let mut section = EhFrame::new(&cfi.eh_frame.as_ref().unwrap().data, LittleEndian);
+        section.set_address_size(8);
+        let bases = BaseAddresses::default().set_eh_frame(cfi.eh_frame.as_ref().unwrap().svma).set_text(cfi.text_svma);
+        let mut entries = section.entries(&bases);
+        while let Ok(Some(e)) = entries.next() {
+            if let gimli::CieOrFde::Fde(p) = e {
+                if let Ok(fde) = p.parse(EhFrame::cie_from_offset) {
+                    if fde.is_signal_trampoline() {
+                        assert_eq!(cfi.rule(fde.initial_address() + 1, false).kind, rule_kind::SIGNAL);
+                        signal += 1;
+                    }
+                }
+            }
+        }
+        assert!(signal >= 1, "glibc's __restore_rt FDE is flagged as a signal frame");
+    }
+
+    /// A PLT stub's CFA expression becomes a plain rsp offset.
+    #[test]
+    fn plt_expression_is_an_rsp_offset() {
+        let Ok(data) = std::fs::read(LIBC) else { return };
+        let cfi = ObjectCfi::parse(&data).unwrap();
+        let file = object::File::parse(&*data).unwrap();
+        let Some(plt) = file.section_by_name(".plt") else { return };
+        // Entry 1 of the PLT: +0 pushes (CFA rsp+8), the jmp at +11 runs
+        // after the push (CFA rsp+16).
+        let e = plt.address() + 16;
+        let at = |a| {
+            let r = cfi.rule(a, false);
+            (r.kind, r.cfa_offset)
+        };
+        assert_eq!(at(e), (rule_kind::CFA_SP, 8));
+        assert_eq!(at(e + 11), (rule_kind::CFA_SP, 16));
+    }
+
+    /// What the first miss in a large object costs (`cargo test --release
+    /// -p tracer-user --lib cfi_cost -- --ignored --nocapture`; figures in
+    /// docs/performance.md): reading and copying its CFI, then one rule.
+    #[test]
+    #[ignore]
+    fn cfi_cost() {
+        let exe = std::env::args().next().unwrap();
+        for path in [exe.as_str(), LIBC, "/usr/lib/x86_64-linux-gnu/libstdc++.so.6"] {
+            let Ok(meta) = std::fs::metadata(path) else { continue };
+            let t = std::time::Instant::now();
+            let cfi = ObjectCfi::parse(&map_file(std::path::Path::new(path)).unwrap()).unwrap();
+            let parsed = t.elapsed();
+            let data = std::fs::read(path).unwrap();
+            let file = object::File::parse(&*data).unwrap();
+            let text = file.section_by_name(".text").unwrap();
+            let n = 2000u64;
+            let t = std::time::Instant::now();
+            let mut kinds = [0usize; 6];
+            for i in 0..n {
+                let r = cfi.rule(text.address() + i * (text.size() / n), true);
+                kinds[r.kind as usize] += 1;
+            }
+            let per_rule = t.elapsed() / n as u32;
+            println!(
+                "{path}: {} MB, read+copy CFI {:?}, {} KiB kept, {:?} per rule, kinds {kinds:?}",
+                meta.len() / 1_000_000,
+                parsed,
+                cfi.size() / 1024,
+                per_rule
+            );
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! Stacks of programs built without frame pointers, unwound from their
+//! `.eh_frame` (needs root): a C service built `gcc -O2 -g` on Debian's
+//! libhiredis against a real redis-server, and a `cargo build --release`
+//! Rust program. Each planted leak must be the site of its finding with its
+//! caller after it, and its busy look-alike must not be a leak.
+
+mod common;
+
+use std::{
+    net::{TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use serde_json::Value;
+
+/// A real redis-server on a free loopback port; stopped on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (cargo xtask setup installs it)");
+        let until = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < until, "redis-server did not start");
+            thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, port }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Traces `fixture` (given the redis port) for 8 s with `--track track`.
+fn trace(fixture_name: &str, track: &str) -> Value {
+    let redis = Redis::start();
+    let port = redis.port.to_string();
+    let t = start(fixture_name, &["--port", &port]);
+    let pid = t.pid().to_string();
+    let run = run_leaktrace(&["attach", "--pid", &pid, "--for", "8s", "--interval", "1s", "--track", track, "--json"]);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    run.final_report()
+}
+
+/// The top finding naming `site` is a leak whose next frame is `caller`,
+/// and no finding with `lookalike` in its stack is a leak.
+fn assert_planted(report: &Value, kind: &str, site: &str, caller: &str, lookalike: &str) {
+    let all = summarize(report);
+    let findings = report["findings"].as_array().unwrap();
+    let top = findings.iter().find(|f| f["kind"] == kind).unwrap_or_else(|| panic!("no {kind} finding:{all}"));
+    assert_eq!(top["site"], site, "wrong site of the top finding:{all}");
+    assert_eq!(top["verdict"], "leak", "the planted leak is not judged a leak:{all}");
+    let funcs = functions(top);
+    let at = funcs.iter().position(|f| f == site).expect("site in stack");
+    assert_eq!(funcs.get(at + 1).map(String::as_str), Some(caller), "{site} is not called by {caller}:{all}");
+    // The walk went on past the application's frames to the entry point.
+    assert!(funcs.iter().any(|f| f == "main" || f.ends_with("::main")), "stack does not reach main:{all}");
+    for f in findings_with(report, lookalike) {
+        assert_ne!(f["verdict"], "leak", "look-alike {lookalike} judged a leak:{all}");
+        assert_ne!(f["site"], site, "look-alike {lookalike} got the planted site:{all}");
+    }
+}
+
+#[test]
+fn c_without_frame_pointers_through_libhiredis() {
+    let report = trace("nofp_service", "connections");
+    assert_planted(&report, "connection", "get_user_profile", "handle_profile", "get_session");
+    // The frames inside libhiredis (no frame pointers either) are there.
+    let top = &report["findings"][0];
+    assert!(functions(top).iter().any(|f| f == "redisConnect"), "{}", summarize(&report));
+}
+
+#[test]
+fn rust_release_build_names_the_application_function() {
+    let report = trace("conn_leak_rs", "connections");
+    assert_planted(&report, "connection", "conn_leak_rs::dial", "conn_leak_rs::handle_request", "conn_leak_rs::check_health");
+    // std's frames are in the stack but are not the site.
+    let funcs = functions(&report["findings"][0]);
+    assert!(funcs.iter().any(|f| f.contains("TcpStream") && f.contains("connect")), "{funcs:?}");
+}
+
+#[test]
+fn c_without_frame_pointers_threads() {
+    let report = trace("nofp_service", "threads");
+    assert_planted(&report, "thread", "start_watcher", "serve", "run_job");
+}
+
+#[test]
+fn c_without_frame_pointers_allocations() {
+    let report = trace("nofp_service", "allocations");
+    let all = summarize(&report);
+    let planted = findings_with(&report, "remember_user");
+    let top = planted.iter().find(|f| f["site"] == "remember_user").unwrap_or_else(|| panic!("no remember_user site:{all}"));
+    let funcs = functions(top);
+    assert_eq!(funcs.get(1).map(String::as_str), Some("serve"), "{all}");
+    assert!(funcs.iter().any(|f| f == "main"), "{all}");
+    assert!(top["live"].as_u64().unwrap() >= 50, "{all}");
+    for f in findings_with(&report, "format_reply") {
+        assert_ne!(f["verdict"], "leak", "look-alike format_reply judged a leak:{all}");
+    }
+}
+
+#[test]
+fn stripped_program_without_frame_pointers_still_unwinds() {
+    let dir = std::env::temp_dir().join(format!("leaktrace-nofp-stripped-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("nofp_stripped");
+    std::fs::copy(fixture("nofp_service"), &bin).unwrap();
+    let st = Command::new("strip").arg("--strip-all").arg(&bin).status().expect("strip (binutils)");
+    assert!(st.success());
+    let redis = Redis::start();
+    let port = redis.port.to_string();
+    let run = run_leaktrace(&[
+        "check", "--for", "6s", "--interval", "1s", "--track", "connections", "--json", "--",
+        bin.to_str().unwrap(), "--port", &port,
+    ]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(run.status, 3, "the stripped leak must still fail check; stderr: {}", run.stderr);
+    assert_eq!(run.stderr.matches("has no symbols (stripped?)").count(), 1, "warned once: {}", run.stderr);
+    let report = run.final_report();
+    let leak = report["findings"].as_array().unwrap().iter().find(|f| f["verdict"] == "leak").unwrap();
+    assert!(leak["site"].as_str().unwrap().starts_with("nofp_stripped+0x"), "{}", summarize(&report));
+    // Through libhiredis, then several frames of the stripped program (its
+    // .eh_frame survived strip).
+    let funcs = functions(leak);
+    let after = funcs.iter().position(|f| f == "redisConnect").expect("redisConnect in the stack");
+    let app_frames = leak["stack"].as_array().unwrap()[after + 1..]
+        .iter()
+        .take_while(|f| f["module"].as_str().is_some_and(|m| m.ends_with("nofp_stripped")))
+        .count();
+    assert!(app_frames >= 3, "stripped program's frames not unwound: {}", summarize(&report));
+}
