@@ -237,14 +237,16 @@ impl Judge {
 /// Samples whose stacks resolve to the same frames, as one sample under
 /// the smallest of their keys: a call path's first events, finished in user
 /// space from a miss snapshot under keys of their own (`stacks::unwind`),
-/// and the same path walked whole in the kernel. Maps stay one series each.
+/// and the same path walked whole in the kernel. Maps and groups from before
+/// attach stay one series each.
 fn merge_same_frames(samples: &[StackSample], frames: &HashMap<SampleStack, Vec<Frame>>) -> Vec<StackSample> {
     let mut out: Vec<StackSample> = Vec::with_capacity(samples.len());
     let mut by_frames: HashMap<&Vec<Frame>, usize> = HashMap::new();
     let mut order: Vec<&StackSample> = samples.iter().collect();
     order.sort_by(|a, b| a.stack.cmp(&b.stack));
     for s in order {
-        let f = frames.get(&s.stack).filter(|f| !f.is_empty() && s.map.is_none());
+        // Groups from before attach have no stack: each stays its own.
+        let f = frames.get(&s.stack).filter(|f| !f.is_empty() && s.map.is_none() && !s.before_attach);
         let Some(&i) = f.and_then(|f| by_frames.get(f)) else {
             if let Some(f) = f {
                 by_frames.insert(f, out.len());

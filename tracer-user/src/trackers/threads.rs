@@ -127,10 +127,12 @@ impl ThreadCollector {
         })
     }
 
-    /// The threads the target already has at attach, with their names.
+    /// The threads the target already has at attach, with their names. The
+    /// main thread is the process itself, not a thread it created: left out
+    /// (so a single-threaded program, or one `run` starts, has none).
     fn take_inventory(&mut self) {
         let Ok(tasks) = procfs::task_ids(self.pid) else { return };
-        for tid in tasks.into_iter().take(MAX_INVENTORY) {
+        for tid in tasks.into_iter().filter(|&t| t != self.pid).take(MAX_INVENTORY) {
             let name = procfs::thread_comm(self.pid, tid).unwrap_or_else(|| "?".into());
             self.before_attach.insert(tid, name);
         }
