@@ -151,7 +151,7 @@ pub const MAX_PENDING_ALLOCS: u32 = 16384;
 pub mod counter {
     use crate::counter::ALLOCATIONS as BASE;
     /// Blocks allocated or freed.
-    pub const EVENTS: u32 = BASE + 0;
+    pub const EVENTS: u32 = BASE;
     /// Frees of blocks the tracker never saw allocated (made before attach,
     /// or not sampled): ignored, never subtracted from any stack.
     pub const UNTRACKED_FREES: u32 = BASE + 1;

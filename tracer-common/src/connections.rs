@@ -70,6 +70,17 @@ pub struct ConnRingEvent {
     pub c: u64,
 }
 
+/// Frames of a closing stack searched for the Go finalizer goroutine's
+/// `runtime.runfinq` (a finalizer's close is ~10 frames deep).
+pub const FINALIZER_WALK_FRAMES: usize = 24;
+
+/// Slots of `CONN_FINALIZER`: the pc range `[START, END)` of
+/// `runtime.runfinq` in the target (0, 0: not a Go program, or unknown).
+pub mod finalizer {
+    pub const START: u32 = 0;
+    pub const END: u32 = 1;
+}
+
 /// Size of the live-socket table (entries). A full table counts in
 /// `LOST_EVENTS`.
 pub const MAX_LIVE_SOCKETS: u32 = 65536;
@@ -80,7 +91,7 @@ pub const MAX_CONN_STACKS: u32 = 8192;
 pub mod counter {
     use crate::counter::CONNECTIONS as BASE;
     /// Events seen for the target: sockets created or closed.
-    pub const EVENTS: u32 = BASE + 0;
+    pub const EVENTS: u32 = BASE;
 }
 
 #[cfg(feature = "user")]

@@ -7,6 +7,7 @@
 
 pub mod allocations;
 pub mod connections;
+pub mod fds;
 pub mod maps;
 pub mod process;
 pub mod locks;
@@ -28,6 +29,9 @@ pub mod counter {
     pub const LOST_STACKS: u32 = 1;
     /// Ring-buffer records dropped because the ring was full.
     pub const LOST_RING: u32 = 2;
+    /// Stacks of syscalls made deep inside libc whose application caller
+    /// was found by scanning the user stack (`stacks::app_stack`).
+    pub const SCANNED_STACKS: u32 = 3;
     /// First slot of the connection tracker's counters.
     pub const CONNECTIONS: u32 = 4;
     /// First slot of the thread tracker's counters.
@@ -40,6 +44,8 @@ pub mod counter {
     pub const LOCKS: u32 = 20;
     /// First slot of the unwinder's counters (`stacks::unwind_counter`).
     pub const UNWIND: u32 = 24;
+    /// First slot of the fd tracker's counters.
+    pub const FDS: u32 = 28;
     /// Number of slots.
     pub const COUNT: u32 = 32;
 }

@@ -141,7 +141,7 @@ pub const MAX_LOCK_SITES: u32 = 4096;
 pub mod counter {
     use crate::counter::LOCKS as BASE;
     /// Contended waits recorded (futex waits on locks, Go semaphore waits).
-    pub const WAITS: u32 = BASE + 0;
+    pub const WAITS: u32 = BASE;
     /// Futex waits seen that are not lock waits (condition variables, joins,
     /// other futex uses): not reported as contention.
     pub const OTHER_WAITS: u32 = BASE + 1;

@@ -60,7 +60,7 @@ pub mod seed {
 pub mod counter {
     use crate::counter::MAPS as BASE;
     /// Growth and clear events of tracked maps.
-    pub const EVENTS: u32 = BASE + 0;
+    pub const EVENTS: u32 = BASE;
     /// Maps not tracked because the tracked-map table was full.
     pub const LOST: u32 = BASE + 1;
 }

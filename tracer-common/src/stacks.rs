@@ -58,6 +58,10 @@ pub struct WalkedFrames {
     pub ips: [u64; MAX_WALKED_FRAMES],
 }
 
+/// Words of user stack scanned for the executable's return address when a
+/// syscall is made deep inside libc (`stacks::app_stack`): 1 KiB.
+pub const SCAN_WORDS: usize = 128;
+
 /// Hand-walked stacks a tracker keeps (entries of its walked-stack map).
 pub const MAX_WALKED_STACKS: u32 = 8192;
 
@@ -160,6 +164,13 @@ pub mod unwind_counter {
     /// Walks that ended on an unreadable or non-growing frame.
     pub const BAD_FRAMES: u32 = crate::counter::UNWIND + 3;
 }
+
+/// `StackKey::stack_id` of a stack whose bucket in the kernel's stack map
+/// was taken by another stack (`bpf_get_stackid` hashes into as many
+/// buckets as entries and fails on a collision, long before the map is
+/// full): walked by the program instead, `caller` is then its key in the
+/// shared `STACK_FRAMES` map.
+pub const COLLIDED_STACK: i64 = -5;
 
 #[cfg(feature = "user")]
 mod pod {

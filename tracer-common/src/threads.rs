@@ -30,7 +30,7 @@ pub const FORK_CHILD_PID_OFFSET: u32 = 20;
 pub mod counter {
     use crate::counter::THREADS as BASE;
     /// Threads created or ended.
-    pub const EVENTS: u32 = BASE + 0;
+    pub const EVENTS: u32 = BASE;
 }
 
 #[cfg(feature = "user")]

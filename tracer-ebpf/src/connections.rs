@@ -10,15 +10,15 @@
 //! each interval.
 
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_user_buf},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf},
     macros::{map, tracepoint},
-    maps::{HashMap, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuHashMap, RingBuf},
     programs::TracePointContext,
 };
 use tracer_common::{
     connections::{
-        flag, origin, ring_kind, ConnInfo, ConnRingEvent, FdKey, MAX_CONN_STACKS,
-        MAX_LIVE_SOCKETS, PEER_LEN,
+        finalizer, flag, origin, ring_kind, ConnInfo, ConnRingEvent, FdKey, FINALIZER_WALK_FRAMES,
+        MAX_CONN_STACKS, MAX_LIVE_SOCKETS, PEER_LEN,
     },
     counter,
     stacks::{StackCounts, StackKey},
@@ -26,7 +26,7 @@ use tracer_common::{
 
 use crate::{
     bump,
-    stacks::{count, counted_stack, syscall_args, user_stack},
+    stacks::{count, counted_stack, syscall_args, user_ip_sp_bp, user_stack},
     target_tgid,
 };
 
@@ -38,6 +38,16 @@ static CONN_FDS: HashMap<FdKey, ConnInfo> = HashMap::with_max_entries(MAX_LIVE_S
 #[map]
 static CONN_STACKS: PerCpuHashMap<StackKey, StackCounts> =
     PerCpuHashMap::with_max_entries(MAX_CONN_STACKS, 0);
+
+/// Per creation stack: sockets closed by the Go runtime's finalizer
+/// goroutine (an unreachable connection closed at some GC), per CPU.
+#[map]
+static CONN_FINALIZED: PerCpuHashMap<StackKey, u64> = PerCpuHashMap::with_max_entries(MAX_CONN_STACKS, 0);
+
+/// `runtime.runfinq`'s pc range in the target (see `finalizer`), set by
+/// user space for a Go target.
+#[map]
+static CONN_FINALIZER: Array<u64> = Array::with_max_entries(2, 0);
 
 /// Rare events user space must act on (close_range).
 #[map]
@@ -85,7 +95,7 @@ fn opened(ctx: &TracePointContext, tgid: u32, fd: u32, info: &mut ConnInfo) {
     info.created_ns = unsafe { bpf_ktime_get_ns() };
     let key = FdKey { tgid, fd };
     // An entry left for this fd means we missed its close: end it first.
-    closed(tgid, fd);
+    let _ = closed(tgid, fd);
     if CONN_FDS.insert(&key, info, 0).is_err() {
         bump(counter::LOST_EVENTS);
         return;
@@ -96,18 +106,48 @@ fn opened(ctx: &TracePointContext, tgid: u32, fd: u32, info: &mut ConnInfo) {
 
 /// Ends a live socket if it is one of ours. Only the side whose delete
 /// succeeds counts it, so user-space reconciliation never double counts.
+/// Returns the socket's creation stack when this call ended it.
 #[inline(always)]
-fn closed(tgid: u32, fd: u32) {
+fn closed(tgid: u32, fd: u32) -> Option<StackKey> {
     let key = FdKey { tgid, fd };
     // SAFETY: copied out before removal.
-    let stack = match unsafe { CONN_FDS.get(&key) } {
-        Some(info) => info.stack,
-        None => return,
-    };
+    let stack = unsafe { CONN_FDS.get(&key) }?.stack;
     if CONN_FDS.remove(&key).is_ok() {
         count(&CONN_STACKS, &stack, 0, 1);
         bump(tracer_common::connections::counter::EVENTS);
+        return Some(stack);
     }
+    None
+}
+
+/// Whether the current close runs on Go's finalizer goroutine: a return
+/// address of the frame-pointer chain lies in `runtime.runfinq`. Walked
+/// only for closes of tracked sockets of a Go target, at most
+/// `FINALIZER_WALK_FRAMES` 16-byte reads.
+#[inline(always)]
+fn closed_by_finalizer() -> bool {
+    let (Some(&start), Some(&end)) = (CONN_FINALIZER.get(finalizer::START), CONN_FINALIZER.get(finalizer::END)) else {
+        return false;
+    };
+    if start == 0 || end <= start {
+        return false;
+    }
+    let Some((_, _, mut fp)) = user_ip_sp_bp() else { return false };
+    for _ in 0..FINALIZER_WALK_FRAMES {
+        if fp < 4096 {
+            return false;
+        }
+        // SAFETY: user memory through the helper, which faults safely.
+        let Ok(frame) = (unsafe { bpf_probe_read_user(fp as *const [u64; 2]) }) else { return false };
+        if frame[1] >= start && frame[1] < end {
+            return true;
+        }
+        if frame[0] <= fp {
+            return false;
+        }
+        fp = frame[0];
+    }
+    false
 }
 
 #[tracepoint]
@@ -205,9 +245,27 @@ pub fn conn_accept4_exit(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn conn_close_enter(ctx: TracePointContext) -> u32 {
     if let Some(tgid) = target_tgid() {
-        closed(tgid, arg(&ctx, 0) as u32);
+        if let Some(stack) = closed(tgid, arg(&ctx, 0) as u32) {
+            if closed_by_finalizer() {
+                count_finalized(&stack);
+            }
+        }
     }
     0
+}
+
+/// One more socket of `stack` closed by the finalizer goroutine.
+#[inline(always)]
+fn count_finalized(stack: &StackKey) {
+    // SAFETY: this CPU's value; no other user while we run.
+    match CONN_FINALIZED.get_ptr_mut(stack) {
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            if CONN_FINALIZED.insert(stack, &1, 0).is_err() {
+                bump(counter::LOST_EVENTS);
+            }
+        }
+    }
 }
 
 /// dup2(old, new) / dup3(old, new, flags) close `new` when they succeed.
@@ -216,7 +274,7 @@ pub fn conn_dup_exit(ctx: TracePointContext) -> u32 {
     let Some(tgid) = target_tgid() else { return 0 };
     let [oldfd, newfd, ..] = syscall_args();
     if ret(&ctx) >= 0 && oldfd != newfd {
-        closed(tgid, newfd as u32);
+        let _ = closed(tgid, newfd as u32);
     }
     0
 }

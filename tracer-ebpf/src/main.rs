@@ -7,6 +7,7 @@
 
 mod allocations;
 mod connections;
+mod fds;
 mod maps;
 mod process;
 mod locks;

@@ -14,9 +14,9 @@
 
 use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
-    helpers::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs},
+    helpers::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf, bpf_task_pt_regs},
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
     programs::{tracing::StackIdContext, ProbeContext, TracePointContext},
 };
 use tracer_common::{
@@ -24,7 +24,7 @@ use tracer_common::{
     stacks::{
         rule_kind, unwind_counter, unwind_mode, MissSnapshot, StackCounts, StackKey, SyscallSite, UnwindRule, WalkedFrames,
         MAX_UNWIND_MISSES, MAX_UNWIND_RULES, MISS_STACK_BYTES, MAX_UNWOUND_STACKS, MAX_WALKED_FRAMES, OVERFLOW_STACK, PROVISIONAL_KEY, RULE_AT_PC,
-        UNWOUND_STACK,
+        UNWOUND_STACK, COLLIDED_STACK, MAX_WALKED_STACKS, SCAN_WORDS, WALKED_STACK,
     },
 };
 
@@ -151,9 +151,28 @@ const SIGCONTEXT_IP: u64 = 16;
 #[map]
 pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 
+/// Stacks whose `STACKS` bucket another stack holds, walked instead
+/// ([`user_stack`]), by the hash of their frames.
+#[map]
+pub static STACK_FRAMES: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_WALKED_STACKS, 0);
+
+/// This CPU's [`WalkedFrames`] being built for `STACK_FRAMES`.
+#[map]
+static STACK_SCRATCH: PerCpuArray<WalkedFrames> = PerCpuArray::with_max_entries(1, 0);
+
 /// Address after a `syscall` instruction in a libc wrapper -> return-address offset.
 #[map]
 static SYSCALL_SITES: HashMap<u64, SyscallSite> = HashMap::with_max_entries(1024, 0);
+
+/// The executable's text, `[start, end)` (slots 0 and 1; 0 while unknown):
+/// set by user space from the target's mappings.
+#[map]
+static APP_TEXT: Array<u64> = Array::with_max_entries(2, 0);
+
+/// Per CPU: the top of a user stack copied for [`app_stack`]'s scan (and
+/// one slot for the index found).
+#[map]
+static SCAN_BUF: PerCpuArray<[u64; SCAN_WORDS + 1]> = PerCpuArray::with_max_entries(1, 0);
 
 /// x86-64 `struct pt_regs`, in 8-byte slots.
 const PT_REGS_BP: usize = 4;
@@ -452,14 +471,27 @@ pub fn user_stack(ctx: &TracePointContext) -> StackKey {
         };
         return unwound_stack(UserRegs { ip, sp, bp, at: AT_PC });
     }
-    let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
-        Ok(id) => id,
+    const EEXIST: i32 = 17;
+    match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+        Ok(stack_id) => StackKey { stack_id, caller: missing_caller() },
+        // The bucket is another stack's: walk this one ourselves (the same
+        // frame-pointer chain, the wrapper's caller put back).
+        Err(e) if e == -EEXIST => {
+            let caller = missing_caller();
+            let Some((ip, _, bp)) = user_ip_sp_bp() else {
+                crate::bump(counter::LOST_STACKS);
+                return StackKey { stack_id: -1, caller: 0 };
+            };
+            match walk_user_stack(&STACK_FRAMES, &STACK_SCRATCH, [ip, caller], if caller != 0 { 2 } else { 1 }, bp) {
+                Some(key) => StackKey { stack_id: COLLIDED_STACK, caller: key },
+                None => StackKey { stack_id: -1, caller: 0 },
+            }
+        }
         Err(_) => {
             crate::bump(counter::LOST_STACKS);
-            -1
+            StackKey { stack_id: -1, caller: missing_caller() }
         }
-    };
-    StackKey { stack_id, caller: missing_caller() }
+    }
 }
 
 /// The wrapper's return address when the current syscall site is known.
@@ -501,5 +533,103 @@ pub fn count(table: &PerCpuHashMap<StackKey, StackCounts>, stack: &StackKey, cre
         }
     } else if table.insert(stack, &StackCounts { created, ended }, 0).is_err() {
         crate::bump(counter::LOST_STACKS);
+    }
+}
+
+/// Words below the application's return address searched for the `rbp`
+/// libc saved (`app_stack`).
+const SAVED_RBP_WORDS: usize = 24;
+
+/// The executable's text range (0, 0 until user space sets it).
+#[inline(always)]
+fn app_text() -> (u64, u64) {
+    (APP_TEXT.get(0).copied().unwrap_or(0), APP_TEXT.get(1).copied().unwrap_or(0))
+}
+
+/// The current user stack, also when the syscall is made deep inside libc
+/// (`fopen` -> `__fopen_internal` -> ... -> `__libc_open64`): there libc
+/// has reused `rbp` and the frame-pointer walk stops at the first frame, so
+/// neither `bpf_get_stackid` nor the syscall-site fix reaches the
+/// application. When neither the user ip nor the wrapper's caller lies in
+/// the executable, the top [`SCAN_WORDS`] words of the stack are scanned for
+/// the first return address into the executable (the call into libc), then,
+/// below it, for the `rbp` libc saved (a pointer just up the stack to a
+/// frame whose return address is in the executable), and the walk goes on
+/// from there by frame pointers. Stored as a hand-walked stack (`[ip, return
+/// address, callers...]` under `WALKED_STACK`). Cheap when not needed: two
+/// range checks.
+#[inline(always)]
+pub fn app_stack(
+    ctx: &TracePointContext,
+    table: &HashMap<u64, WalkedFrames>,
+    scratch: &PerCpuArray<WalkedFrames>,
+) -> StackKey {
+    let (lo, hi) = app_text();
+    let regs = user_regs();
+    if regs.is_null() || lo == 0 || hi <= lo {
+        return user_stack(ctx);
+    }
+    let ip = reg(regs, PT_REGS_IP);
+    let sp = reg(regs, PT_REGS_SP);
+    let caller = missing_caller();
+    if (ip >= lo && ip < hi) || (caller >= lo && caller < hi) {
+        return user_stack(ctx);
+    }
+    let in_app = |a: u64| a >= lo && a < hi;
+    let Some(buf) = SCAN_BUF.get_ptr_mut(0) else { return user_stack(ctx) };
+    // SAFETY: this CPU's scratch slot; user memory read through the helper.
+    let buf = unsafe { &mut *buf };
+    if unsafe { bpf_probe_read_user_buf(sp as *const u8, core::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, SCAN_WORDS * 8)) }.is_err() {
+        return user_stack(ctx);
+    }
+    let mut found = SCAN_WORDS;
+    for i in 0..SCAN_WORDS {
+        if in_app(buf[i]) {
+            found = i;
+            break;
+        }
+    }
+    if found >= SCAN_WORDS {
+        return user_stack(ctx);
+    }
+    // Through map memory, so that the verifier goes on with one unknown
+    // index rather than one state per position found.
+    // SAFETY: the extra slot of this CPU's buffer.
+    let at = unsafe {
+        core::ptr::write_volatile(&mut buf[SCAN_WORDS], found as u64);
+        core::ptr::read_volatile(&buf[SCAN_WORDS])
+    } as usize
+        & (SCAN_WORDS - 1);
+    let ret = buf[at];
+    // The application function's frame: libc saved its `rbp` when it first
+    // reused the register, so it sits below the return address among the
+    // live libc frames — a pointer a little up the stack, at a frame whose
+    // return address is in the executable again. (The words above the
+    // return address are the application's own frame: uninitialised buffers
+    // there hold stale return addresses of earlier calls.)
+    let ret_slot = sp + 8 * at as u64;
+    let mut fp = 0u64;
+    // Downwards from the return address: the libc function called by the
+    // application pushes callee-saved registers first thing.
+    for k in 1..=SAVED_RBP_WORDS {
+        if k > at {
+            break;
+        }
+        let w = buf[(at - k) & (SCAN_WORDS - 1)];
+        if w <= ret_slot || w - ret_slot >= (1 << 16) || w & 7 != 0 {
+            continue;
+        }
+        // SAFETY: user memory through the helper, which faults safely.
+        if let Ok(frame) = unsafe { bpf_probe_read_user(w as *const [u64; 2]) } {
+            if in_app(frame[1]) && (frame[0] > w || frame[0] < LOWEST_FRAME) {
+                fp = w;
+                break;
+            }
+        }
+    }
+    crate::bump(counter::SCANNED_STACKS);
+    match walk_user_stack(table, scratch, [ip, ret], 2, fp) {
+        Some(hash) => StackKey { stack_id: WALKED_STACK, caller: hash },
+        None => StackKey { stack_id: -1, caller: 0 },
     }
 }

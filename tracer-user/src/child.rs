@@ -4,7 +4,10 @@
 //! We fork, the child blocks reading a pipe, the tracer attaches to the
 //! child's pid, then one byte on the pipe lets it exec the command. If
 //! leaktrace dies first the pipe closes and the child exits without running
-//! the command untraced.
+//! the command untraced; if it dies later (even by SIGKILL) the kernel kills
+//! the command (`PR_SET_PDEATHSIG`). The command sees what it would see
+//! untraced: default SIGPIPE, an empty signal mask, the descriptor limit
+//! leaktrace was given.
 
 use std::{
     ffi::CString,
@@ -15,6 +18,28 @@ use std::{
 use anyhow::{bail, Result};
 
 
+/// leaktrace's descriptor limit as it was given, before
+/// [`raise_fd_limit`]: what the command gets back.
+static GIVEN_NOFILE: std::sync::OnceLock<libc::rlimit> = std::sync::OnceLock::new();
+
+/// Raises leaktrace's soft descriptor limit to its hard limit (BPF objects,
+/// probes and /metrics clients all take descriptors). A command leaktrace
+/// starts gets the limit leaktrace was given.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: reads and sets our own limit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let _ = GIVEN_NOFILE.set(lim);
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &raised);
+        }
+    }
+}
+
 /// A process leaktrace started and holds before `exec` (run / check -- CMD).
 pub trait HeldChild: Send {
     /// Lets the child exec its command.
@@ -23,6 +48,8 @@ pub trait HeldChild: Send {
     fn reap(&mut self) -> bool;
     /// Stops the child (we started it, we end it).
     fn terminate(&mut self);
+    /// Waits up to `limit` for a child that is exiting; its wait status.
+    fn wait_exit(&mut self, limit: std::time::Duration) -> Option<i32>;
 }
 
 /// A forked child waiting to exec.
@@ -66,11 +93,15 @@ impl Held {
     pub fn spawn(cmd: &[String], stdout_to_stderr: bool) -> Result<Self> {
         let Some((prog, _)) = cmd.split_first() else { bail!("no command given after --") };
         let path = resolve_program(prog)?;
+        crate::procfs::check_executable(&path, &path.display().to_string())?;
         let c_path = CString::new(path.as_os_str().as_bytes())?;
         let c_args: Vec<CString> = cmd.iter().map(|a| CString::new(a.as_bytes())).collect::<Result<_, _>>()?;
         let mut argv: Vec<*const libc::c_char> = c_args.iter().map(|a| a.as_ptr()).collect();
         argv.push(std::ptr::null());
 
+        let given_nofile = GIVEN_NOFILE.get().copied();
+        // SAFETY: getpid cannot fail.
+        let parent = unsafe { libc::getpid() };
         let mut go = [0; 2];
         let mut err = [0; 2];
         // SAFETY: valid arrays of two ints.
@@ -80,13 +111,21 @@ impl Held {
             }
         }
         // SAFETY: after fork the child only calls async-signal-safe functions
-        // (close, read, write, execv, _exit) on memory prepared before fork.
+        // (prctl, getppid, close, read, write, dup2, setrlimit, signal,
+        // sigprocmask, execv, _exit) on memory prepared before fork.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             bail!("fork: {}", std::io::Error::last_os_error());
         }
         if pid == 0 {
             unsafe {
+                // The command dies with leaktrace (even by SIGKILL): it never
+                // runs on untraced. (Not across a set-user-ID exec, which
+                // clears it.) If leaktrace died before this, give up.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+                if libc::getppid() != parent {
+                    libc::_exit(126);
+                }
                 libc::close(go[1]);
                 libc::close(err[0]);
                 let mut b = 0u8;
@@ -102,6 +141,16 @@ impl Held {
                 if stdout_to_stderr {
                     libc::dup2(2, 1);
                 }
+                if let Some(lim) = given_nofile {
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                }
+                // The Rust runtime ignores SIGPIPE in leaktrace; an ignored
+                // signal survives exec. The command gets the default back
+                // (as std::process::Command gives it) and an empty mask.
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                let mut none: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut none);
+                libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
                 libc::execv(c_path.as_ptr(), argv.as_ptr());
                 let e = *libc::__errno_location();
                 libc::write(err[1], &e as *const i32 as *const libc::c_void, 4);
@@ -148,11 +197,21 @@ impl HeldChild for Held {
         let mut status = 0;
         // SAFETY: our child.
         let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
-        if r == self.pid || r < 0 {
+        if r == self.pid {
             self.reaped = true;
             self.status = Some(status);
+        } else if r < 0 {
+            self.reaped = true;
         }
         self.reaped
+    }
+
+    fn wait_exit(&mut self, limit: std::time::Duration) -> Option<i32> {
+        let until = std::time::Instant::now() + limit;
+        while !self.reap() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        self.status
     }
 
     fn terminate(&mut self) {

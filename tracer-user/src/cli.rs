@@ -1,6 +1,6 @@
 //! Command line: `attach`, `run`, `check` and their shared options.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -43,7 +43,8 @@ pub enum Command {
         cmd: Vec<String>,
     },
     /// Trace, then exit 0 if nothing leaks, 3 if any finding has verdict
-    /// "leak" (or a lock's waits exceed --fail-on-wait), 1 on error.
+    /// "leak" (or a lock's waits exceed --fail-on-wait, or a resource runs
+    /// out sooner than --fail-within), 1 on error.
     Check {
         /// Process id to trace (or give `-- CMD ARGS...`).
         #[arg(long, conflicts_with = "cmd")]
@@ -53,6 +54,10 @@ pub enum Command {
         /// needs --track with locks).
         #[arg(long, value_name = "SHARE", value_parser = parse_share)]
         fail_on_wait: Option<f64>,
+        /// Also fail (exit 3) when a resource (open files, threads, memory)
+        /// runs out sooner than DURATION at the current growth (e.g. 10m).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        fail_within: Option<Duration>,
         #[command(flatten)]
         opts: TraceOptions,
         /// Command and arguments to start and trace.
@@ -64,13 +69,14 @@ pub enum Command {
 /// Options common to every command.
 #[derive(Args, Debug, Clone)]
 pub struct TraceOptions {
-    /// How long to trace (e.g. 30s, 2m); default: until Ctrl-C or the target exits.
+    /// How long to trace (e.g. 30s, 2m; at most 365d); default: until
+    /// Ctrl-C or the target exits.
     #[arg(long = "for", value_parser = parse_duration, value_name = "DURATION")]
     pub duration: Option<Duration>,
-    /// Sampling and report interval.
-    #[arg(long, value_parser = parse_duration, default_value = "5s", value_name = "DURATION")]
+    /// Sampling and report interval (250ms to 365d).
+    #[arg(long, value_parser = parse_interval, default_value = "5s", value_name = "DURATION")]
     pub interval: Duration,
-    /// Trackers to run: connections,tasks,maps,allocations,locks (default: connections,tasks).
+    /// Trackers to run: connections,fds,tasks,maps,allocations,locks (default: connections,tasks).
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     pub track: Vec<String>,
     /// Output format: a table for people, or one JSON object per interval.
@@ -79,9 +85,21 @@ pub struct TraceOptions {
     /// Shorthand for --format json.
     #[arg(long)]
     pub json: bool,
-    /// Serve Prometheus metrics at http://ADDR/metrics while tracing.
-    #[arg(long, value_name = "ADDR")]
-    pub listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics at http://ADDR/metrics while tracing
+    /// (HOST:PORT; HOST an address or a name such as localhost).
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    pub listen: Option<String>,
+    /// What counts as your own code when naming a finding's site: functions
+    /// starting with PREFIX (repeatable; e.g. `github.com/acme/` for a
+    /// monorepo, a plugin's package). Default: the main executable's own
+    /// code (Go: package main and the main module).
+    #[arg(long = "own", value_name = "PREFIX")]
+    pub own: Vec<String>,
+    /// Table: list every finding; by default steady ones (nothing to act
+    /// on) are folded into one line so the table leads with what needs
+    /// action. JSON, metrics and files always have every finding.
+    #[arg(long)]
+    pub all: bool,
     /// Findings kept per report (the rest are counted as omitted).
     #[arg(long, default_value_t = 50, value_name = "N")]
     pub max_findings: usize,
@@ -128,7 +146,7 @@ pub struct TraceOptions {
           value_parser = clap::value_parser!(u32).range(1..=1 << 24))]
     pub max_allocations: u32,
     /// Only this kind's flame graph, written to the --flamegraph FILE itself
-    /// (kinds: connection, thread, goroutine, map, allocation, lock).
+    /// (kinds: connection, fd, thread, goroutine, map, allocation, lock).
     #[arg(long, value_name = "KIND", requires = "flamegraph", value_parser = parse_kind)]
     pub flamegraph_kind: Option<Kind>,
     /// How user stacks are walked: `eh-frame` (the compiler's unwind
@@ -146,6 +164,19 @@ pub enum Unwind {
     Fp,
 }
 
+/// A command-line error found after parsing (an unknown tracker, `check`
+/// without a target): exit 2 like clap's own usage errors.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
 /// Output format.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -160,12 +191,41 @@ impl TraceOptions {
     }
 }
 
+/// The longest `--for` and `--interval`: deadlines stay far from the
+/// clock's limits.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The shortest `--interval`: each report reads /proc, the kernel tables
+/// and symbolizes; below this leaktrace would spend a core on itself.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(250);
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 2m)"))?;
     if d.is_zero() {
         return Err("must be more than zero".into());
     }
+    if d > MAX_DURATION {
+        return Err("must be at most 365d".into());
+    }
     Ok(d)
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < MIN_INTERVAL {
+        return Err(format!("must be at least {}", humantime::format_duration(MIN_INTERVAL)));
+    }
+    Ok(d)
+}
+
+/// `HOST:PORT`, HOST a literal address or a name that resolves.
+fn parse_listen(s: &str) -> Result<String, String> {
+    use std::net::ToSocketAddrs;
+    match s.to_socket_addrs() {
+        Ok(addrs) if addrs.len() > 0 => Ok(s.to_string()),
+        Ok(_) => Err("resolves to no address".into()),
+        Err(e) => Err(format!("{e} (examples: 127.0.0.1:9464, localhost:9464, [::1]:9464)")),
+    }
 }
 
 fn parse_share(s: &str) -> Result<f64, String> {
@@ -247,6 +307,7 @@ mod tests {
         assert!(trackers(&["sockets".into()]).unwrap_err().contains("unknown tracker"));
         assert_eq!(trackers(&["maps".into()]).unwrap(), vec!["maps"]);
         assert_eq!(trackers(&["allocations".into()]).unwrap(), vec!["allocations"]);
+        assert_eq!(trackers(&["fds".into(), "connections".into()]).unwrap(), vec!["fds", "connections"]);
     }
 
     #[test]
@@ -268,5 +329,25 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn absurd_durations_and_intervals_are_refused() {
+        assert!(parse_duration("300000000000y").is_err());
+        assert_eq!(parse_duration("366d").unwrap_err(), "must be at most 365d");
+        assert!(parse_duration("365d").is_ok());
+        assert_eq!(parse_interval("1ms").unwrap_err(), "must be at least 250ms");
+        assert!(parse_interval("250ms").is_ok());
+        let err = Cli::try_parse_from(["leaktrace", "attach", "--pid", "1", "--for", "300000000000y"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+    }
+
+    #[test]
+    fn listen_accepts_host_names() {
+        assert_eq!(parse_listen("localhost:9464").unwrap(), "localhost:9464");
+        assert!(parse_listen("127.0.0.1:0").is_ok());
+        assert!(parse_listen("[::1]:9464").is_ok());
+        assert!(parse_listen("localhost").is_err());
+        assert!(parse_listen("no-such-host.invalid:80").is_err());
     }
 }

@@ -1,23 +1,24 @@
 //! The `leaktrace` binary: parses the command line and hands over to
-//! [`leaktrace::session`]. Exit status: 0 ok, 3 `check` found a leak, 1 error
-//! (2 for bad flags, from clap).
+//! [`leaktrace::session`]. Exit status: 0 ok, 3 `check` found a leak, 1 error,
+//! 2 the command line is wrong (clap's errors and [`UsageError`]).
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use leaktrace::{
     child::{Held, HeldChild},
-    cli::{Cli, Command, TraceOptions},
+    cli::{Cli, Command, TraceOptions, UsageError},
     session,
 };
 
 fn main() -> ExitCode {
+    leaktrace::child::raise_fd_limit();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("leaktrace: error: {}", one_line(&e));
-            ExitCode::from(1)
+            leaktrace::output::error(one_line(&e));
+            ExitCode::from(if e.is::<UsageError>() { 2 } else { 1 })
         }
     }
 }
@@ -29,21 +30,29 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut fail_on_wait = None;
+    let mut fail_within = None;
     let (pid, opts, cmd, is_check): (Option<u32>, TraceOptions, Vec<String>, bool) = match cli.command {
         Command::Attach { pid, opts } => (Some(pid), opts, Vec::new(), false),
         Command::Run { opts, cmd } => (None, opts, cmd, false),
-        Command::Check { pid, opts, cmd, fail_on_wait: f } => {
+        Command::Check { pid, opts, cmd, fail_on_wait: f, fail_within: w } => {
+            fail_within = w;
             if pid.is_none() && cmd.is_empty() {
-                anyhow::bail!("check needs --pid PID or -- CMD [ARGS...]");
+                return Err(UsageError("check needs --pid PID or -- CMD [ARGS...]".into()).into());
             }
             fail_on_wait = f;
             (pid, opts, cmd, true)
         }
     };
     // Validate flags before starting anything.
-    leaktrace::cli::trackers(&opts.track).map_err(anyhow::Error::msg)?;
+    leaktrace::cli::trackers(&opts.track).map_err(UsageError)?;
     leaktrace::probes::preflight()?;
 
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // A busy port fails before a command starts or a probe attaches.
+    let listener = match &opts.listen {
+        Some(addr) => Some(rt.block_on(leaktrace::output::metrics::bind(addr))?),
+        None => None,
+    };
     let (pid, child): (u32, Option<Box<dyn HeldChild>>) = match pid {
         Some(pid) => (pid, None),
         None => {
@@ -52,14 +61,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             (held.pid(), Some(Box::new(held)))
         }
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let outcome = rt.block_on(session::trace(pid, &opts, child))?;
+    let outcome = rt.block_on(session::trace(pid, &opts, child, listener, is_check))?;
+    if let Some(status) = outcome.command_status.filter(|s| *s != 0) {
+        // A command that fails on its own is not a program that passed.
+        if is_check {
+            anyhow::bail!("the command {} before the trace ended", describe_wait_status(status));
+        }
+        leaktrace::output::note(format!("the command {}", describe_wait_status(status)));
+    }
     if is_check {
-        let check = leaktrace::render::check::render_check(&outcome.report, fail_on_wait);
-        eprint!("{}", check.text);
+        let check = leaktrace::render::check::render_check(&outcome.report, &outcome.omitted, fail_on_wait, fail_within);
+        leaktrace::output::write_stderr(&check.text);
         if check.failed {
             return Ok(ExitCode::from(3));
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `exited with status 1`, `was killed by signal 11 (SIGSEGV)`.
+fn describe_wait_status(status: i32) -> String {
+    if libc::WIFEXITED(status) {
+        return format!("exited with status {}", libc::WEXITSTATUS(status));
+    }
+    let sig = libc::WTERMSIG(status);
+    // SAFETY: strsignal returns a static or thread-local string.
+    let name = unsafe { std::ffi::CStr::from_ptr(libc::strsignal(sig)) }.to_string_lossy().into_owned();
+    format!("was killed by signal {sig} ({name})")
 }

@@ -76,22 +76,82 @@ pub fn preflight() -> Result<()> {
     if OBJECT.is_empty() {
         bail!("this leaktrace was built without its eBPF programs (LEAKTRACE_SKIP_EBPF=1): rebuild it");
     }
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    if euid != 0 && !has_bpf_caps() {
-        bail!("permission denied: leaktrace needs root (or CAP_BPF and CAP_PERFMON) to load eBPF programs; try sudo");
+    check_kernel_release(&std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default())?;
+    check_pid_namespace(std::fs::read_link("/proc/self/ns/pid").ok().as_deref())?;
+    // Checked for root too: root in a container or a bounded service may
+    // lack them, and the loader would only say "failed to create map".
+    let missing = missing_bpf_caps(effective_caps());
+    if !missing.is_empty() {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        bail!(
+            "permission denied: leaktrace needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) to load eBPF programs; missing: {}{}",
+            missing.join(", "),
+            if root { " (running as root without them: a container or a service with a bounded capability set?)" } else { "; try sudo" }
+        );
     }
     ensure_tracefs()
 }
 
-fn has_bpf_caps() -> bool {
+/// The oldest kernel the programs load on: BPF attach cookies (the
+/// allocation tracker's probe depths) and `bpf_task_pt_regs` (stack walks
+/// from a task's saved registers) arrived in 5.15.
+pub const OLDEST_KERNEL: (u32, u32) = (5, 15);
+
+/// One line instead of a verifier dump when the running kernel (its
+/// `osrelease`, e.g. `5.10.0-32-cloud-amd64`) predates [`OLDEST_KERNEL`].
+/// An unparsable release is let through (the loader will say more).
+pub fn check_kernel_release(release: &str) -> Result<()> {
+    let release = release.trim();
+    let mut nums = release.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse::<u32>());
+    let (Some(Ok(major)), Some(Ok(minor))) = (nums.next(), nums.next()) else { return Ok(()) };
+    if (major, minor) < OLDEST_KERNEL {
+        bail!(
+            "kernel too old: needs Linux {}.{} or newer (BPF attach cookies, bpf_task_pt_regs); this is {release}",
+            OLDEST_KERNEL.0,
+            OLDEST_KERNEL.1
+        );
+    }
+    Ok(())
+}
+
+/// Refuses to run in a PID namespace other than the host's (`ns`: the
+/// link `/proc/self/ns/pid`): the kernel side sees host pids, a `--pid`
+/// numbered in a container would match nothing and every check would pass.
+fn check_pid_namespace(ns: Option<&Path>) -> Result<()> {
+    // PROC_PID_INIT_INO: the initial PID namespace's fixed inode number.
+    const INIT_PID_NS: &str = "pid:[4026531836]";
+    match ns.and_then(|p| p.to_str()) {
+        Some(ns) if ns != INIT_PID_NS => bail!(
+            "leaktrace runs in a PID namespace other than the host's ({ns}): the kernel reports host pids, so the pid given cannot be matched; run it in the host's PID namespace (e.g. docker run --pid=host)"
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// The effective capability bits (CapEff of /proc/self/status).
+fn effective_caps() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let Some(eff) = status.lines().find_map(|l| l.strip_prefix("CapEff:")) else { return false };
-    let Ok(bits) = u64::from_str_radix(eff.trim(), 16) else { return false };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|eff| u64::from_str_radix(eff.trim(), 16).ok())
+        .unwrap_or(0)
+}
+
+/// The capabilities loading and attaching needs that `caps` lacks, by name.
+fn missing_bpf_caps(caps: u64) -> Vec<&'static str> {
+    const CAP_SYS_ADMIN: u64 = 21;
     const CAP_PERFMON: u64 = 38;
     const CAP_BPF: u64 = 39;
-    const CAP_SYS_ADMIN: u64 = 21;
-    bits & (1 << CAP_SYS_ADMIN) != 0 || (bits & (1 << CAP_BPF) != 0 && bits & (1 << CAP_PERFMON) != 0)
+    if caps & (1 << CAP_SYS_ADMIN) != 0 {
+        return Vec::new();
+    }
+    [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|(bit, _)| caps & (1 << bit) == 0)
+        .map(|(_, name)| name)
+        .collect()
 }
 
 /// Tracepoint ids are read from tracefs; mount it when a fresh machine has not.
@@ -222,6 +282,16 @@ impl Probes {
         Ok(())
     }
 
+    /// Tells the kernel side where the executable's code is (`APP_TEXT`).
+    pub fn set_app_text(&mut self, (start, end): (u64, u64)) -> Result<()> {
+        let map = self.ebpf.map_mut("APP_TEXT").ok_or_else(|| anyhow!("APP_TEXT map missing"))?;
+        let mut table: aya::maps::Array<_, u64> = aya::maps::Array::try_from(map)?;
+        table.set(0, 0, 0)?;
+        table.set(1, end, 0)?;
+        table.set(0, start, 0)?;
+        Ok(())
+    }
+
     /// Tells the kernel side where libc's wrappers keep their return address
     /// (replacing what an earlier image of the process had).
     pub fn set_syscall_sites(&mut self, sites: &[crate::stacks::syscall_sites::SyscallSite]) -> Result<usize> {
@@ -266,5 +336,31 @@ mod tests {
         let old = "\tfield:char child_comm[16];\toffset:28;\tsize:16;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;\n";
         assert_eq!(parse_field_offset(old, "child_pid"), Some(44));
         assert_eq!(parse_field_offset(old, "parent_pid"), None);
+    }
+
+    #[test]
+    fn kernels_before_5_15_are_refused_in_one_line() {
+        let e = check_kernel_release("5.10.0-32-cloud-amd64\n").unwrap_err().to_string();
+        assert_eq!(e, "kernel too old: needs Linux 5.15 or newer (BPF attach cookies, bpf_task_pt_regs); this is 5.10.0-32-cloud-amd64");
+        assert!(check_kernel_release("4.19.0-27-amd64").is_err());
+        for ok in ["5.15.0-1", "6.1.0-44-cloud-amd64", "6.12.117+deb13-cloud-amd64", "7.2.13+deb14-cloud-amd64", "weird"] {
+            assert!(check_kernel_release(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn only_the_host_pid_namespace_is_accepted() {
+        assert!(check_pid_namespace(Some(Path::new("pid:[4026531836]"))).is_ok());
+        assert!(check_pid_namespace(None).is_ok());
+        let err = check_pid_namespace(Some(Path::new("pid:[4026532301]"))).unwrap_err().to_string();
+        assert!(err.starts_with("leaktrace runs in a PID namespace other than the host's (pid:[4026532301])"), "{err}");
+    }
+
+    #[test]
+    fn missing_capabilities_are_named() {
+        assert_eq!(missing_bpf_caps(0), vec!["CAP_BPF", "CAP_PERFMON"]);
+        assert_eq!(missing_bpf_caps(1 << 39), vec!["CAP_PERFMON"]);
+        assert!(missing_bpf_caps((1 << 39) | (1 << 38)).is_empty());
+        assert!(missing_bpf_caps(1 << 21).is_empty());
     }
 }

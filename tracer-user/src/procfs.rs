@@ -18,6 +18,11 @@ pub struct Mapping {
     pub offset: u64,
     pub executable: bool,
     pub path: PathBuf,
+    /// Device (major, minor) and inode of the mapped file: which file it
+    /// is, whatever its path now names (another mount namespace, a file
+    /// replaced or deleted since).
+    pub dev: (u32, u32),
+    pub inode: u64,
 }
 
 /// The target's file mappings, sorted by start address.
@@ -48,7 +53,7 @@ impl MemoryMap {
         let mut mappings = Vec::new();
         for line in text.lines() {
             let mut it = line.split_ascii_whitespace();
-            let (Some(range), Some(perms), Some(offset), Some(_dev), Some(_inode)) =
+            let (Some(range), Some(perms), Some(offset), Some(dev), Some(inode)) =
                 (it.next(), it.next(), it.next(), it.next(), it.next())
             else {
                 continue;
@@ -66,12 +71,18 @@ impl MemoryMap {
             ) else {
                 continue;
             };
+            let dev = dev
+                .split_once(':')
+                .and_then(|(ma, mi)| Some((u32::from_str_radix(ma, 16).ok()?, u32::from_str_radix(mi, 16).ok()?)))
+                .unwrap_or((0, 0));
             mappings.push(Mapping {
                 start,
                 end,
                 offset,
                 executable: perms.as_bytes().get(2) == Some(&b'x'),
                 path: PathBuf::from(path),
+                dev,
+                inode: inode.parse().unwrap_or(0),
             });
         }
         mappings.sort_by_key(|m| m.start);
@@ -104,16 +115,39 @@ impl MemoryMap {
     }
 }
 
-/// Whether the process exists and is not a zombie.
-pub fn is_alive(pid: u32) -> bool {
+/// The `[start, end)` of the executable's code in the process (its
+/// executable mappings of `/proc/PID/exe`).
+pub fn exe_text(pid: u32, map: &MemoryMap) -> Option<(u64, u64)> {
+    let exe = fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let exe = exe.to_string_lossy();
+    let exe = Path::new(exe.trim_end_matches(" (deleted)"));
+    let text: Vec<&Mapping> = map.mappings.iter().filter(|m| m.executable && m.path == exe).collect();
+    Some((text.iter().map(|m| m.start).min()?, text.iter().map(|m| m.end).max()?))
+}
+
+/// Whether the process exists and is not a zombie; an error when /proc
+/// cannot tell (leaktrace out of descriptors or memory): a failure of our
+/// own is never the target's death.
+pub fn liveness(pid: u32) -> io::Result<bool> {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
             // State is the first field after the parenthesised comm.
             let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
-            !matches!(state, Some('Z') | Some('X') | None)
+            Ok(!matches!(state, Some('Z') | Some('X') | None))
         }
-        Err(_) => false,
+        Err(e) if is_gone(&e) => Ok(false),
+        Err(e) => Err(e),
     }
+}
+
+/// Whether an error reading /proc/PID/... means the process is gone.
+fn is_gone(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH)
+}
+
+/// [`liveness`], taking "cannot tell" for alive.
+pub fn is_alive(pid: u32) -> bool {
+    liveness(pid).unwrap_or(true)
 }
 
 /// Whether the process still has its address space. An exiting process
@@ -141,6 +175,7 @@ pub fn check_target(pid: u32) -> Result<()> {
     if fs::read_link(format!("/proc/{pid}/exe")).is_err() && fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|m| m.is_empty()) {
         bail!("{pid} is a kernel thread: nothing to trace");
     }
+    check_executable(Path::new(&format!("/proc/{pid}/exe")), &format!("{pid} ({})", comm(pid)))?;
     // Only whole processes: a thread id is not a target.
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     if let Some(tgid) = status.lines().find_map(|l| l.strip_prefix("Tgid:")) {
@@ -148,6 +183,25 @@ pub fn check_target(pid: u32) -> Result<()> {
         if tgid != pid {
             bail!("{pid} is a thread of process {tgid}: give the process id (--pid {tgid})");
         }
+    }
+    Ok(())
+}
+
+/// Refuses what the probes cannot read: a 32-bit or non-x86-64 ELF
+/// executable (its syscalls and stacks are another ABI; traced, it would
+/// silently show 0 events). Anything that is not ELF (a script before its
+/// exec, an unreadable file) passes: its interpreter is judged after exec.
+pub fn check_executable(path: &Path, who: &str) -> Result<()> {
+    let mut head = [0u8; 20];
+    let Ok(mut f) = fs::File::open(path) else { return Ok(()) };
+    if io::Read::read_exact(&mut f, &mut head).is_err() || head[..4] != *b"\x7fELF" {
+        return Ok(());
+    }
+    let machine = u16::from_le_bytes([head[18], head[19]]);
+    const EM_X86_64: u16 = 62;
+    if head[4] != 2 || machine != EM_X86_64 {
+        let what = if head[4] == 1 { "a 32-bit program".to_string() } else { format!("an ELF for machine {machine}") };
+        bail!("{who} is {what}: leaktrace traces 64-bit x86-64 processes only");
     }
     Ok(())
 }
@@ -176,22 +230,154 @@ pub fn thread_comm(pid: u32, tid: u32) -> Option<String> {
     fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok().map(|s| s.trim_end().to_string())
 }
 
-/// Open fds of the process that are sockets, with the socket's inode.
-pub fn socket_fds(pid: u32) -> io::Result<HashMap<u32, u64>> {
-    let mut out = HashMap::new();
+/// Open fds of the process with what each link names (`/proc/PID/fd/N`).
+fn fd_links(pid: u32) -> io::Result<Vec<(u32, PathBuf)>> {
+    let mut out = Vec::new();
     for entry in fs::read_dir(format!("/proc/{pid}/fd"))? {
         let Ok(entry) = entry else { continue };
         let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
         if let Ok(target) = fs::read_link(entry.path()) {
-            let t = target.to_string_lossy();
-            if let Some(ino) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
-                out.insert(fd, ino.parse().unwrap_or(0));
-            }
+            out.push((fd, target));
         }
     }
     Ok(out)
+}
+
+/// Open fds of the process that are sockets, with the socket's inode.
+pub fn socket_fds(pid: u32) -> io::Result<HashMap<u32, u64>> {
+    let mut out = HashMap::new();
+    for (fd, target) in fd_links(pid)? {
+        let t = target.to_string_lossy();
+        if let Some(ino) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+            out.insert(fd, ino.parse().unwrap_or(0));
+        }
+    }
+    Ok(out)
+}
+
+/// One open fd as /proc shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FdEntry {
+    /// The object it refers to: (device, inode) of the link's target. Anon
+    /// inodes (eventfd, epoll...) share one inode per kind.
+    pub identity: (u64, u64),
+    /// `file`, `pipe`, `socket`, `epoll`, `eventfd`... from the link.
+    pub kind: &'static str,
+    /// Files: the path (` (deleted)` kept: the file was unlinked while open).
+    pub path: Option<String>,
+}
+
+/// Every open fd of the process: what it is and which object it names.
+pub fn fd_table(pid: u32) -> io::Result<HashMap<u32, FdEntry>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = HashMap::new();
+    for (fd, target) in fd_links(pid)? {
+        let link = target.to_string_lossy();
+        let identity = fs::metadata(format!("/proc/{pid}/fd/{fd}")).map(|m| (m.dev(), m.ino())).unwrap_or((0, 0));
+        let kind = fd_kind(&link);
+        let path = (kind == "file").then(|| link.into_owned());
+        out.insert(fd, FdEntry { identity, kind, path });
+    }
+    Ok(out)
+}
+
+/// The kind of object a `/proc/PID/fd` link names.
+pub fn fd_kind(link: &str) -> &'static str {
+    if link.starts_with("/memfd:") {
+        return "memfd";
+    }
+    if link.starts_with('/') {
+        return "file";
+    }
+    let Some((prefix, rest)) = link.split_once(':') else { return "other" };
+    let name = rest.trim_start_matches('[').trim_end_matches(']');
+    match (prefix, name) {
+        ("socket", _) => "socket",
+        ("pipe", _) => "pipe",
+        ("anon_inode", "eventpoll") => "epoll",
+        ("anon_inode", "eventfd") => "eventfd",
+        ("anon_inode", "timerfd") => "timerfd",
+        ("anon_inode", "signalfd") => "signalfd",
+        ("anon_inode", "inotify") => "inotify",
+        ("anon_inode", "fanotify") => "fanotify",
+        ("anon_inode", "userfaultfd") => "userfaultfd",
+        ("anon_inode", "pidfd") => "pidfd",
+        ("anon_inode", "io_uring") => "io_uring",
+        _ => "other",
+    }
+}
+
+/// How many fds the process has open.
+pub fn fd_count(pid: u32) -> io::Result<u64> {
+    Ok(fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64)
+}
+
+/// The process's soft limit on open files (`Max open files` in
+/// /proc/PID/limits); None when unlimited or unreadable.
+pub fn open_files_limit(pid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..].split_ascii_whitespace().next()?.parse().ok()
+}
+
+/// The cgroup directories of the process, innermost first, up to the root:
+/// the v2 hierarchy's, else the v1 `controller` hierarchy's.
+pub fn cgroup_dirs(pid: u32, controller: &str) -> Vec<PathBuf> {
+    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else { return Vec::new() };
+    let mut found = None;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        if ctrls.is_empty() && Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            found = Some(PathBuf::from("/sys/fs/cgroup").join(path.trim_start_matches('/')));
+            break;
+        }
+        if ctrls.split(',').any(|c| c == controller) {
+            found = Some(PathBuf::from("/sys/fs/cgroup").join(controller).join(path.trim_start_matches('/')));
+        }
+    }
+    let mut out = Vec::new();
+    let mut dir = found;
+    while let Some(d) = dir {
+        if !d.starts_with("/sys/fs/cgroup") || d.as_os_str().len() < "/sys/fs/cgroup".len() {
+            break;
+        }
+        dir = d.parent().map(Path::to_path_buf);
+        out.push(d);
+    }
+    out
+}
+
+/// A cgroup file holding one number; None for `max`, a missing file or garbage.
+pub fn cgroup_value(dir: &Path, file: &str) -> Option<u64> {
+    fs::read_to_string(dir.join(file)).ok()?.trim().parse().ok()
+}
+
+/// Threads on the whole system (`/proc/loadavg`'s scheduling entities) and
+/// the kernel's limit (`/proc/sys/kernel/threads-max`).
+pub fn system_threads() -> Option<(u64, u64)> {
+    let load = fs::read_to_string("/proc/loadavg").ok()?;
+    let total = load.split_ascii_whitespace().nth(3)?.split_once('/')?.1.parse().ok()?;
+    let max = fs::read_to_string("/proc/sys/kernel/threads-max").ok()?.trim().parse().ok()?;
+    Some((total, max))
+}
+
+/// The process's resident set, bytes (`VmRSS`).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = text.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A variable of the process's initial environment.
+pub fn environ_var(pid: u32, name: &str) -> Option<String> {
+    let data = fs::read(format!("/proc/{pid}/environ")).ok()?;
+    data.split(|&b| b == 0).find_map(|kv| {
+        let kv = std::str::from_utf8(kv).ok()?;
+        kv.strip_prefix(name)?.strip_prefix('=').map(str::to_string)
+    })
 }
 
 /// Remote addresses of the process's TCP and UDP sockets by inode, from
@@ -241,22 +427,70 @@ fn parse_net_addr(s: &str, v6: bool) -> Option<String> {
     None
 }
 
-/// The ELF file behind a mapping, opened through the target's root and
-/// map_files when the path alone may not reach it (containers, deleted files).
+/// The file a mapping maps, as a path leaktrace can open and probe: the
+/// path itself when it still names that file (same device and inode), else
+/// the path in the target's mount namespace (`/proc/PID/root/...`: a
+/// container's own libc), else the mapping itself (`/proc/PID/map_files/...`:
+/// an executable replaced or deleted since it started). Symbols, syscall
+/// sites and uprobes all go through here, so they are the target's file.
 pub fn object_path(pid: u32, m: &Mapping) -> PathBuf {
-    if m.path.exists() {
-        return m.path.clone();
+    let candidates = [m.path.clone(), PathBuf::from(format!("/proc/{pid}/root{}", m.path.display()))];
+    if m.inode == 0 {
+        return candidates.into_iter().find(|p| p.exists()).unwrap_or_else(|| map_files(pid, m));
     }
-    let via_root = PathBuf::from(format!("/proc/{pid}/root{}", m.path.display()));
-    if via_root.exists() {
-        return via_root;
+    for path in candidates {
+        if is_same_file(&path, m) {
+            return path;
+        }
     }
+    let mapped = map_files(pid, m);
+    if mapped.exists() {
+        return mapped;
+    }
+    // Without CAP_SYS_ADMIN map_files cannot be opened: the best guess.
+    PathBuf::from(format!("/proc/{pid}/root{}", m.path.display()))
+}
+
+fn map_files(pid: u32, m: &Mapping) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
+}
+
+/// Whether `path` is the file `m` maps (device and inode).
+fn is_same_file(path: &Path, m: &Mapping) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = fs::metadata(path) else { return false };
+    let dev = meta.dev();
+    meta.ino() == m.inode && (libc::major(dev), libc::minor(dev)) == m.dev
+}
+
+/// The path of the process's executable as its memory map names it
+/// (`/proc/PID/exe` without the ` (deleted)` of a replaced file).
+pub fn exe_path(pid: u32) -> Option<PathBuf> {
+    let link = fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let text = link.to_str()?;
+    Some(PathBuf::from(text.strip_suffix(" (deleted)").unwrap_or(text)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A mapping resolves to the file it maps: its path while that names
+    /// the same inode, else the mapping itself (map_files, needs root).
+    #[test]
+    fn object_path_is_the_mapped_file() {
+        let pid = std::process::id();
+        let map = MemoryMap::read(pid).unwrap();
+        let exe = exe_path(pid).unwrap();
+        let m = map.mappings.iter().find(|m| m.path == exe && m.executable).unwrap();
+        assert_eq!(object_path(pid, m), m.path);
+        let replaced = Mapping { inode: m.inode + 1, ..m.clone() };
+        let path = object_path(pid, &replaced);
+        assert_ne!(path, m.path, "a path naming another inode was taken for the mapped file");
+        if unsafe { libc::geteuid() } == 0 {
+            assert_eq!(path, PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)));
+        }
+    }
 
     #[test]
     fn parses_proc_net_addresses() {
@@ -273,6 +507,19 @@ mod tests {
     }
 
     #[test]
+    fn names_fd_kinds_from_links() {
+        assert_eq!(fd_kind("/var/log/app.log"), "file");
+        assert_eq!(fd_kind("pipe:[123]"), "pipe");
+        assert_eq!(fd_kind("socket:[9]"), "socket");
+        assert_eq!(fd_kind("anon_inode:[eventfd]"), "eventfd");
+        assert_eq!(fd_kind("anon_inode:[eventpoll]"), "epoll");
+        assert_eq!(fd_kind("anon_inode:inotify"), "inotify");
+        assert_eq!(fd_kind("/memfd:cache (deleted)"), "memfd");
+        assert_eq!(fd_kind("anon_inode:[io_uring]"), "io_uring");
+        assert_eq!(fd_kind("weird"), "other");
+    }
+
+    #[test]
     fn parses_maps_and_finds_addresses() {
         let text = "\
 55d0c0000000-55d0c0001000 r--p 00000000 fe:01 123 /usr/bin/demo
@@ -284,6 +531,7 @@ mod tests {
         assert_eq!(map.mappings.len(), 3);
         let m = map.find(0x55d0c0001234).unwrap();
         assert!(m.executable);
+        assert_eq!((m.dev, m.inode), ((0xfe, 1), 123));
         assert_eq!(m.path, PathBuf::from("/usr/bin/demo"));
         assert!(map.find(0x7f0000000010).is_none());
         assert!(map.find(0x55d0c0002000).is_none());

@@ -31,6 +31,10 @@ pub struct Frame {
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
     Leak,
+    /// Connections mostly closed by Go's finalizers, not by the program: a
+    /// forgotten `Close` the garbage collector cleans up at some later GC
+    /// (rule: `judge::unclosed_verdict`).
+    Unclosed,
     Growing,
     /// Locks: waiters lost a noticeable share of the window on this lock
     /// (rule: `judge::contention::contention_verdict`).
@@ -42,6 +46,7 @@ impl Verdict {
     pub fn as_str(self) -> &'static str {
         match self {
             Verdict::Leak => "leak",
+            Verdict::Unclosed => "unclosed",
             Verdict::Growing => "growing",
             Verdict::Contended => "contended",
             Verdict::Steady => "steady",
@@ -60,11 +65,14 @@ pub enum Kind {
     Allocation,
     /// A contended lock (`--track locks`).
     Lock,
+    /// A file descriptor other than a socket made by socket/accept (`--track fds`).
+    Fd,
 }
 
 impl Kind {
     /// Every kind, in report order.
-    pub const ALL: &'static [Kind] = &[Kind::Connection, Kind::Thread, Kind::Goroutine, Kind::Map, Kind::Allocation, Kind::Lock];
+    pub const ALL: &'static [Kind] =
+        &[Kind::Connection, Kind::Fd, Kind::Thread, Kind::Goroutine, Kind::Map, Kind::Allocation, Kind::Lock];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -74,6 +82,7 @@ impl Kind {
             Kind::Map => "map",
             Kind::Allocation => "allocation",
             Kind::Lock => "lock",
+            Kind::Fd => "fd",
         }
     }
 
@@ -90,8 +99,14 @@ impl Kind {
 pub struct Finding {
     pub kind: Kind,
     pub verdict: Verdict,
-    /// First frame outside runtimes, libc and standard libraries.
+    /// The program's own code that created the objects: the innermost own
+    /// frame (rule: `stacks::symbolize::OwnCode`).
     pub site: String,
+    /// The outermost library frame the site went through
+    /// (`github.com/gomodule/redigo/redis.Dial`); absent when only runtimes
+    /// and standard libraries lie below the site.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
     /// Innermost first.
     pub stack: Vec<Frame>,
     /// Index in `stack` of the site's frame: renderers show the stack from
@@ -129,6 +144,20 @@ pub struct Finding {
     /// window, bytes per minute (the verdict is judged on bytes).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub growth_bytes_per_min: Option<f64>,
+    /// fds: what the fds are (`file`, `pipe`, `socketpair`, `epoll`,
+    /// `eventfd`, `timerfd`, `signalfd`, `inotify`, `fanotify`, `memfd`,
+    /// `userfaultfd`, `pidfd`, `socket`, `other`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fd_type: Option<String>,
+    /// fds of type `file`: the first path seen for this stack.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// fds of type `file`: distinct paths among the live fds seen (at most 1024).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distinct_paths: Option<u64>,
+    /// Growing or leaking findings: the limit this growth runs into first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exhausts: Option<Exhaustion>,
     /// Locks: what the lock cost its waiters (fields flattened into the finding).
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub lock: Option<LockInfo>,
@@ -136,6 +165,15 @@ pub struct Finding {
     pub created: u64,
     /// Objects from this stack that ended since attach.
     pub ended: u64,
+    /// Objects that already existed when leaktrace attached, grouped by
+    /// `peer` / `thread_name`: their creation stack is unknown (`stack` is
+    /// empty, `site` is `"[before attach]"`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub before_attach: bool,
+    /// Connections of a Go program: how many of `ended` the Go runtime's
+    /// finalizers closed (the program dropped them without `Close`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_by_finalizer: Option<u64>,
 }
 
 impl Finding {
@@ -147,6 +185,7 @@ impl Finding {
             kind,
             verdict,
             site: String::new(),
+            via: None,
             stack: Vec::new(),
             site_index: 0,
             live: 0,
@@ -159,11 +198,38 @@ impl Finding {
             map: None,
             live_bytes: None,
             growth_bytes_per_min: None,
+            fd_type: None,
+            path: None,
+            distinct_paths: None,
+            exhausts: None,
             lock: None,
             created: 0,
             ended: 0,
+            ended_by_finalizer: None,
+            before_attach: false,
         }
     }
+}
+
+/// When a growing resource runs out, for one finding (its own slope) or for
+/// the whole process (every growing finding's slope: [`Report::exhaustion`]).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Exhaustion {
+    /// `open files`, `threads`, `memory`, `ephemeral ports to PEER`.
+    pub resource: String,
+    /// Where the limit comes from (`RLIMIT_NOFILE`, `pids.max`, ...).
+    pub limit_source: String,
+    pub limit: u64,
+    /// In use now (fds open, tasks in the cgroup, bytes resident, sockets to the peer).
+    pub in_use: u64,
+    /// Seconds until `in_use` reaches `limit` at the current slope.
+    pub seconds: f64,
+    /// This site's share of the resource's growth (0..1); on the report: the
+    /// top site's.
+    pub share: f64,
+    /// Report only: the site with the largest share.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
 }
 
 /// A lock finding's own fields (kind "lock"). Totals are since attach; the
@@ -191,8 +257,11 @@ pub struct LockInfo {
     /// The holder: the code that released the lock to waiters (its unlock
     /// woke them), innermost first; empty when no wake was seen.
     pub holder_stack: Vec<Frame>,
-    /// Site of the holder stack (first application frame).
+    /// Site of the holder stack (its own-code frame, as for the finding).
     pub holder_site: String,
+    /// Index of that frame in `holder_stack`. Not part of the JSON.
+    #[serde(skip)]
+    pub holder_site_index: usize,
     /// Wakes by the holder stack shown / by all holder stacks.
     pub holder_wakes: u64,
 }
@@ -243,6 +312,9 @@ pub struct Report {
     pub events: BTreeMap<&'static str, u64>,
     /// Findings not shown because of `--max-findings` (bounded output).
     pub findings_omitted: u64,
+    /// The resource that runs out first at the current growth, and when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exhaustion: Option<Exhaustion>,
     /// Allocations: frees of blocks allocated before attach (or not
     /// sampled), ignored rather than subtracted from any stack.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -14,9 +14,9 @@ use crate::{
     output::{self, Outlet},
     probes::{self, LoadSettings, Probes},
     procfs::{self, MemoryMap},
-    report::{Lost, Report},
+    report::{Finding, Lost, Report},
     stacks::resolve::StackResolver,
-    stacks::symbolize::{StrippedWarnings, SymbolizerService},
+    stacks::symbolize::{OwnCode, StrippedWarnings, SymbolizerService},
     stacks::{syscall_sites, unwind::Unwinder},
     trackers::{Counters, Tally, Target, Tracker, REGISTRY},
 };
@@ -27,12 +27,20 @@ pub enum EndReason {
     Duration,
     Signal,
     TargetExited,
+    /// The reader of stdout went away (`attach ... | head`).
+    OutputClosed,
 }
 
 /// What a finished session hands back to the CLI.
 pub struct Outcome {
     pub report: Report,
+    /// Findings of the final report cut by `--max-findings`: `check` judges
+    /// them too.
+    pub omitted: Vec<Finding>,
     pub end: EndReason,
+    /// The command's wait status when leaktrace started it (`run`,
+    /// `check -- CMD`) and it exited on its own.
+    pub command_status: Option<i32>,
 }
 
 /// Everything a session holds while it traces: dropping it detaches.
@@ -50,10 +58,25 @@ struct Session {
     max_findings: usize,
     /// Objects already warned about for having no symbols.
     stripped: StrippedWarnings,
+    /// The findings the last report cut (`--max-findings`).
+    omitted: Vec<Finding>,
+    /// The last limit read per resource (kept for the report after exit).
+    limits: std::collections::HashMap<&'static str, judge::exhaustion::Limit>,
+    /// The executable's text range given to the kernel side.
+    app_text: (u64, u64),
 }
 
-/// Traces `pid` until the duration ends, a signal comes or the target exits.
-pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn HeldChild>>) -> Result<Outcome> {
+/// Traces `pid` until the duration ends, a signal comes, the target exits
+/// or (unless `to_the_end`: `check`, whose verdict is its exit status)
+/// nobody reads stdout any more.
+/// `listener`: the `--listen` socket, bound before anything started.
+pub async fn trace(
+    pid: u32,
+    opts: &TraceOptions,
+    mut child: Option<Box<dyn HeldChild>>,
+    listener: Option<tokio::net::TcpListener>,
+    to_the_end: bool,
+) -> Result<Outcome> {
     let names = crate::cli::trackers(&opts.track).map_err(anyhow::Error::msg)?;
     probes::preflight()?;
     procfs::check_target(pid)?;
@@ -75,6 +98,8 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
         // later, mapped by the dynamic loader: watch for it closely so the
         // first events already get their direct caller.
         c.release()?;
+        // What it exec'd (a command that already exited is judged as such).
+        procfs::check_executable(std::path::Path::new(&format!("/proc/{pid}/exe")), &format!("{pid} ({})", procfs::comm(pid)))?;
         s.wait_for_libc(Duration::from_secs(2)).await;
     }
     let comm_at_start = procfs::comm(pid);
@@ -83,7 +108,7 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
         t.on_start(&mut s.probes, &s.target);
     }
 
-    let outlet = Outlet::open(opts).await?;
+    let outlet = Outlet::open(opts, listener).await?;
     output::note(format!(
         "attached to {pid} ({comm_at_start}): tracking {}; {}",
         names.join(","),
@@ -103,6 +128,8 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     // machine) must not be followed by a burst of samples a few ms apart.
     report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut poll_tick = tokio::time::interval(Duration::from_millis(100));
+    // Warned once that /proc could not be read (our own failure).
+    let mut proc_unreadable = false;
     // Rules missing for a new call path cut its stacks short until learned
     // (one round per frame): learn them quickly.
     let mut unwind_tick = tokio::time::interval(Duration::from_millis(10));
@@ -124,8 +151,18 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
             _ = poll_tick.tick() => {
                 s.poll().await;
                 let gone = child.as_mut().map(|c| c.reap()).unwrap_or(false);
-                if gone || s.lifecycle.exited || !procfs::is_alive(pid) {
+                let alive = procfs::liveness(pid).unwrap_or_else(|e| {
+                    if !proc_unreadable {
+                        output::warn(format!("cannot read /proc/{pid}/stat ({e}): leaktrace's own failure, still tracing"));
+                        proc_unreadable = true;
+                    }
+                    true
+                });
+                if gone || s.lifecycle.exited || !alive {
                     break EndReason::TargetExited;
+                }
+                if !to_the_end && outlet.stdout_closed() {
+                    break EndReason::OutputClosed;
                 }
             }
             _ = report_tick.tick() => {
@@ -138,6 +175,9 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
         }
     };
 
+    if end == EndReason::OutputClosed {
+        output::note("stdout was closed: ending the trace");
+    }
     let alive = end != EndReason::TargetExited && procfs::is_alive(pid);
     let exited = !alive && end == EndReason::TargetExited;
     // After the target exits its objects vanish without end events: the
@@ -146,10 +186,12 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     s.target.alive = alive;
     let final_report = s.report(start, true, exited).await?;
     outlet.publish(final_report.clone());
+    let mut command_status = None;
     if let Some(c) = child.as_mut() {
-        if !c.reap() {
-            c.terminate();
+        if end == EndReason::TargetExited {
+            command_status = c.wait_exit(Duration::from_secs(1));
         }
+        c.terminate();
     }
     outlet.close().await;
     for note in s.trackers.iter().filter_map(|t| t.closing_note()) {
@@ -158,12 +200,13 @@ pub async fn trace(pid: u32, opts: &TraceOptions, mut child: Option<Box<dyn Held
     if let Some(u) = &s.unwinder {
         output::note(u.stats.summary());
     }
+    let omitted = std::mem::take(&mut s.omitted);
     drop(s);
     output::note(format!("detached from {pid}"));
     // After the final report is printed: a file that cannot be written is an
     // error (exit 1), but the report is not lost.
     output::write_exports(&final_report, opts, started_wall)?;
-    Ok(Outcome { report: final_report, end })
+    Ok(Outcome { report: final_report, omitted, end, command_status })
 }
 
 impl Session {
@@ -188,6 +231,8 @@ impl Session {
         let unwinder = if unwind { Some(Unwinder::new(&mut probes, pid)?) } else { None };
         let counters = Counters(probes.take_map("COUNTERS")?);
         let lifecycle = Lifecycle::attach(&mut probes)?;
+        let mut judge = Judge::new(opts.interval);
+        judge.own.prefixes = opts.own.clone();
         Ok(Self {
             probes,
             trackers,
@@ -196,16 +241,26 @@ impl Session {
             resolver,
             unwinder,
             counters,
-            judge: Judge::new(opts.interval),
+            judge,
             comm: procfs::comm(pid),
             max_findings: opts.max_findings,
             stripped: StrippedWarnings::default(),
+            omitted: Vec::new(),
+            limits: Default::default(),
+            app_text: (0, 0),
         })
     }
 
     /// Hands newly read mappings to every tracker, and loads libc's syscall
     /// sites until a libc is there (late: `dlopen`, `run` before the loader).
     fn sync_mappings(&mut self, mappings: &MemoryMap) {
+        // Where the executable's code is: `stacks::app_stack` finds the
+        // application's frames under deep libc calls by it.
+        if let Some(range) = procfs::exe_text(self.target.pid, mappings) {
+            if range != self.app_text && self.probes.set_app_text(range).is_ok() {
+                self.app_text = range;
+            }
+        }
         for t in &mut self.trackers {
             t.on_mappings(&mut self.probes, &self.target, mappings);
         }
@@ -272,6 +327,17 @@ impl Session {
         }
     }
 
+    /// Reads what counts as the program's own code again when the target's
+    /// executable changed (first report, after an exec); kept once it exited.
+    fn refresh_own_code(&mut self) {
+        let Ok(exe) = std::fs::read_link(format!("/proc/{}/exe", self.target.pid)) else { return };
+        let exe = exe.display().to_string();
+        if self.judge.own.executable.as_deref() != Some(exe.trim_end_matches(" (deleted)")) {
+            let prefixes = std::mem::take(&mut self.judge.own.prefixes);
+            self.judge.own = OwnCode::of_process(self.target.pid, &prefixes);
+        }
+    }
+
     /// Collects every tracker, resolves the stacks, judges and builds one report.
     async fn report(&mut self, start: Instant, is_final: bool, exited: bool) -> Result<Report> {
         if !is_final {
@@ -291,9 +357,21 @@ impl Session {
         for tr in &mut self.trackers {
             collected.push(tr.collect(&mut self.probes, &self.target, now)?);
         }
+        self.refresh_own_code();
         let mut findings = self.judge.findings(&collected, &mut self.resolver, &self.target.memory, t).await;
         self.stripped.warn_once(&findings);
-        let omitted = judge::rank(&mut findings, self.max_findings);
+        // Limits are read while the target lives; after its exit the last
+        // ones read stand (the final report shows the state at exit).
+        let (pid, alive, limits) = (self.target.pid, self.target.alive, &mut self.limits);
+        let exhaustion = judge::exhaustion::annotate(&mut findings, |r| {
+            if alive {
+                if let Some(l) = judge::exhaustion::read_limit(pid, r) {
+                    limits.insert(r, l);
+                }
+            }
+            limits.get(r).cloned()
+        });
+        self.omitted = judge::rank(&mut findings, self.max_findings);
 
         let tally = Tally::sum(self.trackers.iter().map(|tr| tr.tally(&self.counters)));
         use tracer_common::counter as c;
@@ -316,7 +394,8 @@ impl Session {
             findings,
             lost,
             events: tally.events.iter().map(|(k, n)| (k.as_str(), *n)).collect(),
-            findings_omitted: omitted,
+            findings_omitted: self.omitted.len() as u64,
+            exhaustion,
             untracked_frees: tally.untracked_frees,
         })
     }

@@ -14,6 +14,10 @@ use anyhow::{bail, Context, Result};
 use crate::cmd::{cargo, fixtures_bin, leaktrace_bin, run_cmd};
 use crate::setup::{self, extra_go, go_short, EXTRA_GO};
 
+/// Go programs built in GOPATH mode against Debian's Go library packages:
+/// `fixtures/gopath/<dir>` -> `fixtures/bin/<out>`.
+const GOPATH_PROGRAMS: &[(&str, &str)] = &[("ginredis", "gin-redis")];
+
 /// A Go fixture program: `fixtures/go/<dir>` built to `fixtures/bin/<out>`.
 struct GoProgram {
     /// Package directory under fixtures/go.
@@ -36,6 +40,8 @@ const GO_PROGRAMS: &[GoProgram] = &[
     GoProgram { dir: "mapgrow", out: "mapgrow-go", every_version: true },
     GoProgram { dir: "mapbench", out: "mapbench-go", every_version: true },
     GoProgram { dir: "lockpool", out: "lockpool-go", every_version: true },
+    // Deterministic work with a checksum per round: `cargo xtask safety`.
+    GoProgram { dir: "workload", out: "workload-go", every_version: true },
 ];
 /// C workloads the benchmarks also run built without frame pointers
 /// (`gcc -O2 -g`, as distributions build), as `<name>_nofp`.
@@ -140,6 +146,14 @@ pub fn fixtures(root: &Path) -> Result<()> {
                 .arg(&src)
                 .args(&common_srcs),
         )?;
+        built += 1;
+    }
+    // A 32-bit build of conn_leak (gcc-multilib): leaktrace must refuse it
+    // with one line rather than trace it as 0 events.
+    let src32 = c_dir.join("conn_leak.c");
+    let out32 = bin.join("conn_leak32");
+    if !up_to_date(&out32, mtime(&src32).max(common_newest)) {
+        run_cmd(Command::new("gcc").args(C_FLAGS).arg("-m32").arg("-o").arg(&out32).arg(&src32).args(&common_srcs))?;
         built += 1;
     }
 
@@ -258,6 +272,28 @@ pub fn fixtures(root: &Path) -> Result<()> {
             cmd.arg("-ldflags=-s -w");
         }
         run_cmd(cmd.arg(format!("./{dir}")))?;
+        built += 1;
+    }
+    // GOPATH fixtures: programs against Debian's packaged Go libraries
+    // (gin, redigo), built the way Debian builds them: GO111MODULE=off,
+    // GOPATH=/usr/share/gocode, Debian's Go.
+    let gopath_dir = root.join("fixtures/gopath");
+    for (dir, out_name) in GOPATH_PROGRAMS {
+        let src = gopath_dir.join(dir);
+        let out = bin.join(out_name);
+        if up_to_date(&out, newest_source(&src, &["go"])?) {
+            continue;
+        }
+        let mut cmd = Command::new("go");
+        cmd.current_dir(&src)
+            .env("GO111MODULE", "off")
+            .env("GOPATH", "/usr/share/gocode")
+            .env("GOCACHE", cache.join("go-build"))
+            .env("CGO_ENABLED", "0")
+            .args(["build", "-o"])
+            .arg(&out)
+            .arg(".");
+        run_cmd(&mut cmd)?;
         built += 1;
     }
     if built == 0 {

@@ -192,3 +192,18 @@ pub fn exit_code(st: ExitStatus) -> i32 {
     st.code()
         .unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
 }
+
+/// utime + stime of a process, seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// A `kB` field of /proc/PID/status (`VmRSS:`, `VmHWM:`), KiB.
+pub fn status_kib(pid: u32, key: &str) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse().ok())
+}

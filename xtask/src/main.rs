@@ -6,8 +6,12 @@
 mod bench;
 mod build;
 mod cmd;
+mod cores;
 mod demo;
+mod fuzz;
+mod safety;
 mod setup;
+mod soak;
 mod test;
 mod vm_test;
 
@@ -39,11 +43,32 @@ commands:
                      malloc/free cost: untraced, entry floor, bpftrace
                      memleak-style, leaktrace; daemon CPU/RSS at K live blocks
   bench locks [--runs N]            pthread mutex cost: untraced, leaktrace --track locks, pmlock-style bpftrace (default 7 runs)
-  vm-test [--kernel 6.1|6.12|all]   (default 6.1)
-                     build, fetch Debian cloud kernels (cached in .cache/vm),
-                     boot each in QEMU (TCG) with an initramfs that runs
-                     `leaktrace check` against conn_leak (expects 3) and
-                     conn_leak --no-leak (expects 0); logs in target/vm/
+  vm-test [--kernel 5.10|6.1|6.12|unstable|ci|all]   (default ci = 6.1,unstable)
+                     build, fetch Debian cloud kernels (cached in .cache/vm;
+                     5.10 from Debian 11, unstable = the newest Debian ships,
+                     through private apt lists), boot each in QEMU (TCG) with
+                     an initramfs that runs `leaktrace check` on a leaking and
+                     a clean fixture per tracker (connections, threads, locks,
+                     allocations: 3 and 0); 5.10 must be refused with one
+                     `kernel too old` line and exit 1; logs in target/vm/
+  fuzz [--seconds N] [--target NAME]   (default 60 s per target)
+                     cargo-fuzz every parser of untrusted bytes (ELF, Go
+                     build info, pc table, DWARF, x86 analyses) on the
+                     pinned nightly, seeded from the fixtures; crashes in
+                     tracer-user/fuzz/artifacts/
+  cores              core files (gcore) of goroutineleak -hold and mapgrow
+                     -fill, every Go build, into target/cores/ (replayed by
+                     `cargo test -p tracer-user --test cores`)
+  safety [--minutes N | --seconds N]   (default 10 minutes per Go build)
+                     every Go build of the workload fixture traced by every
+                     tracker that applies (connections,tasks,maps,locks):
+                     each round's checksum must equal the untraced one
+  soak [--minutes N]  (default 60)
+                     build, then trace api-server (default trackers) and
+                     alloc_leak (--track allocations,locks) for N minutes
+                     while Prometheus scrapes /metrics every second; judge
+                     leaktrace's RSS by its slope over the second half;
+                     samples and logs in target/soak/
 
 environment:
   XTASK_NO_BUILD=1   skip setup and all builds (use what is already built)";
@@ -75,6 +100,10 @@ fn run(args: &[String]) -> Result<i32> {
         "test" => test::run(&root, rest),
         "bench" => bench::run(&root, rest).map(|_| 0),
         "vm-test" => vm_test::run(&root, rest),
+        "soak" => soak::run(&root, rest),
+        "fuzz" => fuzz::run(&root, rest),
+        "cores" => cores::run(&root),
+        "safety" => safety::run(&root, rest),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(0)

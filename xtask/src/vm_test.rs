@@ -1,6 +1,13 @@
-//! `cargo xtask vm-test [--kernel 6.1|6.12|all]`: boots Debian cloud kernels
-//! in QEMU (TCG) with an initramfs that runs `leaktrace check` against
-//! conn_leak, and checks the exit statuses.
+//! `cargo xtask vm-test [--kernel 5.10|6.1|6.12|unstable|ci|all]`: boots
+//! Debian cloud kernels in QEMU (TCG) with an initramfs that runs
+//! `leaktrace check` against a leaking and a clean fixture per tracker
+//! (connections, threads, locks, allocations), and checks the exit
+//! statuses. A kernel older than leaktrace's floor (5.15) must instead be
+//! refused with one `kernel too old: needs ...` line and exit 1.
+//!
+//! 6.1 and 6.12 come from the host's apt sources (Debian 12); 5.10
+//! (Debian 11) and the newest kernel Debian ships (unstable) from private
+//! apt lists in .cache/vm/apt-<suite>/ that leave the host's sources alone.
 
 use std::ffi::OsStr;
 use std::fs;
@@ -20,27 +27,46 @@ use crate::setup::apt_install_missing;
 /// What `vm-test` needs on the host besides `build`'s packages.
 const VM_APT_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio"];
 /// Host-side limit for one boot (TCG is 5-20x slower than the host).
-const VM_TIMEOUT: Duration = Duration::from_secs(300);
-/// The guest's test cases: name, expected exit status, leaktrace arguments.
-/// Under TCG the fixture's default leak rate (one connection every 50 ms)
-/// is still judged `leak` within 8 s (see README, "CI smoke test in a VM").
+const VM_TIMEOUT: Duration = Duration::from_secs(600);
+/// The guest's test cases on a supported kernel: name, expected exit
+/// status, leaktrace arguments. Under TCG the fixtures' default leak rates
+/// are still judged `leak` within 8 s (see README, "CI smoke test in a VM").
 const VM_CASES: &[(&str, i32, &str)] = &[
-    ("leak", 3, "check --for 8s --interval 1s -- /conn_leak"),
-    ("no-leak", 0, "check --for 8s --interval 1s -- /conn_leak --no-leak"),
+    ("conn-leak", 3, "check --for 8s --interval 1s -- /conn_leak"),
+    ("conn-clean", 0, "check --for 8s --interval 1s -- /conn_leak --no-leak"),
+    ("thread-leak", 3, "check --for 8s --interval 1s --track tasks -- /thread_leak"),
+    ("thread-clean", 0, "check --for 8s --interval 1s --track tasks -- /thread_leak --no-leak"),
+    ("lock-contended", 3, "check --for 6s --interval 1s --track locks --fail-on-wait 0.2 -- /lock_contention"),
+    ("lock-calm", 0, "check --for 6s --interval 1s --track locks --fail-on-wait 0.2 -- /lock_contention --no-hot"),
+    ("alloc-leak", 3, "check --for 8s --interval 1s --track allocations -- /alloc_leak"),
+    ("alloc-clean", 0, "check --for 8s --interval 1s --track allocations -- /alloc_leak --no-leak"),
 ];
+/// The one case on a kernel older than the floor: refused with this line.
+const TOO_OLD_CASE: (&str, i32, &str) = ("too-old", 1, "check --for 8s --interval 1s -- /conn_leak");
+const TOO_OLD_LINE: &str = "leaktrace: error: kernel too old: needs Linux 5.15";
+/// The fixtures the cases run (from fixtures/bin, at / in the guest).
+const VM_FIXTURES: &[&str] = &["conn_leak", "thread_leak", "lock_contention", "alloc_leak"];
 
 /// A kernel series `vm-test` can boot: the label used on the command line and
-/// in log names, and the prefix of the version in Debian's package names
-/// (`linux-image-6.1.0-56-cloud-amd64`, `linux-image-6.12.117+deb12-cloud-amd64-unsigned`).
+/// in log names, the prefix of the version in Debian's package names
+/// (`linux-image-6.1.0-56-cloud-amd64`, `linux-image-6.12.117+deb12-cloud-amd64-unsigned`;
+/// empty: the newest of the suite), the Debian suite whose private apt
+/// list to search (`None`: the host's), and whether leaktrace supports it.
 struct KernelSeries {
     label: &'static str,
     version_prefix: &'static str,
+    suite: Option<&'static str>,
+    supported: bool,
 }
 
 const VM_KERNELS: &[KernelSeries] = &[
-    KernelSeries { label: "6.1", version_prefix: "6.1.0-" },
-    KernelSeries { label: "6.12", version_prefix: "6.12." },
+    KernelSeries { label: "5.10", version_prefix: "5.10.0-", suite: Some("bullseye"), supported: false },
+    KernelSeries { label: "6.1", version_prefix: "6.1.0-", suite: None, supported: true },
+    KernelSeries { label: "6.12", version_prefix: "6.12.", suite: None, supported: true },
+    KernelSeries { label: "unstable", version_prefix: "", suite: Some("sid"), supported: true },
 ];
+/// What CI boots: the oldest supported kernel and the newest.
+const CI_KERNELS: &[&str] = &["6.1", "unstable"];
 
 fn vm_cache(root: &Path) -> PathBuf {
     root.join(".cache").join("vm")
@@ -76,6 +102,12 @@ fn kernel_candidates(apt_cache_search: &str, series: &KernelSeries) -> Vec<(Stri
             if !version.starts_with(series.version_prefix) || version_key(version).len() < 4 {
                 return None;
             }
+            // The newest-of-a-suite series takes no kernel another series names.
+            if series.version_prefix.is_empty()
+                && VM_KERNELS.iter().any(|k| !k.version_prefix.is_empty() && version.starts_with(k.version_prefix))
+            {
+                return None;
+            }
             Some((name.to_string(), version.to_string()))
         })
         .collect();
@@ -88,13 +120,21 @@ fn kernel_candidates(apt_cache_search: &str, series: &KernelSeries) -> Vec<(Stri
     found
 }
 
-/// The vmlinuz inside an unpacked kernel package, if it is there.
+/// The vmlinuz inside an unpacked kernel package, if it is there:
+/// boot/vmlinuz-X, or usr/lib/modules/X/vmlinuz (Debian 14's split packages).
 fn unpacked_vmlinuz(dir: &Path) -> Option<PathBuf> {
-    let boot = dir.join("boot");
-    fs::read_dir(&boot)
-        .ok()?
+    let boot = fs::read_dir(dir.join("boot"))
+        .ok()
+        .into_iter()
+        .flatten()
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().and_then(OsStr::to_str).is_some_and(|n| n.starts_with("vmlinuz-")))
+        .find(|p| p.file_name().and_then(OsStr::to_str).is_some_and(|n| n.starts_with("vmlinuz-")));
+    boot.or_else(|| {
+        fs::read_dir(dir.join("usr/lib/modules"))
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path().join("vmlinuz")))
+            .find(|p| p.is_file())
+    })
 }
 
 /// Newest kernel of the series already unpacked in .cache/vm (used when apt
@@ -129,17 +169,57 @@ fn fetch_kernel(root: &Path, series: &KernelSeries) -> Result<(String, PathBuf)>
                 return Ok(hit);
             }
             eprintln!("vm-test: {e:#}; refreshing package lists and retrying");
-            run_cmd(Command::new("apt-get").arg("update"))?;
+            match series.suite {
+                None => run_cmd(Command::new("apt-get").arg("update"))?,
+                s => update_private_list(root, s, true)?,
+            }
             fetch_kernel_once(root, series)
         }
     }
+}
+
+/// apt options that read and write a private package list of one Debian
+/// suite in .cache/vm/apt-<suite>/ (the host's sources are not touched);
+/// none for the host's own lists.
+fn apt_options(root: &Path, suite: Option<&str>) -> Result<Vec<String>> {
+    let Some(suite) = suite else { return Ok(Vec::new()) };
+    let dir = vm_cache(root).join(format!("apt-{suite}"));
+    fs::create_dir_all(dir.join("lists").join("partial"))?;
+    fs::create_dir_all(dir.join("cache").join("archives").join("partial"))?;
+    let list = dir.join("sources.list");
+    fs::write(
+        &list,
+        format!("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian {suite} main\n"),
+    )?;
+    Ok(vec![
+        format!("-oDir::Etc::SourceList={}", list.display()),
+        "-oDir::Etc::SourceParts=/nonexistent".into(),
+        format!("-oDir::State::Lists={}", dir.join("lists").display()),
+        format!("-oDir::Cache={}", dir.join("cache").display()),
+        "-oAPT::Sandbox::User=root".into(),
+    ])
+}
+
+/// `apt-get update` of a private suite list when it has never been fetched.
+fn update_private_list(root: &Path, suite: Option<&str>, force: bool) -> Result<()> {
+    let Some(s) = suite else { return Ok(()) };
+    let lists = vm_cache(root).join(format!("apt-{s}")).join("lists");
+    let fetched = fs::read_dir(&lists).is_ok_and(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().ends_with("_Packages")));
+    if force || !fetched {
+        run_cmd(Command::new("apt-get").args(apt_options(root, suite)?).arg("update"))?;
+    }
+    Ok(())
 }
 
 fn fetch_kernel_once(root: &Path, series: &KernelSeries) -> Result<(String, PathBuf)> {
     let cache = vm_cache(root);
     let debs = cache.join("debs");
     fs::create_dir_all(&debs)?;
-    let search = probe("apt-cache", &["search", "linux-image-.*cloud-amd64"]).unwrap_or_default();
+    update_private_list(root, series.suite, false)?;
+    let opts = apt_options(root, series.suite)?;
+    let mut search_args: Vec<&str> = opts.iter().map(String::as_str).collect();
+    search_args.extend(["search", "linux-image-.*cloud-amd64"]);
+    let search = probe("apt-cache", &search_args).unwrap_or_default();
     let cands = kernel_candidates(&search, series);
     let Some(best_version) = cands.first().map(|c| c.1.clone()) else {
         bail!("apt-cache search finds no linux-image-{}*-cloud-amd64 package", series.version_prefix);
@@ -155,8 +235,32 @@ fn fetch_kernel_once(root: &Path, series: &KernelSeries) -> Result<(String, Path
         }
     }
     let pkg = cands[0].0.clone();
+    let dest = cache.join(&pkg);
+    let tmp = cache.join(format!("{pkg}.partial"));
+    let _ = fs::remove_dir_all(&tmp);
+    let deb = download_deb(&debs, &opts, series, &pkg)?;
+    run_cmd(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp))?;
+    if unpacked_vmlinuz(&tmp).is_none() {
+        // Newer suites split the image: linux-image-X depends on
+        // linux-binary-X, which holds /boot/vmlinuz-X.
+        let depends = probe("dpkg-deb", &["-f", deb.to_str().unwrap_or_default(), "Depends"]).unwrap_or_default();
+        for binary in depends.split([',', '|']).map(|d| d.split_whitespace().next().unwrap_or("")).filter(|d| d.starts_with("linux-binary-")) {
+            let bdeb = download_deb(&debs, &opts, series, binary)?;
+            run_cmd(Command::new("dpkg-deb").arg("-x").arg(&bdeb).arg(&tmp))?;
+        }
+    }
+    let _ = fs::remove_dir_all(&dest);
+    fs::rename(&tmp, &dest)?;
+    let vmlinuz = unpacked_vmlinuz(&dest).ok_or_else(|| anyhow!("{} (and its linux-binary package) has no vmlinuz", deb.display()))?;
+    eprintln!("vm-test: kernel {}: {pkg} unpacked into {}", series.label, dest.display());
+    Ok((pkg, vmlinuz))
+}
+
+/// The .deb of `pkg` in `debs`, downloaded with `apt-get download` unless
+/// it is there already.
+fn download_deb(debs: &Path, opts: &[String], series: &KernelSeries, pkg: &str) -> Result<PathBuf> {
     let find_deb = || -> Option<PathBuf> {
-        fs::read_dir(&debs)
+        fs::read_dir(debs)
             .ok()?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .find(|p| {
@@ -171,20 +275,12 @@ fn fetch_kernel_once(root: &Path, series: &KernelSeries) -> Result<(String, Path
         // without apt's warning about it.
         run_cmd(
             Command::new("apt-get")
-                .current_dir(&debs)
-                .args(["-o", "APT::Sandbox::User=root", "download", &pkg]),
+                .current_dir(debs)
+                .args(opts)
+                .args(["-o", "APT::Sandbox::User=root", "download", pkg]),
         )?;
     }
-    let deb = find_deb().ok_or_else(|| anyhow!("apt-get download {pkg} left no .deb in {}", debs.display()))?;
-    let dest = cache.join(&pkg);
-    let tmp = cache.join(format!("{pkg}.partial"));
-    let _ = fs::remove_dir_all(&tmp);
-    run_cmd(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp))?;
-    let _ = fs::remove_dir_all(&dest);
-    fs::rename(&tmp, &dest)?;
-    let vmlinuz = unpacked_vmlinuz(&dest).ok_or_else(|| anyhow!("{} has no boot/vmlinuz-*", deb.display()))?;
-    eprintln!("vm-test: kernel {}: {pkg} unpacked into {}", series.label, dest.display());
-    Ok((pkg, vmlinuz))
+    find_deb().ok_or_else(|| anyhow!("apt-get download {pkg} left no .deb in {}", debs.display()))
 }
 
 /// Shared libraries (and the dynamic loader) `ldd` lists for `bin`.
@@ -255,11 +351,22 @@ run_case() {
 }
 "#,
     );
+    // A kernel below the floor (vmtest.cases=too-old on the command line)
+    // runs one case, which must end with exactly one line on stderr.
+    let (name, expected, args) = TOO_OLD_CASE;
+    s.push_str(&format!(
+        r#"if grep -q 'vmtest.cases=too-old' /proc/cmdline; then
+run_case {name} {expected} {args}
+if [ "$(wc -l < /tmp/{name}.err)" = 1 ] && grep -q '^{TOO_OLD_LINE}' /tmp/{name}.err; then echo "VMTEST line=ok"; else echo "VMTEST line=missing"; fail=$((fail+1)); fi
+else
+"#
+    ));
     for (name, expected, args) in VM_CASES {
         s.push_str(&format!("run_case {name} {expected} {args}\n"));
     }
     s.push_str(
-        r#"echo "VMTEST DONE pass=$pass fail=$fail"
+        r#"fi
+echo "VMTEST DONE pass=$pass fail=$fail"
 sync
 poweroff -f
 "#,
@@ -268,7 +375,7 @@ poweroff -f
 }
 
 /// Builds target/vm/initramfs.img (cpio newc, gzip): busybox-static with its
-/// applet links, /init, leaktrace, conn_leak, their libraries and loader.
+/// applet links, /init, leaktrace, the fixtures, their libraries and loader.
 fn build_initramfs(root: &Path) -> Result<PathBuf> {
     let out = vm_out(root);
     let stage = out.join("rootfs");
@@ -290,10 +397,14 @@ fn build_initramfs(root: &Path) -> Result<PathBuf> {
         std::os::unix::fs::symlink("/bin/busybox", &link)?;
     }
     let leaktrace = leaktrace_bin(root);
-    let conn_leak = fixtures_bin(root).join("conn_leak");
     stage_file(&stage, &leaktrace, Path::new("/bin/leaktrace"))?;
-    stage_file(&stage, &conn_leak, Path::new("/conn_leak"))?;
-    for bin in [&leaktrace, &conn_leak] {
+    let mut bins = vec![leaktrace];
+    for f in VM_FIXTURES {
+        let bin = fixtures_bin(root).join(f);
+        stage_file(&stage, &bin, &Path::new("/").join(f))?;
+        bins.push(bin);
+    }
+    for bin in &bins {
         for lib in ldd_paths(bin)? {
             stage_file(&stage, &lib, &lib)?;
         }
@@ -344,6 +455,8 @@ fn strip_escapes(line: &str) -> String {
 struct BootResult {
     kernel: String,
     package: String,
+    /// From QEMU's start to the guest's first line (its init running).
+    booted_at: Option<Duration>,
     boot: Duration,
     done_at: Option<Duration>,
     vmtest_lines: Vec<String>,
@@ -362,7 +475,8 @@ fn boot_vm(root: &Path, series: &KernelSeries, package: &str, vmlinuz: &Path, in
         .arg(vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .arg("-append")
+        .arg(format!("console=ttyS0 panic=-1 quiet vmtest.cases={}", if series.supported { "supported" } else { "too-old" }))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -429,10 +543,12 @@ fn boot_vm(root: &Path, series: &KernelSeries, package: &str, vmlinuz: &Path, in
     let vmtest_lines: Vec<String> = lines
         .iter()
         .filter_map(|(_, l)| l.find("VMTEST ").map(|i| l[i..].to_string()))
-        .filter(|l| l.contains(" expected=") || l.starts_with("VMTEST DONE"))
+        .filter(|l| l.contains(" expected=") || l.starts_with("VMTEST DONE") || l.starts_with("VMTEST line="))
         .collect();
     let done = lines.iter().find(|(_, l)| l.contains("VMTEST DONE"));
     let done_at = done.map(|(t, _)| *t);
+    let booted_at = lines.iter().find(|(_, l)| l.contains("VMTEST kernel=")).map(|(t, _)| *t);
+    let cases: Vec<(&str, i32, &str)> = if series.supported { VM_CASES.to_vec() } else { vec![TOO_OLD_CASE] };
     let case_passed = |name: &str| {
         vmtest_lines
             .iter()
@@ -441,12 +557,15 @@ fn boot_vm(root: &Path, series: &KernelSeries, package: &str, vmlinuz: &Path, in
     let mut why = Vec::new();
     match done {
         None => why.push("no `VMTEST DONE` line".to_string()),
-        Some((_, l)) if !l.contains(&format!("pass={} fail=0", VM_CASES.len())) => {
+        Some((_, l)) if !l.contains(&format!("pass={} fail=0", cases.len())) => {
             why.push(format!("`{}`", l.trim()))
         }
         Some(_) => {}
     }
-    for (name, _, _) in VM_CASES {
+    if !series.supported && !vmtest_lines.iter().any(|l| l == "VMTEST line=ok") {
+        why.push(format!("no single `{TOO_OLD_LINE}...` line"));
+    }
+    for (name, _, _) in &cases {
         if !case_passed(name) {
             why.push(format!("case {name} did not pass"));
         }
@@ -460,6 +579,7 @@ fn boot_vm(root: &Path, series: &KernelSeries, package: &str, vmlinuz: &Path, in
     Ok(BootResult {
         kernel: series.label.to_string(),
         package: package.to_string(),
+        booted_at,
         boot,
         done_at,
         vmtest_lines,
@@ -468,30 +588,46 @@ fn boot_vm(root: &Path, series: &KernelSeries, package: &str, vmlinuz: &Path, in
     })
 }
 
+fn labels() -> String {
+    VM_KERNELS.iter().map(|k| k.label).collect::<Vec<_>>().join("|")
+}
+
+/// `all`, `ci` ([`CI_KERNELS`]) or a comma-separated list of labels.
+fn select_kernels(which: &str) -> Result<Vec<&'static KernelSeries>> {
+    let names: Vec<&str> = match which {
+        "all" => VM_KERNELS.iter().map(|k| k.label).collect(),
+        "ci" => CI_KERNELS.to_vec(),
+        w => w.split(',').collect(),
+    };
+    names
+        .into_iter()
+        .map(|w| {
+            VM_KERNELS
+                .iter()
+                .find(|k| k.label == w)
+                .ok_or_else(|| anyhow!("vm-test: --kernel must be {}, ci or all (or a comma-separated list), not `{w}`", labels()))
+        })
+        .collect()
+}
+
 pub fn run(root: &Path, args: &[String]) -> Result<i32> {
-    let mut which = "6.1".to_string();
+    let mut which = "ci".to_string();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.split_once('=') {
             Some(("--kernel", v)) => which = v.to_string(),
             _ if a == "--kernel" => which = it.next().cloned().ok_or_else(|| anyhow!("--kernel needs a value"))?,
-            _ => bail!("vm-test: unknown argument `{a}` (usage: vm-test [--kernel 6.1|6.12|all])"),
+            _ => bail!("vm-test: unknown argument `{a}` (usage: vm-test [--kernel {}|ci|all])", labels()),
         }
     }
-    let series: Vec<&KernelSeries> = match which.as_str() {
-        "all" => VM_KERNELS.iter().collect(),
-        w => vec![VM_KERNELS
-            .iter()
-            .find(|k| k.label == w)
-            .ok_or_else(|| anyhow!("vm-test: --kernel must be 6.1, 6.12 or all, not `{w}`"))?],
-    };
+    let series = select_kernels(&which)?;
 
     build::run(root)?;
     if !is_root() {
         bail!("vm-test: must run as root (installs packages, downloads kernels)");
     }
     apt_install_missing(VM_APT_PACKAGES)?;
-    for bin in [leaktrace_bin(root), fixtures_bin(root).join("conn_leak")] {
+    for bin in std::iter::once(leaktrace_bin(root)).chain(VM_FIXTURES.iter().map(|f| fixtures_bin(root).join(f))) {
         if !bin.exists() {
             bail!("{} is missing: run `cargo xtask build`", bin.display());
         }
@@ -517,12 +653,13 @@ pub fn run(root: &Path, args: &[String]) -> Result<i32> {
         results.push(r);
     }
 
-    eprintln!("\nvm-test summary:");
+    eprintln!("\nvm-test summary (boot: QEMU start to the guest's init; total: to poweroff):");
     for r in &results {
         eprintln!(
-            "  {:<5} {:<48} {:>6.1}s  {}  (log: {})",
+            "  {:<8} {:<48} boot {:>5.1}s  total {:>6.1}s  {}  (log: {})",
             r.kernel,
             r.package,
+            r.booted_at.map_or(f64::NAN, |t| t.as_secs_f64()),
             r.boot.as_secs_f64(),
             if r.passed { "PASS" } else { "FAIL" },
             vm_out(root).join(format!("{}.log", r.kernel)).display()
@@ -559,12 +696,40 @@ linux-image-6.12.99+deb12-cloud-amd64 - Linux 6.12 for x86-64 cloud (signed)
 
     #[test]
     fn picks_newest_cloud_kernel_per_series() {
-        let c61 = kernel_candidates(SEARCH, &VM_KERNELS[0]);
+        let c61 = kernel_candidates(SEARCH, &VM_KERNELS[1]);
         assert_eq!(c61[0].0, "linux-image-6.1.0-56-cloud-amd64");
         assert_eq!(c61[1].0, "linux-image-6.1.0-56-cloud-amd64-unsigned");
         assert_eq!(c61.last().unwrap().0, "linux-image-6.1.0-9-cloud-amd64");
-        let c612 = kernel_candidates(SEARCH, &VM_KERNELS[1]);
+        let c612 = kernel_candidates(SEARCH, &VM_KERNELS[2]);
         assert_eq!(c612[0].0, "linux-image-6.12.117+deb12-cloud-amd64-unsigned");
         assert_eq!(c612.len(), 2);
+    }
+
+    #[test]
+    fn unstable_takes_the_newest_kernel_no_other_series_names() {
+        let sid = "linux-image-7.2.13+deb14-cloud-amd64 - Linux 7.2.13 for x86-64 cloud\n\
+                   linux-image-6.12.117+deb13-cloud-amd64 - Linux 6.12 for x86-64 cloud (signed)\n\
+                   linux-image-7.1.4+deb14-cloud-amd64-unsigned - Linux 7.1.4 for x86-64 cloud\n";
+        let c = kernel_candidates(sid, &VM_KERNELS[3]);
+        assert_eq!(c.iter().map(|c| c.0.as_str()).collect::<Vec<_>>(), ["linux-image-7.2.13+deb14-cloud-amd64", "linux-image-7.1.4+deb14-cloud-amd64-unsigned"]);
+        let old = "linux-image-5.10.0-32-cloud-amd64 - Linux 5.10 for x86-64 cloud (signed)\n";
+        assert_eq!(kernel_candidates(old, &VM_KERNELS[0])[0].0, "linux-image-5.10.0-32-cloud-amd64");
+    }
+
+    #[test]
+    fn kernel_selection() {
+        let labels = |w: &str| select_kernels(w).unwrap().iter().map(|k| k.label).collect::<Vec<_>>();
+        assert_eq!(labels("ci"), ["6.1", "unstable"]);
+        assert_eq!(labels("all"), ["5.10", "6.1", "6.12", "unstable"]);
+        assert_eq!(labels("5.10,6.12"), ["5.10", "6.12"]);
+        assert!(select_kernels("4.19").is_err());
+    }
+
+    #[test]
+    fn init_script_runs_every_tracker_and_the_too_old_case() {
+        let s = vm_init_script();
+        for t in ["--track tasks", "--track locks", "--track allocations", "/conn_leak --no-leak", "vmtest.cases=too-old"] {
+            assert!(s.contains(t), "{t}");
+        }
     }
 }

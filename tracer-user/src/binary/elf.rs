@@ -3,9 +3,13 @@
 //! through the PT_LOAD segments, the load bias of a mapped object, and the
 //! globals (data symbols) that contain an address.
 
-use std::{collections::HashMap, path::PathBuf};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
 
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+use anyhow::{anyhow, bail, Context, Result};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
 
 use crate::procfs::{self, Mapping, MemoryMap};
 
@@ -31,6 +35,59 @@ pub fn text_symbols<'d: 'f, 'f>(file: &'f object::File<'d>) -> impl Iterator<Ite
 /// [`text_symbols`]).
 pub fn find_text_symbol(file: &object::File, name: &str) -> Option<(u64, u64)> {
     text_symbols(file).find(|s| s.name == name && s.addr != 0).map(|s| (s.addr, s.size))
+}
+
+/// The largest section leaktrace (or blazesym on its behalf) inflates: the
+/// DWARF of the biggest programs is a few hundred MiB.
+pub const MAX_INFLATED_SECTION: u64 = 1 << 30;
+
+/// Whether a compressed section's header can be telling the truth: the
+/// size it claims must be what `compressed_len` bytes of that format can
+/// inflate to (deflate: about 1032:1; zstd: 32768:1, a 128 KiB RLE block
+/// in 4 bytes) and at most [`MAX_INFLATED_SECTION`]. Checked before any
+/// buffer of the claimed size is allocated.
+pub fn check_compressed_claim(name: &str, format: object::CompressionFormat, compressed_len: u64, claimed: u64) -> Result<()> {
+    let ratio = match format {
+        object::CompressionFormat::None => return Ok(()),
+        object::CompressionFormat::Zlib => 1032,
+        object::CompressionFormat::Zstandard => 32768,
+        f => bail!("{name}: unsupported compression {f:?}"),
+    };
+    let possible = compressed_len.saturating_mul(ratio).saturating_add(64);
+    if claimed > possible {
+        bail!("{name}: its compression header claims {claimed} bytes, more than its {compressed_len} compressed bytes can hold");
+    }
+    if claimed > MAX_INFLATED_SECTION {
+        bail!("{name}: its compression header claims {claimed} bytes (at most {MAX_INFLATED_SECTION} are inflated)");
+    }
+    Ok(())
+}
+
+/// Checks every compressed section header of an ELF file (see
+/// [`check_compressed_claim`]) and that no section reaches past the end of
+/// the file: what blazesym must not be handed, since it allocates what a
+/// compression header claims.
+pub fn check_sections<'d, R: object::ReadRef<'d>>(file: &object::File<'d, R>, file_len: u64) -> Result<()> {
+    for sec in file.sections() {
+        let name = sec.name().unwrap_or("?");
+        if let Some((off, len)) = sec.file_range() {
+            if off.checked_add(len).is_none_or(|end| end > file_len) {
+                bail!("section {name} ({len} bytes at {off:#x}) reaches past the end of the file ({file_len} bytes)");
+            }
+        }
+        let c = sec.compressed_file_range().map_err(|e| anyhow!("section {name}: {e}"))?;
+        check_compressed_claim(name, c.format, c.compressed_size, c.uncompressed_size)?;
+    }
+    Ok(())
+}
+
+/// [`check_sections`] on the file at `path`, reading only its headers.
+pub fn check_sections_of(path: &Path) -> Result<()> {
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let len = f.metadata()?.len();
+    let cache = object::read::ReadCache::new(f);
+    let file = object::File::parse(&cache).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    check_sections(&file, len).with_context(|| format!("{}", path.display()))
 }
 
 /// One PT_LOAD segment.
@@ -65,8 +122,8 @@ impl Segments {
     pub fn vaddr_of_offset(&self, offset: u64) -> Option<u64> {
         self.0
             .iter()
-            .find(|s| offset >= s.offset && offset < s.offset + s.filesz.max(1))
-            .map(|s| s.vaddr + (offset - s.offset))
+            .find(|s| offset >= s.offset && offset - s.offset < s.filesz.max(1))
+            .and_then(|s| s.vaddr.checked_add(offset - s.offset))
     }
 
     /// Link-time address of a file offset that holds code: the executable
@@ -83,7 +140,7 @@ impl Segments {
 
     /// File offset of a link-time address (what a uprobe is attached at).
     pub fn offset_of_vaddr(&self, vaddr: u64) -> Option<u64> {
-        self.segment_of(vaddr).map(|s| s.offset + (vaddr - s.vaddr))
+        self.segment_of(vaddr).and_then(|s| s.offset.checked_add(vaddr - s.vaddr))
     }
 
     /// Runtime address minus link-time address of the object mapped at
@@ -96,7 +153,7 @@ impl Segments {
     /// address `vaddr`, cut at the end of the segment that holds it.
     pub fn bytes_at<'d>(&self, data: &'d [u8], vaddr: u64, size: u64) -> Option<&'d [u8]> {
         let s = self.segment_of(vaddr)?;
-        let file = data.get(s.offset as usize..(s.offset + s.filesz) as usize)?;
+        let file = s.bytes(data)?;
         let start = (vaddr - s.vaddr) as usize;
         file.get(start..start.saturating_add(size as usize).min(file.len()))
     }
@@ -108,13 +165,25 @@ impl Segments {
 
     /// The code from `vaddr` to the end of the executable segment holding it.
     pub fn code_at<'d>(&self, data: &'d [u8], vaddr: u64) -> Option<&'d [u8]> {
-        let s = self.0.iter().find(|s| s.executable && vaddr >= s.vaddr && vaddr < s.vaddr + s.filesz)?;
-        let file = data.get(s.offset as usize..(s.offset + s.filesz) as usize)?;
+        let s = self.0.iter().find(|s| s.executable && s.contains(vaddr))?;
+        let file = s.bytes(data)?;
         file.get((vaddr - s.vaddr) as usize..)
     }
 
     fn segment_of(&self, vaddr: u64) -> Option<&Segment> {
-        self.0.iter().find(|s| vaddr >= s.vaddr && vaddr < s.vaddr + s.filesz)
+        self.0.iter().find(|s| s.contains(vaddr))
+    }
+}
+
+impl Segment {
+    fn contains(&self, vaddr: u64) -> bool {
+        vaddr >= self.vaddr && vaddr - self.vaddr < self.filesz
+    }
+
+    /// The segment's bytes in `data`; `None` when the header points past it.
+    fn bytes<'d>(&self, data: &'d [u8]) -> Option<&'d [u8]> {
+        let start = usize::try_from(self.offset).ok()?;
+        data.get(start..start.checked_add(usize::try_from(self.filesz).ok()?)?)
     }
 }
 
@@ -122,7 +191,7 @@ impl Segments {
 /// from the first mapping of the file `/proc/PID/exe` names: 0 unless it
 /// is position-independent.
 pub fn exe_load_bias(pid: u32, segments: &Segments) -> Option<u64> {
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let exe = procfs::exe_path(pid)?;
     let map = MemoryMap::read(pid).ok()?;
     segments.load_bias(map.mappings.iter().find(|m| m.path == exe)?)
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use crate::{
     report::{Finding, Frame, HistBucket, Kind, LockInfo, Verdict},
-    stacks::symbolize::{site_index, site_of},
+    stacks::symbolize::OwnCode,
     stacks::SampleStack,
     trackers::locks::LockSample,
 };
@@ -32,7 +32,7 @@ pub fn contention_verdict(wait_share: f64, contentions: u64) -> Verdict {
 }
 
 /// One finding per lock, merged by name, judged by [`contention_verdict`].
-pub fn lock_findings(locks: &[LockSample], frames: &HashMap<SampleStack, Vec<Frame>>, elapsed_s: f64) -> Vec<Finding> {
+pub fn lock_findings(locks: &[LockSample], frames: &HashMap<SampleStack, Vec<Frame>>, elapsed_s: f64, own: &OwnCode) -> Vec<Finding> {
     let stack_of = |s: &SampleStack| frames.get(s).cloned().unwrap_or_default();
     // Merge by name: (name, samples).
     let mut groups: Vec<(String, Vec<&LockSample>)> = Vec::new();
@@ -41,7 +41,7 @@ pub fn lock_findings(locks: &[LockSample], frames: &HashMap<SampleStack, Vec<Fra
             Some(sym) => sym.clone(),
             None => {
                 let first = stack_of(&l.first);
-                format!("{:#x} (first contended in {})", l.addr, site_of(&first))
+                format!("{:#x} (first contended in {})", l.addr, own.site(&first).name)
             }
         };
         match groups.iter_mut().find(|g| g.0 == name) {
@@ -78,9 +78,12 @@ pub fn lock_findings(locks: &[LockSample], frames: &HashMap<SampleStack, Vec<Fra
                 HistBucket { le_ns: if i + 1 >= 64 { u64::MAX } else { (1u64 << (i + 1)) - 1 }, count: cum }
             })
             .collect();
+        let site = own.site(&stack);
+        let holder = own.site(&holder_stack);
         out.push(Finding {
-            site: site_of(&stack),
-            site_index: site_index(&stack),
+            site: site.name,
+            via: site.via,
+            site_index: site.index,
             stack,
             lock: Some(LockInfo {
                 lock: name,
@@ -91,7 +94,8 @@ pub fn lock_findings(locks: &[LockSample], frames: &HashMap<SampleStack, Vec<Fra
                 wait_share: (wait_share * 1000.0).round() / 1000.0,
                 wait_histogram,
                 waiter_stacks: waiters.len() as u64,
-                holder_site: if holder_stack.is_empty() { String::new() } else { site_of(&holder_stack) },
+                holder_site: if holder_stack.is_empty() { String::new() } else { holder.name },
+                holder_site_index: holder.index,
                 holder_stack,
                 holder_wakes: holders.first().map_or(0, |h| h.1),
             }),

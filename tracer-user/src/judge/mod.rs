@@ -3,6 +3,7 @@
 //! Growth is judged by [`growth`]; locks by [`contention`].
 
 pub mod contention;
+pub mod exhaustion;
 pub mod growth;
 
 use std::collections::{HashMap, HashSet};
@@ -11,8 +12,8 @@ use self::growth::{GrowthConfig, GrowthEngine, SeriesKey};
 use crate::{
     procfs::MemoryMap,
     report::{Finding, Frame, Kind, Verdict},
-    stacks::resolve::StackResolver,
-    stacks::symbolize::{site_index, site_of},
+    stacks::resolve::{is_placeholder, StackResolver},
+    stacks::symbolize::OwnCode,
     stacks::SampleStack,
     trackers::{Blocked, Collected, Judging, StackSample},
 };
@@ -41,6 +42,8 @@ pub struct Judge {
     seen: HashSet<SeriesKey>,
     /// The current report's time, and whether its samples are observed.
     now: (f64, bool),
+    /// What counts as the program's own code (names every site).
+    pub own: OwnCode,
 }
 
 /// A growth finding whose live objects are parked somewhere worth showing
@@ -57,6 +60,7 @@ impl Judge {
             bytes: GrowthEngine::new(bytes_config()),
             seen: HashSet::new(),
             now: (0.0, false),
+            own: OwnCode::default(),
         }
     }
 
@@ -84,8 +88,13 @@ impl Judge {
         let mut findings = Vec::new();
         let mut blocked = Vec::new();
         for s in samples {
-            // A map is one series whatever stack last grew it.
-            let key = (kind, s.map.as_ref().map_or_else(|| series_id(&s.stack), series_id));
+            // A map is one series whatever stack last grew it; objects from
+            // before attach, one per group (they have no stack).
+            let key = if s.before_attach {
+                (kind, series_id(&("before attach", &s.peer, &s.thread_name)))
+            } else {
+                (kind, s.map.as_ref().map_or_else(|| series_id(&s.stack), series_id))
+            };
             self.seen.insert(key);
             let by_bytes = judging == Judging::BytesSinceAttach;
             let mut engines = vec![];
@@ -108,22 +117,33 @@ impl Judge {
                 }
                 engine.observe(key, t, value);
             }
-            let j = if by_bytes { &self.bytes } else { &self.objects }.judge(key, s.oldest_age_s);
+            let mut j = if by_bytes { &self.bytes } else { &self.objects }.judge(key, s.oldest_age_s);
+            if j.verdict != Verdict::Leak && s.ended_by_finalizer.is_some_and(|n| unclosed_verdict(n, s.ended)) {
+                j.verdict = Verdict::Unclosed;
+            }
             let (growth_per_min, growth_bytes_per_min) = if by_bytes {
                 (self.bytes_objects.judge(key, None).growth_per_min, Some(round1(j.growth_per_min)))
             } else {
                 (j.growth_per_min, None)
             };
-            if s.live == 0 && j.verdict == Verdict::Steady {
+            let stack = if s.before_attach { Vec::new() } else { frames.get(&s.stack).cloned().unwrap_or_default() };
+            // A placeholder bucket ("[stack not recorded]", "[stack table
+            // full]") mixes unrelated stacks: shown, counted, never judged.
+            let verdict = if is_placeholder(&stack) { Verdict::Steady } else { j.verdict };
+            if s.live == 0 && verdict == Verdict::Steady {
                 continue;
             }
-            let stack = frames.get(&s.stack).cloned().unwrap_or_default();
-            if let (Verdict::Leak, Some(b)) = (j.verdict, &s.blocked) {
+            if let (Verdict::Leak, Some(b)) = (verdict, &s.blocked) {
                 blocked.push((first_index + findings.len(), b.clone()));
             }
+            let mut site = self.own.site(&stack);
+            if s.before_attach {
+                site.name = BEFORE_ATTACH_SITE.into();
+            }
             findings.push(Finding {
-                site: site_of(&stack),
-                site_index: site_index(&stack),
+                site: site.name,
+                via: site.via,
+                site_index: site.index,
                 stack,
                 live: s.live,
                 growth_per_min: round1(growth_per_min),
@@ -133,9 +153,14 @@ impl Judge {
                 map: s.map.clone(),
                 live_bytes: s.live_bytes,
                 growth_bytes_per_min,
+                fd_type: s.fd_type.clone(),
+                path: s.path.clone(),
+                distinct_paths: s.distinct_paths,
                 created: s.created,
                 ended: s.ended,
-                ..Finding::new(kind, j.verdict)
+                ended_by_finalizer: s.ended_by_finalizer,
+                before_attach: s.before_attach,
+                ..Finding::new(kind, verdict)
             });
         }
         (findings, blocked)
@@ -191,7 +216,7 @@ impl Judge {
         }
         for c in collected {
             if let Collected::Contention(locks) = c {
-                findings.extend(contention::lock_findings(locks, &frames, t));
+                findings.extend(contention::lock_findings(locks, &frames, t, &self.own));
             }
         }
         findings
@@ -248,9 +273,24 @@ fn merge_same_frames(samples: &[StackSample], frames: &HashMap<SampleStack, Vec<
     out
 }
 
+/// The site of objects that existed before attach (their stack is unknown).
+pub const BEFORE_ATTACH_SITE: &str = "[before attach]";
+
+/// Objects ended by Go's finalizers, at least, for "unclosed" (a few
+/// stragglers a GC finds are not a habit).
+pub const UNCLOSED_MIN_FINALIZED: u64 = 5;
+
+/// **unclosed** when the Go runtime's finalizers, not the program, ended
+/// most (more than half) of a finding's objects since attach, and at least
+/// [`UNCLOSED_MIN_FINALIZED`] of them: the program drops them without
+/// `Close`. A leak stays a leak (it is worse: not even the GC frees them).
+pub fn unclosed_verdict(ended_by_finalizer: u64, ended: u64) -> bool {
+    ended_by_finalizer >= UNCLOSED_MIN_FINALIZED && ended_by_finalizer * 2 > ended
+}
+
 /// Sorts findings (worst verdict, fastest growth, most live, longest lock
-/// wait first) and keeps the first `max`; returns how many were cut.
-pub fn rank(findings: &mut Vec<Finding>, max: usize) -> u64 {
+/// wait first) and keeps the first `max`; returns the ones cut, in order.
+pub fn rank(findings: &mut Vec<Finding>, max: usize) -> Vec<Finding> {
     findings.sort_by(|a, b| {
         a.verdict
             .cmp(&b.verdict)
@@ -258,9 +298,9 @@ pub fn rank(findings: &mut Vec<Finding>, max: usize) -> u64 {
             .then(b.live.cmp(&a.live))
             .then(lock_wait(b).cmp(&lock_wait(a)))
     });
-    let omitted = findings.len().saturating_sub(max) as u64;
-    findings.truncate(max);
-    omitted
+    // The cut findings are handed back: a display bound must not change
+    // what `check` concludes.
+    findings.split_off(max.min(findings.len()))
 }
 
 fn lock_wait(f: &Finding) -> u64 {
@@ -276,4 +316,58 @@ fn series_id(key: &impl std::hash::Hash) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut h);
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(function: &str) -> Frame {
+        Frame { function: function.into(), file: None, line: None, module: None, addr: None, file_offset: None }
+    }
+
+    /// A placeholder bucket rising like a leak is shown but never judged;
+    /// a real stack rising the same way is a leak.
+    #[test]
+    fn placeholder_buckets_are_never_judged() {
+        let lost = SampleStack::Addresses(vec![1]);
+        let real = SampleStack::Addresses(vec![2]);
+        let frames = HashMap::from([
+            (lost.clone(), vec![frame("[stack not recorded]")]),
+            (real.clone(), vec![frame("dial_cache"), frame("bad_handler")]),
+        ]);
+        let mut judge = Judge::new(std::time::Duration::from_secs(1));
+        let mut last = Vec::new();
+        for i in 0..20u64 {
+            let sample = |stack: &SampleStack| StackSample {
+                stack: stack.clone(),
+                live: 10 * i,
+                created: 10 * i,
+                ended: 0,
+                oldest_age_s: Some(i as f64),
+                peer: None,
+                thread_name: None,
+                blocked: None,
+                map: None,
+                live_bytes: None,
+                ..StackSample::default()
+            };
+            judge.begin(i as f64);
+            let (f, _) = judge.growth(Kind::Connection, Judging::ObjectsSinceAttach, &[sample(&lost), sample(&real)], &frames, 0);
+            judge.end();
+            last = f;
+        }
+        let verdict = |site: &str| last.iter().find(|f| f.site == site).map(|f| f.verdict);
+        assert_eq!(verdict("dial_cache"), Some(Verdict::Leak), "{last:?}");
+        assert_eq!(verdict("[stack not recorded]"), Some(Verdict::Steady), "{last:?}");
+    }
+
+    #[test]
+    fn unclosed_rule() {
+        assert!(unclosed_verdict(184, 184));
+        assert!(unclosed_verdict(6, 11));
+        assert!(!unclosed_verdict(5, 10), "half is not most");
+        assert!(!unclosed_verdict(4, 4), "a few stragglers");
+        assert!(!unclosed_verdict(0, 1717), "a pool that closes its own");
+    }
 }

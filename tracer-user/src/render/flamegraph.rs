@@ -54,6 +54,7 @@ fn weight(f: &crate::report::Finding) -> u64 {
 fn objects(kind: Kind) -> &'static str {
     match kind {
         Kind::Connection => "connections",
+        Kind::Fd => "file descriptors",
         Kind::Thread => "threads",
         Kind::Goroutine => "goroutines",
         Kind::Map => "map entries",

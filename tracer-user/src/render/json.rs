@@ -49,6 +49,7 @@ pub(crate) mod tests {
             },
             events: BTreeMap::from([("connection", 1234)]),
             findings_omitted: 0,
+            exhaustion: None,
             untracked_frees: None,
         }
     }

@@ -184,6 +184,7 @@ use proto::{Function, Label, Line, Location, Mapping, Profile, Sample, ValueType
 pub fn sample_types(kind: Kind) -> &'static [(&'static str, &'static str)] {
     match kind {
         Kind::Connection => &[("connections", "count")],
+        Kind::Fd => &[("fds", "count")],
         Kind::Thread => &[("threads", "count")],
         Kind::Goroutine => &[("goroutines", "count")],
         Kind::Map => &[("map_entries", "count")],
@@ -195,7 +196,7 @@ pub fn sample_types(kind: Kind) -> &'static [(&'static str, &'static str)] {
 /// A finding's values, one per entry of [`sample_types`] of its kind.
 pub fn sample_values(f: &Finding) -> Vec<i64> {
     match f.kind {
-        Kind::Connection | Kind::Thread | Kind::Goroutine | Kind::Map => vec![clamp(f.live)],
+        Kind::Connection | Kind::Fd | Kind::Thread | Kind::Goroutine | Kind::Map => vec![clamp(f.live)],
         Kind::Allocation => vec![clamp(f.live), clamp(f.live_bytes.unwrap_or(0))],
         Kind::Lock => {
             let (n, ns) = f.lock.as_ref().map_or((0, 0), |l| (l.contentions, l.wait_ns));
@@ -349,6 +350,9 @@ pub fn build_profile(report: &Report, time_nanos: i64) -> Profile {
             b.label("site", &f.site),
             b.label("verdict", f.verdict.as_str()),
         ];
+        if let Some(via) = &f.via {
+            label.push(b.label("via", via));
+        }
         if let Some(peer) = &f.peer {
             label.push(b.label("peer", peer));
         }
@@ -357,6 +361,12 @@ pub fn build_profile(report: &Report, time_nanos: i64) -> Profile {
         }
         if let Some(map) = &f.map {
             label.push(b.label("map", map));
+        }
+        if let Some(t) = &f.fd_type {
+            label.push(b.label("fd_type", t));
+        }
+        if let Some(path) = &f.path {
+            label.push(b.label("path", path));
         }
         b.profile.sample.push(Sample { location_id, value, label });
     }
@@ -433,6 +443,7 @@ mod tests {
         let mut steady = leak.clone();
         steady.verdict = Verdict::Steady;
         steady.site = "pool_init".into();
+        steady.via = Some("redisConnect".into());
         steady.live = 4;
         steady.peer = None;
         steady.stack = vec![
@@ -495,7 +506,7 @@ mod tests {
         );
         assert_eq!(
             labels(&p, steady),
-            [("kind", "connection"), ("site", "pool_init"), ("verdict", "steady")].map(|(k, v)| (k.to_string(), v.to_string()))
+            [("kind", "connection"), ("site", "pool_init"), ("verdict", "steady"), ("via", "redisConnect")].map(|(k, v)| (k.to_string(), v.to_string()))
         );
 
         // Lines and files; `main` is one function at two lines (two locations).

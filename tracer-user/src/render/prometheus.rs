@@ -275,6 +275,30 @@ fn encode_report(
         }),
     )?;
 
+    // Time to exhaustion: each growing site at its own slope (the soonest
+    // `max_sites`), and site="all" for the resource at every site's slope.
+    let mut exhausting: Vec<(&str, &crate::report::Exhaustion)> =
+        report.findings.iter().filter_map(|f| f.exhausts.as_ref().map(|x| (f.site.as_str(), x))).collect();
+    exhausting.sort_by(|a, b| a.1.seconds.total_cmp(&b.1.seconds));
+    exhausting.truncate(max_sites);
+    family(
+        e,
+        "leaktrace_exhaustion_seconds",
+        "Seconds until the resource (open files, threads, memory) runs out at the site's current growth; site all: at every growing site's growth together.",
+        MetricType::Gauge,
+        report
+            .exhaustion
+            .iter()
+            .map(|x| ("all", x))
+            .chain(exhausting)
+            .map(|(site, x)| {
+                (
+                    vec![("pid", pid.clone()), ("resource", escape_label(&x.resource)), ("site", escape_label(site))],
+                    ConstGauge::new(finite(x.seconds)),
+                )
+            }),
+    )?;
+
     let kinds: BTreeSet<&str> = report
         .events
         .keys()
@@ -323,7 +347,8 @@ fn encode_report(
         MetricType::Gauge,
         kinds.iter().flat_map(|kind| {
             let lock_verdict = (*kind == "lock").then_some(Verdict::Contended);
-            [Verdict::Leak, Verdict::Growing, Verdict::Steady].into_iter().chain(lock_verdict).map(|v| {
+            let unclosed = (*kind == "connection").then_some(Verdict::Unclosed);
+            [Verdict::Leak, Verdict::Growing, Verdict::Steady].into_iter().chain(lock_verdict).chain(unclosed).map(|v| {
                 let n = report.findings.iter().filter(|f| f.kind.as_str() == *kind && f.verdict == v).count();
                 (
                     vec![("pid", pid.clone()), ("kind", escape_label(kind)), ("verdict", v.as_str().to_string())],
@@ -596,6 +621,7 @@ mod tests {
                 waiter_stacks: 1,
                 holder_stack: vec![],
                 holder_site: String::new(),
+                holder_site_index: 0,
                 holder_wakes: 0,
             }),
             ..finding("worker", 0, 0.0, v)

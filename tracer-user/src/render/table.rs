@@ -18,6 +18,10 @@ pub struct TableOptions {
     pub max_frames: usize,
     /// Longest SITE shown, in characters (default 60); longer ones end in `…`.
     pub max_site_width: usize,
+    /// Fold steady findings into one line, so that the table leads with what
+    /// needs action (the CLI's default; `--all` unfolds them). Off here: a
+    /// renderer shows everything unless asked.
+    pub fold_steady: bool,
 }
 
 impl Default for TableOptions {
@@ -26,6 +30,7 @@ impl Default for TableOptions {
             max_findings: 10,
             max_frames: 5,
             max_site_width: 60,
+            fold_steady: false,
         }
     }
 }
@@ -53,7 +58,11 @@ pub fn render_table(report: &Report, opts: &TableOptions) -> String {
     let _ = write!(
         out,
         "leaktrace  pid {} ({})  elapsed {:.1}s  lost: events {}, stacks {}",
-        report.pid, report.comm, report.elapsed_s, report.lost.events, report.lost.stacks
+        report.pid,
+        super::printable(&report.comm, false),
+        report.elapsed_s,
+        report.lost.events,
+        report.lost.stacks
     );
     if report.lost.truncated_stacks > 0 {
         let _ = write!(out, ", truncated stacks {}", report.lost.truncated_stacks);
@@ -62,15 +71,24 @@ pub fn render_table(report: &Report, opts: &TableOptions) -> String {
         out.push_str("  EXITED");
     }
     out.push('\n');
+    if let Some(e) = &report.exhaustion {
+        let _ = writeln!(out, "{}", crate::judge::exhaustion::headline(&report.comm, e));
+    }
 
-    let shown = &report.findings[..report.findings.len().min(opts.max_findings)];
-    if shown.is_empty() {
+    let (listed, folded): (Vec<&Finding>, Vec<&Finding>) = report.findings.iter().partition(|f| !opts.fold_steady || !foldable(f));
+    let shown = &listed[..listed.len().min(opts.max_findings)];
+    if report.findings.is_empty() {
         out.push_str("no tracked objects yet\n");
     } else {
         out.push('\n');
-        write_rows(&mut out, shown, opts);
+        if !shown.is_empty() {
+            write_rows(&mut out, shown, opts);
+        }
     }
-    let not_shown = (report.findings.len() - shown.len()) as u64 + report.findings_omitted;
+    if !folded.is_empty() {
+        let _ = writeln!(out, "{}", folded_line(&folded));
+    }
+    let not_shown = (listed.len() - shown.len()) as u64 + report.findings_omitted;
     if not_shown > 0 {
         let _ = writeln!(
             out,
@@ -81,7 +99,8 @@ pub fn render_table(report: &Report, opts: &TableOptions) -> String {
     if report.is_final {
         let _ = writeln!(out, "{}", summary(report));
     }
-    out
+    // Every field was made printable; this keeps it so for any added later.
+    super::printable(&out, true).into_owned()
 }
 
 /// `2 leaks, 1 growing, 5 steady` over every finding in the report (plus a
@@ -90,12 +109,12 @@ pub fn render_table(report: &Report, opts: &TableOptions) -> String {
 pub fn summary(report: &Report) -> String {
     let count = |v: Verdict| report.findings.iter().filter(|f| f.verdict == v).count();
     let leaks = count(Verdict::Leak);
-    let mut s = format!(
-        "{leaks} leak{}, {} growing, {} steady",
-        plural(leaks as u64),
-        count(Verdict::Growing),
-        count(Verdict::Steady)
-    );
+    let unclosed = count(Verdict::Unclosed);
+    let mut s = format!("{leaks} leak{}", plural(leaks as u64));
+    if unclosed > 0 {
+        let _ = write!(s, ", {unclosed} unclosed");
+    }
+    let _ = write!(s, ", {} growing, {} steady", count(Verdict::Growing), count(Verdict::Steady));
     let contended = count(Verdict::Contended);
     if contended > 0 {
         let _ = write!(s, ", {contended} contended lock{}", plural(contended as u64));
@@ -104,6 +123,38 @@ pub fn summary(report: &Report) -> String {
         let _ = write!(s, " ({} more omitted)", report.findings_omitted);
     }
     s
+}
+
+/// Objects from before attach in one group that get a row even when steady:
+/// a pile found at attach (10 000 sockets to one peer) is what the on-call
+/// engineer came for, a handful is not.
+pub const BEFORE_ATTACH_ROW_MIN: u64 = 100;
+
+/// Whether a finding folds into the steady line: steady, and not a big
+/// group of objects from before attach.
+fn foldable(f: &Finding) -> bool {
+    f.verdict == Verdict::Steady && !(f.before_attach && f.live >= BEFORE_ATTACH_ROW_MIN)
+}
+
+/// The one line steady findings fold into:
+/// `steady  13 findings (3 connection, 10 goroutine), 25 live: nothing to act on (--all lists them)`.
+fn folded_line(folded: &[&Finding]) -> String {
+    let mut kinds: Vec<(crate::report::Kind, usize)> = Vec::new();
+    for f in folded {
+        match kinds.iter_mut().find(|k| k.0 == f.kind) {
+            Some(k) => k.1 += 1,
+            None => kinds.push((f.kind, 1)),
+        }
+    }
+    kinds.sort();
+    let by_kind: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {}", k.as_str())).collect();
+    let live: u64 = folded.iter().map(|f| f.live).sum();
+    format!(
+        "steady   {} finding{} ({}), {live} live: nothing to act on (--all lists them)",
+        folded.len(),
+        plural(folded.len() as u64),
+        by_kind.join(", ")
+    )
 }
 
 const HEADERS: [&str; 7] = [
@@ -120,8 +171,9 @@ const HEADERS: [&str; 7] = [
 /// Columns right-aligned because they hold numbers.
 const NUMERIC: [bool; 7] = [false, false, false, true, true, true, false];
 
-fn write_rows(out: &mut String, findings: &[Finding], opts: &TableOptions) {
-    let rows: Vec<[String; 7]> = findings.iter().map(|f| row(f, opts)).collect();
+fn write_rows(out: &mut String, findings: &[&Finding], opts: &TableOptions) {
+    let rows: Vec<[String; 7]> =
+        findings.iter().map(|f| row(f, opts).map(|cell| super::printable(&cell, false).into_owned())).collect();
     let mut widths = HEADERS.map(|h| h.chars().count());
     for r in &rows {
         for (w, cell) in widths.iter_mut().zip(r) {
@@ -131,6 +183,10 @@ fn write_rows(out: &mut String, findings: &[Finding], opts: &TableOptions) {
     write_line(out, &HEADERS.map(String::from), &widths);
     for (finding, r) in findings.iter().zip(&rows) {
         write_line(out, r, &widths);
+        if finding.before_attach {
+            let _ = writeln!(out, "    creation stack unknown: open before leaktrace attached");
+            continue;
+        }
         // Start at the site: the frames below it are the runtime's and libc's.
         let from = finding.site_index.min(finding.stack.len().saturating_sub(1));
         if from > 0 {
@@ -138,6 +194,18 @@ fn write_rows(out: &mut String, findings: &[Finding], opts: &TableOptions) {
         }
         for frame in finding.stack.iter().skip(from).take(opts.max_frames) {
             let _ = writeln!(out, "    {}", frame_text(frame));
+        }
+        if let Some(e) = &finding.exhausts {
+            let _ = writeln!(
+                out,
+                "    exhausts {} in {} at this rate ({} {}, {} in use; {:.0} % of the growth)",
+                e.resource,
+                crate::judge::exhaustion::eta_text(e.seconds),
+                e.limit_source,
+                e.limit,
+                e.in_use,
+                e.share * 100.0
+            );
         }
         // Leaked goroutines: where they are stuck now.
         if let Some(blocked) = &finding.blocked_in {
@@ -147,7 +215,7 @@ fn write_rows(out: &mut String, findings: &[Finding], opts: &TableOptions) {
             }
         }
         if let Some(l) = finding.lock.as_ref().filter(|l| !l.holder_stack.is_empty()) {
-            let from = crate::stacks::symbolize::site_index(&l.holder_stack);
+            let from = l.holder_site_index.min(l.holder_stack.len().saturating_sub(1));
             let _ = writeln!(out, "    held by (the unlock that woke waiters, {} wakes):", l.holder_wakes);
             for frame in l.holder_stack.iter().skip(from).take(opts.max_frames) {
                 let _ = writeln!(out, "      {}", frame_text(frame));
@@ -183,7 +251,7 @@ fn row(f: &Finding, opts: &TableOptions) -> [String; 7] {
         return [
             f.verdict.as_str().to_string(),
             f.kind.as_str().to_string(),
-            truncate(&f.site, opts.max_site_width),
+            truncate(&site_text(f), opts.max_site_width),
             format!("{} waits", l.contentions),
             format!("{:.1}% wait", l.wait_share * 100.0),
             format!("max {:.1}ms", l.max_wait_ns as f64 / 1e6),
@@ -193,7 +261,7 @@ fn row(f: &Finding, opts: &TableOptions) -> [String; 7] {
     [
         f.verdict.as_str().to_string(),
         f.kind.as_str().to_string(),
-        truncate(&f.site, opts.max_site_width),
+        truncate(&site_text(f), opts.max_site_width),
         // Allocations: blocks and bytes live; growth in bytes (what is judged).
         match f.live_bytes {
             Some(b) => format!("{} ({})", f.live, bytes_text(b as f64)),
@@ -206,11 +274,44 @@ fn row(f: &Finding, opts: &TableOptions) -> [String; 7] {
         f.oldest_age_s.map_or_else(|| "-".to_string(), age_text),
         f.peer
             .clone()
+            .or_else(|| fd_text(f))
             .or_else(|| f.thread_name.clone())
             .or_else(|| f.wait_reason.clone())
             .or_else(|| f.map.clone())
             .unwrap_or_else(|| "-".to_string()),
     ]
+}
+
+/// The SITE cell: the own-code site, and the library it went through by
+/// its short name (`main.getProfile via redis.Dial`).
+fn site_text(f: &Finding) -> String {
+    match &f.via {
+        Some(via) => format!("{} via {}", f.site, short_function(via)),
+        None => f.site.clone(),
+    }
+}
+
+/// A Go function without its import path's directories
+/// (`github.com/gomodule/redigo/redis.Dial` → `redis.Dial`); other names as they are.
+fn short_function(name: &str) -> &str {
+    let head_end = name.find(['(', '[', ' ']).unwrap_or(name.len());
+    match name[..head_end].rfind('/') {
+        Some(i) if !name.contains("::") => &name[i + 1..],
+        _ => name,
+    }
+}
+
+/// fds: `file /var/log/app.log (+3 paths)`, `pipe`.
+fn fd_text(f: &Finding) -> Option<String> {
+    let t = f.fd_type.as_deref()?;
+    let mut s = t.to_string();
+    if let Some(p) = &f.path {
+        let _ = write!(s, " {p}");
+        if let Some(n) = f.distinct_paths.filter(|&n| n > 1) {
+            let _ = write!(s, " (+{} paths)", n - 1);
+        }
+    }
+    Some(s)
 }
 
 /// `function (file:line)`, else `function [module]`, with the address when
@@ -240,7 +341,7 @@ fn frame_text(frame: &Frame) -> String {
         }
         (None, _, None) => {}
     }
-    s
+    super::printable(&s, false).into_owned()
 }
 
 /// `512B`, `1.5KiB`, `12.0MiB`, `-3.0KiB`.
@@ -305,6 +406,19 @@ mod tests {
     use super::*;
     use crate::render::json::tests::example_report;
     use crate::report::Kind;
+
+    #[test]
+    fn names_from_the_target_cannot_drive_the_terminal() {
+        let mut report = example_report();
+        report.comm = "x\x1b[2J\x1b[31m".into();
+        report.findings[0].peer = Some("evil\x1b]0;title\x07\nleak  forged".into());
+        report.findings[0].stack[0].function = "f\x1b[1A".into();
+        let text = render_table(&report, &TableOptions::default());
+        assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text:?}");
+        assert!(text.contains("pid 1234 (x\\x1b[2J\\x1b[31m)"), "{text}");
+        assert!(text.contains("evil\\x1b]0;title\\x07\\x0aleak  forged"), "{text}");
+        assert!(text.contains("f\\x1b[1A"), "{text}");
+    }
 
     #[test]
     fn frames_start_at_the_site() {
@@ -395,6 +509,7 @@ mod tests {
             max_findings: 4,
             max_frames: 5,
             max_site_width: 20,
+            fold_steady: false,
         };
         let text = render_table(&report, &opts);
         assert!(text.contains(&format!("{}…", "x".repeat(19))));
@@ -424,6 +539,61 @@ mod tests {
             file_offset: None,
         };
         assert_eq!(frame_text(&unknown), "[unknown] 0x401136 [/lib/x.so]");
+    }
+
+    #[test]
+    fn steady_findings_fold_into_one_line_unless_all() {
+        let mut report = example_report();
+        report.is_final = true;
+        report.findings.push(steady("db.Open", 4));
+        let mut g = steady("runtime.main", 1);
+        g.kind = Kind::Goroutine;
+        report.findings.push(g);
+        let opts = TableOptions { fold_steady: true, ..TableOptions::default() };
+        let text = render_table(&report, &opts);
+        let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("leak ") || l.starts_with("steady ")).collect();
+        assert_eq!(rows.len(), 2, "{text}");
+        assert!(rows[0].starts_with("leak     connection  main.badHandler"), "{text}");
+        assert_eq!(rows[1], "steady   2 findings (1 connection, 1 goroutine), 5 live: nothing to act on (--all lists them)");
+        assert!(!text.contains("db.Open") && !text.contains("pool.get"), "{text}");
+        assert_eq!(text.lines().last().unwrap(), "1 leak, 0 growing, 2 steady");
+        // Everything steady: the header row is not printed, the folded line is.
+        report.findings.remove(0);
+        let text = render_table(&report, &opts);
+        assert!(!text.contains("VERDICT") && text.contains("steady   2 findings"), "{text}");
+        // Unfolded (--all): every row.
+        assert!(render_table(&report, &TableOptions::default()).contains("db.Open"));
+    }
+
+    #[test]
+    fn big_groups_from_before_attach_get_a_row_and_say_their_stack_is_unknown() {
+        let mut report = example_report();
+        let group = |live| Finding {
+            site: "[before attach]".into(),
+            peer: Some("127.0.0.1:6379".into()),
+            before_attach: true,
+            live,
+            ..Finding::new(Kind::Connection, Verdict::Steady)
+        };
+        report.findings = vec![group(10_000)];
+        let opts = TableOptions { fold_steady: true, ..TableOptions::default() };
+        let text = render_table(&report, &opts);
+        assert!(text.contains("steady   connection  [before attach]  10000"), "{text}");
+        assert!(text.contains("    creation stack unknown: open before leaktrace attached\n"), "{text}");
+        report.findings = vec![group(3)];
+        let text = render_table(&report, &opts);
+        assert!(text.contains("steady   1 finding (1 connection), 3 live"), "{text}");
+    }
+
+    #[test]
+    fn site_cell_names_the_library_it_went_through() {
+        let mut f = steady("main.getProfile", 3);
+        f.via = Some("github.com/gomodule/redigo/redis.Dial".into());
+        assert_eq!(row(&f, &TableOptions::default())[2], "main.getProfile via redis.Dial");
+        f.via = Some("github.com/a/b.(*Pool).Get".into());
+        assert_eq!(site_text(&f), "main.getProfile via b.(*Pool).Get");
+        f.via = Some("redisConnect".into());
+        assert_eq!(site_text(&f), "main.getProfile via redisConnect");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, StackTraceMap},
     Ebpf,
 };
-use tracer_common::stacks::{StackKey, WalkedFrames, OVERFLOW_STACK, PROVISIONAL_KEY, UNWOUND_STACK};
+use tracer_common::stacks::{StackKey, WalkedFrames, COLLIDED_STACK, OVERFLOW_STACK, PROVISIONAL_KEY, UNWOUND_STACK};
 
 use crate::{
     stacks::SampleStack,
@@ -23,6 +23,8 @@ pub struct StackResolver {
     traces: StackTraceMap<MapData>,
     /// Stacks walked with unwind rules (`UNWOUND_STACK` keys).
     unwound: BpfHashMap<MapData, u64, WalkedFrames>,
+    /// Stacks walked by the programs when their `STACKS` bucket was taken.
+    collided: BpfHashMap<MapData, u64, WalkedFrames>,
     symbolizer: SymbolizerService,
     cache: HashMap<SampleStack, Vec<Frame>>,
 }
@@ -32,10 +34,12 @@ impl StackResolver {
     pub fn new(ebpf: &mut Ebpf, pid: u32, symbolizer: SymbolizerService) -> Result<Self> {
         let map = ebpf.take_map("STACKS").ok_or_else(|| anyhow!("STACKS map missing"))?;
         let unwound = ebpf.take_map("UNWOUND_STACKS").ok_or_else(|| anyhow!("UNWOUND_STACKS map missing"))?;
+        let collided = ebpf.take_map("STACK_FRAMES").ok_or_else(|| anyhow!("STACK_FRAMES map missing"))?;
         Ok(Self {
             pid,
             traces: StackTraceMap::try_from(map)?,
             unwound: BpfHashMap::try_from(unwound)?,
+            collided: BpfHashMap::try_from(collided)?,
             symbolizer,
             cache: HashMap::new(),
         })
@@ -45,8 +49,13 @@ impl StackResolver {
     /// rules, or the kernel's with the wrapper's caller put back after the
     /// first frame.
     pub fn addresses(&self, key: &StackKey) -> Vec<u64> {
-        if key.stack_id == UNWOUND_STACK {
-            return match crate::stacks::walked_stack(&self.unwound, key.caller) {
+        let walked = match key.stack_id {
+            UNWOUND_STACK => Some(&self.unwound),
+            COLLIDED_STACK => Some(&self.collided),
+            _ => None,
+        };
+        if let Some(table) = walked {
+            return match crate::stacks::walked_stack(table, key.caller) {
                 SampleStack::Addresses(a) => a,
                 SampleStack::Kernel(_) => Vec::new(),
             };
@@ -105,8 +114,17 @@ impl StackResolver {
     }
 }
 
+/// Functions of the frames that stand for a stack the kernel could not keep.
+const PLACEHOLDERS: [&str; 2] = ["[stack table full]", "[stack not recorded]"];
+
 /// The frame shown for a stack the kernel could not keep.
 fn placeholder(key: &SampleStack) -> Frame {
-    let function = if *key == SampleStack::Kernel(OVERFLOW_STACK) { "[stack table full]" } else { "[stack not recorded]" };
+    let function = if *key == SampleStack::Kernel(OVERFLOW_STACK) { PLACEHOLDERS[0] } else { PLACEHOLDERS[1] };
     Frame { function: function.into(), file: None, line: None, module: None, addr: None, file_offset: None }
+}
+
+/// Whether resolved frames are a placeholder: a bucket of objects whose
+/// stacks were lost, which holds unrelated stacks and is never judged.
+pub fn is_placeholder(frames: &[Frame]) -> bool {
+    matches!(frames, [f] if PLACEHOLDERS.contains(&f.function.as_str()))
 }

@@ -77,6 +77,10 @@ struct Worker {
     /// Go pc tables per object, for the frames blazesym cannot name
     /// (`-s -w` Go builds have no symtab and no DWARF); `None`: not Go.
     go: HashMap<PathBuf, Option<crate::binary::golang::GoSymbols>>,
+    /// Per object: whether its section headers are safe to hand to
+    /// blazesym, which allocates whatever a compression header claims
+    /// ([`crate::binary::elf::check_sections_of`]).
+    readable: HashMap<PathBuf, bool>,
 }
 
 impl Worker {
@@ -86,7 +90,7 @@ impl Worker {
             .enable_inlined_fns(true)
             .enable_demangling(true)
             .build();
-        Self { symbolizer, cache: HashMap::new(), max_cache: 200_000, go: HashMap::new() }
+        Self { symbolizer, cache: HashMap::new(), max_cache: 200_000, go: HashMap::new(), readable: HashMap::new() }
     }
 
     fn resolve(&mut self, pid: u32, map: &MemoryMap, addr: u64) -> Vec<Frame> {
@@ -110,8 +114,9 @@ impl Worker {
         let path: PathBuf = crate::procfs::object_path(pid, m);
         let file_offset = addr - m.start + m.offset;
         let src = Source::Elf(Elf::new(path.clone()));
-        let sym = match self.symbolizer.symbolize_single(&src, Input::FileOffset(file_offset)) {
-            Ok(Symbolized::Sym(sym)) => sym,
+        let found = if self.readable(&path) { self.symbolizer.symbolize_single(&src, Input::FileOffset(file_offset)).ok() } else { None };
+        let sym = match found {
+            Some(Symbolized::Sym(sym)) => sym,
             _ => {
                 return vec![self.go_frame(&path, &module, file_offset).unwrap_or_else(|| unknown(Some(module), hex, Some(file_offset)))]
             }
@@ -132,6 +137,27 @@ impl Worker {
 }
 
 impl Worker {
+    /// Whether blazesym may read `path`: a file whose headers lie (a
+    /// compressed section claiming terabytes) is named by its pc table or
+    /// left `[unknown]`, with one warning.
+    fn readable(&mut self, path: &PathBuf) -> bool {
+        if let Some(&ok) = self.readable.get(path) {
+            return ok;
+        }
+        if self.readable.len() >= 1024 {
+            self.readable.clear();
+        }
+        let ok = match crate::binary::elf::check_sections_of(path) {
+            Ok(()) => true,
+            Err(e) => {
+                crate::output::warn(format!("not reading symbols or DWARF of {e:#}"));
+                false
+            }
+        };
+        self.readable.insert(path.clone(), ok);
+        ok
+    }
+
     /// A frame named by the object's `.gopclntab`, if it is a Go binary.
     fn go_frame(&mut self, path: &PathBuf, module: &str, file_offset: u64) -> Option<Frame> {
         if is_system_module(module) {
@@ -191,17 +217,153 @@ pub fn stripped_modules(frames: &[Frame]) -> Vec<String> {
     out
 }
 
-/// The first frame that is the application's own code: not a runtime, libc,
-/// a system library or a language's standard library.
-pub fn site_of(frames: &[Frame]) -> String {
-    frames.get(site_index(frames)).map(site_name).unwrap_or_else(|| "[unknown]".into())
+/// Where a finding is named: the frame of the program's own code that
+/// created it, and the library it went through to get there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Site {
+    /// How the site frame is named ([`site_name`]).
+    pub name: String,
+    /// Index of the site frame in the stack (innermost first).
+    pub index: usize,
+    /// The outermost library frame between the site and the innermost frame
+    /// (`github.com/gomodule/redigo/redis.Dial`, libhiredis's
+    /// `redisConnect`), if the object was created through a library;
+    /// runtimes, libc and standard libraries are not named (every stack
+    /// goes through them).
+    pub via: Option<String>,
 }
 
-/// Index of the site's frame in `frames` (see [`site_of`]). When every frame
-/// is system code (a connection the standard library makes on its own, like
-/// an HTTP transport's dial goroutine), the outermost frame that is not the
-/// runtime's thread or goroutine entry names it better than the syscall stub.
-pub fn site_index(frames: &[Frame]) -> usize {
+/// What counts as the program's own code: the one site rule of every tracker.
+///
+/// A frame is own code when it is in the main executable (not a shared
+/// object) and is neither a runtime, libc or standard library frame nor a
+/// dependency linked into the executable: for Go, only package `main` and
+/// the main module's packages (its path from `.go.buildinfo`); for native
+/// code, not a frame whose source is in the cargo registry, a cargo git
+/// checkout or the Rust standard library, nor a symbol of a crate seen there.
+/// `--own PREFIX` replaces the rule by function-name prefixes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OwnCode {
+    /// The main executable, as the target's memory map names it; `None`
+    /// when unknown (then any object that is not a system library counts).
+    pub executable: Option<String>,
+    /// The executable is a Go program.
+    pub go: bool,
+    /// Go: the main module's path (`example.com/api`); `None` for GOPATH
+    /// builds (then only package `main` is own code).
+    pub go_module: Option<String>,
+    /// `--own PREFIX`: when set, exactly the frames whose function starts
+    /// with one of these are own code.
+    pub prefixes: Vec<String>,
+}
+
+impl OwnCode {
+    /// The rule for process `pid`'s current executable, with `prefixes`.
+    pub fn of_process(pid: u32, prefixes: &[String]) -> Self {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok().map(|p| p.display().to_string());
+        let (go, go_module) = std::fs::read(format!("/proc/{pid}/exe"))
+            .ok()
+            .and_then(|data| {
+                let elf = object::File::parse(&*data).ok()?;
+                let go = crate::binary::golang::is_go(&elf);
+                Some((go, go.then(|| crate::binary::golang::buildinfo::main_module(&elf)).flatten()))
+            })
+            .unwrap_or((false, None));
+        Self { executable: exe.map(|e| e.trim_end_matches(" (deleted)").to_string()), go, go_module, prefixes: prefixes.to_vec() }
+    }
+
+    /// The site of a stack (innermost first): the innermost own frame, with
+    /// the library it went through. A stack with no own frame at all keeps
+    /// the library rule ([`library_site_index`]) and has no `via`.
+    pub fn site(&self, frames: &[Frame]) -> Site {
+        let library_crates = library_crates(frames);
+        let Some(index) = frames.iter().position(|f| self.is_own(f, &library_crates)) else {
+            let index = library_site_index(frames);
+            return Site { name: frames.get(index).map(site_name).unwrap_or_else(|| "[unknown]".into()), index, via: None };
+        };
+        let via = frames[..index].iter().rev().find(|f| !is_runtime_or_std(f)).map(site_name);
+        Site { name: site_name(&frames[index]), index, via }
+    }
+
+    /// Whether `f` is the program's own code (see [`OwnCode`]); crates in
+    /// `library_crates` are dependencies linked into the executable.
+    fn is_own(&self, f: &Frame, library_crates: &[&str]) -> bool {
+        if !self.prefixes.is_empty() {
+            let name = site_name(f);
+            return self.prefixes.iter().any(|p| name.starts_with(p.as_str()));
+        }
+        if is_system_frame(f) {
+            return false;
+        }
+        if let (Some(exe), Some(module)) = (&self.executable, &f.module) {
+            if module.trim_end_matches(" (deleted)") != exe {
+                return false;
+            }
+        }
+        if f.function == "[unknown]" {
+            // An unnamed address in the executable (stripped): its own code
+            // as far as anyone can tell.
+            return true;
+        }
+        if self.go {
+            return is_go_main_module(&f.function, self.go_module.as_deref());
+        }
+        if f.file.as_deref().is_some_and(is_dependency_source) {
+            return false;
+        }
+        !rust_crate(&f.function).is_some_and(|c| library_crates.contains(&c))
+    }
+}
+
+/// Whether a Go function is in package `main` or the main module `module`.
+fn is_go_main_module(func: &str, module: Option<&str>) -> bool {
+    if func.starts_with("main.") {
+        return true;
+    }
+    module.is_some_and(|m| {
+        func.strip_prefix(m).is_some_and(|rest| rest.starts_with('/') || rest.starts_with('.'))
+    })
+}
+
+/// Source paths of code linked into an executable that is not the
+/// program's own: the cargo registry, cargo git checkouts, the Rust
+/// standard library (`/rustc/HASH/library/...`, `rustlib`), system headers.
+fn is_dependency_source(file: &str) -> bool {
+    file.contains("/.cargo/registry/")
+        || file.contains("/.cargo/git/")
+        || file.starts_with("/rustc/")
+        || file.contains("/rustlib/")
+        || file.starts_with("/usr/include/")
+}
+
+/// The crate of a Rust symbol (`tokio` of `tokio::net::TcpStream::connect`;
+/// `<hyper::Client as Foo>::bar` names `hyper`).
+fn rust_crate(func: &str) -> Option<&str> {
+    let f = func.trim_start_matches('<');
+    let (head, _) = f.split_once("::")?;
+    (!head.is_empty() && head.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')).then_some(head)
+}
+
+/// Crates whose code in this stack comes from dependency sources: their
+/// frames without line info (no DWARF for that address) are not own code either.
+fn library_crates(frames: &[Frame]) -> Vec<&str> {
+    let mut out: Vec<&str> = frames
+        .iter()
+        .filter(|f| f.file.as_deref().is_some_and(is_dependency_source))
+        .filter_map(|f| rust_crate(&f.function))
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// The site of a stack with no own frame (today's rule for library-only
+/// stacks): the first frame outside runtimes, libc and standard libraries
+/// (a third-party library's); when every frame is system code (a connection
+/// the standard library makes on its own, like an HTTP transport's dial
+/// goroutine), the outermost frame that is not the runtime's thread or
+/// goroutine entry names it better than the syscall stub.
+fn library_site_index(frames: &[Frame]) -> usize {
     if let Some(i) = frames.iter().position(|f| !is_system_frame(f)) {
         return i;
     }
@@ -219,28 +381,43 @@ pub fn site_index(frames: &[Frame]) -> usize {
     frames.iter().rposition(|f| !entry(f)).unwrap_or(0)
 }
 
-/// Whether a frame belongs to a runtime, libc or a standard library.
+/// Whether a frame belongs to a runtime, libc, a system library or a
+/// standard library.
 pub fn is_system_frame(f: &Frame) -> bool {
     if f.function == "[unknown]" {
         // An unnamed address in the application's own (stripped) object is
         // still the application's code.
         return f.file_offset.is_none() || f.module.as_deref().is_none_or(is_system_module);
     }
-    if let Some(m) = &f.module {
-        if is_system_module(m) {
-            return true;
-        }
-    }
-    let func = f.function.as_str();
-    if is_go_std(func) {
+    if f.module.as_deref().is_some_and(is_system_module) {
         return true;
     }
+    is_standard_function(&f.function)
+}
+
+/// Whether a frame is a language runtime, libc or a standard library: every
+/// stack goes through them, so they never name a `via` (a system library
+/// such as libhiredis or libpq does).
+fn is_runtime_or_std(f: &Frame) -> bool {
+    const BASE: &[&str] = &["libc.so", "libc-", "ld-linux", "libpthread", "libstdc++", "libgcc_s", "libm.so", "libdl", "librt", "libresolv", "libnss_"];
+    f.function == "[unknown]"
+        || f.module.as_deref().is_some_and(|m| {
+            let base = m.rsplit('/').next().unwrap_or(m);
+            BASE.iter().any(|b| base.starts_with(b))
+        })
+        || is_standard_function(&f.function)
+}
+
+/// Functions of a language's runtime or standard library, by name.
+fn is_standard_function(func: &str) -> bool {
     // Rust's `<std::net::TcpStream>::connect`, `<alloc::vec::Vec<T> as ..>`.
     let func = func.trim_start_matches('<');
     if func.starts_with("impl ") && ["std::", "core::", "alloc::"].iter().any(|p| func[5..].starts_with(p)) {
         return true;
     }
-    func.starts_with("std::")
+    is_go_std(func)
+        || func.starts_with("std::")
+        || func.starts_with("__gnu_cxx::")
         || func.starts_with("core::")
         || func.starts_with("alloc::")
         || func.starts_with("tokio::")
@@ -296,6 +473,61 @@ mod tests {
         Frame { function: function.into(), file: None, line: None, module: Some(module.into()), addr: None, file_offset: None }
     }
 
+    fn site_of(frames: &[Frame]) -> String {
+        OwnCode::default().site(frames).name
+    }
+
+    fn go_api() -> OwnCode {
+        OwnCode { executable: Some("/srv/api".into()), go: true, go_module: Some("example.com/api".into()), prefixes: vec![] }
+    }
+
+    #[test]
+    fn site_is_the_handler_and_via_the_client_library() {
+        let frames = vec![
+            frame("syscall.Syscall", "/srv/api"),
+            frame("net.(*Dialer).DialContext", "/srv/api"),
+            frame("github.com/gomodule/redigo/redis.DialContext", "/srv/api"),
+            frame("github.com/gomodule/redigo/redis.Dial", "/srv/api"),
+            frame("example.com/api/profile.fetch", "/srv/api"),
+            frame("main.getProfile", "/srv/api"),
+            frame("github.com/gin-gonic/gin.(*Context).Next", "/srv/api"),
+        ];
+        let site = go_api().site(&frames);
+        assert_eq!(site, Site { name: "example.com/api/profile.fetch".into(), index: 4, via: Some("github.com/gomodule/redigo/redis.Dial".into()) });
+        let main_only = OwnCode { go_module: None, ..go_api() }.site(&frames);
+        assert_eq!((main_only.name.as_str(), main_only.index), ("main.getProfile", 5));
+        // Through the standard library only: no `via`.
+        let std_only = go_api().site(&[frames[0].clone(), frames[1].clone(), frames[5].clone()]);
+        assert_eq!((std_only.name.as_str(), std_only.via), ("main.getProfile", None));
+        // All library: the first library frame, as before.
+        let lib = go_api().site(&[frames[0].clone(), frames[2].clone(), frames[6].clone()]);
+        assert_eq!((lib.name.as_str(), lib.via), ("github.com/gomodule/redigo/redis.DialContext", None));
+        // --own: exactly the prefixes given.
+        let own = OwnCode { prefixes: vec!["github.com/gomodule/".into()], ..go_api() }.site(&frames);
+        assert_eq!((own.name.as_str(), own.index), ("github.com/gomodule/redigo/redis.DialContext", 2));
+    }
+
+    #[test]
+    fn native_dependencies_linked_in_are_not_own_code() {
+        let exe = "/opt/app/bin/app";
+        let with_file = |function: &str, file: &str| Frame { file: Some(file.into()), ..frame(function, exe) };
+        let frames = vec![
+            frame("__connect", "/usr/lib/x86_64-linux-gnu/libc.so.6"),
+            with_file("std::net::tcp::TcpStream::connect", "/rustc/abc/library/std/src/net/tcp.rs"),
+            with_file("mio::net::tcp::stream::TcpStream::connect", "/root/.cargo/registry/src/index.crates.io-1/mio-1.0/src/net/tcp/stream.rs"),
+            frame("mio::sys::unix::tcp::new_socket", exe),
+            frame("redis_client::connect", "/usr/lib/x86_64-linux-gnu/libhiredis.so.0.14"),
+            with_file("app::cache::dial", "/src/app/src/cache.rs"),
+        ];
+        let own = OwnCode { executable: Some(exe.into()), ..OwnCode::default() };
+        let site = own.site(&frames);
+        assert_eq!(site.name, "app::cache::dial");
+        assert_eq!(site.via.as_deref(), Some("redis_client::connect"));
+        // mio's frame without line info is known by its crate.
+        let no_line = own.site(&frames[..4]);
+        assert_eq!((no_line.name.as_str(), no_line.via), ("mio::net::tcp::stream::TcpStream::connect", None));
+    }
+
     #[test]
     fn site_skips_go_runtime_and_std() {
         let frames = vec![
@@ -329,7 +561,7 @@ mod tests {
             frame("runtime.goexit", "/srv/api"),
         ];
         assert_eq!(site_of(&frames), "net/http.(*Transport).dialConnFor");
-        assert_eq!(site_index(&frames), 3);
+        assert_eq!(OwnCode::default().site(&frames).index, 3);
     }
 
     #[test]

@@ -81,7 +81,7 @@ pub fn sites_in_elf(data: &[u8], names: &[&str]) -> Result<Vec<SyscallSite>> {
 /// each `syscall` reached with a known depth. Paths that set `sp` some other
 /// way are abandoned rather than guessed.
 pub fn sites_in_function(code: &[u8], entry: u64) -> Vec<SyscallSite> {
-    let end = entry + code.len() as u64;
+    let end = entry.saturating_add(code.len() as u64);
     let within = |a: u64| (a >= entry && a < end).then(|| &code[(a - entry) as usize..]);
     let mut out = Vec::new();
     x86::walk_sp(within, entry, usize::MAX, |reached, sp| {

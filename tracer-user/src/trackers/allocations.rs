@@ -116,7 +116,7 @@ impl Tracker for Allocations {
         let prefix = self.prefix.clone();
         let prefix = prefix.as_str();
         let wanted = self.lib.as_ref().map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+        let exe = procfs::exe_path(pid);
         let executable = mappings.mappings.iter().filter(|m| m.executable);
         let allocator = match &wanted {
             Some(lib) => executable.clone().find(|m| &m.path == lib || m.path.file_name() == lib.file_name()),

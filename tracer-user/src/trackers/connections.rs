@@ -9,9 +9,9 @@ use std::{
 };
 
 use anyhow::Result;
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap, RingBuf};
 use tracer_common::{
-    connections::{counter, flag, ring_kind, ConnInfo, ConnRingEvent, FdKey},
+    connections::{counter, finalizer, flag, ring_kind, ConnInfo, ConnRingEvent, FdKey},
     stacks::{StackCounts, StackKey},
 };
 
@@ -32,8 +32,10 @@ fn configure(load: &mut LoadSettings, opts: &TraceOptions, active: bool) {
     load.max_entries.push(("CONN_FDS", if active { opts.max_sockets } else { 1 }));
 }
 
-fn new(probes: &mut Probes, _opts: &TraceOptions, target: &Target) -> Result<Box<dyn Tracker>> {
-    Ok(Box::new(ConnectionCollector::new(probes, target.pid)?))
+fn new(probes: &mut Probes, opts: &TraceOptions, target: &Target) -> Result<Box<dyn Tracker>> {
+    let mut c = ConnectionCollector::new(probes, target.pid)?;
+    c.max_inventory = (opts.max_sockets as usize).min(MAX_INVENTORY);
+    Ok(Box::new(c))
 }
 
 /// The connection tracker's programs: exits only (arguments come from the
@@ -62,10 +64,16 @@ impl Tracker for ConnectionCollector {
         self.poll_events();
     }
 
+    fn on_start(&mut self, _probes: &mut Probes, _target: &Target) {
+        self.set_finalizer_range();
+        self.take_inventory();
+    }
+
     /// Only sockets of the old image: the new one may already have made its
     /// own (CLOEXEC too) by the time we hear of the exec.
     fn on_exec(&mut self, _probes: &mut Probes, _target: &Target, at_ns: u64) {
         self.end_where(|_, info| info.flags & flag::CLOEXEC != 0 && info.created_ns < at_ns);
+        self.set_finalizer_range();
     }
 
     fn collect(&mut self, _probes: &mut Probes, target: &Target, now_ns: u64) -> Result<Collected> {
@@ -86,6 +94,10 @@ pub struct ConnectionCollector {
     fds: BpfHashMap<MapData, FdKey, ConnInfo>,
     stacks: PerCpuHashMap<MapData, StackKey, StackCounts>,
     ring: RingBuf<MapData>,
+    /// Per stack: sockets Go's finalizer goroutine closed.
+    finalized: PerCpuHashMap<MapData, StackKey, u64>,
+    /// `runtime.runfinq`'s pc range for the kernel side (0, 0: not Go).
+    finalizer_range: Array<MapData, u64>,
     /// Sockets user space found closed behind the kernel side's back
     /// (exec, close_range, anything missed), per stack.
     reconciled: HashMap<StackKey, u64>,
@@ -96,7 +108,29 @@ pub struct ConnectionCollector {
     /// Peers found in /proc/PID/net for live sockets the syscalls gave no
     /// address for (accept with a NULL address, sockets adopted at connect).
     net_peers: HashMap<(FdKey, u64), String>,
+    /// The target is a Go program whose finalizer closes are told apart.
+    is_go: bool,
+    /// Sockets that existed at attach: inode -> group (its peer, or
+    /// [`NO_PEER`]); at most `max_inventory`, the rest counted.
+    before_attach: HashMap<u64, String>,
+    /// Bound on `before_attach`: `--max-sockets`, at most [`MAX_INVENTORY`].
+    max_inventory: usize,
+    /// The last inventory samples: kept once the target exited (the final
+    /// report shows what was open then).
+    last_inventory: Vec<StackSample>,
 }
+
+/// The group of sockets from before attach that have no peer (listening,
+/// unconnected, Unix sockets).
+pub const NO_PEER: &str = "no peer (listening, unconnected or unix)";
+/// Sockets from before attach remembered at most (one inode and a group
+/// name each); `--max-sockets` lowers it.
+pub const MAX_INVENTORY: usize = 100_000;
+/// Groups of sockets from before attach reported; the others are summed
+/// into [`OTHER_PEERS`] (accepted connections have a peer each).
+pub const MAX_INVENTORY_GROUPS: usize = 32;
+/// The group the smaller groups are summed into.
+pub const OTHER_PEERS: &str = "other peers";
 
 impl ConnectionCollector {
     /// Takes the tracker's maps out of the loaded object.
@@ -107,10 +141,89 @@ impl ConnectionCollector {
             fds: probes.take_map("CONN_FDS")?,
             stacks: probes.take_map("CONN_STACKS")?,
             ring: probes.take_map("CONN_EVENTS")?,
+            finalized: probes.take_map("CONN_FINALIZED")?,
+            finalizer_range: probes.take_map("CONN_FINALIZER")?,
             reconciled: HashMap::new(),
             inodes: HashMap::new(),
             net_peers: HashMap::new(),
+            is_go: false,
+            before_attach: HashMap::new(),
+            max_inventory: MAX_INVENTORY,
+            last_inventory: Vec::new(),
         })
+    }
+
+    /// Tells the kernel side where the target's `runtime.runfinq` is (Go
+    /// programs; a close on the finalizer goroutine has it in its stack), or
+    /// that there is none.
+    fn set_finalizer_range(&mut self) {
+        let exe = std::path::PathBuf::from(format!("/proc/{}/exe", self.pid));
+        let range = crate::binary::golang::GoSymbols::open(&exe)
+            .ok()
+            .flatten()
+            .and_then(|syms| {
+                let (start, end) = syms.pclntab.function_range("runtime.runfinq")?;
+                let bias = crate::binary::elf::exe_load_bias(self.pid, &syms.segments).unwrap_or(0);
+                Some((start + bias, end + bias))
+            })
+            .unwrap_or((0, 0));
+        let _ = self.finalizer_range.set(finalizer::START, range.0, 0);
+        let _ = self.finalizer_range.set(finalizer::END, range.1, 0);
+        self.is_go = range.0 != 0;
+    }
+
+    /// The sockets the target already has at attach, by peer (from
+    /// /proc/PID/net): their creation stacks are unknown, so they are
+    /// reported as "before attach" groups, not given a stack.
+    fn take_inventory(&mut self) {
+        let Ok(sockets) = procfs::socket_fds(self.pid) else { return };
+        let peers = procfs::net_peers(self.pid);
+        let mut groups: HashMap<String, usize> = HashMap::new();
+        for ino in sockets.values().take(self.max_inventory) {
+            let peer = peers.get(ino).cloned().unwrap_or_else(|| NO_PEER.to_string());
+            *groups.entry(peer.clone()).or_default() += 1;
+            self.before_attach.insert(*ino, peer);
+        }
+        // Bounded: the biggest groups keep their peer, the rest are one group.
+        let mut by_size: Vec<(String, usize)> = groups.into_iter().collect();
+        by_size.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let kept: HashSet<String> = by_size.into_iter().take(MAX_INVENTORY_GROUPS).map(|g| g.0).collect();
+        for group in self.before_attach.values_mut() {
+            if !kept.contains(group) {
+                *group = OTHER_PEERS.to_string();
+            }
+        }
+        if sockets.len() > self.max_inventory {
+            crate::output::warn(format!(
+                "{} sockets existed at attach; only {} are counted as before attach (--max-sockets)",
+                sockets.len(),
+                self.max_inventory
+            ));
+        }
+    }
+
+    /// Samples of the sockets from before attach still open, one per group
+    /// (`sockets`: the target's socket fds now; `tracked`: inodes the kernel
+    /// side tracks, adopted at a `connect`).
+    fn inventory_samples(&mut self, sockets: &HashMap<u32, u64>, tracked: &HashSet<u64>) -> Vec<StackSample> {
+        let open: HashSet<u64> = sockets.values().copied().collect();
+        self.before_attach.retain(|ino, _| open.contains(ino) && !tracked.contains(ino));
+        let mut groups: HashMap<&str, u64> = HashMap::new();
+        for group in self.before_attach.values() {
+            *groups.entry(group.as_str()).or_default() += 1;
+        }
+        let mut out: Vec<StackSample> = groups
+            .into_iter()
+            .map(|(group, n)| StackSample {
+                live: n,
+                created: 0,
+                peer: Some(group.to_string()),
+                before_attach: true,
+                ..Default::default()
+            })
+            .collect();
+        out.sort_by(|a, b| a.peer.cmp(&b.peer));
+        out
     }
 
     /// Handles rare events from the ring buffer (close_range).
@@ -204,6 +317,10 @@ impl ConnectionCollector {
                     .collect();
                 self.inodes.retain(|id, _| ids.contains(id));
                 self.net_peers.retain(|id, _| ids.contains(id));
+                if !self.before_attach.is_empty() {
+                    let tracked: HashSet<u64> = self.inodes.values().copied().collect();
+                    self.last_inventory = self.inventory_samples(&sockets, &tracked);
+                }
             }
         }
 
@@ -212,10 +329,25 @@ impl ConnectionCollector {
             let peer = format_peer(info).or_else(|| self.net_peers.get(&(*key, info.created_ns)).cloned());
             per_stack.entry(info.stack).or_default().add(info.created_ns, peer);
         }
-        Ok(stack_samples(&self.stacks, &self.reconciled, per_stack, now_ns)
+        let finalized: HashMap<StackKey, u64> = self
+            .finalized
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, per_cpu)| (k, per_cpu.iter().sum()))
+            .collect();
+        let is_go = self.is_go;
+        let mut samples: Vec<StackSample> = stack_samples(&self.stacks, &self.reconciled, per_stack, now_ns)
             .into_iter()
-            .map(|(sample, peer)| StackSample { peer, ..sample })
-            .collect())
+            .map(|(sample, peer)| {
+                let ended_by_finalizer = match &sample.stack {
+                    crate::stacks::SampleStack::Kernel(k) if is_go => Some(finalized.get(k).copied().unwrap_or(0)),
+                    _ => None,
+                };
+                StackSample { peer, ended_by_finalizer, ..sample }
+            })
+            .collect();
+        samples.extend(self.last_inventory.iter().cloned());
+        Ok(samples)
     }
 }
 

@@ -30,15 +30,13 @@ use crate::{
         golang::{GoRuntime, TargetMemory},
     },
     output,
-    probes::{LoadSettings, Probes},
+    probes::Probes,
     report::Kind,
 };
 
 /// The goroutine tracker in the registry (a default tracker, as part of
 /// `tasks`): it applies to Go programs only and loads nothing.
-pub const SPEC: TrackerSpec = TrackerSpec { name: "goroutines", default: true, configure, new };
-
-fn configure(_load: &mut LoadSettings, _opts: &TraceOptions, _active: bool) {}
+pub const SPEC: TrackerSpec = TrackerSpec { name: "goroutines", default: true, configure: super::no_settings, new };
 
 fn new(_probes: &mut Probes, _opts: &TraceOptions, _target: &Target) -> Result<Box<dyn Tracker>> {
     Ok(Box::new(Goroutines { reader: None }))
@@ -192,8 +190,15 @@ impl GoroutineCollector {
         let exe = PathBuf::from(format!("/proc/{pid}/exe"));
         let Some(bin) = GoRuntime::open(&exe)? else { return Ok(None) };
         let bias = elf::exe_load_bias(pid, &bin.symbols.segments).unwrap_or(0);
+        Self::from_memory(bin, TargetMemory::new(pid), bias).map(Some)
+    }
+
+    /// A reader of the goroutines of the Go program `bin` in `mem` (a live
+    /// process, or a core file for replay), its code loaded `bias` above
+    /// its link-time addresses.
+    pub fn from_memory(bin: GoRuntime, mem: TargetMemory, bias: u64) -> Result<Self> {
         let mut c = Self {
-            mem: TargetMemory::new(pid),
+            mem,
             bin,
             bias,
             wait_reasons: None,
@@ -212,7 +217,7 @@ impl GoroutineCollector {
         // One read now: a layout we cannot read is an error at attach,
         // not silence later.
         c.read_allgs_header().context("cannot read runtime.allgs in the target")?;
-        Ok(Some(c))
+        Ok(c)
     }
 
     /// One line for the user: version and where the layout came from.

@@ -27,16 +27,14 @@ use crate::{
     binary::elf::{Globals, Segments},
     cli::TraceOptions,
     output,
-    probes::{LoadSettings, Probes, Tracepoints},
+    probes::{Probes, Tracepoints},
     procfs::{self, MemoryMap},
     report::Kind,
 };
 
 /// The lock tracker in the registry (asked for by name: it answers another
 /// question than "what leaks").
-pub const SPEC: TrackerSpec = TrackerSpec { name: "locks", default: false, configure, new };
-
-fn configure(_load: &mut LoadSettings, _opts: &TraceOptions, _active: bool) {}
+pub const SPEC: TrackerSpec = TrackerSpec { name: "locks", default: false, configure: super::no_settings, new };
 
 fn new(probes: &mut Probes, _opts: &TraceOptions, target: &Target) -> Result<Box<dyn Tracker>> {
     Ok(Box::new(LockCollector::new(probes, target.pid)?))
@@ -190,7 +188,7 @@ impl LockCollector {
     /// (`None`: nothing to do). Futex calls from outside libc are then the
     /// Go runtime's own and are ignored from now on.
     pub fn go_setup(&mut self, memory: &MemoryMap) -> Option<(PathBuf, Vec<golang::GoProbe>)> {
-        let exe = std::fs::read_link(format!("/proc/{}/exe", self.pid)).ok()?;
+        let exe = procfs::exe_path(self.pid)?;
         if self.exe.as_ref() == Some(&exe) {
             return None;
         }
@@ -204,8 +202,12 @@ impl LockCollector {
         let _ = self.config.set(CONFIG_IGNORE_FOREIGN, 1, 0);
         let probes = match golang::go_probes(&data) {
             Ok(p) if !p.is_empty() => p,
-            _ => {
+            Ok(_) => {
                 output::warn(format!("{} has no sync.Mutex slow path: Go locks are not tracked", exe.display()));
+                return None;
+            }
+            Err(e) => {
+                output::warn(format!("{}: {e:#}: Go locks are not tracked", exe.display()));
                 return None;
             }
         };
@@ -357,7 +359,9 @@ fn go_sync_funcs(data: &[u8], memory: &MemoryMap, exe: &Path) -> Vec<(u64, u64, 
         .find(|m| m.path == exe)
         .and_then(|m| Segments::of(&file).load_bias(m))
         .unwrap_or(0);
+    // A pc table that cannot be read was already reported by go_probes.
     let mut out: Vec<(u64, u64, String)> = crate::binary::golang::text_functions(&file)
+        .unwrap_or_default()
         .into_iter()
         .filter(|(n, _, _)| n.starts_with("sync.") || n.starts_with("internal/sync."))
         .map(|(n, a, size)| (a.wrapping_add(bias), a.wrapping_add(bias) + size, n))

@@ -34,12 +34,12 @@ use tracer_common::{
     stacks::StackKey,
 };
 
-use crate::probes::{LoadSettings, Probes};
+use crate::probes::Probes;
 use aya::programs::uprobe::UProbeLinkId;
 use crate::binary::{
     elf::{self, DataSymbol},
     golang::{
-        memory::{read_region, read_regions, u64_at},
+        memory::{u64_at, TargetMemory},
         GoBinary,
     },
 };
@@ -49,9 +49,7 @@ use super::{Collected, Counters, Judging, StackSample, Tally, Target, Tracker, T
 
 /// The map tracker in the registry (asked for by name: it reads the
 /// target's memory every interval and only applies to Go).
-pub const SPEC: TrackerSpec = TrackerSpec { name: "maps", default: false, configure, new };
-
-fn configure(_load: &mut LoadSettings, _opts: &TraceOptions, _active: bool) {}
+pub const SPEC: TrackerSpec = TrackerSpec { name: "maps", default: false, configure: super::no_settings, new };
 
 fn new(_probes: &mut Probes, _opts: &TraceOptions, _target: &Target) -> Result<Box<dyn Tracker>> {
     Ok(Box::new(Maps { collector: None }))
@@ -136,6 +134,14 @@ struct SyncMapLayout {
 }
 
 impl Layout {
+    /// The count and seed (masked) in a map header's first 16 bytes.
+    fn header(&self, b: &[u8]) -> Option<(u64, u64)> {
+        let count = u64_at(b, 0)?;
+        let seed = u64_at(b, self.seed_offset as usize)? & self.seed_mask;
+        // No real map holds 2^40 entries: the memory is no map header.
+        (count < 1 << 40).then_some((count, seed))
+    }
+
     /// Offsets checked against the DWARF of Go 1.19, 1.22, 1.24, 1.25 and 1.27
     /// builds: `hmap.hash0` is a u32 at 12 (the upper half of the u64 at 8);
     /// `maps.Map.seed` a u64 at 8. `sync.Map`: 1.19 `{mu; read atomic.Value;
@@ -156,6 +162,47 @@ impl Layout {
     }
 }
 
+/// What a package-level variable of a Go program holds, for
+/// [`variable_count`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapVariable {
+    /// `var m map[K]V`: a pointer to the map header.
+    Map,
+    /// `var m sync.Map`.
+    SyncMap,
+}
+
+/// The entries in the map held by the variable at `addr` (runtime address)
+/// of a Go `version` program whose maps are Swiss tables or not (`swiss`),
+/// read through `mem` as the tracker reads them: the map header's count; a
+/// `sync.Map`'s dirty map (its read-only map while nothing is dirty) up to
+/// Go 1.23, its trie's entries from 1.24. For replaying core files.
+pub fn variable_count(mem: &TargetMemory, version: (u32, u32), swiss: bool, kind: MapVariable, addr: u64) -> Option<u64> {
+    let layout = Layout::for_version(version, swiss);
+    let header_count = |p: u64| layout.header(&mem.read_region(p, 16)?).map(|h| h.0);
+    match (kind, layout.sync_map) {
+        (MapVariable::Map, _) => header_count(u64_at(&mem.read_region(addr, 8)?, 0)?),
+        (MapVariable::SyncMap, Some(s)) => {
+            let v = mem.read_region(addr, s.size as usize)?;
+            match u64_at(&v, s.dirty_at)? {
+                0 => header_count(u64_at(&mem.read_region(u64_at(&v, s.read_at)?, 8)?, 0)?),
+                dirty => header_count(dirty),
+            }
+        }
+        (MapVariable::SyncMap, None) => {
+            let v = mem.read_region(addr, TRIE_SIZE as usize)?;
+            let mut budget = TRIE_NODE_BUDGET;
+            trie_count(mem, u64_at(&v, TRIE_ROOT_AT)?, &mut budget)
+        }
+    }
+}
+
+/// Whether the Go executable's maps are Swiss tables (Go 1.24+'s
+/// `internal/runtime/maps`), as the tracker decides it.
+pub fn uses_swiss_maps(bin: &GoBinary) -> Result<bool> {
+    Ok(plan_probes(bin)?.0)
+}
+
 /// The probes the map tracker would attach to the Go executable at `path`
 /// (for tests and diagnostics).
 pub fn plan(path: &Path) -> Result<Vec<MapProbe>> {
@@ -167,7 +214,7 @@ fn plan_probes(bin: &GoBinary) -> Result<(bool, Vec<MapProbe>)> {
     let mut probes = Vec::new();
     let mut add = |program: &'static str, function: &str| -> bool {
         let Some((entry, end)) = bin.function(function) else { return false };
-        let Some(code) = bin.code(entry, (end - entry).min(64) as usize) else { return false };
+        let Some(code) = bin.code(entry, end.saturating_sub(entry).min(64) as usize) else { return false };
         let at = cheap_probe_address(code, entry);
         let Some(file_offset) = bin.file_offset(at) else { return false };
         probes.push(MapProbe { program, function: function.to_string(), file_offset });
@@ -225,15 +272,15 @@ const TRIE_PROBE_FIRST: u64 = 3;
 /// by level with batched reads: an `indirect` node has its 16 children at
 /// +24; an `entry` starts with `isEntry` (1) and an `overflow` chain at +8.
 /// `None` when the walk would exceed `budget` nodes.
-fn trie_count(pid: u32, root: u64, budget: &mut usize) -> Option<u64> {
+fn trie_count(mem: &TargetMemory, root: u64, budget: &mut usize) -> Option<u64> {
     let mut count = 0u64;
     let mut level = if root == 0 { Vec::new() } else { vec![root] };
     while !level.is_empty() {
-        let arrays = read_regions(pid, &level.iter().map(|n| (n + 24, 128)).collect::<Vec<_>>());
+        let arrays = mem.read_regions(&level.iter().map(|n| (n + 24, 128)).collect::<Vec<_>>());
         let children: Vec<u64> =
             arrays.iter().flatten().flat_map(|a| (0..16).filter_map(|i| u64_at(a, 8 * i))).filter(|p| *p != 0).collect();
         *budget = budget.checked_sub(children.len())?;
-        let heads = read_regions(pid, &children.iter().map(|c| (*c, 16)).collect::<Vec<_>>());
+        let heads = mem.read_regions(&children.iter().map(|c| (*c, 16)).collect::<Vec<_>>());
         let mut next = Vec::new();
         for (c, h) in children.iter().zip(heads) {
             let Some(h) = h else { continue };
@@ -247,7 +294,7 @@ fn trie_count(pid: u32, root: u64, budget: &mut usize) -> Option<u64> {
             while ov != 0 && *budget > 0 {
                 *budget -= 1;
                 count += 1;
-                ov = read_region(pid, ov + 8, 8).and_then(|b| u64_at(&b, 0)).unwrap_or(0);
+                ov = mem.read_region(ov + 8, 8).and_then(|b| u64_at(&b, 0)).unwrap_or(0);
             }
         }
         level = next;
@@ -299,6 +346,7 @@ struct Named {
 /// Reads the map tracker's kernel table and the target's map headers.
 pub struct MapCollector {
     pid: u32,
+    mem: TargetMemory,
     maps: BpfHashMap<MapData, u64, MapInfo>,
     layout: Layout,
     /// Load bias of a position-independent executable (0 otherwise).
@@ -349,6 +397,7 @@ impl MapCollector {
             bin.data.iter().filter(|d| d.size == 8 || d.size == sync_size).cloned().collect::<Vec<_>>();
         Ok(Self {
             pid,
+            mem: TargetMemory::new(pid),
             maps,
             layout,
             bias: elf::exe_load_bias(pid, &bin.symbols.segments).unwrap_or(0),
@@ -394,17 +443,13 @@ impl MapCollector {
 
     /// Reads the seed (masked) and count from a header's first 16 bytes.
     fn header(&self, b: &[u8]) -> Option<(u64, u64)> {
-        let count = u64_at(b, 0)?;
-        let seed = u64_at(b, self.layout.seed_offset as usize)? & self.layout.seed_mask;
-        // No real map holds 2^40 entries: the memory is no map header.
-        (count < 1 << 40).then_some((count, seed))
+        self.layout.header(b)
     }
 
     /// One sample per named map and per unnamed tracked map.
     pub fn collect(&mut self, now_ns: u64, target_alive: bool) -> Result<Vec<StackSample>> {
         let entries: Vec<(u64, MapInfo)> = self.maps.iter().filter_map(|r| r.ok()).collect();
-        let headers = read_regions(
-            self.pid,
+        let headers = self.mem.read_regions(
             &entries.iter().map(|(a, i)| (*a, if i.kind == KIND_TRIE { TRIE_SIZE as usize } else { 16 })).collect::<Vec<_>>(),
         );
         let mut budget = TRIE_NODE_BUDGET;
@@ -433,7 +478,7 @@ impl MapCollector {
             }
             let count = if info.kind == KIND_TRIE {
                 // `count` is the root pointer here.
-                match trie_count(self.pid, count, &mut budget) {
+                match trie_count(&self.mem, count, &mut budget) {
                     Some(n) => n,
                     None => continue,
                 }
@@ -445,8 +490,7 @@ impl MapCollector {
 
         // Names: read every candidate variable; follow the ones that hold
         // (or held) a tracked map.
-        let vars = read_regions(
-            self.pid,
+        let vars = self.mem.read_regions(
             &self.candidates.iter().map(|d| (d.addr + self.bias, d.size as usize)).collect::<Vec<_>>(),
         );
         // (name, kind, map address, sync.Map's read pointer)
@@ -468,7 +512,7 @@ impl MapCollector {
                     let n = if let Some((n, _)) = valid.get(&ht) {
                         Some(*n)
                     } else {
-                        trie_count(self.pid, u64_at(v, TRIE_ROOT_AT).unwrap_or(0), &mut budget)
+                        trie_count(&self.mem, u64_at(v, TRIE_ROOT_AT).unwrap_or(0), &mut budget)
                     };
                     if let Some(n) = n {
                         trie_counts.insert(ht, n);
@@ -489,7 +533,7 @@ impl MapCollector {
         // sync.Map: `read` points to `readOnly{m, amended}`: its map.
         let read_only: HashMap<u64, u64> = read_only_ptrs
             .iter()
-            .zip(read_regions(self.pid, &read_only_ptrs.iter().map(|p| (*p, 8)).collect::<Vec<_>>()))
+            .zip(self.mem.read_regions(&read_only_ptrs.iter().map(|p| (*p, 8)).collect::<Vec<_>>()))
             .filter_map(|(p, b)| Some((*p, u64_at(b.as_deref()?, 0)?)))
             .collect();
         // Headers of named maps we have not read yet (not tracked, or
@@ -509,7 +553,7 @@ impl MapCollector {
         want.dedup();
         let extra: HashMap<u64, u64> = want
             .iter()
-            .zip(read_regions(self.pid, &want.iter().map(|a| (*a, 16)).collect::<Vec<_>>()))
+            .zip(self.mem.read_regions(&want.iter().map(|a| (*a, 16)).collect::<Vec<_>>()))
             .filter_map(|(a, b)| Some((*a, self.header(b.as_deref()?)?.0)))
             .collect();
         let count_of = |a: u64| {

@@ -5,6 +5,7 @@
 
 pub mod allocations;
 pub mod connections;
+pub mod fds;
 pub mod goroutines;
 pub mod maps;
 pub mod locks;
@@ -78,10 +79,14 @@ pub struct TrackerSpec {
     pub new: fn(&mut Probes, &TraceOptions, &Target) -> Result<Box<dyn Tracker>>,
 }
 
+/// `TrackerSpec::configure` of a tracker whose tables need no sizing.
+pub fn no_settings(_load: &mut LoadSettings, _opts: &TraceOptions, _active: bool) {}
+
 /// Every tracker this build has, in report order. Adding a tracker is one
 /// line here (and its three same-named modules).
 pub static REGISTRY: &[TrackerSpec] = &[
     connections::SPEC,
+    fds::SPEC,
     threads::SPEC,
     goroutines::SPEC,
     maps::SPEC,
@@ -165,6 +170,16 @@ pub struct StackSample {
     pub map: Option<String>,
     /// Allocations: bytes alive now.
     pub live_bytes: Option<u64>,
+    /// Connections of a Go program: how many of `ended` the runtime's
+    /// finalizer goroutine closed.
+    pub ended_by_finalizer: Option<u64>,
+    /// Objects that existed before attach, grouped by what is known of
+    /// them (`peer`, `thread_name`): their creation stack is unknown.
+    pub before_attach: bool,
+    /// fds: their type, first path, distinct paths.
+    pub fd_type: Option<String>,
+    pub path: Option<String>,
+    pub distinct_paths: Option<u64>,
 }
 
 impl Tally {
@@ -247,6 +262,11 @@ pub fn stack_samples(
             blocked: None,
             map: None,
             live_bytes: None,
+            ended_by_finalizer: None,
+            before_attach: false,
+            fd_type: None,
+            path: None,
+            distinct_paths: None,
         };
         out.push((sample, most_common(acc.labels)));
     }

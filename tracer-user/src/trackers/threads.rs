@@ -66,6 +66,7 @@ impl Tracker for ThreadCollector {
     }
 
     fn on_start(&mut self, _probes: &mut Probes, target: &Target) {
+        self.take_inventory();
         // Go programs need no libc: their goroutines are read from memory.
         let is_go = || {
             let data = std::fs::read(format!("/proc/{}/exe", target.pid)).unwrap_or_default();
@@ -100,7 +101,15 @@ pub struct ThreadCollector {
     names: HashMap<(u32, u64), String>,
     /// The libc whose `pthread_create` carries the uprobe.
     pthread_uprobe: Option<std::path::PathBuf>,
+    /// Threads that existed at attach (tid -> name): reported as "before
+    /// attach" groups by name, their creation stacks unknown.
+    before_attach: HashMap<u32, String>,
+    /// The last inventory samples, kept once the target exited.
+    last_inventory: Vec<StackSample>,
 }
+
+/// Threads from before attach remembered.
+pub const MAX_INVENTORY: usize = 100_000;
 
 impl ThreadCollector {
     /// Takes the tracker's maps out of the loaded object.
@@ -113,7 +122,35 @@ impl ThreadCollector {
             reconciled: HashMap::new(),
             names: HashMap::new(),
             pthread_uprobe: None,
+            before_attach: HashMap::new(),
+            last_inventory: Vec::new(),
         })
+    }
+
+    /// The threads the target already has at attach, with their names.
+    fn take_inventory(&mut self) {
+        let Ok(tasks) = procfs::task_ids(self.pid) else { return };
+        for tid in tasks.into_iter().take(MAX_INVENTORY) {
+            let name = procfs::thread_comm(self.pid, tid).unwrap_or_else(|| "?".into());
+            self.before_attach.insert(tid, name);
+        }
+    }
+
+    /// Samples of the threads from before attach still running, one per
+    /// name (`tasks`: the target's threads now; `tracked`: threads the
+    /// kernel side saw made, which may reuse an old thread's id).
+    fn inventory_samples(&mut self, tasks: &HashSet<u32>, tracked: &HashSet<u32>) -> Vec<StackSample> {
+        self.before_attach.retain(|tid, _| tasks.contains(tid) && !tracked.contains(tid));
+        let mut groups: HashMap<&str, u64> = HashMap::new();
+        for name in self.before_attach.values() {
+            *groups.entry(name.as_str()).or_default() += 1;
+        }
+        let mut out: Vec<StackSample> = groups
+            .into_iter()
+            .map(|(name, n)| StackSample { live: n, thread_name: Some(name.to_string()), before_attach: true, ..Default::default() })
+            .collect();
+        out.sort_by(|a, b| a.thread_name.cmp(&b.thread_name));
+        out
     }
 
     /// Removes an entry if it is still the one we saw; only a successful
@@ -143,6 +180,10 @@ impl ThreadCollector {
                         self.remove_stale(*tid, *info);
                     }
                 }
+                if !self.before_attach.is_empty() {
+                    let tracked: HashSet<u32> = live.iter().map(|(t, _)| *t).collect();
+                    self.last_inventory = self.inventory_samples(&tasks, &tracked);
+                }
             }
         }
         let mut ids = HashSet::new();
@@ -168,9 +209,11 @@ impl ThreadCollector {
             self.names.retain(|id, _| ids.contains(id));
         }
 
-        Ok(stack_samples(&self.stacks, &self.reconciled, per_stack, now_ns)
+        let mut samples: Vec<StackSample> = stack_samples(&self.stacks, &self.reconciled, per_stack, now_ns)
             .into_iter()
             .map(|(sample, thread_name)| StackSample { thread_name, ..sample })
-            .collect())
+            .collect();
+        samples.extend(self.last_inventory.iter().cloned());
+        Ok(samples)
     }
 }

@@ -52,8 +52,28 @@ impl Drop for Target {
 
 /// Starts a fixture and waits for its `ready` line.
 pub fn start(name: &str, args: &[&str]) -> Target {
-    let mut child = Command::new(fixture(name))
-        .args(args)
+    start_path(&fixture(name), args)
+}
+
+/// Starts the program at `path` (a fixture's copy) and waits for `ready`.
+pub fn start_path(path: &std::path::Path, args: &[&str]) -> Target {
+    let mut cmd = Command::new(path);
+    cmd.args(args);
+    start_command(cmd)
+}
+
+/// Starts a fixture under `sh -c 'ulimit -n N; exec FIXTURE ARGS'` (the
+/// fd limit the target runs with) and waits for its `ready` line.
+pub fn start_with_fd_limit(name: &str, limit: u32, args: &[&str]) -> Target {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\"")).arg(fixture(name)).args(args);
+    start_command(cmd)
+}
+
+/// Starts a command that runs a fixture (from another path, in a namespace)
+/// and waits for its `ready` line.
+pub fn start_command(mut cmd: Command) -> Target {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -158,9 +178,47 @@ pub fn summarize(report: &Value) -> String {
     for f in report["findings"].as_array().into_iter().flatten() {
         let funcs = functions(f);
         s.push_str(&format!(
-            "\n  {} {} live={} growth={} stack={:?}",
-            f["verdict"], f["site"], f["live"], f["growth_per_min"], &funcs[..funcs.len().min(12)]
+            "\n  {} {} via={} live={} growth={} created={} ended={} stack={:?}",
+            f["verdict"], f["site"], f["via"], f["live"], f["growth_per_min"], f["created"], f["ended"], &funcs[..funcs.len().min(12)]
         ));
     }
     s
+}
+
+/// A free TCP port on loopback (bound, then released for a server to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().unwrap().port()
+}
+
+/// A real server the test started (redis-server, etcd); killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts Debian's `redis-server` on a free loopback port, without
+/// persistence, and waits until it accepts connections.
+pub fn start_redis() -> Server {
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start redis-server (installed by `cargo xtask setup`)");
+    let addr = format!("127.0.0.1:{port}");
+    let server = Server { child, addr: addr.clone() };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not listen on {addr}");
+        thread::sleep(Duration::from_millis(20));
+    }
+    server
 }

@@ -28,7 +28,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use super::{interrupt, median, paired_ratio, parse_options, start_ready, Lines};
 use crate::build;
-use crate::cmd::{announce, fixtures_bin, leaktrace_bin, send_signal, stop_child, target_dir, wait_timeout};
+use crate::cmd::{announce, cpu_seconds, fixtures_bin, leaktrace_bin, send_signal, status_kib, stop_child, target_dir, wait_timeout};
 
 const LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
 
@@ -225,20 +225,6 @@ fn run_mode(root: &Path, mode: Mode, bench_args: &[String], json: Option<&Path>)
         bail!("alloc_bench did not finish under {}", mode.label());
     }
     Ok((parse_times(&out.all(Duration::from_secs(10)))?, log))
-}
-
-/// utime + stime of a process, seconds.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
-}
-
-fn status_kib(pid: u32, key: &str) -> Option<u64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse().ok())
 }
 
 /// The daemon's CPU and memory while the target holds `live` blocks and

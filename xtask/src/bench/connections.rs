@@ -1,6 +1,9 @@
 //! `cargo xtask bench [--iterations N] [--runs N]`: what `leaktrace attach`
 //! costs conn_bench (socket()+connect()+close() on loopback), against
 //! untraced runs and bare uprobes at libc's `socket` and `connect` symbols.
+//! `cargo xtask bench fds`: open()+close() of a regular file (fd_bench),
+//! traced with `--track fds`, against untraced runs and bare uprobes at libc's
+//! `open` and `close`. One syscall loop, two subjects.
 
 use std::fs;
 use std::io::Write;
@@ -16,6 +19,35 @@ use super::{
 };
 use crate::build;
 use crate::cmd::{announce, fixtures_bin, leaktrace_bin, send_signal, stop_child, target_dir, wait_timeout};
+
+/// A syscall loop to measure: its fixture, what leaktrace tracks, the libc
+/// symbols a symbol-probing tool would probe, how the results are titled.
+pub struct Subject {
+    fixture: &'static str,
+    track: &'static str,
+    symbols: &'static [&'static str],
+    what: &'static str,
+    /// Also the frame-pointer-less build (`FIXTURE_nofp`) and `--unwind fp`.
+    unwind_matrix: bool,
+}
+
+/// conn_bench: socket()+connect()+close() on loopback, default trackers.
+pub const SOCKETS: Subject = Subject {
+    fixture: "conn_bench",
+    track: "connections,tasks",
+    symbols: &["socket", "connect"],
+    what: "socket()+connect()+close() on loopback",
+    unwind_matrix: true,
+};
+
+/// fd_bench: open()+close() of a regular file, `--track fds`.
+pub const FILES: Subject = Subject {
+    fixture: "fd_bench",
+    track: "fds",
+    symbols: &["open", "close"],
+    what: "open()+close() of a regular file",
+    unwind_matrix: false,
+};
 
 struct BenchResult {
     ns_per_op: f64,
@@ -94,7 +126,7 @@ fn program_ns_per_run(text: &str, name: &str, after: u64) -> Option<f64> {
         })
 }
 
-fn bench_traced(root: &Path, fixture: &str, unwind: &str, iterations: u64, run: usize) -> Result<TracedResult> {
+fn bench_traced(root: &Path, fixture: &str, track: &str, unwind: &str, iterations: u64, run: usize) -> Result<TracedResult> {
     let mut cmd = Command::new(fixtures_bin(root).join(fixture));
     cmd.args(["--iterations", &iterations.to_string()]);
     let (mut target, out) = start_ready(&mut cmd, "conn_bench")?;
@@ -107,7 +139,7 @@ fn bench_traced(root: &Path, fixture: &str, unwind: &str, iterations: u64, run: 
     let json_file = fs::File::create(&json_path)?;
     let mut lt_cmd = Command::new(leaktrace_bin(root));
     lt_cmd
-        .args(["attach", "--pid", &pid.to_string(), "--interval", "1s", "--format", "json", "--unwind", unwind])
+        .args(["attach", "--pid", &pid.to_string(), "--interval", "1s", "--format", "json", "--track", track, "--unwind", unwind])
         .stdin(Stdio::null())
         .stdout(json_file)
         .stderr(Stdio::piped());
@@ -176,18 +208,19 @@ fn bench_traced(root: &Path, fixture: &str, unwind: &str, iterations: u64, run: 
 
 /// tracefs uprobes at libc's `socket` and `connect` symbols — where a tool
 /// that probes by symbol puts them — while the untraced bench runs.
-fn bench_symbol_uprobes(root: &Path, iterations: u64) -> Result<BenchResult> {
+fn bench_symbol_uprobes(root: &Path, subject: &Subject, iterations: u64) -> Result<BenchResult> {
     let libc = Path::new("/lib/x86_64-linux-gnu/libc.so.6");
     let libc_str = libc.to_str().unwrap_or_default();
-    let at = ["socket", "connect"]
+    let at = subject
+        .symbols
         .iter()
         .map(|sym| Ok((sym.to_string(), libc, libc_symbol_offset(libc_str, sym)?)))
         .collect::<Result<Vec<_>>>()?;
     let _probes = TracefsUprobes::install("leaktrace_bench", &at)?;
-    bench_untraced(root, "conn_bench", iterations)
+    bench_untraced(root, subject.fixture, iterations)
 }
 
-pub fn run(root: &Path, args: &[String]) -> Result<()> {
+pub fn run(root: &Path, subject: &Subject, args: &[String]) -> Result<()> {
     let [iterations, runs] =
         parse_options("bench", args, [("--iterations", 10000), ("--runs", 7)], &["--runs", "--iterations"])?;
     let runs = runs as usize;
@@ -211,27 +244,32 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             bpf[i].push(ns);
         }
     };
+    let (fixture, track) = (subject.fixture, subject.track);
+    let nofp = format!("{fixture}_nofp");
     for run in 0..runs {
-        let u = bench_untraced(root, "conn_bench", iterations)?;
+        let u = bench_untraced(root, fixture, iterations)?;
         eprintln!("bench: run {}/{runs} untraced: {:.1} ns/op", run + 1, u.ns_per_op);
         untraced.push(u.ns_per_op);
-        let t = bench_traced(root, "conn_bench", "eh-frame", iterations, run)?;
+        let t = bench_traced(root, fixture, track, "eh-frame", iterations, run)?;
         eprintln!("bench: run {}/{runs} traced:   {:.1} ns/op", run + 1, t.ns_per_op);
         traced.push(t.ns_per_op);
         keep_bpf(0, &t);
-        let t = bench_traced(root, "conn_bench", "fp", iterations, run)?;
-        traced_fp.push(t.ns_per_op);
-        keep_bpf(1, &t);
-        let p = bench_symbol_uprobes(root, iterations)?;
+        let p = bench_symbol_uprobes(root, subject, iterations)?;
         eprintln!("bench: run {}/{runs} uprobes at symbols: {:.1} ns/op", run + 1, p.ns_per_op);
         uprobed.push(p.ns_per_op);
-        let u = bench_untraced(root, "conn_bench_nofp", iterations)?;
+        if !subject.unwind_matrix {
+            continue;
+        }
+        let t = bench_traced(root, fixture, track, "fp", iterations, run)?;
+        traced_fp.push(t.ns_per_op);
+        keep_bpf(1, &t);
+        let u = bench_untraced(root, &nofp, iterations)?;
         untraced_nofp.push(u.ns_per_op);
-        let t = bench_traced(root, "conn_bench_nofp", "eh-frame", iterations, run)?;
+        let t = bench_traced(root, &nofp, track, "eh-frame", iterations, run)?;
         eprintln!("bench: run {}/{runs} no-FP build traced: {:.1} ns/op (untraced {:.1})", run + 1, t.ns_per_op, u.ns_per_op);
         traced_nofp.push(t.ns_per_op);
         keep_bpf(2, &t);
-        let t = bench_traced(root, "conn_bench_nofp", "fp", iterations, run)?;
+        let t = bench_traced(root, &nofp, track, "fp", iterations, run)?;
         traced_nofp_fp.push(t.ns_per_op);
         keep_bpf(3, &t);
     }
@@ -248,27 +286,27 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
 
     let mut out = std::io::stdout().lock();
     writeln!(out)?;
-    writeln!(
-        out,
-        "conn_bench: {iterations} x socket()+connect()+close() on loopback, {runs} runs each (median)"
-    )?;
+    let (what, probed) = (subject.what, subject.symbols.join("+"));
+    writeln!(out, "{fixture}: {iterations} x {what}, --track {track}, {runs} runs each (median)")?;
     writeln!(out, "ratio = median over runs of (mode / the untraced run just before it)")?;
     writeln!(out, "bpf ns = run_time_ns / run_cnt of the socket-exit program (one stack walk + map updates)")?;
     writeln!(out, "{:<44} {:>10} {:>7} {:>8}   runs", "mode", "ns/op", "ratio", "bpf ns")?;
     writeln!(out, "{:<44} {:>10.0} {:>6.2}x {:>8}   {}", "untraced", mu, 1.0, "", list(&untraced, 0))?;
     writeln!(out, "{:<44} {:>10.0} {:>6.2}x {:>8}   {}", "leaktrace attach (--unwind eh-frame)", mt, ratio, bpf_ns(0), list(&traced, 0))?;
-    writeln!(out, "{:<44} {:>10.0} {:>6.2}x {:>8}   {}", "leaktrace attach --unwind fp", median(&traced_fp), fratio, bpf_ns(1), list(&traced_fp, 0))?;
-    writeln!(out, "{:<44} {:>10.0} {:>6.2}x {:>8}   {}", "uprobes at socket+connect symbols", mp, pratio, "", list(&uprobed, 0))?;
-    writeln!(out, "{:<44} {:>10.0} {:>6.2}x {:>8}   {}", "no-FP build (gcc -O2) untraced", median(&untraced_nofp), 1.0, "", list(&untraced_nofp, 0))?;
-    writeln!(out, "{:<44} {:>10.0} {:>6.2}x {:>8}   {}", "no-FP build, leaktrace (--unwind eh-frame)", median(&traced_nofp), nratio, bpf_ns(2), list(&traced_nofp, 0))?;
-    writeln!(out, "{:<44} {:>10.0} {:>6.2}x {:>8}   {}", "no-FP build, leaktrace --unwind fp", median(&traced_nofp_fp), nfratio, bpf_ns(3), list(&traced_nofp_fp, 0))?;
+    writeln!(out, "{:<44} {:>10.0} {:>6.2}x {:>8}   {}", format!("uprobes at {probed} symbols"), mp, pratio, "", list(&uprobed, 0))?;
+    if subject.unwind_matrix {
+        writeln!(out, "{:<44} {:>10.0} {:>6.2}x {:>8}   {}", "leaktrace attach --unwind fp", median(&traced_fp), fratio, bpf_ns(1), list(&traced_fp, 0))?;
+        writeln!(out, "{:<44} {:>10.0} {:>6.2}x {:>8}   {}", "no-FP build (gcc -O2) untraced", median(&untraced_nofp), 1.0, "", list(&untraced_nofp, 0))?;
+        writeln!(out, "{:<44} {:>10.0} {:>6.2}x {:>8}   {}", "no-FP build, leaktrace (--unwind eh-frame)", median(&traced_nofp), nratio, bpf_ns(2), list(&traced_nofp, 0))?;
+        writeln!(out, "{:<44} {:>10.0} {:>6.2}x {:>8}   {}", "no-FP build, leaktrace --unwind fp", median(&traced_nofp_fp), nfratio, bpf_ns(3), list(&traced_nofp_fp, 0))?;
+    }
     writeln!(out)?;
     writeln!(out, "README:")?;
     writeln!(out, "| mode | ns/op (median of {runs}) | ratio to untraced (median of paired runs) |")?;
     writeln!(out, "|---|---|---|")?;
     writeln!(out, "| untraced | {mu:.0} | 1.00x |")?;
     writeln!(out, "| leaktrace attach (tracepoints, stacks unwound from .eh_frame rules) | {mt:.0} | {ratio:.2}x |")?;
-    writeln!(out, "| bare uprobes at libc `socket` + `connect` symbols (what symbol-probing tools pay, before any BPF work) | {mp:.0} | {pratio:.2}x |")?;
+    writeln!(out, "| bare uprobes at libc `{probed}` symbols (what symbol-probing tools pay, before any BPF work) | {mp:.0} | {pratio:.2}x |")?;
     Ok(())
 }
 

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [tasks|maps|allocations|locks]` (no name: the
+//! `cargo xtask bench [tasks|maps|allocations|locks|fds]` (no name: the
 //! connection bench) and what the benches share: option parsing, medians
 //! and paired ratios, reading a child's lines, starting and stopping bench
 //! programs and tracers, bare tracefs uprobes, binutils lookups.
@@ -29,7 +29,8 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         Some("maps") => maps::run(root, rest),
         Some("allocations") => allocations::run(root, rest),
         Some("locks") => locks::run(root, rest),
-        _ => connections::run(root, args),
+        Some("fds") => connections::run(root, &connections::FILES, rest),
+        _ => connections::run(root, &connections::SOCKETS, args),
     }
 }
 
@@ -78,6 +79,9 @@ pub fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
     if n % 2 == 1 {
         v[n / 2]
     } else {

@@ -60,6 +60,29 @@ pub fn go_version(elf: &object::File) -> Result<Option<(GoVersion, String)>> {
     Ok(Some((v, s)))
 }
 
+/// The main module's path (`example.com/api`) in a `.go.buildinfo`
+/// section's contents: the `mod` line of the module info string that
+/// follows the version string. `None` for GOPATH builds (no module) and
+/// binaries without inline strings.
+pub fn main_module_of(section: &[u8]) -> Option<String> {
+    if section.len() < 32 || !section.starts_with(MAGIC) || section[15] & 2 == 0 {
+        return None;
+    }
+    let (vlen, n) = uvarint(&section[32..])?;
+    let at = 32usize.checked_add(n)?.checked_add(usize::try_from(vlen).ok()?)?;
+    let (mlen, n) = uvarint(section.get(at..)?)?;
+    let start = at.checked_add(n)?;
+    let info = section.get(start..start.checked_add(usize::try_from(mlen).ok()?)?)?;
+    let text = String::from_utf8_lossy(info);
+    text.lines().find_map(|l| l.strip_prefix("mod\t")).and_then(|l| l.split('\t').next()).map(str::to_string)
+}
+
+/// The main module's path of a Go ELF file ([`main_module_of`]).
+pub fn main_module(elf: &object::File) -> Option<String> {
+    use object::{Object, ObjectSection};
+    main_module_of(elf.section_by_name(".go.buildinfo")?.data().ok()?)
+}
+
 /// Go's unsigned LEB128 varint: (value, bytes used).
 pub(crate) fn uvarint(b: &[u8]) -> Option<(u64, usize)> {
     let mut v = 0u64;
@@ -92,6 +115,9 @@ mod tests {
         sec.push(9);
         sec.extend(b"go1.19.8x");
         assert_eq!(version_string(&sec).unwrap(), "go1.19.8x");
+        sec.push(42);
+        sec.extend(b"0123456789abcdefpath\tx/cmd\nmod\tx\t(devel)\t\n");
+        assert_eq!(main_module_of(&sec).as_deref(), Some("x"));
         sec[15] = 0;
         assert!(version_string(&sec).is_err());
     }

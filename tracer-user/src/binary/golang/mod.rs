@@ -138,8 +138,8 @@ impl GoBinary {
     /// Up to `n` bytes of code from `addr`.
     pub fn code(&self, addr: u64, n: usize) -> Option<&[u8]> {
         let (base, _, bytes) = &self.text;
-        let start = addr.checked_sub(*base)? as usize;
-        bytes.get(start..(start + n).min(bytes.len()))
+        let start = usize::try_from(addr.checked_sub(*base)?).ok()?;
+        bytes.get(start..start.saturating_add(n).min(bytes.len()))
     }
 
     /// File offset of a code address (what a uprobe is attached at).
@@ -161,20 +161,21 @@ fn is_user_package(name: &str) -> bool {
 
 /// Every function of a Go executable as (name, link-time address, size):
 /// from the symbol table, else (a `-s -w` build) from `.gopclntab`, which
-/// every Go binary keeps.
-pub fn text_functions(file: &object::File) -> Vec<(String, u64, u64)> {
+/// every Go binary keeps. An error says why a stripped binary's pc table
+/// could not be read.
+pub fn text_functions(file: &object::File) -> Result<Vec<(String, u64, u64)>> {
     let from_symtab: Vec<(String, u64, u64)> = file
         .symbols()
         .filter(|s| s.kind() == SymbolKind::Text && s.size() > 0)
         .filter_map(|s| Some((s.name().ok()?.to_string(), s.address(), s.size())))
         .collect();
     if !from_symtab.is_empty() {
-        return from_symtab;
+        return Ok(from_symtab);
     }
-    match GoSymbols::from_elf(file) {
-        Ok(Some(g)) => g.pclntab.functions().map(|(n, start, end)| (n, start, end.saturating_sub(start))).collect(),
-        _ => Vec::new(),
-    }
+    Ok(match GoSymbols::from_elf(file)? {
+        Some(g) => g.pclntab.functions().map(|(n, start, end)| (n, start, end.saturating_sub(start))).collect(),
+        None => Vec::new(),
+    })
 }
 
 /// A Go executable as the goroutine reader needs it: the [`GoBinary`] and
@@ -223,7 +224,9 @@ impl GoRuntime {
             None => (allgs_by_disassembly(&elf, &bin.symbols)?, Found::Disassembly),
         };
         let wait_reasons = match sym("runtime.waitReasonStrings") {
-            Some((a, size)) => Some((a, size / 16)),
+            // The symbol size is the file's word: an array of wait reasons
+            // has a few dozen entries.
+            Some((a, size)) => Some((a, size / 16)).filter(|&(_, n)| n > 0 && n < 256),
             None => wait_reasons_by_disassembly(data, &elf, &bin.symbols),
         };
         Ok(Some(Self { bin, offsets, offsets_source, allgs, allgs_source, wait_reasons }))
@@ -291,8 +294,8 @@ pub fn wait_reasons_by_disassembly(data: &[u8], elf: &object::File, symbols: &Go
 /// printable strings (entry 0, `waitReasonZero`, is empty).
 fn is_string_array(data: &[u8], symbols: &GoSymbols, va: u64, n: u64) -> bool {
     let read = |va: u64, len: usize| -> Option<&[u8]> {
-        let off = symbols.segments.offset_of_vaddr(va)? as usize;
-        data.get(off..off + len)
+        let off = usize::try_from(symbols.segments.offset_of_vaddr(va)?).ok()?;
+        data.get(off..off.checked_add(len)?)
     };
     let Some(headers) = read(va, n as usize * 16) else { return false };
     headers.chunks(16).all(|h| {

@@ -8,6 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use object::{Object, ObjectSection};
 
 use super::buildinfo::GoVersion;
+use crate::binary::elf::check_compressed_claim;
 
 /// Byte offsets of the fields read from a `runtime.g`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,19 +104,35 @@ pub fn offsets(elf: &object::File, version: GoVersion) -> Result<(GOffsets, Sour
 
 /// A section's bytes, decompressed if the linker compressed it (Go
 /// compresses DWARF with zlib: SHF_COMPRESSED, or `.zdebug_*` in old ones).
+/// The size the compression header claims is a hint from the file, not a
+/// fact: it is checked ([`check_compressed_claim`]) before anything is
+/// allocated, and inflating stops there.
 pub fn section_bytes(elf: &object::File, name: &str) -> Result<Option<Vec<u8>>> {
     let Some(sec) = elf.section_by_name(name) else { return Ok(None) };
     let c = sec.compressed_data()?;
     match c.format {
         object::CompressionFormat::None => Ok(Some(c.data.to_vec())),
-        object::CompressionFormat::Zlib => {
-            use std::io::Read;
-            let mut out = Vec::with_capacity(c.uncompressed_size as usize);
-            flate2::read::ZlibDecoder::new(c.data).read_to_end(&mut out).with_context(|| format!("inflating {name}"))?;
-            Ok(Some(out))
-        }
+        object::CompressionFormat::Zlib => inflate_zlib(name, c.data, c.uncompressed_size).map(Some),
         f => bail!("{name}: unsupported compression {f:?}"),
     }
+}
+
+/// Inflates a zlib-compressed section that claims `claimed` bytes; an
+/// error when the claim cannot be true or the data does not match it.
+pub fn inflate_zlib(name: &str, data: &[u8], claimed: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    check_compressed_claim(name, object::CompressionFormat::Zlib, data.len() as u64, claimed)?;
+    let mut out = Vec::with_capacity(claimed as usize);
+    // One byte past the claim tells a longer stream from an exact one.
+    flate2::read::ZlibDecoder::new(data)
+        .take(claimed + 1)
+        .read_to_end(&mut out)
+        .with_context(|| format!("inflating {name}"))?;
+    if out.len() as u64 != claimed {
+        let got = if out.len() as u64 > claimed { "more than".to_string() } else { out.len().to_string() };
+        bail!("{name}: inflates to {got} bytes, its header claims {claimed}");
+    }
+    Ok(out)
 }
 
 /// Member offsets of the named struct types, from DWARF. `Ok(None)` when
@@ -128,6 +145,15 @@ pub fn struct_members(elf: &object::File, types: &[&str]) -> Result<Option<HashM
         }
         Ok(section_bytes(elf, id.name())?.unwrap_or_default())
     };
+    struct_members_in(load, types).map(Some)
+}
+
+/// [`struct_members`] over DWARF sections given by `load` (empty for a
+/// section the file lacks).
+pub fn struct_members_in(
+    load: impl FnMut(gimli::SectionId) -> Result<Vec<u8>>,
+    types: &[&str],
+) -> Result<HashMap<String, HashMap<String, u64>>> {
     let sections = gimli::DwarfSections::load(load)?;
     let dwarf = sections.borrow(|s| gimli::EndianSlice::new(s, gimli::LittleEndian));
     let mut found: HashMap<String, HashMap<String, u64>> = HashMap::new();
@@ -172,7 +198,7 @@ pub fn struct_members(elf: &object::File, types: &[&str]) -> Result<Option<HashM
             break;
         }
     }
-    Ok(Some(found))
+    Ok(found)
 }
 
 /// The offsets from DWARF; `Ok(None)` when there is no DWARF.
@@ -192,4 +218,35 @@ pub fn from_dwarf(elf: &object::File) -> Result<Option<GOffsets>> {
         gopc: field(g, "runtime.g", "gopc")?,
         startpc: field(g, "runtime.g", "startpc")?,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn zlib(data: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    /// Finding 1: a compression header claiming 16 TiB made leaktrace
+    /// abort on allocating it. The claim is now checked first.
+    #[test]
+    fn lying_compression_headers_are_refused_before_allocating() {
+        let data = vec![7u8; 100_000];
+        let z = zlib(&data);
+        assert_eq!(inflate_zlib(".debug_info", &z, data.len() as u64).unwrap(), data);
+        let err = inflate_zlib(".debug_info", &z, 1 << 44).unwrap_err().to_string();
+        assert!(err.contains("claims 17592186044416 bytes, more than its"), "{err}");
+        // Plausible but false claims: the data decides, within the claim.
+        let err = inflate_zlib(".debug_info", &z, data.len() as u64 + 1).unwrap_err().to_string();
+        assert!(err.contains("inflates to 100000 bytes, its header claims 100001"), "{err}");
+        assert!(inflate_zlib(".debug_info", &z, 10).is_err());
+        assert!(inflate_zlib(".debug_info", b"not zlib", 100).is_err());
+        // A claim over the cap, even from data that could hold it.
+        let big = zlib(&vec![0u8; 4 << 20]);
+        assert!(check_compressed_claim("x", object::CompressionFormat::Zlib, big.len() as u64 * 10_000, 2 << 30).is_err());
+    }
 }

@@ -255,7 +255,8 @@ pub fn probe_delta(code: &[u8], entry: u64, args: &[Register], allow_depth: bool
             return None;
         }
         if emulated(&ins) {
-            return Some((ins.ip() - entry, depth));
+            // Code that wraps past 2^64 is no function.
+            return Some((ins.ip().checked_sub(entry)?, depth));
         }
         if ins.flow_control() != FlowControl::Next {
             return None;
@@ -284,6 +285,15 @@ pub fn probe_delta(code: &[u8], entry: u64, args: &[Register], allow_depth: bool
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by `cargo xtask fuzz` (x86_code): a prefix that wraps past
+    /// 2^64 before the emulated instruction underflowed the offset.
+    #[test]
+    fn a_prefix_that_wraps_the_address_space_has_no_probe_place() {
+        let mut code = vec![0x0f, 0xba, 0xe4, 0x55];
+        code.extend([0x71; 41]);
+        assert_eq!(probe_delta(&code, u64::MAX, &[Register::RDI], true), None);
+    }
 
     /// glibc 2.36's `free`: `test %rdi,%rdi` (single-stepped) then `je`.
     #[test]

@@ -210,7 +210,8 @@ impl Function {
             ins.push(i);
         }
         let index: HashMap<u64, usize> = ins.iter().enumerate().map(|(n, i)| (i.ip(), n)).collect();
-        let end = start + code.len() as u64;
+        // Code that would wrap around the address space is no function.
+        let end = start.checked_add(code.len() as u64)?;
         let mut succ = Vec::with_capacity(ins.len());
         let mut escaped = false;
         for (n, i) in ins.iter().enumerate() {
@@ -691,6 +692,15 @@ fn dominators(f: &Function, states: &[Option<State>]) -> Vec<Vec<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by `cargo xtask fuzz` (x86_code): code placed so near the top
+    /// of the address space that its end wraps overflowed the analysis.
+    #[test]
+    fn code_that_wraps_the_address_space_is_no_function() {
+        let code = [0x76, 0x7d, 0xdd, 0xdd, 0xdd, 0xdd, 0xdd, 0xdd, 0xdd, 0xdd, 0xdd, 0xdd, 0xdd, 0xdd, 0xdd, 0xdd, 0xdd, 0xdd, 0xdd, 0xdd, 0x20, 0xcc];
+        assert!(plan(&code, 0xffff_ffff_ffff_fff0).is_none());
+        assert!(crate::stacks::syscall_sites::sites_in_function(&code, 0xffff_ffff_ffff_fff0).is_empty());
+    }
 
     fn libc_malloc() -> Option<(Vec<u8>, u64)> {
         use object::{Object, ObjectSegment, ObjectSymbol};

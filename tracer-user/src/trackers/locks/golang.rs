@@ -55,7 +55,7 @@ pub fn go_probes(data: &[u8]) -> Result<Vec<GoProbe>> {
     let file = object::File::parse(data).context("not a valid ELF")?;
     let segments = Segments::of(&file);
     let mut out = Vec::new();
-    for (name, address, size) in text_functions(&file) {
+    for (name, address, size) in text_functions(&file)? {
         let Some(&(fname, role)) = FUNCS.iter().find(|(n, _)| *n == name) else { continue };
         let Some(code) = segments.function_bytes(data, address, size) else { continue };
         let Some(entry) = go_cheap_entry(code, address) else { continue };

@@ -1,0 +1,82 @@
+//! Time to exhaustion against a cgroup limit, end to end: the real
+//! `leaktrace` against `thread_leak` (fixtures/c/thread_leak.c, a detached
+//! thread leaked every 50 ms) moved into a cgroup of its own whose
+//! `pids.max` the test sets (needs root; the cgroup is removed at the end).
+//! (The fd limit's test is in fds.rs.)
+
+mod common;
+
+use std::{fs, path::PathBuf, time::Instant};
+
+use common::*;
+
+/// A child cgroup of the pids hierarchy (v2 when its root has the pids
+/// controller, else the v1 pids hierarchy), removed on drop.
+struct PidsCgroup(PathBuf);
+
+impl PidsCgroup {
+    fn create(max: u64) -> Self {
+        let v2 = PathBuf::from("/sys/fs/cgroup");
+        let root = if fs::read_to_string(v2.join("cgroup.controllers")).is_ok_and(|c| c.split_whitespace().any(|x| x == "pids")) {
+            let _ = fs::write(v2.join("cgroup.subtree_control"), "+pids");
+            v2
+        } else {
+            v2.join("pids")
+        };
+        let dir = root.join(format!("leaktrace-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        fs::write(dir.join("pids.max"), max.to_string()).unwrap();
+        PidsCgroup(dir)
+    }
+
+    fn add(&self, pid: u32) {
+        fs::write(self.0.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+
+    fn current(&self) -> u64 {
+        fs::read_to_string(self.0.join("pids.current")).unwrap().trim().parse().unwrap()
+    }
+}
+
+impl Drop for PidsCgroup {
+    fn drop(&mut self) {
+        // Its tasks must be gone first: move any left back to the root.
+        let root = self.0.parent().unwrap().join("cgroup.procs");
+        for pid in fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default().lines() {
+            let _ = fs::write(&root, pid);
+        }
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn thread_leak_runs_out_of_the_cgroup_pids_max() {
+    const MAX: u64 = 1000;
+    let cg = PidsCgroup::create(MAX);
+    let t = start("thread_leak", &[]);
+    cg.add(t.pid());
+    let (before, t0) = (cg.current(), Instant::now());
+    let run = run_leaktrace(&[
+        "check", "--pid", &t.pid().to_string(), "--for", "8s", "--interval", "1s", "--json", "--track", "threads",
+        "--fail-within", "10m",
+    ]);
+    let (after, secs) = (cg.current(), t0.elapsed().as_secs_f64());
+    drop(t);
+    assert_eq!(run.status, 3, "stderr:\n{}", run.stderr);
+    let report = run.final_report();
+    let e = &report["exhaustion"];
+    assert_eq!(e["resource"], "threads", "{e}:{}", summarize(&report));
+    assert!(e["limit_source"].as_str().unwrap().ends_with("/pids.max"), "{e}");
+    assert_eq!(e["limit"], MAX, "{e}");
+    // The leak goes through the same helper as the pool (see thread_leak.c).
+    assert_eq!(e["site"], "spawn_detached", "{e}");
+    let rate = (after - before) as f64 / secs;
+    // Read at the final report, before leaktrace detached and the test read the cgroup.
+    let in_use = e["in_use"].as_u64().unwrap();
+    assert!(in_use <= after && in_use as f64 >= after as f64 - 6.0 * rate, "in use {in_use} vs pids.current {after} later");
+    let expected = (MAX - in_use) as f64 / rate;
+    let eta = e["seconds"].as_f64().unwrap();
+    assert!((eta - expected).abs() <= 0.3 * expected, "ETA {eta} s, expected {expected:.0} s ({rate:.1} threads/s)");
+    let leak = findings_with(&report, "start_watcher");
+    assert_eq!(leak[0]["exhausts"]["resource"], "threads", "{}", summarize(&report));
+}
