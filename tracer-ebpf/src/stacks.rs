@@ -308,7 +308,9 @@ pub fn unwind_user_stack(
     let UserRegs { mut ip, mut sp, mut bp, at } = regs;
     let mut key = ip | (at & RULE_AT_PC);
     let mut missed = false;
-    for _ in 0..MAX_WALKED_FRAMES {
+    // One more round than frames kept: a stack that still goes on there is
+    // cut, and counted.
+    for _ in 0..MAX_WALKED_FRAMES + 1 {
         if ip < LOWEST_FRAME {
             break;
         }

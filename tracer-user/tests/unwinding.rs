@@ -146,3 +146,42 @@ fn stripped_program_without_frame_pointers_still_unwinds() {
         .count();
     assert!(app_frames >= 3, "stripped program's frames not unwound: {}", summarize(&report));
 }
+
+/// A frame-pointer program whose callback runs under glibc's `qsort` (no
+/// frame pointers): the stack comes out whole on both sides of libc. A
+/// recursion deeper than the walk's bound is cut at 32 frames, counted,
+/// and what is kept is right.
+#[test]
+fn mixed_and_deep_stacks() {
+    let t = start("mixed_stacks", &[]);
+    let pid = t.pid().to_string();
+    let run = run_leaktrace(&["attach", "--pid", &pid, "--for", "8s", "--interval", "1s", "--track", "connections", "--json"]);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    let report = run.final_report();
+    let all = summarize(&report);
+
+    let audit = findings_with(&report, "open_audit_socket");
+    assert_eq!(audit.len(), 1, "{all}");
+    assert_eq!(audit[0]["verdict"], "leak", "{all}");
+    assert_eq!(audit[0]["site"], "dial", "{all}");
+    let funcs = functions(audit[0]);
+    let pos = |name: &str| funcs.iter().position(|f| f == name).unwrap_or_else(|| panic!("{name} missing:{all}"));
+    let in_libc = funcs.iter().position(|f| f.contains("msort") || f.contains("qsort")).expect("qsort's frames");
+    assert!(pos("open_audit_socket") < pos("by_priority"), "{all}");
+    assert!(pos("by_priority") < in_libc && in_libc < pos("sort_requests"), "callback not unwound through libc:{all}");
+    assert!(pos("sort_requests") < pos("main"), "{all}");
+    for f in findings_with(&report, "probe_socket") {
+        assert_ne!(f["verdict"], "leak", "look-alike probe_socket judged a leak:{all}");
+    }
+
+    let deep = findings_with(&report, "leaf_socket");
+    assert_eq!(deep.len(), 1, "one finding for the deep path:{all}");
+    let funcs = functions(deep[0]);
+    assert_eq!(deep[0]["verdict"], "leak", "{all}");
+    assert!(funcs.len() >= 32, "cut at 32 frames, not before:{all}");
+    assert!(
+        funcs.iter().all(|f| ["__GI_socket", "socket", "dial", "leaf_socket", "descend"].contains(&f.as_str())),
+        "a cut stack holds only the frames that are there: {funcs:?}"
+    );
+    assert!(report["lost"]["truncated_stacks"].as_u64().unwrap_or(0) > 0, "the cut is counted:{all}");
+}

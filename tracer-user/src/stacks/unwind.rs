@@ -193,7 +193,7 @@ fn rule_of_fde<'a, S: UnwindSection<Slice<'a>>>(
             let Ok(expr) = e.get(section) else { return END_RULE };
             let encoding = fde.cie().encoding();
             let eval_at = |rsp: u64| -> Option<u64> {
-                let mut eval = expr.clone().evaluation(encoding);
+                let mut eval = expr.evaluation(encoding);
                 let mut r = eval.evaluate().ok()?;
                 loop {
                     match r {
