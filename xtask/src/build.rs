@@ -36,6 +36,8 @@ const GO_PROGRAMS: &[GoProgram] = &[
     GoProgram { dir: "mapgrow", out: "mapgrow-go", every_version: true },
     GoProgram { dir: "mapbench", out: "mapbench-go", every_version: true },
     GoProgram { dir: "lockpool", out: "lockpool-go", every_version: true },
+    // os.Open leaks for the fd tracker (one Go version: the path is the runtime's raw syscall).
+    GoProgram { dir: "fdleak", out: "fdleak-go", every_version: false },
 ];
 const C_FLAGS: &[&str] = &[
     "-O1",

@@ -284,7 +284,7 @@ fn encode_report(
     family(
         e,
         "leaktrace_exhaustion_seconds",
-        "Seconds until the resource (open files, threads, memory) runs out at the site's current growth; site=\"all\": at every growing site's growth together.",
+        "Seconds until the resource (open files, threads, memory) runs out at the site's current growth; site all: at every growing site's growth together.",
         MetricType::Gauge,
         report
             .exhaustion
@@ -503,6 +503,31 @@ mod tests {
                 l.starts_with(&format!("{family}{{")) || l.starts_with(&format!("{family} "))
             })
             .collect()
+    }
+
+    #[test]
+    fn exhaustion_per_site_and_for_the_report() {
+        let mut r = example_report();
+        let e = crate::report::Exhaustion {
+            resource: "open files".into(),
+            limit_source: "RLIMIT_NOFILE".into(),
+            limit: 2048,
+            in_use: 48,
+            seconds: 200.0,
+            share: 0.9,
+            site: None,
+        };
+        r.findings[0].exhausts = Some(crate::report::Exhaustion { seconds: 222.2, ..e.clone() });
+        r.exhaustion = Some(crate::report::Exhaustion { site: Some("main.badHandler".into()), ..e });
+        let text = encode_text(&r, DEFAULT_MAX_SITES);
+        let lines = samples(&text, "leaktrace_exhaustion_seconds");
+        assert_eq!(
+            lines,
+            [
+                r#"leaktrace_exhaustion_seconds{pid="1234",resource="open files",site="all"} 200.0"#,
+                r#"leaktrace_exhaustion_seconds{pid="1234",resource="open files",site="main.badHandler"} 222.2"#,
+            ]
+        );
     }
 
     #[test]
