@@ -80,3 +80,65 @@ fn thread_leak_runs_out_of_the_cgroup_pids_max() {
     let leak = findings_with(&report, "start_watcher");
     assert_eq!(leak[0]["exhausts"]["resource"], "threads", "{}", summarize(&report));
 }
+
+/// A child cgroup of the memory hierarchy (v2 when its root has the memory
+/// controller, else v1), removed on drop.
+struct MemoryCgroup(PathBuf, &'static str);
+
+impl MemoryCgroup {
+    fn create() -> Self {
+        let v2 = PathBuf::from("/sys/fs/cgroup");
+        let (root, file) = if fs::read_to_string(v2.join("cgroup.controllers")).is_ok_and(|c| c.split_whitespace().any(|x| x == "memory")) {
+            let _ = fs::write(v2.join("cgroup.subtree_control"), "+memory");
+            (v2, "memory.max")
+        } else {
+            (v2.join("memory"), "memory.limit_in_bytes")
+        };
+        let dir = root.join(format!("leaktrace-test-mem-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        MemoryCgroup(dir, file)
+    }
+
+    fn usage(&self) -> u64 {
+        let file = if self.1 == "memory.max" { "memory.current" } else { "memory.usage_in_bytes" };
+        fs::read_to_string(self.0.join(file)).unwrap().trim().parse().unwrap()
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let root = self.0.parent().unwrap().join("cgroup.procs");
+        for pid in fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default().lines() {
+            let _ = fs::write(&root, pid);
+        }
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn heap_leak_runs_out_of_the_cgroup_memory_limit() {
+    let cg = MemoryCgroup::create();
+    let t = start("alloc_leak", &[]);
+    fs::write(cg.0.join("cgroup.procs"), t.pid().to_string()).unwrap();
+    // A limit a little above what the fixture uses now.
+    let limit = cg.usage() + (64 << 20);
+    fs::write(cg.0.join(cg.1), limit.to_string()).unwrap();
+    let run = run_leaktrace(&[
+        "attach", "--pid", &t.pid().to_string(), "--for", "8s", "--interval", "1s", "--json", "--track", "allocations",
+    ]);
+    drop(t);
+    assert_eq!(run.status, 0, "stderr:\n{}", run.stderr);
+    let report = run.final_report();
+    let leak = findings_with(&report, "handle_request");
+    let leak = leak.iter().find(|f| f["verdict"] == "leak").unwrap_or_else(|| panic!("no leak:{}", summarize(&report)));
+    let e = &leak["exhausts"];
+    assert_eq!(e["resource"], "memory", "{e}");
+    assert!(e["limit_source"].as_str().unwrap().ends_with(cg.1), "{e}");
+    assert_eq!(e["limit"], limit, "{e}");
+    // RSS, below the limit; the site's bytes slope gives the time left.
+    let (in_use, secs) = (e["in_use"].as_u64().unwrap(), e["seconds"].as_f64().unwrap());
+    assert!(in_use > 0 && in_use < limit, "{e}");
+    let per_s = leak["growth_bytes_per_min"].as_f64().unwrap() / 60.0;
+    let expected = (limit - in_use) as f64 / per_s;
+    assert!((secs - expected).abs() <= 0.01 * expected + 1.0, "{secs} vs {expected}: {e}");
+}
