@@ -142,3 +142,29 @@ fn heap_leak_runs_out_of_the_cgroup_memory_limit() {
     let expected = (limit - in_use) as f64 / per_s;
     assert!((secs - expected).abs() <= 0.01 * expected + 1.0, "{secs} vs {expected}: {e}");
 }
+
+/// Connections leaked to one peer use up ephemeral ports toward it: the
+/// limit read for that peer while the fixture runs. (Which limit comes
+/// first depends on the machine's fd limit: with RLIMIT_NOFILE above the
+/// port range, ports; the ordering itself is unit-tested.)
+#[test]
+fn connection_leak_uses_up_ports_to_its_peer() {
+    let t = start("conn_leak", &[]);
+    let run = run_leaktrace(&[
+        "attach", "--pid", &t.pid().to_string(), "--for", "5s", "--interval", "1s", "--json", "--track", "connections",
+    ]);
+    assert_eq!(run.status, 0, "stderr:\n{}", run.stderr);
+    let report = run.final_report();
+    let leak = findings_with(&report, "bad_handler");
+    let leak = leak.iter().find(|f| f["verdict"] == "leak").unwrap_or_else(|| panic!("no leak:{}", summarize(&report)));
+    // Open files, at least: the finding runs out of something.
+    assert!(leak["exhausts"]["seconds"].as_f64().unwrap() > 0.0, "{leak}");
+    let peer = leak["peer"].as_str().unwrap();
+    let ports = leaktrace::judge::exhaustion::read_limit(t.pid(), &format!("ephemeral ports to {peer}")).unwrap();
+    let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let r: Vec<u64> = range.split_whitespace().map(|v| v.parse().unwrap()).collect();
+    assert_eq!(ports.limit, r[1] - r[0] + 1, "{ports:?}");
+    assert_eq!(ports.source, "net.ipv4.ip_local_port_range");
+    // Every leaked connection holds a port (and the good path's TIME_WAIT ones).
+    assert!(ports.in_use >= leak["live"].as_u64().unwrap(), "{ports:?} vs {leak}");
+}
