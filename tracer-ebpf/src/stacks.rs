@@ -169,10 +169,10 @@ static SYSCALL_SITES: HashMap<u64, SyscallSite> = HashMap::with_max_entries(1024
 #[map]
 static APP_TEXT: Array<u64> = Array::with_max_entries(2, 0);
 
-/// Per CPU: the top of a user stack copied for [`app_stack`]'s scan (and
-/// one slot for the index found).
+/// Per CPU: the part of a user stack [`app_stack`] scans (and one slot for
+/// the index found).
 #[map]
-static SCAN_BUF: PerCpuArray<[u64; SCAN_WORDS + 1]> = PerCpuArray::with_max_entries(1, 0);
+static SCAN_BUF: PerCpuArray<[u64; SAVED_RBP_WORDS + SCAN_WORDS + 1]> = PerCpuArray::with_max_entries(1, 0);
 
 /// x86-64 `struct pt_regs`, in 8-byte slots.
 const PT_REGS_BP: usize = 4;
@@ -497,16 +497,24 @@ pub fn user_stack(ctx: &TracePointContext) -> StackKey {
 /// The wrapper's return address when the current syscall site is known.
 #[inline(always)]
 fn missing_caller() -> u64 {
+    match caller_slot() {
+        Some(slot) => read_user_u64(slot),
+        None => 0,
+    }
+}
+
+/// Where the libc wrapper keeps its return address (the user address of the
+/// slot), when the current syscall site is known.
+#[inline(always)]
+fn caller_slot() -> Option<u64> {
     let regs = user_regs();
     if regs.is_null() {
-        return 0;
+        return None;
     }
     let ip = reg(regs, PT_REGS_IP);
     // SAFETY: copied out of the map value.
-    let Some(site) = (unsafe { SYSCALL_SITES.get(&ip) }).copied() else { return 0 };
-    let sp = reg(regs, PT_REGS_SP);
-    // SAFETY: user memory read through the helper, which faults safely.
-    unsafe { bpf_probe_read_user((sp + site.ret_offset as u64) as *const u64).unwrap_or(0) }
+    let site = (unsafe { SYSCALL_SITES.get(&ip) }).copied()?;
+    Some(reg(regs, PT_REGS_SP) + site.ret_offset as u64)
 }
 
 /// The key a new object of `stack` is counted under in a tracker's per-stack
@@ -550,8 +558,12 @@ fn app_text() -> (u64, u64) {
 /// (`fopen` -> `__fopen_internal` -> ... -> `__libc_open64`): there libc
 /// has reused `rbp` and the frame-pointer walk stops at the first frame, so
 /// neither `bpf_get_stackid` nor the syscall-site fix reaches the
-/// application. When neither the user ip nor the wrapper's caller lies in
-/// the executable, the top [`SCAN_WORDS`] words of the stack are scanned for
+/// application. And a wrapper called directly may reuse `rbp` itself
+/// (`__libc_open64` does), so the walk above its caller is garbage. When the
+/// syscall is made in a known wrapper and either its caller is not in the
+/// executable or `rbp` does not lead to a return address into it, the top
+/// [`SCAN_WORDS`] words of the stack, from the wrapper's return address up,
+/// are scanned for
 /// the first return address into the executable (the call into libc), then,
 /// below it, for the `rbp` libc saved (a pointer just up the stack to a
 /// frame whose return address is in the executable), and the walk goes on
@@ -569,53 +581,62 @@ pub fn app_stack(
     if regs.is_null() || lo == 0 || hi <= lo {
         return user_stack(ctx);
     }
-    let ip = reg(regs, PT_REGS_IP);
-    let sp = reg(regs, PT_REGS_SP);
-    let caller = missing_caller();
-    if (ip >= lo && ip < hi) || (caller >= lo && caller < hi) {
+    let in_app = |a: u64| a >= lo && a < hi;
+    let (ip, sp, bp) = (reg(regs, PT_REGS_IP), reg(regs, PT_REGS_SP), reg(regs, PT_REGS_BP));
+    // Go's raw syscalls, and anything outside a known libc wrapper.
+    let Some(slot) = caller_slot() else { return user_stack(ctx) };
+    if in_app(ip) || slot < sp {
         return user_stack(ctx);
     }
-    let in_app = |a: u64| a >= lo && a < hi;
+    // A wrapper called by the application that left `rbp` alone: the
+    // frame-pointer walk works.
+    if in_app(read_user_u64(slot)) && bp > sp && in_app(read_user_u64(bp + 8)) {
+        return user_stack(ctx);
+    }
     let Some(buf) = SCAN_BUF.get_ptr_mut(0) else { return user_stack(ctx) };
     // SAFETY: this CPU's scratch slot; user memory read through the helper.
     let buf = unsafe { &mut *buf };
-    if unsafe { bpf_probe_read_user_buf(sp as *const u8, core::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, SCAN_WORDS * 8)) }.is_err() {
+    // `SAVED_RBP_WORDS` words below the wrapper's return address (where a
+    // wrapper pushes the `rbp` it reuses), then `SCAN_WORDS` from it up.
+    let base = slot - 8 * SAVED_RBP_WORDS as u64;
+    let len = (SAVED_RBP_WORDS + SCAN_WORDS) * 8;
+    if unsafe { bpf_probe_read_user_buf(base as *const u8, core::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, len)) }.is_err() {
         return user_stack(ctx);
     }
-    let mut found = SCAN_WORDS;
-    for i in 0..SCAN_WORDS {
+    // The first return address into the executable at or above the
+    // wrapper's (below it: the wrapper's own frame, maybe stale).
+    let mut found = 0usize;
+    for i in SAVED_RBP_WORDS..SAVED_RBP_WORDS + SCAN_WORDS {
         if in_app(buf[i]) {
             found = i;
             break;
         }
     }
-    if found >= SCAN_WORDS {
+    if found == 0 {
         return user_stack(ctx);
     }
     // Through map memory, so that the verifier goes on with one unknown
     // index rather than one state per position found.
     // SAFETY: the extra slot of this CPU's buffer.
     let at = unsafe {
-        core::ptr::write_volatile(&mut buf[SCAN_WORDS], found as u64);
-        core::ptr::read_volatile(&buf[SCAN_WORDS])
+        core::ptr::write_volatile(&mut buf[SAVED_RBP_WORDS + SCAN_WORDS], found as u64);
+        core::ptr::read_volatile(&buf[SAVED_RBP_WORDS + SCAN_WORDS])
     } as usize
-        & (SCAN_WORDS - 1);
-    let ret = buf[at];
-    // The application function's frame: libc saved its `rbp` when it first
-    // reused the register, so it sits below the return address among the
-    // live libc frames — a pointer a little up the stack, at a frame whose
+        & (2 * SCAN_WORDS - 1);
+    if at < SAVED_RBP_WORDS || at >= SAVED_RBP_WORDS + SCAN_WORDS {
+        return user_stack(ctx);
+    }
+    let Some(&ret) = buf.get(at) else { return user_stack(ctx) };
+    // The application function's frame: the first libc function to reuse
+    // `rbp` saved it, so it sits below the return address, among the live
+    // libc frames — a pointer a little up the stack, at a frame whose
     // return address is in the executable again. (The words above the
     // return address are the application's own frame: uninitialised buffers
     // there hold stale return addresses of earlier calls.)
-    let ret_slot = sp + 8 * at as u64;
+    let ret_slot = base + 8 * at as u64;
     let mut fp = 0u64;
-    // Downwards from the return address: the libc function called by the
-    // application pushes callee-saved registers first thing.
     for k in 1..=SAVED_RBP_WORDS {
-        if k > at {
-            break;
-        }
-        let w = buf[(at - k) & (SCAN_WORDS - 1)];
+        let Some(&w) = buf.get(at.wrapping_sub(k)) else { break };
         if w <= ret_slot || w - ret_slot >= (1 << 16) || w & 7 != 0 {
             continue;
         }

@@ -398,6 +398,32 @@ pub fn net_peers(pid: u32) -> HashMap<u64, String> {
     out
 }
 
+/// The kernel's range of local ports for outgoing connections
+/// (`net.ipv4.ip_local_port_range`, also used for IPv6).
+pub fn local_port_range() -> Option<(u64, u64)> {
+    let text = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = text.split_ascii_whitespace().map(|v| v.parse::<u64>().ok());
+    let (lo, hi) = (it.next()??, it.next()??);
+    (hi >= lo).then_some((lo, hi))
+}
+
+/// TCP sockets of the process's network namespace whose remote address is
+/// `peer` (any state: `TIME_WAIT` ones still hold their local port).
+pub fn tcp_sockets_to(pid: u32, peer: std::net::SocketAddr) -> u64 {
+    let want = peer.to_string();
+    let mut n = 0;
+    for (file, v6) in [("tcp", false), ("tcp6", true)] {
+        let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{file}")) else { continue };
+        for line in text.lines().skip(1) {
+            let rem = line.split_ascii_whitespace().nth(2);
+            if rem.and_then(|r| parse_net_addr(r, v6)).is_some_and(|p| p == want) {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
 /// `0100007F:18EB` -> `127.0.0.1:6379`; None for the unspecified address.
 fn parse_net_addr(s: &str, v6: bool) -> Option<String> {
     let (addr, port) = s.split_once(':')?;

@@ -61,7 +61,7 @@ struct Session {
     /// The findings the last report cut (`--max-findings`).
     omitted: Vec<Finding>,
     /// The last limit read per resource (kept for the report after exit).
-    limits: std::collections::HashMap<&'static str, judge::exhaustion::Limit>,
+    limits: std::collections::HashMap<String, judge::exhaustion::Limit>,
     /// The executable's text range given to the kernel side.
     app_text: (u64, u64),
 }
@@ -371,10 +371,14 @@ impl Session {
         // Limits are read while the target lives; after its exit the last
         // ones read stand (the final report shows the state at exit).
         let (pid, alive, limits) = (self.target.pid, self.target.alive, &mut self.limits);
+        // One entry per resource (per peer for ports): bounded.
+        if limits.len() > 256 {
+            limits.clear();
+        }
         let exhaustion = judge::exhaustion::annotate(&mut findings, |r| {
             if alive {
                 if let Some(l) = judge::exhaustion::read_limit(pid, r) {
-                    limits.insert(r, l);
+                    limits.insert(r.to_string(), l);
                 }
             }
             limits.get(r).cloned()

@@ -25,7 +25,7 @@ fn unknown_and_unavailable_trackers() {
     assert_eq!(run.status, 2);
     assert!(error_line(&run).contains("unknown tracker 'sockets'"));
     // The error lists every tracker this build has.
-    assert!(error_line(&run).contains("connections,tasks,maps,allocations,locks"), "{}", error_line(&run));
+    assert!(error_line(&run).contains("connections,fds,tasks,maps,allocations,locks"), "{}", error_line(&run));
 }
 
 #[test]

@@ -73,10 +73,98 @@ fn thread_leak_runs_out_of_the_cgroup_pids_max() {
     let rate = (after - before) as f64 / secs;
     // Read at the final report, before leaktrace detached and the test read the cgroup.
     let in_use = e["in_use"].as_u64().unwrap();
-    assert!(in_use <= after && in_use as f64 >= after as f64 - 6.0 * rate, "in use {in_use} vs pids.current {after} later");
+    assert!(in_use <= after && in_use > before, "in use {in_use}: pids.current was {before} before, {after} after");
     let expected = (MAX - in_use) as f64 / rate;
     let eta = e["seconds"].as_f64().unwrap();
     assert!((eta - expected).abs() <= 0.3 * expected, "ETA {eta} s, expected {expected:.0} s ({rate:.1} threads/s)");
     let leak = findings_with(&report, "start_watcher");
     assert_eq!(leak[0]["exhausts"]["resource"], "threads", "{}", summarize(&report));
+}
+
+/// A child cgroup of the memory hierarchy (v2 when its root has the memory
+/// controller, else v1), removed on drop.
+struct MemoryCgroup(PathBuf, &'static str);
+
+impl MemoryCgroup {
+    fn create() -> Self {
+        let v2 = PathBuf::from("/sys/fs/cgroup");
+        let (root, file) = if fs::read_to_string(v2.join("cgroup.controllers")).is_ok_and(|c| c.split_whitespace().any(|x| x == "memory")) {
+            let _ = fs::write(v2.join("cgroup.subtree_control"), "+memory");
+            (v2, "memory.max")
+        } else {
+            (v2.join("memory"), "memory.limit_in_bytes")
+        };
+        let dir = root.join(format!("leaktrace-test-mem-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        MemoryCgroup(dir, file)
+    }
+
+    fn usage(&self) -> u64 {
+        let file = if self.1 == "memory.max" { "memory.current" } else { "memory.usage_in_bytes" };
+        fs::read_to_string(self.0.join(file)).unwrap().trim().parse().unwrap()
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let root = self.0.parent().unwrap().join("cgroup.procs");
+        for pid in fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default().lines() {
+            let _ = fs::write(&root, pid);
+        }
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn heap_leak_runs_out_of_the_cgroup_memory_limit() {
+    let cg = MemoryCgroup::create();
+    let t = start("alloc_leak", &[]);
+    fs::write(cg.0.join("cgroup.procs"), t.pid().to_string()).unwrap();
+    // A limit a little above what the fixture uses now.
+    let limit = cg.usage() + (64 << 20);
+    fs::write(cg.0.join(cg.1), limit.to_string()).unwrap();
+    let run = run_leaktrace(&[
+        "attach", "--pid", &t.pid().to_string(), "--for", "8s", "--interval", "1s", "--json", "--track", "allocations",
+    ]);
+    drop(t);
+    assert_eq!(run.status, 0, "stderr:\n{}", run.stderr);
+    let report = run.final_report();
+    let leak = findings_with(&report, "handle_request");
+    let leak = leak.iter().find(|f| f["verdict"] == "leak").unwrap_or_else(|| panic!("no leak:{}", summarize(&report)));
+    let e = &leak["exhausts"];
+    assert_eq!(e["resource"], "memory", "{e}");
+    assert!(e["limit_source"].as_str().unwrap().ends_with(cg.1), "{e}");
+    assert_eq!(e["limit"], limit, "{e}");
+    // RSS, below the limit; the site's bytes slope gives the time left.
+    let (in_use, secs) = (e["in_use"].as_u64().unwrap(), e["seconds"].as_f64().unwrap());
+    assert!(in_use > 0 && in_use < limit, "{e}");
+    let per_s = leak["growth_bytes_per_min"].as_f64().unwrap() / 60.0;
+    let expected = (limit - in_use) as f64 / per_s;
+    assert!((secs - expected).abs() <= 0.01 * expected + 1.0, "{secs} vs {expected}: {e}");
+}
+
+/// Connections leaked to one peer use up ephemeral ports toward it: the
+/// limit read for that peer while the fixture runs. (Which limit comes
+/// first depends on the machine's fd limit: with RLIMIT_NOFILE above the
+/// port range, ports; the ordering itself is unit-tested.)
+#[test]
+fn connection_leak_uses_up_ports_to_its_peer() {
+    let t = start("conn_leak", &[]);
+    let run = run_leaktrace(&[
+        "attach", "--pid", &t.pid().to_string(), "--for", "5s", "--interval", "1s", "--json", "--track", "connections",
+    ]);
+    assert_eq!(run.status, 0, "stderr:\n{}", run.stderr);
+    let report = run.final_report();
+    let leak = findings_with(&report, "bad_handler");
+    let leak = leak.iter().find(|f| f["verdict"] == "leak").unwrap_or_else(|| panic!("no leak:{}", summarize(&report)));
+    // Open files, at least: the finding runs out of something.
+    assert!(leak["exhausts"]["seconds"].as_f64().unwrap() > 0.0, "{leak}");
+    let peer = leak["peer"].as_str().unwrap();
+    let ports = leaktrace::judge::exhaustion::read_limit(t.pid(), &format!("ephemeral ports to {peer}")).unwrap();
+    let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let r: Vec<u64> = range.split_whitespace().map(|v| v.parse().unwrap()).collect();
+    assert_eq!(ports.limit, r[1] - r[0] + 1, "{ports:?}");
+    assert_eq!(ports.source, "net.ipv4.ip_local_port_range");
+    // Every leaked connection holds a port (and the good path's TIME_WAIT ones).
+    assert!(ports.in_use >= leak["live"].as_u64().unwrap(), "{ports:?} vs {leak}");
 }

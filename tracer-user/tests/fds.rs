@@ -66,7 +66,7 @@ fn fd_leaks_are_named_with_type_path_and_time_to_exhaustion() {
     assert_eq!(e["limit"], FD_LIMIT);
     // Read at the final report, before leaktrace detached and the test read /proc.
     let in_use = e["in_use"].as_u64().unwrap();
-    assert!(in_use <= fds_after && in_use as f64 >= fds_after as f64 - 6.0 * rate, "in use {in_use} vs /proc {fds_after} later");
+    assert!(in_use <= fds_after && in_use > fds_before, "in use {in_use}: /proc said {fds_before} before, {fds_after} after");
     let expected = (FD_LIMIT - in_use) as f64 / rate;
     let eta = e["seconds"].as_f64().unwrap();
     assert!((eta - expected).abs() <= 0.3 * expected, "ETA {eta} s, expected {expected:.0} s (rate {rate:.1}/s)");
@@ -87,4 +87,86 @@ fn tempdir() -> String {
 
 fn rand_suffix() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() % 1_000_000
+}
+
+fn attach_fds(pid: u32, dur: &str) -> Run {
+    let run = run_leaktrace(&["attach", "--pid", &pid.to_string(), "--for", dur, "--interval", "1s", "--json", "--track", "fds"]);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    run
+}
+
+fn num(f: &Value, field: &str) -> u64 {
+    f[field].as_u64().unwrap_or_else(|| panic!("{field} is not a count in {f}"))
+}
+
+/// Every kind of fd and every way one ends (fixtures/c/fd_kinds.c): the
+/// kept ones leak with their type, the ended ones do not.
+#[test]
+fn fd_kinds_and_the_ways_they_end() {
+    let t = start("fd_kinds", &[]);
+    let run = attach_fds(t.pid(), "6s");
+    let report = run.final_report();
+    let all = summarize(&report);
+    assert_eq!(report["lost"]["events"], 0, "{all}");
+    for (func, ty) in [("kept_eventfd", "eventfd"), ("receive_socket", "socket"), ("cloexec_kept", "file"), ("plain_kept", "file")] {
+        let f = site(&report, func);
+        assert_eq!(f["verdict"], "leak", "{func}:{all}");
+        assert_eq!(f["fd_type"], ty, "{func}:{all}");
+        // 20 per second, never closed.
+        assert!(num(f, "live") >= 80 && num(f, "ended") == 0, "{func}:{all}");
+        // The walk goes on past the function that made the fd.
+        assert!(functions(f).iter().any(|n| n == "iteration"), "{func}: stack ends early:{all}");
+    }
+    assert_eq!(site(&report, "cloexec_kept")["path"], "/dev/zero", "{all}");
+    // Ended by dup2 (over them), by close_range (pipes; the dups), churned by close.
+    for (func, ty) in [("ended_by_dup2", "file"), ("end_by_dup2", "file"), ("ended_by_close_range", "pipe")] {
+        if let Some(f) = findings_with(&report, func).into_iter().find(|f| f["site"] == func) {
+            assert_ne!(f["verdict"], "leak", "{func}:{all}");
+            assert_eq!(f["fd_type"], ty, "{func}:{all}");
+            assert!(num(f, "live") <= 3 && num(f, "created") >= 80, "{func}:{all}");
+        }
+    }
+    for f in findings_with(&report, "churn_event_fds") {
+        assert_ne!(f["verdict"], "leak", "churn_event_fds closes everything:{all}");
+    }
+    // epoll + eventfd + timerfd churn: 6 events per iteration at least.
+    assert!(report["events"]["fd"].as_u64().unwrap() > 1500, "{all}");
+}
+
+/// exec ends the fds made CLOEXEC before it, and only those.
+#[test]
+fn exec_ends_cloexec_fds_only() {
+    let t = start("fd_kinds", &["--exec-after-ms", "4000"]);
+    let run = attach_fds(t.pid(), "8s");
+    let report = run.final_report();
+    let all = summarize(&report);
+    assert_eq!(report["comm"], "sleep", "{all}");
+    // Before the exec the CLOEXEC site was tracked and growing (else
+    // leaktrace attached too late, after the exec).
+    let before = run.reports().iter().flat_map(|r| findings_with(r, "cloexec_kept").into_iter().map(|f| num(f, "live")).collect::<Vec<_>>()).max();
+    assert!(before.is_some_and(|n| n >= 20), "cloexec_kept never seen live before the exec:{all}");
+    if let Some(f) = findings_with(&report, "cloexec_kept").first() {
+        assert_eq!(num(f, "live"), 0, "CLOEXEC fds live after exec:{all}");
+    }
+    let plain = site(&report, "plain_kept");
+    assert!(num(plain, "live") >= 40 && num(plain, "ended") == 0, "plain fds survive exec:{all}");
+}
+
+/// A Go program leaking os.Open'd files (kept reachable, so no finalizer
+/// closes them) beside a handler that opens and closes.
+#[test]
+fn go_os_open_leak_is_found() {
+    let dir = tempdir();
+    let t = start("fdleak-go", &["-dir", &dir]);
+    let run = attach_fds(t.pid(), "7s");
+    let report = run.final_report();
+    let all = summarize(&report);
+    let f = site(&report, "main.openSession");
+    assert_eq!(f["verdict"], "leak", "{all}");
+    assert_eq!(f["fd_type"], "file", "{all}");
+    assert_eq!(f["path"], format!("{dir}/session.db"), "{all}");
+    assert!(num(f, "live") >= 80, "{all}");
+    for f in findings_with(&report, "main.readSettings") {
+        assert_ne!(f["verdict"], "leak", "readSettings closes its files:{all}");
+    }
 }

@@ -42,6 +42,8 @@ const GO_PROGRAMS: &[GoProgram] = &[
     GoProgram { dir: "lockpool", out: "lockpool-go", every_version: true },
     // Deterministic work with a checksum per round: `cargo xtask safety`.
     GoProgram { dir: "workload", out: "workload-go", every_version: true },
+    // os.Open leaks for the fd tracker (one Go version: the path is the runtime's raw syscall).
+    GoProgram { dir: "fdleak", out: "fdleak-go", every_version: false },
 ];
 /// C workloads the benchmarks also run built without frame pointers
 /// (`gcc -O2 -g`, as distributions build), as `<name>_nofp`.

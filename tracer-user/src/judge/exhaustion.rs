@@ -9,6 +9,7 @@
 //! | fd, connection | open files | `RLIMIT_NOFILE` (soft, /proc/PID/limits) | fds open now |
 //! | thread | threads | the cgroup's `pids.max` (any ancestor), `/proc/sys/kernel/threads-max` | the cgroup's `pids.current`, the system's threads |
 //! | allocation | memory | the cgroup's `memory.max` (v2) / `memory.limit_in_bytes` (v1), `GOMEMLIMIT` | the process's RSS |
+//! | connection with a peer | ephemeral ports to PEER | `net.ipv4.ip_local_port_range` | the namespace's TCP sockets to PEER, `TIME_WAIT` included |
 
 use std::collections::HashMap;
 
@@ -20,7 +21,7 @@ use crate::{
 /// A limit and what uses it now.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Limit {
-    pub resource: &'static str,
+    pub resource: String,
     pub source: String,
     pub limit: u64,
     pub in_use: u64,
@@ -32,15 +33,26 @@ impl Limit {
     }
 }
 
-/// The resource a kind's objects use up, if leaktrace knows its limit.
-fn resource_of(kind: Kind) -> Option<&'static str> {
-    match kind {
-        Kind::Fd | Kind::Connection => Some("open files"),
-        Kind::Thread => Some("threads"),
-        Kind::Allocation => Some("memory"),
-        Kind::Goroutine | Kind::Map | Kind::Lock => None,
+/// The resources a finding's objects use up whose limits leaktrace knows.
+fn resources_of(f: &Finding) -> Vec<String> {
+    match f.kind {
+        Kind::Fd => vec![OPEN_FILES.into()],
+        // An outgoing connection also holds a local port toward its peer.
+        Kind::Connection => {
+            let mut r = vec![OPEN_FILES.to_string()];
+            if let Some(peer) = f.peer.as_deref().filter(|p| p.parse::<std::net::SocketAddr>().is_ok()) {
+                r.push(format!("{PORTS_TO}{peer}"));
+            }
+            r
+        }
+        Kind::Thread => vec!["threads".into()],
+        Kind::Allocation => vec!["memory".into()],
+        Kind::Goroutine | Kind::Map | Kind::Lock => Vec::new(),
     }
 }
+
+const OPEN_FILES: &str = "open files";
+const PORTS_TO: &str = "ephemeral ports to ";
 
 /// A finding's growth in the resource's unit, per second (bytes for memory).
 fn slope_per_s(f: &Finding) -> f64 {
@@ -51,20 +63,28 @@ fn slope_per_s(f: &Finding) -> f64 {
 /// Reads the tightest limit of `resource` for `pid` (least headroom).
 pub fn read_limit(pid: u32, resource: &str) -> Option<Limit> {
     let mut candidates: Vec<Limit> = Vec::new();
+    if let Some(peer) = resource.strip_prefix(PORTS_TO) {
+        // Ports are per (local address, peer): sockets of any process of the
+        // namespace toward the peer hold them, TIME_WAIT ones too.
+        let peer: std::net::SocketAddr = peer.parse().ok()?;
+        let (lo, hi) = procfs::local_port_range()?;
+        let in_use = procfs::tcp_sockets_to(pid, peer);
+        return Some(Limit { resource: resource.into(), source: "net.ipv4.ip_local_port_range".into(), limit: hi - lo + 1, in_use });
+    }
     match resource {
         "open files" => {
             let limit = procfs::open_files_limit(pid)?;
             let in_use = procfs::fd_count(pid).ok()?;
-            candidates.push(Limit { resource: "open files", source: "RLIMIT_NOFILE".into(), limit, in_use });
+            candidates.push(Limit { resource: resource.into(), source: "RLIMIT_NOFILE".into(), limit, in_use });
         }
         "threads" => {
             for dir in procfs::cgroup_dirs(pid, "pids") {
                 if let (Some(max), Some(cur)) = (procfs::cgroup_value(&dir, "pids.max"), procfs::cgroup_value(&dir, "pids.current")) {
-                    candidates.push(Limit { resource: "threads", source: format!("{}/pids.max", dir.display()), limit: max, in_use: cur });
+                    candidates.push(Limit { resource: resource.into(), source: format!("{}/pids.max", dir.display()), limit: max, in_use: cur });
                 }
             }
             if let Some((total, max)) = procfs::system_threads() {
-                candidates.push(Limit { resource: "threads", source: "kernel.threads-max".into(), limit: max, in_use: total });
+                candidates.push(Limit { resource: resource.into(), source: "kernel.threads-max".into(), limit: max, in_use: total });
             }
         }
         "memory" => {
@@ -73,12 +93,12 @@ pub fn read_limit(pid: u32, resource: &str) -> Option<Limit> {
                 for file in ["memory.max", "memory.limit_in_bytes"] {
                     // v1 says "no limit" with a huge number.
                     if let Some(max) = procfs::cgroup_value(&dir, file).filter(|&m| m < 1 << 60) {
-                        candidates.push(Limit { resource: "memory", source: format!("{}/{file}", dir.display()), limit: max, in_use: rss });
+                        candidates.push(Limit { resource: resource.into(), source: format!("{}/{file}", dir.display()), limit: max, in_use: rss });
                     }
                 }
             }
             if let Some(max) = procfs::environ_var(pid, "GOMEMLIMIT").and_then(|v| parse_go_bytes(&v)) {
-                candidates.push(Limit { resource: "memory", source: "GOMEMLIMIT".into(), limit: max, in_use: rss });
+                candidates.push(Limit { resource: resource.into(), source: "GOMEMLIMIT".into(), limit: max, in_use: rss });
             }
         }
         _ => {}
@@ -106,26 +126,33 @@ pub fn parse_go_bytes(s: &str) -> Option<u64> {
 /// Fills `exhausts` of every growing finding whose resource has a limit
 /// (`limits` reads one; [`read_limit`] in a session) and returns the
 /// resource that runs out first at all its sites' growth together.
-pub fn annotate(findings: &mut [Finding], mut limits: impl FnMut(&'static str) -> Option<Limit>) -> Option<Exhaustion> {
+pub fn annotate(findings: &mut [Finding], mut limits: impl FnMut(&str) -> Option<Limit>) -> Option<Exhaustion> {
     let growing = |f: &Finding| matches!(f.verdict, Verdict::Leak | Verdict::Growing) && slope_per_s(f) > 0.0;
     // Total growth per resource.
-    let mut total: HashMap<&'static str, f64> = HashMap::new();
+    let mut total: HashMap<String, f64> = HashMap::new();
     for f in findings.iter().filter(|f| growing(f)) {
-        if let Some(r) = resource_of(f.kind) {
+        for r in resources_of(f) {
             *total.entry(r).or_default() += slope_per_s(f);
         }
     }
-    let read: HashMap<&'static str, Limit> = total.keys().filter_map(|r| Some((*r, limits(r)?))).collect();
-    let mut top: HashMap<&'static str, (f64, String)> = HashMap::new();
+    let read: HashMap<String, Limit> = total.keys().filter_map(|r| Some((r.clone(), limits(r)?))).collect();
+    let mut top: HashMap<String, (f64, String)> = HashMap::new();
     for f in findings.iter_mut().filter(|f| growing(f)) {
-        let Some(r) = resource_of(f.kind) else { continue };
-        let Some(limit) = read.get(r) else { continue };
-        let share = slope_per_s(f) / total[r];
-        f.exhausts = Some(exhaustion(limit, slope_per_s(f), share, None));
-        let best = top.entry(r).or_insert((0.0, String::new()));
-        if share > best.0 {
-            *best = (share, f.site.clone());
+        // A finding's own: the resource it exhausts first at its slope.
+        let mut soonest: Option<Exhaustion> = None;
+        for r in resources_of(f) {
+            let Some(limit) = read.get(&r) else { continue };
+            let share = slope_per_s(f) / total[&r];
+            let e = exhaustion(limit, slope_per_s(f), share, None);
+            if soonest.as_ref().is_none_or(|s| e.seconds < s.seconds) {
+                soonest = Some(e);
+            }
+            let best = top.entry(r).or_insert((0.0, String::new()));
+            if share > best.0 {
+                *best = (share, f.site.clone());
+            }
         }
+        f.exhausts = soonest;
     }
     read.iter()
         .map(|(r, limit)| {
@@ -137,7 +164,7 @@ pub fn annotate(findings: &mut [Finding], mut limits: impl FnMut(&'static str) -
 
 fn exhaustion(limit: &Limit, per_s: f64, share: f64, site: Option<String>) -> Exhaustion {
     Exhaustion {
-        resource: limit.resource.into(),
+        resource: limit.resource.clone(),
         limit_source: limit.source.clone(),
         limit: limit.limit,
         in_use: limit.in_use,
@@ -192,7 +219,7 @@ mod tests {
             Finding { growth_per_min: 600.0, ..growing(Kind::Fd, "pool", 0.0) }.with_verdict(Verdict::Steady),
         ];
         let top = annotate(&mut f, |r| match r {
-            "open files" => Some(Limit { resource: "open files", source: "RLIMIT_NOFILE".into(), limit: 2048, in_use: 48 }),
+            "open files" => Some(Limit { resource: r.into(), source: "RLIMIT_NOFILE".into(), limit: 2048, in_use: 48 }),
             _ => None,
         })
         .unwrap();
@@ -216,6 +243,22 @@ mod tests {
             self.verdict = v;
             self
         }
+    }
+
+    #[test]
+    fn connections_exhaust_ports_to_their_peer_or_fds_first() {
+        let mut f = vec![Finding { peer: Some("127.0.0.1:6379".into()), ..growing(Kind::Connection, "dialRedis", 600.0) }];
+        let top = annotate(&mut f, |r| match r {
+            "open files" => Some(Limit { resource: r.into(), source: "RLIMIT_NOFILE".into(), limit: 65536, in_use: 536 }),
+            "ephemeral ports to 127.0.0.1:6379" => {
+                Some(Limit { resource: r.into(), source: "net.ipv4.ip_local_port_range".into(), limit: 28232, in_use: 232 })
+            }
+            _ => None,
+        })
+        .unwrap();
+        // 28000 ports left at 10/s: sooner than 65000 fds.
+        assert_eq!((top.resource.as_str(), top.seconds), ("ephemeral ports to 127.0.0.1:6379", 2800.0));
+        assert_eq!(f[0].exhausts.as_ref().unwrap().resource, "ephemeral ports to 127.0.0.1:6379");
     }
 
     #[test]

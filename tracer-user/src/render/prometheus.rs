@@ -512,6 +512,31 @@ mod tests {
     }
 
     #[test]
+    fn exhaustion_per_site_and_for_the_report() {
+        let mut r = example_report();
+        let e = crate::report::Exhaustion {
+            resource: "open files".into(),
+            limit_source: "RLIMIT_NOFILE".into(),
+            limit: 2048,
+            in_use: 48,
+            seconds: 200.0,
+            share: 0.9,
+            site: None,
+        };
+        r.findings[0].exhausts = Some(crate::report::Exhaustion { seconds: 222.2, ..e.clone() });
+        r.exhaustion = Some(crate::report::Exhaustion { site: Some("main.badHandler".into()), ..e });
+        let text = encode_text(&r, DEFAULT_MAX_SITES);
+        let lines = samples(&text, "leaktrace_exhaustion_seconds");
+        assert_eq!(
+            lines,
+            [
+                r#"leaktrace_exhaustion_seconds{pid="1234",resource="open files",site="all"} 200.0"#,
+                r#"leaktrace_exhaustion_seconds{pid="1234",resource="open files",site="main.badHandler"} 222.2"#,
+            ]
+        );
+    }
+
+    #[test]
     fn families_have_help_type_and_values() {
         let text = encode_text(&example_report(), DEFAULT_MAX_SITES);
         for (name, ty) in [

@@ -22,7 +22,14 @@ use crate::{
 };
 
 /// libc functions whose callers the trackers need.
-pub const WRAPPERS: &[&str] = &["socket", "connect", "accept", "accept4", "__libc_connect", "__libc_accept", "mmap", "mmap64"];
+pub const WRAPPERS: &[&str] = &[
+    "socket", "connect", "accept", "accept4", "__libc_connect", "__libc_accept", "mmap", "mmap64",
+    // The fd tracker's: every libc function that makes a new fd.
+    "open", "open64", "__libc_open64", "openat", "openat64", "creat", "creat64", "pipe", "pipe2", "socketpair",
+    "dup", "dup2", "dup3", "fcntl", "fcntl64", "__libc_fcntl64", "epoll_create", "epoll_create1", "eventfd",
+    "timerfd_create", "signalfd", "inotify_init", "inotify_init1", "fanotify_init", "memfd_create", "pidfd_open",
+    "pidfd_getfd", "recvmsg", "__libc_recvmsg",
+];
 
 /// One `syscall` instruction: address just after it (what the kernel sees
 /// as the user ip) and the return address's offset from `sp` there.

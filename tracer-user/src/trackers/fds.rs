@@ -228,7 +228,9 @@ impl FdCollector {
                 (t, _) => fd_type::name(t),
             };
             si.fd_type.get_or_insert(ty);
-            if let Some(path) = seen.and_then(|e| e.path.clone()) {
+            // Only when /proc shows the object the kernel side recorded (not
+            // a newer one on a reused number, before its close is handled).
+            if let Some(path) = seen.filter(|e| e.kind == ty).and_then(|e| e.path.clone()) {
                 si.first_path.get_or_insert_with(|| path.clone());
                 if si.paths.len() < MAX_PATHS_PER_STACK {
                     si.paths.insert(path);
