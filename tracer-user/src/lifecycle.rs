@@ -19,6 +19,8 @@ pub struct Lifecycle {
     ring: RingBuf<MapData>,
     /// The target's main thread exited.
     pub exited: bool,
+    /// Warned once that /proc could not be read (our own failure).
+    proc_unreadable: bool,
 }
 
 /// What happened since the last poll.
@@ -33,7 +35,20 @@ impl Lifecycle {
     pub fn attach(probes: &mut Probes) -> Result<Self> {
         let ring = probes.take_map("PROCESS_EVENTS")?;
         probes.attach_tracepoints(TRACEPOINTS)?;
-        Ok(Self { ring, exited: false })
+        Ok(Self { ring, exited: false, proc_unreadable: false })
+    }
+
+    /// Whether the target still runs by /proc; a /proc read failing for
+    /// leaktrace's own reasons (no descriptors, no memory) is a warning,
+    /// once, never the target's death.
+    pub fn target_alive(&mut self, pid: u32) -> bool {
+        crate::procfs::liveness(pid).unwrap_or_else(|e| {
+            if !self.proc_unreadable {
+                crate::output::warn(format!("cannot read /proc/{pid}/stat ({e}): leaktrace's own failure, still tracing"));
+                self.proc_unreadable = true;
+            }
+            true
+        })
     }
 
     /// Reads the ring; cheap, call it often.

@@ -15,10 +15,8 @@ use crate::{
     probes::{self, LoadSettings, Probes},
     procfs::{self, MemoryMap},
     report::{Finding, Lost, Report},
-    stacks::resolve::StackResolver,
-    stacks::symbolize::{OwnCode, StrippedWarnings, SymbolizerService},
-    stacks::{syscall_sites, unwind::Unwinder},
-    trackers::{Counters, Tally, Target, Tracker, REGISTRY},
+    stacks::Stacks,
+    trackers::{Counters, Target, Trackers, REGISTRY},
 };
 
 /// How the session ended.
@@ -46,24 +44,16 @@ pub struct Outcome {
 /// Everything a session holds while it traces: dropping it detaches.
 struct Session {
     probes: Probes,
-    trackers: Vec<Box<dyn Tracker>>,
+    trackers: Trackers,
     target: Target,
     lifecycle: Lifecycle,
-    resolver: StackResolver,
-    /// Learns unwind rules for the kernel's walker (`None`: `--unwind fp`).
-    unwinder: Option<Unwinder>,
+    stacks: Stacks,
     counters: Counters,
     judge: Judge,
     comm: String,
     max_findings: usize,
-    /// Objects already warned about for having no symbols.
-    stripped: StrippedWarnings,
     /// The findings the last report cut (`--max-findings`).
     omitted: Vec<Finding>,
-    /// The last limit read per resource (kept for the report after exit).
-    limits: std::collections::HashMap<String, judge::exhaustion::Limit>,
-    /// The executable's text range given to the kernel side.
-    app_text: (u64, u64),
 }
 
 /// Traces `pid` until the duration ends, a signal comes, the target exits
@@ -90,16 +80,12 @@ pub async fn trace(
         let mappings = s.target.memory.clone();
         s.sync_mappings(&mappings);
     }
-    for t in &s.trackers {
-        s.probes.attach_tracepoints(t.tracepoints())?;
-    }
+    s.trackers.attach_tracepoints(&mut s.probes)?;
     if let Some(c) = child.as_mut() {
         // Probes by file (the libc the command will map) before its first
         // instruction.
         let program = c.program().to_path_buf();
-        for t in &mut s.trackers {
-            t.before_exec(&mut s.probes, &s.target, &program);
-        }
+        s.trackers.before_exec(&mut s.probes, &s.target, &program);
         // Returns once the command has exec'd; its libc appears a moment
         // later, mapped by the dynamic loader: watch for it closely so the
         // first events already get their direct caller.
@@ -110,19 +96,10 @@ pub async fn trace(
     }
     let comm_at_start = procfs::comm(pid);
     s.comm = comm_at_start.clone();
-    for t in &mut s.trackers {
-        t.on_start(&mut s.probes, &s.target);
-    }
+    s.trackers.on_start(&mut s.probes, &s.target);
 
     let outlet = Outlet::open(opts, listener).await?;
-    output::note(format!(
-        "attached to {pid} ({comm_at_start}): tracking {}; {}",
-        names.join(","),
-        match opts.duration {
-            Some(d) => format!("for {}", humantime::format_duration(d)),
-            None => "until Ctrl-C or the target exits".into(),
-        }
-    ));
+    output::note_attached(pid, &comm_at_start, &names, opts.duration);
 
     let start = Instant::now();
     let started_wall = SystemTime::now();
@@ -134,8 +111,6 @@ pub async fn trace(
     // machine) must not be followed by a burst of samples a few ms apart.
     report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut poll_tick = tokio::time::interval(Duration::from_millis(100));
-    // Warned once that /proc could not be read (our own failure).
-    let mut proc_unreadable = false;
     // Rules missing for a new call path cut its stacks short until learned
     // (one round per frame): learn them quickly.
     let mut unwind_tick = tokio::time::interval(Duration::from_millis(10));
@@ -153,18 +128,11 @@ pub async fn trace(
                     None => std::future::pending::<()>().await,
                 }
             } => break EndReason::Duration,
-            _ = unwind_tick.tick(), if s.unwinder.is_some() => s.learn_unwind_rules(),
+            _ = unwind_tick.tick(), if s.stacks.unwinding() => s.stacks.learn(&mut s.target.memory),
             _ = poll_tick.tick() => {
                 s.poll().await;
                 let gone = child.as_mut().map(|c| c.reap()).unwrap_or(false);
-                let alive = procfs::liveness(pid).unwrap_or_else(|e| {
-                    if !proc_unreadable {
-                        output::warn(format!("cannot read /proc/{pid}/stat ({e}): leaktrace's own failure, still tracing"));
-                        proc_unreadable = true;
-                    }
-                    true
-                });
-                if gone || s.lifecycle.exited || !alive {
+                if gone || s.lifecycle.exited || !s.lifecycle.target_alive(pid) {
                     break EndReason::TargetExited;
                 }
                 if !to_the_end && outlet.stdout_closed() {
@@ -200,12 +168,7 @@ pub async fn trace(
         c.terminate();
     }
     outlet.close().await;
-    for note in s.trackers.iter().filter_map(|t| t.closing_note()) {
-        output::note(note);
-    }
-    if let Some(u) = &s.unwinder {
-        output::note(u.stats.summary());
-    }
+    s.trackers.closing_notes().into_iter().chain(s.stacks.closing_note()).for_each(output::note);
     let omitted = std::mem::take(&mut s.omitted);
     drop(s);
     output::note(format!("detached from {pid}"));
@@ -225,66 +188,37 @@ impl Session {
             (spec.configure)(&mut settings, opts, active(spec.name));
         }
         let unwind = opts.unwind == crate::cli::Unwind::EhFrame;
-        use tracer_common::stacks::unwind_mode;
-        settings.u32_globals.push(("UNWIND_MODE", if unwind { unwind_mode::RULES } else { unwind_mode::FRAME_POINTERS }));
+        Stacks::configure(&mut settings, unwind);
         let mut probes = Probes::load(pid, &settings)?;
         let target = Target { pid, memory: MemoryMap::default(), libc_loaded: false, alive: true };
-        let mut trackers = Vec::new();
+        let mut trackers = Trackers::default();
         for spec in REGISTRY.iter().filter(|s| active(s.name)) {
-            trackers.push((spec.new)(&mut probes, opts, &target)?);
+            trackers.0.push((spec.new)(&mut probes, opts, &target)?);
         }
-        let resolver = StackResolver::new(&mut probes.ebpf, pid, SymbolizerService::start())?;
-        let unwinder = if unwind { Some(Unwinder::new(&mut probes, pid)?) } else { None };
+        let stacks = Stacks::new(&mut probes, pid, unwind)?;
         let counters = Counters(probes.take_map("COUNTERS")?);
         let lifecycle = Lifecycle::attach(&mut probes)?;
-        let mut judge = Judge::new(opts.interval);
-        judge.own.prefixes = opts.own.clone();
+        let judge = Judge::new(opts.interval, &opts.own);
         Ok(Self {
             probes,
             trackers,
             target,
             lifecycle,
-            resolver,
-            unwinder,
+            stacks,
             counters,
             judge,
             comm: procfs::comm(pid),
             max_findings: opts.max_findings,
-            stripped: StrippedWarnings::default(),
             omitted: Vec::new(),
-            limits: Default::default(),
-            app_text: (0, 0),
         })
     }
 
     /// Hands newly read mappings to every tracker, and loads libc's syscall
     /// sites until a libc is there (late: `dlopen`, `run` before the loader).
     fn sync_mappings(&mut self, mappings: &MemoryMap) {
-        // Where the executable's code is: `stacks::app_stack` finds the
-        // application's frames under deep libc calls by it.
-        if let Some(range) = procfs::exe_text(self.target.pid, mappings) {
-            if range != self.app_text && self.probes.set_app_text(range).is_ok() {
-                self.app_text = range;
-            }
-        }
-        for t in &mut self.trackers {
-            t.on_mappings(&mut self.probes, &self.target, mappings);
-        }
-        if self.target.libc_loaded {
-            return;
-        }
-        self.target.libc_loaded = match syscall_sites::find_in_process(self.target.pid, mappings) {
-            Ok(sites) if !sites.is_empty() => self.probes.set_syscall_sites(&sites).is_ok(),
-            // A static program (Go, musl, static glibc) was read whole: no
-            // libc will come.
-            Ok(_) => mappings.is_static(),
-            Err(e) => {
-                output::warn(format!(
-                    "cannot read libc's syscall wrappers ({e:#}); C stacks will miss the direct caller of connect/socket"
-                ));
-                true
-            }
-        };
+        let (pid, loaded) = (self.target.pid, self.target.libc_loaded);
+        self.target.libc_loaded = self.stacks.sync_mappings(&mut self.probes, pid, mappings, loaded);
+        self.trackers.on_mappings(&mut self.probes, &self.target, mappings);
     }
 
     /// Polls the target's memory map until its libc is mapped (and its sites
@@ -295,10 +229,7 @@ impl Session {
             if let Ok(m) = MemoryMap::read(self.target.pid) {
                 self.target.memory.merge(&m);
                 self.sync_mappings(&m);
-                if self.target.libc_loaded {
-                    return;
-                }
-                if m.is_static() {
+                if self.target.libc_loaded || m.is_static() {
                     return;
                 }
             }
@@ -309,50 +240,24 @@ impl Session {
         }
     }
 
-    /// Learns the unwind rules the kernel's walks asked for.
-    fn learn_unwind_rules(&mut self) {
-        if let Some(u) = self.unwinder.as_mut() {
-            u.learn(&mut self.target.memory);
-        }
-    }
-
     /// Rare events: the target's exec and exit, the trackers' rings.
     async fn poll(&mut self) {
         let changes = self.lifecycle.poll();
-        for t in &mut self.trackers {
-            t.poll();
-        }
+        self.trackers.poll();
         if let Some(at_ns) = changes.exec_at {
             // A new image: addresses of the old one mean nothing now.
             self.target.libc_loaded = false;
-            if let Some(u) = self.unwinder.as_mut() {
-                u.clear();
-            }
+            self.stacks.on_exec();
             self.wait_for_libc(Duration::from_millis(500)).await;
-            for t in &mut self.trackers {
-                t.on_exec(&mut self.probes, &self.target, at_ns);
-            }
-        }
-    }
-
-    /// Reads what counts as the program's own code again when the target's
-    /// executable changed (first report, after an exec); kept once it exited.
-    fn refresh_own_code(&mut self) {
-        let Ok(exe) = std::fs::read_link(format!("/proc/{}/exe", self.target.pid)) else { return };
-        let exe = exe.display().to_string();
-        if self.judge.own.executable.as_deref() != Some(exe.trim_end_matches(" (deleted)")) {
-            let prefixes = std::mem::take(&mut self.judge.own.prefixes);
-            self.judge.own = OwnCode::of_process(self.target.pid, &prefixes);
+            self.trackers.on_exec(&mut self.probes, &self.target, at_ns);
         }
     }
 
     /// Collects every tracker, resolves the stacks, judges and builds one report.
     async fn report(&mut self, start: Instant, is_final: bool, exited: bool) -> Result<Report> {
-        if !is_final {
-            let name = procfs::comm(self.target.pid);
-            if name != "?" {
-                self.comm = name;
-            }
+        let name = procfs::comm(self.target.pid);
+        if !is_final && name != "?" {
+            self.comm = name;
         }
         // An exit seen but not yet acted on: the tables stay as they were.
         self.poll().await;
@@ -361,41 +266,20 @@ impl Session {
         }
         let t = start.elapsed().as_secs_f64();
         let now = probes::ktime_ns();
-        let mut collected = Vec::new();
-        for tr in &mut self.trackers {
-            collected.push(tr.collect(&mut self.probes, &self.target, now)?);
-        }
-        self.refresh_own_code();
-        let mut findings = self.judge.findings(&collected, &mut self.resolver, &self.target.memory, t).await;
-        self.stripped.warn_once(&findings);
-        // Limits are read while the target lives; after its exit the last
-        // ones read stand (the final report shows the state at exit).
-        let (pid, alive, limits) = (self.target.pid, self.target.alive, &mut self.limits);
-        // One entry per resource (per peer for ports): bounded.
-        if limits.len() > 256 {
-            limits.clear();
-        }
-        let exhaustion = judge::exhaustion::annotate(&mut findings, |r| {
-            if alive {
-                if let Some(l) = judge::exhaustion::read_limit(pid, r) {
-                    limits.insert(r.to_string(), l);
-                }
-            }
-            limits.get(r).cloned()
-        });
+        let collected = self.trackers.collect(&mut self.probes, &self.target, now)?;
+        self.judge.refresh_own_code(self.target.pid);
+        let mut findings = self.judge.findings(&collected, &mut self.stacks.resolver, &self.target.memory, t).await;
+        self.stacks.stripped.warn_once(&findings);
+        let exhaustion = self.judge.exhaustion(&mut findings, self.target.pid, self.target.alive);
         self.omitted = judge::rank(&mut findings, self.max_findings);
 
-        let tally = Tally::sum(self.trackers.iter().map(|tr| tr.tally(&self.counters)));
+        let tally = self.trackers.tally(&self.counters);
         use tracer_common::counter as c;
         // What was lost: the shared counters, then each tracker's own bounds.
         let lost = Lost {
             events: self.counters.sum(c::LOST_EVENTS) + self.counters.sum(c::LOST_RING) + tally.lost,
             stacks: self.counters.sum(c::LOST_STACKS),
-            truncated_stacks: {
-                use tracer_common::stacks::unwind_counter as u;
-                let unfinished = self.unwinder.as_ref().map_or(0, |w| w.stats.unfinished);
-                self.counters.sum(u::DEPTH_CAP) + unfinished
-            },
+            truncated_stacks: self.stacks.truncated(&self.counters),
         };
         Ok(Report {
             pid: self.target.pid,

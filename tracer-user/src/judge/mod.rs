@@ -44,6 +44,8 @@ pub struct Judge {
     now: (f64, bool),
     /// What counts as the program's own code (names every site).
     pub own: OwnCode,
+    /// The last limit read per resource (kept for the report after exit).
+    limits: HashMap<String, exhaustion::Limit>,
 }
 
 /// A growth finding whose live objects are parked somewhere worth showing
@@ -51,7 +53,8 @@ pub struct Judge {
 pub type BlockedAt = (usize, Blocked);
 
 impl Judge {
-    pub fn new(interval: std::time::Duration) -> Self {
+    /// `own`: `--own` prefixes, what counts as the program's own code.
+    pub fn new(interval: std::time::Duration, own: &[String]) -> Self {
         Self {
             interval_s: interval.as_secs_f64(),
             last_t: None,
@@ -60,8 +63,39 @@ impl Judge {
             bytes: GrowthEngine::new(bytes_config()),
             seen: HashSet::new(),
             now: (0.0, false),
-            own: OwnCode::default(),
+            own: OwnCode { prefixes: own.to_vec(), ..OwnCode::default() },
+            limits: HashMap::new(),
         }
+    }
+
+    /// Reads what counts as the program's own code again when the target's
+    /// executable changed (first report, after an exec); kept once it exited.
+    pub fn refresh_own_code(&mut self, pid: u32) {
+        let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) else { return };
+        let exe = exe.display().to_string();
+        if self.own.executable.as_deref() != Some(exe.trim_end_matches(" (deleted)")) {
+            let prefixes = std::mem::take(&mut self.own.prefixes);
+            self.own = OwnCode::of_process(pid, &prefixes);
+        }
+    }
+
+    /// Time to exhaustion for the findings and the report. Limits are read
+    /// while the target lives; after its exit the last ones read stand (the
+    /// final report shows the state at exit).
+    pub fn exhaustion(&mut self, findings: &mut [Finding], pid: u32, alive: bool) -> Option<crate::report::Exhaustion> {
+        let limits = &mut self.limits;
+        // One entry per resource (per peer for ports): bounded.
+        if limits.len() > 256 {
+            limits.clear();
+        }
+        exhaustion::annotate(findings, |r| {
+            if alive {
+                if let Some(l) = exhaustion::read_limit(pid, r) {
+                    limits.insert(r.to_string(), l);
+                }
+            }
+            limits.get(r).cloned()
+        })
     }
 
     /// Starts the report at `t` seconds since attach. Samples closer than
@@ -338,7 +372,7 @@ mod tests {
             (lost.clone(), vec![frame("[stack not recorded]")]),
             (real.clone(), vec![frame("dial_cache"), frame("bad_handler")]),
         ]);
-        let mut judge = Judge::new(std::time::Duration::from_secs(1));
+        let mut judge = Judge::new(std::time::Duration::from_secs(1), &[]);
         let mut last = Vec::new();
         for i in 0..20u64 {
             let sample = |stack: &SampleStack| StackSample {

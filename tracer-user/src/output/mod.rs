@@ -92,6 +92,15 @@ pub fn note(msg: impl Display) {
     write_stderr(&format!("leaktrace: {}\n", render::printable(&msg.to_string(), false)));
 }
 
+/// The line that says tracing has begun, and on what.
+pub fn note_attached(pid: u32, comm: &str, trackers: &[&str], duration: Option<std::time::Duration>) {
+    let how_long = match duration {
+        Some(d) => format!("for {}", humantime::format_duration(d)),
+        None => "until Ctrl-C or the target exits".into(),
+    };
+    note(format!("attached to {pid} ({comm}): tracking {}; {how_long}", trackers.join(",")));
+}
+
 /// Something that makes the report less complete than asked:
 /// `leaktrace: warning: MSG`.
 pub fn warn(msg: impl Display) {

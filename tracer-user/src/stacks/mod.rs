@@ -11,8 +11,102 @@ pub mod symbolize;
 pub mod syscall_sites;
 pub mod unwind;
 
+use anyhow::Result;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use tracer_common::stacks::{StackKey, WalkedFrames, MAX_WALKED_FRAMES};
+
+use crate::{
+    output,
+    probes::Probes,
+    procfs::{self, MemoryMap},
+    trackers::Counters,
+};
+
+/// Everything a session keeps about stacks: the resolver (keys to frames),
+/// the unwinder that learns rules for the kernel's walks (`None` with
+/// `--unwind fp`), and what the kernel side is told about the image (the
+/// executable's text, libc's syscall sites).
+pub struct Stacks {
+    pub resolver: resolve::StackResolver,
+    unwinder: Option<unwind::Unwinder>,
+    /// The executable's text range given to the kernel side.
+    app_text: (u64, u64),
+    /// Objects already warned about for having no symbols.
+    pub stripped: symbolize::StrippedWarnings,
+}
+
+impl Stacks {
+    /// Takes the stack maps out of the loaded object.
+    pub fn new(probes: &mut Probes, pid: u32, unwind: bool) -> Result<Self> {
+        let resolver = resolve::StackResolver::new(&mut probes.ebpf, pid, symbolize::SymbolizerService::start())?;
+        let unwinder = if unwind { Some(unwind::Unwinder::new(probes, pid)?) } else { None };
+        Ok(Self { resolver, unwinder, app_text: (0, 0), stripped: Default::default() })
+    }
+
+    /// How the kernel side walks user stacks: unwind rules, or frame pointers.
+    pub fn configure(load: &mut crate::probes::LoadSettings, unwind: bool) {
+        use tracer_common::stacks::unwind_mode;
+        load.u32_globals.push(("UNWIND_MODE", if unwind { unwind_mode::RULES } else { unwind_mode::FRAME_POINTERS }));
+    }
+
+    /// Whether unwind rules are learned (else frame pointers are walked).
+    pub fn unwinding(&self) -> bool {
+        self.unwinder.is_some()
+    }
+
+    /// Tells the kernel side what it needs of newly read mappings: where
+    /// the executable's code is (`stacks::app_stack` finds the application's
+    /// frames under deep libc calls by it) and, until `libc_loaded`, libc's
+    /// syscall sites. Returns whether libc's sites are loaded now.
+    pub fn sync_mappings(&mut self, probes: &mut Probes, pid: u32, mappings: &MemoryMap, libc_loaded: bool) -> bool {
+        if let Some(range) = procfs::exe_text(pid, mappings) {
+            if range != self.app_text && probes.set_app_text(range).is_ok() {
+                self.app_text = range;
+            }
+        }
+        if libc_loaded {
+            return true;
+        }
+        match syscall_sites::find_in_process(pid, mappings) {
+            Ok(sites) if !sites.is_empty() => probes.set_syscall_sites(&sites).is_ok(),
+            // A static program (Go, musl, static glibc) was read whole: no
+            // libc will come.
+            Ok(_) => mappings.is_static(),
+            Err(e) => {
+                output::warn(format!(
+                    "cannot read libc's syscall wrappers ({e:#}); C stacks will miss the direct caller of connect/socket"
+                ));
+                true
+            }
+        }
+    }
+
+    /// Learns the unwind rules the kernel's walks asked for.
+    pub fn learn(&mut self, memory: &mut MemoryMap) {
+        if let Some(u) = self.unwinder.as_mut() {
+            u.learn(memory);
+        }
+    }
+
+    /// A new image: rules of the old one mean nothing now.
+    pub fn on_exec(&mut self) {
+        if let Some(u) = self.unwinder.as_mut() {
+            u.clear();
+        }
+    }
+
+    /// Stacks left cut short: at the walk's depth bound, or at a rule
+    /// never learned.
+    pub fn truncated(&self, counters: &Counters) -> u64 {
+        use tracer_common::stacks::unwind_counter as u;
+        counters.sum(u::DEPTH_CAP) + self.unwinder.as_ref().map_or(0, |w| w.stats.unfinished)
+    }
+
+    /// What the unwinder did, for the end of a trace.
+    pub fn closing_note(&self) -> Option<String> {
+        self.unwinder.as_ref().map(|u| u.stats.summary())
+    }
+}
 
 /// A stack as a collector has it: an id in the kernel's stack map (probes,
 /// tracepoints), or addresses read out of the target's memory (a goroutine's

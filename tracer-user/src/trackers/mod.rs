@@ -70,6 +70,58 @@ pub trait Tracker {
     }
 }
 
+/// The trackers a session runs, in registry order: each hook called on
+/// every one of them.
+#[derive(Default)]
+pub struct Trackers(pub Vec<Box<dyn Tracker>>);
+
+impl Trackers {
+    /// Attaches every tracker's tracepoints.
+    pub fn attach_tracepoints(&self, probes: &mut Probes) -> Result<()> {
+        self.0.iter().try_for_each(|t| probes.attach_tracepoints(t.tracepoints()))
+    }
+
+    /// [`Tracker::before_exec`] of each.
+    pub fn before_exec(&mut self, probes: &mut Probes, target: &Target, program: &std::path::Path) {
+        self.0.iter_mut().for_each(|t| t.before_exec(probes, target, program));
+    }
+
+    /// [`Tracker::on_mappings`] of each.
+    pub fn on_mappings(&mut self, probes: &mut Probes, target: &Target, mappings: &MemoryMap) {
+        self.0.iter_mut().for_each(|t| t.on_mappings(probes, target, mappings));
+    }
+
+    /// [`Tracker::on_start`] of each.
+    pub fn on_start(&mut self, probes: &mut Probes, target: &Target) {
+        self.0.iter_mut().for_each(|t| t.on_start(probes, target));
+    }
+
+    /// [`Tracker::on_exec`] of each.
+    pub fn on_exec(&mut self, probes: &mut Probes, target: &Target, at_ns: u64) {
+        self.0.iter_mut().for_each(|t| t.on_exec(probes, target, at_ns));
+    }
+
+    /// [`Tracker::poll`] of each.
+    pub fn poll(&mut self) {
+        self.0.iter_mut().for_each(|t| t.poll());
+    }
+
+    /// Every tracker's samples of this interval.
+    pub fn collect(&mut self, probes: &mut Probes, target: &Target, now_ns: u64) -> Result<Vec<Collected>> {
+        self.0.iter_mut().map(|t| t.collect(probes, target, now_ns)).collect()
+    }
+
+    /// Every tracker's tally in one.
+    pub fn tally(&self, counters: &Counters) -> Tally {
+        Tally::sum(self.0.iter().map(|t| t.tally(counters)))
+    }
+
+    /// Every tracker's closing line.
+    pub fn closing_notes(&self) -> Vec<String> {
+        self.0.iter().filter_map(|t| t.closing_note()).collect()
+    }
+}
+
 /// A tracker as the registry knows it before it runs.
 pub struct TrackerSpec {
     /// The `--track` name.
