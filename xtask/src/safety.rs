@@ -7,7 +7,7 @@
 //! that applies to a Go program: `allocations` probes native allocators and
 //! refuses Go code) traces it for the given time. Every traced round must
 //! print the reference checksum, and the fixture must exit 0 on SIGTERM.
-//! Default: 10 minutes per build (an hour in all); CI runs `--seconds 5`.
+//! Default: 10 minutes per build (an hour in all); CI runs `--seconds 30`.
 
 use std::process::{Command, Stdio};
 use std::thread;
