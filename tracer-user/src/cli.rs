@@ -113,9 +113,9 @@ pub struct TraceOptions {
     pub max_sockets: u32,
     /// When the trace ends, write the final report as a gzipped pprof
     /// profile (profile.proto) to FILE: one sample per finding, weighted by
-    /// live objects (sample types `connections`, `threads`, `goroutines`,
+    /// live objects (sample types `connections`, `fds`, `threads`, `goroutines`,
     /// `map_entries`, `inuse_objects`/`inuse_space`, `contentions`/`delay`),
-    /// labels `site`, `verdict`, `peer`, `thread_name`, `map`. Read it with
+    /// labels `site`, `verdict`, `peer`, `thread_name`, `map`, `fd_type`, `path`. Read it with
     /// `go tool pprof -top FILE`.
     #[arg(long, value_name = "FILE")]
     pub pprof: Option<PathBuf>,

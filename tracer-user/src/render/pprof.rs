@@ -7,7 +7,8 @@
 //! first, as pprof wants: `location_id[0]` is the leaf), one location per
 //! distinct frame, one function per distinct (name, file), one mapping per
 //! module (ELF object). Every sample carries the string labels `kind`,
-//! `site`, `verdict`, and `peer` / `thread_name` when the finding has one, so
+//! `site`, `verdict`, and `peer` / `thread_name` / `map` / `fd_type` /
+//! `path` when the finding has one, so
 //! `-tagfocus=verdict=leak` keeps only the leaks.
 //!
 //! # Sample types
@@ -21,6 +22,7 @@
 //! | kind | sample types (`type`/`unit`) | value | as in Go's |
 //! |---|---|---|---|
 //! | connection | `connections`/`count` | live connections | — (leaktrace's own) |
+//! | fd | `fds`/`count` | live file descriptors | — (leaktrace's own) |
 //! | thread | `threads`/`count` | live threads | threadcreate profile |
 //! | goroutine | `goroutines`/`count` | live goroutines (by `go` statement) | goroutine profile |
 //! | map | `map_entries`/`count` | live entries | — |
