@@ -576,6 +576,11 @@ pub fn app_stack(
     table: &HashMap<u64, WalkedFrames>,
     scratch: &PerCpuArray<WalkedFrames>,
 ) -> StackKey {
+    // Unwind rules follow libc's CFI through the wrappers that reuse rbp:
+    // the scan below is the frame-pointer mode's stand-in for them.
+    if unwinding() {
+        return user_stack(ctx);
+    }
     let (lo, hi) = app_text();
     let regs = user_regs();
     if regs.is_null() || lo == 0 || hi <= lo {
