@@ -294,6 +294,15 @@ fn merge_same_frames(samples: &[StackSample], frames: &HashMap<SampleStack, Vec<
             m.thread_name = s.thread_name.clone().or(m.thread_name.take());
             m.blocked = s.blocked.clone().or(m.blocked.take());
         }
+        // What only some of the merged samples know (a path's first events
+        // were sampled before their live objects were seen in /proc).
+        m.fd_type = m.fd_type.take().or_else(|| s.fd_type.clone());
+        m.path = m.path.take().or_else(|| s.path.clone());
+        m.distinct_paths = m.distinct_paths.max(s.distinct_paths);
+        m.ended_by_finalizer = match (m.ended_by_finalizer, s.ended_by_finalizer) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
         m.live += s.live;
         m.created += s.created;
         m.ended += s.ended;
