@@ -73,11 +73,20 @@ pub fn start_with_fd_limit(name: &str, limit: u32, args: &[&str]) -> Target {
 /// Starts a command that runs a fixture (from another path, in a namespace)
 /// and waits for its `ready` line.
 pub fn start_command(mut cmd: Command) -> Target {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start fixture");
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    // A fixture copy written by this test can be "busy" for a moment: a
+    // child another test thread forks meanwhile holds its write descriptor
+    // until that child execs (ETXTBSY). Try again briefly.
+    let mut tries = 0;
+    let mut child = loop {
+        match cmd.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                tries += 1;
+                thread::sleep(Duration::from_millis(10));
+            }
+            r => break r.expect("start fixture"),
+        }
+    };
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
