@@ -116,6 +116,48 @@ fn c_without_frame_pointers_allocations() {
     }
 }
 
+/// `leaktrace check -- <fixture>` on an unstripped no-FP program: exit 3,
+/// and the LEAK line names the planted function, never the look-alike.
+fn check_names_planted(fixture_name: &str, site: &str, caller: &str, lookalike: &str) {
+    let redis = Redis::start();
+    let port = redis.port.to_string();
+    let bin = fixture(fixture_name);
+    let run = run_leaktrace(&[
+        "check", "--for", "12s", "--interval", "1s", "--track", "connections", "--",
+        bin.to_str().unwrap(), "--port", &port,
+    ]);
+    assert_eq!(run.status, 3, "the planted leak must fail check; stderr: {}", run.stderr);
+    let leaks: Vec<&str> = run.stderr.lines().filter(|l| l.trim_start().starts_with("LEAK ")).collect();
+    assert!(
+        leaks.iter().any(|l| {
+            let at = format!("LEAK connection at {site}");
+            l.contains(&format!("{at}:")) || l.contains(&format!("{at} via "))
+        }),
+        "no LEAK line names {site}; stderr: {}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains(&format!("created by {site} <- {caller}")),
+        "{site} is not shown called by {caller}; stderr: {}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.lines().any(|l| l.contains(lookalike)),
+        "the look-alike {lookalike} is named; stderr: {}",
+        run.stderr
+    );
+}
+
+#[test]
+fn check_fails_naming_the_planted_c_function() {
+    check_names_planted("nofp_service", "get_user_profile", "handle_profile", "get_session");
+}
+
+#[test]
+fn check_fails_naming_the_planted_rust_function() {
+    check_names_planted("conn_leak_rs", "conn_leak_rs::dial", "conn_leak_rs::handle_request", "conn_leak_rs::check_health");
+}
+
 #[test]
 fn stripped_program_without_frame_pointers_still_unwinds() {
     let dir = std::env::temp_dir().join(format!("leaktrace-nofp-stripped-{}", std::process::id()));
