@@ -116,6 +116,34 @@ fn c_without_frame_pointers_allocations() {
     }
 }
 
+/// C++ built `g++ -O2 -g` making threads with libstdc++'s `std::thread`
+/// from handlers called through `std::function`: the planted function is
+/// the site (not libstdc++'s or an inlined `std::` template frame), the
+/// walk goes on through the `std::function` invoker to main, and the
+/// joined look-alike is no leak.
+#[test]
+fn cpp_without_frame_pointers_threads() {
+    let t = start("nofp_threads", &[]);
+    let pid = t.pid().to_string();
+    let run = run_leaktrace(&["attach", "--pid", &pid, "--for", "8s", "--interval", "1s", "--track", "threads", "--json"]);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    let report = run.final_report();
+    let all = summarize(&report);
+    let top = report["findings"].as_array().unwrap().iter().find(|f| f["kind"] == "thread").unwrap_or_else(|| panic!("no thread finding:{all}"));
+    assert_eq!(top["site"], "start_watcher", "wrong site:{all}");
+    assert_eq!(top["verdict"], "leak", "{all}");
+    let funcs = functions(top);
+    let pos = |name: &str| funcs.iter().position(|f| f == name).unwrap_or_else(|| panic!("{name} missing:{all}"));
+    let in_libstdcxx = funcs.iter().position(|f| f.contains("_M_start_thread")).unwrap_or_else(|| panic!("libstdc++ frame missing:{all}"));
+    let invoker = funcs.iter().position(|f| f.starts_with("std::function")).unwrap_or_else(|| panic!("std::function invoker missing:{all}"));
+    assert!(in_libstdcxx < pos("start_watcher"), "{all}");
+    assert!(pos("start_watcher") < invoker && invoker < pos("serve") && pos("serve") < pos("main"), "{all}");
+    for f in findings_with(&report, "run_job") {
+        assert_ne!(f["verdict"], "leak", "look-alike run_job judged a leak:{all}");
+        assert_ne!(f["site"], "start_watcher", "{all}");
+    }
+}
+
 /// `leaktrace check -- <fixture>` on an unstripped no-FP program: exit 3,
 /// and the LEAK line names the planted function, never the look-alike.
 fn check_names_planted(fixture_name: &str, site: &str, caller: &str, lookalike: &str) {
