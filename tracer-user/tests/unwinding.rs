@@ -144,6 +144,37 @@ fn cpp_without_frame_pointers_threads() {
     }
 }
 
+/// A no-FP C program opening sockets in a SIGALRM handler: the stack goes
+/// through glibc's signal trampoline (`__restore_rt`, named) to the
+/// function the signal interrupted, and on to main. The look-alike that
+/// opens and closes a socket in the main loop is no leak.
+#[test]
+fn signal_handler_stack_goes_through_the_signal_frame() {
+    let t = start("nofp_signal", &[]);
+    let pid = t.pid().to_string();
+    let run = run_leaktrace(&["attach", "--pid", &pid, "--for", "8s", "--interval", "1s", "--track", "connections", "--json"]);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    let report = run.final_report();
+    let all = summarize(&report);
+    // Alarms mostly land in `crunch`; the one finding there is the top one.
+    let top = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["site"] == "on_alarm")
+        .max_by_key(|f| f["live"].as_u64().unwrap_or(0))
+        .unwrap_or_else(|| panic!("no on_alarm finding:{all}"));
+    assert_eq!(top["verdict"], "leak", "{all}");
+    let funcs = functions(top);
+    let pos = |name: &str| funcs.iter().position(|f| f == name).unwrap_or_else(|| panic!("{name} missing:{all}"));
+    assert!(pos("on_alarm") < pos("__restore_rt"), "{all}");
+    assert_eq!(funcs.get(pos("__restore_rt") + 1).map(String::as_str), Some("crunch"), "the interrupted function follows the signal frame:{all}");
+    assert!(pos("crunch") < pos("serve") && pos("serve") < pos("main"), "{all}");
+    for f in findings_with(&report, "check_peer") {
+        assert_ne!(f["verdict"], "leak", "look-alike check_peer judged a leak:{all}");
+    }
+}
+
 /// `leaktrace check -- <fixture>` on an unstripped no-FP program: exit 3,
 /// and the LEAK line names the planted function, never the look-alike.
 fn check_names_planted(fixture_name: &str, site: &str, caller: &str, lookalike: &str) {

@@ -114,7 +114,21 @@ impl Worker {
         let path: PathBuf = crate::procfs::object_path(pid, m);
         let file_offset = addr - m.start + m.offset;
         let src = Source::Elf(Elf::new(path.clone()));
-        let found = if self.readable(&path) { self.symbolizer.symbolize_single(&src, Input::FileOffset(file_offset)).ok() } else { None };
+        let readable = self.readable(&path);
+        let found = if readable { self.symbolizer.symbolize_single(&src, Input::FileOffset(file_offset)).ok() } else { None };
+        // A signal trampoline (glibc's `__restore_rt`) is "returned to" at
+        // its first byte: the kernel pushed its address, no call did. The
+        // byte before, where return addresses are looked up, is padding
+        // outside any symbol; the function starting right after it is the
+        // frame.
+        let found = match found {
+            Some(Symbolized::Sym(sym)) => Some(Symbolized::Sym(sym)),
+            _ if readable => match self.symbolizer.symbolize_single(&src, Input::FileOffset(file_offset + 1)).ok() {
+                Some(Symbolized::Sym(sym)) if sym.offset == 0 => Some(Symbolized::Sym(sym)),
+                _ => None,
+            },
+            other => other,
+        };
         let sym = match found {
             Some(Symbolized::Sym(sym)) => sym,
             _ => {
