@@ -111,6 +111,7 @@ fn c_without_frame_pointers_allocations() {
     assert_eq!(funcs.get(1).map(String::as_str), Some("serve"), "{all}");
     assert!(funcs.iter().any(|f| f == "main"), "{all}");
     assert!(top["live"].as_u64().unwrap() >= 50, "{all}");
+    assert_eq!(top["verdict"], "leak", "the planted allocations are not judged a leak:{all}");
     for f in findings_with(&report, "format_reply") {
         assert_ne!(f["verdict"], "leak", "look-alike format_reply judged a leak:{all}");
     }
