@@ -118,17 +118,18 @@ pub fn fixtures(root: &Path) -> Result<()> {
     // (rebuilt when the fixture's own file or any common .c/.h changes).
     let c_dir = root.join("fixtures/c");
     let common_dir = c_dir.join("common");
-    let c_files = |dir: &Path| -> Result<Vec<PathBuf>> {
+    let sources = |dir: &Path, ext: &str| -> Result<Vec<PathBuf>> {
         let mut v = Vec::new();
         for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
             let path = entry?.path();
-            if path.is_file() && path.extension().and_then(OsStr::to_str) == Some("c") {
+            if path.is_file() && path.extension().and_then(OsStr::to_str) == Some(ext) {
                 v.push(path);
             }
         }
         v.sort();
         Ok(v)
     };
+    let c_files = |dir: &Path| sources(dir, "c");
     let common_srcs = c_files(&common_dir)?;
     let common_newest = newest_source(&common_dir, &["c", "h"])?;
     for src in c_files(&c_dir)? {
@@ -183,6 +184,7 @@ pub fn fixtures(root: &Path) -> Result<()> {
     // Fixtures built the way distributions and cargo build them, without
     // frame pointers (the unwinder's tests): fixtures/nofp/<name>.c ->
     // fixtures/bin/<name> with `gcc -O2 -g` against Debian's libhiredis,
+    // fixtures/nofp/<name>.cc with `g++ -O2 -g` (libstdc++),
     // and the Rust packages in fixtures/rust/<name> with `cargo build
     // --release` (default profile) of the pinned stable toolchain.
     // Benchmark workloads again with distribution flags (`<name>_nofp`).
@@ -204,6 +206,16 @@ pub fn fixtures(root: &Path) -> Result<()> {
                 continue;
             }
             run_cmd(Command::new("gcc").args(["-O2", "-g", "-o"]).arg(&out).arg(&src).args(["-lhiredis", "-pthread"]))?;
+            built += 1;
+        }
+        // C++ with distribution flags through libstdc++ (no frame pointers).
+        for src in sources(&nofp_dir, "cc")? {
+            let name = src.file_stem().and_then(OsStr::to_str).unwrap_or_default();
+            let out = bin.join(name);
+            if up_to_date(&out, mtime(&src)) {
+                continue;
+            }
+            run_cmd(Command::new("g++").args(["-O2", "-g", "-pthread", "-o"]).arg(&out).arg(&src))?;
             built += 1;
         }
     }

@@ -14,7 +14,7 @@ use std::{
     thread,
 };
 
-use blazesym::symbolize::{source::Elf, source::Source, Input, Symbolized, Symbolizer};
+use blazesym::symbolize::{source::Elf, source::Source, CodeInfo, Input, Symbolized, Symbolizer};
 
 use crate::{procfs::MemoryMap, report::Frame};
 
@@ -114,7 +114,21 @@ impl Worker {
         let path: PathBuf = crate::procfs::object_path(pid, m);
         let file_offset = addr - m.start + m.offset;
         let src = Source::Elf(Elf::new(path.clone()));
-        let found = if self.readable(&path) { self.symbolizer.symbolize_single(&src, Input::FileOffset(file_offset)).ok() } else { None };
+        let readable = self.readable(&path);
+        let found = if readable { self.symbolizer.symbolize_single(&src, Input::FileOffset(file_offset)).ok() } else { None };
+        // A signal trampoline (glibc's `__restore_rt`) is "returned to" at
+        // its first byte: the kernel pushed its address, no call did. The
+        // byte before, where return addresses are looked up, is padding
+        // outside any symbol; the function starting right after it is the
+        // frame.
+        let found = match found {
+            Some(Symbolized::Sym(sym)) => Some(Symbolized::Sym(sym)),
+            _ if readable => match self.symbolizer.symbolize_single(&src, Input::FileOffset(file_offset + 1)).ok() {
+                Some(Symbolized::Sym(sym)) if sym.offset == 0 => Some(Symbolized::Sym(sym)),
+                _ => None,
+            },
+            other => other,
+        };
         let sym = match found {
             Some(Symbolized::Sym(sym)) => sym,
             _ => {
@@ -123,14 +137,19 @@ impl Worker {
         };
         let mut out = Vec::new();
         // blazesym lists inlined calls outermost first; the innermost one is
-        // where the code actually is, so it goes first.
-        let mut code_info = sym.code_info.as_deref().map(|c| (c.to_path().display().to_string(), c.line));
+        // where the code actually is, so it goes first. Each one's location
+        // is inside that function (as `addr2line -i` pairs them; the
+        // symbol's own location is in the symbol), which is what tells an
+        // inlined `std::thread` constructor (`/usr/include/c++/...`) from
+        // the program's code.
+        let location = |c: Option<&CodeInfo>| {
+            c.map_or((None, None), |c| (Some(c.to_path().display().to_string()), c.line))
+        };
         for inl in sym.inlined.iter().rev() {
-            let (file, line) = code_info.take().map_or((None, None), |(f, l)| (Some(f), l));
+            let (file, line) = location(inl.code_info.as_ref());
             out.push(Frame { function: inl.name.to_string(), file, line, module: Some(module.clone()), addr: None, file_offset: None });
-            code_info = inl.code_info.as_ref().map(|c| (c.to_path().display().to_string(), c.line));
         }
-        let (file, line) = code_info.map_or((None, None), |(f, l)| (Some(f), l));
+        let (file, line) = location(sym.code_info.as_deref());
         out.push(Frame { function: sym.name.to_string(), file, line, module: Some(module), addr: None, file_offset: None });
         out
     }
