@@ -173,16 +173,9 @@ impl FdCollector {
         }
     }
 
-    /// Removes an entry if it is still the one we saw; only a successful
-    /// delete counts, so the kernel and we never both count one close.
+    /// Ends the entry `key` if it is still the one seen.
     fn remove_stale(&mut self, key: FdKey, seen: FdInfo) {
-        match self.fds.get(&key, 0) {
-            Ok(now) if now.created_ns == seen.created_ns => {}
-            _ => return,
-        }
-        if self.fds.remove(&key).is_ok() {
-            *self.reconciled.entry(seen.stack).or_default() += 1;
-        }
+        super::end_if_unchanged(&mut self.fds, key, &seen, &mut self.reconciled);
     }
 
     /// One sample per creation stack; when the target is gone the table is

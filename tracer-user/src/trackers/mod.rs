@@ -271,6 +271,46 @@ impl Counters {
     }
 }
 
+/// An entry of a kernel live-object table (sockets, fds, threads): when
+/// it was created and by which stack.
+pub trait LiveEntry: aya::Pod {
+    fn created_ns(&self) -> u64;
+    fn stack(&self) -> StackKey;
+}
+
+macro_rules! live_entry {
+    ($($t:ty),*) => {$(
+        impl LiveEntry for $t {
+            fn created_ns(&self) -> u64 {
+                self.created_ns
+            }
+            fn stack(&self) -> StackKey {
+                self.stack
+            }
+        }
+    )*};
+}
+live_entry!(tracer_common::connections::ConnInfo, tracer_common::fds::FdInfo, tracer_common::threads::ThreadInfo);
+
+/// Removes `key` from a live table if it still holds the entry `seen` (same
+/// creation time: not a newer object on a reused fd or tid), counting it as
+/// ended under its stack in `reconciled`. Only a successful delete counts,
+/// so the kernel side and user space never both count one end.
+pub fn end_if_unchanged<K: aya::Pod, V: LiveEntry>(
+    table: &mut aya::maps::HashMap<MapData, K, V>,
+    key: K,
+    seen: &V,
+    reconciled: &mut HashMap<StackKey, u64>,
+) {
+    match table.get(&key, 0) {
+        Ok(now) if now.created_ns() == seen.created_ns() => {}
+        _ => return,
+    }
+    if table.remove(&key).is_ok() {
+        *reconciled.entry(seen.stack()).or_default() += 1;
+    }
+}
+
 /// The live objects of one creation stack, gathered while a collector walks
 /// its live table: the oldest one's creation time and how often each label
 /// (a peer, a thread name) occurs.

@@ -155,16 +155,9 @@ impl ThreadCollector {
         out
     }
 
-    /// Removes an entry if it is still the one we saw; only a successful
-    /// delete counts, so the kernel and we never both count one exit.
+    /// Ends the entry `tid` if it is still the one seen.
     fn remove_stale(&mut self, tid: u32, seen: ThreadInfo) {
-        match self.threads.get(&tid, 0) {
-            Ok(now) if now.created_ns == seen.created_ns => {}
-            _ => return,
-        }
-        if self.threads.remove(&tid).is_ok() {
-            *self.reconciled.entry(seen.stack).or_default() += 1;
-        }
+        super::end_if_unchanged(&mut self.threads, tid, &seen, &mut self.reconciled);
     }
 
     /// One sample per creation stack. `now_ns` is CLOCK_MONOTONIC. When the
