@@ -103,8 +103,20 @@ pub fn start_command(mut cmd: Command) -> Target {
         // Keep draining so the fixture never blocks on a full pipe.
         for _ in lines {}
     });
-    let banner = rx.recv_timeout(Duration::from_secs(30)).expect("fixture never printed ready");
-    Target { child, banner }
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(banner) => Target { child, banner },
+        Err(e) => {
+            // Say why: the fixture's exit status and what it printed on stderr.
+            let _ = child.kill();
+            let status = child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+            let mut stderr = String::new();
+            if let Some(mut err) = child.stderr.take() {
+                use std::io::Read;
+                let _ = err.read_to_string(&mut stderr);
+            }
+            panic!("fixture never printed ready ({e:?}; {status}); its stderr:\n{stderr}");
+        }
+    }
 }
 
 /// What a finished leaktrace run printed.
@@ -215,6 +227,11 @@ impl Drop for Server {
 /// Starts Debian's `redis-server` on a free loopback port, without
 /// persistence, and waits until it accepts connections.
 pub fn start_redis() -> Server {
+    start_redis_try(0)
+}
+
+/// One try at starting redis-server on a free port (a new port per try).
+fn start_redis_try(tries: u32) -> Server {
     let port = free_port();
     let child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -223,13 +240,36 @@ pub fn start_redis() -> Server {
         .spawn()
         .expect("start redis-server (installed by `cargo xtask setup`)");
     let addr = format!("127.0.0.1:{port}");
-    let server = Server { child, addr: addr.clone() };
+    let mut server = Server { child, addr: addr.clone() };
+    // Ready means: our redis-server is alive and answers PING on the port
+    // (a bare connect could reach another test's server or a self-connect
+    // when the port was taken between free_port() and redis' bind).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not listen on {addr}");
+    loop {
+        if let Ok(Some(status)) = server.child.try_wait() {
+            if tries < 3 {
+                return start_redis_try(tries + 1);
+            }
+            panic!("redis-server on {addr} exited: {status}");
+        }
+        if redis_answers_ping(&addr) {
+            return server;
+        }
+        assert!(Instant::now() < deadline, "redis-server did not answer PING on {addr}");
         thread::sleep(Duration::from_millis(20));
     }
-    server
+}
+
+/// Whether a redis server at `addr` answers `PING` with `+PONG`.
+fn redis_answers_ping(addr: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
 }
 
 /// The one line a failed run printed on stderr (asserts there is one).
