@@ -10,7 +10,7 @@
 //! | thread | threads | the cgroup's `pids.max` (any ancestor), `/proc/sys/kernel/threads-max` | the cgroup's `pids.current`, the system's threads |
 //! | allocation | memory | the cgroup's `memory.max` (v2) / `memory.limit_in_bytes` (v1), `GOMEMLIMIT` | the process's RSS |
 //! | map, goroutine (with `bytes_per_object`) | memory | the same | the process's RSS |
-//! | connection with a peer | ephemeral ports to PEER | `net.ipv4.ip_local_port_range` | the namespace's TCP sockets to PEER, `TIME_WAIT` included |
+//! | connection with a peer | ephemeral ports to PEER | `net.ipv4.ip_local_port_range` of its network namespace | the namespace's TCP sockets to PEER, `TIME_WAIT` included |
 
 use std::collections::HashMap;
 
@@ -74,7 +74,7 @@ pub fn read_limit(pid: u32, resource: &str) -> Option<Limit> {
         // Ports are per (local address, peer): sockets of any process of the
         // namespace toward the peer hold them, TIME_WAIT ones too.
         let peer: std::net::SocketAddr = peer.parse().ok()?;
-        let (lo, hi) = procfs::local_port_range()?;
+        let (lo, hi) = procfs::local_port_range(pid)?;
         let in_use = procfs::tcp_sockets_to(pid, peer);
         return Some(Limit { resource: resource.into(), source: "net.ipv4.ip_local_port_range".into(), limit: hi - lo + 1, in_use });
     }
@@ -307,5 +307,10 @@ mod tests {
         assert!(files.limit > 0 && files.in_use > 0 && files.in_use < files.limit, "{files:?}");
         let threads = read_limit(pid, "threads").unwrap();
         assert!(threads.in_use > 0, "{threads:?}");
+        // Our own namespace: the range read directly (another one is read
+        // from inside it: tests/exhaustion.rs).
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+        let r: Vec<u64> = range.split_whitespace().map(|v| v.parse().unwrap()).collect();
+        assert_eq!(procfs::local_port_range(pid), Some((r[0], r[1])));
     }
 }
