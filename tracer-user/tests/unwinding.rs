@@ -304,3 +304,14 @@ fn cpp_without_frame_pointers_allocations_through_a_container() {
         assert_ne!(f["site"], "cache_session(int)", "{all}");
     }
 }
+
+/// The same C service built with its unwind information in `.debug_frame`
+/// only, moved to a separate debug file as packages ship it
+/// (`.debug/nofp_service_debuglink.debug`, found by its `.gnu_debuglink`):
+/// the binary's own CFI covers none of its functions, so the planted site
+/// and its callers come out only through the debug file.
+#[test]
+fn unwind_info_from_a_separate_debug_file() {
+    let report = trace("nofp_service_debuglink", "connections");
+    assert_planted(&report, "connection", "get_user_profile", "handle_profile", "get_session");
+}
