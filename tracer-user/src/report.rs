@@ -155,6 +155,12 @@ pub struct Finding {
     /// fds of type `file`: distinct paths among the live fds seen (at most 1024).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub distinct_paths: Option<u64>,
+    /// Maps: the memory one more entry takes (slots at the map's fullest
+    /// load, from its type); goroutines: their mean stack size. Time to
+    /// exhaustion multiplies the growth by it (a lower bound: what the
+    /// objects point to is not counted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_per_object: Option<u64>,
     /// Growing or leaking findings: the limit this growth runs into first.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exhausts: Option<Exhaustion>,
@@ -201,6 +207,7 @@ impl Finding {
             fd_type: None,
             path: None,
             distinct_paths: None,
+            bytes_per_object: None,
             exhausts: None,
             lock: None,
             created: 0,

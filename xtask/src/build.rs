@@ -49,6 +49,10 @@ const GO_PROGRAMS: &[GoProgram] = &[
 /// (`gcc -O2 -g`, as distributions build), as `<name>_nofp`.
 pub const NOFP_BUILDS: &[&str] = &["conn_bench", "alloc_bench"];
 
+/// fixtures/nofp programs also built with their unwind information only in
+/// a separate debug file (`<name>_debuglink` + `.debug/<name>_debuglink.debug`).
+const DEBUGLINK_BUILDS: &[&str] = &["nofp_service"];
+
 const C_FLAGS: &[&str] = &[
     "-O1",
     "-g",
@@ -206,6 +210,32 @@ pub fn fixtures(root: &Path) -> Result<()> {
                 continue;
             }
             run_cmd(Command::new("gcc").args(["-O2", "-g", "-o"]).arg(&out).arg(&src).args(["-lhiredis", "-pthread"]))?;
+            built += 1;
+        }
+        // A program whose CFI is only in a separate debug file, as packages
+        // ship it: built with .debug_frame instead of .eh_frame, its debug
+        // sections moved to bin/.debug/<name>.debug (found through its
+        // .gnu_debuglink), the binary stripped of them.
+        for name in DEBUGLINK_BUILDS {
+            let src = nofp_dir.join(format!("{name}.c"));
+            let out_name = format!("{name}_debuglink");
+            let out = bin.join(&out_name);
+            if up_to_date(&out, mtime(&src)) {
+                continue;
+            }
+            let debug_dir = bin.join(".debug");
+            fs::create_dir_all(&debug_dir)?;
+            let debug = debug_dir.join(format!("{out_name}.debug"));
+            run_cmd(
+                Command::new("gcc")
+                    .args(["-O2", "-g", "-fno-asynchronous-unwind-tables", "-fno-unwind-tables", "-o"])
+                    .arg(&out)
+                    .arg(&src)
+                    .args(["-lhiredis", "-pthread"]),
+            )?;
+            run_cmd(Command::new("objcopy").arg("--only-keep-debug").arg(&out).arg(&debug))?;
+            run_cmd(Command::new("strip").arg("--strip-debug").arg(&out))?;
+            run_cmd(Command::new("objcopy").arg(format!("--add-gnu-debuglink={}", debug.display())).arg(&out))?;
             built += 1;
         }
         // C++ with distribution flags through libstdc++ (no frame pointers).

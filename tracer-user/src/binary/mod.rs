@@ -2,6 +2,7 @@
 //! machine code (`x86`) and Go executables (`golang`). Shared by every
 //! tracker that plans probes or reads a Go program; knows no tracker.
 
+pub mod debug_file;
 pub mod golang;
 pub mod elf;
 pub mod x86;

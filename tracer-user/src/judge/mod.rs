@@ -190,6 +190,7 @@ impl Judge {
                 fd_type: s.fd_type.clone(),
                 path: s.path.clone(),
                 distinct_paths: s.distinct_paths,
+                bytes_per_object: s.bytes_per_object,
                 created: s.created,
                 ended: s.ended,
                 ended_by_finalizer: s.ended_by_finalizer,
@@ -299,6 +300,7 @@ fn merge_same_frames(samples: &[StackSample], frames: &HashMap<SampleStack, Vec<
         m.fd_type = m.fd_type.take().or_else(|| s.fd_type.clone());
         m.path = m.path.take().or_else(|| s.path.clone());
         m.distinct_paths = m.distinct_paths.max(s.distinct_paths);
+        m.bytes_per_object = m.bytes_per_object.max(s.bytes_per_object);
         m.ended_by_finalizer = match (m.ended_by_finalizer, s.ended_by_finalizer) {
             (Some(a), Some(b)) => Some(a + b),
             (a, b) => a.or(b),

@@ -18,7 +18,11 @@
 //! Parsed CFI is cached per object (device, inode, size, mtime), built the
 //! first time one of its pcs is met, and bounded ([`MAX_OBJECTS`]).
 
-use std::{collections::HashMap, os::unix::fs::MetadataExt, sync::Arc};
+use std::{
+    collections::HashMap,
+    os::unix::fs::MetadataExt,
+    sync::{Arc, OnceLock},
+};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap as BpfHashMap, MapData};
@@ -32,7 +36,10 @@ use tracer_common::stacks::{
 };
 
 use crate::{
-    binary::elf::Segments,
+    binary::{
+        debug_file::{self, DebugLink},
+        elf::Segments,
+    },
     procfs::{self, Mapping, MemoryMap},
 };
 
@@ -83,6 +90,11 @@ pub struct ObjectCfi {
     segments: Segments,
     /// Go binaries always keep frame pointers and carry no `.eh_frame`.
     frame_pointers: bool,
+    /// Where a separate debug file may hold a `.debug_frame` (an object
+    /// without one of its own), and that section once looked for: read the
+    /// first time the object's own CFI has no row for a pc.
+    debug_link: DebugLink,
+    separate_debug_frame: OnceLock<Option<Section>>,
 }
 
 /// The frame-pointer step: `CFA = rbp + 16`, caller's rbp at `CFA - 16`.
@@ -90,6 +102,17 @@ const FP_RULE: UnwindRule = UnwindRule { kind: rule_kind::CFA_BP, cfa_offset: 16
 const END_RULE: UnwindRule = UnwindRule { kind: rule_kind::END, cfa_offset: 0, rbp_offset: 0, _pad: 0 };
 
 impl ObjectCfi {
+    /// Copies the CFI sections out of the ELF image of the object at `path`
+    /// (as the target sees it; `root` prefixes paths looked up for it), and
+    /// notes where its separate debug file may be.
+    pub fn parse_at(data: &[u8], path: &std::path::Path, root: &str) -> Result<Self> {
+        let mut cfi = Self::parse(data)?;
+        if cfi.debug_frame.is_none() {
+            cfi.debug_link = DebugLink::of(data, path, root);
+        }
+        Ok(cfi)
+    }
+
     /// Copies the CFI sections out of an ELF image.
     pub fn parse(data: &[u8]) -> Result<Self> {
         let file = object::File::parse(data).context("not a valid ELF")?;
@@ -107,17 +130,25 @@ impl ObjectCfi {
             text_svma,
             segments: Segments::of(&file),
             frame_pointers,
+            debug_link: DebugLink::default(),
+            separate_debug_frame: OnceLock::new(),
         })
     }
 
     /// Bytes held for this object.
     pub fn size(&self) -> usize {
-        [&self.eh_frame, &self.eh_frame_hdr, &self.debug_frame].iter().filter_map(|s| s.as_ref()).map(|s| s.data.len()).sum()
+        let separate = self.separate_debug_frame.get().and_then(Option::as_ref);
+        [self.eh_frame.as_ref(), self.eh_frame_hdr.as_ref(), self.debug_frame.as_ref(), separate]
+            .into_iter()
+            .flatten()
+            .map(|s| s.data.len())
+            .sum()
     }
 
-    /// Whether the object has any CFI at all.
+    /// Whether the object has any CFI at all (its own, or in its separate
+    /// debug file).
     pub fn has_cfi(&self) -> bool {
-        self.eh_frame.is_some() || self.debug_frame.is_some()
+        self.eh_frame.is_some() || self.debug_frame.is_some() || self.separate_debug_frame().is_some()
     }
 
     /// The rule at link-time address `svma`: a return address (`at_return`,
@@ -145,15 +176,38 @@ impl ObjectCfi {
                 return rule_of_fde(&section, &bases, &fde, addr, svma);
             }
         }
-        if let Some(df) = &self.debug_frame {
-            let mut section = DebugFrame::new(&df.data, LittleEndian);
-            section.set_address_size(8);
-            let bases = BaseAddresses::default().set_text(self.text_svma);
-            if let Ok(fde) = section.fde_for_address(&bases, addr, DebugFrame::cie_from_offset) {
-                return rule_of_fde(&section, &bases, &fde, addr, svma);
-            }
+        if let Some(rule) = self.debug_frame.as_ref().and_then(|df| self.debug_frame_rule(df, addr, svma)) {
+            return rule;
+        }
+        if let Some(rule) = self.separate_debug_frame().and_then(|df| self.debug_frame_rule(df, addr, svma)) {
+            return rule;
         }
         UnwindRule { kind: rule_kind::FP_GUESS, ..FP_RULE }
+    }
+
+    /// The rule at `addr` from a `.debug_frame` section, if it covers it.
+    fn debug_frame_rule(&self, df: &Section, addr: u64, svma: u64) -> Option<UnwindRule> {
+        let mut section = DebugFrame::new(&df.data, LittleEndian);
+        section.set_address_size(8);
+        let bases = BaseAddresses::default().set_text(self.text_svma);
+        let fde = section.fde_for_address(&bases, addr, DebugFrame::cie_from_offset).ok()?;
+        Some(rule_of_fde(&section, &bases, &fde, addr, svma))
+    }
+
+    /// The `.debug_frame` of the object's separate debug file, read once.
+    fn separate_debug_frame(&self) -> Option<&Section> {
+        self.separate_debug_frame
+            .get_or_init(|| {
+                let debug = self.debug_link.open()?;
+                let (svma, data) = debug_file::debug_frame(&debug)?;
+                Some(Section { svma, data })
+            })
+            .as_ref()
+    }
+
+    /// Whether a separate debug file's `.debug_frame` was read.
+    pub fn uses_separate_debug_file(&self) -> bool {
+        self.separate_debug_frame.get().is_some_and(Option::is_some)
     }
 
     /// Link-time address of runtime `pc` in mapping `m` of this object.
@@ -371,6 +425,10 @@ impl Unwinder {
             }
             complete(provisional, beyond);
         }
+        if learned > 0 {
+            // Separate debug files are read as rules need them: sum again.
+            self.stats.cfi_bytes = self.objects.values().flatten().map(|o| o.size()).sum();
+        }
         learned
     }
 
@@ -450,15 +508,11 @@ impl Unwinder {
         if let Some(o) = self.objects.get(&key) {
             return o.clone();
         }
-        let obj = map_file(&path).and_then(|data| ObjectCfi::parse(&data).ok()).map(Arc::new);
+        let root = format!("/proc/{}/root", self.pid);
+        let obj = map_file(&path).and_then(|data| ObjectCfi::parse_at(&data, &m.path, &root).ok()).map(Arc::new);
         if self.order.len() >= MAX_OBJECTS {
             let old = self.order.remove(0);
-            if let Some(Some(o)) = self.objects.remove(&old) {
-                self.stats.cfi_bytes -= o.size();
-            }
-        }
-        if let Some(o) = &obj {
-            self.stats.cfi_bytes += o.size();
+            self.objects.remove(&old);
         }
         self.order.push(key.clone());
         self.objects.insert(key, obj.clone());

@@ -145,7 +145,16 @@ struct G {
     sp: u64,
     pc: u64,
     bp: u64,
+    /// Bytes of its stack (`g.stack.hi - g.stack.lo`).
+    stack_bytes: u64,
 }
+
+/// `g.stack` (`lo`, `hi`) is the first field of `runtime.g` in every Go
+/// version (its offset is known to the runtime's assembly).
+const G_STACK: u64 = 0;
+/// The smallest goroutine stack (`_StackMin`; a stack read as smaller is
+/// one being freed).
+const MIN_STACK_BYTES: u64 = 2048;
 
 /// What we keep per live goroutine between scans (bounded by the number
 /// of goroutines read per scan).
@@ -181,6 +190,9 @@ pub struct GoroutineCollector {
     pub last_scan: (usize, std::time::Duration),
     /// The slowest scan so far.
     pub slowest_scan: (usize, std::time::Duration),
+    /// Per `go` statement of the last scan: mean stack bytes of its live
+    /// goroutines (kept for the report after the target exited).
+    stack_bytes: HashMap<u64, u64>,
 }
 
 impl GoroutineCollector {
@@ -212,6 +224,7 @@ impl GoroutineCollector {
             events: 0,
             last_scan: (0, Default::default()),
             slowest_scan: (0, Default::default()),
+            stack_bytes: HashMap::new(),
         };
         c.wait_reasons = c.read_wait_reasons();
         // One read now: a layout we cannot read is an error at attach,
@@ -299,6 +312,7 @@ impl GoroutineCollector {
         let gs: Vec<u64> = ptrs.chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).filter(|&p| p != 0).collect();
         let o = self.bin.offsets;
         let (lo, hi) = o.span();
+        let lo = lo.min(G_STACK);
         let span = (hi - lo) as usize;
         // In chunks through one small buffer: leaktrace's memory stays
         // bounded (and its page faults few) whatever the goroutine count.
@@ -327,6 +341,7 @@ impl GoroutineCollector {
                     sp: at(o.sched + o.gobuf_sp, 8),
                     pc: at(o.sched + o.gobuf_pc, 8),
                     bp: at(o.sched + o.gobuf_bp, 8),
+                    stack_bytes: at(G_STACK + 8, 8).saturating_sub(at(G_STACK, 8)),
                 });
             }
         }
@@ -394,6 +409,7 @@ impl GoroutineCollector {
         let mut live_ids = std::collections::HashSet::with_capacity(gs.len());
         // Per go statement: live count, oldest first-seen, representative.
         let mut groups: HashMap<u64, (u64, u64, Option<G>)> = HashMap::new();
+        let mut stacks: HashMap<u64, u64> = HashMap::new();
         for g in &gs {
             if g.status == G_DEAD || g.status == G_IDLE || g.status > G_PREEMPTED || g.goid == 0 {
                 continue;
@@ -418,6 +434,7 @@ impl GoroutineCollector {
                     now_ns
                 }
             };
+            *stacks.entry(g.gopc).or_default() += g.stack_bytes.max(MIN_STACK_BYTES);
             let e = groups.entry(g.gopc).or_insert((0, u64::MAX, None));
             e.0 += 1;
             // The representative: the oldest goroutine, preferring parked
@@ -466,6 +483,7 @@ impl GoroutineCollector {
         }
 
         let live: HashMap<u64, (u64, u64)> = groups.iter().map(|(gopc, (n, oldest, _))| (*gopc, (*n, *oldest))).collect();
+        self.stack_bytes = stacks.into_iter().map(|(gopc, sum)| (gopc, sum / live[&gopc].0.max(1))).collect();
         let out = self.samples(&live, now_ns, |gopc| blocked.remove(&gopc));
         self.last_scan = (gs.len(), started.elapsed());
         if self.last_scan.1 > self.slowest_scan.1 {
@@ -507,6 +525,8 @@ impl GoroutineCollector {
                     ended: self.ended.get(&gopc).copied().unwrap_or(0),
                     oldest_age_s: (n > 0).then(|| now_ns.saturating_sub(oldest) as f64 / 1e9),
                     blocked: blocked(gopc),
+                    // A goroutine takes at least the smallest stack.
+                    bytes_per_object: Some(self.stack_bytes.get(&gopc).copied().unwrap_or(MIN_STACK_BYTES)),
                     ..Default::default()
                 }
             })

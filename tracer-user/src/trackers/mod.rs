@@ -237,6 +237,9 @@ pub struct StackSample {
     pub fd_type: Option<String>,
     pub path: Option<String>,
     pub distinct_paths: Option<u64>,
+    /// Maps and goroutines: the memory one more object takes (an entry,
+    /// a goroutine's stack), for time to exhaustion.
+    pub bytes_per_object: Option<u64>,
 }
 
 impl Tally {
@@ -364,6 +367,7 @@ pub fn stack_samples(
             fd_type: None,
             path: None,
             distinct_paths: None,
+            bytes_per_object: None,
         };
         out.push((sample, most_common(acc.labels)));
     }
