@@ -47,7 +47,7 @@ fn resources_of(f: &Finding) -> Vec<String> {
         }
         Kind::Thread => vec!["threads".into()],
         Kind::Allocation => vec!["memory".into()],
-        Kind::Goroutine | Kind::Map | Kind::Lock => Vec::new(),
+        Kind::Goroutine | Kind::Map | Kind::Lock | Kind::Wait => Vec::new(),
     }
 }
 
