@@ -44,6 +44,8 @@ const GO_PROGRAMS: &[GoProgram] = &[
     GoProgram { dir: "workload", out: "workload-go", every_version: true },
     // os.Open leaks for the fd tracker (one Go version: the path is the runtime's raw syscall).
     GoProgram { dir: "fdleak", out: "fdleak-go", every_version: false },
+    // A drained pool beside an idle worker pool (waits in progress; one Go version).
+    GoProgram { dir: "pooldrain", out: "pooldrain-go", every_version: false },
 ];
 /// C workloads the benchmarks also run built without frame pointers
 /// (`gcc -O2 -g`, as distributions build), as `<name>_nofp`.

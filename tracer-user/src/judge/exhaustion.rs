@@ -50,7 +50,7 @@ fn resources_of(f: &Finding) -> Vec<String> {
         Kind::Allocation => vec!["memory".into()],
         // Entries and goroutines in bytes: their size is known per finding.
         Kind::Goroutine | Kind::Map if f.bytes_per_object.is_some() => vec!["memory".into()],
-        Kind::Goroutine | Kind::Map | Kind::Lock => Vec::new(),
+        Kind::Goroutine | Kind::Map | Kind::Lock | Kind::Wait => Vec::new(),
     }
 }
 

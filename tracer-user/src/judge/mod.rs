@@ -5,6 +5,7 @@
 pub mod contention;
 pub mod exhaustion;
 pub mod growth;
+pub mod waits;
 
 use std::collections::{HashMap, HashSet};
 
@@ -221,6 +222,7 @@ impl Judge {
                         keys.extend(l.holders.iter().map(|h| h.0.clone()));
                     }
                 }
+                Collected::Waits(waits) => keys.extend(waits.iter().map(|w| w.stack.clone())),
                 Collected::Nothing => {}
             }
         }
@@ -250,8 +252,10 @@ impl Judge {
             }
         }
         for c in collected {
-            if let Collected::Contention(locks) = c {
-                findings.extend(contention::lock_findings(locks, &frames, t, &self.own));
+            match c {
+                Collected::Contention(locks) => findings.extend(contention::lock_findings(locks, &frames, t, &self.own)),
+                Collected::Waits(waits) => findings.extend(waits::wait_findings(waits, &frames, t, &self.own)),
+                _ => {}
             }
         }
         findings

@@ -348,7 +348,8 @@ fn encode_report(
         kinds.iter().flat_map(|kind| {
             let lock_verdict = (*kind == "lock").then_some(Verdict::Contended);
             let unclosed = (*kind == "connection").then_some(Verdict::Unclosed);
-            [Verdict::Leak, Verdict::Growing, Verdict::Steady].into_iter().chain(lock_verdict).chain(unclosed).map(|v| {
+            let queued = (*kind == "wait").then_some(Verdict::Queued);
+            [Verdict::Leak, Verdict::Growing, Verdict::Steady].into_iter().chain(lock_verdict).chain(unclosed).chain(queued).map(|v| {
                 let n = report.findings.iter().filter(|f| f.kind.as_str() == *kind && f.verdict == v).count();
                 (
                     vec![("pid", pid.clone()), ("kind", escape_label(kind)), ("verdict", v.as_str().to_string())],

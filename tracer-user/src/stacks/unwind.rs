@@ -287,6 +287,125 @@ fn rule_of_fde<'a, S: UnwindSection<Slice<'a>>>(
     UnwindRule { kind, cfa_offset, rbp_offset, _pad: 0 }
 }
 
+/// Steps through a copy of a stack (`stack`, read from address `base`) by
+/// unwind rules, as the kernel's walk does, from the frame of rule key
+/// `key` (its registers `sp`, `bp`; `bp` 0 when unknown). `rule` gives the
+/// rule of a key (`None`: none to be had, the walk stops). Returns the
+/// return addresses found beyond the first frame and whether the walk
+/// reached the stack's end (rather than the copy's or a missing rule).
+pub fn walk_copy(
+    mut key: u64,
+    mut sp: u64,
+    mut bp: u64,
+    base: u64,
+    stack: &[u8],
+    mut rule: impl FnMut(u64) -> Option<UnwindRule>,
+) -> (Vec<u64>, bool) {
+    let read = |addr: u64| -> Option<u64> {
+        let at = usize::try_from(addr.checked_sub(base)?).ok()?;
+        Some(u64::from_le_bytes(stack.get(at..at + 8)?.try_into().ok()?))
+    };
+    let mut beyond = Vec::new();
+    for _ in 0..MAX_WALKED_FRAMES {
+        let Some(rule) = rule(key) else { return (beyond, false) };
+        let next = match rule.kind {
+            rule_kind::SIGNAL => {
+                let m = sp + 40;
+                match (read(m + 8 * 16), read(m + 8 * 15), read(m + 8 * 10)) {
+                    (Some(ip), Some(nsp), Some(nbp)) => Some((ip | RULE_AT_PC, nsp, nbp)),
+                    _ => None,
+                }
+            }
+            rule_kind::CFA_SP | rule_kind::CFA_BP | rule_kind::FP_GUESS => {
+                let base = if rule.kind == rule_kind::CFA_SP { sp } else { bp };
+                let cfa = base.wrapping_add(rule.cfa_offset as i64 as u64);
+                let nbp = if rule.rbp_offset != 0 { read(cfa.wrapping_add(rule.rbp_offset as i64 as u64)) } else { Some(bp) };
+                match (read(cfa.wrapping_sub(8)), nbp) {
+                    (Some(ret), Some(nbp)) if ret >= 4096 && cfa > sp => Some((ret, cfa, nbp)),
+                    _ => None,
+                }
+            }
+            _ => return (beyond, true),
+        };
+        let Some((k, s, b)) = next else { return (beyond, false) };
+        beyond.push(k & !RULE_AT_PC);
+        (key, sp, bp) = (k, s, b);
+    }
+    (beyond, false)
+}
+
+/// The parsed CFI of the objects one process maps, cached per object file
+/// (device, inode, size, mtime) and bounded ([`MAX_OBJECTS`]).
+pub struct CfiObjects {
+    pid: u32,
+    objects: HashMap<ObjectKey, Option<Arc<ObjectCfi>>>,
+    /// Insertion order of `objects`, for the bound.
+    order: Vec<ObjectKey>,
+    warned_no_cfi: std::collections::HashSet<std::path::PathBuf>,
+}
+
+impl CfiObjects {
+    pub fn new(pid: u32) -> Self {
+        Self { pid, objects: HashMap::new(), order: Vec::new(), warned_no_cfi: Default::default() }
+    }
+
+    /// Objects cached.
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    /// Bytes of CFI kept (summed: a separate debug file's `.debug_frame`
+    /// is read the first time a rule needs it).
+    pub fn cfi_bytes(&self) -> usize {
+        self.objects.values().flatten().map(|o| o.size()).sum()
+    }
+
+    /// The rule at `pc` in executable mapping `m`: a return address
+    /// (`at_return`) or the pc a thread is at.
+    pub fn rule_in(&mut self, m: &Mapping, pc: u64, at_return: bool) -> UnwindRule {
+        let Some(obj) = self.object(m) else { return UnwindRule { kind: rule_kind::FP_GUESS, ..FP_RULE } };
+        if !obj.has_cfi() && !obj.frame_pointers && self.warned_no_cfi.insert(m.path.clone()) {
+            crate::output::note(format!(
+                "{} has no unwind information: its frames are walked by frame pointers (counted)",
+                m.path.display()
+            ));
+        }
+        match obj.svma_of(m, pc) {
+            Some(svma) => obj.rule(svma, at_return),
+            None => END_RULE,
+        }
+    }
+
+    /// The rule of a walk's key (an exact pc with [`RULE_AT_PC`], else a
+    /// return address) in `memory`: anonymous or JIT code ends the stack.
+    pub fn rule_of_key(&mut self, key: u64, memory: &MemoryMap) -> UnwindRule {
+        let pc = key & !RULE_AT_PC;
+        match memory.find(pc).filter(|m| m.executable).cloned() {
+            Some(m) => self.rule_in(&m, pc, key & RULE_AT_PC == 0),
+            None => END_RULE,
+        }
+    }
+
+    /// The cached CFI of the object mapped at `m` (parsed on first use).
+    fn object(&mut self, m: &Mapping) -> Option<Arc<ObjectCfi>> {
+        let path = procfs::object_path(self.pid, m);
+        let meta = std::fs::metadata(&path).ok()?;
+        let key = ObjectKey { dev: meta.dev(), ino: meta.ino(), size: meta.size(), mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec() };
+        if let Some(o) = self.objects.get(&key) {
+            return o.clone();
+        }
+        let root = format!("/proc/{}/root", self.pid);
+        let obj = map_file(&path).and_then(|data| ObjectCfi::parse_at(&data, &m.path, &root).ok()).map(Arc::new);
+        if self.order.len() >= MAX_OBJECTS {
+            let old = self.order.remove(0);
+            self.objects.remove(&old);
+        }
+        self.order.push(key.clone());
+        self.objects.insert(key, obj.clone());
+        obj
+    }
+}
+
 /// An object file as it is on disk (path + inode + mtime: a rebuilt or
 /// replaced binary is another object).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -340,11 +459,8 @@ pub struct Unwinder {
     misses: BpfHashMap<MapData, u64, MissSnapshot>,
     /// Keys already in `rules`.
     known: std::collections::HashSet<u64>,
-    objects: HashMap<ObjectKey, Option<Arc<ObjectCfi>>>,
-    /// Insertion order of `objects`, for the bound.
-    order: Vec<ObjectKey>,
+    cfi: CfiObjects,
     pub stats: UnwindStats,
-    warned_no_cfi: std::collections::HashSet<std::path::PathBuf>,
 }
 
 impl Unwinder {
@@ -355,10 +471,8 @@ impl Unwinder {
             rules: probes.take_map("UNWIND_RULES")?,
             misses: probes.take_map("UNWIND_MISSES")?,
             known: Default::default(),
-            objects: HashMap::new(),
-            order: Vec::new(),
+            cfi: CfiObjects::new(pid),
             stats: UnwindStats::default(),
-            warned_no_cfi: Default::default(),
         })
     }
 
@@ -371,50 +485,12 @@ impl Unwinder {
         let mut learned = 0;
         for (provisional, snap) in misses {
             let _ = self.misses.remove(&provisional);
-            let key = snap.rule_key;
-            let mut beyond = Vec::new();
             let stack = &snap.stack[..(snap.len as usize).min(snap.stack.len())];
-            let read = |addr: u64| -> Option<u64> {
-                let at = usize::try_from(addr.checked_sub(snap.sp)?).ok()?;
-                Some(u64::from_le_bytes(stack.get(at..at + 8)?.try_into().ok()?))
-            };
-            let (mut key, mut sp, mut bp) = (key, snap.sp, snap.bp);
-            let mut finished = false;
-            for _ in 0..MAX_WALKED_FRAMES {
-                let rule = match self.learn_one(key, memory, &mut reread) {
-                    Some((rule, new)) => {
-                        learned += new as usize;
-                        rule
-                    }
-                    None => break,
-                };
-                // Step as the kernel's walk does, inside the copy.
-                let next = match rule.kind {
-                    rule_kind::SIGNAL => {
-                        let m = sp + 40;
-                        match (read(m + 8 * 16), read(m + 8 * 15), read(m + 8 * 10)) {
-                            (Some(ip), Some(nsp), Some(nbp)) => Some((ip | RULE_AT_PC, nsp, nbp)),
-                            _ => None,
-                        }
-                    }
-                    rule_kind::CFA_SP | rule_kind::CFA_BP | rule_kind::FP_GUESS => {
-                        let base = if rule.kind == rule_kind::CFA_SP { sp } else { bp };
-                        let cfa = base.wrapping_add(rule.cfa_offset as i64 as u64);
-                        let nbp = if rule.rbp_offset != 0 { read(cfa.wrapping_add(rule.rbp_offset as i64 as u64)) } else { Some(bp) };
-                        match (read(cfa - 8), nbp) {
-                            (Some(ret), Some(nbp)) if ret >= 4096 && cfa > sp => Some((ret, cfa, nbp)),
-                            _ => None,
-                        }
-                    }
-                    _ => {
-                        finished = true;
-                        None
-                    }
-                };
-                let Some((k, s, b)) = next else { break };
-                beyond.push(k & !RULE_AT_PC);
-                (key, sp, bp) = (k, s, b);
-            }
+            let (beyond, mut finished) = walk_copy(snap.rule_key, snap.sp, snap.bp, snap.sp, stack, |key| {
+                let (rule, new) = self.learn_one(key, memory, &mut reread)?;
+                learned += new as usize;
+                Some(rule)
+            });
             if beyond.len() + 1 >= MAX_WALKED_FRAMES {
                 finished = true;
             }
@@ -427,7 +503,7 @@ impl Unwinder {
         }
         if learned > 0 {
             // Separate debug files are read as rules need them: sum again.
-            self.stats.cfi_bytes = self.objects.values().flatten().map(|o| o.size()).sum();
+            self.stats.cfi_bytes = self.cfi.cfi_bytes();
         }
         learned
     }
@@ -442,11 +518,10 @@ impl Unwinder {
                 memory.merge(&fresh);
             }
         }
-        let rule = match memory.find(pc).filter(|m| m.executable).cloned() {
-            Some(m) => self.rule_in(&m, pc, key & RULE_AT_PC == 0),
-            // Anonymous or JIT code, the vDSO: the stack ends cleanly.
-            None => END_RULE,
-        };
+        // Anonymous or JIT code, the vDSO: the stack ends cleanly.
+        let rule = self.cfi.rule_of_key(key, memory);
+        self.stats.objects = self.cfi.len();
+        self.stats.cfi_bytes = self.cfi.cfi_bytes();
         if self.known.contains(&key) {
             return Some((rule, false));
         }
@@ -483,41 +558,6 @@ impl Unwinder {
         self.stats.fp_guess_rules = 0;
         self.stats.end_rules = 0;
         self.stats.full = false;
-    }
-
-    /// The rule at `pc` in mapping `m`.
-    fn rule_in(&mut self, m: &Mapping, pc: u64, at_return: bool) -> UnwindRule {
-        let Some(obj) = self.object(m) else { return UnwindRule { kind: rule_kind::FP_GUESS, ..FP_RULE } };
-        if !obj.has_cfi() && !obj.frame_pointers && self.warned_no_cfi.insert(m.path.clone()) {
-            crate::output::note(format!(
-                "{} has no unwind information: its frames are walked by frame pointers (counted)",
-                m.path.display()
-            ));
-        }
-        match obj.svma_of(m, pc) {
-            Some(svma) => obj.rule(svma, at_return),
-            None => END_RULE,
-        }
-    }
-
-    /// The cached CFI of the object mapped at `m` (parsed on first use).
-    fn object(&mut self, m: &Mapping) -> Option<Arc<ObjectCfi>> {
-        let path = procfs::object_path(self.pid, m);
-        let meta = std::fs::metadata(&path).ok()?;
-        let key = ObjectKey { dev: meta.dev(), ino: meta.ino(), size: meta.size(), mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec() };
-        if let Some(o) = self.objects.get(&key) {
-            return o.clone();
-        }
-        let root = format!("/proc/{}/root", self.pid);
-        let obj = map_file(&path).and_then(|data| ObjectCfi::parse_at(&data, &m.path, &root).ok()).map(Arc::new);
-        if self.order.len() >= MAX_OBJECTS {
-            let old = self.order.remove(0);
-            self.objects.remove(&old);
-        }
-        self.order.push(key.clone());
-        self.objects.insert(key, obj.clone());
-        self.stats.objects = self.objects.len();
-        obj
     }
 }
 

@@ -142,6 +142,8 @@ struct G {
     gopc: u64,
     startpc: u64,
     waitreason: u8,
+    /// Switches out of running, mod 256 (`g.trackingSeq`).
+    tracking_seq: u8,
     sp: u64,
     pc: u64,
     bp: u64,
@@ -338,6 +340,7 @@ impl GoroutineCollector {
                     gopc: at(o.gopc, 8),
                     startpc: at(o.startpc, 8),
                     waitreason: at(o.waitreason, 1) as u8,
+                    tracking_seq: at(o.tracking_seq, 1) as u8,
                     sp: at(o.sched + o.gobuf_sp, 8),
                     pc: at(o.sched + o.gobuf_pc, 8),
                     bp: at(o.sched + o.gobuf_bp, 8),
@@ -391,6 +394,35 @@ impl GoroutineCollector {
             }
         }
         stacks
+    }
+
+    /// The program's goroutines (not the runtime's) parked where a queue
+    /// can form: a channel, `select`, `sync` (Cond, Mutex, RWMutex,
+    /// WaitGroup) or a semaphore. `walk(goid, wait)` says whether this wait
+    /// needs its stack walked (a wait already seen keeps its stack);
+    /// `walked` is empty for the others.
+    pub fn parked_waits(&mut self, mut walk: impl FnMut(u64, &ParkedWait) -> bool) -> Result<Vec<ParkedWait>> {
+        let gs = self.scan()?;
+        let mut out = Vec::new();
+        for g in gs {
+            if g.status != G_WAITING || g.goid == 0 || g.pc == 0 || g.sp == 0 {
+                continue;
+            }
+            if !matches!(self.class(g.startpc), Class::User | Class::Main) {
+                continue;
+            }
+            let reason = self.wait_reason(&g);
+            if !is_queue_wait(&reason) {
+                continue;
+            }
+            out.push(ParkedWait { goid: g.goid, reason, pc: g.pc, sp: g.sp, bp: g.bp, parks: g.tracking_seq, stack: Vec::new() });
+        }
+        let to_walk: Vec<usize> = (0..out.len()).filter(|&i| walk(out[i].goid, &out[i])).collect();
+        let starts: Vec<(u64, u64)> = to_walk.iter().map(|&i| (out[i].pc, out[i].bp)).collect();
+        for (i, stack) in to_walk.into_iter().zip(self.walk(&starts)) {
+            out[i].stack = stack;
+        }
+        Ok(out)
     }
 
     /// One sample per `go` statement with live goroutines (or that had some
@@ -532,6 +564,29 @@ impl GoroutineCollector {
             })
             .collect()
     }
+}
+
+/// A goroutine parked in a wait (`GoroutineCollector::parked_waits`).
+#[derive(Clone, Debug)]
+pub struct ParkedWait {
+    pub goid: u64,
+    /// Its wait reason, as a goroutine dump says it.
+    pub reason: String,
+    /// Saved registers: the same pc and sp mean the same wait.
+    pub pc: u64,
+    pub sp: u64,
+    pub bp: u64,
+    /// Times it parked, mod 256: unchanged means it has not run since.
+    pub parks: u8,
+    /// Its current stack, innermost first (when walked).
+    pub stack: Vec<u64>,
+}
+
+/// Wait reasons where requests can queue for a resource (or workers for
+/// work): channels, `select`, the `sync` package, semaphores. Not network
+/// or timer waits (an idle connection, a sleep) nor the runtime's own.
+fn is_queue_wait(reason: &str) -> bool {
+    reason.starts_with("chan ") || reason.starts_with("select") || reason.starts_with("sync.") || reason == "semacquire"
 }
 
 /// The stack of a `go` statement: its pc stepped back into the call to
