@@ -21,3 +21,7 @@ pub mod judge;
 pub mod report;
 pub mod render;
 pub mod output;
+pub mod agent;
+
+/// The git revision this binary was built from (build.rs), `unknown` outside a checkout.
+pub const REVISION: &str = env!("LEAKTRACE_REVISION");

@@ -2,6 +2,8 @@
 //! read its JSON reports. The tests load real eBPF programs (root needed).
 #![allow(dead_code)]
 
+pub mod prom;
+
 use std::{
     io::{BufRead, BufReader, Read},
     path::PathBuf,
