@@ -459,11 +459,14 @@ pub fn syscall_nr_and_arg0() -> Option<(u64, u64)> {
     Some((reg(regs, PT_REGS_ORIG_AX), reg(regs, PT_REGS_DI)))
 }
 
-/// The current user stack as a [`StackKey`] (walked with rules, or the
-/// kernel's frame-pointer walk plus the wrapper's caller); counts a lost
+/// The current user stack as a [`StackKey`] (a JVM thread's Java frames,
+/// walked with rules, or the kernel's frame-pointer walk plus the wrapper's caller); counts a lost
 /// stack on failure.
 #[inline(always)]
 pub fn user_stack(ctx: &TracePointContext) -> StackKey {
+    if let Some(java) = crate::jvm::java_stack_key() {
+        return java;
+    }
     if unwinding() {
         let Some((ip, sp, bp)) = user_ip_sp_bp() else {
             crate::bump(counter::LOST_STACKS);

@@ -5,6 +5,7 @@
 pub mod contention;
 pub mod exhaustion;
 pub mod growth;
+pub mod java_waits;
 
 use std::collections::{HashMap, HashSet};
 
