@@ -27,6 +27,9 @@ pub const MAX_JAVA_FRAMES: usize = MAX_WALKED_FRAMES - 1;
 /// bits 47..63 the bytecode index (`BCI_UNKNOWN` when it could not be
 /// read). A frame without it is a pc in compiled code (an nmethod).
 pub const INTERPRETED_FRAME: u64 = 1 << 63;
+/// Set (without `INTERPRETED_FRAME`) in the last frame of a cut walk: the
+/// pc the walk could not step past (shown, never named as Java code).
+pub const UNKNOWN_PC_FRAME: u64 = 1 << 62;
 /// Shift of the bytecode index in an interpreted frame.
 pub const BCI_SHIFT: u32 = 47;
 /// The `Method*` of an interpreted frame.

@@ -18,7 +18,7 @@ use aya_ebpf::{
 use tracer_common::{
     counter as shared,
     jvm::{
-        counter, header, JvmConfig, BCI_SHIFT, BCI_UNKNOWN, INTERPRETED_FRAME, JAVA_STACK, MAX_CODE_HEAPS, MAX_JAVA_FRAMES,
+        counter, header, JvmConfig, BCI_SHIFT, BCI_UNKNOWN, INTERPRETED_FRAME, UNKNOWN_PC_FRAME, JAVA_STACK, MAX_CODE_HEAPS, MAX_JAVA_FRAMES,
         MAX_JAVA_STACKS, MAX_JVMS, METHOD_MASK,
     },
     stacks::{StackKey, WalkedFrames},
@@ -183,13 +183,14 @@ fn walk(cfg: &JvmConfig) -> Option<u64> {
         if pc == cfg.call_stub_return {
             break;
         }
-        let Some(blob) = blob_of(cfg, pc) else {
-            flags |= header::CUT;
-            break;
+        let words = match blob_of(cfg, pc) {
+            // SAFETY: user memory through the helper, which faults safely.
+            Some(blob) => unsafe { bpf_probe_read_user((blob + cfg.frame_size) as *const i32) }.unwrap_or(0),
+            None => 0,
         };
-        // SAFETY: user memory through the helper, which faults safely.
-        let words = unsafe { bpf_probe_read_user((blob + cfg.frame_size) as *const i32) }.unwrap_or(0);
         if words <= 0 || words > MAX_FRAME_WORDS {
+            *slot = UNKNOWN_PC_FRAME | (pc & METHOD_MASK);
+            len += 1;
             flags |= header::CUT;
             break;
         }

@@ -80,6 +80,10 @@ fn is_park(function: &str) -> bool {
 /// The kind of a Java wait from its frames (innermost first).
 pub fn classify(frames: &[Frame]) -> JavaWait {
     let Some(top) = frames.first() else { return JavaWait::Internal };
+    // A walk cut before any Java method (counted as truncated): no site.
+    if frames.iter().all(|f| f.function.starts_with('[')) {
+        return JavaWait::Internal;
+    }
     if top.function == jvm::MONITOR_ENTER_FRAME {
         return JavaWait::MonitorEnter;
     }

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 
 use anyhow::{anyhow, bail, Result};
-use tracer_common::jvm::{header, CodeHeapRange, JvmConfig, BCI_SHIFT, INTERPRETED_FRAME, MAX_CODE_HEAPS, METHOD_MASK};
+use tracer_common::jvm::{header, CodeHeapRange, JvmConfig, BCI_SHIFT, INTERPRETED_FRAME, MAX_CODE_HEAPS, METHOD_MASK, UNKNOWN_PC_FRAME};
 
 use crate::{
     binary::{
@@ -290,7 +290,9 @@ impl Jvm {
         match kind.as_str() {
             "native nmethod" => return Some(vec![(method, u64::MAX)]),
             "nmethod" => {}
-            _ => return None,
+            // A runtime stub on the way into the VM (monitor enter, a
+            // safepoint poll): known code, no Java frame.
+            _ => return Some(Vec::new()),
         }
         let code_begin = self.u64_at(blob + o.blob_code_begin)?;
         let pcs = blob + self.i32_at(blob + o.scopes_pcs)? as u64;
@@ -342,6 +344,20 @@ impl Jvm {
                 }
                 continue;
             }
+            if ip & UNKNOWN_PC_FRAME != 0 {
+                // Where a walk stopped: the code blob's kind when it is in
+                // the code cache (a stub without a frame), else unknown.
+                let pc = ip & METHOD_MASK;
+                let blob = self.blob_of(pc).and_then(|b| read_cstr(&self.mem, self.u64_at(b + self.off.blob_name)?));
+                out.push(match blob {
+                    Some(name) => {
+                        self.unknown_frames += 1;
+                        Frame { addr: Some(format!("{pc:#x}")), ..java_frame(format!("[{name}]")) }
+                    }
+                    None => self.unknown(pc),
+                });
+                continue;
+            }
             match self.call_site(ip) {
                 Some(scopes) => {
                     for (m, _bci) in scopes {
@@ -354,7 +370,7 @@ impl Jvm {
                 None => out.push(self.unknown(ip)),
             }
         }
-        if flags & header::CUT != 0 {
+        if flags & header::CUT != 0 && !ips.last().is_some_and(|ip| ip & UNKNOWN_PC_FRAME != 0 && ip & INTERPRETED_FRAME == 0) {
             out.push(self.unknown(0));
         }
         out
