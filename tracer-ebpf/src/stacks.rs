@@ -403,11 +403,14 @@ pub fn unwound_stack(regs: UserRegs) -> StackKey {
     }
 }
 
-/// The stack of a uprobe placed on a function's first instruction: walked
-/// with rules from the probe's registers, or with frame pointers plus the
+/// The stack of a uprobe placed on a function's first instruction: a JVM
+/// thread's Java frames, walked with rules from the probe's registers, or with frame pointers plus the
 /// return address at `[sp]` the frame-pointer walk skips.
 #[inline(always)]
 pub fn entry_probe_stack(ctx: &ProbeContext) -> StackKey {
+    if let Some(java) = crate::jvm::java_stack_key() {
+        return java;
+    }
     // SAFETY: the probe's saved registers.
     let (ip, sp, bp) = unsafe { ((*ctx.regs).rip, (*ctx.regs).rsp, (*ctx.regs).rbp) };
     if unwinding() {
