@@ -115,6 +115,10 @@ fn up_to_date(output: &Path, newest_src: Option<SystemTime>) -> bool {
     }
 }
 
+/// Debian's commons-pool2 (`libcommons-pool2-java`), the pool the Java
+/// fixture drains.
+pub const COMMONS_POOL2_JAR: &str = "/usr/share/java/commons-pool2.jar";
+
 pub fn fixtures(root: &Path) -> Result<()> {
     let bin = fixtures_bin(root);
     fs::create_dir_all(&bin)?;
@@ -344,6 +348,20 @@ pub fn fixtures(root: &Path) -> Result<()> {
             .arg(".");
         run_cmd(&mut cmd)?;
         built += 1;
+    }
+    // Java fixtures: fixtures/java/*.java -> class files in fixtures/bin/java
+    // with Debian's javac, for Java 11 and later (run with plain `java -cp`;
+    // Pools against Debian's commons-pool2).
+    let java_dir = root.join("fixtures/java");
+    if java_dir.is_dir() {
+        let out_dir = bin.join("java");
+        let stamp = out_dir.join("Pools.class");
+        if !up_to_date(&stamp, newest_source(&java_dir, &["java"])?) {
+            fs::create_dir_all(&out_dir)?;
+            let srcs = sources(&java_dir, "java")?;
+            run_cmd(Command::new("javac").args(["--release", "11", "-cp", COMMONS_POOL2_JAR, "-d"]).arg(&out_dir).args(&srcs))?;
+            built += 1;
+        }
     }
     if built == 0 {
         eprintln!("fixtures: up to date in {}", bin.display());

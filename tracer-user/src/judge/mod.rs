@@ -5,6 +5,7 @@
 pub mod contention;
 pub mod exhaustion;
 pub mod growth;
+pub mod java_waits;
 pub mod waits;
 
 use std::collections::{HashMap, HashSet};
@@ -127,8 +128,16 @@ impl Judge {
             // before attach, one per group (they have no stack).
             let key = if s.before_attach {
                 (kind, series_id(&("before attach", &s.peer, &s.thread_name)))
+            } else if let Some(m) = &s.map {
+                (kind, series_id(m))
             } else {
-                (kind, s.map.as_ref().map_or_else(|| series_id(&s.stack), series_id))
+                // By the frames when known: samples merged by frames keep
+                // one series whichever of their stack keys stands for them
+                // (a JVM's method walked interpreted, then compiled).
+                match frames.get(&s.stack).filter(|f| !f.is_empty() && !is_placeholder(f)) {
+                    Some(f) => (kind, series_id(f)),
+                    None => (kind, series_id(&s.stack)),
+                }
             };
             self.seen.insert(key);
             let by_bytes = judging == Judging::BytesSinceAttach;

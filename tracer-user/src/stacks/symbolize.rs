@@ -16,7 +16,7 @@ use std::{
 
 use blazesym::symbolize::{source::Elf, source::Source, CodeInfo, Input, Symbolized, Symbolizer};
 
-use crate::{procfs::MemoryMap, report::Frame};
+use crate::{procfs::MemoryMap, report::Frame, stacks::jvm};
 
 /// One request: resolve `addrs` of process `pid` with `map`.
 struct Request {
@@ -325,6 +325,9 @@ impl OwnCode {
             let name = site_name(f);
             return self.prefixes.iter().any(|p| name.starts_with(p.as_str()));
         }
+        if jvm::is_java_frame(f) {
+            return !jvm::is_jdk(&f.function) && !jvm::is_java_library(&f.function);
+        }
         if is_system_frame(f) {
             return false;
         }
@@ -421,6 +424,9 @@ fn is_entry_frame(f: &Frame) -> bool {
 /// Whether a frame belongs to a runtime, libc, a system library or a
 /// standard library.
 pub fn is_system_frame(f: &Frame) -> bool {
+    if jvm::is_java_frame(f) {
+        return jvm::is_jdk(&f.function);
+    }
     if f.function == "[unknown]" {
         // An unnamed address in the application's own (stripped) object is
         // still the application's code.
@@ -442,6 +448,9 @@ pub fn is_system_frame(f: &Frame) -> bool {
 /// such as libhiredis or libpq does).
 fn is_runtime_or_std(f: &Frame) -> bool {
     const BASE: &[&str] = &["libc.so", "libc-", "ld-linux", "libpthread", "libstdc++", "libgcc_s", "libm.so", "libdl", "librt", "libresolv", "libnss_"];
+    if jvm::is_java_frame(f) {
+        return jvm::is_jdk(&f.function);
+    }
     f.function == "[unknown]"
         || f.module.as_deref().is_some_and(|m| {
             let base = m.rsplit('/').next().unwrap_or(m);
