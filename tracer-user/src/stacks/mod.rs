@@ -155,9 +155,18 @@ impl Stacks {
     }
 
     /// What the unwinder did, for the end of a trace.
-    pub fn closing_note(&self) -> Option<String> {
+    pub fn closing_note(&self, counters: &Counters) -> Option<String> {
+        use tracer_common::jvm::counter as jc;
         let java = self.resolver.java.as_ref().map(|j| {
-            format!("Java frames: JDK {} ({} VMStructs fields read), {} frames left unnamed", j.version, j.fields, j.unknown_frames)
+            format!(
+                "Java frames: JDK {} ({} VMStructs fields read), {} events walked ({} cut short), {} with no Java frames (native), {} frames left unnamed",
+                j.version,
+                j.fields,
+                counters.sum(jc::WALKS),
+                counters.sum(jc::CUT),
+                counters.sum(jc::NATIVE),
+                j.unknown_frames
+            )
         });
         let native = self.unwinder.as_ref().map(|u| u.stats.summary());
         match (native, java) {
