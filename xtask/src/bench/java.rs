@@ -28,12 +28,14 @@ struct Case {
 
 const CASES: &[Case] = &[
     Case { name: "Java socket open+close loop", args: &["sockets", "100000"], track: "connections", ops: 100_000 },
-    Case { name: "Java contended ReentrantLock (4 threads)", args: &["locks", "2000000", "4"], track: "locks", ops: 2_000_000 },
+    Case { name: "Java contended fair ReentrantLock (4 threads)", args: &["locks", "100000", "4"], track: "locks", ops: 100_000 },
 ];
 
 /// One traced run's figures.
 struct Traced {
     ns_per_op: f64,
+    /// leaktrace's own account of setting up the Java walk.
+    setup_ms: f64,
     walks: u64,
     attach_to_first_report: Duration,
 }
@@ -96,13 +98,19 @@ fn one(root: &Path, case: &Case, traced: bool) -> Result<(f64, Option<Traced>)> 
     interrupt(&mut child, "leaktrace", Duration::from_secs(30));
     let notes = errors.all(Duration::from_secs(5));
     // "... Java frames: JDK 17 (...), N events walked (...)".
+    let setup_ms = notes
+        .split("set up in ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(f64::NAN);
     let walks = notes
-        .split("fields read), ")
+        .split("ms), ")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| anyhow!("leaktrace's closing note has no Java walk count:\n{notes}"))?;
-    Ok((ns, Some(Traced { ns_per_op: ns, walks, attach_to_first_report: first })))
+    Ok((ns, Some(Traced { ns_per_op: ns, setup_ms, walks, attach_to_first_report: first })))
 }
 
 /// Runs the benchmark and prints the table and a README-ready one.
@@ -114,7 +122,8 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     writeln!(out)?;
     writeln!(out, "JavaBench on {}; {runs} paired rounds; ratio = median over rounds of (traced / untraced in the same round)", java_version())?;
     for case in CASES {
-        let (mut plain, mut traced, mut per_walk, mut walks, mut firsts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut plain, mut traced, mut per_walk, mut walks, mut firsts, mut setups) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for round in 0..runs {
             let (u, _) = one(root, case, false)?;
             let (t, tr) = one(root, case, true)?;
@@ -133,6 +142,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             per_walk.push(per);
             walks.push(tr.walks as f64);
             firsts.push(tr.attach_to_first_report.as_secs_f64() * 1000.0);
+            setups.push(tr.setup_ms);
         }
         let ratio = paired_ratio(&traced, &plain);
         writeln!(out, "{}: {} ops per run", case.name, case.ops)?;
@@ -141,14 +151,16 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         writeln!(out, "  events walked per run   {}", list(&walks, 0))?;
         writeln!(out, "  ns per walked event     {:>10.0}        {}", median(&per_walk), list(&per_walk, 0))?;
         writeln!(out, "  attach to first report  {:>10.0} ms     {}", median(&firsts), list(&firsts, 0))?;
+        writeln!(out, "  of which Java setup     {:>10.0} ms     {}", median(&setups), list(&setups, 0))?;
         readme.push(format!(
-            "| {} | {:.0} | {:.0} | {ratio:.2}x | {:.0} | {:.1} µs | {:.0} ms |",
+            "| {} | {:.0} | {:.0} | {ratio:.2}x | {:.0} | {:.1} µs | {:.0} ms ({:.0} ms Java setup) |",
             case.name,
             median(&plain),
             median(&traced),
             median(&walks),
             median(&per_walk) / 1000.0,
-            median(&firsts)
+            median(&firsts),
+            median(&setups)
         ));
     }
     writeln!(out)?;
