@@ -167,7 +167,7 @@ pub async fn trace(
         c.terminate();
     }
     outlet.close().await;
-    s.trackers.closing_notes().into_iter().chain(s.stacks.closing_note()).for_each(output::note);
+    s.trackers.closing_notes().into_iter().chain(s.stacks.closing_note(&s.counters)).for_each(output::note);
     let omitted = std::mem::take(&mut s.omitted);
     drop(s);
     output::note(format!("detached from {pid}"));

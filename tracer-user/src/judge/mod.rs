@@ -131,10 +131,13 @@ impl Judge {
             } else if let Some(m) = &s.map {
                 (kind, series_id(m))
             } else {
-                // By the frames when known: samples merged by frames keep
-                // one series whichever of their stack keys stands for them
-                // (a JVM's method walked interpreted, then compiled).
-                match frames.get(&s.stack).filter(|f| !f.is_empty() && !is_placeholder(f)) {
+                // A JVM's stacks by their frames (final once named): one
+                // method walked interpreted, then compiled, is several keys
+                // merged into one sample, and stays one series whichever
+                // key stands for them. Native frames may still be finished
+                // later (unwinding): those go by their key.
+                let java = matches!(&s.stack, SampleStack::Kernel(k) if k.stack_id == tracer_common::jvm::JAVA_STACK);
+                match frames.get(&s.stack).filter(|f| java && !f.is_empty() && !is_placeholder(f)) {
                     Some(f) => (kind, series_id(f)),
                     None => (kind, series_id(&s.stack)),
                 }
