@@ -14,6 +14,7 @@ mod process;
 mod locks;
 mod stacks;
 mod threads;
+mod unmapped;
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 use tracer_common::counter;

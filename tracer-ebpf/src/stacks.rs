@@ -80,6 +80,7 @@ fn queue_miss(key: u64, rule_key: u64, sp: u64, bp: u64) {
     m.sp = sp;
     m.bp = bp;
     m.len = 0;
+    m.unmaps = crate::unmapped::unmaps();
     const PIECE: usize = 512;
     for i in 0..MISS_STACK_BYTES / PIECE {
         let at = i * PIECE;
@@ -308,6 +309,9 @@ pub fn unwind_user_stack(
     let UserRegs { mut ip, mut sp, mut bp, at } = regs;
     let mut key = ip | (at & RULE_AT_PC);
     let mut missed = false;
+    // Code with rules was unmapped and user space has not dropped them yet:
+    // no rule is trusted (the miss path finishes the stack in user space).
+    let rules_current = crate::unmapped::rules_current();
     // One more round than frames kept: a stack that still goes on there is
     // cut, and counted.
     for _ in 0..MAX_WALKED_FRAMES + 1 {
@@ -322,7 +326,8 @@ pub fn unwind_user_stack(
         hash = mix(hash, ip);
         len += 1;
         // SAFETY: copied out of the map value.
-        let Some(rule) = (unsafe { UNWIND_RULES.get(&key) }).copied() else {
+        let found = if rules_current { unsafe { UNWIND_RULES.get(&key) }.copied() } else { None };
+        let Some(rule) = found else {
             missed = true;
             crate::bump(unwind_counter::MISSES);
             break;

@@ -218,6 +218,24 @@ pub fn fixtures(root: &Path) -> Result<()> {
             run_cmd(Command::new("gcc").args(["-O2", "-g", "-o"]).arg(&out).arg(&src).args(["-lhiredis", "-pthread"]))?;
             built += 1;
         }
+        // A plugin built twice with different stack frames (same code
+        // offsets), loaded and unloaded in turn by dlopen_plugins.
+        let plugin = nofp_dir.join("plugin/dial_plugin.c");
+        for (name, bytes) in [("dial_plugin_large.so", 2000), ("dial_plugin_small.so", 200)] {
+            let out = bin.join(name);
+            if up_to_date(&out, mtime(&plugin)) {
+                continue;
+            }
+            run_cmd(
+                Command::new("gcc")
+                    .args(["-O2", "-g", "-shared", "-fPIC"])
+                    .arg(format!("-DREQUEST_BYTES={bytes}"))
+                    .arg("-o")
+                    .arg(&out)
+                    .arg(&plugin),
+            )?;
+            built += 1;
+        }
         // A program whose CFI is only in a separate debug file, as packages
         // ship it: built with .debug_frame instead of .eh_frame, its debug
         // sections moved to bin/.debug/<name>.debug (found through its
