@@ -8,6 +8,7 @@
 pub mod allocations;
 pub mod connections;
 pub mod fds;
+pub mod goroutines;
 pub mod maps;
 pub mod process;
 pub mod locks;
