@@ -10,9 +10,9 @@
 //! the stack that created most of its **live** goroutines — each live
 //! goroutine's `parentGoid` joined with the last stack its parent ran the
 //! statement from (Go 1.21+) — or, before Go 1.21, the stack that ran the
-//! statement most while probed. The probe goes when the group is no longer
-//! a leak; at most [`MAX_PROBED`] statements are probed at once (the rest
-//! counted).
+//! statement most while probed. The probe goes when the group has not been
+//! a leak for [`DETACH_AFTER`] reports; at most [`MAX_PROBED`] statements
+//! are probed at once (the rest counted).
 
 use std::collections::{HashMap, HashSet};
 
@@ -38,14 +38,21 @@ use crate::{
 /// `go` statements probed at once, at most.
 pub const MAX_PROBED: usize = 16;
 
+/// Reports in a row a probed group must not be a leak before its probe
+/// goes: a verdict that flickers (a burst of short-lived goroutines from the
+/// same statement) does not attach and detach every interval.
+pub const DETACH_AFTER: u32 = 3;
+
 const PROGRAM: &str = "go_creator";
 
 pub struct CreatorProbes {
     frames: BpfHashMap<MapData, u64, WalkedFrames>,
     creations: PerCpuHashMap<MapData, GoCreation, u64>,
     creator_of: BpfHashMap<MapData, GoCreator, u64>,
-    /// Probed statements (gopc) and their probe.
+    /// Probed statements (gopc), their probe, and the reports in a row
+    /// their group was not a leak.
     attached: HashMap<u64, UProbeLinkId>,
+    not_leak: HashMap<u64, u32>,
     /// Statements that cannot be probed (no direct call to
     /// `runtime.newproc` before them, an attach error): not tried again.
     refused: HashSet<u64>,
@@ -64,6 +71,7 @@ impl CreatorProbes {
             creations: probes.take_map("GO_CREATIONS")?,
             creator_of: probes.take_map("GO_CREATOR_OF")?,
             attached: HashMap::new(),
+            not_leak: HashMap::new(),
             refused: HashSet::new(),
             over_bound: HashSet::new(),
             named: HashMap::new(),
@@ -81,6 +89,7 @@ impl CreatorProbes {
         for (_, link) in self.attached.drain() {
             let _ = probes.detach_uprobe(PROGRAM, link);
         }
+        self.not_leak.clear();
         self.refused.clear();
         self.over_bound.clear();
         self.named.clear();
@@ -95,10 +104,15 @@ impl CreatorProbes {
             .filter(|f| f.stack.first().is_some_and(|s| own.own_depth(std::slice::from_ref(s)).is_none()))
             .filter_map(|f| f.addresses.first().map(|a| a + 1))
             .collect();
-        let gone: Vec<u64> = self.attached.keys().filter(|gopc| !leaking.contains(gopc)).copied().collect();
-        for gopc in gone {
-            if let Some(link) = self.attached.remove(&gopc) {
-                let _ = probes.detach_uprobe(PROGRAM, link);
+        let probed: Vec<u64> = self.attached.keys().copied().collect();
+        for gopc in probed {
+            let misses = self.not_leak.entry(gopc).or_default();
+            *misses = if leaking.contains(&gopc) { 0 } else { *misses + 1 };
+            if *misses >= DETACH_AFTER {
+                self.not_leak.remove(&gopc);
+                if let Some(link) = self.attached.remove(&gopc) {
+                    let _ = probes.detach_uprobe(PROGRAM, link);
+                }
             }
         }
         let Some(exe) = crate::procfs::exe_path(target.pid) else { return };
