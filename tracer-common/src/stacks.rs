@@ -87,6 +87,18 @@ pub mod unwind_mode {
 /// not at `pc - 1` (inside the call). User addresses never use bit 63.
 pub const RULE_AT_PC: u64 = 1 << 63;
 
+/// Frames of a closing stack searched for the Go finalizer goroutine's
+/// `runtime.runfinq` (a finalizer's close is ~10 frames deep).
+pub const FINALIZER_WALK_FRAMES: usize = 24;
+
+/// Slots of a tracker's finalizer range array (`CONN_FINALIZER`,
+/// `FDS_FINALIZER`): the pc range `[START, END)` of `runtime.runfinq` in the
+/// target (0, 0: not a Go program, or unknown).
+pub mod finalizer {
+    pub const START: u32 = 0;
+    pub const END: u32 = 1;
+}
+
 /// What a rule says to do at one pc (`UnwindRule::kind`).
 pub mod rule_kind {
     /// `CFA = rsp + cfa_offset`.

@@ -9,6 +9,7 @@ mod allocations;
 mod connections;
 mod fds;
 mod jvm;
+mod goroutines;
 mod maps;
 mod process;
 mod locks;
