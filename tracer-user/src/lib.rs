@@ -14,6 +14,7 @@ pub mod lifecycle;
 pub mod child;
 pub mod procfs;
 pub mod probes;
+pub mod privileges;
 pub mod trackers;
 pub mod binary;
 pub mod stacks;

@@ -122,6 +122,7 @@ fn running_pids() -> Vec<u32> {
 pub async fn run(agent: AgentOptions, opts: TraceOptions, listener: tokio::net::TcpListener) -> Result<()> {
     let names = crate::cli::trackers(&opts.track).map_err(anyhow::Error::msg)?;
     crate::probes::preflight()?;
+    crate::privileges::check_agent(crate::probes::effective_caps())?;
     let mut watcher = ExecWatcher::start(&opts)?;
     let fleet = SharedFleet::default();
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
