@@ -13,6 +13,7 @@ pub mod session;
 pub mod lifecycle;
 pub mod child;
 pub mod procfs;
+pub mod identity;
 pub mod probes;
 pub mod privileges;
 pub mod trackers;

@@ -9,7 +9,6 @@
 //! its target exits: its final report stays on /metrics for
 //! `--keep-exited`, then its series are removed.
 
-pub mod identity;
 pub mod metrics;
 pub mod select;
 
@@ -34,7 +33,7 @@ use crate::{
     session::{self, Outcome},
     trackers::{Counters, REGISTRY},
 };
-use identity::Identity;
+use crate::identity::{self, Identity};
 use metrics::{Fleet, SharedFleet, Skip, Traced};
 use select::{Candidate, Selector};
 
