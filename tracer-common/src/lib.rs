@@ -8,6 +8,7 @@
 pub mod allocations;
 pub mod connections;
 pub mod fds;
+pub mod jvm;
 pub mod maps;
 pub mod process;
 pub mod locks;
@@ -46,6 +47,8 @@ pub mod counter {
     pub const UNWIND: u32 = 24;
     /// First slot of the fd tracker's counters.
     pub const FDS: u32 = 28;
+    /// First slot of the Java walker's counters (`jvm::counter`).
+    pub const JVM: u32 = 32;
     /// Number of slots.
-    pub const COUNT: u32 = 32;
+    pub const COUNT: u32 = 36;
 }

@@ -24,6 +24,10 @@ pub mod kind {
     pub const GO_RWMUTEX_READ: u32 = 6;
     /// Go `runtime_SemacquireRWMutex`: an RWMutex writer waits for readers.
     pub const GO_RWMUTEX_WRITE: u32 = 7;
+    /// A JVM thread's futex wait with Java frames: the word is the
+    /// thread's own Parker/ParkEvent; what it waits for (lock, condition,
+    /// monitor) is read from its Java frames in user space.
+    pub const JAVA: u32 = 8;
 }
 
 /// The exported libc function a futex call was made under (the innermost

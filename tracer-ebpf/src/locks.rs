@@ -255,6 +255,23 @@ pub fn lock_futex_enter(ctx: TracePointContext) -> u32 {
     if !is_wait && !is_wake {
         return 0;
     }
+    // A JVM thread out of Java code: its futex word is its own Parker's or
+    // ParkEvent's, whatever it waits for; user space groups its waits by
+    // their Java wait site, and pairs wakes to them through the word.
+    if let Some(stack) = crate::jvm::java_stack_key() {
+        let at = LockStack { lock: uaddr, stack, walked: 0 };
+        if is_wake {
+            add(&LOCK_HOLDERS, &at, 0);
+            bump(tracer_common::locks::counter::WAKES);
+        } else {
+            // SAFETY: no preconditions.
+            let w = PendingWait { start_ns: unsafe { bpf_ktime_get_ns() }, kind: kind::JAVA, _pad: 0, at };
+            if FUTEX_PENDING.insert(&bpf_get_current_pid_tgid(), &w, 0).is_err() {
+                bump(tracer_common::locks::counter::LOST);
+            }
+        }
+        return 0;
+    }
     let Some((ip, sp, bp)) = user_ip_sp_bp() else { return 0 };
     let regs = UserRegs { ip, sp, bp, at: AT_PC };
     // A `None`'s payload is undefined, and copies of it spill registers the

@@ -8,6 +8,7 @@
 mod allocations;
 mod connections;
 mod fds;
+mod jvm;
 mod maps;
 mod process;
 mod locks;

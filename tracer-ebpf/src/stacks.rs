@@ -403,11 +403,14 @@ pub fn unwound_stack(regs: UserRegs) -> StackKey {
     }
 }
 
-/// The stack of a uprobe placed on a function's first instruction: walked
-/// with rules from the probe's registers, or with frame pointers plus the
+/// The stack of a uprobe placed on a function's first instruction: a JVM
+/// thread's Java frames, walked with rules from the probe's registers, or with frame pointers plus the
 /// return address at `[sp]` the frame-pointer walk skips.
 #[inline(always)]
 pub fn entry_probe_stack(ctx: &ProbeContext) -> StackKey {
+    if let Some(java) = crate::jvm::java_stack_key() {
+        return java;
+    }
     // SAFETY: the probe's saved registers.
     let (ip, sp, bp) = unsafe { ((*ctx.regs).rip, (*ctx.regs).rsp, (*ctx.regs).rbp) };
     if unwinding() {
@@ -459,11 +462,14 @@ pub fn syscall_nr_and_arg0() -> Option<(u64, u64)> {
     Some((reg(regs, PT_REGS_ORIG_AX), reg(regs, PT_REGS_DI)))
 }
 
-/// The current user stack as a [`StackKey`] (walked with rules, or the
-/// kernel's frame-pointer walk plus the wrapper's caller); counts a lost
+/// The current user stack as a [`StackKey`] (a JVM thread's Java frames,
+/// walked with rules, or the kernel's frame-pointer walk plus the wrapper's caller); counts a lost
 /// stack on failure.
 #[inline(always)]
 pub fn user_stack(ctx: &TracePointContext) -> StackKey {
+    if let Some(java) = crate::jvm::java_stack_key() {
+        return java;
+    }
     if unwinding() {
         let Some((ip, sp, bp)) = user_ip_sp_bp() else {
             crate::bump(counter::LOST_STACKS);

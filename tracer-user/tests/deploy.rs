@@ -48,18 +48,18 @@ fn example_scrape_config_and_alert_rules_pass_promtool() {
     // The config loads the alert rules, so they are checked with it.
     assert!(out.contains("1 rule files found"), "prometheus.yml does not load the rules:\n{out}");
     let out = run_promtool(&dir, &["check", "rules", "leaktrace-alerts.yml"]);
-    assert!(out.contains("SUCCESS: 4 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 5 rules found"), "{out}");
     run_promtool(&dir, &["test", "rules", "leaktrace-alerts.test.yml"]);
 
     let config = fs::read_to_string(dir.join("prometheus.yml")).unwrap();
     assert!(config.contains("127.0.0.1:9464"), "the example scrapes leaktrace on 127.0.0.1:9464");
     let rules = fs::read_to_string(dir.join("leaktrace-alerts.yml")).unwrap();
-    for alert in ["LeaktraceLeak", "LeaktraceSustainedGrowth", "LeaktraceResourceExhaustion", "LeaktraceLostEvents"] {
+    for alert in ["LeaktraceLeak", "LeaktraceSustainedGrowth", "LeaktraceUnclosed", "LeaktraceResourceExhaustion", "LeaktraceLostEvents"] {
         assert!(rules.contains(&format!("alert: {alert}\n")), "{alert} missing");
     }
     let documented = documented_metrics();
     let exprs: Vec<&str> = rules.lines().filter_map(|l| l.trim().strip_prefix("expr:")).collect();
-    assert_eq!(exprs.len(), 4, "one single-line expr per rule expected");
+    assert_eq!(exprs.len(), 5, "one single-line expr per rule expected");
     for expr in exprs {
         let names = metric_names(expr);
         assert!(!names.is_empty(), "no metric in {expr}");

@@ -25,8 +25,13 @@ struct Traced {
     stderr: String,
 }
 
+/// A memory limit the leak's time to exhaustion is judged against.
+const GOMEMLIMIT: &str = "4GiB";
+
 fn trace(build: &str, args: &[&str], secs: u32) -> Traced {
-    let t = start(build, args);
+    let mut cmd = std::process::Command::new(fixture(build));
+    cmd.args(args).env("GOMEMLIMIT", GOMEMLIMIT);
+    let t = start_command(cmd);
     let pid = t.pid().to_string();
     let dur = format!("{secs}s");
     let run = run_leaktrace(&[
@@ -81,6 +86,11 @@ fn check_leak_found(t: &Traced) {
     let blocked = blocked_functions(leak);
     assert!(blocked.iter().any(|f| f == "main.(*Session).keepAlive"), "{b}: blocked_in {blocked:?}");
     assert_eq!(blocked.first().map(String::as_str), Some("runtime.gopark"), "{b}: blocked_in {blocked:?}");
+    // Each leaked goroutine holds at least the smallest stack: memory runs
+    // out (GOMEMLIMIT, or a tighter cgroup limit) at that rate.
+    assert!(leak["bytes_per_object"].as_u64().unwrap() >= 2048, "{b}: {leak}");
+    assert_eq!(leak["exhausts"]["resource"], "memory", "{b}: {leak}");
+    assert!(leak["exhausts"]["limit"].as_u64().unwrap() <= 4 << 30, "{b}: {leak}");
     // Look-alikes: the workers and the pool are not leaks.
     for f in goroutine_findings(report) {
         if f["site"] != "main.NewSession" {

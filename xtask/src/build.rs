@@ -44,10 +44,16 @@ const GO_PROGRAMS: &[GoProgram] = &[
     GoProgram { dir: "workload", out: "workload-go", every_version: true },
     // os.Open leaks for the fd tracker (one Go version: the path is the runtime's raw syscall).
     GoProgram { dir: "fdleak", out: "fdleak-go", every_version: false },
+    // A drained pool beside an idle worker pool (waits in progress; one Go version).
+    GoProgram { dir: "pooldrain", out: "pooldrain-go", every_version: false },
 ];
 /// C workloads the benchmarks also run built without frame pointers
 /// (`gcc -O2 -g`, as distributions build), as `<name>_nofp`.
 pub const NOFP_BUILDS: &[&str] = &["conn_bench", "alloc_bench"];
+
+/// fixtures/nofp programs also built with their unwind information only in
+/// a separate debug file (`<name>_debuglink` + `.debug/<name>_debuglink.debug`).
+const DEBUGLINK_BUILDS: &[&str] = &["nofp_service"];
 
 const C_FLAGS: &[&str] = &[
     "-O1",
@@ -108,6 +114,10 @@ fn up_to_date(output: &Path, newest_src: Option<SystemTime>) -> bool {
         _ => false,
     }
 }
+
+/// Debian's commons-pool2 (`libcommons-pool2-java`), the pool the Java
+/// fixture drains.
+pub const COMMONS_POOL2_JAR: &str = "/usr/share/java/commons-pool2.jar";
 
 pub fn fixtures(root: &Path) -> Result<()> {
     let bin = fixtures_bin(root);
@@ -206,6 +216,32 @@ pub fn fixtures(root: &Path) -> Result<()> {
                 continue;
             }
             run_cmd(Command::new("gcc").args(["-O2", "-g", "-o"]).arg(&out).arg(&src).args(["-lhiredis", "-pthread"]))?;
+            built += 1;
+        }
+        // A program whose CFI is only in a separate debug file, as packages
+        // ship it: built with .debug_frame instead of .eh_frame, its debug
+        // sections moved to bin/.debug/<name>.debug (found through its
+        // .gnu_debuglink), the binary stripped of them.
+        for name in DEBUGLINK_BUILDS {
+            let src = nofp_dir.join(format!("{name}.c"));
+            let out_name = format!("{name}_debuglink");
+            let out = bin.join(&out_name);
+            if up_to_date(&out, mtime(&src)) {
+                continue;
+            }
+            let debug_dir = bin.join(".debug");
+            fs::create_dir_all(&debug_dir)?;
+            let debug = debug_dir.join(format!("{out_name}.debug"));
+            run_cmd(
+                Command::new("gcc")
+                    .args(["-O2", "-g", "-fno-asynchronous-unwind-tables", "-fno-unwind-tables", "-o"])
+                    .arg(&out)
+                    .arg(&src)
+                    .args(["-lhiredis", "-pthread"]),
+            )?;
+            run_cmd(Command::new("objcopy").arg("--only-keep-debug").arg(&out).arg(&debug))?;
+            run_cmd(Command::new("strip").arg("--strip-debug").arg(&out))?;
+            run_cmd(Command::new("objcopy").arg(format!("--add-gnu-debuglink={}", debug.display())).arg(&out))?;
             built += 1;
         }
         // C++ with distribution flags through libstdc++ (no frame pointers).
@@ -312,6 +348,20 @@ pub fn fixtures(root: &Path) -> Result<()> {
             .arg(".");
         run_cmd(&mut cmd)?;
         built += 1;
+    }
+    // Java fixtures: fixtures/java/*.java -> class files in fixtures/bin/java
+    // with Debian's javac, for Java 11 and later (run with plain `java -cp`;
+    // Pools against Debian's commons-pool2).
+    let java_dir = root.join("fixtures/java");
+    if java_dir.is_dir() {
+        let out_dir = bin.join("java");
+        let stamp = out_dir.join("Pools.class");
+        if !up_to_date(&stamp, newest_source(&java_dir, &["java"])?) {
+            fs::create_dir_all(&out_dir)?;
+            let srcs = sources(&java_dir, "java")?;
+            run_cmd(Command::new("javac").args(["--release", "11", "-cp", COMMONS_POOL2_JAR, "-d"]).arg(&out_dir).args(&srcs))?;
+            built += 1;
+        }
     }
     if built == 0 {
         eprintln!("fixtures: up to date in {}", bin.display());

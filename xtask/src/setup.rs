@@ -51,6 +51,10 @@ const APT_PACKAGES: &[&str] = &[
     "libhiredis-dev",
     // `cargo xtask cores`: core files of the Go fixtures (gcore).
     "gdb",
+    // Java fixtures (fixtures/java, built with javac, run with plain `java`;
+    // `jcmd` is the tests' oracle) and the real pool library they drain.
+    "openjdk-17-jdk-headless",
+    "libcommons-pool2-java",
 ];
 
 /// `125` for 1.25.5: the suffix of fixtures built with that toolchain.

@@ -34,6 +34,8 @@ pub fn contention_verdict(wait_share: f64, contentions: u64) -> Verdict {
 /// One finding per lock, merged by name, judged by [`contention_verdict`].
 pub fn lock_findings(locks: &[LockSample], frames: &HashMap<SampleStack, Vec<Frame>>, elapsed_s: f64, own: &OwnCode) -> Vec<Finding> {
     let stack_of = |s: &SampleStack| frames.get(s).cloned().unwrap_or_default();
+    // A JVM's waits, by Java wait site and kind.
+    let locks = &super::java_waits::regroup(locks, frames, own);
     // Merge by name: (name, samples).
     let mut groups: Vec<(String, Vec<&LockSample>)> = Vec::new();
     for l in locks {
@@ -101,7 +103,10 @@ pub fn lock_findings(locks: &[LockSample], frames: &HashMap<SampleStack, Vec<Fra
             }),
             created: contentions,
             ended: contentions,
-            ..Finding::new(Kind::Lock, contention_verdict(wait_share, contentions))
+            ..Finding::new(
+                Kind::Lock,
+                if ls[0].kind == super::java_waits::IDLE_KIND { Verdict::Steady } else { contention_verdict(wait_share, contentions) },
+            )
         });
     }
     out

@@ -5,6 +5,8 @@
 pub mod contention;
 pub mod exhaustion;
 pub mod growth;
+pub mod java_waits;
+pub mod waits;
 
 use std::collections::{HashMap, HashSet};
 
@@ -126,8 +128,16 @@ impl Judge {
             // before attach, one per group (they have no stack).
             let key = if s.before_attach {
                 (kind, series_id(&("before attach", &s.peer, &s.thread_name)))
+            } else if let Some(m) = &s.map {
+                (kind, series_id(m))
             } else {
-                (kind, s.map.as_ref().map_or_else(|| series_id(&s.stack), series_id))
+                // By the frames when known: samples merged by frames keep
+                // one series whichever of their stack keys stands for them
+                // (a JVM's method walked interpreted, then compiled).
+                match frames.get(&s.stack).filter(|f| !f.is_empty() && !is_placeholder(f)) {
+                    Some(f) => (kind, series_id(f)),
+                    None => (kind, series_id(&s.stack)),
+                }
             };
             self.seen.insert(key);
             let by_bytes = judging == Judging::BytesSinceAttach;
@@ -190,6 +200,7 @@ impl Judge {
                 fd_type: s.fd_type.clone(),
                 path: s.path.clone(),
                 distinct_paths: s.distinct_paths,
+                bytes_per_object: s.bytes_per_object,
                 created: s.created,
                 ended: s.ended,
                 ended_by_finalizer: s.ended_by_finalizer,
@@ -220,6 +231,7 @@ impl Judge {
                         keys.extend(l.holders.iter().map(|h| h.0.clone()));
                     }
                 }
+                Collected::Waits(waits) => keys.extend(waits.iter().map(|w| w.stack.clone())),
                 Collected::Nothing => {}
             }
         }
@@ -249,8 +261,10 @@ impl Judge {
             }
         }
         for c in collected {
-            if let Collected::Contention(locks) = c {
-                findings.extend(contention::lock_findings(locks, &frames, t, &self.own));
+            match c {
+                Collected::Contention(locks) => findings.extend(contention::lock_findings(locks, &frames, t, &self.own)),
+                Collected::Waits(waits) => findings.extend(waits::wait_findings(waits, &frames, t, &self.own)),
+                _ => {}
             }
         }
         findings
@@ -299,6 +313,7 @@ fn merge_same_frames(samples: &[StackSample], frames: &HashMap<SampleStack, Vec<
         m.fd_type = m.fd_type.take().or_else(|| s.fd_type.clone());
         m.path = m.path.take().or_else(|| s.path.clone());
         m.distinct_paths = m.distinct_paths.max(s.distinct_paths);
+        m.bytes_per_object = m.bytes_per_object.max(s.bytes_per_object);
         m.ended_by_finalizer = match (m.ended_by_finalizer, s.ended_by_finalizer) {
             (Some(a), Some(b)) => Some(a + b),
             (a, b) => a.or(b),

@@ -399,7 +399,13 @@ pub fn encode_reports(
             kinds.into_iter().flat_map(move |kind| {
                 let lock_verdict = (kind == "lock").then_some(Verdict::Contended);
                 let unclosed = (kind == "connection").then_some(Verdict::Unclosed);
-                [Verdict::Leak, Verdict::Growing, Verdict::Steady].into_iter().chain(lock_verdict).chain(unclosed).map(move |v| {
+                let queued = (kind == "wait").then_some(Verdict::Queued);
+                [Verdict::Leak, Verdict::Growing, Verdict::Steady]
+                    .into_iter()
+                    .chain(lock_verdict)
+                    .chain(unclosed)
+                    .chain(queued)
+                    .map(move |v| {
                     let n = report.findings.iter().filter(|f| f.kind.as_str() == kind && f.verdict == v).count();
                     (
                         vec![("pid", p.pid.clone()), ("kind", escape_label(kind)), ("verdict", v.as_str().to_string())],

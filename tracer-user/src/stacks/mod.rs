@@ -6,6 +6,7 @@
 //! side walks code without frame pointers with (`unwind`). The kernel-side
 //! walkers are `tracer-ebpf/src/stacks.rs`.
 
+pub mod jvm;
 pub mod resolve;
 pub mod symbolize;
 pub mod syscall_sites;
@@ -33,14 +34,31 @@ pub struct Stacks {
     app_text: (u64, u64),
     /// Objects already warned about for having no symbols.
     pub stripped: symbolize::StrippedWarnings,
+    /// Java frames: the kernel side's settings per JVM, and whether this
+    /// target's were looked for (`JavaSetup`).
+    jvm_config: BpfHashMap<MapData, u32, tracer_common::jvm::JvmConfig>,
+    java_setup: JavaSetup,
 }
+
+/// Where setting up Java frames for the target stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum JavaSetup {
+    /// Not looked at yet, or the JVM was not initialised (tries so far).
+    Pending(u32),
+    /// Done: walking, or not a JVM / not supported (said once).
+    Done,
+}
+
+/// Intervals a JVM that is mapped but not initialised is retried.
+const JAVA_SETUP_TRIES: u32 = 30;
 
 impl Stacks {
     /// Takes the stack maps out of the loaded object.
     pub fn new(probes: &mut Probes, pid: u32, unwind: bool) -> Result<Self> {
         let resolver = resolve::StackResolver::new(&mut probes.ebpf, pid, symbolize::SymbolizerService::start())?;
         let unwinder = if unwind { Some(unwind::Unwinder::new(probes, pid)?) } else { None };
-        Ok(Self { resolver, unwinder, app_text: (0, 0), stripped: Default::default() })
+        let jvm_config = probes.take_map("JVM_CONFIG")?;
+        Ok(Self { resolver, unwinder, app_text: (0, 0), stripped: Default::default(), jvm_config, java_setup: JavaSetup::Pending(0) })
     }
 
     /// How the kernel side walks user stacks: unwind rules, or frame pointers.
@@ -59,6 +77,7 @@ impl Stacks {
     /// frames under deep libc calls by it) and, until `libc_loaded`, libc's
     /// syscall sites. Returns whether libc's sites are loaded now.
     pub fn sync_mappings(&mut self, probes: &mut Probes, pid: u32, mappings: &MemoryMap, libc_loaded: bool) -> bool {
+        self.setup_java(pid, mappings);
         if let Some(range) = procfs::exe_text(pid, mappings) {
             if range != self.app_text && probes.set_app_text(range).is_ok() {
                 self.app_text = range;
@@ -81,6 +100,34 @@ impl Stacks {
         }
     }
 
+    /// A HotSpot JVM's Java frames: its walk set up in the kernel once it
+    /// is initialised; an unsupported one is said once (native stacks as
+    /// before).
+    fn setup_java(&mut self, pid: u32, mappings: &MemoryMap) {
+        let JavaSetup::Pending(tries) = self.java_setup else { return };
+        if crate::binary::hotspot::libjvm_mapping(mappings).is_none() {
+            return;
+        }
+        match jvm::Jvm::attach(pid, mappings) {
+            Ok(Some(j)) => {
+                if let Err(e) = self.jvm_config.insert(pid, j.config, 0) {
+                    output::warn(format!("Java frames are off: cannot configure the walk ({e})"));
+                } else {
+                    self.resolver.java = Some(j);
+                }
+                self.java_setup = JavaSetup::Done;
+            }
+            Ok(None) => {}
+            Err(e) if e.downcast_ref::<jvm::NotReady>().is_some() && tries + 1 < JAVA_SETUP_TRIES => {
+                self.java_setup = JavaSetup::Pending(tries + 1);
+            }
+            Err(e) => {
+                output::warn(format!("Java frames are off, stacks of the JVM are native: {e:#}"));
+                self.java_setup = JavaSetup::Done;
+            }
+        }
+    }
+
     /// Learns the unwind rules the kernel's walks asked for.
     pub fn learn(&mut self, memory: &mut MemoryMap) {
         if let Some(u) = self.unwinder.as_mut() {
@@ -90,6 +137,9 @@ impl Stacks {
 
     /// A new image: rules of the old one mean nothing now.
     pub fn on_exec(&mut self) {
+        self.resolver.java = None;
+        let _ = self.jvm_config.remove(&self.resolver.pid());
+        self.java_setup = JavaSetup::Pending(0);
         if let Some(u) = self.unwinder.as_mut() {
             u.clear();
         }
@@ -99,12 +149,21 @@ impl Stacks {
     /// never learned.
     pub fn truncated(&self, counters: &Counters) -> u64 {
         use tracer_common::stacks::unwind_counter as u;
-        counters.sum(u::DEPTH_CAP) + self.unwinder.as_ref().map_or(0, |w| w.stats.unfinished)
+        counters.sum(u::DEPTH_CAP)
+            + counters.sum(tracer_common::jvm::counter::CUT)
+            + self.unwinder.as_ref().map_or(0, |w| w.stats.unfinished)
     }
 
     /// What the unwinder did, for the end of a trace.
     pub fn closing_note(&self) -> Option<String> {
-        self.unwinder.as_ref().map(|u| u.stats.summary())
+        let java = self.resolver.java.as_ref().map(|j| {
+            format!("Java frames: JDK {} ({} VMStructs fields read), {} frames left unnamed", j.version, j.fields, j.unknown_frames)
+        });
+        let native = self.unwinder.as_ref().map(|u| u.stats.summary());
+        match (native, java) {
+            (Some(n), Some(j)) => Some(format!("{n}; {j}")),
+            (n, j) => n.or(j),
+        }
     }
 }
 

@@ -7,7 +7,10 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, StackTraceMap},
     Ebpf,
 };
-use tracer_common::stacks::{StackKey, WalkedFrames, COLLIDED_STACK, OVERFLOW_STACK, PROVISIONAL_KEY, UNWOUND_STACK};
+use tracer_common::{
+    jvm::JAVA_STACK,
+    stacks::{StackKey, WalkedFrames, COLLIDED_STACK, OVERFLOW_STACK, PROVISIONAL_KEY, UNWOUND_STACK},
+};
 
 use crate::{
     stacks::SampleStack,
@@ -25,6 +28,10 @@ pub struct StackResolver {
     unwound: BpfHashMap<MapData, u64, WalkedFrames>,
     /// Stacks walked by the programs when their `STACKS` bucket was taken.
     collided: BpfHashMap<MapData, u64, WalkedFrames>,
+    /// Java stacks of a JVM target (`JAVA_STACK` keys), named by `java`.
+    java_stacks: BpfHashMap<MapData, u64, WalkedFrames>,
+    /// The JVM being traced, once its walk is set up.
+    pub java: Option<crate::stacks::jvm::Jvm>,
     symbolizer: SymbolizerService,
     cache: HashMap<SampleStack, Vec<Frame>>,
 }
@@ -35,14 +42,22 @@ impl StackResolver {
         let map = ebpf.take_map("STACKS").ok_or_else(|| anyhow!("STACKS map missing"))?;
         let unwound = ebpf.take_map("UNWOUND_STACKS").ok_or_else(|| anyhow!("UNWOUND_STACKS map missing"))?;
         let collided = ebpf.take_map("STACK_FRAMES").ok_or_else(|| anyhow!("STACK_FRAMES map missing"))?;
+        let java_stacks = ebpf.take_map("JAVA_STACKS").ok_or_else(|| anyhow!("JAVA_STACKS map missing"))?;
         Ok(Self {
             pid,
             traces: StackTraceMap::try_from(map)?,
             unwound: BpfHashMap::try_from(unwound)?,
             collided: BpfHashMap::try_from(collided)?,
+            java_stacks: BpfHashMap::try_from(java_stacks)?,
+            java: None,
             symbolizer,
             cache: HashMap::new(),
         })
+    }
+
+    /// The traced process.
+    pub fn pid(&self) -> u32 {
+        self.pid
     }
 
     /// The raw addresses of a stack, innermost first: walked with unwind
@@ -78,6 +93,13 @@ impl StackResolver {
         let mut missing: Vec<SampleStack> = keys.iter().filter(|k| !self.cache.contains_key(k)).cloned().collect();
         missing.sort();
         missing.dedup();
+        // Java stacks are named from the JVM's own metadata, not by blazesym.
+        let (java, missing): (Vec<SampleStack>, Vec<SampleStack>) =
+            missing.into_iter().partition(|k| matches!(k, SampleStack::Kernel(key) if key.stack_id == JAVA_STACK));
+        for key in java {
+            let frames = self.java_frames(&key);
+            self.cache.insert(key, frames);
+        }
         let mut out_of_cache = HashMap::new();
         if !missing.is_empty() {
             let stacks: Vec<Vec<u64>> = missing
@@ -111,6 +133,21 @@ impl StackResolver {
             keys.iter().filter_map(|k| self.cache.get(k).map(|f| (k.clone(), f.clone()))).collect();
         out.extend(out_of_cache);
         out
+    }
+}
+
+impl StackResolver {
+    /// The frames of a Java stack (`JAVA_STACK` key), named by the JVM.
+    fn java_frames(&mut self, key: &SampleStack) -> Vec<Frame> {
+        let SampleStack::Kernel(k) = key else { return vec![placeholder(key)] };
+        let frames = match (self.java_stacks.get(&k.caller, 0), self.java.as_mut()) {
+            (Ok(f), Some(jvm)) => jvm.frames(&f.ips[..(f.len as usize).min(f.ips.len())]),
+            _ => Vec::new(),
+        };
+        if frames.is_empty() {
+            return vec![placeholder(key)];
+        }
+        frames
     }
 }
 

@@ -16,7 +16,7 @@ use std::{
 
 use blazesym::symbolize::{source::Elf, source::Source, CodeInfo, Input, Symbolized, Symbolizer};
 
-use crate::{procfs::MemoryMap, report::Frame};
+use crate::{procfs::MemoryMap, report::Frame, stacks::jvm};
 
 /// One request: resolve `addrs` of process `pid` with `map`.
 struct Request {
@@ -304,12 +304,29 @@ impl OwnCode {
         Site { name: site_name(&frames[index]), index, via }
     }
 
+    /// Where a waiting stack (innermost first) waits in the program's own
+    /// code: the own frames from the innermost one out to the outermost
+    /// one, and whether that outermost own frame is the thread's or
+    /// goroutine's start function (only the runtime's entry frames lie
+    /// outside it) rather than code a library called (an HTTP server
+    /// calling a handler). `None` when no frame is own code.
+    pub fn own_depth(&self, frames: &[Frame]) -> Option<(usize, bool)> {
+        let library_crates = library_crates(frames);
+        let own: Vec<usize> = frames.iter().enumerate().filter(|(_, f)| self.is_own(f, &library_crates)).map(|(i, _)| i).collect();
+        let (&inner, &outer) = (own.first()?, own.last()?);
+        let own_frames = own.iter().filter(|&&i| i >= inner && i <= outer).count();
+        Some((own_frames, frames[outer + 1..].iter().all(is_entry_frame)))
+    }
+
     /// Whether `f` is the program's own code (see [`OwnCode`]); crates in
     /// `library_crates` are dependencies linked into the executable.
     fn is_own(&self, f: &Frame, library_crates: &[&str]) -> bool {
         if !self.prefixes.is_empty() {
             let name = site_name(f);
             return self.prefixes.iter().any(|p| name.starts_with(p.as_str()));
+        }
+        if jvm::is_java_frame(f) {
+            return !jvm::is_jdk(&f.function) && !jvm::is_java_library(&f.function);
         }
         if is_system_frame(f) {
             return false;
@@ -386,23 +403,30 @@ fn library_site_index(frames: &[Frame]) -> usize {
     if let Some(i) = frames.iter().position(|f| !is_system_frame(f)) {
         return i;
     }
-    let entry = |f: &Frame| {
-        let n = f.function.as_str();
-        n == "[unknown]"
-            || n.starts_with("runtime.")
-            || n.starts_with("runtime/")
-            || n.starts_with("_start")
-            || n.starts_with("__libc_start")
-            || n == "start_thread"
-            || n.starts_with("clone")
-            || n.starts_with("__clone")
-    };
-    frames.iter().rposition(|f| !entry(f)).unwrap_or(0)
+    frames.iter().rposition(|f| !is_entry_frame(f)).unwrap_or(0)
+}
+
+/// Whether a frame is the runtime's thread or goroutine entry (`_start`,
+/// `__libc_start_main`, `start_thread`, `clone3`, `runtime.goexit`,
+/// `runtime.main`), or unnamed.
+fn is_entry_frame(f: &Frame) -> bool {
+    let n = f.function.as_str();
+    n == "[unknown]"
+        || n.starts_with("runtime.")
+        || n.starts_with("runtime/")
+        || n.starts_with("_start")
+        || n.starts_with("__libc_start")
+        || n == "start_thread"
+        || n.starts_with("clone")
+        || n.starts_with("__clone")
 }
 
 /// Whether a frame belongs to a runtime, libc, a system library or a
 /// standard library.
 pub fn is_system_frame(f: &Frame) -> bool {
+    if jvm::is_java_frame(f) {
+        return jvm::is_jdk(&f.function);
+    }
     if f.function == "[unknown]" {
         // An unnamed address in the application's own (stripped) object is
         // still the application's code.
@@ -424,6 +448,9 @@ pub fn is_system_frame(f: &Frame) -> bool {
 /// such as libhiredis or libpq does).
 fn is_runtime_or_std(f: &Frame) -> bool {
     const BASE: &[&str] = &["libc.so", "libc-", "ld-linux", "libpthread", "libstdc++", "libgcc_s", "libm.so", "libdl", "librt", "libresolv", "libnss_"];
+    if jvm::is_java_frame(f) {
+        return jvm::is_jdk(&f.function);
+    }
     f.function == "[unknown]"
         || f.module.as_deref().is_some_and(|m| {
             let base = m.rsplit('/').next().unwrap_or(m);

@@ -18,7 +18,11 @@
 //! Parsed CFI is cached per object (device, inode, size, mtime), built the
 //! first time one of its pcs is met, and bounded ([`MAX_OBJECTS`]).
 
-use std::{collections::HashMap, os::unix::fs::MetadataExt, sync::Arc};
+use std::{
+    collections::HashMap,
+    os::unix::fs::MetadataExt,
+    sync::{Arc, OnceLock},
+};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap as BpfHashMap, MapData};
@@ -32,7 +36,10 @@ use tracer_common::stacks::{
 };
 
 use crate::{
-    binary::elf::Segments,
+    binary::{
+        debug_file::{self, DebugLink},
+        elf::Segments,
+    },
     procfs::{self, Mapping, MemoryMap},
 };
 
@@ -83,6 +90,11 @@ pub struct ObjectCfi {
     segments: Segments,
     /// Go binaries always keep frame pointers and carry no `.eh_frame`.
     frame_pointers: bool,
+    /// Where a separate debug file may hold a `.debug_frame` (an object
+    /// without one of its own), and that section once looked for: read the
+    /// first time the object's own CFI has no row for a pc.
+    debug_link: DebugLink,
+    separate_debug_frame: OnceLock<Option<Section>>,
 }
 
 /// The frame-pointer step: `CFA = rbp + 16`, caller's rbp at `CFA - 16`.
@@ -90,6 +102,17 @@ const FP_RULE: UnwindRule = UnwindRule { kind: rule_kind::CFA_BP, cfa_offset: 16
 const END_RULE: UnwindRule = UnwindRule { kind: rule_kind::END, cfa_offset: 0, rbp_offset: 0, _pad: 0 };
 
 impl ObjectCfi {
+    /// Copies the CFI sections out of the ELF image of the object at `path`
+    /// (as the target sees it; `root` prefixes paths looked up for it), and
+    /// notes where its separate debug file may be.
+    pub fn parse_at(data: &[u8], path: &std::path::Path, root: &str) -> Result<Self> {
+        let mut cfi = Self::parse(data)?;
+        if cfi.debug_frame.is_none() {
+            cfi.debug_link = DebugLink::of(data, path, root);
+        }
+        Ok(cfi)
+    }
+
     /// Copies the CFI sections out of an ELF image.
     pub fn parse(data: &[u8]) -> Result<Self> {
         let file = object::File::parse(data).context("not a valid ELF")?;
@@ -107,17 +130,25 @@ impl ObjectCfi {
             text_svma,
             segments: Segments::of(&file),
             frame_pointers,
+            debug_link: DebugLink::default(),
+            separate_debug_frame: OnceLock::new(),
         })
     }
 
     /// Bytes held for this object.
     pub fn size(&self) -> usize {
-        [&self.eh_frame, &self.eh_frame_hdr, &self.debug_frame].iter().filter_map(|s| s.as_ref()).map(|s| s.data.len()).sum()
+        let separate = self.separate_debug_frame.get().and_then(Option::as_ref);
+        [self.eh_frame.as_ref(), self.eh_frame_hdr.as_ref(), self.debug_frame.as_ref(), separate]
+            .into_iter()
+            .flatten()
+            .map(|s| s.data.len())
+            .sum()
     }
 
-    /// Whether the object has any CFI at all.
+    /// Whether the object has any CFI at all (its own, or in its separate
+    /// debug file).
     pub fn has_cfi(&self) -> bool {
-        self.eh_frame.is_some() || self.debug_frame.is_some()
+        self.eh_frame.is_some() || self.debug_frame.is_some() || self.separate_debug_frame().is_some()
     }
 
     /// The rule at link-time address `svma`: a return address (`at_return`,
@@ -145,15 +176,38 @@ impl ObjectCfi {
                 return rule_of_fde(&section, &bases, &fde, addr, svma);
             }
         }
-        if let Some(df) = &self.debug_frame {
-            let mut section = DebugFrame::new(&df.data, LittleEndian);
-            section.set_address_size(8);
-            let bases = BaseAddresses::default().set_text(self.text_svma);
-            if let Ok(fde) = section.fde_for_address(&bases, addr, DebugFrame::cie_from_offset) {
-                return rule_of_fde(&section, &bases, &fde, addr, svma);
-            }
+        if let Some(rule) = self.debug_frame.as_ref().and_then(|df| self.debug_frame_rule(df, addr, svma)) {
+            return rule;
+        }
+        if let Some(rule) = self.separate_debug_frame().and_then(|df| self.debug_frame_rule(df, addr, svma)) {
+            return rule;
         }
         UnwindRule { kind: rule_kind::FP_GUESS, ..FP_RULE }
+    }
+
+    /// The rule at `addr` from a `.debug_frame` section, if it covers it.
+    fn debug_frame_rule(&self, df: &Section, addr: u64, svma: u64) -> Option<UnwindRule> {
+        let mut section = DebugFrame::new(&df.data, LittleEndian);
+        section.set_address_size(8);
+        let bases = BaseAddresses::default().set_text(self.text_svma);
+        let fde = section.fde_for_address(&bases, addr, DebugFrame::cie_from_offset).ok()?;
+        Some(rule_of_fde(&section, &bases, &fde, addr, svma))
+    }
+
+    /// The `.debug_frame` of the object's separate debug file, read once.
+    fn separate_debug_frame(&self) -> Option<&Section> {
+        self.separate_debug_frame
+            .get_or_init(|| {
+                let debug = self.debug_link.open()?;
+                let (svma, data) = debug_file::debug_frame(&debug)?;
+                Some(Section { svma, data })
+            })
+            .as_ref()
+    }
+
+    /// Whether a separate debug file's `.debug_frame` was read.
+    pub fn uses_separate_debug_file(&self) -> bool {
+        self.separate_debug_frame.get().is_some_and(Option::is_some)
     }
 
     /// Link-time address of runtime `pc` in mapping `m` of this object.
@@ -233,6 +287,125 @@ fn rule_of_fde<'a, S: UnwindSection<Slice<'a>>>(
     UnwindRule { kind, cfa_offset, rbp_offset, _pad: 0 }
 }
 
+/// Steps through a copy of a stack (`stack`, read from address `base`) by
+/// unwind rules, as the kernel's walk does, from the frame of rule key
+/// `key` (its registers `sp`, `bp`; `bp` 0 when unknown). `rule` gives the
+/// rule of a key (`None`: none to be had, the walk stops). Returns the
+/// return addresses found beyond the first frame and whether the walk
+/// reached the stack's end (rather than the copy's or a missing rule).
+pub fn walk_copy(
+    mut key: u64,
+    mut sp: u64,
+    mut bp: u64,
+    base: u64,
+    stack: &[u8],
+    mut rule: impl FnMut(u64) -> Option<UnwindRule>,
+) -> (Vec<u64>, bool) {
+    let read = |addr: u64| -> Option<u64> {
+        let at = usize::try_from(addr.checked_sub(base)?).ok()?;
+        Some(u64::from_le_bytes(stack.get(at..at + 8)?.try_into().ok()?))
+    };
+    let mut beyond = Vec::new();
+    for _ in 0..MAX_WALKED_FRAMES {
+        let Some(rule) = rule(key) else { return (beyond, false) };
+        let next = match rule.kind {
+            rule_kind::SIGNAL => {
+                let m = sp + 40;
+                match (read(m + 8 * 16), read(m + 8 * 15), read(m + 8 * 10)) {
+                    (Some(ip), Some(nsp), Some(nbp)) => Some((ip | RULE_AT_PC, nsp, nbp)),
+                    _ => None,
+                }
+            }
+            rule_kind::CFA_SP | rule_kind::CFA_BP | rule_kind::FP_GUESS => {
+                let base = if rule.kind == rule_kind::CFA_SP { sp } else { bp };
+                let cfa = base.wrapping_add(rule.cfa_offset as i64 as u64);
+                let nbp = if rule.rbp_offset != 0 { read(cfa.wrapping_add(rule.rbp_offset as i64 as u64)) } else { Some(bp) };
+                match (read(cfa.wrapping_sub(8)), nbp) {
+                    (Some(ret), Some(nbp)) if ret >= 4096 && cfa > sp => Some((ret, cfa, nbp)),
+                    _ => None,
+                }
+            }
+            _ => return (beyond, true),
+        };
+        let Some((k, s, b)) = next else { return (beyond, false) };
+        beyond.push(k & !RULE_AT_PC);
+        (key, sp, bp) = (k, s, b);
+    }
+    (beyond, false)
+}
+
+/// The parsed CFI of the objects one process maps, cached per object file
+/// (device, inode, size, mtime) and bounded ([`MAX_OBJECTS`]).
+pub struct CfiObjects {
+    pid: u32,
+    objects: HashMap<ObjectKey, Option<Arc<ObjectCfi>>>,
+    /// Insertion order of `objects`, for the bound.
+    order: Vec<ObjectKey>,
+    warned_no_cfi: std::collections::HashSet<std::path::PathBuf>,
+}
+
+impl CfiObjects {
+    pub fn new(pid: u32) -> Self {
+        Self { pid, objects: HashMap::new(), order: Vec::new(), warned_no_cfi: Default::default() }
+    }
+
+    /// Objects cached.
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    /// Bytes of CFI kept (summed: a separate debug file's `.debug_frame`
+    /// is read the first time a rule needs it).
+    pub fn cfi_bytes(&self) -> usize {
+        self.objects.values().flatten().map(|o| o.size()).sum()
+    }
+
+    /// The rule at `pc` in executable mapping `m`: a return address
+    /// (`at_return`) or the pc a thread is at.
+    pub fn rule_in(&mut self, m: &Mapping, pc: u64, at_return: bool) -> UnwindRule {
+        let Some(obj) = self.object(m) else { return UnwindRule { kind: rule_kind::FP_GUESS, ..FP_RULE } };
+        if !obj.has_cfi() && !obj.frame_pointers && self.warned_no_cfi.insert(m.path.clone()) {
+            crate::output::note(format!(
+                "{} has no unwind information: its frames are walked by frame pointers (counted)",
+                m.path.display()
+            ));
+        }
+        match obj.svma_of(m, pc) {
+            Some(svma) => obj.rule(svma, at_return),
+            None => END_RULE,
+        }
+    }
+
+    /// The rule of a walk's key (an exact pc with [`RULE_AT_PC`], else a
+    /// return address) in `memory`: anonymous or JIT code ends the stack.
+    pub fn rule_of_key(&mut self, key: u64, memory: &MemoryMap) -> UnwindRule {
+        let pc = key & !RULE_AT_PC;
+        match memory.find(pc).filter(|m| m.executable).cloned() {
+            Some(m) => self.rule_in(&m, pc, key & RULE_AT_PC == 0),
+            None => END_RULE,
+        }
+    }
+
+    /// The cached CFI of the object mapped at `m` (parsed on first use).
+    fn object(&mut self, m: &Mapping) -> Option<Arc<ObjectCfi>> {
+        let path = procfs::object_path(self.pid, m);
+        let meta = std::fs::metadata(&path).ok()?;
+        let key = ObjectKey { dev: meta.dev(), ino: meta.ino(), size: meta.size(), mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec() };
+        if let Some(o) = self.objects.get(&key) {
+            return o.clone();
+        }
+        let root = format!("/proc/{}/root", self.pid);
+        let obj = map_file(&path).and_then(|data| ObjectCfi::parse_at(&data, &m.path, &root).ok()).map(Arc::new);
+        if self.order.len() >= MAX_OBJECTS {
+            let old = self.order.remove(0);
+            self.objects.remove(&old);
+        }
+        self.order.push(key.clone());
+        self.objects.insert(key, obj.clone());
+        obj
+    }
+}
+
 /// An object file as it is on disk (path + inode + mtime: a rebuilt or
 /// replaced binary is another object).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -286,11 +459,8 @@ pub struct Unwinder {
     misses: BpfHashMap<MapData, u64, MissSnapshot>,
     /// Keys already in `rules`.
     known: std::collections::HashSet<u64>,
-    objects: HashMap<ObjectKey, Option<Arc<ObjectCfi>>>,
-    /// Insertion order of `objects`, for the bound.
-    order: Vec<ObjectKey>,
+    cfi: CfiObjects,
     pub stats: UnwindStats,
-    warned_no_cfi: std::collections::HashSet<std::path::PathBuf>,
 }
 
 impl Unwinder {
@@ -301,10 +471,8 @@ impl Unwinder {
             rules: probes.take_map("UNWIND_RULES")?,
             misses: probes.take_map("UNWIND_MISSES")?,
             known: Default::default(),
-            objects: HashMap::new(),
-            order: Vec::new(),
+            cfi: CfiObjects::new(pid),
             stats: UnwindStats::default(),
-            warned_no_cfi: Default::default(),
         })
     }
 
@@ -317,50 +485,12 @@ impl Unwinder {
         let mut learned = 0;
         for (provisional, snap) in misses {
             let _ = self.misses.remove(&provisional);
-            let key = snap.rule_key;
-            let mut beyond = Vec::new();
             let stack = &snap.stack[..(snap.len as usize).min(snap.stack.len())];
-            let read = |addr: u64| -> Option<u64> {
-                let at = usize::try_from(addr.checked_sub(snap.sp)?).ok()?;
-                Some(u64::from_le_bytes(stack.get(at..at + 8)?.try_into().ok()?))
-            };
-            let (mut key, mut sp, mut bp) = (key, snap.sp, snap.bp);
-            let mut finished = false;
-            for _ in 0..MAX_WALKED_FRAMES {
-                let rule = match self.learn_one(key, memory, &mut reread) {
-                    Some((rule, new)) => {
-                        learned += new as usize;
-                        rule
-                    }
-                    None => break,
-                };
-                // Step as the kernel's walk does, inside the copy.
-                let next = match rule.kind {
-                    rule_kind::SIGNAL => {
-                        let m = sp + 40;
-                        match (read(m + 8 * 16), read(m + 8 * 15), read(m + 8 * 10)) {
-                            (Some(ip), Some(nsp), Some(nbp)) => Some((ip | RULE_AT_PC, nsp, nbp)),
-                            _ => None,
-                        }
-                    }
-                    rule_kind::CFA_SP | rule_kind::CFA_BP | rule_kind::FP_GUESS => {
-                        let base = if rule.kind == rule_kind::CFA_SP { sp } else { bp };
-                        let cfa = base.wrapping_add(rule.cfa_offset as i64 as u64);
-                        let nbp = if rule.rbp_offset != 0 { read(cfa.wrapping_add(rule.rbp_offset as i64 as u64)) } else { Some(bp) };
-                        match (read(cfa - 8), nbp) {
-                            (Some(ret), Some(nbp)) if ret >= 4096 && cfa > sp => Some((ret, cfa, nbp)),
-                            _ => None,
-                        }
-                    }
-                    _ => {
-                        finished = true;
-                        None
-                    }
-                };
-                let Some((k, s, b)) = next else { break };
-                beyond.push(k & !RULE_AT_PC);
-                (key, sp, bp) = (k, s, b);
-            }
+            let (beyond, mut finished) = walk_copy(snap.rule_key, snap.sp, snap.bp, snap.sp, stack, |key| {
+                let (rule, new) = self.learn_one(key, memory, &mut reread)?;
+                learned += new as usize;
+                Some(rule)
+            });
             if beyond.len() + 1 >= MAX_WALKED_FRAMES {
                 finished = true;
             }
@@ -370,6 +500,10 @@ impl Unwinder {
                 self.stats.unfinished += 1;
             }
             complete(provisional, beyond);
+        }
+        if learned > 0 {
+            // Separate debug files are read as rules need them: sum again.
+            self.stats.cfi_bytes = self.cfi.cfi_bytes();
         }
         learned
     }
@@ -384,11 +518,10 @@ impl Unwinder {
                 memory.merge(&fresh);
             }
         }
-        let rule = match memory.find(pc).filter(|m| m.executable).cloned() {
-            Some(m) => self.rule_in(&m, pc, key & RULE_AT_PC == 0),
-            // Anonymous or JIT code, the vDSO: the stack ends cleanly.
-            None => END_RULE,
-        };
+        // Anonymous or JIT code, the vDSO: the stack ends cleanly.
+        let rule = self.cfi.rule_of_key(key, memory);
+        self.stats.objects = self.cfi.len();
+        self.stats.cfi_bytes = self.cfi.cfi_bytes();
         if self.known.contains(&key) {
             return Some((rule, false));
         }
@@ -425,45 +558,6 @@ impl Unwinder {
         self.stats.fp_guess_rules = 0;
         self.stats.end_rules = 0;
         self.stats.full = false;
-    }
-
-    /// The rule at `pc` in mapping `m`.
-    fn rule_in(&mut self, m: &Mapping, pc: u64, at_return: bool) -> UnwindRule {
-        let Some(obj) = self.object(m) else { return UnwindRule { kind: rule_kind::FP_GUESS, ..FP_RULE } };
-        if !obj.has_cfi() && !obj.frame_pointers && self.warned_no_cfi.insert(m.path.clone()) {
-            crate::output::note(format!(
-                "{} has no unwind information: its frames are walked by frame pointers (counted)",
-                m.path.display()
-            ));
-        }
-        match obj.svma_of(m, pc) {
-            Some(svma) => obj.rule(svma, at_return),
-            None => END_RULE,
-        }
-    }
-
-    /// The cached CFI of the object mapped at `m` (parsed on first use).
-    fn object(&mut self, m: &Mapping) -> Option<Arc<ObjectCfi>> {
-        let path = procfs::object_path(self.pid, m);
-        let meta = std::fs::metadata(&path).ok()?;
-        let key = ObjectKey { dev: meta.dev(), ino: meta.ino(), size: meta.size(), mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec() };
-        if let Some(o) = self.objects.get(&key) {
-            return o.clone();
-        }
-        let obj = map_file(&path).and_then(|data| ObjectCfi::parse(&data).ok()).map(Arc::new);
-        if self.order.len() >= MAX_OBJECTS {
-            let old = self.order.remove(0);
-            if let Some(Some(o)) = self.objects.remove(&old) {
-                self.stats.cfi_bytes -= o.size();
-            }
-        }
-        if let Some(o) = &obj {
-            self.stats.cfi_bytes += o.size();
-        }
-        self.order.push(key.clone());
-        self.objects.insert(key, obj.clone());
-        self.stats.objects = self.objects.len();
-        obj
     }
 }
 

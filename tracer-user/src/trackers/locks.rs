@@ -244,6 +244,9 @@ impl LockCollector {
                 kind::MUTEX => (word, "mutex"),
                 kind::RWLOCK_READ | kind::RWLOCK_WRITE => (word, "rwlock"),
                 kind::FUTEX => (word, "futex"),
+                // A JVM thread's own Parker/ParkEvent: regrouped by Java wait
+                // site in `judge::java_waits`.
+                kind::JAVA => (word, "java"),
                 k => {
                     let role = match k {
                         kind::GO_RWMUTEX_READ => golang::Role::AcquireRead,

@@ -10,6 +10,7 @@ pub mod goroutines;
 pub mod maps;
 pub mod locks;
 pub mod threads;
+pub mod waits;
 
 use std::collections::HashMap;
 
@@ -149,6 +150,7 @@ pub static REGISTRY: &[TrackerSpec] = &[
     maps::SPEC,
     allocations::SPEC,
     locks::SPEC,
+    waits::SPEC,
 ];
 
 /// Names that stand for several trackers on the command line.
@@ -175,6 +177,8 @@ pub enum Collected {
     Growth { kind: Kind, judging: Judging, samples: Vec<StackSample> },
     /// Contended locks, judged by contention.
     Contention(Vec<locks::LockSample>),
+    /// Waits going on now, by waiter stack (`judge::waits`).
+    Waits(Vec<crate::judge::waits::WaitSample>),
     /// Nothing this interval (a tracker that does not apply to the target).
     Nothing,
 }
@@ -237,6 +241,9 @@ pub struct StackSample {
     pub fd_type: Option<String>,
     pub path: Option<String>,
     pub distinct_paths: Option<u64>,
+    /// Maps and goroutines: the memory one more object takes (an entry,
+    /// a goroutine's stack), for time to exhaustion.
+    pub bytes_per_object: Option<u64>,
 }
 
 impl Tally {
@@ -364,6 +371,7 @@ pub fn stack_samples(
             fd_type: None,
             path: None,
             distinct_paths: None,
+            bytes_per_object: None,
         };
         out.push((sample, most_common(acc.labels)));
     }

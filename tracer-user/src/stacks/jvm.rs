@@ -1,0 +1,541 @@
+//! Java frames of a HotSpot JVM: setting up the kernel side's walk
+//! (`tracer-ebpf/src/jvm.rs`) and naming what it recorded.
+//!
+//! Set up once per JVM from its VMStructs tables (`binary::hotspot`), its
+//! TLS and the kernel's BTF: the offsets and address ranges the walk needs
+//! go into `JVM_CONFIG`. The walk records, per physical frame, an
+//! interpreted frame's `Method*` and bytecode index or a compiled frame's
+//! pc; here a `Method*` is named `package.Class.method` from its constant
+//! pool, and a compiled pc is expanded into the methods inlined at that
+//! call site from the nmethod's `PcDesc` table and scope descriptors.
+//! What cannot be named (a freed nmethod, a cut walk) is an `[unknown]`
+//! frame, counted, never a guess.
+
+use std::collections::HashMap;
+
+use anyhow::{anyhow, bail, Result};
+use tracer_common::jvm::{header, CodeHeapRange, JvmConfig, BCI_SHIFT, INTERPRETED_FRAME, MAX_CODE_HEAPS, METHOD_MASK, UNKNOWN_PC_FRAME};
+
+use crate::{
+    binary::{
+        btf::Btf,
+        golang::memory::TargetMemory,
+        hotspot::{read_cstr, Libjvm, VmStructs},
+    },
+    procfs::MemoryMap,
+    report::Frame,
+};
+
+/// The module Java frames are shown in (they have no object file).
+pub const JAVA_MODULE: &str = "java";
+
+/// The top frame of a Java stack taken while its thread was entering a
+/// contended `synchronized` monitor.
+pub const MONITOR_ENTER_FRAME: &str = "[monitor enter]";
+
+/// The JVM is mapped but not initialised yet (`run`): try again later.
+#[derive(Debug)]
+pub struct NotReady(pub String);
+
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for NotReady {}
+
+/// Offsets the naming reads.
+struct Offsets {
+    method_const_method: u64,
+    const_method_constants: u64,
+    const_method_name_index: u64,
+    pool_holder: u64,
+    pool_size: u64,
+    klass_name: u64,
+    symbol_length: u64,
+    symbol_body: u64,
+    blob_name: u64,
+    blob_code_begin: u64,
+    compiled_method: u64,
+    scopes_data_begin: u64,
+    scopes_pcs: u64,
+    dependencies: u64,
+    metadata: u64,
+    pc_desc_size: u64,
+    pc_desc_pc: u64,
+    pc_desc_scope: u64,
+}
+
+/// Names kept per JVM at most (methods, compiled call sites); cleared when full.
+const MAX_NAMES: usize = 100_000;
+/// Inlined scopes followed per call site at most.
+const MAX_SCOPES: usize = 32;
+/// Largest PcDesc table read (bytes).
+const MAX_PC_DESCS: u64 = 1 << 20;
+
+/// One JVM target: what its walk needs, and the naming state.
+pub struct Jvm {
+    mem: TargetMemory,
+    off: Offsets,
+    pub config: JvmConfig,
+    /// VMStructs fields read (for the closing note).
+    pub fields: usize,
+    /// The JDK's major version.
+    pub version: i32,
+    methods: HashMap<u64, Option<String>>,
+    call_sites: HashMap<u64, Option<Vec<(u64, u64)>>>,
+    /// Frames that could not be named (freed code, cut walks).
+    pub unknown_frames: u64,
+}
+
+impl Jvm {
+    /// Sets up the walk of process `pid` when it is a HotSpot JVM:
+    /// `Ok(None)` when it maps no libjvm; an error says why Java frames
+    /// are off ([`NotReady`] when it is only too early).
+    pub fn attach(pid: u32, memory: &MemoryMap) -> Result<Option<Self>> {
+        let Some(libjvm) = Libjvm::open(pid, memory)? else { return Ok(None) };
+        let mem = TargetMemory::new(pid);
+        let vm = VmStructs::read(&mem, &libjvm).map_err(|e| anyhow!(NotReady(format!("{e:#}"))))?;
+        let f = |t: &[&str], n: &str| vm.field(t, n);
+        let read = |addr: u64| mem.read_u64(addr).ok_or_else(|| anyhow!("cannot read the JVM's memory at {addr:#x}"));
+        let read_i32 = |addr: u64| -> Result<i64> {
+            let mut b = [0u8; 4];
+            mem.read(addr, &mut b)?;
+            Ok(i32::from_le_bytes(b) as i64)
+        };
+        let off = Offsets {
+            method_const_method: f(&["Method"], "_constMethod")?,
+            const_method_constants: f(&["ConstMethod"], "_constants")?,
+            const_method_name_index: f(&["ConstMethod"], "_name_index")?,
+            pool_holder: f(&["ConstantPool"], "_pool_holder")?,
+            pool_size: vm.size("ConstantPool")?,
+            klass_name: f(&["Klass"], "_name")?,
+            symbol_length: f(&["Symbol"], "_length")?,
+            symbol_body: f(&["Symbol"], "_body")?,
+            blob_name: f(&["CodeBlob"], "_name")?,
+            blob_code_begin: f(&["CodeBlob"], "_code_begin")?,
+            compiled_method: f(&["CompiledMethod", "nmethod"], "_method")?,
+            scopes_data_begin: f(&["CompiledMethod", "nmethod"], "_scopes_data_begin")?,
+            scopes_pcs: f(&["nmethod"], "_scopes_pcs_offset")?,
+            dependencies: f(&["nmethod"], "_dependencies_offset")?,
+            metadata: f(&["nmethod"], "_metadata_offset")?,
+            pc_desc_size: vm.size("PcDesc")?,
+            pc_desc_pc: f(&["PcDesc"], "_pc_offset")?,
+            pc_desc_scope: f(&["PcDesc"], "_scope_decode_offset")?,
+        };
+        // JDK 20 changed the scope stream's encoding (UNSIGNED5 without
+        // zero bytes) and JDK 23 removed CompiledMethod: only the layout
+        // of JDK 11 to 19 is read here.
+        let major = f(&["Abstract_VM_Version"], "_vm_major_version").ok().and_then(|a| {
+            let mut b = [0u8; 4];
+            mem.read(a, &mut b).ok().map(|_| i32::from_le_bytes(b))
+        });
+        match major {
+            Some(11..=19) => {}
+            Some(v) => bail!("JDK {v} is not supported yet (Java frames are read for JDK 11 to 19)"),
+            None => bail!("cannot read the JVM's version (Abstract_VM_Version::_vm_major_version)"),
+        }
+        let anchor = f(&["JavaThread"], "_anchor")?;
+        let (a_sp, a_pc, a_fp) = (
+            f(&["JavaFrameAnchor"], "_last_Java_sp")?,
+            f(&["JavaFrameAnchor"], "_last_Java_pc")?,
+            f(&["JavaFrameAnchor"], "_last_Java_fp")?,
+        );
+        if ![a_sp, a_pc, a_fp].iter().all(|o| [0, 8, 16].contains(o)) {
+            bail!("unexpected JavaFrameAnchor layout ({a_sp}, {a_pc}, {a_fp})");
+        }
+        // The interpreter, the code heaps and the entry stub exist once the
+        // VM is initialised.
+        let queue = read(f(&["AbstractInterpreter"], "_code")?)?;
+        if queue == 0 {
+            bail!(NotReady("the interpreter is not generated yet".into()));
+        }
+        let interp_lo = read(queue + f(&["StubQueue"], "_stub_buffer")?)?;
+        let interp_hi = interp_lo + read_i32(queue + f(&["StubQueue"], "_buffer_limit")?)? as u64;
+        let heaps_array = read(f(&["CodeCache"], "_heaps")?)?;
+        if heaps_array == 0 {
+            bail!(NotReady("the code cache is not set up yet".into()));
+        }
+        let n = read_i32(heaps_array + f(&["GrowableArrayBase", "GenericGrowableArray"], "_len")?)?;
+        let data = read(heaps_array + f(&["GrowableArray<int>"], "_data")?)?;
+        if !(1..=MAX_CODE_HEAPS as i64).contains(&n) {
+            bail!(NotReady(format!("{n} code heaps")));
+        }
+        let (memory_f, segmap_f, low, high, log2) = (
+            f(&["CodeHeap"], "_memory")?,
+            f(&["CodeHeap"], "_segmap")?,
+            f(&["VirtualSpace"], "_low_boundary")?,
+            f(&["VirtualSpace"], "_high_boundary")?,
+            f(&["CodeHeap"], "_log2_segment_size")?,
+        );
+        let mut heaps = [CodeHeapRange::default(); MAX_CODE_HEAPS];
+        for (i, h) in heaps.iter_mut().enumerate().take(n as usize) {
+            let heap = read(data + 8 * i as u64)?;
+            *h = CodeHeapRange {
+                lo: read(heap + memory_f + low)?,
+                hi: read(heap + memory_f + high)?,
+                segmap: read(heap + segmap_f + low)?,
+                log2_segment: read_i32(heap + log2)? as u64,
+            };
+        }
+        let call_stub_return = read(f(&["StubRoutines"], "_call_stub_return_address")?)?;
+        let (dtv_slot, tls_offset) = find_thread_tls(&mem, &vm, &libjvm)?;
+        let fsbase_offset = Btf::kernel()?.offset_of("task_struct", &["thread", "fsbase"])?;
+        let pending_monitor = vm.field(&["JavaThread"], "_current_pending_monitor").unwrap_or(0);
+        let config = JvmConfig {
+            fsbase_offset,
+            dtv_slot,
+            tls_offset,
+            anchor,
+            anchor_sp: a_sp,
+            anchor_pc: a_pc,
+            anchor_fp: a_fp,
+            pending_monitor,
+            interp_lo,
+            interp_hi,
+            call_stub_return,
+            heap_block: vm.size("HeapBlock")?,
+            frame_size: f(&["CodeBlob"], "_frame_size")?,
+            const_method: off.method_const_method,
+            const_method_size: vm.size("ConstMethod")?,
+            n_heaps: n as u64,
+            heaps,
+        };
+        Ok(Some(Self { mem, off, config, fields: vm.len(), version: major.unwrap_or(0), methods: HashMap::new(), call_sites: HashMap::new(), unknown_frames: 0 }))
+    }
+
+    fn u64_at(&self, addr: u64) -> Option<u64> {
+        self.mem.read_u64(addr)
+    }
+
+    fn u16_at(&self, addr: u64) -> Option<u64> {
+        let mut b = [0u8; 2];
+        self.mem.read(addr, &mut b).ok()?;
+        Some(u16::from_le_bytes(b) as u64)
+    }
+
+    fn i32_at(&self, addr: u64) -> Option<i64> {
+        let mut b = [0u8; 4];
+        self.mem.read(addr, &mut b).ok()?;
+        Some(i32::from_le_bytes(b) as i64)
+    }
+
+    fn symbol(&self, sym: u64) -> Option<String> {
+        let len = self.u16_at(sym + self.off.symbol_length)?;
+        let body = self.mem.read_region(sym + self.off.symbol_body, len as usize)?;
+        Some(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// `package.Class.method` of a `Method*`, cached.
+    fn method_name(&mut self, method: u64) -> Option<String> {
+        if let Some(n) = self.methods.get(&method) {
+            return n.clone();
+        }
+        let name = self.read_method_name(method);
+        if self.methods.len() >= MAX_NAMES {
+            self.methods.clear();
+        }
+        self.methods.insert(method, name.clone());
+        name
+    }
+
+    fn read_method_name(&self, method: u64) -> Option<String> {
+        let o = &self.off;
+        let cm = self.u64_at(method + o.method_const_method)?;
+        let pool = self.u64_at(cm + o.const_method_constants)?;
+        let index = self.u16_at(cm + o.const_method_name_index)?;
+        let holder = self.u64_at(pool + o.pool_holder)?;
+        let class = self.symbol(self.u64_at(holder + o.klass_name)?)?;
+        let name = self.symbol(self.u64_at(pool + o.pool_size + 8 * index)? & !1)?;
+        Some(format!("{}.{name}", clean_class_name(&class)))
+    }
+
+    /// The code blob holding `pc` (the code heap's segment map, as the kernel side).
+    fn blob_of(&self, pc: u64) -> Option<u64> {
+        let c = &self.config;
+        let h = c.heaps[..c.n_heaps as usize].iter().find(|h| pc >= h.lo && pc < h.hi)?;
+        let mut seg = (pc - h.lo) >> h.log2_segment;
+        for _ in 0..64 {
+            let mut tag = [0u8];
+            self.mem.read(h.segmap + seg, &mut tag).ok()?;
+            match tag[0] as u64 {
+                0 => return Some(h.lo + (seg << h.log2_segment) + c.heap_block),
+                0xff => return None,
+                t if t > seg => return None,
+                t => seg -= t,
+            }
+        }
+        None
+    }
+
+    /// The methods at a compiled call site, innermost first, with their
+    /// bytecode indexes; `None` when the pc is in no live Java code.
+    fn call_site(&mut self, pc: u64) -> Option<Vec<(u64, u64)>> {
+        if let Some(s) = self.call_sites.get(&pc) {
+            return s.clone();
+        }
+        let site = self.read_call_site(pc);
+        if self.call_sites.len() >= MAX_NAMES {
+            self.call_sites.clear();
+        }
+        self.call_sites.insert(pc, site.clone());
+        site
+    }
+
+    fn read_call_site(&self, pc: u64) -> Option<Vec<(u64, u64)>> {
+        let o = &self.off;
+        let blob = self.blob_of(pc)?;
+        let kind = read_cstr(&self.mem, self.u64_at(blob + o.blob_name)?)?;
+        let method = self.u64_at(blob + o.compiled_method)?;
+        match kind.as_str() {
+            "native nmethod" => return Some(vec![(method, u64::MAX)]),
+            "nmethod" => {}
+            // A runtime stub on the way into the VM (monitor enter, a
+            // safepoint poll): known code, no Java frame.
+            _ => return Some(Vec::new()),
+        }
+        let code_begin = self.u64_at(blob + o.blob_code_begin)?;
+        let pcs = blob + self.i32_at(blob + o.scopes_pcs)? as u64;
+        let pcs_end = blob + self.i32_at(blob + o.dependencies)? as u64;
+        let metadata = blob + self.i32_at(blob + o.metadata)? as u64;
+        let scopes = self.u64_at(blob + o.scopes_data_begin)?;
+        if pcs_end <= pcs || pcs_end - pcs > MAX_PC_DESCS || o.pc_desc_size == 0 {
+            return Some(vec![(method, u64::MAX)]);
+        }
+        let table = self.mem.read_region(pcs, (pcs_end - pcs) as usize)?;
+        let want = pc.wrapping_sub(code_begin) as i64;
+        let at = |b: &[u8], off: u64| b.get(off as usize..off as usize + 4).map(|x| i32::from_le_bytes(x.try_into().unwrap()) as i64);
+        let decode = table
+            .chunks_exact(o.pc_desc_size as usize)
+            .find(|d| at(d, o.pc_desc_pc) == Some(want))
+            .and_then(|d| at(d, o.pc_desc_scope));
+        let Some(mut decode) = decode.filter(|&d| d > 0) else {
+            // No debug info at this pc: the compilation root alone.
+            return Some(vec![(method, u64::MAX)]);
+        };
+        let mut out = Vec::new();
+        while decode > 0 && out.len() < MAX_SCOPES {
+            let bytes = self.mem.read_region(scopes + decode as u64, 16)?;
+            let mut pos = 0;
+            let sender = read_compressed_int(&bytes, &mut pos)?;
+            let index = read_compressed_int(&bytes, &mut pos)?;
+            let bci = read_compressed_int(&bytes, &mut pos)?.wrapping_sub(1);
+            let m = if index == 0 { 0 } else { self.u64_at(metadata + 8 * (index as u64 - 1))? };
+            out.push((m, bci as u32 as u64));
+            decode = sender as i64;
+        }
+        Some(out)
+    }
+
+    /// Names the frames of a Java stack (`ips[0]`: header flags).
+    pub fn frames(&mut self, ips: &[u64]) -> Vec<Frame> {
+        let mut out = Vec::new();
+        let flags = ips.first().copied().unwrap_or(0);
+        if flags & header::PENDING_MONITOR != 0 {
+            out.push(java_frame(MONITOR_ENTER_FRAME.into()));
+        }
+        for &ip in ips.iter().skip(1) {
+            if ip & INTERPRETED_FRAME != 0 {
+                let method = ip & METHOD_MASK;
+                let _bci = (ip >> BCI_SHIFT) & 0xffff;
+                match self.method_name(method) {
+                    Some(n) => out.push(java_frame(n)),
+                    None => out.push(self.unknown(method)),
+                }
+                continue;
+            }
+            if ip & UNKNOWN_PC_FRAME != 0 {
+                // Where a walk stopped: the code blob's kind when it is in
+                // the code cache (a stub without a frame), else unknown.
+                let pc = ip & METHOD_MASK;
+                let blob = self.blob_of(pc).and_then(|b| read_cstr(&self.mem, self.u64_at(b + self.off.blob_name)?));
+                out.push(match blob {
+                    Some(name) => {
+                        self.unknown_frames += 1;
+                        Frame { addr: Some(format!("{pc:#x}")), ..java_frame(format!("[{name}]")) }
+                    }
+                    None => self.unknown(pc),
+                });
+                continue;
+            }
+            match self.call_site(ip) {
+                Some(scopes) => {
+                    for (m, _bci) in scopes {
+                        match self.method_name(m) {
+                            Some(n) => out.push(java_frame(n)),
+                            None => out.push(self.unknown(ip)),
+                        }
+                    }
+                }
+                None => out.push(self.unknown(ip)),
+            }
+        }
+        if flags & header::CUT != 0 && !ips.last().is_some_and(|ip| ip & UNKNOWN_PC_FRAME != 0 && ip & INTERPRETED_FRAME == 0) {
+            out.push(self.unknown(0));
+        }
+        out
+    }
+
+    fn unknown(&mut self, addr: u64) -> Frame {
+        self.unknown_frames += 1;
+        Frame {
+            function: "[unknown]".into(),
+            file: None,
+            line: None,
+            module: Some(JAVA_MODULE.into()),
+            addr: (addr != 0).then(|| format!("{addr:#x}")),
+            file_offset: None,
+        }
+    }
+}
+
+fn java_frame(function: String) -> Frame {
+    Frame { function, file: None, line: None, module: Some(JAVA_MODULE.into()), addr: None, file_offset: None }
+}
+
+/// HotSpot's compressed int stream before JDK 20 (`CompressedReadStream::
+/// read_int`): bytes below 192 end a number; each other byte adds its
+/// value shifted by 6 more bits, at most 5 bytes.
+fn read_compressed_int(b: &[u8], pos: &mut usize) -> Option<u32> {
+    const L: u32 = 192;
+    let b0 = *b.get(*pos)? as u32;
+    *pos += 1;
+    if b0 < L {
+        return Some(b0);
+    }
+    let mut sum = b0;
+    let mut shift = 6;
+    for i in 1..5 {
+        let bi = *b.get(*pos)? as u32;
+        *pos += 1;
+        sum = sum.wrapping_add(bi << shift);
+        if bi < L || i == 4 {
+            return Some(sum);
+        }
+        shift += 6;
+    }
+    Some(sum)
+}
+
+/// A class name as users write it: dots, and a lambda's or hidden class's
+/// generated suffix cut (`Pool$$Lambda$14/0x0000000800c0b000` and
+/// `Pool$$Lambda$14+0x…` are `Pool$$Lambda`).
+pub fn clean_class_name(internal: &str) -> String {
+    let mut name = internal;
+    for marker in ["+0x", "/0x"] {
+        if let Some(i) = name.rfind(marker) {
+            name = &name[..i];
+        }
+    }
+    if let Some(i) = name.find("$$Lambda") {
+        name = &name[..i + "$$Lambda".len()];
+    }
+    name.replace('/', ".")
+}
+
+/// Where `Thread::_thr_current` is: the TLS module id (as the dtv slot's
+/// byte offset) and the offset in libjvm's block, found by trying every
+/// TLS relocation's (module, offset) on the JVM's first Java threads:
+/// the right one holds the thread itself. Needs no symbol table.
+fn find_thread_tls(mem: &TargetMemory, vm: &VmStructs, libjvm: &Libjvm) -> Result<(u64, u64)> {
+    let candidates = libjvm.tls_candidates(mem);
+    if candidates.is_empty() {
+        bail!("{}: no TLS relocations (Thread::_thr_current not found)", libjvm.path.display());
+    }
+    let list = mem.read_u64(vm.field(&["ThreadsSMRSupport"], "_java_thread_list")?).unwrap_or(0);
+    if list == 0 {
+        bail!(NotReady("no Java threads yet".into()));
+    }
+    let mut n = [0u8; 4];
+    mem.read(list + vm.field(&["ThreadsList"], "_length")?, &mut n)?;
+    let threads = mem.read_u64(list + vm.field(&["ThreadsList"], "_threads")?).unwrap_or(0);
+    let osthread = vm.field(&["JavaThread", "Thread"], "_osthread")?;
+    let pthread = vm.field(&["OSThread"], "_pthread_id")?;
+    for i in 0..u32::from_le_bytes(n).min(8) as u64 {
+        let Some(jt) = mem.read_u64(threads + 8 * i) else { continue };
+        let Some(fsbase) = mem.read_u64(jt + osthread).and_then(|os| mem.read_u64(os + pthread)) else { continue };
+        let Some(dtv) = mem.read_u64(fsbase + 8) else { continue };
+        for &(modid, offset) in &candidates {
+            let Some(block) = mem.read_u64(dtv + 16 * modid) else { continue };
+            if mem.read_u64(block.wrapping_add(offset)) == Some(jt) {
+                return Ok((16 * modid, offset));
+            }
+        }
+    }
+    bail!("Thread::_thr_current not found in libjvm's TLS ({} candidates)", candidates.len())
+}
+
+/// Whether a frame is a Java frame (named by [`Jvm::frames`]).
+pub fn is_java_frame(f: &Frame) -> bool {
+    f.module.as_deref() == Some(JAVA_MODULE)
+}
+
+/// Java code of the runtime: the JDK's packages, and the walker's own
+/// markers (`[monitor enter]`, `[unknown]`).
+pub fn is_jdk(function: &str) -> bool {
+    const JDK: &[&str] = &["java.", "javax.", "jdk.", "sun.", "com.sun.", "["];
+    JDK.iter().any(|p| function.starts_with(p))
+}
+
+/// Pool and driver libraries: they stay in the stack and name a finding's
+/// `via`, but not its site while the application's code is below them.
+pub fn is_java_library(function: &str) -> bool {
+    const LIBRARIES: &[&str] = &[
+        "org.apache.commons.pool2.",
+        "org.apache.commons.dbcp2.",
+        "com.zaxxer.hikari.",
+        "io.lettuce.",
+        "redis.clients.",
+        "io.netty.",
+        "org.postgresql.",
+        "com.mysql.",
+        "org.mariadb.",
+        "okhttp3.",
+        "org.apache.http.",
+        "org.apache.hc.",
+        "com.mongodb.",
+        "org.springframework.",
+        "reactor.",
+        "kotlin.",
+        "kotlinx.",
+        "scala.",
+    ];
+    LIBRARIES.iter().any(|p| function.starts_with(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lambda_and_hidden_class_names_are_cleaned() {
+        assert_eq!(clean_class_name("SockLoop$$Lambda$14+0x0000000800c0b000"), "SockLoop$$Lambda");
+        assert_eq!(clean_class_name("com/acme/Pool$$Lambda$3/0x0000000800c03000"), "com.acme.Pool$$Lambda");
+        assert_eq!(clean_class_name("java/lang/invoke/LambdaForm$MH+0x0000000800c10400"), "java.lang.invoke.LambdaForm$MH");
+        assert_eq!(clean_class_name("com/acme/Pool$Entry"), "com.acme.Pool$Entry");
+    }
+
+    #[test]
+    fn compressed_ints_decode_one_and_several_bytes() {
+        let mut pos = 0;
+        assert_eq!(read_compressed_int(&[5, 191], &mut pos), Some(5));
+        assert_eq!(read_compressed_int(&[5, 191], &mut pos), Some(191));
+        // 192 + (3 << 6)
+        let mut pos = 0;
+        assert_eq!(read_compressed_int(&[192, 3], &mut pos), Some(192 + (3 << 6)));
+        assert_eq!(pos, 2);
+        // Truncated input is no number.
+        let mut pos = 0;
+        assert_eq!(read_compressed_int(&[200], &mut pos), None);
+    }
+
+    #[test]
+    fn jdk_and_library_frames() {
+        assert!(is_jdk("java.net.Socket.<init>"));
+        assert!(is_jdk("jdk.internal.misc.Unsafe.park"));
+        assert!(is_jdk("[monitor enter]"));
+        assert!(!is_jdk("com.acme.Api.fetch"));
+        assert!(is_java_library("org.apache.commons.pool2.impl.GenericObjectPool.borrowObject"));
+        assert!(!is_java_library("com.acme.Api.fetch"));
+    }
+}

@@ -1,0 +1,201 @@
+//! Java frames of an unchanged HotSpot JVM end to end (needs root and
+//! Debian's JDK 17 + commons-pool2, installed by `cargo xtask setup`): the
+//! fixtures in fixtures/java run with plain `java` (compile-state flags on
+//! the fixture only, never anything leaktrace needs), against a real
+//! redis-server and a real pool library.
+
+mod common;
+
+use std::{
+    process::Command,
+    thread,
+    time::Duration,
+};
+
+use common::*;
+use serde_json::Value;
+
+const COMMONS_POOL2: &str = "/usr/share/java/commons-pool2.jar";
+
+/// A Java fixture (`class` from fixtures/bin/java) with JVM flags.
+fn start_java(jvm_flags: &[&str], class: &str, args: &[&str]) -> Target {
+    let classes = fixture("java");
+    let mut cmd = Command::new("java");
+    cmd.args(jvm_flags).arg("-cp").arg(format!("{}:{COMMONS_POOL2}", classes.display())).arg(class).args(args);
+    start_command(cmd)
+}
+
+fn attach(pid: u32, track: &str, secs: u32) -> Run {
+    let pid = pid.to_string();
+    let dur = format!("{secs}s");
+    run_leaktrace(&["attach", "--pid", &pid, "--for", &dur, "--interval", "1s", "--format", "json", "--track", track])
+}
+
+/// What `jcmd PID Compiler.codelist` lists (the methods compiled now).
+fn compiled_methods(pid: u32) -> String {
+    let out = Command::new("jcmd").args([&pid.to_string(), "Compiler.codelist"]).output().expect("jcmd (openjdk-17-jdk-headless)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The twins: `OrderHandler.fetch` keeps its connections (leak, the
+/// helper `Backend.connect` names the site as for every language, the
+/// keeping method is in the stack, the peer is redis), `StockHandler.fetch`
+/// closes them (never a leak). `expect_compiled`: whether the JVM must
+/// have compiled the keeping method by the end (checked with jcmd), so
+/// that the compiled-frame path was the one walked.
+fn twins(jvm_flags: &[&str], warm: &str, expect_compiled: Option<bool>) {
+    let redis = start_redis();
+    let port = redis.addr.rsplit(':').next().unwrap().to_string();
+    let t = start_java(jvm_flags, "ConnTwins", &["--redis", &port, "--warm", warm]);
+    let run = attach(t.pid(), "connections", 8);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    assert!(!run.stderr.contains("Java frames are off"), "stderr: {}", run.stderr);
+    let report = run.final_report();
+    let all = summarize(&report);
+    let leaks: Vec<&Value> = report["findings"].as_array().unwrap().iter().filter(|f| f["verdict"] == "leak").collect();
+    assert_eq!(leaks.len(), 1, "exactly one leak expected:{all}");
+    let leak = leaks[0];
+    let funcs = functions(leak);
+    assert_eq!(leak["site"], "Backend.connect", "{all}");
+    let at = funcs.iter().position(|f| f == "Backend.connect").unwrap();
+    assert_eq!(funcs.get(at + 1).map(String::as_str), Some("OrderHandler.fetch"), "{all}");
+    assert!(funcs.iter().any(|f| f == "java.net.Socket.connect"), "JDK frames kept in the stack:{all}");
+    assert_eq!(leak["peer"], redis.addr.as_str(), "{all}");
+    // The busy twin (two connections a round, all closed): counted, never
+    // a leak (a stack with nothing live may be left out of the report).
+    for f in findings_with(&report, "StockHandler.fetch") {
+        assert_ne!(f["verdict"], "leak", "{all}");
+    }
+    let opened = report["events"]["connection"].as_u64().unwrap();
+    assert!(opened > 2 * leak["created"].as_u64().unwrap(), "the closing twin's sockets were not seen ({opened} events):{all}");
+    if let Some(compiled) = expect_compiled {
+        let list = compiled_methods(t.pid());
+        assert_eq!(list.contains("OrderHandler.fetch") || list.contains("ConnTwins.main"), compiled, "jcmd Compiler.codelist:\n{list}");
+    }
+}
+
+#[test]
+fn java_twins_attached_a_second_after_start() {
+    twins(&[], "0", None);
+}
+
+#[test]
+fn java_twins_after_warm_up_with_c2_inlining() {
+    twins(&["-XX:-TieredCompilation", "-XX:CompileThreshold=100"], "300", Some(true));
+}
+
+#[test]
+fn java_twins_interpreted_only() {
+    twins(&["-Xint"], "0", Some(false));
+}
+
+#[test]
+fn java_twins_c1_only() {
+    twins(&["-XX:TieredStopAtLevel=1"], "300", Some(true));
+}
+
+fn lock_findings(report: &Value) -> Vec<&Value> {
+    report["findings"].as_array().unwrap().iter().filter(|f| f["kind"] == "lock").collect()
+}
+
+fn holder_functions(f: &Value) -> Vec<String> {
+    f["holder_stack"].as_array().map(|a| a.iter().map(|f| f["function"].as_str().unwrap_or("").to_string()).collect()).unwrap_or_default()
+}
+
+fn locks_summary(report: &Value) -> String {
+    lock_findings(report)
+        .iter()
+        .map(|f| format!("\n  {} {} kind={} waits={} share={} site={} via={} holder={}", f["verdict"], f["lock"], f["lock_kind"], f["contentions"], f["wait_share"], f["site"], f["via"], f["holder_site"]))
+        .collect()
+}
+
+/// The pool, monitor and negative-control assertions on one report.
+fn assert_pools(report: &Value) {
+    let all = locks_summary(report);
+    let locks = lock_findings(report);
+    // The drained pool: contended at the borrowing method, through the
+    // pool library, with wait time and the returning method as waker.
+    let pool = locks
+        .iter()
+        .find(|f| f["lock_kind"] == "java-condition" && f["site"] == "ReportJob.render")
+        .unwrap_or_else(|| panic!("no condition wait at ReportJob.render:{all}"));
+    assert_eq!(pool["verdict"], "contended", "{all}");
+    assert!(pool["via"].as_str().unwrap_or("").starts_with("org.apache.commons.pool2."), "{all}");
+    assert!(pool["wait_ns"].as_u64().unwrap() > 1_000_000_000, "{all}");
+    assert_eq!(pool["holder_site"], "ReportJob.release", "{all}");
+    assert!(holder_functions(pool).iter().any(|f| f == "org.apache.commons.pool2.impl.GenericObjectPool.returnObject"), "{all}");
+    // The healthy pool next to it never is.
+    for f in &locks {
+        let funcs = functions(f);
+        let is = |name: &str| funcs.iter().any(|n| n == name) || f["site"] == name;
+        if is("LookupJob.lookup") {
+            assert_ne!(f["verdict"], "contended", "healthy pool judged contended:{all}");
+        }
+        // Negative controls: never contended, sleeps never locks.
+        for quiet in ["Mailbox.await", "java.util.concurrent.ThreadPoolExecutor.getTask", "java.lang.Thread.sleep"] {
+            if is(quiet) && !is("Ledger.post") && !is("ReportJob.render") {
+                assert_ne!(f["verdict"], "contended", "{quiet} judged contended:{all}");
+            }
+        }
+        assert_ne!(f["lock_kind"], "java-sleep", "{all}");
+    }
+    // `synchronized`: monitor-enter waits at the synchronized method.
+    let monitor = locks
+        .iter()
+        .find(|f| f["lock_kind"] == "java-monitor-enter" && f["site"] == "Ledger.post")
+        .unwrap_or_else(|| panic!("no monitor enter at Ledger.post:{all}"));
+    assert!(monitor["contentions"].as_u64().unwrap() >= 20, "{all}");
+}
+
+#[test]
+fn java_pool_starvation_and_monitor_contention_attached_a_second_after_start() {
+    let t = start_java(&[], "Pools", &[]);
+    let run = attach(t.pid(), "locks", 8);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    assert_pools(&run.final_report());
+}
+
+/// Warm (C2 with inlining), cross-checked with the JVM's own thread dump:
+/// a report worker parked in the pool has, in `jcmd Thread.print`, the
+/// frames leaktrace shows for the contended pool (same methods, same order).
+#[test]
+fn java_pool_starvation_warm_matches_jcmd_thread_dump() {
+    let t = start_java(&["-XX:-TieredCompilation", "-XX:CompileThreshold=100"], "Pools", &[]);
+    thread::sleep(Duration::from_secs(2));
+    let pid = t.pid();
+    let dump = thread::spawn(move || {
+        thread::sleep(Duration::from_secs(4));
+        let out = Command::new("jcmd").args([&pid.to_string(), "Thread.print"]).output().expect("jcmd");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    });
+    let run = attach(pid, "locks", 8);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    let report = run.final_report();
+    assert_pools(&report);
+    let dump = dump.join().unwrap();
+    // The frames of each report worker waiting in the pool's deque.
+    let parked: Vec<Vec<String>> = dump
+        .split("\n\n")
+        .filter(|t| t.starts_with("\"report-") && t.contains("LinkedBlockingDeque"))
+        .map(|t| t.lines().filter_map(|l| l.trim().strip_prefix("at ")).map(|f| f.split('(').next().unwrap().to_string()).collect())
+        .collect();
+    assert!(!parked.is_empty(), "no report worker parked in the pool:\n{dump}");
+    let pool = lock_findings(&report).into_iter().find(|f| f["site"] == "ReportJob.render" && f["lock_kind"] == "java-condition").unwrap();
+    let ours: Vec<String> = functions(pool).into_iter().filter(|f| !f.starts_with('[')).collect();
+    assert!(parked.iter().any(|jcmd| *jcmd == ours), "leaktrace's waiter stack {ours:?} is none of jcmd's:\n{parked:#?}");
+}
+
+/// The JVM exits in the middle of the trace: the trace ends cleanly with
+/// its findings, no crash.
+#[test]
+fn java_exit_mid_trace() {
+    let redis = start_redis();
+    let port = redis.addr.rsplit(':').next().unwrap().to_string();
+    let t = start_java(&[], "ConnTwins", &["--redis", &port, "--exit-after-ms", "2500"]);
+    let pid = t.pid().to_string();
+    let run = run_leaktrace(&["attach", "--pid", &pid, "--for", "20s", "--interval", "1s", "--format", "json", "--track", "connections,locks"]);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    let report = run.final_report();
+    assert_eq!(report["exited"], true, "{}", summarize(&report));
+    assert!(!findings_with(&report, "OrderHandler.fetch").is_empty(), "{}", summarize(&report));
+}
