@@ -171,6 +171,7 @@ pub fn check_target(pid: u32) -> Result<()> {
     if pid == std::process::id() {
         bail!("{pid} is leaktrace itself");
     }
+    crate::privileges::check_process_access(pid)?;
     // Kernel threads have no executable and no user stack to attribute.
     if fs::read_link(format!("/proc/{pid}/exe")).is_err() && fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|m| m.is_empty()) {
         bail!("{pid} is a kernel thread: nothing to trace");

@@ -138,6 +138,13 @@ fn prometheus_scrapes_a_rising_leak_and_a_flat_lookalike() {
     assert!(leak_findings >= 1.0, "leaktrace_findings never counted the leak{}", ctx(&leak_pid));
     let events = prom.query_one(&format!("increase(leaktrace_events_total{{kind=\"connection\",pid=\"{leak_pid}\"}}[10s])"));
     assert!(events > 0.0, "events counter does not move");
+    // attach names its target too: the join the dashboard's selector uses.
+    let named = prom.query(&format!(
+        "leaktrace_findings{{kind=\"connection\",verdict=\"leak\",pid=\"{leak_pid}\"}} * on (pid) group_left (comm, build_id) leaktrace_target_info"
+    ));
+    assert_eq!(named.len(), 1, "no leaktrace_target_info to join for pid {leak_pid}: {named:?}");
+    assert_eq!(named[0]["metric"]["comm"], "conn_leak", "{named:?}");
+    assert_ne!(named[0]["metric"]["build_id"], "", "{named:?}");
 
     // ---- The look-alike: the same site (its pool), flat, never a leak.
     let clean_live = prom.query_range(&live_q(&clean_pid), start_t, end_t);

@@ -15,8 +15,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::identity::Identity;
-use crate::render::prometheus::{encode_reports, escape_label, family, SharedReport};
+use crate::identity::Identity;
+use crate::render::prometheus::{encode_reports, encode_target_info, family, SharedReport};
 
 /// One target of the agent.
 #[derive(Debug)]
@@ -82,13 +82,7 @@ impl Collector for FleetCollector {
         let reports: Vec<&crate::report::Report> = guards.iter().filter_map(|g| g.as_ref()).collect();
         encode_reports(&mut e, &reports, true, self.max_sites)?;
         let e = &mut e;
-        family(
-            e,
-            "leaktrace_target_info",
-            "Always 1 per traced process: its identity (join on pid). container_id, pod_uid and friends come from its cgroup path; empty when it has none.",
-            MetricType::Gauge,
-            fleet.targets.values().map(|t| (info_labels(&t.identity), ConstGauge::new(1))),
-        )?;
+        encode_target_info(e, fleet.targets.values().map(|t| &t.identity))?;
         family(
             e,
             "leaktrace_target_exited",
@@ -138,26 +132,6 @@ impl Collector for FleetCollector {
         )?;
         Ok(())
     }
-}
-
-/// The labels of one `leaktrace_target_info` row.
-fn info_labels(i: &Identity) -> Vec<(&'static str, String)> {
-    let c = &i.container;
-    [
-        ("pid", i.pid.to_string()),
-        ("comm", i.comm.clone()),
-        ("exe", i.exe.clone()),
-        ("build_id", i.build_id.clone()),
-        ("cgroup", i.cgroup.clone()),
-        ("container_id", c.id.clone()),
-        ("container_runtime", c.runtime.clone()),
-        ("pod_uid", c.pod_uid.clone()),
-        ("qos_class", c.qos_class.clone()),
-        ("systemd_unit", c.systemd_unit.clone()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k, escape_label(&v)))
-    .collect()
 }
 
 /// The agent's own CPU seconds (utime + stime of /proc/self/stat) and RSS bytes.

@@ -9,7 +9,6 @@
 //! its target exits: its final report stays on /metrics for
 //! `--keep-exited`, then its series are removed.
 
-pub mod identity;
 pub mod metrics;
 pub mod select;
 
@@ -34,7 +33,7 @@ use crate::{
     session::{self, Outcome},
     trackers::{Counters, REGISTRY},
 };
-use identity::Identity;
+use crate::identity::{self, Identity};
 use metrics::{Fleet, SharedFleet, Skip, Traced};
 use select::{Candidate, Selector};
 
@@ -122,6 +121,7 @@ fn running_pids() -> Vec<u32> {
 pub async fn run(agent: AgentOptions, opts: TraceOptions, listener: tokio::net::TcpListener) -> Result<()> {
     let names = crate::cli::trackers(&opts.track).map_err(anyhow::Error::msg)?;
     crate::probes::preflight()?;
+    crate::privileges::check_agent(crate::probes::effective_caps())?;
     let mut watcher = ExecWatcher::start(&opts)?;
     let fleet = SharedFleet::default();
     let (stop, mut stopped) = tokio::sync::watch::channel(false);

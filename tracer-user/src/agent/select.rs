@@ -1,7 +1,7 @@
 //! `--match` selectors of `leaktrace agent`: which processes it traces. A
 //! process is traced when any selector matches it.
 
-use super::identity::Container;
+use crate::identity::Container;
 
 /// One `--match` selector.
 #[derive(Clone, Debug, PartialEq, Eq)]

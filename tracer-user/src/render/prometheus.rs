@@ -20,7 +20,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::report::{Report, Verdict};
+use crate::{
+    identity::Identity,
+    report::{Report, Verdict},
+};
 
 /// The latest report, written by the reporting loop and read by each scrape.
 /// `None` until the first report exists.
@@ -46,22 +49,61 @@ pub const OTHER_SITE: &str = "other";
 pub struct ReportCollector {
     shared: SharedReport,
     max_sites: usize,
+    /// The target's identity, read at the first scrape (again when the
+    /// target's pid or command changes: an exec).
+    identity: Arc<std::sync::Mutex<Option<Identity>>>,
 }
 
 impl ReportCollector {
     /// A collector over `shared`, keeping at most `max_sites` sites per kind.
     pub fn new(shared: SharedReport, max_sites: usize) -> Self {
-        ReportCollector { shared, max_sites }
+        ReportCollector { shared, max_sites, identity: Arc::default() }
     }
 }
 
 impl Collector for ReportCollector {
-    fn encode(&self, encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         // A writer that panicked cannot leave a half-written report (it is
         // replaced whole), so a poisoned lock is still safe to read.
         let guard = self.shared.read().unwrap_or_else(|e| e.into_inner());
-        encode_report(guard.as_ref(), self.max_sites, encoder)
+        let reports: Vec<&Report> = guard.iter().collect();
+        encode_reports(&mut encoder, &reports, guard.is_some(), self.max_sites)?;
+        let Some(report) = guard.as_ref() else { return Ok(()) };
+        let mut cached = self.identity.lock().unwrap_or_else(|e| e.into_inner());
+        if cached.as_ref().is_none_or(|i| i.pid != report.pid || (i.comm != report.comm && report.comm != "?")) {
+            *cached = Some(Identity::read(report.pid));
+        }
+        encode_target_info(&mut encoder, cached.iter())
     }
+}
+
+/// `leaktrace_target_info`: one row per target, always 1 (join on `pid`).
+pub fn encode_target_info<'a>(e: &mut DescriptorEncoder, targets: impl Iterator<Item = &'a Identity>) -> Result<(), std::fmt::Error> {
+    family(
+        e,
+        "leaktrace_target_info",
+        "Always 1 per traced process: its identity (join on pid). container_id, pod_uid and friends come from its cgroup path; empty when it has none.",
+        MetricType::Gauge,
+        targets.map(|i| {
+            let c = &i.container;
+            let labels: Labels = [
+                ("pid", i.pid.to_string()),
+                ("comm", i.comm.clone()),
+                ("exe", i.exe.clone()),
+                ("build_id", i.build_id.clone()),
+                ("cgroup", i.cgroup.clone()),
+                ("container_id", c.id.clone()),
+                ("container_runtime", c.runtime.clone()),
+                ("pod_uid", c.pod_uid.clone()),
+                ("qos_class", c.qos_class.clone()),
+                ("systemd_unit", c.systemd_unit.clone()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k, escape_label(&v)))
+            .collect();
+            (labels, ConstGauge::new(1))
+        }),
+    )
 }
 
 /// A registry holding one [`ReportCollector`] over `shared`: what the
@@ -199,16 +241,6 @@ pub(crate) fn family<M: EncodeMetric>(
         metric.encode(metric_encoder.encode_family(&labels)?)?;
     }
     Ok(())
-}
-
-/// All families for `report` (`None`: only `leaktrace_up 0` and the build).
-fn encode_report(
-    report: Option<&Report>,
-    max_sites: usize,
-    mut encoder: DescriptorEncoder,
-) -> Result<(), std::fmt::Error> {
-    let reports: Vec<&Report> = report.into_iter().collect();
-    encode_reports(&mut encoder, &reports, report.is_some(), max_sites)
 }
 
 /// This build: `leaktrace_build_info{version, revision} 1`.
