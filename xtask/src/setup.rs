@@ -51,6 +51,11 @@ const APT_PACKAGES: &[&str] = &[
     "libhiredis-dev",
     // `cargo xtask cores`: core files of the Go fixtures (gcore).
     "gdb",
+    // `cargo xtask bench unwind`: a JVM as the large target (javac builds
+    // fixtures/java/SocketLoop.java); `unshare`/`ip` for a test in a
+    // network namespace of its own (tests/exhaustion.rs).
+    "openjdk-17-jdk-headless",
+    "iproute2",
 ];
 
 /// `125` for 1.25.5: the suffix of fixtures built with that toolchain.

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [tasks|maps|allocations|locks|fds]` (no name: the
+//! `cargo xtask bench [tasks|maps|allocations|locks|fds|unwind]` (no name: the
 //! connection bench) and what the benches share: option parsing, medians
 //! and paired ratios, reading a child's lines, starting and stopping bench
 //! programs and tracers, bare tracefs uprobes, binutils lookups.
@@ -8,6 +8,7 @@ pub mod connections;
 pub mod locks;
 pub mod maps;
 pub mod tasks;
+pub mod unwind;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -30,6 +31,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         Some("allocations") => allocations::run(root, rest),
         Some("locks") => locks::run(root, rest),
         Some("fds") => connections::run(root, &connections::FILES, rest),
+        Some("unwind") => unwind::run(root, rest),
         _ => connections::run(root, &connections::SOCKETS, args),
     }
 }
