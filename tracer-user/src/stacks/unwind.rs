@@ -582,13 +582,16 @@ impl Unwinder {
             };
             let (mut key, mut sp, mut bp) = (key, snap.sp, snap.bp);
             let mut finished = false;
-            let since = unmaps_now.saturating_sub(snap.unmaps);
-            let unmapped_since: Vec<CodeRange> = (0..since.min(u64::from(MAX_UNMAPPED)))
-                .map(|i| ring[((snap.unmaps + i) % u64::from(MAX_UNMAPPED)) as usize])
+            // The newest of them when the ring went round since (an
+            // allocator unmapping big blocks): cutting every such miss
+            // would leave its stacks short for good.
+            let since = unmaps_now.saturating_sub(snap.unmaps).min(u64::from(MAX_UNMAPPED));
+            let unmapped_since: Vec<CodeRange> = (unmaps_now - since..unmaps_now)
+                .map(|seq| ring[(seq % u64::from(MAX_UNMAPPED)) as usize])
                 .collect();
             for _ in 0..MAX_WALKED_FRAMES {
                 let pc = key & !RULE_AT_PC;
-                if since > u64::from(MAX_UNMAPPED) || unmapped_since.iter().any(|r| (r.start..r.end).contains(&pc)) {
+                if unmapped_since.iter().any(|r| (r.start..r.end).contains(&pc)) {
                     // Its code was unmapped since: what is there now is not it.
                     break;
                 }
