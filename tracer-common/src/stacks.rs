@@ -202,7 +202,9 @@ pub mod unwind_sync {
 }
 
 /// Ranges the target unmapped last (a ring; see `unwind_sync::UNMAPS`).
-pub const MAX_UNMAPPED: u32 = 64;
+/// An allocator returning big blocks unmaps often: a miss older than this
+/// many unmaps is checked against the newest ones only.
+pub const MAX_UNMAPPED: u32 = 256;
 
 /// Stacks walked with rules, shared by the trackers that take stacks at
 /// syscalls and probes (connections, threads).
