@@ -123,6 +123,11 @@ pub struct TraceOptions {
     /// (HOST:PORT; HOST an address or a name such as localhost).
     #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
     pub listen: Option<String>,
+    /// TLS and basic authentication for /metrics, from a web configuration
+    /// file in the Prometheus exporter-toolkit format (tls_server_config:
+    /// cert_file, key_file, min_version; basic_auth_users: user -> bcrypt hash).
+    #[arg(long, value_name = "FILE")]
+    pub web_config: Option<PathBuf>,
     /// What counts as your own code when naming a finding's site: functions
     /// starting with PREFIX (repeatable; e.g. `github.com/acme/` for a
     /// monorepo, a plugin's package). Default: the main executable's own

@@ -55,6 +55,10 @@ const APT_PACKAGES: &[&str] = &[
     // `jcmd` is the tests' oracle) and the real pool library they drain.
     "openjdk-17-jdk-headless",
     "libcommons-pool2-java",
+    // tests/web_config.rs makes its self-signed certificate with the
+    // openssl CLI; tests/privileges.rs hands capabilities with setpriv.
+    "openssl",
+    "util-linux",
 ];
 
 /// `125` for 1.25.5: the suffix of fixtures built with that toolchain.
