@@ -84,7 +84,9 @@ pub enum Command {
         settle: Duration,
         /// Processes traced at once; more matches are skipped and counted
         /// (leaktrace_agent_targets_skipped_total{reason="max_targets"}).
-        #[arg(long, default_value_t = 32, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+        /// Each target is its own load of the eBPF programs, and the kernel
+        /// allows 64 programs per tracepoint: keep it well under 32.
+        #[arg(long, default_value_t = 24, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
         max_targets: u32,
         #[command(flatten)]
         opts: TraceOptions,
