@@ -190,6 +190,11 @@ pub struct Finding {
     /// finalizers closed (the program dropped them without `Close`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ended_by_finalizer: Option<u64>,
+    /// The addresses of the stack the finding was judged under, when a
+    /// collector read them (not a kernel stack id): trackers that act on a
+    /// verdict find their series by it. Not part of the JSON.
+    #[serde(skip)]
+    pub addresses: Vec<u64>,
 }
 
 impl Finding {
@@ -225,6 +230,7 @@ impl Finding {
             ended: 0,
             ended_by_finalizer: None,
             before_attach: false,
+            addresses: Vec::new(),
         }
     }
 }

@@ -167,7 +167,7 @@ pub async fn trace(
         c.terminate();
     }
     outlet.close().await;
-    s.trackers.closing_notes().into_iter().chain(s.stacks.closing_note()).for_each(output::note);
+    s.trackers.closing_notes().into_iter().chain(s.stacks.closing_note(&s.counters)).for_each(output::note);
     let omitted = std::mem::take(&mut s.omitted);
     drop(s);
     output::note(format!("detached from {pid}"));
@@ -270,6 +270,7 @@ impl Session {
         let mut findings = self.judge.findings(&collected, &mut self.stacks.resolver, &self.target.memory, t).await;
         self.stacks.stripped.warn_once(&findings);
         let exhaustion = self.judge.exhaustion(&mut findings, self.target.pid, self.target.alive);
+        self.trackers.on_findings(&mut self.probes, &self.target, &findings, &self.judge.own);
         self.omitted = judge::rank(&mut findings, self.max_findings);
 
         let tally = self.trackers.tally(&self.counters);

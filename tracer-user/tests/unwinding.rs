@@ -315,3 +315,50 @@ fn unwind_info_from_a_separate_debug_file() {
     let report = trace("nofp_service_debuglink", "connections");
     assert_planted(&report, "connection", "get_user_profile", "handle_profile", "get_session");
 }
+
+/// A service that loads a plugin per request and unloads it (`dlopen`,
+/// `dlclose`): two builds of one plugin with the same code offsets and
+/// different stack frames, mapped in turn at the same address. Every stack
+/// through the plugin must come out whole — a rule kept from the unloaded
+/// one would walk the other's frames wrong — the kept socket is the leak and
+/// the closed one not, and the rules of unmapped code are dropped (the rule
+/// table stays small however many times the plugins are loaded).
+#[test]
+fn rules_of_unloaded_libraries_are_dropped() {
+    let t = start("dlopen_plugins", &[]);
+    let pid = t.pid().to_string();
+    let run = run_leaktrace(&["attach", "--pid", &pid, "--for", "8s", "--interval", "1s", "--track", "connections", "--json"]);
+    drop(t);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    let report = run.final_report();
+    let all = summarize(&report);
+    let through = findings_with(&report, "plugin_dial");
+    assert!(!through.is_empty(), "no stack through the plugin:{all}");
+    // Whole, or cut short (a call path whose plugin was unloaded before its
+    // first walk was finished: counted), never wrong.
+    let mut cut = 0;
+    for f in &through {
+        let funcs = functions(f);
+        let at = funcs.iter().position(|n| n == "plugin_dial").unwrap();
+        let rest: Vec<&str> = funcs[at + 1..].iter().map(String::as_str).collect();
+        match rest.as_slice() {
+            [] => cut += 1,
+            ["keep_audit_socket" | "probe_health", "serve", "main", ..] => {}
+            _ => panic!("wrong frames after plugin_dial: {rest:?}:{all}"),
+        }
+    }
+    assert!(cut == 0 || report["lost"]["truncated_stacks"].as_u64().unwrap_or(0) > 0, "cut stacks not counted:{all}");
+    let leak = through.iter().find(|f| f["site"] == "keep_audit_socket").unwrap_or_else(|| panic!("no keep_audit_socket finding:{all}"));
+    assert_eq!(leak["verdict"], "leak", "{all}");
+    for f in findings_with(&report, "probe_health") {
+        assert_ne!(f["verdict"], "leak", "look-alike probe_health judged a leak:{all}");
+    }
+    // "unwinding: N rules learned (...) ...; M rules dropped with their unmapped code"
+    let note = run.stderr.lines().find(|l| l.contains("unwinding: ")).unwrap_or_else(|| panic!("no unwinding note: {}", run.stderr));
+    let number_before = |word: &str| -> u64 {
+        let head = &note[..note.find(word).unwrap_or_else(|| panic!("{word} not in {note}"))];
+        head.split_whitespace().last().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no count before {word}: {note}"))
+    };
+    assert!(number_before("rules dropped") > 0, "{note}");
+    assert!(number_before("rules learned") < 200, "rule table grows with every load: {note}");
+}

@@ -131,10 +131,13 @@ impl Judge {
             } else if let Some(m) = &s.map {
                 (kind, series_id(m))
             } else {
-                // By the frames when known: samples merged by frames keep
-                // one series whichever of their stack keys stands for them
-                // (a JVM's method walked interpreted, then compiled).
-                match frames.get(&s.stack).filter(|f| !f.is_empty() && !is_placeholder(f)) {
+                // A JVM's stacks by their frames (final once named): one
+                // method walked interpreted, then compiled, is several keys
+                // merged into one sample, and stays one series whichever
+                // key stands for them. Native frames may still be finished
+                // later (unwinding): those go by their key.
+                let java = matches!(&s.stack, SampleStack::Kernel(k) if k.stack_id == tracer_common::jvm::JAVA_STACK);
+                match frames.get(&s.stack).filter(|f| java && !f.is_empty() && !is_placeholder(f)) {
                     Some(f) => (kind, series_id(f)),
                     None => (kind, series_id(&s.stack)),
                 }
@@ -170,7 +173,11 @@ impl Judge {
             } else {
                 (j.growth_per_min, None)
             };
-            let stack = if s.before_attach { Vec::new() } else { frames.get(&s.stack).cloned().unwrap_or_default() };
+            let mut stack = if s.before_attach { Vec::new() } else { frames.get(&s.stack).cloned().unwrap_or_default() };
+            // A library's `go` statement: the code that ran it, above it.
+            if let Some(creator) = s.created_by.as_ref().and_then(|c| frames.get(c)) {
+                stack.extend(creator.iter().skip(1).cloned());
+            }
             // A placeholder bucket ("[stack not recorded]", "[stack table
             // full]") mixes unrelated stacks: shown, counted, never judged.
             let verdict = if is_placeholder(&stack) { Verdict::Steady } else { j.verdict };
@@ -205,6 +212,10 @@ impl Judge {
                 ended: s.ended,
                 ended_by_finalizer: s.ended_by_finalizer,
                 before_attach: s.before_attach,
+                addresses: match &s.stack {
+                    SampleStack::Addresses(a) => a.clone(),
+                    SampleStack::Kernel(_) => Vec::new(),
+                },
                 ..Finding::new(kind, verdict)
             });
         }
@@ -223,7 +234,10 @@ impl Judge {
         let mut keys: Vec<SampleStack> = Vec::new();
         for c in collected {
             match c {
-                Collected::Growth { samples, .. } => keys.extend(samples.iter().map(|s| s.stack.clone())),
+                Collected::Growth { samples, .. } => {
+                    keys.extend(samples.iter().map(|s| s.stack.clone()));
+                    keys.extend(samples.iter().filter_map(|s| s.created_by.clone()));
+                }
                 Collected::Contention(locks) => {
                     for l in locks {
                         keys.push(l.first.clone());

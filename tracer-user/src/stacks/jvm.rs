@@ -82,6 +82,8 @@ pub struct Jvm {
     pub fields: usize,
     /// The JDK's major version.
     pub version: i32,
+    /// How long setting up the walk took (VMStructs, TLS, BTF), ms.
+    pub setup_ms: f64,
     methods: HashMap<u64, Option<String>>,
     call_sites: HashMap<u64, Option<Vec<(u64, u64)>>>,
     /// Frames that could not be named (freed code, cut walks).
@@ -201,7 +203,7 @@ impl Jvm {
             n_heaps: n as u64,
             heaps,
         };
-        Ok(Some(Self { mem, off, config, fields: vm.len(), version: major.unwrap_or(0), methods: HashMap::new(), call_sites: HashMap::new(), unknown_frames: 0 }))
+        Ok(Some(Self { mem, off, config, fields: vm.len(), version: major.unwrap_or(0), setup_ms: 0.0, methods: HashMap::new(), call_sites: HashMap::new(), unknown_frames: 0 }))
     }
 
     fn u64_at(&self, addr: u64) -> Option<u64> {

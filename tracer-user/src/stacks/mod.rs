@@ -108,8 +108,10 @@ impl Stacks {
         if crate::binary::hotspot::libjvm_mapping(mappings).is_none() {
             return;
         }
+        let started = std::time::Instant::now();
         match jvm::Jvm::attach(pid, mappings) {
-            Ok(Some(j)) => {
+            Ok(Some(mut j)) => {
+                j.setup_ms = started.elapsed().as_secs_f64() * 1000.0;
                 if let Err(e) = self.jvm_config.insert(pid, j.config, 0) {
                     output::warn(format!("Java frames are off: cannot configure the walk ({e})"));
                 } else {
@@ -155,11 +157,30 @@ impl Stacks {
     }
 
     /// What the unwinder did, for the end of a trace.
-    pub fn closing_note(&self) -> Option<String> {
+    pub fn closing_note(&self, counters: &Counters) -> Option<String> {
+        use tracer_common::jvm::counter as jc;
         let java = self.resolver.java.as_ref().map(|j| {
-            format!("Java frames: JDK {} ({} VMStructs fields read), {} frames left unnamed", j.version, j.fields, j.unknown_frames)
+            format!(
+                "Java frames: JDK {} ({} VMStructs fields read, set up in {:.0} ms), {} events walked ({} cut short), {} with no Java frames (native), {} frames left unnamed",
+                j.version,
+                j.fields,
+                j.setup_ms,
+                counters.sum(jc::WALKS),
+                counters.sum(jc::CUT),
+                counters.sum(jc::NATIVE),
+                j.unknown_frames
+            )
         });
-        let native = self.unwinder.as_ref().map(|u| u.stats.summary());
+        let queue_full = counters.sum(tracer_common::stacks::unwind_counter::QUEUE_FULL);
+        let native = self.unwinder.as_ref().map(|u| {
+            let mut s = u.stats.summary();
+            if queue_full > 0 {
+                s.push_str(&format!(
+                    "; {queue_full} walks went on by frame pointers while the queue of new call paths was full"
+                ));
+            }
+            s
+        });
         match (native, java) {
             (Some(n), Some(j)) => Some(format!("{n}; {j}")),
             (n, j) => n.or(j),

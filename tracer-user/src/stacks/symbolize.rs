@@ -481,6 +481,11 @@ fn is_standard_function(func: &str) -> bool {
 /// unlike `main.x` and `github.com/...`.
 fn is_go_std(func: &str) -> bool {
     let head = func.split('/').next().unwrap_or(func);
+    // A module path (`go.etcd.io/etcd/...`, `github.com/...`): its first
+    // element has a dot, which the standard library's never has.
+    if func.contains('/') && head.contains('.') {
+        return false;
+    }
     let pkg = head.split('.').next().unwrap_or(head);
     if pkg == "main" || pkg.is_empty() {
         return false;
@@ -642,5 +647,9 @@ mod tests {
         assert!(!is_go_std("github.com/redis/go-redis/v9.(*Client).Get"));
         assert!(is_go_std("internal/poll.(*FD).Init"));
         assert!(!is_go_std("main.main"));
+        // A module whose path starts with "go." is not package go/...
+        assert!(!is_go_std("go.etcd.io/etcd/clientv3/concurrency.NewSession"));
+        assert!(!is_go_std("go.uber.org/zap.(*Logger).Info"));
+        assert!(is_go_std("go/ast.Walk"));
     }
 }

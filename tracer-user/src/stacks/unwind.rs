@@ -25,14 +25,15 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::maps::{Array as BpfArray, HashMap as BpfHashMap, MapData};
 use gimli::{
     BaseAddresses, CfaRule, DebugFrame, EhFrame, EhFrameHdr, EvaluationResult, FrameDescriptionEntry,
     LittleEndian, Location, RegisterRule, UnwindContext, UnwindSection, Value, X86_64,
 };
 use object::{Object, ObjectSection};
 use tracer_common::stacks::{
-    rule_kind, MissSnapshot, UnwindRule, MAX_UNWIND_RULES, MAX_WALKED_FRAMES, PROVISIONAL_KEY, RULE_AT_PC,
+    rule_kind, unwind_sync, CodeRange, MissSnapshot, UnwindRule, MAX_RULE_MAPPINGS, MAX_UNMAPPED, MAX_UNWIND_RULES,
+    MAX_WALKED_FRAMES, PROVISIONAL_KEY, RULE_AT_PC,
 };
 
 use crate::{
@@ -429,6 +430,10 @@ pub struct UnwindStats {
     pub cfi_bytes: usize,
     /// Whether the rule table filled (further misses stay misses).
     pub full: bool,
+    /// Rules dropped because their code was unmapped (`dlclose`), and the
+    /// times the kernel's walks were told the rules are current again.
+    pub dropped: u64,
+    pub resyncs: u64,
     /// Walks cut at a miss and finished here from their snapshot, and
     /// those of them whose snapshot ended before the stack did.
     pub finished: u64,
@@ -440,14 +445,16 @@ impl UnwindStats {
     pub fn summary(&self) -> String {
         format!(
             "unwinding: {} rules learned ({} frame-pointer guesses, {} stack ends) from {} objects ({} KiB of CFI kept); \
-             {} first walks of new call paths finished from their stack copy, {} of them cut short",
+             {} first walks of new call paths finished from their stack copy, {} of them cut short; \
+             {} rules dropped with their unmapped code",
             self.rules,
             self.fp_guess_rules,
             self.end_rules,
             self.objects,
             self.cfi_bytes / 1024,
             self.finished,
-            self.unfinished
+            self.unfinished,
+            self.dropped
         )
     }
 }
@@ -461,11 +468,34 @@ pub struct Unwinder {
     known: std::collections::HashSet<u64>,
     cfi: CfiObjects,
     pub stats: UnwindStats,
+    /// The target's memory map as last read (not merged: a mapping gone is
+    /// gone here), what rules are looked up in.
+    current: MemoryMap,
+    /// The mappings rules were learned in, with their rule keys (and
+    /// kinds), mirrored into the kernel's `UNWIND_CODE`.
+    rule_mappings: Vec<RuleMapping>,
+    code: BpfArray<MapData, CodeRange>,
+    sync: BpfArray<MapData, u64>,
+    /// The kernel's ring of the target's last unmapped ranges.
+    unmapped: BpfArray<MapData, CodeRange>,
+}
+
+/// A mapping rules were learned in: dropped with them when it is unmapped.
+struct RuleMapping {
+    start: u64,
+    end: u64,
+    inode: u64,
+    keys: Vec<(u64, u32)>,
 }
 
 impl Unwinder {
-    /// Takes the rule and miss maps out of the loaded object.
+    /// Takes the rule and miss maps out of the loaded object and watches
+    /// the target's unmaps of code with rules.
     pub fn new(probes: &mut crate::probes::Probes, pid: u32) -> Result<Self> {
+        probes.attach_tracepoints(&[
+            ("unwind_munmap", "syscalls", "sys_enter_munmap"),
+            ("unwind_munmap_exit", "syscalls", "sys_exit_munmap"),
+        ])?;
         Ok(Self {
             pid,
             rules: probes.take_map("UNWIND_RULES")?,
@@ -473,20 +503,113 @@ impl Unwinder {
             known: Default::default(),
             cfi: CfiObjects::new(pid),
             stats: UnwindStats::default(),
+            current: MemoryMap::default(),
+            rule_mappings: Vec::new(),
+            code: probes.take_map("UNWIND_CODE")?,
+            sync: probes.take_map("UNWIND_SYNC")?,
+            unmapped: probes.take_map("UNMAPPED")?,
         })
+    }
+
+    /// After the target unmapped code that rules were learned in: reads its
+    /// memory map, drops the rules of every mapping gone (or replaced), and
+    /// tells the kernel's walks the rules are current as of the generation
+    /// read first (an unmap meanwhile leaves them off until the next round).
+    fn drop_unmapped(&mut self, memory: &mut MemoryMap) {
+        let generation = self.sync.get(&unwind_sync::GENERATION, 0).unwrap_or(0);
+        if self.sync.get(&unwind_sync::SYNCED, 0).unwrap_or(0) == generation {
+            return;
+        }
+        let Ok(fresh) = MemoryMap::read(self.pid) else { return };
+        memory.merge(&fresh);
+        self.current = fresh;
+        let dropped_before = self.stats.dropped;
+        let current = &self.current;
+        let (kept, gone): (Vec<RuleMapping>, Vec<RuleMapping>) = std::mem::take(&mut self.rule_mappings)
+            .into_iter()
+            .partition(|r| current.find(r.start).is_some_and(|m| (m.start, m.end, m.inode) == (r.start, r.end, r.inode)));
+        self.rule_mappings = kept;
+        for r in gone {
+            for (key, kind) in r.keys {
+                let _ = self.rules.remove(&key);
+                self.known.remove(&key);
+                self.forget_rule(kind);
+                self.stats.dropped += 1;
+            }
+        }
+        if self.stats.dropped > dropped_before {
+            self.stats.full = false;
+        }
+        self.write_code_ranges();
+        let _ = self.sync.set(unwind_sync::SYNCED, generation, 0);
+        self.stats.resyncs += 1;
+    }
+
+    /// Mirrors `rule_mappings` into the kernel's `UNWIND_CODE`.
+    fn write_code_ranges(&mut self) {
+        for (i, r) in self.rule_mappings.iter().take(MAX_RULE_MAPPINGS as usize).enumerate() {
+            let _ = self.code.set(i as u32, CodeRange { start: r.start, end: r.end }, 0);
+        }
+        let n = self.rule_mappings.len() as u64;
+        let _ = self.sync.set(unwind_sync::CODE_ALL, u64::from(n > u64::from(MAX_RULE_MAPPINGS)), 0);
+        let _ = self.sync.set(unwind_sync::CODE_COUNT, n.min(u64::from(MAX_RULE_MAPPINGS)), 0);
+    }
+
+    /// Records that the rule `key` (of `kind`) was learned in mapping `m`;
+    /// a new mapping is watched by the kernel before its first rule goes in.
+    fn note_rule_mapping(&mut self, m: Option<&Mapping>, key: u64, kind: u32) {
+        let Some(m) = m else { return };
+        if let Some(r) = self.rule_mappings.iter_mut().find(|r| (r.start, r.end, r.inode) == (m.start, m.end, m.inode)) {
+            r.keys.push((key, kind));
+            return;
+        }
+        self.rule_mappings.push(RuleMapping { start: m.start, end: m.end, inode: m.inode, keys: vec![(key, kind)] });
+        self.write_code_ranges();
+    }
+
+    fn forget_rule(&mut self, kind: u32) {
+        self.stats.rules = self.stats.rules.saturating_sub(1);
+        match kind {
+            rule_kind::FP_GUESS => self.stats.fp_guess_rules = self.stats.fp_guess_rules.saturating_sub(1),
+            rule_kind::END => self.stats.end_rules = self.stats.end_rules.saturating_sub(1),
+            _ => {}
+        }
     }
 
     /// Learns the rules of every queued miss's call path; returns how many
     /// it learned. `memory` is re-read once when a pc lies outside every
     /// known mapping (an object mapped since the last read).
     pub fn learn(&mut self, memory: &mut MemoryMap) -> usize {
+        self.drop_unmapped(memory);
         let misses: Vec<(u64, MissSnapshot)> = self.misses.iter().filter_map(|e| e.ok()).collect();
-        let mut reread = false;
+        if misses.is_empty() {
+            return 0;
+        }
+        // What is unmapped since each miss was taken (read before the map):
+        // a pc of the copy in such a range may hold other code now.
+        let unmaps_now = self.sync.get(&unwind_sync::UNMAPS, 0).unwrap_or(0);
+        let ring: Vec<CodeRange> =
+            (0..MAX_UNMAPPED).map(|i| self.unmapped.get(&i, 0).unwrap_or_default()).collect();
+        // The map as it is now (a library loaded or replaced since the last read).
+        if let Ok(fresh) = MemoryMap::read(self.pid) {
+            memory.merge(&fresh);
+            self.current = fresh;
+        }
+        let mut reread = true;
         let mut learned = 0;
         for (provisional, snap) in misses {
             let _ = self.misses.remove(&provisional);
             let stack = &snap.stack[..(snap.len as usize).min(snap.stack.len())];
+            let since = unmaps_now.saturating_sub(snap.unmaps);
+            let unmapped_since: Vec<CodeRange> = (0..since.min(u64::from(MAX_UNMAPPED)))
+                .map(|i| ring[((snap.unmaps + i) % u64::from(MAX_UNMAPPED)) as usize])
+                .collect();
             let (beyond, mut finished) = walk_copy(snap.rule_key, snap.sp, snap.bp, snap.sp, stack, |key| {
+                let pc = key & !RULE_AT_PC;
+                if since > u64::from(MAX_UNMAPPED) || unmapped_since.iter().any(|r| (r.start..r.end).contains(&pc)) {
+                    // Its code was unmapped since: what is there now is not it.
+                    return None;
+                }
                 let (rule, new) = self.learn_one(key, memory, &mut reread)?;
                 learned += new as usize;
                 Some(rule)
@@ -501,6 +624,9 @@ impl Unwinder {
             }
             complete(provisional, beyond);
         }
+        // Drained: the kernel queues misses again (it walks on by frame
+        // pointers while the queue is full).
+        let _ = self.sync.set(unwind_sync::MISSES_QUEUED, 0, 0);
         if learned > 0 {
             // Separate debug files are read as rules need them: sum again.
             self.stats.cfi_bytes = self.cfi.cfi_bytes();
@@ -512,14 +638,16 @@ impl Unwinder {
     /// says so); `None` when the table is full.
     fn learn_one(&mut self, key: u64, memory: &mut MemoryMap, reread: &mut bool) -> Option<(UnwindRule, bool)> {
         let pc = key & !RULE_AT_PC;
-        if memory.find(pc).is_none() && !*reread {
+        if self.current.find(pc).is_none() && !*reread {
             *reread = true;
             if let Ok(fresh) = MemoryMap::read(self.pid) {
                 memory.merge(&fresh);
+                self.current = fresh;
             }
         }
         // Anonymous or JIT code, the vDSO: the stack ends cleanly.
-        let rule = self.cfi.rule_of_key(key, memory);
+        let mapping = self.current.find(pc).filter(|m| m.executable).cloned();
+        let rule = self.cfi.rule_of_key(key, &self.current);
         self.stats.objects = self.cfi.len();
         self.stats.cfi_bytes = self.cfi.cfi_bytes();
         if self.known.contains(&key) {
@@ -528,6 +656,7 @@ impl Unwinder {
         if self.stats.full {
             return None;
         }
+        self.note_rule_mapping(mapping.as_ref(), key, rule.kind);
         if self.rules.insert(key, rule, 0).is_err() {
             self.stats.full = true;
             crate::output::warn(format!(
@@ -558,6 +687,9 @@ impl Unwinder {
         self.stats.fp_guess_rules = 0;
         self.stats.end_rules = 0;
         self.stats.full = false;
+        self.rule_mappings.clear();
+        self.current = MemoryMap::default();
+        self.write_code_ranges();
     }
 }
 

@@ -21,6 +21,8 @@ use std::{
 
 use anyhow::{Context, Result};
 
+mod creators;
+
 use super::{Blocked, Collected, Counters, Judging, StackSample, Tally, Target, Tracker, TrackerSpec};
 use crate::{
     stacks::SampleStack,
@@ -36,16 +38,27 @@ use crate::{
 
 /// The goroutine tracker in the registry (a default tracker, as part of
 /// `tasks`): it applies to Go programs only and loads nothing.
-pub const SPEC: TrackerSpec = TrackerSpec { name: "goroutines", default: true, configure: super::no_settings, new };
+pub const SPEC: TrackerSpec = TrackerSpec { name: "goroutines", default: true, configure, new };
 
-fn new(_probes: &mut Probes, _opts: &TraceOptions, _target: &Target) -> Result<Box<dyn Tracker>> {
-    Ok(Box::new(Goroutines { reader: None }))
+/// The creator probe's tables, minimal when the tracker does not run.
+fn configure(load: &mut crate::probes::LoadSettings, _opts: &TraceOptions, active: bool) {
+    if !active {
+        for map in ["GO_CREATOR_FRAMES", "GO_CREATIONS", "GO_CREATOR_OF"] {
+            load.max_entries.push((map, 1));
+        }
+    }
+}
+
+fn new(probes: &mut Probes, _opts: &TraceOptions, _target: &Target) -> Result<Box<dyn Tracker>> {
+    Ok(Box::new(Goroutines { reader: None, creators: creators::CreatorProbes::new(probes)? }))
 }
 
 /// The goroutine tracker: a reader of the target's goroutines once it is
-/// known to be a Go program (opened at start and after every exec).
+/// known to be a Go program (opened at start and after every exec), and
+/// the creator probes on library `go` statements whose goroutines leak.
 struct Goroutines {
     reader: Option<GoroutineCollector>,
+    creators: creators::CreatorProbes,
 }
 
 impl Goroutines {
@@ -76,14 +89,27 @@ impl Tracker for Goroutines {
         self.open(target.pid);
     }
 
-    fn on_exec(&mut self, _probes: &mut Probes, target: &Target, _at_ns: u64) {
+    fn on_exec(&mut self, probes: &mut Probes, target: &Target, _at_ns: u64) {
+        self.creators.detach_all(probes);
         self.open(target.pid);
+    }
+
+    /// Leaking groups whose `go` statement is a library's get the creator
+    /// probe; groups no longer judged leak lose it.
+    fn on_findings(&mut self, probes: &mut Probes, target: &Target, findings: &[crate::report::Finding], own: &crate::stacks::symbolize::OwnCode) {
+        if let Some(g) = self.reader.as_ref() {
+            self.creators.follow(probes, target, g, findings, own);
+        }
     }
 
     fn collect(&mut self, _probes: &mut Probes, target: &Target, now_ns: u64) -> Result<Collected> {
         let Some(g) = self.reader.as_mut() else { return Ok(Collected::Nothing) };
+        g.watch = self.creators.watched();
         match g.collect(now_ns, target.alive) {
-            Ok(samples) => Ok(Collected::Growth { kind: Kind::Goroutine, judging: Judging::ObjectsSinceAttach, samples }),
+            Ok(mut samples) => {
+                self.creators.name_creators(&mut samples, &g.parents);
+                Ok(Collected::Growth { kind: Kind::Goroutine, judging: Judging::ObjectsSinceAttach, samples })
+            }
             Err(e) => {
                 output::warn(format!("cannot read the goroutines any more ({e:#}): goroutine tracking stops"));
                 self.reader = None;
@@ -101,7 +127,7 @@ impl Tracker for Goroutines {
     }
 
     fn closing_note(&self) -> Option<String> {
-        self.reader.as_ref().map(|g| g.scan_summary())
+        self.reader.as_ref().map(|g| g.scan_summary() + &self.creators.summary())
     }
 }
 
@@ -144,6 +170,8 @@ struct G {
     waitreason: u8,
     /// Switches out of running, mod 256 (`g.trackingSeq`).
     tracking_seq: u8,
+    /// The goroutine that created it (0: unknown, before Go 1.21).
+    parent_goid: u64,
     sp: u64,
     pc: u64,
     bp: u64,
@@ -195,6 +223,10 @@ pub struct GoroutineCollector {
     /// Per `go` statement of the last scan: mean stack bytes of its live
     /// goroutines (kept for the report after the target exited).
     stack_bytes: HashMap<u64, u64>,
+    /// `go` statements (gopc) whose live goroutines' creators are wanted...
+    pub watch: std::collections::HashSet<u64>,
+    /// ...and those creators' goroutine ids, per statement, at the last scan.
+    pub parents: HashMap<u64, Vec<u64>>,
 }
 
 impl GoroutineCollector {
@@ -227,6 +259,8 @@ impl GoroutineCollector {
             last_scan: (0, Default::default()),
             slowest_scan: (0, Default::default()),
             stack_bytes: HashMap::new(),
+            watch: Default::default(),
+            parents: HashMap::new(),
         };
         c.wait_reasons = c.read_wait_reasons();
         // One read now: a layout we cannot read is an error at attach,
@@ -341,6 +375,7 @@ impl GoroutineCollector {
                     startpc: at(o.startpc, 8),
                     waitreason: at(o.waitreason, 1) as u8,
                     tracking_seq: at(o.tracking_seq, 1) as u8,
+                    parent_goid: o.parent_goid.map_or(0, |off| at(off, 8)),
                     sp: at(o.sched + o.gobuf_sp, 8),
                     pc: at(o.sched + o.gobuf_pc, 8),
                     bp: at(o.sched + o.gobuf_bp, 8),
@@ -439,6 +474,7 @@ impl GoroutineCollector {
             Err(e) => return Err(e),
         };
         let mut live_ids = std::collections::HashSet::with_capacity(gs.len());
+        self.parents.clear();
         // Per go statement: live count, oldest first-seen, representative.
         let mut groups: HashMap<u64, (u64, u64, Option<G>)> = HashMap::new();
         let mut stacks: HashMap<u64, u64> = HashMap::new();
@@ -455,6 +491,9 @@ impl GoroutineCollector {
                 Class::User => *g,
             };
             live_ids.insert(g.goid);
+            if self.watch.contains(&g.gopc) {
+                self.parents.entry(g.gopc).or_default().push(g.parent_goid);
+            }
             let first = match self.seen.get(&g.goid) {
                 Some(s) => s.first_ns,
                 None => {

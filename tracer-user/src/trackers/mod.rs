@@ -53,6 +53,10 @@ pub trait Tracker {
     /// [`Tracker::on_mappings`]: set up what needs a running image.
     fn on_start(&mut self, _probes: &mut Probes, _target: &Target) {}
 
+    /// The report's findings were judged (before any display cut): probes
+    /// that follow a verdict go in or out.
+    fn on_findings(&mut self, _probes: &mut Probes, _target: &Target, _findings: &[crate::report::Finding], _own: &crate::stacks::symbolize::OwnCode) {}
+
     /// Called every 100 ms: handle rare events a ring buffer holds.
     fn poll(&mut self) {}
 
@@ -100,6 +104,11 @@ impl Trackers {
     /// [`Tracker::on_exec`] of each.
     pub fn on_exec(&mut self, probes: &mut Probes, target: &Target, at_ns: u64) {
         self.0.iter_mut().for_each(|t| t.on_exec(probes, target, at_ns));
+    }
+
+    /// [`Tracker::on_findings`] of each.
+    pub fn on_findings(&mut self, probes: &mut Probes, target: &Target, findings: &[crate::report::Finding], own: &crate::stacks::symbolize::OwnCode) {
+        self.0.iter_mut().for_each(|t| t.on_findings(probes, target, findings, own));
     }
 
     /// [`Tracker::poll`] of each.
@@ -244,6 +253,9 @@ pub struct StackSample {
     /// Maps and goroutines: the memory one more object takes (an entry,
     /// a goroutine's stack), for time to exhaustion.
     pub bytes_per_object: Option<u64>,
+    /// Goroutines of a library's `go` statement: the stack that ran it
+    /// (its first frame the statement itself), shown above the statement.
+    pub created_by: Option<SampleStack>,
 }
 
 impl Tally {
@@ -372,6 +384,7 @@ pub fn stack_samples(
             path: None,
             distinct_paths: None,
             bytes_per_object: None,
+            created_by: None,
         };
         out.push((sample, most_common(acc.labels)));
     }

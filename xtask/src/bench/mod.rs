@@ -1,4 +1,4 @@
-//! `cargo xtask bench [tasks|maps|allocations|locks|fds|agent]` (no name: the
+//! `cargo xtask bench [tasks|maps|allocations|locks|fds|java|agent]` (no name: the
 //! connection bench) and what the benches share: option parsing, medians
 //! and paired ratios, reading a child's lines, starting and stopping bench
 //! programs and tracers, bare tracefs uprobes, binutils lookups.
@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod allocations;
 pub mod connections;
+pub mod java;
 pub mod locks;
 pub mod maps;
 pub mod tasks;
@@ -31,6 +32,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         Some("maps") => maps::run(root, rest),
         Some("allocations") => allocations::run(root, rest),
         Some("locks") => locks::run(root, rest),
+        Some("java") => java::run(root, rest),
         Some("fds") => connections::run(root, &connections::FILES, rest),
         _ => connections::run(root, &connections::SOCKETS, args),
     }

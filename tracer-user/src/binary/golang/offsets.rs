@@ -31,6 +31,8 @@ pub struct GOffsets {
     /// `g.trackingSeq` (a uint8): counts the goroutine's switches out of
     /// running (every park), so an unchanged value means it has not run.
     pub tracking_seq: u64,
+    /// `g.parentGoid`: the goroutine that ran the `go` statement (Go 1.21+).
+    pub parent_goid: Option<u64>,
 }
 
 impl GOffsets {
@@ -46,6 +48,7 @@ impl GOffsets {
             (self.gopc, 8),
             (self.startpc, 8),
             (self.tracking_seq, 1),
+            (self.parent_goid.unwrap_or(self.goid), 8),
         ];
         let lo = fields.iter().map(|f| f.0).min().unwrap_or(0);
         let hi = fields.iter().map(|f| f.0 + f.1).max().unwrap_or(0);
@@ -84,6 +87,8 @@ pub fn table(v: GoVersion) -> Option<GOffsets> {
         startpc,
         // Behind waitreason and the flags after it: 13 bytes in 1.19, 15 since.
         tracking_seq: waitreason + if v.minor == 19 { 13 } else { 15 },
+        // Just before gopc since 1.21.
+        parent_goid: (v.minor >= 21).then_some(gopc - 8),
     };
     Some(match v.minor {
         19 => g(144, 152, 176, 296, 312),
@@ -224,6 +229,7 @@ pub fn from_dwarf(elf: &object::File) -> Result<Option<GOffsets>> {
         gopc: field(g, "runtime.g", "gopc")?,
         startpc: field(g, "runtime.g", "startpc")?,
         tracking_seq: field(g, "runtime.g", "trackingSeq")?,
+        parent_goid: g.get("parentGoid").copied(),
     }))
 }
 
