@@ -84,7 +84,9 @@ pub enum Command {
         settle: Duration,
         /// Processes traced at once; more matches are skipped and counted
         /// (leaktrace_agent_targets_skipped_total{reason="max_targets"}).
-        #[arg(long, default_value_t = 32, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+        /// Each target is its own load of the eBPF programs, and the kernel
+        /// allows 64 programs per tracepoint: keep it well under 32.
+        #[arg(long, default_value_t = 24, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
         max_targets: u32,
         #[command(flatten)]
         opts: TraceOptions,
@@ -123,6 +125,11 @@ pub struct TraceOptions {
     /// (HOST:PORT; HOST an address or a name such as localhost).
     #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
     pub listen: Option<String>,
+    /// TLS and basic authentication for /metrics, from a web configuration
+    /// file in the Prometheus exporter-toolkit format (tls_server_config:
+    /// cert_file, key_file, min_version; basic_auth_users: user -> bcrypt hash).
+    #[arg(long, value_name = "FILE")]
+    pub web_config: Option<PathBuf>,
     /// What counts as your own code when naming a finding's site: functions
     /// starting with PREFIX (repeatable; e.g. `github.com/acme/` for a
     /// monorepo, a plugin's package). Default: the main executable's own

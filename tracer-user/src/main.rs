@@ -54,7 +54,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     // A busy port fails before a command starts or a probe attaches.
     let listener = match &opts.listen {
-        Some(addr) => Some(rt.block_on(leaktrace::output::metrics::bind(addr))?),
+        Some(addr) => Some(rt.block_on(leaktrace::output::metrics::endpoint(addr, opts.web_config.as_deref()))?),
+        None if opts.web_config.is_some() => return Err(UsageError("--web-config protects /metrics: it needs --listen".into()).into()),
         None => None,
     };
     let (pid, child): (u32, Option<Box<dyn HeldChild>>) = match pid {
@@ -96,8 +97,8 @@ fn run_agent(agent: leaktrace::agent::AgentOptions, mut opts: TraceOptions) -> a
     let addr = opts.listen.take().unwrap_or_else(|| leaktrace::cli::AGENT_LISTEN.to_string());
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
-        let listener = leaktrace::output::metrics::bind(&addr).await?;
-        leaktrace::agent::run(agent, opts, listener).await
+        let endpoint = leaktrace::output::metrics::endpoint(&addr, opts.web_config.as_deref()).await?;
+        leaktrace::agent::run(agent, opts, endpoint).await
     })?;
     Ok(ExitCode::SUCCESS)
 }

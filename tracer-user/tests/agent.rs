@@ -110,7 +110,7 @@ fn agent_traces_matching_processes_started_after_it() {
     let leaky_conn = start_path(&conn, &[]);
     let leaky_threads = start_path(&thread_leak, &[]);
     let unmatched = start_path(&other, &[]);
-    let exiting = start_path(&conn, &["--no-leak", "--exit-after-ms", "3000"]);
+    let exiting = start_path(&conn, &["--no-leak", "--exit-after-ms", "8000"]);
     let (c, t, u, x) = (leaky_conn.pid(), leaky_threads.pid(), unmatched.pid(), exiting.pid());
 
     let dir_prom = TempDir::new("agent-prometheus");

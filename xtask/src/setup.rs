@@ -63,6 +63,10 @@ const APT_PACKAGES: &[&str] = &[
     // `unshare`/`ip` for a test in a network namespace of its own
     // (tests/exhaustion.rs).
     "iproute2",
+    // tests/web_config.rs makes its self-signed certificate with the
+    // openssl CLI; tests/privileges.rs hands capabilities with setpriv.
+    "openssl",
+    "util-linux",
 ];
 
 /// `125` for 1.25.5: the suffix of fixtures built with that toolchain.

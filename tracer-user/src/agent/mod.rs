@@ -116,9 +116,9 @@ fn running_pids() -> Vec<u32> {
         .unwrap_or_default()
 }
 
-/// Runs the agent until SIGINT/SIGTERM or `--for`; `listener` is the
+/// Runs the agent until SIGINT/SIGTERM or `--for`; `endpoint` is the
 /// /metrics socket, bound before anything is loaded.
-pub async fn run(agent: AgentOptions, opts: TraceOptions, listener: tokio::net::TcpListener) -> Result<()> {
+pub async fn run(agent: AgentOptions, opts: TraceOptions, endpoint: output::metrics::Endpoint) -> Result<()> {
     let names = crate::cli::trackers(&opts.track).map_err(anyhow::Error::msg)?;
     crate::probes::preflight()?;
     crate::privileges::check_agent(crate::probes::effective_caps())?;
@@ -129,9 +129,10 @@ pub async fn run(agent: AgentOptions, opts: TraceOptions, listener: tokio::net::
         let _ = stopped.wait_for(|v| *v).await;
     };
     let registry = metrics::registry(fleet.clone(), opts.max_sites);
-    let (bound, server) = output::metrics::serve_registry(listener, registry, shutdown).await?;
+    let scheme = endpoint.scheme();
+    let (bound, server) = output::metrics::serve_registry(endpoint, registry, shutdown).await?;
     output::note(format!(
-        "agent: serving metrics at http://{bound}/metrics; tracking {} in processes matching {}",
+        "agent: serving metrics at {scheme}://{bound}/metrics; tracking {} in processes matching {}",
         names.join(","),
         agent.selectors.iter().map(select::describe).collect::<Vec<_>>().join(" or ")
     ));

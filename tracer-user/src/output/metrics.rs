@@ -16,7 +16,14 @@ use std::{
 };
 
 use anyhow::anyhow;
-use axum::{extract::State, http::header, response::IntoResponse, routing::get, Router};
+use axum::{
+    extract::{Request, State},
+    http::{header, StatusCode},
+    middleware::Next,
+    response::{IntoResponse, Response},
+    routing::get,
+    Router,
+};
 use prometheus_client::registry::Registry;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -26,6 +33,7 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
+use super::web_config::WebConfig;
 use crate::render::prometheus::{self, SharedReport, CONTENT_TYPE};
 
 /// Binds `addr` (`HOST:PORT`, the first of HOST's addresses that binds).
@@ -35,33 +43,72 @@ pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| anyhow!("cannot listen on {addr}: {e}"))
 }
 
-/// Serves `/metrics` from `shared` on `listener` on a spawned task until
+/// A bound `/metrics` socket and how it is protected (`--web-config`).
+pub struct Endpoint {
+    pub listener: TcpListener,
+    pub web: Option<Arc<WebConfig>>,
+}
+
+impl Endpoint {
+    /// `https` with TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.web.as_ref().is_some_and(|w| w.tls.is_some()) { "https" } else { "http" }
+    }
+}
+
+impl From<TcpListener> for Endpoint {
+    fn from(listener: TcpListener) -> Self {
+        Endpoint { listener, web: None }
+    }
+}
+
+/// Reads the web configuration (when given), then binds `addr`: both fail
+/// with one line before anything is attached or started.
+pub async fn endpoint(addr: &str, web_config: Option<&std::path::Path>) -> anyhow::Result<Endpoint> {
+    let web = web_config.map(WebConfig::load).transpose()?.map(Arc::new);
+    Ok(Endpoint { listener: bind(addr).await?, web })
+}
+
+/// Serves `/metrics` from `shared` on `endpoint` on a spawned task until
 /// `shutdown` completes. Returns the bound address (useful with port 0) and
 /// the server task, which ends with the server's I/O result. Must be called
 /// within a tokio runtime.
 pub async fn serve(
-    listener: TcpListener,
+    endpoint: Endpoint,
     shared: SharedReport,
     max_sites: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<std::io::Result<()>>)> {
-    serve_registry(listener, prometheus::registry(shared, max_sites), shutdown).await
+    serve_registry(endpoint, prometheus::registry(shared, max_sites), shutdown).await
 }
 
-/// Serves `registry` (encoded at each scrape) on `listener` like [`serve`]:
+/// Serves `registry` (encoded at each scrape) on `endpoint` like [`serve`]:
 /// `leaktrace agent` registers the whole fleet's collector.
 pub async fn serve_registry(
-    listener: TcpListener,
+    endpoint: Endpoint,
     registry: Registry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<std::io::Result<()>>)> {
+    let Endpoint { listener, web } = endpoint;
     let local_addr = listener.local_addr()?;
     let registry = Arc::new(registry);
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/metrics", get(metrics))
         .route("/", get(index))
         .with_state(registry);
-    let listener = Bounded { inner: listener, slots: Arc::new(Semaphore::new(connection_slots())) };
+    if let Some(web) = web.clone().filter(|w| w.requires_auth()) {
+        app = app.layer(axum::middleware::from_fn(move |req: Request, next: Next| {
+            let web = web.clone();
+            async move { authenticate(web, req, next).await }
+        }));
+    }
+    let (done_tx, done_rx) = tokio::sync::mpsc::channel(16);
+    let listener = Bounded {
+        inner: listener,
+        slots: Arc::new(Semaphore::new(connection_slots())),
+        tls: web.and_then(|w| w.tls.clone()).map(tokio_rustls::TlsAcceptor::from),
+        handshaken: (done_tx, done_rx),
+    };
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
@@ -69,6 +116,19 @@ pub async fn serve_registry(
     });
     Ok((local_addr, task))
 }
+
+/// `basic_auth_users`: 401 with a `WWW-Authenticate` challenge unless the
+/// request carries a user and password that match.
+async fn authenticate(web: Arc<WebConfig>, req: Request, next: Next) -> Response {
+    let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if web.authorized(header).await {
+        return next.run(req).await;
+    }
+    (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Basic realm=\"leaktrace\"")], "Unauthorized\n").into_response()
+}
+
+/// A TLS handshake that takes longer is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A connection that sends nothing for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -86,19 +146,71 @@ pub fn connection_slots() -> usize {
     (lim.rlim_cur / 4).clamp(16, 512) as usize
 }
 
-/// The metrics listener with a bound on connections and their idle time.
+/// The metrics listener with a bound on connections and their idle time;
+/// with TLS, handshakes run on their own tasks (a slow client does not hold
+/// the others up) and finished ones come back on `handshaken`.
 struct Bounded {
     inner: TcpListener,
     slots: Arc<Semaphore>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    handshaken: (
+        tokio::sync::mpsc::Sender<(Conn, SocketAddr)>,
+        tokio::sync::mpsc::Receiver<(Conn, SocketAddr)>,
+    ),
+}
+
+/// A served connection, plain or TLS.
+enum Conn {
+    Plain(BoundedStream),
+    Tls(Box<tokio_rustls::server::TlsStream<BoundedStream>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 impl axum::serve::Listener for Bounded {
-    type Io = BoundedStream;
+    type Io = Conn;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
-            let (stream, addr) = match self.inner.accept().await {
+            let accepted = tokio::select! {
+                done = self.handshaken.1.recv() => match done {
+                    Some(conn) => return conn,
+                    None => continue,
+                },
+                accepted = self.inner.accept() => accepted,
+            };
+            let (stream, addr) = match accepted {
                 Ok(x) => x,
                 // Out of descriptors (or another transient failure): wait
                 // for connections to end rather than spin.
@@ -107,20 +219,27 @@ impl axum::serve::Listener for Bounded {
                     continue;
                 }
             };
-            match self.slots.clone().try_acquire_owned() {
-                Ok(slot) => {
-                    let now = Instant::now();
-                    return (
-                        BoundedStream {
-                            stream,
-                            _slot: slot,
-                            idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)),
-                            end_of_life: now + MAX_CONNECTION_AGE,
-                        },
-                        addr,
-                    );
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                drop(stream);
+                continue;
+            };
+            let now = Instant::now();
+            let stream = BoundedStream {
+                stream,
+                _slot: slot,
+                idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)),
+                end_of_life: now + MAX_CONNECTION_AGE,
+            };
+            match &self.tls {
+                None => return (Conn::Plain(stream), addr),
+                Some(acceptor) => {
+                    let (acceptor, done) = (acceptor.clone(), self.handshaken.0.clone());
+                    tokio::spawn(async move {
+                        if let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                            let _ = done.send((Conn::Tls(Box::new(tls)), addr)).await;
+                        }
+                    });
                 }
-                Err(_) => drop(stream),
             }
         }
     }
@@ -209,7 +328,7 @@ mod tests {
         let shared = new_shared_report();
         let (stop, stopped) = oneshot::channel::<()>();
         let (addr, task) = serve(
-            bind("localhost:0").await.unwrap(),
+            bind("localhost:0").await.unwrap().into(),
             shared.clone(),
             prometheus::DEFAULT_MAX_SITES,
             async move {

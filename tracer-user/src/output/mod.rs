@@ -4,6 +4,7 @@
 //! into bytes; this module decides where the bytes go.
 
 pub mod metrics;
+pub mod web_config;
 
 use std::{
     fmt::Display,
@@ -35,18 +36,19 @@ pub struct Outlet {
 }
 
 impl Outlet {
-    /// Starts the metrics server on `listener` (bound for `--listen`).
-    pub async fn open(opts: &TraceOptions, listener: Option<tokio::net::TcpListener>) -> Result<Self> {
+    /// Starts the metrics server on `endpoint` (bound for `--listen`).
+    pub async fn open(opts: &TraceOptions, endpoint: Option<metrics::Endpoint>) -> Result<Self> {
         let shared = render::prometheus::new_shared_report();
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let mut server = None;
-        if let Some(listener) = listener {
+        if let Some(listener) = endpoint {
             let mut rx = stop_rx;
             let shutdown = async move {
                 let _ = rx.wait_for(|v| *v).await;
             };
+            let scheme = listener.scheme();
             let (bound, handle) = metrics::serve(listener, shared.clone(), opts.max_sites, shutdown).await?;
-            note(format!("serving metrics at http://{bound}/metrics"));
+            note(format!("serving metrics at {scheme}://{bound}/metrics"));
             server = Some(handle);
         }
         let format = opts.effective_format();

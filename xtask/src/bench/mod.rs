@@ -1,8 +1,9 @@
-//! `cargo xtask bench [tasks|maps|allocations|locks|fds|java|unwind]` (no name: the
+//! `cargo xtask bench [tasks|maps|allocations|locks|fds|java|unwind|agent]` (no name: the
 //! connection bench) and what the benches share: option parsing, medians
 //! and paired ratios, reading a child's lines, starting and stopping bench
 //! programs and tracers, bare tracefs uprobes, binutils lookups.
 
+pub mod agent;
 pub mod allocations;
 pub mod connections;
 pub mod java;
@@ -28,6 +29,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let rest = args.get(1..).unwrap_or_default();
     match args.first().map(String::as_str) {
         Some("tasks") => tasks::run(root, rest),
+        Some("agent") => agent::run(root, rest),
         Some("maps") => maps::run(root, rest),
         Some("allocations") => allocations::run(root, rest),
         Some("locks") => locks::run(root, rest),
