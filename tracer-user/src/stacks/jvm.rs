@@ -108,6 +108,19 @@ impl Jvm {
             mem.read(addr, &mut b)?;
             Ok(i32::from_le_bytes(b) as i64)
         };
+        // JDK 20 changed the scope stream's encoding (UNSIGNED5: no zero
+        // bytes) and JDK 23 removed CompiledMethod: the layout of JDK 11
+        // to 22 is read here.
+        let major = f(&["Abstract_VM_Version"], "_vm_major_version").ok().and_then(|a| {
+            let mut b = [0u8; 4];
+            mem.read(a, &mut b).ok().map(|_| i32::from_le_bytes(b))
+        });
+        let excluded = match major {
+            Some(11..=19) => 0,
+            Some(20..=22) => 1,
+            Some(v) => bail!("JDK {v} is not supported yet (Java frames are read for JDK 11 to 22)"),
+            None => bail!("cannot read the JVM's version (Abstract_VM_Version::_vm_major_version)"),
+        };
         let off = Offsets {
             method_const_method: f(&["Method"], "_constMethod")?,
             const_method_constants: f(&["ConstMethod"], "_constants")?,
@@ -128,19 +141,6 @@ impl Jvm {
             pc_desc_pc: f(&["PcDesc"], "_pc_offset")?,
             pc_desc_scope: f(&["PcDesc"], "_scope_decode_offset")?,
             excluded: 0,
-        };
-        // JDK 20 changed the scope stream's encoding (UNSIGNED5: no zero
-        // bytes) and JDK 23 removed CompiledMethod: the layout of JDK 11
-        // to 22 is read here.
-        let major = f(&["Abstract_VM_Version"], "_vm_major_version").ok().and_then(|a| {
-            let mut b = [0u8; 4];
-            mem.read(a, &mut b).ok().map(|_| i32::from_le_bytes(b))
-        });
-        let excluded = match major {
-            Some(11..=19) => 0,
-            Some(20..=22) => 1,
-            Some(v) => bail!("JDK {v} is not supported yet (Java frames are read for JDK 11 to 22)"),
-            None => bail!("cannot read the JVM's version (Abstract_VM_Version::_vm_major_version)"),
         };
         let off = Offsets { excluded, ..off };
         let anchor = f(&["JavaThread"], "_anchor")?;
