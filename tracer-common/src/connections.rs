@@ -70,16 +70,8 @@ pub struct ConnRingEvent {
     pub c: u64,
 }
 
-/// Frames of a closing stack searched for the Go finalizer goroutine's
-/// `runtime.runfinq` (a finalizer's close is ~10 frames deep).
-pub const FINALIZER_WALK_FRAMES: usize = 24;
-
-/// Slots of `CONN_FINALIZER`: the pc range `[START, END)` of
-/// `runtime.runfinq` in the target (0, 0: not a Go program, or unknown).
-pub mod finalizer {
-    pub const START: u32 = 0;
-    pub const END: u32 = 1;
-}
+/// Told apart the same way for fds (`tracer_common::stacks`).
+pub use crate::stacks::{finalizer, FINALIZER_WALK_FRAMES};
 
 /// Size of the live-socket table (entries). A full table counts in
 /// `LOST_EVENTS`.

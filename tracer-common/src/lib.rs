@@ -9,6 +9,7 @@ pub mod allocations;
 pub mod connections;
 pub mod fds;
 pub mod jvm;
+pub mod goroutines;
 pub mod maps;
 pub mod process;
 pub mod locks;

@@ -28,6 +28,10 @@ pub struct MapInfo {
     /// What the address holds: [`KIND_MAP`] or [`KIND_TRIE`].
     pub kind: u32,
     pub _pad: u32,
+    /// The map's type descriptor (`*maptype` / `*abi.SwissMapType`: the
+    /// growth function's type argument; 0 for a trie): user space reads the
+    /// bytes an entry takes from it.
+    pub map_type: u64,
 }
 
 /// A Go map header (`hmap`, or `internal/runtime/maps.Map`).

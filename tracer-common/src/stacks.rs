@@ -87,6 +87,18 @@ pub mod unwind_mode {
 /// not at `pc - 1` (inside the call). User addresses never use bit 63.
 pub const RULE_AT_PC: u64 = 1 << 63;
 
+/// Frames of a closing stack searched for the Go finalizer goroutine's
+/// `runtime.runfinq` (a finalizer's close is ~10 frames deep).
+pub const FINALIZER_WALK_FRAMES: usize = 24;
+
+/// Slots of a tracker's finalizer range array (`CONN_FINALIZER`,
+/// `FDS_FINALIZER`): the pc range `[START, END)` of `runtime.runfinq` in the
+/// target (0, 0: not a Go program, or unknown).
+pub mod finalizer {
+    pub const START: u32 = 0;
+    pub const END: u32 = 1;
+}
+
 /// What a rule says to do at one pc (`UnwindRule::kind`).
 pub mod rule_kind {
     /// `CFA = rsp + cfa_offset`.
@@ -145,8 +157,47 @@ pub struct MissSnapshot {
     pub sp: u64,
     pub bp: u64,
     pub len: u64,
+    /// The target's unmap count (`unwind_sync::UNMAPS`) when the miss was
+    /// taken: the ranges unmapped since are in `UNMAPPED` (user space must
+    /// not learn a pc of the copy from what is mapped there now).
+    pub unmaps: u64,
     pub stack: [u8; MISS_STACK_BYTES],
 }
+
+/// Code mappings rules were learned in, whose unmapping the kernel watches
+/// (`unwind_munmap`): beyond this many, every unmap of the target counts.
+pub const MAX_RULE_MAPPINGS: u32 = 64;
+
+/// A `[start, end)` range of the target's address space.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CodeRange {
+    pub start: u64,
+    pub end: u64,
+}
+
+/// Slots of `UNWIND_SYNC`: rules are walked only while `GENERATION ==
+/// SYNCED`. The kernel bumps `GENERATION` when the target unmaps (enter and
+/// exit of `munmap`) a range holding code rules were learned in; user space
+/// drops the rules of every mapping gone, then writes the generation it
+/// read before looking into `SYNCED`. Until then walks take the miss path
+/// (a stack copy finished in user space with the new map): a rule of
+/// unmapped code is never applied to what is mapped there next.
+pub mod unwind_sync {
+    pub const GENERATION: u32 = 0;
+    pub const SYNCED: u32 = 1;
+    /// Ranges in `UNWIND_CODE` (written by user space).
+    pub const CODE_COUNT: u32 = 2;
+    /// Non-zero when `UNWIND_CODE` overflowed: every unmap counts.
+    pub const CODE_ALL: u32 = 3;
+    /// Unmaps of the target so far; the last `MAX_UNMAPPED` ranges are in
+    /// `UNMAPPED` at `count % MAX_UNMAPPED`.
+    pub const UNMAPS: u32 = 4;
+    pub const SLOTS: u32 = 5;
+}
+
+/// Ranges the target unmapped last (a ring; see `unwind_sync::UNMAPS`).
+pub const MAX_UNMAPPED: u32 = 64;
 
 /// Stacks walked with rules, shared by the trackers that take stacks at
 /// syscalls and probes (connections, threads).
@@ -180,4 +231,5 @@ mod pod {
     unsafe impl aya::Pod for super::StackKey {}
     unsafe impl aya::Pod for super::SyscallSite {}
     unsafe impl aya::Pod for super::StackCounts {}
+    unsafe impl aya::Pod for super::CodeRange {}
 }

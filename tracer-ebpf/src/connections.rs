@@ -10,14 +10,14 @@
 //! each interval.
 
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_user_buf},
     macros::{map, tracepoint},
     maps::{Array, HashMap, PerCpuHashMap, RingBuf},
     programs::TracePointContext,
 };
 use tracer_common::{
     connections::{
-        finalizer, flag, origin, ring_kind, ConnInfo, ConnRingEvent, FdKey, FINALIZER_WALK_FRAMES,
+        flag, origin, ring_kind, ConnInfo, ConnRingEvent, FdKey,
         MAX_CONN_STACKS, MAX_LIVE_SOCKETS, PEER_LEN,
     },
     counter,
@@ -26,7 +26,7 @@ use tracer_common::{
 
 use crate::{
     bump,
-    stacks::{count, counted_stack, syscall_args, user_ip_sp_bp, user_stack},
+    stacks::{closed_by_go_finalizer, count, count_one, counted_stack, syscall_args, user_stack},
     target_tgid,
 };
 
@@ -118,36 +118,6 @@ fn closed(tgid: u32, fd: u32) -> Option<StackKey> {
         return Some(stack);
     }
     None
-}
-
-/// Whether the current close runs on Go's finalizer goroutine: a return
-/// address of the frame-pointer chain lies in `runtime.runfinq`. Walked
-/// only for closes of tracked sockets of a Go target, at most
-/// `FINALIZER_WALK_FRAMES` 16-byte reads.
-#[inline(always)]
-fn closed_by_finalizer() -> bool {
-    let (Some(&start), Some(&end)) = (CONN_FINALIZER.get(finalizer::START), CONN_FINALIZER.get(finalizer::END)) else {
-        return false;
-    };
-    if start == 0 || end <= start {
-        return false;
-    }
-    let Some((_, _, mut fp)) = user_ip_sp_bp() else { return false };
-    for _ in 0..FINALIZER_WALK_FRAMES {
-        if fp < 4096 {
-            return false;
-        }
-        // SAFETY: user memory through the helper, which faults safely.
-        let Ok(frame) = (unsafe { bpf_probe_read_user(fp as *const [u64; 2]) }) else { return false };
-        if frame[1] >= start && frame[1] < end {
-            return true;
-        }
-        if frame[0] <= fp {
-            return false;
-        }
-        fp = frame[0];
-    }
-    false
 }
 
 #[tracepoint]
@@ -246,26 +216,12 @@ pub fn conn_accept4_exit(ctx: TracePointContext) -> u32 {
 pub fn conn_close_enter(ctx: TracePointContext) -> u32 {
     if let Some(tgid) = target_tgid() {
         if let Some(stack) = closed(tgid, arg(&ctx, 0) as u32) {
-            if closed_by_finalizer() {
-                count_finalized(&stack);
+            if closed_by_go_finalizer(&CONN_FINALIZER) {
+                count_one(&CONN_FINALIZED, &stack);
             }
         }
     }
     0
-}
-
-/// One more socket of `stack` closed by the finalizer goroutine.
-#[inline(always)]
-fn count_finalized(stack: &StackKey) {
-    // SAFETY: this CPU's value; no other user while we run.
-    match CONN_FINALIZED.get_ptr_mut(stack) {
-        Some(n) => unsafe { *n += 1 },
-        None => {
-            if CONN_FINALIZED.insert(stack, &1, 0).is_err() {
-                bump(counter::LOST_EVENTS);
-            }
-        }
-    }
 }
 
 /// dup2(old, new) / dup3(old, new, flags) close `new` when they succeed.

@@ -13,7 +13,7 @@
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::TracePointContext,
 };
 use tracer_common::{
@@ -24,7 +24,7 @@ use tracer_common::{
 
 use crate::{
     bump,
-    stacks::{app_stack, count, counted_stack, read_user_u64, syscall_args},
+    stacks::{app_stack, closed_by_go_finalizer, count, count_one, counted_stack, read_user_u64, syscall_args},
     target_tgid,
 };
 
@@ -42,6 +42,16 @@ static FDS_FRAMES: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_WA
 
 #[map]
 static FDS_SCRATCH: PerCpuArray<WalkedFrames> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per creation stack: fds closed by the Go runtime's finalizer goroutine
+/// (an `*os.File` dropped without `Close`), per CPU.
+#[map]
+static FDS_FINALIZED: PerCpuHashMap<StackKey, u64> = PerCpuHashMap::with_max_entries(MAX_FD_STACKS, 0);
+
+/// `runtime.runfinq`'s pc range in the target, set by user space for a Go
+/// target (`stacks::closed_by_go_finalizer`).
+#[map]
+static FDS_FINALIZER: Array<u64> = Array::with_max_entries(2, 0);
 
 /// Rare events user space must act on (close_range).
 #[map]
@@ -118,19 +128,19 @@ fn opened(tgid: u32, fd: u32, stack: StackKey, ty: u8, flags: u8) {
 }
 
 /// Ends a live fd if it is one of ours; only the side whose delete succeeds
-/// counts it (user-space reconciliation never double counts).
+/// counts it (user-space reconciliation never double counts). Returns its
+/// creation stack when it ended it.
 #[inline(always)]
-fn closed(tgid: u32, fd: u32) {
+fn closed(tgid: u32, fd: u32) -> Option<StackKey> {
     let key = FdKey { tgid, fd };
     // SAFETY: copied out before removal.
-    let stack = match unsafe { FDS_LIVE.get(&key) } {
-        Some(info) => info.stack,
-        None => return,
-    };
+    let stack = unsafe { FDS_LIVE.get(&key) }?.stack;
     if FDS_LIVE.remove(&key).is_ok() {
         count(&FDS_STACKS, &stack, 0, 1);
         bump(fd_counter::EVENTS);
+        return Some(stack);
     }
+    None
 }
 
 #[inline(always)]
@@ -299,7 +309,11 @@ pub fn fds_close_enter(ctx: TracePointContext) -> u32 {
     if let Some(tgid) = target_tgid() {
         // SAFETY: enter record: arguments in 8-byte slots from 16.
         let fd = unsafe { ctx.read_at::<u64>(16).unwrap_or(u64::MAX) };
-        closed(tgid, fd as u32);
+        if let Some(stack) = closed(tgid, fd as u32) {
+            if closed_by_go_finalizer(&FDS_FINALIZER) {
+                count_one(&FDS_FINALIZED, &stack);
+            }
+        }
     }
     0
 }

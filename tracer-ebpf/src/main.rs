@@ -9,11 +9,13 @@ mod allocations;
 mod connections;
 mod fds;
 mod jvm;
+mod goroutines;
 mod maps;
 mod process;
 mod locks;
 mod stacks;
 mod threads;
+mod unmapped;
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 use tracer_common::counter;

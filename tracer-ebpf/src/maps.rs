@@ -46,19 +46,19 @@ fn config(i: u32) -> u64 {
     MAP_SEED.get(i).copied().unwrap_or(0)
 }
 
-/// A growth of the map at `m`.
+/// A growth of the map at `m` whose type descriptor is at `map_type`.
 #[inline(always)]
-fn grown(ctx: &ProbeContext, m: u64) {
+fn grown(ctx: &ProbeContext, m: u64, map_type: u64) {
     let mask = config(seed::MASK);
     if mask == 0 {
         return; // not configured
     }
-    grown_at(ctx, m, config(seed::OFFSET), mask, KIND_MAP);
+    grown_at(ctx, m, config(seed::OFFSET), mask, KIND_MAP, map_type);
 }
 
 /// A growth of the map (`kind`) at `m` whose seed is at `m + seed_at`.
 #[inline(always)]
-fn grown_at(ctx: &ProbeContext, m: u64, seed_at: u64, mask: u64, kind: u32) {
+fn grown_at(ctx: &ProbeContext, m: u64, seed_at: u64, mask: u64, kind: u32, map_type: u64) {
     if m == 0 || target_tgid().is_none() {
         return;
     }
@@ -90,7 +90,7 @@ fn grown_at(ctx: &ProbeContext, m: u64, seed_at: u64, mask: u64, kind: u32) {
         }
     }
     // A new map, or another map at a reused address: start over.
-    let info = MapInfo { stack: growth_stack(ctx), seed, first_ns: now, last_ns: now, grows: 1, clears: 0, kind, _pad: 0 };
+    let info = MapInfo { stack: growth_stack(ctx), seed, first_ns: now, last_ns: now, grows: 1, clears: 0, kind, _pad: 0, map_type };
     if MAPS.insert(&m, &info, 0).is_err() {
         bump(tracer_common::maps::counter::LOST);
     }
@@ -111,21 +111,22 @@ fn growth_stack(ctx: &ProbeContext) -> StackKey {
     StackKey { stack_id, caller }
 }
 
-/// `runtime.hashGrow(t, h)` (Go <= 1.23): the map is in RBX.
+/// `runtime.hashGrow(t, h)` (Go <= 1.23): the map is in RBX, its type in RAX.
 #[uprobe]
 pub fn map_grow_rbx(ctx: ProbeContext) -> u32 {
     // SAFETY: the probe's saved registers.
-    let m = unsafe { (*ctx.regs).rbx };
-    grown(&ctx, m);
+    let (m, t) = unsafe { ((*ctx.regs).rbx, (*ctx.regs).rax) };
+    grown(&ctx, m, t);
     0
 }
 
-/// `internal/runtime/maps.(*table).split(t, typ, m)` (Go 1.24+): RCX.
+/// `internal/runtime/maps.(*table).split(t, typ, m)` (Go 1.24+): the map
+/// is in RCX, its type in RBX.
 #[uprobe]
 pub fn map_grow_rcx(ctx: ProbeContext) -> u32 {
     // SAFETY: the probe's saved registers.
-    let m = unsafe { (*ctx.regs).rcx };
-    grown(&ctx, m);
+    let (m, t) = unsafe { ((*ctx.regs).rcx, (*ctx.regs).rbx) };
+    grown(&ctx, m, t);
     0
 }
 
@@ -137,7 +138,7 @@ pub fn map_grow_rcx(ctx: ProbeContext) -> u32 {
 pub fn map_trie_expand(ctx: ProbeContext) -> u32 {
     // SAFETY: the probe's saved registers.
     let m = unsafe { (*ctx.regs).rax };
-    grown_at(&ctx, m, TRIE_SEED_OFFSET, u64::MAX, KIND_TRIE);
+    grown_at(&ctx, m, TRIE_SEED_OFFSET, u64::MAX, KIND_TRIE, 0);
     0
 }
 

@@ -18,10 +18,20 @@ use crate::{bump, target_tgid};
 #[map]
 static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(4096, 0);
 
-/// sched:sched_process_exec — the target runs a new image.
+/// Non-zero: `process_exec` reports every exec on the machine, not only
+/// the target's (`leaktrace agent` finds new processes this way; its watcher
+/// load has no target).
+#[no_mangle]
+static WATCH_EXECS: u32 = 0;
+
+/// sched:sched_process_exec — the target runs a new image (with
+/// `WATCH_EXECS`: any process does).
 #[tracepoint]
 pub fn process_exec(_ctx: TracePointContext) -> u32 {
-    if let Some(tgid) = target_tgid() {
+    // SAFETY: a plain read of a global that user space wrote before load.
+    if unsafe { core::ptr::read_volatile(&WATCH_EXECS) } != 0 {
+        send(event::EXEC, (bpf_get_current_pid_tgid() >> 32) as u32);
+    } else if let Some(tgid) = target_tgid() {
         send(event::EXEC, tgid);
     }
     0

@@ -22,7 +22,7 @@ use aya_ebpf::{
 use tracer_common::{
     counter,
     stacks::{
-        rule_kind, unwind_counter, unwind_mode, MissSnapshot, StackCounts, StackKey, SyscallSite, UnwindRule, WalkedFrames,
+        finalizer, rule_kind, unwind_counter, unwind_mode, MissSnapshot, FINALIZER_WALK_FRAMES, StackCounts, StackKey, SyscallSite, UnwindRule, WalkedFrames,
         MAX_UNWIND_MISSES, MAX_UNWIND_RULES, MISS_STACK_BYTES, MAX_UNWOUND_STACKS, MAX_WALKED_FRAMES, OVERFLOW_STACK, PROVISIONAL_KEY, RULE_AT_PC,
         UNWOUND_STACK, COLLIDED_STACK, MAX_WALKED_STACKS, SCAN_WORDS, WALKED_STACK,
     },
@@ -80,6 +80,7 @@ fn queue_miss(key: u64, rule_key: u64, sp: u64, bp: u64) {
     m.sp = sp;
     m.bp = bp;
     m.len = 0;
+    m.unmaps = crate::unmapped::unmaps();
     const PIECE: usize = 512;
     for i in 0..MISS_STACK_BYTES / PIECE {
         let at = i * PIECE;
@@ -308,6 +309,9 @@ pub fn unwind_user_stack(
     let UserRegs { mut ip, mut sp, mut bp, at } = regs;
     let mut key = ip | (at & RULE_AT_PC);
     let mut missed = false;
+    // Code with rules was unmapped and user space has not dropped them yet:
+    // no rule is trusted (the miss path finishes the stack in user space).
+    let rules_current = crate::unmapped::rules_current();
     // One more round than frames kept: a stack that still goes on there is
     // cut, and counted.
     for _ in 0..MAX_WALKED_FRAMES + 1 {
@@ -322,7 +326,8 @@ pub fn unwind_user_stack(
         hash = mix(hash, ip);
         len += 1;
         // SAFETY: copied out of the map value.
-        let Some(rule) = (unsafe { UNWIND_RULES.get(&key) }).copied() else {
+        let found = if rules_current { unsafe { UNWIND_RULES.get(&key) }.copied() } else { None };
+        let Some(rule) = found else {
             missed = true;
             crate::bump(unwind_counter::MISSES);
             break;
@@ -673,5 +678,50 @@ pub fn app_stack(
     match walk_user_stack(table, scratch, [ip, ret], 2, fp) {
         Some(hash) => StackKey { stack_id: WALKED_STACK, caller: hash },
         None => StackKey { stack_id: -1, caller: 0 },
+    }
+}
+
+/// Whether the current close runs on Go's finalizer goroutine: a return
+/// address of the frame-pointer chain lies in `runtime.runfinq`, whose pc
+/// range user space put in `range` (`finalizer::START`, `END`; 0, 0: not a
+/// Go target). Walked only for closes of tracked objects, at most
+/// `FINALIZER_WALK_FRAMES` 16-byte reads.
+#[inline(always)]
+pub fn closed_by_go_finalizer(range: &Array<u64>) -> bool {
+    let (Some(&start), Some(&end)) = (range.get(finalizer::START), range.get(finalizer::END)) else {
+        return false;
+    };
+    if start == 0 || end <= start {
+        return false;
+    }
+    let Some((_, _, mut fp)) = user_ip_sp_bp() else { return false };
+    for _ in 0..FINALIZER_WALK_FRAMES {
+        if fp < LOWEST_FRAME {
+            return false;
+        }
+        // SAFETY: user memory through the helper, which faults safely.
+        let Ok(frame) = (unsafe { bpf_probe_read_user(fp as *const [u64; 2]) }) else { return false };
+        if frame[1] >= start && frame[1] < end {
+            return true;
+        }
+        if frame[0] <= fp {
+            return false;
+        }
+        fp = frame[0];
+    }
+    false
+}
+
+/// One more for `stack` in a per-CPU count table (a full table: a lost event).
+#[inline(always)]
+pub fn count_one(table: &PerCpuHashMap<StackKey, u64>, stack: &StackKey) {
+    // SAFETY: this CPU's value; no other user while we run.
+    match table.get_ptr_mut(stack) {
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            if table.insert(stack, &1, 0).is_err() {
+                crate::bump(counter::LOST_EVENTS);
+            }
+        }
     }
 }

@@ -17,6 +17,7 @@ use crate::{
 ///   sudo leaktrace attach --pid 1234
 ///   sudo leaktrace attach --pid 1234 --listen 127.0.0.1:9464
 ///   sudo leaktrace check --for 30s -- ./api-server --port 8080
+///   sudo leaktrace agent --match comm=api-server --match container=3f2a
 #[derive(Parser, Debug)]
 #[command(name = "leaktrace", version, verbatim_doc_comment)]
 pub struct Cli {
@@ -64,6 +65,39 @@ pub enum Command {
         #[arg(last = true, value_name = "CMD")]
         cmd: Vec<String>,
     },
+    /// Trace every process matching --match (running ones, and those that
+    /// exec later) and serve them all on one /metrics (default listen
+    /// address 0.0.0.0:9477), each with a leaktrace_target_info row.
+    Agent {
+        /// Which processes to trace (repeatable; a process matching any is
+        /// traced): comm=NAME, exe=PATH (`*` and `?` glob), cgroup=PREFIX
+        /// (cgroup v2 path), container=ID-PREFIX, all.
+        #[arg(long = "match", value_name = "SELECTOR", required = true, value_parser = parse_selector)]
+        selectors: Vec<crate::agent::select::Selector>,
+        /// How long an exited target's last report stays on /metrics before
+        /// its series are removed.
+        #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+        keep_exited: Duration,
+        /// A process that exec'd is traced once it has run this long (short
+        /// commands are skipped and counted, not loaded for).
+        #[arg(long, default_value = "500ms", value_parser = parse_duration, value_name = "DURATION")]
+        settle: Duration,
+        /// Processes traced at once; more matches are skipped and counted
+        /// (leaktrace_agent_targets_skipped_total{reason="max_targets"}).
+        #[arg(long, default_value_t = 32, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+        max_targets: u32,
+        #[command(flatten)]
+        opts: TraceOptions,
+    },
+}
+
+/// Where `leaktrace agent` serves /metrics without `--listen`: not 9464,
+/// the OpenTelemetry SDK's Prometheus exporter default, which a traced
+/// program may hold.
+pub const AGENT_LISTEN: &str = "0.0.0.0:9477";
+
+fn parse_selector(s: &str) -> Result<crate::agent::select::Selector, String> {
+    crate::agent::select::Selector::parse(s)
 }
 
 /// Options common to every command.

@@ -13,7 +13,9 @@ pub mod session;
 pub mod lifecycle;
 pub mod child;
 pub mod procfs;
+pub mod identity;
 pub mod probes;
+pub mod privileges;
 pub mod trackers;
 pub mod binary;
 pub mod stacks;
@@ -21,3 +23,7 @@ pub mod judge;
 pub mod report;
 pub mod render;
 pub mod output;
+pub mod agent;
+
+/// The git revision this binary was built from (build.rs), `unknown` outside a checkout.
+pub const REVISION: &str = env!("LEAKTRACE_REVISION");

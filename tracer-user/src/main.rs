@@ -34,6 +34,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let (pid, opts, cmd, is_check): (Option<u32>, TraceOptions, Vec<String>, bool) = match cli.command {
         Command::Attach { pid, opts } => (Some(pid), opts, Vec::new(), false),
         Command::Run { opts, cmd } => (None, opts, cmd, false),
+        Command::Agent { selectors, keep_exited, settle, max_targets, opts } => {
+            let agent = leaktrace::agent::AgentOptions { selectors, keep_exited, settle, max_targets: max_targets as usize };
+            return run_agent(agent, opts);
+        }
         Command::Check { pid, opts, cmd, fail_on_wait: f, fail_within: w } => {
             fail_within = w;
             if pid.is_none() && cmd.is_empty() {
@@ -61,7 +65,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             (held.pid(), Some(Box::new(held)))
         }
     };
-    let outcome = rt.block_on(session::trace(pid, &opts, child, listener, is_check))?;
+    let outcome = rt.block_on(async {
+        let outlet = leaktrace::output::Outlet::open(&opts, listener).await?;
+        session::trace(pid, &opts, child, outlet, is_check).await
+    })?;
     if let Some(status) = outcome.command_status.filter(|s| *s != 0) {
         // A command that fails on its own is not a program that passed.
         if is_check {
@@ -76,6 +83,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(3));
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `leaktrace agent`: reports only on /metrics, until a signal or `--for`.
+fn run_agent(agent: leaktrace::agent::AgentOptions, mut opts: TraceOptions) -> anyhow::Result<ExitCode> {
+    leaktrace::cli::trackers(&opts.track).map_err(UsageError)?;
+    if opts.pprof.is_some() || opts.flamegraph.is_some() {
+        return Err(UsageError("agent serves /metrics only: --pprof and --flamegraph are for attach, run and check".into()).into());
+    }
+    leaktrace::probes::preflight()?;
+    let addr = opts.listen.take().unwrap_or_else(|| leaktrace::cli::AGENT_LISTEN.to_string());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let listener = leaktrace::output::metrics::bind(&addr).await?;
+        leaktrace::agent::run(agent, opts, listener).await
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -90,6 +90,8 @@ pub fn preflight() -> Result<()> {
             if root { " (running as root without them: a container or a service with a bounded capability set?)" } else { "; try sudo" }
         );
     }
+    crate::privileges::check_uprobes(effective_caps())?;
+    crate::privileges::check_tracefs(Path::new("/sys/kernel/tracing"))?;
     ensure_tracefs()
 }
 
@@ -130,7 +132,7 @@ fn check_pid_namespace(ns: Option<&Path>) -> Result<()> {
 }
 
 /// The effective capability bits (CapEff of /proc/self/status).
-fn effective_caps() -> u64 {
+pub fn effective_caps() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()

@@ -171,6 +171,7 @@ pub fn check_target(pid: u32) -> Result<()> {
     if pid == std::process::id() {
         bail!("{pid} is leaktrace itself");
     }
+    crate::privileges::check_process_access(pid)?;
     // Kernel threads have no executable and no user stack to attribute.
     if fs::read_link(format!("/proc/{pid}/exe")).is_err() && fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|m| m.is_empty()) {
         bail!("{pid} is a kernel thread: nothing to trace");
@@ -398,10 +399,30 @@ pub fn net_peers(pid: u32) -> HashMap<u64, String> {
     out
 }
 
-/// The kernel's range of local ports for outgoing connections
-/// (`net.ipv4.ip_local_port_range`, also used for IPv6).
-pub fn local_port_range() -> Option<(u64, u64)> {
-    let text = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+/// The range of local ports for outgoing connections of `pid`'s network
+/// namespace (`net.ipv4.ip_local_port_range`, also used for IPv6). A net
+/// sysctl belongs to a namespace and /proc/sys shows the reader's: for a
+/// target in another one (a container, `unshare -n`) it is read from a
+/// thread that joins the target's namespace first. `None` when that cannot
+/// be done: no figure rather than the host's.
+pub fn local_port_range(pid: u32) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    const RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+    let theirs = format!("/proc/{pid}/ns/net");
+    let same = fs::metadata("/proc/self/ns/net").ok()?.ino() == fs::metadata(&theirs).ok()?.ino();
+    let text = if same {
+        fs::read_to_string(RANGE).ok()?
+    } else {
+        let ns = fs::File::open(&theirs).ok()?;
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on a valid namespace fd; it changes only this
+            // short-lived thread's network namespace.
+            (unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } == 0).then(|| fs::read_to_string(RANGE).ok()).flatten()
+        })
+        .join()
+        .ok()??
+    };
     let mut it = text.split_ascii_whitespace().map(|v| v.parse::<u64>().ok());
     let (lo, hi) = (it.next()??, it.next()??);
     (hi >= lo).then_some((lo, hi))

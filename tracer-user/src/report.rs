@@ -35,6 +35,9 @@ pub enum Verdict {
     /// forgotten `Close` the garbage collector cleans up at some later GC
     /// (rule: `judge::unclosed_verdict`).
     Unclosed,
+    /// Waits: threads or goroutines queued at one place of the program's
+    /// own code, not idle workers (rule: `judge::waits`): a drained pool.
+    Queued,
     Growing,
     /// Locks: waiters lost a noticeable share of the window on this lock
     /// (rule: `judge::contention::contention_verdict`).
@@ -47,6 +50,7 @@ impl Verdict {
         match self {
             Verdict::Leak => "leak",
             Verdict::Unclosed => "unclosed",
+            Verdict::Queued => "queued",
             Verdict::Growing => "growing",
             Verdict::Contended => "contended",
             Verdict::Steady => "steady",
@@ -67,12 +71,14 @@ pub enum Kind {
     Lock,
     /// A file descriptor other than a socket made by socket/accept (`--track fds`).
     Fd,
+    /// Threads or goroutines waiting now, by where they wait (`--track waits`).
+    Wait,
 }
 
 impl Kind {
     /// Every kind, in report order.
     pub const ALL: &'static [Kind] =
-        &[Kind::Connection, Kind::Fd, Kind::Thread, Kind::Goroutine, Kind::Map, Kind::Allocation, Kind::Lock];
+        &[Kind::Connection, Kind::Fd, Kind::Thread, Kind::Goroutine, Kind::Map, Kind::Allocation, Kind::Lock, Kind::Wait];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -83,6 +89,7 @@ impl Kind {
             Kind::Allocation => "allocation",
             Kind::Lock => "lock",
             Kind::Fd => "fd",
+            Kind::Wait => "wait",
         }
     }
 
@@ -155,12 +162,21 @@ pub struct Finding {
     /// fds of type `file`: distinct paths among the live fds seen (at most 1024).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub distinct_paths: Option<u64>,
+    /// Maps: the memory one more entry takes (slots at the map's fullest
+    /// load, from its type); goroutines: their mean stack size. Time to
+    /// exhaustion multiplies the growth by it (a lower bound: what the
+    /// objects point to is not counted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_per_object: Option<u64>,
     /// Growing or leaking findings: the limit this growth runs into first.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exhausts: Option<Exhaustion>,
     /// Locks: what the lock cost its waiters (fields flattened into the finding).
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub lock: Option<LockInfo>,
+    /// Waits: how long the waiters have waited so far (fields flattened).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<WaitInfo>,
     /// Objects created from this stack since attach.
     pub created: u64,
     /// Objects from this stack that ended since attach.
@@ -174,6 +190,11 @@ pub struct Finding {
     /// finalizers closed (the program dropped them without `Close`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ended_by_finalizer: Option<u64>,
+    /// The addresses of the stack the finding was judged under, when a
+    /// collector read them (not a kernel stack id): trackers that act on a
+    /// verdict find their series by it. Not part of the JSON.
+    #[serde(skip)]
+    pub addresses: Vec<u64>,
 }
 
 impl Finding {
@@ -201,12 +222,15 @@ impl Finding {
             fd_type: None,
             path: None,
             distinct_paths: None,
+            bytes_per_object: None,
             exhausts: None,
             lock: None,
+            wait: None,
             created: 0,
             ended: 0,
             ended_by_finalizer: None,
             before_attach: false,
+            addresses: Vec::new(),
         }
     }
 }
@@ -264,6 +288,33 @@ pub struct LockInfo {
     pub holder_site_index: usize,
     /// Wakes by the holder stack shown / by all holder stacks.
     pub holder_wakes: u64,
+}
+
+/// A wait finding's own fields (kind "wait"): threads or goroutines
+/// waiting now at one site (`live` counts them). Times are since the wait
+/// was first seen: for waits already in progress at attach, since attach
+/// (lower bounds, `waiting_before_attach`).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct WaitInfo {
+    /// What they wait in: `"futex"` (a native thread: condition variable,
+    /// mutex, semaphore, join), or a goroutine's wait reason
+    /// (`"chan receive"`, `"select"`, `"sync.Cond.Wait"`, `"semacquire"`...).
+    pub wait_state: String,
+    /// `"queue"`: waiting inside work (a request waiting for a resource);
+    /// `"idle"`: a worker waiting for work, or a library's own thread
+    /// (never `queued`). Rule: docs/report.md, "The queue rule".
+    pub wait_role: &'static str,
+    /// The longest wait going on, seconds so far.
+    pub longest_wait_s: f64,
+    /// The waits going on, seconds so far, summed over the waiters.
+    pub total_wait_s: f64,
+    /// `total_wait_s` / the traced time (`elapsed_s`): 8.0 = eight waiters
+    /// stuck the whole trace. `check --fail-on-wait` compares it.
+    pub wait_share: f64,
+    /// Some waiter was already waiting when leaktrace attached: its time
+    /// counts from attach.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub waiting_before_attach: bool,
 }
 
 /// One cumulative histogram bucket.

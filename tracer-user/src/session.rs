@@ -59,12 +59,12 @@ struct Session {
 /// Traces `pid` until the duration ends, a signal comes, the target exits
 /// or (unless `to_the_end`: `check`, whose verdict is its exit status)
 /// nobody reads stdout any more.
-/// `listener`: the `--listen` socket, bound before anything started.
+/// `outlet`: where reports go (opened by the caller: stdout and `--listen`).
 pub async fn trace(
     pid: u32,
     opts: &TraceOptions,
     mut child: Option<Box<dyn HeldChild>>,
-    listener: Option<tokio::net::TcpListener>,
+    outlet: Outlet,
     to_the_end: bool,
 ) -> Result<Outcome> {
     let names = crate::cli::trackers(&opts.track).map_err(anyhow::Error::msg)?;
@@ -98,7 +98,6 @@ pub async fn trace(
     s.comm = comm_at_start.clone();
     s.trackers.on_start(&mut s.probes, &s.target);
 
-    let outlet = Outlet::open(opts, listener).await?;
     output::note_attached(pid, &comm_at_start, &names, opts.duration);
 
     let start = Instant::now();
@@ -271,6 +270,7 @@ impl Session {
         let mut findings = self.judge.findings(&collected, &mut self.stacks.resolver, &self.target.memory, t).await;
         self.stacks.stripped.warn_once(&findings);
         let exhaustion = self.judge.exhaustion(&mut findings, self.target.pid, self.target.alive);
+        self.trackers.on_findings(&mut self.probes, &self.target, &findings, &self.judge.own);
         self.omitted = judge::rank(&mut findings, self.max_findings);
 
         let tally = self.trackers.tally(&self.counters);

@@ -48,18 +48,18 @@ fn example_scrape_config_and_alert_rules_pass_promtool() {
     // The config loads the alert rules, so they are checked with it.
     assert!(out.contains("1 rule files found"), "prometheus.yml does not load the rules:\n{out}");
     let out = run_promtool(&dir, &["check", "rules", "leaktrace-alerts.yml"]);
-    assert!(out.contains("SUCCESS: 4 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 5 rules found"), "{out}");
     run_promtool(&dir, &["test", "rules", "leaktrace-alerts.test.yml"]);
 
     let config = fs::read_to_string(dir.join("prometheus.yml")).unwrap();
     assert!(config.contains("127.0.0.1:9464"), "the example scrapes leaktrace on 127.0.0.1:9464");
     let rules = fs::read_to_string(dir.join("leaktrace-alerts.yml")).unwrap();
-    for alert in ["LeaktraceLeak", "LeaktraceSustainedGrowth", "LeaktraceResourceExhaustion", "LeaktraceLostEvents"] {
+    for alert in ["LeaktraceLeak", "LeaktraceSustainedGrowth", "LeaktraceUnclosed", "LeaktraceResourceExhaustion", "LeaktraceLostEvents"] {
         assert!(rules.contains(&format!("alert: {alert}\n")), "{alert} missing");
     }
     let documented = documented_metrics();
     let exprs: Vec<&str> = rules.lines().filter_map(|l| l.trim().strip_prefix("expr:")).collect();
-    assert_eq!(exprs.len(), 4, "one single-line expr per rule expected");
+    assert_eq!(exprs.len(), 5, "one single-line expr per rule expected");
     for expr in exprs {
         let names = metric_names(expr);
         assert!(!names.is_empty(), "no metric in {expr}");
@@ -275,7 +275,9 @@ fn dashboard_queries_are_valid_promql() {
             .replace("$__interval", "1m")
             .replace("$__range", "1h")
             .replace("$instance", ".*")
-            .replace("$pid", ".*");
+            .replace("$pid", ".*")
+            .replace("$comm", ".*")
+            .replace("$container", ".*");
         assert!(!expr.contains('$'), "unknown Grafana variable in {expr}");
         rules.push_str(&format!("      - record: dashboard:query{i}\n        expr: {}\n", serde_json::to_string(&expr).unwrap()));
     }
@@ -291,4 +293,132 @@ fn dashboard_queries_are_valid_promql() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+// ------------------------------------------------------------ fleet
+
+/// The capabilities docs/fleet.md's least-privilege table lists
+/// (`CAP_SYS_ADMIN`, ...), as tests/privileges.rs found them.
+fn documented_capabilities() -> BTreeSet<String> {
+    let doc = fs::read_to_string(root().join("docs/fleet.md")).unwrap();
+    let section = doc.split("## Least privilege").nth(1).expect("docs/fleet.md: no Least privilege section");
+    let caps: BTreeSet<String> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `CAP_"))
+        .filter_map(|l| l.split('`').next())
+        .map(|c| format!("CAP_{c}"))
+        .collect();
+    assert!(caps.len() >= 3, "{caps:?}");
+    caps
+}
+
+/// `key=value` lines of one `[section]` of a systemd unit.
+fn unit_section(text: &str, name: &str) -> Vec<(String, String)> {
+    let mut inside = false;
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            inside = line == format!("[{name}]");
+        } else if inside && !line.starts_with('#') {
+            if let Some((k, v)) = line.split_once('=') {
+                out.push((k.trim().to_string(), v.trim().to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// The port of a `--listen HOST:PORT` / `--listen=HOST:PORT` in `args`.
+fn listen_port(args: &[String]) -> u16 {
+    let value = args
+        .iter()
+        .position(|a| a == "--listen")
+        .map(|i| args[i + 1].clone())
+        .or_else(|| args.iter().find_map(|a| a.strip_prefix("--listen=").map(str::to_string)))
+        .expect("no --listen");
+    value.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).expect("--listen HOST:PORT")
+}
+
+#[test]
+fn systemd_unit_runs_the_agent_unprivileged_with_the_documented_capabilities() {
+    let text = fs::read_to_string(root().join("deploy/systemd/leaktrace-agent.service")).unwrap();
+    let service = unit_section(&text, "Service");
+    let get = |k: &str| service.iter().filter(|(key, _)| key == k).map(|(_, v)| v.clone()).collect::<Vec<_>>();
+    let caps = |k: &str| get(k).iter().flat_map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>()).collect::<BTreeSet<_>>();
+    let documented = documented_capabilities();
+    assert_eq!(caps("AmbientCapabilities"), documented, "AmbientCapabilities");
+    assert_eq!(caps("CapabilityBoundingSet"), documented, "CapabilityBoundingSet");
+    let user = get("User");
+    assert!(user.len() == 1 && user[0] != "root" && user[0] != "0", "User= {user:?}");
+    assert_eq!(get("NoNewPrivileges"), ["yes"]);
+    assert!(!get("MemoryMax").is_empty() && !get("CPUQuota").is_empty(), "resource bounds missing");
+    let exec = get("ExecStart");
+    assert_eq!(exec.len(), 1);
+    let args: Vec<String> = exec[0].split_whitespace().map(str::to_string).collect();
+    assert!(args[0].ends_with("/leaktrace") && args[1] == "agent" && args.iter().any(|a| a == "--match"), "{args:?}");
+    assert_ne!(listen_port(&args), 9464, "9464 is the OpenTelemetry SDK exporter's port");
+    assert!(unit_section(&text, "Install").iter().any(|(k, v)| k == "WantedBy" && v == "multi-user.target"));
+}
+
+fn yaml_docs(path: &str) -> Vec<serde_norway::Value> {
+    use serde::Deserialize;
+    let text = fs::read_to_string(root().join(path)).unwrap();
+    serde_norway::Deserializer::from_str(&text)
+        .map(|d| serde_norway::Value::deserialize(d).unwrap_or_else(|e| panic!("{path}: not YAML: {e}")))
+        .collect()
+}
+
+fn strs(v: &serde_norway::Value) -> Vec<String> {
+    v.as_sequence().map(|s| s.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()).unwrap_or_default()
+}
+
+#[test]
+fn daemonset_and_podmonitor_have_what_the_agent_needs() {
+    let docs = yaml_docs("deploy/kubernetes/leaktrace-agent.yaml");
+    let ds = docs.iter().find(|d| d["kind"].as_str() == Some("DaemonSet")).expect("no DaemonSet");
+    assert_eq!(ds["apiVersion"].as_str(), Some("apps/v1"));
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostPID"].as_bool(), Some(true), "the agent needs the host's pids");
+    assert!(pod["tolerations"].as_sequence().is_some_and(|t| !t.is_empty()), "no tolerations: not on tainted nodes");
+    let template_labels = &ds["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(&ds["spec"]["selector"]["matchLabels"], template_labels);
+    let containers = pod["containers"].as_sequence().expect("containers");
+    assert_eq!(containers.len(), 1);
+    let c = &containers[0];
+    let sc = &c["securityContext"];
+    assert_ne!(sc["privileged"].as_bool(), Some(true), "privileged instead of capabilities");
+    assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
+    assert_eq!(strs(&sc["capabilities"]["drop"]), ["ALL"]);
+    let added: BTreeSet<String> = strs(&sc["capabilities"]["add"]).into_iter().map(|c| format!("CAP_{c}")).collect();
+    assert_eq!(added, documented_capabilities(), "the DaemonSet's capabilities");
+    for limit in ["cpu", "memory"] {
+        assert!(c["resources"]["limits"][limit].as_str().is_some(), "no {limit} limit");
+    }
+    let mounts = c["volumeMounts"].as_sequence().expect("volumeMounts");
+    for m in mounts {
+        assert_eq!(m["readOnly"].as_bool(), Some(true), "a writable host mount: {m:?}");
+    }
+    let mounted: Vec<&str> = mounts.iter().filter_map(|m| m["mountPath"].as_str()).collect();
+    for needed in ["/sys/kernel/tracing", "/sys/fs/cgroup"] {
+        assert!(mounted.contains(&needed), "{needed} not mounted: {mounted:?}");
+    }
+    let args = strs(&c["args"]);
+    assert_eq!(args[0], "agent");
+    assert!(args.iter().any(|a| a.starts_with("--match")), "{args:?}");
+    let port = listen_port(&args);
+    assert_ne!(port, 9464);
+    let ports = c["ports"].as_sequence().expect("ports");
+    assert!(
+        ports.iter().any(|p| p["name"].as_str() == Some("metrics") && p["containerPort"].as_u64() == Some(u64::from(port))),
+        "no containerPort named metrics on {port}: {ports:?}"
+    );
+
+    let monitors = yaml_docs("deploy/kubernetes/podmonitor.yaml");
+    let pm = monitors.iter().find(|d| d["kind"].as_str() == Some("PodMonitor")).expect("no PodMonitor");
+    assert_eq!(pm["apiVersion"].as_str(), Some("monitoring.coreos.com/v1"));
+    assert_eq!(&pm["spec"]["selector"]["matchLabels"], template_labels, "the PodMonitor selects other pods");
+    assert_eq!(pm["metadata"]["namespace"], ds["metadata"]["namespace"]);
+    let ep = &pm["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(ep["port"].as_str(), Some("metrics"));
+    assert_eq!(ep["path"].as_str(), Some("/metrics"));
 }

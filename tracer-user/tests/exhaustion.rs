@@ -168,3 +168,55 @@ fn connection_leak_uses_up_ports_to_its_peer() {
     // Every leaked connection holds a port (and the good path's TIME_WAIT ones).
     assert!(ports.in_use >= leak["live"].as_u64().unwrap(), "{ports:?} vs {leak}");
 }
+
+/// Ephemeral ports run out before fds: `conn_leak` in a network namespace
+/// of its own (`unshare -n`, loopback up) whose port range the test narrows
+/// to 500 ports — the range is per namespace, so the machine's is left
+/// alone — with the fd limit raised to its hard limit (above the range). The leak (`bad_handler`,
+/// 20 connections a second to the fixture's own server) then exhausts ports
+/// to that peer first; leaktrace must read the range of the target's
+/// namespace, not its own. The good path's closed connections leave no
+/// `TIME_WAIT` here (`tcp_max_tw_buckets` 0 in the namespace), so the ports
+/// in use are the leaked ones and the ETA can be checked.
+#[test]
+fn connection_leak_runs_out_of_ports_before_fds_in_its_own_namespace() {
+    const PORTS: u64 = 500;
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.arg("-n").arg("sh").arg("-c").arg(format!(
+        "ip link set lo up && echo '40000 {}' > /proc/sys/net/ipv4/ip_local_port_range && \
+         echo 0 > /proc/sys/net/ipv4/tcp_max_tw_buckets && ulimit -n \"$(ulimit -Hn)\" && exec \"$0\" \"$@\"",
+        40000 + PORTS - 1
+    ));
+    cmd.arg(fixture("conn_leak")).args(["--leak-ms", "50"]);
+    let t = start_command(cmd);
+    let fds = |pid: u32| fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count() as u64).unwrap_or(0);
+    let (fds_before, t0) = (fds(t.pid()), Instant::now());
+    let run = run_leaktrace(&[
+        "check", "--pid", &t.pid().to_string(), "--for", "8s", "--interval", "1s", "--json", "--track", "connections",
+        "--fail-within", "2m",
+    ]);
+    // Leaked sockets per second, from /proc alone over the same time.
+    let rate = (fds(t.pid()) - fds_before) as f64 / t0.elapsed().as_secs_f64();
+    drop(t);
+    assert_eq!(run.status, 3, "ports run out within 2m: exit 3; stderr:\n{}", run.stderr);
+    let report = run.final_report();
+    let all = summarize(&report);
+    let e = &report["exhaustion"];
+    assert!(e["resource"].as_str().unwrap().starts_with("ephemeral ports to 127.0.0.1:"), "{e}:{all}");
+    assert_eq!(e["limit_source"], "net.ipv4.ip_local_port_range", "{e}");
+    assert_eq!(e["limit"], PORTS, "the namespace's range, not the machine's: {e}");
+    let leak = findings_with(&report, "bad_handler");
+    let leak = leak.iter().find(|f| f["verdict"] == "leak").unwrap_or_else(|| panic!("no leak:{all}"));
+    // All of the growth is the leak's (its site is the helper it dials through).
+    assert_eq!((&e["site"], e["share"].as_f64()), (&leak["site"], Some(1.0)), "{e}");
+    assert_eq!(leak["exhausts"]["resource"], e["resource"], "ports before open files: {leak}");
+    let in_use = e["in_use"].as_u64().unwrap();
+    assert!(in_use >= leak["live"].as_u64().unwrap() && in_use < PORTS, "{e} vs {leak}");
+    let expected = (PORTS - in_use) as f64 / rate;
+    let eta = e["seconds"].as_f64().unwrap();
+    assert!((eta - expected).abs() <= 0.3 * expected, "ETA {eta} s, expected {expected:.0} s ({rate:.1} sockets/s)");
+    // The look-alike dials the same peer and closes: not a leak.
+    for f in findings_with(&report, "good_handler") {
+        assert_ne!(f["verdict"], "leak", "{all}");
+    }
+}

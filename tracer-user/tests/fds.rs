@@ -153,7 +153,8 @@ fn exec_ends_cloexec_fds_only() {
 }
 
 /// A Go program leaking os.Open'd files (kept reachable, so no finalizer
-/// closes them) beside a handler that opens and closes.
+/// closes them) beside a handler that opens and closes, and one that drops
+/// its files unclosed (Go's finalizers close them at GCs: `unclosed`).
 #[test]
 fn go_os_open_leak_is_found() {
     let dir = tempdir();
@@ -168,5 +169,13 @@ fn go_os_open_leak_is_found() {
     assert!(num(f, "live") >= 80, "{all}");
     for f in findings_with(&report, "main.readSettings") {
         assert_ne!(f["verdict"], "leak", "readSettings closes its files:{all}");
+        assert_ne!(f["verdict"], "unclosed", "readSettings closes its files:{all}");
+        assert_eq!(f["ended_by_finalizer"], 0, "{all}");
     }
+    let dropped = site(&report, "main.loadTemplate");
+    assert_eq!(dropped["verdict"], "unclosed", "{all}");
+    assert_eq!(dropped["path"], format!("{dir}/template.html"), "{all}");
+    let by_finalizer = num(dropped, "ended_by_finalizer");
+    assert!(by_finalizer >= 5 && by_finalizer * 2 > num(dropped, "ended"), "{all}");
+    assert_eq!(num(f, "ended_by_finalizer"), 0, "kept files are never finalized:{all}");
 }

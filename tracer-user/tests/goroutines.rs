@@ -25,8 +25,13 @@ struct Traced {
     stderr: String,
 }
 
+/// A memory limit the leak's time to exhaustion is judged against.
+const GOMEMLIMIT: &str = "4GiB";
+
 fn trace(build: &str, args: &[&str], secs: u32) -> Traced {
-    let t = start(build, args);
+    let mut cmd = std::process::Command::new(fixture(build));
+    cmd.args(args).env("GOMEMLIMIT", GOMEMLIMIT);
+    let t = start_command(cmd);
     let pid = t.pid().to_string();
     let dur = format!("{secs}s");
     let run = run_leaktrace(&[
@@ -81,6 +86,11 @@ fn check_leak_found(t: &Traced) {
     let blocked = blocked_functions(leak);
     assert!(blocked.iter().any(|f| f == "main.(*Session).keepAlive"), "{b}: blocked_in {blocked:?}");
     assert_eq!(blocked.first().map(String::as_str), Some("runtime.gopark"), "{b}: blocked_in {blocked:?}");
+    // Each leaked goroutine holds at least the smallest stack: memory runs
+    // out (GOMEMLIMIT, or a tighter cgroup limit) at that rate.
+    assert!(leak["bytes_per_object"].as_u64().unwrap() >= 2048, "{b}: {leak}");
+    assert_eq!(leak["exhausts"]["resource"], "memory", "{b}: {leak}");
+    assert!(leak["exhausts"]["limit"].as_u64().unwrap() <= 4 << 30, "{b}: {leak}");
     // Look-alikes: the workers and the pool are not leaks.
     for f in goroutine_findings(report) {
         if f["site"] != "main.NewSession" {
@@ -160,4 +170,52 @@ fn unsupported_go_version_is_said_and_threads_still_run() {
     assert!(lines[0].contains("go1.99.3"), "{}", lines[0]);
     assert!(t.report["events"]["thread"].is_u64(), "thread tracker not running: {}", t.report);
     assert!(t.report["events"].get("goroutine").is_none(), "{}", t.report);
+}
+
+/// A library's `go` statements leak (etcd's `concurrency.NewSession` and
+/// `(*lessor).KeepAlive`, Debian's etcd client against a real etcd): one
+/// function forgets `Session.Close`, another calls the same library and
+/// closes. While the groups are judged a leak, the creator probe on each
+/// statement's `CALL runtime.newproc` learns who runs it, and the findings
+/// name the forgetting function with the library as `via`; the look-alike
+/// is never named, and its twin without the bug passes `check`.
+#[test]
+fn library_go_statement_leak_names_the_function_that_forgot_close() {
+    let etcd = start_etcd();
+    let endpoint = etcd.server.addr.clone();
+    let (leaky, quiet) = std::thread::scope(|s| {
+        let run = |args: &'static [&'static str]| {
+            let endpoint = endpoint.clone();
+            s.spawn(move || {
+                let mut all = vec!["-endpoint", endpoint.as_str()];
+                all.extend_from_slice(args);
+                let t = start("etcd-session", &all);
+                let pid = t.pid().to_string();
+                run_leaktrace(&["check", "--pid", &pid, "--for", "14s", "--interval", "2s", "--format", "json", "--track", "tasks"])
+            })
+        };
+        let (a, b) = (run(&[]), run(&["-no-leak"]));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!(leaky.status, 3, "stderr: {}", leaky.stderr);
+    let report = leaky.final_report();
+    let all = summarize(&report);
+    let leaks: Vec<_> = goroutine_findings(&report).into_iter().filter(|f| f["verdict"] == "leak").collect();
+    assert!(!leaks.is_empty(), "{all}");
+    for f in &leaks {
+        assert_eq!(f["site"], "main.acquireJobLock", "{all}");
+        assert_eq!(f["via"], "go.etcd.io/etcd/clientv3/concurrency.NewSession", "{all}");
+        assert!(functions(f).iter().any(|n| n == "main.runJob"), "{all}");
+    }
+    assert!(leaks.iter().any(|f| functions(f)[0] == "go.etcd.io/etcd/clientv3/concurrency.NewSession"), "{all}");
+    assert!(leaks.iter().any(|f| functions(f)[0] == "go.etcd.io/etcd/clientv3.(*lessor).KeepAlive"), "{all}");
+    assert!(!all.contains("main.renewLease"), "the look-alike was named:{all}");
+    assert!(
+        leaky.stderr.contains("LEAK goroutine at main.acquireJobLock via go.etcd.io/etcd/clientv3/concurrency.NewSession"),
+        "{}",
+        leaky.stderr
+    );
+    assert!(leaky.stderr.contains("creator probes on 2 library go statements"), "{}", leaky.stderr);
+    assert_eq!(quiet.status, 0, "stderr: {}", quiet.stderr);
+    drop(etcd);
 }

@@ -1,8 +1,9 @@
 //! Stacks of programs built without frame pointers, unwound from their
 //! `.eh_frame` (needs root): a C service built `gcc -O2 -g` on Debian's
 //! libhiredis against a real redis-server, and a `cargo build --release`
-//! Rust program, a `g++ -O2` C++ program through libstdc++, a signal
-//! handler's stack through glibc's trampoline. Each planted leak must be the
+//! Rust program, `g++ -O2` C++ programs through libstdc++ (threads, and
+//! allocations through a container), a contended mutex in `gcc -O2` C, a
+//! signal handler's stack through glibc's trampoline. Each planted leak must be the
 //! site of its finding with its caller after it, and its busy look-alike
 //! must not be a leak.
 
@@ -250,4 +251,114 @@ fn mixed_and_deep_stacks() {
         "a cut stack holds only the frames that are there: {funcs:?}"
     );
     assert!(report["lost"]["truncated_stacks"].as_u64().unwrap_or(0) > 0, "the cut is counted:{all}");
+}
+
+/// A contended pthread mutex in C built `gcc -O2 -g` (no frame-pointer
+/// flags), locked through Debian's glibc: the waiters' stacks name the
+/// planted function and its caller, and the same-shaped function on a lock
+/// only one thread takes is not contended.
+#[test]
+fn c_without_frame_pointers_locks() {
+    let report = attach_report("nofp_locks", &[], "locks");
+    let all = summarize(&report);
+    let locks: Vec<&Value> = report["findings"].as_array().unwrap().iter().filter(|f| f["kind"] == "lock").collect();
+    let hot = locks.first().unwrap_or_else(|| panic!("no lock finding:{all}"));
+    assert_eq!(hot["lock"], "hot_lock", "the contended lock is not the top finding:{all}");
+    assert_eq!(hot["verdict"], "contended", "{all}");
+    assert_eq!(hot["site"], "update_hot_counter", "{all}");
+    let funcs = functions(hot);
+    let at = funcs.iter().position(|f| f == "update_hot_counter").unwrap_or_else(|| panic!("waiter stack:{all}"));
+    assert_eq!(funcs.get(at + 1).map(String::as_str), Some("hot_worker"), "{all}");
+    for f in &locks {
+        if f["lock"] == "quiet_lock" || functions(f).iter().any(|n| n == "update_quiet_counter") {
+            assert_ne!(f["verdict"], "contended", "look-alike update_quiet_counter judged contended:{all}");
+        }
+    }
+}
+
+/// C++ built `g++ -O2 -g` allocating through libstdc++'s containers: a
+/// `std::unordered_map` that is never evicted (nodes from `operator new`
+/// inlined into the program, string buffers from inside libstdc++, which has
+/// no frame pointers) is a leak at the program's function, not at a `std::`
+/// frame; a `std::vector` of strings built and dropped per request is not.
+#[test]
+fn cpp_without_frame_pointers_allocations_through_a_container() {
+    let report = attach_report("nofp_alloc", &[], "allocations");
+    let all = summarize(&report);
+    let planted: Vec<&Value> =
+        report["findings"].as_array().unwrap().iter().filter(|f| f["kind"] == "allocation" && f["site"] == "cache_session(int)").collect();
+    assert!(planted.iter().any(|f| f["verdict"] == "leak"), "no cache_session leak:{all}");
+    for f in &planted {
+        let funcs = functions(f);
+        let at = funcs.iter().position(|n| n == "cache_session(int)").expect("site in stack");
+        assert_eq!(funcs.get(at + 1).map(String::as_str), Some("serve(bool)"), "{all}");
+        assert!(funcs.iter().any(|n| n == "main"), "stack does not reach main:{all}");
+    }
+    // The string buffers are allocated inside libstdc++: walked through it.
+    assert!(
+        planted.iter().any(|f| functions(f).iter().any(|n| n.contains("_M_construct"))),
+        "no stack through libstdc++'s string constructor:{all}"
+    );
+    for f in findings_with(&report, "build_reply(int)") {
+        assert_ne!(f["verdict"], "leak", "look-alike build_reply judged a leak:{all}");
+        assert_ne!(f["site"], "cache_session(int)", "{all}");
+    }
+}
+
+/// The same C service built with its unwind information in `.debug_frame`
+/// only, moved to a separate debug file as packages ship it
+/// (`.debug/nofp_service_debuglink.debug`, found by its `.gnu_debuglink`):
+/// the binary's own CFI covers none of its functions, so the planted site
+/// and its callers come out only through the debug file.
+#[test]
+fn unwind_info_from_a_separate_debug_file() {
+    let report = trace("nofp_service_debuglink", "connections");
+    assert_planted(&report, "connection", "get_user_profile", "handle_profile", "get_session");
+}
+
+/// A service that loads a plugin per request and unloads it (`dlopen`,
+/// `dlclose`): two builds of one plugin with the same code offsets and
+/// different stack frames, mapped in turn at the same address. Every stack
+/// through the plugin must come out whole — a rule kept from the unloaded
+/// one would walk the other's frames wrong — the kept socket is the leak and
+/// the closed one not, and the rules of unmapped code are dropped (the rule
+/// table stays small however many times the plugins are loaded).
+#[test]
+fn rules_of_unloaded_libraries_are_dropped() {
+    let t = start("dlopen_plugins", &[]);
+    let pid = t.pid().to_string();
+    let run = run_leaktrace(&["attach", "--pid", &pid, "--for", "8s", "--interval", "1s", "--track", "connections", "--json"]);
+    drop(t);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    let report = run.final_report();
+    let all = summarize(&report);
+    let through = findings_with(&report, "plugin_dial");
+    assert!(!through.is_empty(), "no stack through the plugin:{all}");
+    // Whole, or cut short (a call path whose plugin was unloaded before its
+    // first walk was finished: counted), never wrong.
+    let mut cut = 0;
+    for f in &through {
+        let funcs = functions(f);
+        let at = funcs.iter().position(|n| n == "plugin_dial").unwrap();
+        let rest: Vec<&str> = funcs[at + 1..].iter().map(String::as_str).collect();
+        match rest.as_slice() {
+            [] => cut += 1,
+            ["keep_audit_socket" | "probe_health", "serve", "main", ..] => {}
+            _ => panic!("wrong frames after plugin_dial: {rest:?}:{all}"),
+        }
+    }
+    assert!(cut == 0 || report["lost"]["truncated_stacks"].as_u64().unwrap_or(0) > 0, "cut stacks not counted:{all}");
+    let leak = through.iter().find(|f| f["site"] == "keep_audit_socket").unwrap_or_else(|| panic!("no keep_audit_socket finding:{all}"));
+    assert_eq!(leak["verdict"], "leak", "{all}");
+    for f in findings_with(&report, "probe_health") {
+        assert_ne!(f["verdict"], "leak", "look-alike probe_health judged a leak:{all}");
+    }
+    // "unwinding: N rules learned (...) ...; M rules dropped with their unmapped code"
+    let note = run.stderr.lines().find(|l| l.contains("unwinding: ")).unwrap_or_else(|| panic!("no unwinding note: {}", run.stderr));
+    let number_before = |word: &str| -> u64 {
+        let head = &note[..note.find(word).unwrap_or_else(|| panic!("{word} not in {note}"))];
+        head.split_whitespace().last().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no count before {word}: {note}"))
+    };
+    assert!(number_before("rules dropped") > 0, "{note}");
+    assert!(number_before("rules learned") < 200, "rule table grows with every load: {note}");
 }

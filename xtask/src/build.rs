@@ -15,8 +15,10 @@ use crate::cmd::{cargo, fixtures_bin, leaktrace_bin, run_cmd};
 use crate::setup::{self, extra_go, go_short, EXTRA_GO};
 
 /// Go programs built in GOPATH mode against Debian's Go library packages:
-/// `fixtures/gopath/<dir>` -> `fixtures/bin/<out>`.
-const GOPATH_PROGRAMS: &[(&str, &str)] = &[("ginredis", "gin-redis")];
+/// `fixtures/gopath/<dir>` -> `fixtures/bin/<out>`, with Debian's Go or an
+/// [`EXTRA_GO`] toolchain (etcd-session needs Go 1.21+: `g.parentGoid`).
+const GOPATH_PROGRAMS: &[(&str, &str, Option<&str>)] =
+    &[("ginredis", "gin-redis", None), ("etcdsession", "etcd-session", Some("1.22.10"))];
 
 /// A Go fixture program: `fixtures/go/<dir>` built to `fixtures/bin/<out>`.
 struct GoProgram {
@@ -44,10 +46,16 @@ const GO_PROGRAMS: &[GoProgram] = &[
     GoProgram { dir: "workload", out: "workload-go", every_version: true },
     // os.Open leaks for the fd tracker (one Go version: the path is the runtime's raw syscall).
     GoProgram { dir: "fdleak", out: "fdleak-go", every_version: false },
+    // A drained pool beside an idle worker pool (waits in progress; one Go version).
+    GoProgram { dir: "pooldrain", out: "pooldrain-go", every_version: false },
 ];
 /// C workloads the benchmarks also run built without frame pointers
 /// (`gcc -O2 -g`, as distributions build), as `<name>_nofp`.
 pub const NOFP_BUILDS: &[&str] = &["conn_bench", "alloc_bench"];
+
+/// fixtures/nofp programs also built with their unwind information only in
+/// a separate debug file (`<name>_debuglink` + `.debug/<name>_debuglink.debug`).
+const DEBUGLINK_BUILDS: &[&str] = &["nofp_service"];
 
 const C_FLAGS: &[&str] = &[
     "-O1",
@@ -212,6 +220,50 @@ pub fn fixtures(root: &Path) -> Result<()> {
             run_cmd(Command::new("gcc").args(["-O2", "-g", "-o"]).arg(&out).arg(&src).args(["-lhiredis", "-pthread"]))?;
             built += 1;
         }
+        // A plugin built twice with different stack frames (same code
+        // offsets), loaded and unloaded in turn by dlopen_plugins.
+        let plugin = nofp_dir.join("plugin/dial_plugin.c");
+        for (name, bytes) in [("dial_plugin_large.so", 2000), ("dial_plugin_small.so", 200)] {
+            let out = bin.join(name);
+            if up_to_date(&out, mtime(&plugin)) {
+                continue;
+            }
+            run_cmd(
+                Command::new("gcc")
+                    .args(["-O2", "-g", "-shared", "-fPIC"])
+                    .arg(format!("-DREQUEST_BYTES={bytes}"))
+                    .arg("-o")
+                    .arg(&out)
+                    .arg(&plugin),
+            )?;
+            built += 1;
+        }
+        // A program whose CFI is only in a separate debug file, as packages
+        // ship it: built with .debug_frame instead of .eh_frame, its debug
+        // sections moved to bin/.debug/<name>.debug (found through its
+        // .gnu_debuglink), the binary stripped of them.
+        for name in DEBUGLINK_BUILDS {
+            let src = nofp_dir.join(format!("{name}.c"));
+            let out_name = format!("{name}_debuglink");
+            let out = bin.join(&out_name);
+            if up_to_date(&out, mtime(&src)) {
+                continue;
+            }
+            let debug_dir = bin.join(".debug");
+            fs::create_dir_all(&debug_dir)?;
+            let debug = debug_dir.join(format!("{out_name}.debug"));
+            run_cmd(
+                Command::new("gcc")
+                    .args(["-O2", "-g", "-fno-asynchronous-unwind-tables", "-fno-unwind-tables", "-o"])
+                    .arg(&out)
+                    .arg(&src)
+                    .args(["-lhiredis", "-pthread"]),
+            )?;
+            run_cmd(Command::new("objcopy").arg("--only-keep-debug").arg(&out).arg(&debug))?;
+            run_cmd(Command::new("strip").arg("--strip-debug").arg(&out))?;
+            run_cmd(Command::new("objcopy").arg(format!("--add-gnu-debuglink={}", debug.display())).arg(&out))?;
+            built += 1;
+        }
         // C++ with distribution flags through libstdc++ (no frame pointers).
         for src in sources(&nofp_dir, "cc")? {
             let name = src.file_stem().and_then(OsStr::to_str).unwrap_or_default();
@@ -296,17 +348,19 @@ pub fn fixtures(root: &Path) -> Result<()> {
         built += 1;
     }
     // GOPATH fixtures: programs against Debian's packaged Go libraries
-    // (gin, redigo), built the way Debian builds them: GO111MODULE=off,
-    // GOPATH=/usr/share/gocode, Debian's Go.
+    // (gin, redigo, etcd's client), built the way Debian builds them:
+    // GO111MODULE=off, GOPATH=/usr/share/gocode, Debian's Go (or a newer
+    // toolchain where the program needs one).
     let gopath_dir = root.join("fixtures/gopath");
-    for (dir, out_name) in GOPATH_PROGRAMS {
+    for (dir, out_name, toolchain) in GOPATH_PROGRAMS {
         let src = gopath_dir.join(dir);
         let out = bin.join(out_name);
         if up_to_date(&out, newest_source(&src, &["go"])?) {
             continue;
         }
-        let mut cmd = Command::new("go");
+        let mut cmd = Command::new(toolchain.map_or_else(|| PathBuf::from("go"), |v| extra_go(root, v)));
         cmd.current_dir(&src)
+            .env("GOTOOLCHAIN", "local")
             .env("GO111MODULE", "off")
             .env("GOPATH", "/usr/share/gocode")
             .env("GOCACHE", cache.join("go-build"))

@@ -49,6 +49,10 @@ const APT_PACKAGES: &[&str] = &[
     "golang-github-gomodule-redigo-dev",
     "redis-server",
     "libhiredis-dev",
+    // etcd's client (clientv3, concurrency) for a GOPATH build, and a real
+    // etcd for it: the creator of a library `go` statement (tests/goroutines.rs).
+    "golang-etcd-server-dev",
+    "etcd-server",
     // `cargo xtask cores`: core files of the Go fixtures (gcore).
     "gdb",
     // Java fixtures (fixtures/java, built with javac, run with plain `java`;

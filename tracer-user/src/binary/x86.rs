@@ -14,6 +14,17 @@ pub fn linear(code: &[u8], ip: u64) -> impl Iterator<Item = Instruction> + '_ {
     Decoder::with_ip(64, code, ip, DecoderOptions::NONE).into_iter()
 }
 
+/// The direct near `CALL` that returns to `ret` (a return address, such as
+/// a goroutine's `gopc`): its address and its target, when `code` (the 5
+/// bytes before `ret`) decodes as one; `None` otherwise (an indirect call,
+/// or the bytes are something else).
+pub fn direct_call_before(code: &[u8], ret: u64) -> Option<(u64, u64)> {
+    let at = ret.checked_sub(code.len() as u64)?;
+    let ins = linear(code, at).next()?;
+    (ins.flow_control() == FlowControl::Call && ins.op0_kind() == OpKind::NearBranch64 && ins.next_ip() == ret && emulated(&ins))
+        .then(|| (at, ins.near_branch_target()))
+}
+
 /// Whether an operand is an immediate (`sub $0x18,%rsp`).
 pub fn is_imm(kind: OpKind) -> bool {
     matches!(
@@ -178,6 +189,16 @@ pub fn go_cheap_entry(code: &[u8], entry: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_call_a_return_address_comes_back_from() {
+        // e8 rel32 at 0x401000: call 0x402000, returns to 0x401005.
+        let call = [0xe8, 0xfb, 0x0f, 0x00, 0x00];
+        assert_eq!(direct_call_before(&call, 0x401005), Some((0x401000, 0x402000)));
+        // Indirect `call *%rax` (2 bytes) after 3 others: not a direct call.
+        assert_eq!(direct_call_before(&[0x90, 0x90, 0x90, 0xff, 0xd0], 0x401005), None);
+        assert_eq!(direct_call_before(&[0x48, 0x89, 0xc3, 0x90, 0x90], 0x401005), None);
+    }
 
     fn within<'c>(code: &'c [u8], base: u64) -> impl Fn(u64) -> Option<&'c [u8]> {
         move |a| (base..base + code.len() as u64).contains(&a).then(|| &code[(a - base) as usize..])

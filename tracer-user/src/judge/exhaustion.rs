@@ -9,7 +9,8 @@
 //! | fd, connection | open files | `RLIMIT_NOFILE` (soft, /proc/PID/limits) | fds open now |
 //! | thread | threads | the cgroup's `pids.max` (any ancestor), `/proc/sys/kernel/threads-max` | the cgroup's `pids.current`, the system's threads |
 //! | allocation | memory | the cgroup's `memory.max` (v2) / `memory.limit_in_bytes` (v1), `GOMEMLIMIT` | the process's RSS |
-//! | connection with a peer | ephemeral ports to PEER | `net.ipv4.ip_local_port_range` | the namespace's TCP sockets to PEER, `TIME_WAIT` included |
+//! | map, goroutine (with `bytes_per_object`) | memory | the same | the process's RSS |
+//! | connection with a peer | ephemeral ports to PEER | `net.ipv4.ip_local_port_range` of its network namespace | the namespace's TCP sockets to PEER, `TIME_WAIT` included |
 
 use std::collections::HashMap;
 
@@ -47,7 +48,9 @@ fn resources_of(f: &Finding) -> Vec<String> {
         }
         Kind::Thread => vec!["threads".into()],
         Kind::Allocation => vec!["memory".into()],
-        Kind::Goroutine | Kind::Map | Kind::Lock => Vec::new(),
+        // Entries and goroutines in bytes: their size is known per finding.
+        Kind::Goroutine | Kind::Map if f.bytes_per_object.is_some() => vec!["memory".into()],
+        Kind::Goroutine | Kind::Map | Kind::Lock | Kind::Wait => Vec::new(),
     }
 }
 
@@ -56,7 +59,11 @@ const PORTS_TO: &str = "ephemeral ports to ";
 
 /// A finding's growth in the resource's unit, per second (bytes for memory).
 fn slope_per_s(f: &Finding) -> f64 {
-    let per_min = if f.kind == Kind::Allocation { f.growth_bytes_per_min.unwrap_or(0.0) } else { f.growth_per_min };
+    let per_min = match (f.kind, f.bytes_per_object) {
+        (Kind::Allocation, _) => f.growth_bytes_per_min.unwrap_or(0.0),
+        (Kind::Goroutine | Kind::Map, Some(bytes)) => f.growth_per_min * bytes as f64,
+        _ => f.growth_per_min,
+    };
     per_min / 60.0
 }
 
@@ -67,7 +74,7 @@ pub fn read_limit(pid: u32, resource: &str) -> Option<Limit> {
         // Ports are per (local address, peer): sockets of any process of the
         // namespace toward the peer hold them, TIME_WAIT ones too.
         let peer: std::net::SocketAddr = peer.parse().ok()?;
-        let (lo, hi) = procfs::local_port_range()?;
+        let (lo, hi) = procfs::local_port_range(pid)?;
         let in_use = procfs::tcp_sockets_to(pid, peer);
         return Some(Limit { resource: resource.into(), source: "net.ipv4.ip_local_port_range".into(), limit: hi - lo + 1, in_use });
     }
@@ -261,6 +268,29 @@ mod tests {
         assert_eq!(f[0].exhausts.as_ref().unwrap().resource, "ephemeral ports to 127.0.0.1:6379");
     }
 
+    /// Map entries and goroutines use up memory at their count's slope times
+    /// the bytes each takes; together with a heap leak against one limit.
+    #[test]
+    fn go_maps_and_goroutines_exhaust_memory() {
+        let mut f = vec![
+            Finding { map: Some("main.cache".into()), bytes_per_object: Some(42), ..growing(Kind::Map, "main.cacheResponse", 60_000.0) },
+            Finding { bytes_per_object: Some(8192), ..growing(Kind::Goroutine, "main.NewSession", 600.0) },
+            // Unknown size (a type not read): no memory figure.
+            growing(Kind::Map, "main.unknown", 60_000.0),
+        ];
+        let top = annotate(&mut f, |r| match r {
+            "memory" => Some(Limit { resource: r.into(), source: "GOMEMLIMIT".into(), limit: 1 << 30, in_use: (1 << 30) - 9_112_000 }),
+            _ => None,
+        })
+        .unwrap();
+        // 1000 entries/s * 42 B + 10 goroutines/s * 8 KiB = 123 920 B/s.
+        assert_eq!((top.resource.as_str(), top.seconds), ("memory", 73.5));
+        assert_eq!(top.site.as_deref(), Some("main.NewSession"));
+        assert_eq!(f[0].exhausts.as_ref().unwrap().seconds, 217.0);
+        assert_eq!(f[1].exhausts.as_ref().unwrap().share, 0.661);
+        assert!(f[2].exhausts.is_none());
+    }
+
     #[test]
     fn go_memory_limits_parse() {
         assert_eq!(parse_go_bytes("512MiB"), Some(512 << 20));
@@ -277,5 +307,10 @@ mod tests {
         assert!(files.limit > 0 && files.in_use > 0 && files.in_use < files.limit, "{files:?}");
         let threads = read_limit(pid, "threads").unwrap();
         assert!(threads.in_use > 0, "{threads:?}");
+        // Our own namespace: the range read directly (another one is read
+        // from inside it: tests/exhaustion.rs).
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+        let r: Vec<u64> = range.split_whitespace().map(|v| v.parse().unwrap()).collect();
+        assert_eq!(procfs::local_port_range(pid), Some((r[0], r[1])));
     }
 }

@@ -6,6 +6,7 @@ pub mod contention;
 pub mod exhaustion;
 pub mod growth;
 pub mod java_waits;
+pub mod waits;
 
 use std::collections::{HashMap, HashSet};
 
@@ -172,7 +173,11 @@ impl Judge {
             } else {
                 (j.growth_per_min, None)
             };
-            let stack = if s.before_attach { Vec::new() } else { frames.get(&s.stack).cloned().unwrap_or_default() };
+            let mut stack = if s.before_attach { Vec::new() } else { frames.get(&s.stack).cloned().unwrap_or_default() };
+            // A library's `go` statement: the code that ran it, above it.
+            if let Some(creator) = s.created_by.as_ref().and_then(|c| frames.get(c)) {
+                stack.extend(creator.iter().skip(1).cloned());
+            }
             // A placeholder bucket ("[stack not recorded]", "[stack table
             // full]") mixes unrelated stacks: shown, counted, never judged.
             let verdict = if is_placeholder(&stack) { Verdict::Steady } else { j.verdict };
@@ -202,10 +207,15 @@ impl Judge {
                 fd_type: s.fd_type.clone(),
                 path: s.path.clone(),
                 distinct_paths: s.distinct_paths,
+                bytes_per_object: s.bytes_per_object,
                 created: s.created,
                 ended: s.ended,
                 ended_by_finalizer: s.ended_by_finalizer,
                 before_attach: s.before_attach,
+                addresses: match &s.stack {
+                    SampleStack::Addresses(a) => a.clone(),
+                    SampleStack::Kernel(_) => Vec::new(),
+                },
                 ..Finding::new(kind, verdict)
             });
         }
@@ -224,7 +234,10 @@ impl Judge {
         let mut keys: Vec<SampleStack> = Vec::new();
         for c in collected {
             match c {
-                Collected::Growth { samples, .. } => keys.extend(samples.iter().map(|s| s.stack.clone())),
+                Collected::Growth { samples, .. } => {
+                    keys.extend(samples.iter().map(|s| s.stack.clone()));
+                    keys.extend(samples.iter().filter_map(|s| s.created_by.clone()));
+                }
                 Collected::Contention(locks) => {
                     for l in locks {
                         keys.push(l.first.clone());
@@ -232,6 +245,7 @@ impl Judge {
                         keys.extend(l.holders.iter().map(|h| h.0.clone()));
                     }
                 }
+                Collected::Waits(waits) => keys.extend(waits.iter().map(|w| w.stack.clone())),
                 Collected::Nothing => {}
             }
         }
@@ -261,8 +275,10 @@ impl Judge {
             }
         }
         for c in collected {
-            if let Collected::Contention(locks) = c {
-                findings.extend(contention::lock_findings(locks, &frames, t, &self.own));
+            match c {
+                Collected::Contention(locks) => findings.extend(contention::lock_findings(locks, &frames, t, &self.own)),
+                Collected::Waits(waits) => findings.extend(waits::wait_findings(waits, &frames, t, &self.own)),
+                _ => {}
             }
         }
         findings
@@ -311,6 +327,7 @@ fn merge_same_frames(samples: &[StackSample], frames: &HashMap<SampleStack, Vec<
         m.fd_type = m.fd_type.take().or_else(|| s.fd_type.clone());
         m.path = m.path.take().or_else(|| s.path.clone());
         m.distinct_paths = m.distinct_paths.max(s.distinct_paths);
+        m.bytes_per_object = m.bytes_per_object.max(s.bytes_per_object);
         m.ended_by_finalizer = match (m.ended_by_finalizer, s.ended_by_finalizer) {
             (Some(a), Some(b)) => Some(a + b),
             (a, b) => a.or(b),

@@ -45,8 +45,18 @@ pub async fn serve(
     max_sites: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<std::io::Result<()>>)> {
+    serve_registry(listener, prometheus::registry(shared, max_sites), shutdown).await
+}
+
+/// Serves `registry` (encoded at each scrape) on `listener` like [`serve`]:
+/// `leaktrace agent` registers the whole fleet's collector.
+pub async fn serve_registry(
+    listener: TcpListener,
+    registry: Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<(SocketAddr, JoinHandle<std::io::Result<()>>)> {
     let local_addr = listener.local_addr()?;
-    let registry = Arc::new(prometheus::registry(shared, max_sites));
+    let registry = Arc::new(registry);
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/", get(index))

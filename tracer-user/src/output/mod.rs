@@ -24,6 +24,8 @@ use crate::{
 /// Where each report goes while a session runs: stdout (table or JSON
 /// lines) and, with `--listen`, the `/metrics` server.
 pub struct Outlet {
+    /// `leaktrace agent`: reports only go to the fleet's /metrics.
+    quiet: bool,
     format: Format,
     is_tty: bool,
     table_opts: TableOptions,
@@ -49,7 +51,14 @@ impl Outlet {
         }
         let format = opts.effective_format();
         let is_tty = std::io::stdout().is_terminal();
-        Ok(Self { format, is_tty, table_opts: TableOptions { fold_steady: !opts.all, ..TableOptions::default() }, shared, stop, server })
+        Ok(Self { quiet: false, format, is_tty, table_opts: TableOptions { fold_steady: !opts.all, ..TableOptions::default() }, shared, stop, server })
+    }
+
+    /// `leaktrace agent`: one target's reports go to `shared`, its slot of
+    /// the fleet's /metrics, and nowhere else (nothing on stdout).
+    pub fn slot(shared: SharedReport) -> Self {
+        let (stop, _) = tokio::sync::watch::channel(false);
+        Self { quiet: true, format: Format::Json, is_tty: false, table_opts: TableOptions::default(), shared, stop, server: None }
     }
 
     /// Serves `report` on /metrics without printing it (the sample at attach).
@@ -60,6 +69,9 @@ impl Outlet {
     /// Prints `report` and serves it on /metrics. On a terminal, live tables
     /// redraw in place and the final one goes below the last.
     pub fn publish(&self, report: Report) {
+        if self.quiet {
+            return self.share(report);
+        }
         if report.is_final && self.format == Format::Table && self.is_tty {
             write_stdout("\n");
         }

@@ -41,13 +41,19 @@ pub fn render_check(report: &Report, omitted: &[Finding], fail_on_wait: Option<f
         .iter()
         .filter(|f| f.lock.as_ref().is_some_and(|l| fail_on_wait.is_some_and(|t| l.wait_share > t)))
         .collect();
+    // Queues (a drained pool) whose waiters lost more than --fail-on-wait.
+    let queues: Vec<_> = report
+        .findings
+        .iter()
+        .filter(|f| f.verdict == Verdict::Queued && f.wait.as_ref().is_some_and(|w| fail_on_wait.is_some_and(|t| w.wait_share > t)))
+        .collect();
     // The resource that runs out first, when sooner than --fail-within.
     let runs_out = report
         .exhaustion
         .as_ref()
         .filter(|e| fail_within.is_some_and(|w| e.seconds < w.as_secs_f64()));
     let mut out = String::new();
-    if leaks.is_empty() && waits.is_empty() && runs_out.is_none() {
+    if leaks.is_empty() && waits.is_empty() && queues.is_empty() && runs_out.is_none() {
         out += &format!(
             "leaktrace check: PASS: {summary} in {:.0}s of {} (pid {}){lost}; exit 0 (0 = no leak, 3 = leak found, 1 = error)\n",
             report.elapsed_s, report.comm, report.pid
@@ -88,6 +94,22 @@ pub fn render_check(report: &Report, omitted: &[Finding], fail_on_wait: Option<f
             f.site,
             if l.holder_site.is_empty() { "?" } else { &l.holder_site }
         );
+    }
+    for f in &queues {
+        let Some(w) = &f.wait else { continue };
+        out += &format!(
+            "  QUEUED {} waiting at {}{} ({}): {:.1}x the window waited (> {:.1}), longest {}{:.0}s\n",
+            f.live,
+            f.site,
+            f.via.as_deref().map(|v| format!(" via {v}")).unwrap_or_default(),
+            w.wait_state,
+            w.wait_share,
+            fail_on_wait.unwrap_or(0.0),
+            if w.waiting_before_attach { ">= " } else { "" },
+            w.longest_wait_s
+        );
+        let path: Vec<&str> = f.stack.iter().skip(f.site_index).take(4).map(|fr| fr.function.as_str()).collect();
+        out += &format!("       waiting in {}\n", path.join(" <- "));
     }
     // "leak" covers `unclosed` too (objects the program drops unclosed).
     if let Some(e) = runs_out {

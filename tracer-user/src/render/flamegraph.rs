@@ -60,6 +60,7 @@ fn objects(kind: Kind) -> &'static str {
         Kind::Map => "map entries",
         Kind::Allocation => "heap blocks",
         Kind::Lock => "µs waited on locks",
+        Kind::Wait => "waiters",
     }
 }
 

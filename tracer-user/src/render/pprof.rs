@@ -192,13 +192,14 @@ pub fn sample_types(kind: Kind) -> &'static [(&'static str, &'static str)] {
         Kind::Map => &[("map_entries", "count")],
         Kind::Allocation => &[("inuse_objects", "count"), ("inuse_space", "bytes")],
         Kind::Lock => &[("contentions", "count"), ("delay", "nanoseconds")],
+        Kind::Wait => &[("waiters", "count")],
     }
 }
 
 /// A finding's values, one per entry of [`sample_types`] of its kind.
 pub fn sample_values(f: &Finding) -> Vec<i64> {
     match f.kind {
-        Kind::Connection | Kind::Fd | Kind::Thread | Kind::Goroutine | Kind::Map => vec![clamp(f.live)],
+        Kind::Connection | Kind::Fd | Kind::Thread | Kind::Goroutine | Kind::Map | Kind::Wait => vec![clamp(f.live)],
         Kind::Allocation => vec![clamp(f.live), clamp(f.live_bytes.unwrap_or(0))],
         Kind::Lock => {
             let (n, ns) = f.lock.as_ref().map_or((0, 0), |l| (l.contentions, l.wait_ns));

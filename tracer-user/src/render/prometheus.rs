@@ -20,7 +20,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::report::{Report, Verdict};
+use crate::{
+    identity::Identity,
+    report::{Report, Verdict},
+};
 
 /// The latest report, written by the reporting loop and read by each scrape.
 /// `None` until the first report exists.
@@ -46,22 +49,61 @@ pub const OTHER_SITE: &str = "other";
 pub struct ReportCollector {
     shared: SharedReport,
     max_sites: usize,
+    /// The target's identity, read at the first scrape (again when the
+    /// target's pid or command changes: an exec).
+    identity: Arc<std::sync::Mutex<Option<Identity>>>,
 }
 
 impl ReportCollector {
     /// A collector over `shared`, keeping at most `max_sites` sites per kind.
     pub fn new(shared: SharedReport, max_sites: usize) -> Self {
-        ReportCollector { shared, max_sites }
+        ReportCollector { shared, max_sites, identity: Arc::default() }
     }
 }
 
 impl Collector for ReportCollector {
-    fn encode(&self, encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         // A writer that panicked cannot leave a half-written report (it is
         // replaced whole), so a poisoned lock is still safe to read.
         let guard = self.shared.read().unwrap_or_else(|e| e.into_inner());
-        encode_report(guard.as_ref(), self.max_sites, encoder)
+        let reports: Vec<&Report> = guard.iter().collect();
+        encode_reports(&mut encoder, &reports, guard.is_some(), self.max_sites)?;
+        let Some(report) = guard.as_ref() else { return Ok(()) };
+        let mut cached = self.identity.lock().unwrap_or_else(|e| e.into_inner());
+        if cached.as_ref().is_none_or(|i| i.pid != report.pid || (i.comm != report.comm && report.comm != "?")) {
+            *cached = Some(Identity::read(report.pid));
+        }
+        encode_target_info(&mut encoder, cached.iter())
     }
+}
+
+/// `leaktrace_target_info`: one row per target, always 1 (join on `pid`).
+pub fn encode_target_info<'a>(e: &mut DescriptorEncoder, targets: impl Iterator<Item = &'a Identity>) -> Result<(), std::fmt::Error> {
+    family(
+        e,
+        "leaktrace_target_info",
+        "Always 1 per traced process: its identity (join on pid). container_id, pod_uid and friends come from its cgroup path; empty when it has none.",
+        MetricType::Gauge,
+        targets.map(|i| {
+            let c = &i.container;
+            let labels: Labels = [
+                ("pid", i.pid.to_string()),
+                ("comm", i.comm.clone()),
+                ("exe", i.exe.clone()),
+                ("build_id", i.build_id.clone()),
+                ("cgroup", i.cgroup.clone()),
+                ("container_id", c.id.clone()),
+                ("container_runtime", c.runtime.clone()),
+                ("pod_uid", c.pod_uid.clone()),
+                ("qos_class", c.qos_class.clone()),
+                ("systemd_unit", c.systemd_unit.clone()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k, escape_label(&v)))
+            .collect();
+            (labels, ConstGauge::new(1))
+        }),
+    )
 }
 
 /// A registry holding one [`ReportCollector`] over `shared`: what the
@@ -171,7 +213,7 @@ fn finite(v: f64) -> f64 {
 
 /// Escapes a label value for the text format (the encoder writes values
 /// verbatim): backslash, double quote and newline.
-fn escape_label(value: &str) -> String {
+pub(crate) fn escape_label(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for c in value.chars() {
         match c {
@@ -184,10 +226,10 @@ fn escape_label(value: &str) -> String {
     out
 }
 
-type Labels = Vec<(&'static str, String)>;
+pub(crate) type Labels = Vec<(&'static str, String)>;
 
 /// Writes one family: HELP/TYPE, then one sample per label set.
-fn family<M: EncodeMetric>(
+pub(crate) fn family<M: EncodeMetric>(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -201,39 +243,63 @@ fn family<M: EncodeMetric>(
     Ok(())
 }
 
-/// All families for `report` (`None`: only `leaktrace_up 0`).
-fn encode_report(
-    report: Option<&Report>,
+/// This build: `leaktrace_build_info{version, revision} 1`.
+fn encode_build_info(e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    family(
+        e,
+        "leaktrace_build_info",
+        "Always 1: the leaktrace version and the git revision it was built from.",
+        MetricType::Gauge,
+        [(
+            vec![("version", env!("CARGO_PKG_VERSION").to_string()), ("revision", escape_label(crate::REVISION))],
+            ConstGauge::new(1),
+        )],
+    )
+}
+
+/// One report with what its families need: its `pid` label and its sites.
+struct PerReport<'a> {
+    report: &'a Report,
+    pid: String,
+    sites: BTreeMap<&'static str, (BTreeMap<String, SiteAgg>, usize)>,
+}
+
+/// All families for `reports` (one target each: `leaktrace agent` has many),
+/// each family written once with every report's samples, told apart by
+/// `pid`. `up`: the value of `leaktrace_up`.
+pub fn encode_reports(
+    e: &mut DescriptorEncoder,
+    reports: &[&Report],
+    up: bool,
     max_sites: usize,
-    mut encoder: DescriptorEncoder,
 ) -> Result<(), std::fmt::Error> {
-    let e = &mut encoder;
-    let up = ConstGauge::new(i64::from(report.is_some()));
-    up.encode(e.encode_descriptor(
+    ConstGauge::new(i64::from(up)).encode(e.encode_descriptor(
         "leaktrace_up",
         "1 once leaktrace has produced a report for its target, 0 before.",
         None,
         MetricType::Gauge,
     )?)?;
-    let Some(report) = report else { return Ok(()) };
-
-    let pid = report.pid.to_string();
-    let sites = aggregate_sites(report, max_sites);
-    let site_labels = |kind: &str, site: &str, verdict: Option<Verdict>| -> Labels {
-        let mut l = vec![
-            ("pid", pid.clone()),
-            ("kind", escape_label(kind)),
-            ("site", escape_label(site)),
-        ];
+    encode_build_info(e)?;
+    if reports.is_empty() {
+        return Ok(());
+    }
+    let per: Vec<PerReport> = reports
+        .iter()
+        .map(|r| PerReport { report: r, pid: r.pid.to_string(), sites: aggregate_sites(r, max_sites) })
+        .collect();
+    let site_labels = |pid: &str, kind: &str, site: &str, verdict: Option<Verdict>| -> Labels {
+        let mut l = vec![("pid", pid.to_string()), ("kind", escape_label(kind)), ("site", escape_label(site))];
         if let Some(v) = verdict {
             l.push(("verdict", v.as_str().to_string()));
         }
         l
     };
     let per_site = || {
-        sites
-            .iter()
-            .flat_map(|(kind, (kept, _))| kept.iter().map(move |(site, agg)| (*kind, site, agg)))
+        per.iter().flat_map(|p| {
+            p.sites
+                .iter()
+                .flat_map(move |(kind, (kept, _))| kept.iter().map(move |(site, agg)| (p.pid.as_str(), *kind, site, agg)))
+        })
     };
 
     family(
@@ -241,15 +307,16 @@ fn encode_report(
         "leaktrace_live_objects",
         "Objects alive now, by kind and creation site (top sites per kind; the rest summed into site other).",
         MetricType::Gauge,
-        per_site().map(|(k, s, a)| (site_labels(k, s, Some(a.verdict)), ConstGauge::new(a.live as i64))),
+        per_site().map(|(p, k, s, a)| (site_labels(p, k, s, Some(a.verdict)), ConstGauge::new(a.live as i64))),
     )?;
     family(
         e,
         "leaktrace_live_bytes",
         "Allocations: bytes alive now, by creation site (same sites as leaktrace_live_objects).",
         MetricType::Gauge,
-        per_site().filter_map(|(k, s, a)| {
-            a.live_bytes.map(|b| (site_labels(k, s, Some(a.verdict)), ConstGauge::new(i64::try_from(b).unwrap_or(i64::MAX))))
+        per_site().filter_map(|(p, k, s, a)| {
+            a.live_bytes
+                .map(|b| (site_labels(p, k, s, Some(a.verdict)), ConstGauge::new(i64::try_from(b).unwrap_or(i64::MAX))))
         }),
     )?;
     family(
@@ -257,64 +324,47 @@ fn encode_report(
         "leaktrace_growth_per_minute",
         "Least-squares slope of live objects over the judged window, objects per minute.",
         MetricType::Gauge,
-        per_site().map(|(k, s, a)| {
-            (
-                site_labels(k, s, Some(a.verdict)),
-                ConstGauge::new(a.growth_per_min),
-            )
-        }),
+        per_site().map(|(p, k, s, a)| (site_labels(p, k, s, Some(a.verdict)), ConstGauge::new(a.growth_per_min))),
     )?;
     family(
         e,
         "leaktrace_oldest_age_seconds",
         "Age of the oldest live object of the site, seconds (absent when unknown).",
         MetricType::Gauge,
-        per_site().filter_map(|(k, s, a)| {
-            a.oldest_age_s
-                .map(|age| (site_labels(k, s, None), ConstGauge::new(age)))
-        }),
+        per_site().filter_map(|(p, k, s, a)| a.oldest_age_s.map(|age| (site_labels(p, k, s, None), ConstGauge::new(age)))),
     )?;
 
     // Time to exhaustion: each growing site at its own slope (the soonest
     // `max_sites`), and site="all" for the resource at every site's slope.
-    let mut exhausting: Vec<(&str, &crate::report::Exhaustion)> =
-        report.findings.iter().filter_map(|f| f.exhausts.as_ref().map(|x| (f.site.as_str(), x))).collect();
-    exhausting.sort_by(|a, b| a.1.seconds.total_cmp(&b.1.seconds));
-    exhausting.truncate(max_sites);
     family(
         e,
         "leaktrace_exhaustion_seconds",
         "Seconds until the resource (open files, threads, memory) runs out at the site's current growth; site all: at every growing site's growth together.",
         MetricType::Gauge,
-        report
-            .exhaustion
-            .iter()
-            .map(|x| ("all", x))
-            .chain(exhausting)
-            .map(|(site, x)| {
+        per.iter().flat_map(|p| {
+            let mut exhausting: Vec<(&str, &crate::report::Exhaustion)> =
+                p.report.findings.iter().filter_map(|f| f.exhausts.as_ref().map(|x| (f.site.as_str(), x))).collect();
+            exhausting.sort_by(|a, b| a.1.seconds.total_cmp(&b.1.seconds));
+            exhausting.truncate(max_sites);
+            p.report.exhaustion.iter().map(|x| ("all", x)).chain(exhausting).map(|(site, x)| {
                 (
-                    vec![("pid", pid.clone()), ("resource", escape_label(&x.resource)), ("site", escape_label(site))],
+                    vec![("pid", p.pid.clone()), ("resource", escape_label(&x.resource)), ("site", escape_label(site))],
                     ConstGauge::new(finite(x.seconds)),
                 )
-            }),
+            })
+        }),
     )?;
 
-    let kinds: BTreeSet<&str> = report
-        .events
-        .keys()
-        .copied()
-        .chain(report.findings.iter().map(|f| f.kind.as_str()))
-        .collect();
     family(
         e,
         "leaktrace_events",
         "Events seen since attach, by kind.",
         MetricType::Counter,
-        report.events.iter().map(|(kind, n)| {
-            (
-                vec![("pid", pid.clone()), ("kind", escape_label(kind))],
-                ConstCounter::new(*n),
-            )
+        per.iter().flat_map(|p| {
+            p.report
+                .events
+                .iter()
+                .map(|(kind, n)| (vec![("pid", p.pid.clone()), ("kind", escape_label(kind))], ConstCounter::new(*n)))
         }),
     )?;
     family(
@@ -322,22 +372,19 @@ fn encode_report(
         "leaktrace_events_lost",
         "Records lost since attach: reason events (the kernel side could not record an event), stacks (a stack could not be stored; the object is still counted) or truncated_stacks (a stack cut short: deeper than 32 frames, or a new call path's first stack copy ended first).",
         MetricType::Counter,
-        [
-            ("events", report.lost.events),
-            ("stacks", report.lost.stacks),
-            ("truncated_stacks", report.lost.truncated_stacks),
-        ]
-        .map(|(reason, n)| {
-            (vec![("pid", pid.clone()), ("reason", reason.to_string())], ConstCounter::new(n))
+        per.iter().flat_map(|p| {
+            let lost = &p.report.lost;
+            [("events", lost.events), ("stacks", lost.stacks), ("truncated_stacks", lost.truncated_stacks)]
+                .map(|(reason, n)| (vec![("pid", p.pid.clone()), ("reason", reason.to_string())], ConstCounter::new(n)))
         }),
     )?;
-    if let Some(n) = report.untracked_frees {
+    if per.iter().any(|p| p.report.untracked_frees.is_some()) {
         family(
             e,
             "leaktrace_untracked_frees",
             "Allocations: frees of blocks allocated before attach (or not sampled), ignored rather than subtracted.",
             MetricType::Counter,
-            [(vec![("pid", pid.clone())], ConstCounter::new(n))],
+            per.iter().filter_map(|p| p.report.untracked_frees.map(|n| (vec![("pid", p.pid.clone())], ConstCounter::new(n)))),
         )?;
     }
     family(
@@ -345,39 +392,46 @@ fn encode_report(
         "leaktrace_findings",
         "Findings (creation stacks) in the latest report, by kind and verdict, before any display cut.",
         MetricType::Gauge,
-        kinds.iter().flat_map(|kind| {
-            let lock_verdict = (*kind == "lock").then_some(Verdict::Contended);
-            let unclosed = (*kind == "connection").then_some(Verdict::Unclosed);
-            [Verdict::Leak, Verdict::Growing, Verdict::Steady].into_iter().chain(lock_verdict).chain(unclosed).map(|v| {
-                let n = report.findings.iter().filter(|f| f.kind.as_str() == *kind && f.verdict == v).count();
-                (
-                    vec![("pid", pid.clone()), ("kind", escape_label(kind)), ("verdict", v.as_str().to_string())],
-                    ConstGauge::new(n as i64),
-                )
+        per.iter().flat_map(|p| {
+            let report = p.report;
+            let kinds: BTreeSet<&str> =
+                report.events.keys().copied().chain(report.findings.iter().map(|f| f.kind.as_str())).collect();
+            kinds.into_iter().flat_map(move |kind| {
+                let lock_verdict = (kind == "lock").then_some(Verdict::Contended);
+                let unclosed = (kind == "connection").then_some(Verdict::Unclosed);
+                let queued = (kind == "wait").then_some(Verdict::Queued);
+                [Verdict::Leak, Verdict::Growing, Verdict::Steady]
+                    .into_iter()
+                    .chain(lock_verdict)
+                    .chain(unclosed)
+                    .chain(queued)
+                    .map(move |v| {
+                    let n = report.findings.iter().filter(|f| f.kind.as_str() == kind && f.verdict == v).count();
+                    (
+                        vec![("pid", p.pid.clone()), ("kind", escape_label(kind)), ("verdict", v.as_str().to_string())],
+                        ConstGauge::new(n as i64),
+                    )
+                })
             })
         }),
     )?;
-    encode_locks(e, report, &pid, max_sites)?;
+    encode_locks(e, &per, max_sites)?;
     family(
         e,
         "leaktrace_findings_omitted",
         "Findings left out of the latest report by --max-findings (verdict unknown here).",
         MetricType::Gauge,
-        [(
-            vec![("pid", pid.clone())],
-            ConstGauge::new(report.findings_omitted as i64),
-        )],
+        per.iter().map(|p| (vec![("pid", p.pid.clone())], ConstGauge::new(p.report.findings_omitted as i64))),
     )?;
     family(
         e,
         "leaktrace_sites_folded",
         "Sites summed into site other by the per-kind cardinality bound in this scrape.",
         MetricType::Gauge,
-        sites.iter().map(|(kind, (_, folded))| {
-            (
-                vec![("pid", pid.clone()), ("kind", escape_label(kind))],
-                ConstGauge::new(*folded as i64),
-            )
+        per.iter().flat_map(|p| {
+            p.sites.iter().map(|(kind, (_, folded))| {
+                (vec![("pid", p.pid.clone()), ("kind", escape_label(kind))], ConstGauge::new(*folded as i64))
+            })
         }),
     )?;
     Ok(())
@@ -402,7 +456,7 @@ impl EncodeMetric for ConstHistogram {
 /// Lock families: per lock and waiter site, the top `max_sites` locks by
 /// wait time; the rest summed into `lock="other", site="other"`. Histogram
 /// buckets are fixed (1 µs .. 10 s, decades) so series stay comparable.
-fn encode_locks(e: &mut DescriptorEncoder, report: &Report, pid: &str, max_sites: usize) -> Result<(), std::fmt::Error> {
+fn encode_locks(e: &mut DescriptorEncoder, per: &[PerReport], max_sites: usize) -> Result<(), std::fmt::Error> {
     const BOUNDS: [f64; 8] = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0];
     struct Agg {
         contentions: u64,
@@ -410,46 +464,54 @@ fn encode_locks(e: &mut DescriptorEncoder, report: &Report, pid: &str, max_sites
         hist: Vec<(f64, u64)>,
         verdict: Verdict,
     }
-    let mut locks: Vec<&crate::report::Finding> = report.findings.iter().filter(|f| f.lock.is_some()).collect();
-    if locks.is_empty() && !report.events.contains_key("lock") {
+    let traced = |r: &Report| r.findings.iter().any(|f| f.lock.is_some()) || r.events.contains_key("lock");
+    if !per.iter().any(|p| traced(p.report)) {
         return Ok(());
     }
-    locks.sort_by_key(|f| std::cmp::Reverse(f.lock.as_ref().map_or(0, |l| l.wait_ns)));
-    let mut rows: Vec<((String, String), Agg)> = Vec::new();
-    for (i, f) in locks.iter().enumerate() {
-        let Some(l) = &f.lock else { continue };
-        let key = if i < max_sites { (l.lock.clone(), f.site.clone()) } else { ("other".into(), "other".into()) };
-        // Cumulative counts at the fixed bounds, from the log2 buckets
-        // (a bucket counts under the first bound at or above its upper edge).
-        let cumulative: Vec<(f64, u64)> = BOUNDS
-            .iter()
-            .map(|b| {
-                let n = l.wait_histogram.iter().filter(|h| (h.le_ns as f64) / 1e9 <= *b).map(|h| h.count).max().unwrap_or(0);
-                (*b, n)
-            })
-            // f64::MAX is the encoder's +Inf bucket.
-            .chain([(f64::MAX, l.contentions)])
-            .collect();
-        // The encoder wants per-bucket counts (it accumulates them).
-        let hist: Vec<(f64, u64)> = cumulative
-            .iter()
-            .enumerate()
-            .map(|(i, &(b, n))| (b, n - if i == 0 { 0 } else { cumulative[i - 1].1.min(n) }))
-            .collect();
-        match rows.iter_mut().find(|r| r.0 == key) {
-            Some((_, a)) => {
-                a.contentions += l.contentions;
-                a.wait_ns += l.wait_ns;
-                for (x, y) in a.hist.iter_mut().zip(&hist) {
-                    x.1 += y.1;
+    // Rows keyed by (pid, lock, site), each report bounded on its own.
+    let mut rows: Vec<((String, String, String), Agg)> = Vec::new();
+    for p in per {
+        let mut locks: Vec<&crate::report::Finding> = p.report.findings.iter().filter(|f| f.lock.is_some()).collect();
+        locks.sort_by_key(|f| std::cmp::Reverse(f.lock.as_ref().map_or(0, |l| l.wait_ns)));
+        for (i, f) in locks.iter().enumerate() {
+            let Some(l) = &f.lock else { continue };
+            let key = if i < max_sites {
+                (p.pid.clone(), l.lock.clone(), f.site.clone())
+            } else {
+                (p.pid.clone(), "other".into(), "other".into())
+            };
+            // Cumulative counts at the fixed bounds, from the log2 buckets
+            // (a bucket counts under the first bound at or above its upper edge).
+            let cumulative: Vec<(f64, u64)> = BOUNDS
+                .iter()
+                .map(|b| {
+                    let n = l.wait_histogram.iter().filter(|h| (h.le_ns as f64) / 1e9 <= *b).map(|h| h.count).max().unwrap_or(0);
+                    (*b, n)
+                })
+                // f64::MAX is the encoder's +Inf bucket.
+                .chain([(f64::MAX, l.contentions)])
+                .collect();
+            // The encoder wants per-bucket counts (it accumulates them).
+            let hist: Vec<(f64, u64)> = cumulative
+                .iter()
+                .enumerate()
+                .map(|(i, &(b, n))| (b, n - if i == 0 { 0 } else { cumulative[i - 1].1.min(n) }))
+                .collect();
+            match rows.iter_mut().find(|r| r.0 == key) {
+                Some((_, a)) => {
+                    a.contentions += l.contentions;
+                    a.wait_ns += l.wait_ns;
+                    for (x, y) in a.hist.iter_mut().zip(&hist) {
+                        x.1 += y.1;
+                    }
+                    a.verdict = a.verdict.min(f.verdict);
                 }
-                a.verdict = a.verdict.min(f.verdict);
+                None => rows.push((key, Agg { contentions: l.contentions, wait_ns: l.wait_ns, hist, verdict: f.verdict })),
             }
-            None => rows.push((key, Agg { contentions: l.contentions, wait_ns: l.wait_ns, hist, verdict: f.verdict })),
         }
     }
-    let labels = |(lock, site): &(String, String)| -> Labels {
-        vec![("pid", pid.to_string()), ("lock", escape_label(lock)), ("site", escape_label(site))]
+    let labels = |(pid, lock, site): &(String, String, String)| -> Labels {
+        vec![("pid", pid.clone()), ("lock", escape_label(lock)), ("site", escape_label(site))]
     };
     family(
         e,
@@ -585,13 +647,21 @@ mod tests {
     }
 
     #[test]
-    fn no_report_yet_is_only_up_zero() {
+    fn no_report_yet_is_only_up_zero_and_the_build() {
         let text = encode_registry_text(&registry(new_shared_report(), DEFAULT_MAX_SITES));
         assert_eq!(
             text,
-            "# HELP leaktrace_up 1 once leaktrace has produced a report for its target, 0 before.\n\
-             # TYPE leaktrace_up gauge\nleaktrace_up 0\n# EOF\n"
+            format!(
+                "# HELP leaktrace_up 1 once leaktrace has produced a report for its target, 0 before.\n\
+                 # TYPE leaktrace_up gauge\nleaktrace_up 0\n\
+                 # HELP leaktrace_build_info Always 1: the leaktrace version and the git revision it was built from.\n\
+                 # TYPE leaktrace_build_info gauge\n\
+                 leaktrace_build_info{{version=\"{}\",revision=\"{}\"}} 1\n# EOF\n",
+                env!("CARGO_PKG_VERSION"),
+                crate::REVISION
+            )
         );
+        assert_ne!(crate::REVISION, "", "build.rs sets the revision");
     }
 
     #[test]

@@ -115,6 +115,10 @@ pub fn summary(report: &Report) -> String {
         let _ = write!(s, ", {unclosed} unclosed");
     }
     let _ = write!(s, ", {} growing, {} steady", count(Verdict::Growing), count(Verdict::Steady));
+    let queued = count(Verdict::Queued);
+    if queued > 0 {
+        let _ = write!(s, ", {queued} queued wait{}", plural(queued as u64));
+    }
     let contended = count(Verdict::Contended);
     if contended > 0 {
         let _ = write!(s, ", {contended} contended lock{}", plural(contended as u64));
@@ -256,6 +260,18 @@ fn row(f: &Finding, opts: &TableOptions) -> [String; 7] {
             format!("{:.1}% wait", l.wait_share * 100.0),
             format!("max {:.1}ms", l.max_wait_ns as f64 / 1e6),
             l.lock.clone(),
+        ];
+    }
+    // Waits: waiters now, their share of the traced time, the longest wait.
+    if let Some(w) = &f.wait {
+        return [
+            f.verdict.as_str().to_string(),
+            f.kind.as_str().to_string(),
+            truncate(&site_text(f), opts.max_site_width),
+            format!("{} waiting", f.live),
+            format!("{:.1}x wait", w.wait_share),
+            format!("{}{}", if w.waiting_before_attach { ">=" } else { "" }, age_text(w.longest_wait_s)),
+            format!("{} ({})", w.wait_state, w.wait_role),
         ];
     }
     [

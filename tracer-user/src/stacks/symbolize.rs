@@ -304,6 +304,20 @@ impl OwnCode {
         Site { name: site_name(&frames[index]), index, via }
     }
 
+    /// Where a waiting stack (innermost first) waits in the program's own
+    /// code: the own frames from the innermost one out to the outermost
+    /// one, and whether that outermost own frame is the thread's or
+    /// goroutine's start function (only the runtime's entry frames lie
+    /// outside it) rather than code a library called (an HTTP server
+    /// calling a handler). `None` when no frame is own code.
+    pub fn own_depth(&self, frames: &[Frame]) -> Option<(usize, bool)> {
+        let library_crates = library_crates(frames);
+        let own: Vec<usize> = frames.iter().enumerate().filter(|(_, f)| self.is_own(f, &library_crates)).map(|(i, _)| i).collect();
+        let (&inner, &outer) = (own.first()?, own.last()?);
+        let own_frames = own.iter().filter(|&&i| i >= inner && i <= outer).count();
+        Some((own_frames, frames[outer + 1..].iter().all(is_entry_frame)))
+    }
+
     /// Whether `f` is the program's own code (see [`OwnCode`]); crates in
     /// `library_crates` are dependencies linked into the executable.
     fn is_own(&self, f: &Frame, library_crates: &[&str]) -> bool {
@@ -389,18 +403,22 @@ fn library_site_index(frames: &[Frame]) -> usize {
     if let Some(i) = frames.iter().position(|f| !is_system_frame(f)) {
         return i;
     }
-    let entry = |f: &Frame| {
-        let n = f.function.as_str();
-        n == "[unknown]"
-            || n.starts_with("runtime.")
-            || n.starts_with("runtime/")
-            || n.starts_with("_start")
-            || n.starts_with("__libc_start")
-            || n == "start_thread"
-            || n.starts_with("clone")
-            || n.starts_with("__clone")
-    };
-    frames.iter().rposition(|f| !entry(f)).unwrap_or(0)
+    frames.iter().rposition(|f| !is_entry_frame(f)).unwrap_or(0)
+}
+
+/// Whether a frame is the runtime's thread or goroutine entry (`_start`,
+/// `__libc_start_main`, `start_thread`, `clone3`, `runtime.goexit`,
+/// `runtime.main`), or unnamed.
+fn is_entry_frame(f: &Frame) -> bool {
+    let n = f.function.as_str();
+    n == "[unknown]"
+        || n.starts_with("runtime.")
+        || n.starts_with("runtime/")
+        || n.starts_with("_start")
+        || n.starts_with("__libc_start")
+        || n == "start_thread"
+        || n.starts_with("clone")
+        || n.starts_with("__clone")
 }
 
 /// Whether a frame belongs to a runtime, libc, a system library or a
@@ -463,6 +481,11 @@ fn is_standard_function(func: &str) -> bool {
 /// unlike `main.x` and `github.com/...`.
 fn is_go_std(func: &str) -> bool {
     let head = func.split('/').next().unwrap_or(func);
+    // A module path (`go.etcd.io/etcd/...`, `github.com/...`): its first
+    // element has a dot, which the standard library's never has.
+    if func.contains('/') && head.contains('.') {
+        return false;
+    }
     let pkg = head.split('.').next().unwrap_or(head);
     if pkg == "main" || pkg.is_empty() {
         return false;
@@ -624,5 +647,9 @@ mod tests {
         assert!(!is_go_std("github.com/redis/go-redis/v9.(*Client).Get"));
         assert!(is_go_std("internal/poll.(*FD).Init"));
         assert!(!is_go_std("main.main"));
+        // A module whose path starts with "go." is not package go/...
+        assert!(!is_go_std("go.etcd.io/etcd/clientv3/concurrency.NewSession"));
+        assert!(!is_go_std("go.uber.org/zap.(*Logger).Info"));
+        assert!(is_go_std("go/ast.Walk"));
     }
 }

@@ -18,21 +18,29 @@
 //! Parsed CFI is cached per object (device, inode, size, mtime), built the
 //! first time one of its pcs is met, and bounded ([`MAX_OBJECTS`]).
 
-use std::{collections::HashMap, os::unix::fs::MetadataExt, sync::Arc};
+use std::{
+    collections::HashMap,
+    os::unix::fs::MetadataExt,
+    sync::{Arc, OnceLock},
+};
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::maps::{Array as BpfArray, HashMap as BpfHashMap, MapData};
 use gimli::{
     BaseAddresses, CfaRule, DebugFrame, EhFrame, EhFrameHdr, EvaluationResult, FrameDescriptionEntry,
     LittleEndian, Location, RegisterRule, UnwindContext, UnwindSection, Value, X86_64,
 };
 use object::{Object, ObjectSection};
 use tracer_common::stacks::{
-    rule_kind, MissSnapshot, UnwindRule, MAX_UNWIND_RULES, MAX_WALKED_FRAMES, PROVISIONAL_KEY, RULE_AT_PC,
+    rule_kind, unwind_sync, CodeRange, MissSnapshot, UnwindRule, MAX_RULE_MAPPINGS, MAX_UNMAPPED, MAX_UNWIND_RULES,
+    MAX_WALKED_FRAMES, PROVISIONAL_KEY, RULE_AT_PC,
 };
 
 use crate::{
-    binary::elf::Segments,
+    binary::{
+        debug_file::{self, DebugLink},
+        elf::Segments,
+    },
     procfs::{self, Mapping, MemoryMap},
 };
 
@@ -83,6 +91,11 @@ pub struct ObjectCfi {
     segments: Segments,
     /// Go binaries always keep frame pointers and carry no `.eh_frame`.
     frame_pointers: bool,
+    /// Where a separate debug file may hold a `.debug_frame` (an object
+    /// without one of its own), and that section once looked for: read the
+    /// first time the object's own CFI has no row for a pc.
+    debug_link: DebugLink,
+    separate_debug_frame: OnceLock<Option<Section>>,
 }
 
 /// The frame-pointer step: `CFA = rbp + 16`, caller's rbp at `CFA - 16`.
@@ -90,6 +103,17 @@ const FP_RULE: UnwindRule = UnwindRule { kind: rule_kind::CFA_BP, cfa_offset: 16
 const END_RULE: UnwindRule = UnwindRule { kind: rule_kind::END, cfa_offset: 0, rbp_offset: 0, _pad: 0 };
 
 impl ObjectCfi {
+    /// Copies the CFI sections out of the ELF image of the object at `path`
+    /// (as the target sees it; `root` prefixes paths looked up for it), and
+    /// notes where its separate debug file may be.
+    pub fn parse_at(data: &[u8], path: &std::path::Path, root: &str) -> Result<Self> {
+        let mut cfi = Self::parse(data)?;
+        if cfi.debug_frame.is_none() {
+            cfi.debug_link = DebugLink::of(data, path, root);
+        }
+        Ok(cfi)
+    }
+
     /// Copies the CFI sections out of an ELF image.
     pub fn parse(data: &[u8]) -> Result<Self> {
         let file = object::File::parse(data).context("not a valid ELF")?;
@@ -107,17 +131,25 @@ impl ObjectCfi {
             text_svma,
             segments: Segments::of(&file),
             frame_pointers,
+            debug_link: DebugLink::default(),
+            separate_debug_frame: OnceLock::new(),
         })
     }
 
     /// Bytes held for this object.
     pub fn size(&self) -> usize {
-        [&self.eh_frame, &self.eh_frame_hdr, &self.debug_frame].iter().filter_map(|s| s.as_ref()).map(|s| s.data.len()).sum()
+        let separate = self.separate_debug_frame.get().and_then(Option::as_ref);
+        [self.eh_frame.as_ref(), self.eh_frame_hdr.as_ref(), self.debug_frame.as_ref(), separate]
+            .into_iter()
+            .flatten()
+            .map(|s| s.data.len())
+            .sum()
     }
 
-    /// Whether the object has any CFI at all.
+    /// Whether the object has any CFI at all (its own, or in its separate
+    /// debug file).
     pub fn has_cfi(&self) -> bool {
-        self.eh_frame.is_some() || self.debug_frame.is_some()
+        self.eh_frame.is_some() || self.debug_frame.is_some() || self.separate_debug_frame().is_some()
     }
 
     /// The rule at link-time address `svma`: a return address (`at_return`,
@@ -145,15 +177,38 @@ impl ObjectCfi {
                 return rule_of_fde(&section, &bases, &fde, addr, svma);
             }
         }
-        if let Some(df) = &self.debug_frame {
-            let mut section = DebugFrame::new(&df.data, LittleEndian);
-            section.set_address_size(8);
-            let bases = BaseAddresses::default().set_text(self.text_svma);
-            if let Ok(fde) = section.fde_for_address(&bases, addr, DebugFrame::cie_from_offset) {
-                return rule_of_fde(&section, &bases, &fde, addr, svma);
-            }
+        if let Some(rule) = self.debug_frame.as_ref().and_then(|df| self.debug_frame_rule(df, addr, svma)) {
+            return rule;
+        }
+        if let Some(rule) = self.separate_debug_frame().and_then(|df| self.debug_frame_rule(df, addr, svma)) {
+            return rule;
         }
         UnwindRule { kind: rule_kind::FP_GUESS, ..FP_RULE }
+    }
+
+    /// The rule at `addr` from a `.debug_frame` section, if it covers it.
+    fn debug_frame_rule(&self, df: &Section, addr: u64, svma: u64) -> Option<UnwindRule> {
+        let mut section = DebugFrame::new(&df.data, LittleEndian);
+        section.set_address_size(8);
+        let bases = BaseAddresses::default().set_text(self.text_svma);
+        let fde = section.fde_for_address(&bases, addr, DebugFrame::cie_from_offset).ok()?;
+        Some(rule_of_fde(&section, &bases, &fde, addr, svma))
+    }
+
+    /// The `.debug_frame` of the object's separate debug file, read once.
+    fn separate_debug_frame(&self) -> Option<&Section> {
+        self.separate_debug_frame
+            .get_or_init(|| {
+                let debug = self.debug_link.open()?;
+                let (svma, data) = debug_file::debug_frame(&debug)?;
+                Some(Section { svma, data })
+            })
+            .as_ref()
+    }
+
+    /// Whether a separate debug file's `.debug_frame` was read.
+    pub fn uses_separate_debug_file(&self) -> bool {
+        self.separate_debug_frame.get().is_some_and(Option::is_some)
     }
 
     /// Link-time address of runtime `pc` in mapping `m` of this object.
@@ -233,6 +288,125 @@ fn rule_of_fde<'a, S: UnwindSection<Slice<'a>>>(
     UnwindRule { kind, cfa_offset, rbp_offset, _pad: 0 }
 }
 
+/// Steps through a copy of a stack (`stack`, read from address `base`) by
+/// unwind rules, as the kernel's walk does, from the frame of rule key
+/// `key` (its registers `sp`, `bp`; `bp` 0 when unknown). `rule` gives the
+/// rule of a key (`None`: none to be had, the walk stops). Returns the
+/// return addresses found beyond the first frame and whether the walk
+/// reached the stack's end (rather than the copy's or a missing rule).
+pub fn walk_copy(
+    mut key: u64,
+    mut sp: u64,
+    mut bp: u64,
+    base: u64,
+    stack: &[u8],
+    mut rule: impl FnMut(u64) -> Option<UnwindRule>,
+) -> (Vec<u64>, bool) {
+    let read = |addr: u64| -> Option<u64> {
+        let at = usize::try_from(addr.checked_sub(base)?).ok()?;
+        Some(u64::from_le_bytes(stack.get(at..at + 8)?.try_into().ok()?))
+    };
+    let mut beyond = Vec::new();
+    for _ in 0..MAX_WALKED_FRAMES {
+        let Some(rule) = rule(key) else { return (beyond, false) };
+        let next = match rule.kind {
+            rule_kind::SIGNAL => {
+                let m = sp + 40;
+                match (read(m + 8 * 16), read(m + 8 * 15), read(m + 8 * 10)) {
+                    (Some(ip), Some(nsp), Some(nbp)) => Some((ip | RULE_AT_PC, nsp, nbp)),
+                    _ => None,
+                }
+            }
+            rule_kind::CFA_SP | rule_kind::CFA_BP | rule_kind::FP_GUESS => {
+                let base = if rule.kind == rule_kind::CFA_SP { sp } else { bp };
+                let cfa = base.wrapping_add(rule.cfa_offset as i64 as u64);
+                let nbp = if rule.rbp_offset != 0 { read(cfa.wrapping_add(rule.rbp_offset as i64 as u64)) } else { Some(bp) };
+                match (read(cfa.wrapping_sub(8)), nbp) {
+                    (Some(ret), Some(nbp)) if ret >= 4096 && cfa > sp => Some((ret, cfa, nbp)),
+                    _ => None,
+                }
+            }
+            _ => return (beyond, true),
+        };
+        let Some((k, s, b)) = next else { return (beyond, false) };
+        beyond.push(k & !RULE_AT_PC);
+        (key, sp, bp) = (k, s, b);
+    }
+    (beyond, false)
+}
+
+/// The parsed CFI of the objects one process maps, cached per object file
+/// (device, inode, size, mtime) and bounded ([`MAX_OBJECTS`]).
+pub struct CfiObjects {
+    pid: u32,
+    objects: HashMap<ObjectKey, Option<Arc<ObjectCfi>>>,
+    /// Insertion order of `objects`, for the bound.
+    order: Vec<ObjectKey>,
+    warned_no_cfi: std::collections::HashSet<std::path::PathBuf>,
+}
+
+impl CfiObjects {
+    pub fn new(pid: u32) -> Self {
+        Self { pid, objects: HashMap::new(), order: Vec::new(), warned_no_cfi: Default::default() }
+    }
+
+    /// Objects cached.
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    /// Bytes of CFI kept (summed: a separate debug file's `.debug_frame`
+    /// is read the first time a rule needs it).
+    pub fn cfi_bytes(&self) -> usize {
+        self.objects.values().flatten().map(|o| o.size()).sum()
+    }
+
+    /// The rule at `pc` in executable mapping `m`: a return address
+    /// (`at_return`) or the pc a thread is at.
+    pub fn rule_in(&mut self, m: &Mapping, pc: u64, at_return: bool) -> UnwindRule {
+        let Some(obj) = self.object(m) else { return UnwindRule { kind: rule_kind::FP_GUESS, ..FP_RULE } };
+        if !obj.has_cfi() && !obj.frame_pointers && self.warned_no_cfi.insert(m.path.clone()) {
+            crate::output::note(format!(
+                "{} has no unwind information: its frames are walked by frame pointers (counted)",
+                m.path.display()
+            ));
+        }
+        match obj.svma_of(m, pc) {
+            Some(svma) => obj.rule(svma, at_return),
+            None => END_RULE,
+        }
+    }
+
+    /// The rule of a walk's key (an exact pc with [`RULE_AT_PC`], else a
+    /// return address) in `memory`: anonymous or JIT code ends the stack.
+    pub fn rule_of_key(&mut self, key: u64, memory: &MemoryMap) -> UnwindRule {
+        let pc = key & !RULE_AT_PC;
+        match memory.find(pc).filter(|m| m.executable).cloned() {
+            Some(m) => self.rule_in(&m, pc, key & RULE_AT_PC == 0),
+            None => END_RULE,
+        }
+    }
+
+    /// The cached CFI of the object mapped at `m` (parsed on first use).
+    fn object(&mut self, m: &Mapping) -> Option<Arc<ObjectCfi>> {
+        let path = procfs::object_path(self.pid, m);
+        let meta = std::fs::metadata(&path).ok()?;
+        let key = ObjectKey { dev: meta.dev(), ino: meta.ino(), size: meta.size(), mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec() };
+        if let Some(o) = self.objects.get(&key) {
+            return o.clone();
+        }
+        let root = format!("/proc/{}/root", self.pid);
+        let obj = map_file(&path).and_then(|data| ObjectCfi::parse_at(&data, &m.path, &root).ok()).map(Arc::new);
+        if self.order.len() >= MAX_OBJECTS {
+            let old = self.order.remove(0);
+            self.objects.remove(&old);
+        }
+        self.order.push(key.clone());
+        self.objects.insert(key, obj.clone());
+        obj
+    }
+}
+
 /// An object file as it is on disk (path + inode + mtime: a rebuilt or
 /// replaced binary is another object).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -256,6 +430,10 @@ pub struct UnwindStats {
     pub cfi_bytes: usize,
     /// Whether the rule table filled (further misses stay misses).
     pub full: bool,
+    /// Rules dropped because their code was unmapped (`dlclose`), and the
+    /// times the kernel's walks were told the rules are current again.
+    pub dropped: u64,
+    pub resyncs: u64,
     /// Walks cut at a miss and finished here from their snapshot, and
     /// those of them whose snapshot ended before the stack did.
     pub finished: u64,
@@ -267,14 +445,16 @@ impl UnwindStats {
     pub fn summary(&self) -> String {
         format!(
             "unwinding: {} rules learned ({} frame-pointer guesses, {} stack ends) from {} objects ({} KiB of CFI kept); \
-             {} first walks of new call paths finished from their stack copy, {} of them cut short",
+             {} first walks of new call paths finished from their stack copy, {} of them cut short; \
+             {} rules dropped with their unmapped code",
             self.rules,
             self.fp_guess_rules,
             self.end_rules,
             self.objects,
             self.cfi_bytes / 1024,
             self.finished,
-            self.unfinished
+            self.unfinished,
+            self.dropped
         )
     }
 }
@@ -286,81 +466,154 @@ pub struct Unwinder {
     misses: BpfHashMap<MapData, u64, MissSnapshot>,
     /// Keys already in `rules`.
     known: std::collections::HashSet<u64>,
-    objects: HashMap<ObjectKey, Option<Arc<ObjectCfi>>>,
-    /// Insertion order of `objects`, for the bound.
-    order: Vec<ObjectKey>,
+    cfi: CfiObjects,
     pub stats: UnwindStats,
-    warned_no_cfi: std::collections::HashSet<std::path::PathBuf>,
+    /// The target's memory map as last read (not merged: a mapping gone is
+    /// gone here), what rules are looked up in.
+    current: MemoryMap,
+    /// The mappings rules were learned in, with their rule keys (and
+    /// kinds), mirrored into the kernel's `UNWIND_CODE`.
+    rule_mappings: Vec<RuleMapping>,
+    code: BpfArray<MapData, CodeRange>,
+    sync: BpfArray<MapData, u64>,
+    /// The kernel's ring of the target's last unmapped ranges.
+    unmapped: BpfArray<MapData, CodeRange>,
+}
+
+/// A mapping rules were learned in: dropped with them when it is unmapped.
+struct RuleMapping {
+    start: u64,
+    end: u64,
+    inode: u64,
+    keys: Vec<(u64, u32)>,
 }
 
 impl Unwinder {
-    /// Takes the rule and miss maps out of the loaded object.
+    /// Takes the rule and miss maps out of the loaded object and watches
+    /// the target's unmaps of code with rules.
     pub fn new(probes: &mut crate::probes::Probes, pid: u32) -> Result<Self> {
+        probes.attach_tracepoints(&[
+            ("unwind_munmap", "syscalls", "sys_enter_munmap"),
+            ("unwind_munmap_exit", "syscalls", "sys_exit_munmap"),
+        ])?;
         Ok(Self {
             pid,
             rules: probes.take_map("UNWIND_RULES")?,
             misses: probes.take_map("UNWIND_MISSES")?,
             known: Default::default(),
-            objects: HashMap::new(),
-            order: Vec::new(),
+            cfi: CfiObjects::new(pid),
             stats: UnwindStats::default(),
-            warned_no_cfi: Default::default(),
+            current: MemoryMap::default(),
+            rule_mappings: Vec::new(),
+            code: probes.take_map("UNWIND_CODE")?,
+            sync: probes.take_map("UNWIND_SYNC")?,
+            unmapped: probes.take_map("UNMAPPED")?,
         })
+    }
+
+    /// After the target unmapped code that rules were learned in: reads its
+    /// memory map, drops the rules of every mapping gone (or replaced), and
+    /// tells the kernel's walks the rules are current as of the generation
+    /// read first (an unmap meanwhile leaves them off until the next round).
+    fn drop_unmapped(&mut self, memory: &mut MemoryMap) {
+        let generation = self.sync.get(&unwind_sync::GENERATION, 0).unwrap_or(0);
+        if self.sync.get(&unwind_sync::SYNCED, 0).unwrap_or(0) == generation {
+            return;
+        }
+        let Ok(fresh) = MemoryMap::read(self.pid) else { return };
+        memory.merge(&fresh);
+        self.current = fresh;
+        let dropped_before = self.stats.dropped;
+        let current = &self.current;
+        let (kept, gone): (Vec<RuleMapping>, Vec<RuleMapping>) = std::mem::take(&mut self.rule_mappings)
+            .into_iter()
+            .partition(|r| current.find(r.start).is_some_and(|m| (m.start, m.end, m.inode) == (r.start, r.end, r.inode)));
+        self.rule_mappings = kept;
+        for r in gone {
+            for (key, kind) in r.keys {
+                let _ = self.rules.remove(&key);
+                self.known.remove(&key);
+                self.forget_rule(kind);
+                self.stats.dropped += 1;
+            }
+        }
+        if self.stats.dropped > dropped_before {
+            self.stats.full = false;
+        }
+        self.write_code_ranges();
+        let _ = self.sync.set(unwind_sync::SYNCED, generation, 0);
+        self.stats.resyncs += 1;
+    }
+
+    /// Mirrors `rule_mappings` into the kernel's `UNWIND_CODE`.
+    fn write_code_ranges(&mut self) {
+        for (i, r) in self.rule_mappings.iter().take(MAX_RULE_MAPPINGS as usize).enumerate() {
+            let _ = self.code.set(i as u32, CodeRange { start: r.start, end: r.end }, 0);
+        }
+        let n = self.rule_mappings.len() as u64;
+        let _ = self.sync.set(unwind_sync::CODE_ALL, u64::from(n > u64::from(MAX_RULE_MAPPINGS)), 0);
+        let _ = self.sync.set(unwind_sync::CODE_COUNT, n.min(u64::from(MAX_RULE_MAPPINGS)), 0);
+    }
+
+    /// Records that the rule `key` (of `kind`) was learned in mapping `m`;
+    /// a new mapping is watched by the kernel before its first rule goes in.
+    fn note_rule_mapping(&mut self, m: Option<&Mapping>, key: u64, kind: u32) {
+        let Some(m) = m else { return };
+        if let Some(r) = self.rule_mappings.iter_mut().find(|r| (r.start, r.end, r.inode) == (m.start, m.end, m.inode)) {
+            r.keys.push((key, kind));
+            return;
+        }
+        self.rule_mappings.push(RuleMapping { start: m.start, end: m.end, inode: m.inode, keys: vec![(key, kind)] });
+        self.write_code_ranges();
+    }
+
+    fn forget_rule(&mut self, kind: u32) {
+        self.stats.rules = self.stats.rules.saturating_sub(1);
+        match kind {
+            rule_kind::FP_GUESS => self.stats.fp_guess_rules = self.stats.fp_guess_rules.saturating_sub(1),
+            rule_kind::END => self.stats.end_rules = self.stats.end_rules.saturating_sub(1),
+            _ => {}
+        }
     }
 
     /// Learns the rules of every queued miss's call path; returns how many
     /// it learned. `memory` is re-read once when a pc lies outside every
     /// known mapping (an object mapped since the last read).
     pub fn learn(&mut self, memory: &mut MemoryMap) -> usize {
+        self.drop_unmapped(memory);
         let misses: Vec<(u64, MissSnapshot)> = self.misses.iter().filter_map(|e| e.ok()).collect();
-        let mut reread = false;
+        if misses.is_empty() {
+            return 0;
+        }
+        // What is unmapped since each miss was taken (read before the map):
+        // a pc of the copy in such a range may hold other code now.
+        let unmaps_now = self.sync.get(&unwind_sync::UNMAPS, 0).unwrap_or(0);
+        let ring: Vec<CodeRange> =
+            (0..MAX_UNMAPPED).map(|i| self.unmapped.get(&i, 0).unwrap_or_default()).collect();
+        // The map as it is now (a library loaded or replaced since the last read).
+        if let Ok(fresh) = MemoryMap::read(self.pid) {
+            memory.merge(&fresh);
+            self.current = fresh;
+        }
+        let mut reread = true;
         let mut learned = 0;
         for (provisional, snap) in misses {
             let _ = self.misses.remove(&provisional);
-            let key = snap.rule_key;
-            let mut beyond = Vec::new();
             let stack = &snap.stack[..(snap.len as usize).min(snap.stack.len())];
-            let read = |addr: u64| -> Option<u64> {
-                let at = usize::try_from(addr.checked_sub(snap.sp)?).ok()?;
-                Some(u64::from_le_bytes(stack.get(at..at + 8)?.try_into().ok()?))
-            };
-            let (mut key, mut sp, mut bp) = (key, snap.sp, snap.bp);
-            let mut finished = false;
-            for _ in 0..MAX_WALKED_FRAMES {
-                let rule = match self.learn_one(key, memory, &mut reread) {
-                    Some((rule, new)) => {
-                        learned += new as usize;
-                        rule
-                    }
-                    None => break,
-                };
-                // Step as the kernel's walk does, inside the copy.
-                let next = match rule.kind {
-                    rule_kind::SIGNAL => {
-                        let m = sp + 40;
-                        match (read(m + 8 * 16), read(m + 8 * 15), read(m + 8 * 10)) {
-                            (Some(ip), Some(nsp), Some(nbp)) => Some((ip | RULE_AT_PC, nsp, nbp)),
-                            _ => None,
-                        }
-                    }
-                    rule_kind::CFA_SP | rule_kind::CFA_BP | rule_kind::FP_GUESS => {
-                        let base = if rule.kind == rule_kind::CFA_SP { sp } else { bp };
-                        let cfa = base.wrapping_add(rule.cfa_offset as i64 as u64);
-                        let nbp = if rule.rbp_offset != 0 { read(cfa.wrapping_add(rule.rbp_offset as i64 as u64)) } else { Some(bp) };
-                        match (read(cfa - 8), nbp) {
-                            (Some(ret), Some(nbp)) if ret >= 4096 && cfa > sp => Some((ret, cfa, nbp)),
-                            _ => None,
-                        }
-                    }
-                    _ => {
-                        finished = true;
-                        None
-                    }
-                };
-                let Some((k, s, b)) = next else { break };
-                beyond.push(k & !RULE_AT_PC);
-                (key, sp, bp) = (k, s, b);
-            }
+            let since = unmaps_now.saturating_sub(snap.unmaps);
+            let unmapped_since: Vec<CodeRange> = (0..since.min(u64::from(MAX_UNMAPPED)))
+                .map(|i| ring[((snap.unmaps + i) % u64::from(MAX_UNMAPPED)) as usize])
+                .collect();
+            let (beyond, mut finished) = walk_copy(snap.rule_key, snap.sp, snap.bp, snap.sp, stack, |key| {
+                let pc = key & !RULE_AT_PC;
+                if since > u64::from(MAX_UNMAPPED) || unmapped_since.iter().any(|r| (r.start..r.end).contains(&pc)) {
+                    // Its code was unmapped since: what is there now is not it.
+                    return None;
+                }
+                let (rule, new) = self.learn_one(key, memory, &mut reread)?;
+                learned += new as usize;
+                Some(rule)
+            });
             if beyond.len() + 1 >= MAX_WALKED_FRAMES {
                 finished = true;
             }
@@ -371,6 +624,10 @@ impl Unwinder {
             }
             complete(provisional, beyond);
         }
+        if learned > 0 {
+            // Separate debug files are read as rules need them: sum again.
+            self.stats.cfi_bytes = self.cfi.cfi_bytes();
+        }
         learned
     }
 
@@ -378,23 +635,25 @@ impl Unwinder {
     /// says so); `None` when the table is full.
     fn learn_one(&mut self, key: u64, memory: &mut MemoryMap, reread: &mut bool) -> Option<(UnwindRule, bool)> {
         let pc = key & !RULE_AT_PC;
-        if memory.find(pc).is_none() && !*reread {
+        if self.current.find(pc).is_none() && !*reread {
             *reread = true;
             if let Ok(fresh) = MemoryMap::read(self.pid) {
                 memory.merge(&fresh);
+                self.current = fresh;
             }
         }
-        let rule = match memory.find(pc).filter(|m| m.executable).cloned() {
-            Some(m) => self.rule_in(&m, pc, key & RULE_AT_PC == 0),
-            // Anonymous or JIT code, the vDSO: the stack ends cleanly.
-            None => END_RULE,
-        };
+        // Anonymous or JIT code, the vDSO: the stack ends cleanly.
+        let mapping = self.current.find(pc).filter(|m| m.executable).cloned();
+        let rule = self.cfi.rule_of_key(key, &self.current);
+        self.stats.objects = self.cfi.len();
+        self.stats.cfi_bytes = self.cfi.cfi_bytes();
         if self.known.contains(&key) {
             return Some((rule, false));
         }
         if self.stats.full {
             return None;
         }
+        self.note_rule_mapping(mapping.as_ref(), key, rule.kind);
         if self.rules.insert(key, rule, 0).is_err() {
             self.stats.full = true;
             crate::output::warn(format!(
@@ -425,45 +684,9 @@ impl Unwinder {
         self.stats.fp_guess_rules = 0;
         self.stats.end_rules = 0;
         self.stats.full = false;
-    }
-
-    /// The rule at `pc` in mapping `m`.
-    fn rule_in(&mut self, m: &Mapping, pc: u64, at_return: bool) -> UnwindRule {
-        let Some(obj) = self.object(m) else { return UnwindRule { kind: rule_kind::FP_GUESS, ..FP_RULE } };
-        if !obj.has_cfi() && !obj.frame_pointers && self.warned_no_cfi.insert(m.path.clone()) {
-            crate::output::note(format!(
-                "{} has no unwind information: its frames are walked by frame pointers (counted)",
-                m.path.display()
-            ));
-        }
-        match obj.svma_of(m, pc) {
-            Some(svma) => obj.rule(svma, at_return),
-            None => END_RULE,
-        }
-    }
-
-    /// The cached CFI of the object mapped at `m` (parsed on first use).
-    fn object(&mut self, m: &Mapping) -> Option<Arc<ObjectCfi>> {
-        let path = procfs::object_path(self.pid, m);
-        let meta = std::fs::metadata(&path).ok()?;
-        let key = ObjectKey { dev: meta.dev(), ino: meta.ino(), size: meta.size(), mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec() };
-        if let Some(o) = self.objects.get(&key) {
-            return o.clone();
-        }
-        let obj = map_file(&path).and_then(|data| ObjectCfi::parse(&data).ok()).map(Arc::new);
-        if self.order.len() >= MAX_OBJECTS {
-            let old = self.order.remove(0);
-            if let Some(Some(o)) = self.objects.remove(&old) {
-                self.stats.cfi_bytes -= o.size();
-            }
-        }
-        if let Some(o) = &obj {
-            self.stats.cfi_bytes += o.size();
-        }
-        self.order.push(key.clone());
-        self.objects.insert(key, obj.clone());
-        self.stats.objects = self.objects.len();
-        obj
+        self.rule_mappings.clear();
+        self.current = MemoryMap::default();
+        self.write_code_ranges();
     }
 }
 

@@ -157,16 +157,7 @@ impl ConnectionCollector {
     /// programs; a close on the finalizer goroutine has it in its stack), or
     /// that there is none.
     fn set_finalizer_range(&mut self) {
-        let exe = std::path::PathBuf::from(format!("/proc/{}/exe", self.pid));
-        let range = crate::binary::golang::GoSymbols::open(&exe)
-            .ok()
-            .flatten()
-            .and_then(|syms| {
-                let (start, end) = syms.pclntab.function_range("runtime.runfinq")?;
-                let bias = crate::binary::elf::exe_load_bias(self.pid, &syms.segments).unwrap_or(0);
-                Some((start + bias, end + bias))
-            })
-            .unwrap_or((0, 0));
+        let range = crate::binary::golang::finalizer_range(self.pid);
         let _ = self.finalizer_range.set(finalizer::START, range.0, 0);
         let _ = self.finalizer_range.set(finalizer::END, range.1, 0);
         self.is_go = range.0 != 0;

@@ -29,6 +29,7 @@ pub const SPEC: TrackerSpec = TrackerSpec { name: "fds", default: false, configu
 fn configure(load: &mut LoadSettings, _opts: &TraceOptions, active: bool) {
     load.max_entries.push(("FDS_LIVE", if active { tracer_common::fds::MAX_LIVE_FDS } else { 1 }));
     load.max_entries.push(("FDS_FRAMES", if active { MAX_WALKED_STACKS } else { 1 }));
+    load.max_entries.push(("FDS_FINALIZED", if active { tracer_common::fds::MAX_FD_STACKS } else { 1 }));
 }
 
 fn new(probes: &mut Probes, _opts: &TraceOptions, target: &Target) -> Result<Box<dyn Tracker>> {
@@ -84,9 +85,14 @@ impl Tracker for FdCollector {
         self.poll_events();
     }
 
+    fn on_start(&mut self, _probes: &mut Probes, _target: &Target) {
+        self.set_finalizer_range();
+    }
+
     /// fds of the old image made CLOEXEC end at exec; the others survive.
     fn on_exec(&mut self, _probes: &mut Probes, _target: &Target, at_ns: u64) {
         self.end_where(|_, info| info.flags & flag::CLOEXEC != 0 && info.created_ns < at_ns);
+        self.set_finalizer_range();
     }
 
     fn collect(&mut self, _probes: &mut Probes, target: &Target, now_ns: u64) -> Result<Collected> {
@@ -121,6 +127,13 @@ pub struct FdCollector {
     stacks: PerCpuHashMap<MapData, StackKey, StackCounts>,
     frames: BpfHashMap<MapData, u64, WalkedFrames>,
     ring: RingBuf<MapData>,
+    /// Per stack: fds Go's finalizer goroutine closed (an `*os.File`
+    /// dropped without `Close`).
+    finalized: PerCpuHashMap<MapData, StackKey, u64>,
+    /// `runtime.runfinq`'s pc range for the kernel side (0, 0: not Go).
+    finalizer_range: aya::maps::Array<MapData, u64>,
+    /// The target is a Go program whose finalizer closes are told apart.
+    is_go: bool,
     /// fds found closed behind the kernel side's back, per stack.
     reconciled: HashMap<StackKey, u64>,
     /// Each live entry (keyed with its creation time) as first seen in /proc.
@@ -139,6 +152,9 @@ impl FdCollector {
             stacks: probes.take_map("FDS_STACKS")?,
             frames: probes.take_map("FDS_FRAMES")?,
             ring: probes.take_map("FDS_EVENTS")?,
+            finalized: probes.take_map("FDS_FINALIZED")?,
+            finalizer_range: probes.take_map("FDS_FINALIZER")?,
+            is_go: false,
             reconciled: HashMap::new(),
             seen: HashMap::new(),
             info: HashMap::new(),
@@ -247,7 +263,9 @@ impl FdCollector {
                     _ => StackKey::default(),
                 };
                 let si = self.info.get(&key);
+                let by_finalizer = self.is_go.then(|| self.finalized.get(&key, 0).map_or(0, |v| v.iter().sum::<u64>()));
                 StackSample {
+                    ended_by_finalizer: by_finalizer,
                     stack: self.sample_stack(key),
                     fd_type: si.and_then(|s| s.fd_type).map(str::to_string),
                     path: si.and_then(|s| s.first_path.clone()),
@@ -256,6 +274,16 @@ impl FdCollector {
                 }
             })
             .collect())
+    }
+
+    /// Tells the kernel side where Go's finalizer goroutine runs (a new
+    /// image: at start and after exec).
+    fn set_finalizer_range(&mut self) {
+        use tracer_common::stacks::finalizer;
+        let range = crate::binary::golang::finalizer_range(self.pid);
+        let _ = self.finalizer_range.set(finalizer::START, range.0, 0);
+        let _ = self.finalizer_range.set(finalizer::END, range.1, 0);
+        self.is_go = range.0 != 0;
     }
 
     /// A kernel key as a stack the resolver understands.

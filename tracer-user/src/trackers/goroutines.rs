@@ -21,6 +21,8 @@ use std::{
 
 use anyhow::{Context, Result};
 
+mod creators;
+
 use super::{Blocked, Collected, Counters, Judging, StackSample, Tally, Target, Tracker, TrackerSpec};
 use crate::{
     stacks::SampleStack,
@@ -36,16 +38,27 @@ use crate::{
 
 /// The goroutine tracker in the registry (a default tracker, as part of
 /// `tasks`): it applies to Go programs only and loads nothing.
-pub const SPEC: TrackerSpec = TrackerSpec { name: "goroutines", default: true, configure: super::no_settings, new };
+pub const SPEC: TrackerSpec = TrackerSpec { name: "goroutines", default: true, configure, new };
 
-fn new(_probes: &mut Probes, _opts: &TraceOptions, _target: &Target) -> Result<Box<dyn Tracker>> {
-    Ok(Box::new(Goroutines { reader: None }))
+/// The creator probe's tables, minimal when the tracker does not run.
+fn configure(load: &mut crate::probes::LoadSettings, _opts: &TraceOptions, active: bool) {
+    if !active {
+        for map in ["GO_CREATOR_FRAMES", "GO_CREATIONS", "GO_CREATOR_OF"] {
+            load.max_entries.push((map, 1));
+        }
+    }
+}
+
+fn new(probes: &mut Probes, _opts: &TraceOptions, _target: &Target) -> Result<Box<dyn Tracker>> {
+    Ok(Box::new(Goroutines { reader: None, creators: creators::CreatorProbes::new(probes)? }))
 }
 
 /// The goroutine tracker: a reader of the target's goroutines once it is
-/// known to be a Go program (opened at start and after every exec).
+/// known to be a Go program (opened at start and after every exec), and
+/// the creator probes on library `go` statements whose goroutines leak.
 struct Goroutines {
     reader: Option<GoroutineCollector>,
+    creators: creators::CreatorProbes,
 }
 
 impl Goroutines {
@@ -76,14 +89,27 @@ impl Tracker for Goroutines {
         self.open(target.pid);
     }
 
-    fn on_exec(&mut self, _probes: &mut Probes, target: &Target, _at_ns: u64) {
+    fn on_exec(&mut self, probes: &mut Probes, target: &Target, _at_ns: u64) {
+        self.creators.detach_all(probes);
         self.open(target.pid);
+    }
+
+    /// Leaking groups whose `go` statement is a library's get the creator
+    /// probe; groups no longer judged leak lose it.
+    fn on_findings(&mut self, probes: &mut Probes, target: &Target, findings: &[crate::report::Finding], own: &crate::stacks::symbolize::OwnCode) {
+        if let Some(g) = self.reader.as_ref() {
+            self.creators.follow(probes, target, g, findings, own);
+        }
     }
 
     fn collect(&mut self, _probes: &mut Probes, target: &Target, now_ns: u64) -> Result<Collected> {
         let Some(g) = self.reader.as_mut() else { return Ok(Collected::Nothing) };
+        g.watch = self.creators.watched();
         match g.collect(now_ns, target.alive) {
-            Ok(samples) => Ok(Collected::Growth { kind: Kind::Goroutine, judging: Judging::ObjectsSinceAttach, samples }),
+            Ok(mut samples) => {
+                self.creators.name_creators(&mut samples, &g.parents);
+                Ok(Collected::Growth { kind: Kind::Goroutine, judging: Judging::ObjectsSinceAttach, samples })
+            }
             Err(e) => {
                 output::warn(format!("cannot read the goroutines any more ({e:#}): goroutine tracking stops"));
                 self.reader = None;
@@ -101,7 +127,7 @@ impl Tracker for Goroutines {
     }
 
     fn closing_note(&self) -> Option<String> {
-        self.reader.as_ref().map(|g| g.scan_summary())
+        self.reader.as_ref().map(|g| g.scan_summary() + &self.creators.summary())
     }
 }
 
@@ -142,10 +168,23 @@ struct G {
     gopc: u64,
     startpc: u64,
     waitreason: u8,
+    /// Switches out of running, mod 256 (`g.trackingSeq`).
+    tracking_seq: u8,
+    /// The goroutine that created it (0: unknown, before Go 1.21).
+    parent_goid: u64,
     sp: u64,
     pc: u64,
     bp: u64,
+    /// Bytes of its stack (`g.stack.hi - g.stack.lo`).
+    stack_bytes: u64,
 }
+
+/// `g.stack` (`lo`, `hi`) is the first field of `runtime.g` in every Go
+/// version (its offset is known to the runtime's assembly).
+const G_STACK: u64 = 0;
+/// The smallest goroutine stack (`_StackMin`; a stack read as smaller is
+/// one being freed).
+const MIN_STACK_BYTES: u64 = 2048;
 
 /// What we keep per live goroutine between scans (bounded by the number
 /// of goroutines read per scan).
@@ -181,6 +220,13 @@ pub struct GoroutineCollector {
     pub last_scan: (usize, std::time::Duration),
     /// The slowest scan so far.
     pub slowest_scan: (usize, std::time::Duration),
+    /// Per `go` statement of the last scan: mean stack bytes of its live
+    /// goroutines (kept for the report after the target exited).
+    stack_bytes: HashMap<u64, u64>,
+    /// `go` statements (gopc) whose live goroutines' creators are wanted...
+    pub watch: std::collections::HashSet<u64>,
+    /// ...and those creators' goroutine ids, per statement, at the last scan.
+    pub parents: HashMap<u64, Vec<u64>>,
 }
 
 impl GoroutineCollector {
@@ -212,6 +258,9 @@ impl GoroutineCollector {
             events: 0,
             last_scan: (0, Default::default()),
             slowest_scan: (0, Default::default()),
+            stack_bytes: HashMap::new(),
+            watch: Default::default(),
+            parents: HashMap::new(),
         };
         c.wait_reasons = c.read_wait_reasons();
         // One read now: a layout we cannot read is an error at attach,
@@ -299,6 +348,7 @@ impl GoroutineCollector {
         let gs: Vec<u64> = ptrs.chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).filter(|&p| p != 0).collect();
         let o = self.bin.offsets;
         let (lo, hi) = o.span();
+        let lo = lo.min(G_STACK);
         let span = (hi - lo) as usize;
         // In chunks through one small buffer: leaktrace's memory stays
         // bounded (and its page faults few) whatever the goroutine count.
@@ -324,9 +374,12 @@ impl GoroutineCollector {
                     gopc: at(o.gopc, 8),
                     startpc: at(o.startpc, 8),
                     waitreason: at(o.waitreason, 1) as u8,
+                    tracking_seq: at(o.tracking_seq, 1) as u8,
+                    parent_goid: o.parent_goid.map_or(0, |off| at(off, 8)),
                     sp: at(o.sched + o.gobuf_sp, 8),
                     pc: at(o.sched + o.gobuf_pc, 8),
                     bp: at(o.sched + o.gobuf_bp, 8),
+                    stack_bytes: at(G_STACK + 8, 8).saturating_sub(at(G_STACK, 8)),
                 });
             }
         }
@@ -378,6 +431,35 @@ impl GoroutineCollector {
         stacks
     }
 
+    /// The program's goroutines (not the runtime's) parked where a queue
+    /// can form: a channel, `select`, `sync` (Cond, Mutex, RWMutex,
+    /// WaitGroup) or a semaphore. `walk(goid, wait)` says whether this wait
+    /// needs its stack walked (a wait already seen keeps its stack);
+    /// `walked` is empty for the others.
+    pub fn parked_waits(&mut self, mut walk: impl FnMut(u64, &ParkedWait) -> bool) -> Result<Vec<ParkedWait>> {
+        let gs = self.scan()?;
+        let mut out = Vec::new();
+        for g in gs {
+            if g.status != G_WAITING || g.goid == 0 || g.pc == 0 || g.sp == 0 {
+                continue;
+            }
+            if !matches!(self.class(g.startpc), Class::User | Class::Main) {
+                continue;
+            }
+            let reason = self.wait_reason(&g);
+            if !is_queue_wait(&reason) {
+                continue;
+            }
+            out.push(ParkedWait { goid: g.goid, reason, pc: g.pc, sp: g.sp, bp: g.bp, parks: g.tracking_seq, stack: Vec::new() });
+        }
+        let to_walk: Vec<usize> = (0..out.len()).filter(|&i| walk(out[i].goid, &out[i])).collect();
+        let starts: Vec<(u64, u64)> = to_walk.iter().map(|&i| (out[i].pc, out[i].bp)).collect();
+        for (i, stack) in to_walk.into_iter().zip(self.walk(&starts)) {
+            out[i].stack = stack;
+        }
+        Ok(out)
+    }
+
     /// One sample per `go` statement with live goroutines (or that had some
     /// since attach). `now_ns` is CLOCK_MONOTONIC.
     pub fn collect(&mut self, now_ns: u64, target_alive: bool) -> Result<Vec<StackSample>> {
@@ -392,8 +474,10 @@ impl GoroutineCollector {
             Err(e) => return Err(e),
         };
         let mut live_ids = std::collections::HashSet::with_capacity(gs.len());
+        self.parents.clear();
         // Per go statement: live count, oldest first-seen, representative.
         let mut groups: HashMap<u64, (u64, u64, Option<G>)> = HashMap::new();
+        let mut stacks: HashMap<u64, u64> = HashMap::new();
         for g in &gs {
             if g.status == G_DEAD || g.status == G_IDLE || g.status > G_PREEMPTED || g.goid == 0 {
                 continue;
@@ -407,6 +491,9 @@ impl GoroutineCollector {
                 Class::User => *g,
             };
             live_ids.insert(g.goid);
+            if self.watch.contains(&g.gopc) {
+                self.parents.entry(g.gopc).or_default().push(g.parent_goid);
+            }
             let first = match self.seen.get(&g.goid) {
                 Some(s) => s.first_ns,
                 None => {
@@ -418,6 +505,7 @@ impl GoroutineCollector {
                     now_ns
                 }
             };
+            *stacks.entry(g.gopc).or_default() += g.stack_bytes.max(MIN_STACK_BYTES);
             let e = groups.entry(g.gopc).or_insert((0, u64::MAX, None));
             e.0 += 1;
             // The representative: the oldest goroutine, preferring parked
@@ -466,6 +554,7 @@ impl GoroutineCollector {
         }
 
         let live: HashMap<u64, (u64, u64)> = groups.iter().map(|(gopc, (n, oldest, _))| (*gopc, (*n, *oldest))).collect();
+        self.stack_bytes = stacks.into_iter().map(|(gopc, sum)| (gopc, sum / live[&gopc].0.max(1))).collect();
         let out = self.samples(&live, now_ns, |gopc| blocked.remove(&gopc));
         self.last_scan = (gs.len(), started.elapsed());
         if self.last_scan.1 > self.slowest_scan.1 {
@@ -507,11 +596,36 @@ impl GoroutineCollector {
                     ended: self.ended.get(&gopc).copied().unwrap_or(0),
                     oldest_age_s: (n > 0).then(|| now_ns.saturating_sub(oldest) as f64 / 1e9),
                     blocked: blocked(gopc),
+                    // A goroutine takes at least the smallest stack.
+                    bytes_per_object: Some(self.stack_bytes.get(&gopc).copied().unwrap_or(MIN_STACK_BYTES)),
                     ..Default::default()
                 }
             })
             .collect()
     }
+}
+
+/// A goroutine parked in a wait (`GoroutineCollector::parked_waits`).
+#[derive(Clone, Debug)]
+pub struct ParkedWait {
+    pub goid: u64,
+    /// Its wait reason, as a goroutine dump says it.
+    pub reason: String,
+    /// Saved registers: the same pc and sp mean the same wait.
+    pub pc: u64,
+    pub sp: u64,
+    pub bp: u64,
+    /// Times it parked, mod 256: unchanged means it has not run since.
+    pub parks: u8,
+    /// Its current stack, innermost first (when walked).
+    pub stack: Vec<u64>,
+}
+
+/// Wait reasons where requests can queue for a resource (or workers for
+/// work): channels, `select`, the `sync` package, semaphores. Not network
+/// or timer waits (an idle connection, a sleep) nor the runtime's own.
+fn is_queue_wait(reason: &str) -> bool {
+    reason.starts_with("chan ") || reason.starts_with("select") || reason.starts_with("sync.") || reason == "semacquire"
 }
 
 /// The stack of a `go` statement: its pc stepped back into the call to

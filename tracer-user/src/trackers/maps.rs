@@ -19,6 +19,8 @@
 //! map while `dirty` is nil). Stripped binaries have no symbol table: maps
 //! are named by address.
 
+pub mod entry_bytes;
+
 use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
@@ -337,6 +339,8 @@ enum NamedKind {
 
 struct Named {
     kind: NamedKind,
+    /// The type descriptor of the map it held last (0: not seen yet).
+    map_type: u64,
     stack: StackKey,
     since_ns: u64,
     grows: u64,
@@ -375,6 +379,9 @@ pub struct MapCollector {
     /// True when the binary has no symbol table (maps named by address).
     pub stripped: bool,
     pub go_version: (u32, u32),
+    /// Swiss tables (Go 1.24+) or classic maps.
+    swiss: bool,
+    entry_bytes: entry_bytes::EntryBytes,
 }
 
 impl MapCollector {
@@ -415,6 +422,8 @@ impl MapCollector {
             dropped: 0,
             stripped: !bin.has_symtab,
             go_version: (bin.version.major, bin.version.minor),
+            swiss,
+            entry_bytes: Default::default(),
         })
     }
 
@@ -578,6 +587,7 @@ impl MapCollector {
             let entry = valid.get(&addr).map(|(_, i)| *i);
             let n = self.named.entry(name.clone()).or_insert_with(|| Named {
                 kind,
+                map_type: 0,
                 stack: entry.map_or(StackKey { stack_id: -1, caller: 0 }, |i| i.stack),
                 since_ns: entry.map_or(now_ns, |i| i.first_ns),
                 grows: 0,
@@ -585,7 +595,13 @@ impl MapCollector {
             });
             if let Some(i) = entry {
                 n.stack = i.stack;
+                n.map_type = i.map_type;
             }
+            let bytes_per_object = if kind == NamedKind::Trie {
+                Some(entry_bytes::TRIE_ENTRY_BYTES)
+            } else {
+                self.entry_bytes.of(&self.mem, self.swiss, n.map_type)
+            };
             // Growths and clears of every map this name has held.
             let (grows, clears) = claimed_events(&valid, addr, also);
             n.grows = n.grows.max(grows);
@@ -599,6 +615,7 @@ impl MapCollector {
                 peer: None,
                 thread_name: None,
                 map: Some(name),
+                bytes_per_object,
                 ..Default::default()
             });
         }
@@ -636,6 +653,11 @@ impl MapCollector {
                 continue;
             }
             let since = *self.since.entry(*addr).or_insert(info.first_ns);
+            let bytes_per_object = if info.kind == KIND_TRIE {
+                Some(entry_bytes::TRIE_ENTRY_BYTES)
+            } else {
+                self.entry_bytes.of(&self.mem, self.swiss, info.map_type)
+            };
             out.push(StackSample {
                 stack: SampleStack::Kernel(info.stack),
                 live: *count,
@@ -645,6 +667,7 @@ impl MapCollector {
                 peer: None,
                 thread_name: None,
                 map: Some(format!("{addr:#x}")),
+                bytes_per_object,
                 ..Default::default()
             });
         }

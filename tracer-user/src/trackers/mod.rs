@@ -10,6 +10,7 @@ pub mod goroutines;
 pub mod maps;
 pub mod locks;
 pub mod threads;
+pub mod waits;
 
 use std::collections::HashMap;
 
@@ -51,6 +52,10 @@ pub trait Tracker {
     /// The target runs and its first mappings were handed to
     /// [`Tracker::on_mappings`]: set up what needs a running image.
     fn on_start(&mut self, _probes: &mut Probes, _target: &Target) {}
+
+    /// The report's findings were judged (before any display cut): probes
+    /// that follow a verdict go in or out.
+    fn on_findings(&mut self, _probes: &mut Probes, _target: &Target, _findings: &[crate::report::Finding], _own: &crate::stacks::symbolize::OwnCode) {}
 
     /// Called every 100 ms: handle rare events a ring buffer holds.
     fn poll(&mut self) {}
@@ -101,6 +106,11 @@ impl Trackers {
         self.0.iter_mut().for_each(|t| t.on_exec(probes, target, at_ns));
     }
 
+    /// [`Tracker::on_findings`] of each.
+    pub fn on_findings(&mut self, probes: &mut Probes, target: &Target, findings: &[crate::report::Finding], own: &crate::stacks::symbolize::OwnCode) {
+        self.0.iter_mut().for_each(|t| t.on_findings(probes, target, findings, own));
+    }
+
     /// [`Tracker::poll`] of each.
     pub fn poll(&mut self) {
         self.0.iter_mut().for_each(|t| t.poll());
@@ -149,6 +159,7 @@ pub static REGISTRY: &[TrackerSpec] = &[
     maps::SPEC,
     allocations::SPEC,
     locks::SPEC,
+    waits::SPEC,
 ];
 
 /// Names that stand for several trackers on the command line.
@@ -175,6 +186,8 @@ pub enum Collected {
     Growth { kind: Kind, judging: Judging, samples: Vec<StackSample> },
     /// Contended locks, judged by contention.
     Contention(Vec<locks::LockSample>),
+    /// Waits going on now, by waiter stack (`judge::waits`).
+    Waits(Vec<crate::judge::waits::WaitSample>),
     /// Nothing this interval (a tracker that does not apply to the target).
     Nothing,
 }
@@ -237,6 +250,12 @@ pub struct StackSample {
     pub fd_type: Option<String>,
     pub path: Option<String>,
     pub distinct_paths: Option<u64>,
+    /// Maps and goroutines: the memory one more object takes (an entry,
+    /// a goroutine's stack), for time to exhaustion.
+    pub bytes_per_object: Option<u64>,
+    /// Goroutines of a library's `go` statement: the stack that ran it
+    /// (its first frame the statement itself), shown above the statement.
+    pub created_by: Option<SampleStack>,
 }
 
 impl Tally {
@@ -364,6 +383,8 @@ pub fn stack_samples(
             fd_type: None,
             path: None,
             distinct_paths: None,
+            bytes_per_object: None,
+            created_by: None,
         };
         out.push((sample, most_common(acc.labels)));
     }

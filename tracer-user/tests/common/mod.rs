@@ -2,6 +2,8 @@
 //! read its JSON reports. The tests load real eBPF programs (root needed).
 #![allow(dead_code)]
 
+pub mod prom;
+
 use std::{
     io::{BufRead, BufReader, Read},
     path::PathBuf,
@@ -288,4 +290,52 @@ pub fn http_get(addr: &str, path: &str) -> String {
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
+}
+
+/// A real etcd the test started: its client address; killed and its data
+/// directory removed on drop.
+pub struct Etcd {
+    pub server: Server,
+    data_dir: PathBuf,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.server.child.kill();
+        let _ = self.server.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+/// Starts Debian's `etcd` (a one-member cluster) on free loopback client
+/// and peer ports with a data directory of its own, and waits until it
+/// answers `/health`.
+pub fn start_etcd() -> Etcd {
+    let (client, peer) = (free_port(), free_port());
+    let data_dir = std::env::temp_dir().join(format!("leaktrace-etcd-{}-{client}", std::process::id()));
+    let client_url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let child = Command::new("etcd")
+        .args(["--name", "leaktrace-test", "--data-dir"])
+        .arg(&data_dir)
+        .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+        .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("leaktrace-test={peer_url}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start etcd (package etcd-server, installed by `cargo xtask setup`)");
+    let addr = format!("127.0.0.1:{client}");
+    let mut etcd = Etcd { server: Server { child, addr: addr.clone() }, data_dir };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(status)) = etcd.server.child.try_wait() {
+            panic!("etcd on {addr} exited: {status}");
+        }
+        if std::net::TcpStream::connect(&addr).is_ok() && http_get(&addr, "/health").contains("\"health\":\"true\"") {
+            return etcd;
+        }
+        assert!(Instant::now() < deadline, "etcd did not answer /health on {addr}");
+        thread::sleep(Duration::from_millis(50));
+    }
 }

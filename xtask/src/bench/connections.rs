@@ -29,6 +29,9 @@ pub struct Subject {
     what: &'static str,
     /// Also the frame-pointer-less build (`FIXTURE_nofp`) and `--unwind fp`.
     unwind_matrix: bool,
+    /// The BPF program whose run time per event is reported: the one that
+    /// walks the stack of each new descriptor.
+    program: &'static str,
 }
 
 /// conn_bench: socket()+connect()+close() on loopback, default trackers.
@@ -38,6 +41,7 @@ pub const SOCKETS: Subject = Subject {
     symbols: &["socket", "connect"],
     what: "socket()+connect()+close() on loopback",
     unwind_matrix: true,
+    program: "conn_socket_exit",
 };
 
 /// fd_bench: open()+close() of a regular file, `--track fds`.
@@ -47,6 +51,7 @@ pub const FILES: Subject = Subject {
     symbols: &["open", "close"],
     what: "open()+close() of a regular file",
     unwind_matrix: false,
+    program: "fds_new_exit",
 };
 
 struct BenchResult {
@@ -90,12 +95,12 @@ struct TracedResult {
     bpf_ns_per_event: Option<f64>,
 }
 
-/// `run_time_ns / run_cnt` of the first `conn_socket_exit` program loaded
-/// after program id `after` (this run's leaktrace: bpftool here shows no
-/// owning pids, and other tracers may be loaded).
-fn socket_program_ns(after: u64) -> Option<f64> {
+/// `run_time_ns / run_cnt` of the first program `name` loaded after program
+/// id `after` (this run's leaktrace: bpftool here shows no owning pids, and
+/// other tracers may be loaded).
+fn program_ns(name: &str, after: u64) -> Option<f64> {
     let out = Command::new("bpftool").args(["prog", "show"]).output().ok()?;
-    program_ns_per_run(&String::from_utf8_lossy(&out.stdout), "conn_socket_exit", after)
+    program_ns_per_run(&String::from_utf8_lossy(&out.stdout), name, after)
 }
 
 /// The highest BPF program id loaded now.
@@ -126,7 +131,8 @@ fn program_ns_per_run(text: &str, name: &str, after: u64) -> Option<f64> {
         })
 }
 
-fn bench_traced(root: &Path, fixture: &str, track: &str, unwind: &str, iterations: u64, run: usize) -> Result<TracedResult> {
+fn bench_traced(root: &Path, subject: &Subject, fixture: &str, unwind: &str, iterations: u64, run: usize) -> Result<TracedResult> {
+    let track = subject.track;
     let mut cmd = Command::new(fixtures_bin(root).join(fixture));
     cmd.args(["--iterations", &iterations.to_string()]);
     let (mut target, out) = start_ready(&mut cmd, "conn_bench")?;
@@ -183,9 +189,9 @@ fn bench_traced(root: &Path, fixture: &str, track: &str, unwind: &str, iteration
         }
     };
     let rest = out.all(Duration::from_secs(10));
-    let bpf_ns_per_event = socket_program_ns(programs_before);
+    let bpf_ns_per_event = program_ns(subject.program, programs_before);
     if bpf_ns_per_event.is_none() {
-        eprintln!("bench: no BPF run time for leaktrace's socket program (bpftool, kernel.bpf_stats_enabled)");
+        eprintln!("bench: no BPF run time for leaktrace's {} program (bpftool, kernel.bpf_stats_enabled)", subject.program);
     }
 
     let lt_status = interrupt(&mut tracer, "leaktrace", Duration::from_secs(15));
@@ -244,13 +250,13 @@ pub fn run(root: &Path, subject: &Subject, args: &[String]) -> Result<()> {
             bpf[i].push(ns);
         }
     };
-    let (fixture, track) = (subject.fixture, subject.track);
+    let fixture = subject.fixture;
     let nofp = format!("{fixture}_nofp");
     for run in 0..runs {
         let u = bench_untraced(root, fixture, iterations)?;
         eprintln!("bench: run {}/{runs} untraced: {:.1} ns/op", run + 1, u.ns_per_op);
         untraced.push(u.ns_per_op);
-        let t = bench_traced(root, fixture, track, "eh-frame", iterations, run)?;
+        let t = bench_traced(root, subject, fixture, "eh-frame", iterations, run)?;
         eprintln!("bench: run {}/{runs} traced:   {:.1} ns/op", run + 1, t.ns_per_op);
         traced.push(t.ns_per_op);
         keep_bpf(0, &t);
@@ -260,16 +266,16 @@ pub fn run(root: &Path, subject: &Subject, args: &[String]) -> Result<()> {
         if !subject.unwind_matrix {
             continue;
         }
-        let t = bench_traced(root, fixture, track, "fp", iterations, run)?;
+        let t = bench_traced(root, subject, fixture, "fp", iterations, run)?;
         traced_fp.push(t.ns_per_op);
         keep_bpf(1, &t);
         let u = bench_untraced(root, &nofp, iterations)?;
         untraced_nofp.push(u.ns_per_op);
-        let t = bench_traced(root, &nofp, track, "eh-frame", iterations, run)?;
+        let t = bench_traced(root, subject, &nofp, "eh-frame", iterations, run)?;
         eprintln!("bench: run {}/{runs} no-FP build traced: {:.1} ns/op (untraced {:.1})", run + 1, t.ns_per_op, u.ns_per_op);
         traced_nofp.push(t.ns_per_op);
         keep_bpf(2, &t);
-        let t = bench_traced(root, &nofp, track, "fp", iterations, run)?;
+        let t = bench_traced(root, subject, &nofp, "fp", iterations, run)?;
         traced_nofp_fp.push(t.ns_per_op);
         keep_bpf(3, &t);
     }
@@ -287,9 +293,9 @@ pub fn run(root: &Path, subject: &Subject, args: &[String]) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out)?;
     let (what, probed) = (subject.what, subject.symbols.join("+"));
-    writeln!(out, "{fixture}: {iterations} x {what}, --track {track}, {runs} runs each (median)")?;
+    writeln!(out, "{fixture}: {iterations} x {what}, --track {}, {runs} runs each (median)", subject.track)?;
     writeln!(out, "ratio = median over runs of (mode / the untraced run just before it)")?;
-    writeln!(out, "bpf ns = run_time_ns / run_cnt of the socket-exit program (one stack walk + map updates)")?;
+    writeln!(out, "bpf ns = run_time_ns / run_cnt of {} (one stack walk + map updates)", subject.program)?;
     writeln!(out, "{:<44} {:>10} {:>7} {:>8}   runs", "mode", "ns/op", "ratio", "bpf ns")?;
     writeln!(out, "{:<44} {:>10.0} {:>6.2}x {:>8}   {}", "untraced", mu, 1.0, "", list(&untraced, 0))?;
     writeln!(out, "{:<44} {:>10.0} {:>6.2}x {:>8}   {}", "leaktrace attach (--unwind eh-frame)", mt, ratio, bpf_ns(0), list(&traced, 0))?;

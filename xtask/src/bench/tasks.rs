@@ -9,6 +9,13 @@
 //!   `runtime.goexit1` at their `PUSHQ BP` (the cheapest, emulated
 //!   instruction): the least a probe-per-goroutine design would pay, before
 //!   any BPF work.
+//! - the creator probe: `gochurn127 -leak-ms 20` (one goroutine of the
+//!   churn's own `go` statement blocks forever every 20 ms) under leaktrace
+//!   twice: as before (the statement is the program's own: no probe), and
+//!   with `--own` set to a prefix nothing has, so the statement counts as a
+//!   library's and, once judged a leak, gets the creator probe on its
+//!   `CALL runtime.newproc` — the churn then runs with the probe attached.
+//!   The paired difference per goroutine is the probe's cost per creation.
 //! - thread churn: `thread_churn` (C) creates and joins threads one after
 //!   the other, untraced and traced (the `pthread_create` uprobe plus the
 //!   sched fork/exit tracepoints): the per-thread difference is the
@@ -53,7 +60,10 @@ fn parse_args(args: &[String]) -> Result<Options> {
 
 /// Starts `bin args --wait`, optionally attaches leaktrace, then lets it
 /// run; returns its own measurement (seconds).
-fn run_churn(root: &Path, bin: &Path, args: &[String], traced: bool, log: &Path) -> Result<f64> {
+/// How a churn run is traced: not, by [`attach`], or by [`attach_probing`].
+type Attach = fn(&Path, u32, &Path) -> Result<Child>;
+
+fn run_churn(root: &Path, bin: &Path, args: &[String], traced: Option<Attach>, log: &Path) -> Result<f64> {
     let mut target = Command::new(bin)
         .args(args)
         .stdin(Stdio::piped())
@@ -68,7 +78,10 @@ fn run_churn(root: &Path, bin: &Path, args: &[String], traced: bool, log: &Path)
         stop_child(&mut target, "churn");
         bail!("{} printed {line:?} instead of ready", bin.display());
     }
-    let mut tracer = if traced { Some(attach(root, target.id(), log).inspect_err(|_| stop_child(&mut target, "churn"))?) } else { None };
+    let mut tracer = match traced {
+        Some(attach) => Some(attach(root, target.id(), log).inspect_err(|_| stop_child(&mut target, "churn"))?),
+        None => None,
+    };
     let started = (|| -> Result<f64> {
         let mut stdin = target.stdin.take().ok_or_else(|| anyhow!("no stdin"))?;
         stdin.write_all(b"go\n")?;
@@ -116,6 +129,37 @@ fn attach(root: &Path, pid: u32, log: &Path) -> Result<Child> {
     Ok(tracer)
 }
 
+/// `leaktrace attach --track tasks --own NOTHING` on `pid` (every `go`
+/// statement a library's), returned once a report judged a goroutine group
+/// a leak: the creator probe is on its statement from that report on.
+fn attach_probing(root: &Path, pid: u32, log: &Path) -> Result<Child> {
+    let mut tracer = Command::new(leaktrace_bin(root))
+        .args(["attach", "--pid", &pid.to_string(), "--track", "tasks", "--interval", "1s", "--format", "json"])
+        .args(["--own", "leaktrace.bench.nothing"])
+        .stdout(Stdio::piped())
+        .stderr(fs::File::create(log)?)
+        .spawn()
+        .context("starting leaktrace")?;
+    let stdout = tracer.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if !sent && line.contains(r#""kind":"goroutine","verdict":"leak""#) {
+                sent = tx.send(()).is_ok();
+            }
+        }
+    });
+    if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+        let _ = tracer.kill();
+        let _ = tracer.wait();
+        bail!("leaktrace judged no goroutine leak in 60 s (log: {})", log.display());
+    }
+    thread::sleep(Duration::from_millis(300));
+    Ok(tracer)
+}
+
 /// File offset of the first `push %rbp` of `func` in a Go binary (via
 /// nm, objdump and readelf: the bench must not share code with what it
 /// measures).
@@ -141,12 +185,16 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let logs = target_dir(root).join("xtask-bench");
     fs::create_dir_all(&logs)?;
     let go_args: Vec<String> = vec!["-wait".into(), "-goroutines".into(), o.goroutines.to_string()];
+    let leak_args: Vec<String> = go_args.iter().cloned().chain(["-leak-ms".into(), "20".into()]).collect();
     let th_args: Vec<String> = vec!["--wait".into(), "--threads".into(), o.threads.to_string()];
 
     // mode -> seconds per round
     let mut go_u = Vec::new();
     let mut go_t = Vec::new();
     let mut go_p = Vec::new();
+    // With a slow leak at the churn's statement: no probe, and the creator probe.
+    let mut go_lt = Vec::new();
+    let mut go_lc = Vec::new();
     let mut th_u = Vec::new();
     let mut th_t = Vec::new();
     let mut th_p = Vec::new();
@@ -156,21 +204,23 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     for r in 0..o.runs {
         let n = r + 1;
         let runs = o.runs;
-        go_u.push(run_churn(root, &gochurn, &go_args, false, &logs.join("tasks-go.log"))?);
-        go_t.push(run_churn(root, &gochurn, &go_args, true, &logs.join(format!("tasks-go-{r}.log")))?);
+        go_u.push(run_churn(root, &gochurn, &go_args, None, &logs.join("tasks-go.log"))?);
+        go_t.push(run_churn(root, &gochurn, &go_args, Some(attach), &logs.join(format!("tasks-go-{r}.log")))?);
         {
             let _p = go_uprobes(&gochurn, &["runtime.newproc1", "runtime.goexit1"])?;
-            go_p.push(run_churn(root, &gochurn, &go_args, false, &logs.join("tasks-go.log"))?);
+            go_p.push(run_churn(root, &gochurn, &go_args, None, &logs.join("tasks-go.log"))?);
         }
+        go_lt.push(run_churn(root, &gochurn, &leak_args, Some(attach), &logs.join(format!("tasks-go-leak-{r}.log")))?);
+        go_lc.push(run_churn(root, &gochurn, &leak_args, Some(attach_probing), &logs.join(format!("tasks-go-creator-{r}.log")))?);
         eprintln!(
-            "bench tasks: round {n}/{runs} goroutines: untraced {:.3}s, leaktrace {:.3}s, 2 uprobes {:.3}s",
-            go_u[r], go_t[r], go_p[r]
+            "bench tasks: round {n}/{runs} goroutines: untraced {:.3}s, leaktrace {:.3}s, 2 uprobes {:.3}s; leaking: leaktrace {:.3}s, creator probe {:.3}s",
+            go_u[r], go_t[r], go_p[r], go_lt[r], go_lc[r]
         );
-        th_u.push(run_churn(root, &thread_churn, &th_args, false, &logs.join("tasks-c.log"))?);
-        th_t.push(run_churn(root, &thread_churn, &th_args, true, &logs.join(format!("tasks-c-{r}.log")))?);
+        th_u.push(run_churn(root, &thread_churn, &th_args, None, &logs.join("tasks-c.log"))?);
+        th_t.push(run_churn(root, &thread_churn, &th_args, Some(attach), &logs.join(format!("tasks-c-{r}.log")))?);
         {
             let _p = TracefsUprobes::install(GROUP, &[("pthread_create".into(), libc.as_path(), pthread_create)])?;
-            th_p.push(run_churn(root, &thread_churn, &th_args, false, &logs.join("tasks-c.log"))?);
+            th_p.push(run_churn(root, &thread_churn, &th_args, None, &logs.join("tasks-c.log"))?);
         }
         eprintln!(
             "bench tasks: round {n}/{runs} threads: untraced {:.3}s, leaktrace {:.3}s, pthread_create uprobe {:.3}s",
@@ -187,6 +237,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let th_extra = extra(&th_t, &th_u, tn);
     let th_p_extra = extra(&th_p, &th_u, tn);
     let go_extra = extra(&go_p, &go_u, gn);
+    let creator_extra = extra(&go_lc, &go_lt, gn);
     let all = |v: &[f64]| list(v, 2);
 
     let mut out = std::io::stdout().lock();
@@ -196,6 +247,8 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     writeln!(out, "goroutines untraced:                 {:>8.1} ns/goroutine 1.00x [{}]", per(&go_u, gn), all(&go_u))?;
     writeln!(out, "goroutines leaktrace --track tasks:  {:>8.1} ns/goroutine {:.3}x [{}]", per(&go_t, gn), paired_ratio(&go_t, &go_u), all(&go_t))?;
     writeln!(out, "goroutines 2 bare uprobes:           {:>8.1} ns/goroutine {:.3}x [{}] (+{go_extra:.2} µs/goroutine)", per(&go_p, gn), paired_ratio(&go_p, &go_u), all(&go_p))?;
+    writeln!(out, "goroutines leaking, leaktrace:       {:>8.1} ns/goroutine {:.3}x [{}]", per(&go_lt, gn), paired_ratio(&go_lt, &go_u), all(&go_lt))?;
+    writeln!(out, "goroutines leaking, creator probe:   {:>8.1} ns/goroutine {:.3}x [{}] (+{creator_extra:.2} µs/creation vs no probe)", per(&go_lc, gn), paired_ratio(&go_lc, &go_u), all(&go_lc))?;
     writeln!(out, "threads untraced:                    {:>8.1} µs/thread 1.00x [{}]", per(&th_u, tn) / 1e3, all(&th_u))?;
     writeln!(out, "threads leaktrace --track tasks:     {:>8.1} µs/thread {:.3}x [{}] (+{th_extra:.2} µs/thread)", per(&th_t, tn) / 1e3, paired_ratio(&th_t, &th_u), all(&th_t))?;
     writeln!(out, "threads bare pthread_create uprobe:  {:>8.1} µs/thread {:.3}x [{}] (+{th_p_extra:.2} µs/thread)", per(&th_p, tn) / 1e3, paired_ratio(&th_p, &th_u), all(&th_p))?;
@@ -216,6 +269,13 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         per(&go_u, gn),
         per(&go_p, gn),
         paired_ratio(&go_p, &go_u)
+    )?;
+    writeln!(
+        out,
+        "| goroutines: the same churn from a `go` statement judged a leak (-leak-ms 20): leaktrace without, then with the creator probe on its `CALL runtime.newproc` | {:.0} ns/goroutine | {:.0} ns/goroutine | {:.3}x (+{creator_extra:.2} µs/creation) |",
+        per(&go_lt, gn),
+        per(&go_lc, gn),
+        paired_ratio(&go_lc, &go_lt)
     )?;
     writeln!(
         out,

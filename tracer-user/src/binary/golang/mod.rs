@@ -327,3 +327,19 @@ mod tests {
         assert!(GoRuntime::open(&exe).unwrap().is_none());
     }
 }
+
+/// `runtime.runfinq`'s pc range in process `pid` (the finalizer goroutine's
+/// loop: a close called under it is a finalizer's); `(0, 0)` when the
+/// executable is not a Go program or has no such function.
+pub fn finalizer_range(pid: u32) -> (u64, u64) {
+    let exe = std::path::PathBuf::from(format!("/proc/{pid}/exe"));
+    GoSymbols::open(&exe)
+        .ok()
+        .flatten()
+        .and_then(|syms| {
+            let (start, end) = syms.pclntab.function_range("runtime.runfinq")?;
+            let bias = crate::binary::elf::exe_load_bias(pid, &syms.segments).unwrap_or(0);
+            Some((start + bias, end + bias))
+        })
+        .unwrap_or((0, 0))
+}

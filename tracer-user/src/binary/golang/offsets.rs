@@ -28,6 +28,11 @@ pub struct GOffsets {
     pub gopc: u64,
     /// The goroutine's function.
     pub startpc: u64,
+    /// `g.trackingSeq` (a uint8): counts the goroutine's switches out of
+    /// running (every park), so an unchanged value means it has not run.
+    pub tracking_seq: u64,
+    /// `g.parentGoid`: the goroutine that ran the `go` statement (Go 1.21+).
+    pub parent_goid: Option<u64>,
 }
 
 impl GOffsets {
@@ -42,6 +47,8 @@ impl GOffsets {
             (self.waitreason, 1),
             (self.gopc, 8),
             (self.startpc, 8),
+            (self.tracking_seq, 1),
+            (self.parent_goid.unwrap_or(self.goid), 8),
         ];
         let lo = fields.iter().map(|f| f.0).min().unwrap_or(0);
         let hi = fields.iter().map(|f| f.0 + f.1).max().unwrap_or(0);
@@ -68,7 +75,7 @@ pub fn table(v: GoVersion) -> Option<GOffsets> {
     }
     // gobuf lost its `ret` word in 1.25: bp moved from 48 to 40.
     let gobuf_bp = if v.minor >= 25 { 40 } else { 48 };
-    let g = |atomicstatus, goid, waitreason, gopc, startpc| GOffsets {
+    let g = |atomicstatus, goid, waitreason: u64, gopc, startpc| GOffsets {
         sched: 56,
         gobuf_sp: 0,
         gobuf_pc: 8,
@@ -78,6 +85,10 @@ pub fn table(v: GoVersion) -> Option<GOffsets> {
         waitreason,
         gopc,
         startpc,
+        // Behind waitreason and the flags after it: 13 bytes in 1.19, 15 since.
+        tracking_seq: waitreason + if v.minor == 19 { 13 } else { 15 },
+        // Just before gopc since 1.21.
+        parent_goid: (v.minor >= 21).then_some(gopc - 8),
     };
     Some(match v.minor {
         19 => g(144, 152, 176, 296, 312),
@@ -217,6 +228,8 @@ pub fn from_dwarf(elf: &object::File) -> Result<Option<GOffsets>> {
         waitreason: field(g, "runtime.g", "waitreason")?,
         gopc: field(g, "runtime.g", "gopc")?,
         startpc: field(g, "runtime.g", "startpc")?,
+        tracking_seq: field(g, "runtime.g", "trackingSeq")?,
+        parent_goid: g.get("parentGoid").copied(),
     }))
 }
 
