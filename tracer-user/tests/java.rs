@@ -243,7 +243,7 @@ fn java_pool_starvation_warm_matches_jcmd_thread_dump() {
 fn java_exit_mid_trace() {
     let redis = start_redis();
     let port = redis.addr.rsplit(':').next().unwrap().to_string();
-    let t = start_java(&[], "ConnTwins", &["--redis", &port, "--exit-after-ms", "2500"]);
+    let t = start_java(&[], "ConnTwins", &["--redis", &port, "--exit-after-ms", "7000"]);
     let pid = t.pid().to_string();
     let run = run_leaktrace(&["attach", "--pid", &pid, "--for", "20s", "--interval", "1s", "--format", "json", "--track", "connections,locks"]);
     assert_eq!(run.status, 0, "stderr: {}", run.stderr);
