@@ -193,11 +193,18 @@ pub mod unwind_sync {
     /// Unmaps of the target so far; the last `MAX_UNMAPPED` ranges are in
     /// `UNMAPPED` at `count % MAX_UNMAPPED`.
     pub const UNMAPS: u32 = 4;
-    pub const SLOTS: u32 = 5;
+    /// Misses queued in `UNWIND_MISSES` since user space last drained it
+    /// (the kernel adds, user space sets 0 after a drain): the queue's fill,
+    /// read before a miss is queued. Not atomic: a racing add may be lost
+    /// (the slack in `miss_queue_has_room` and the next drain make up).
+    pub const MISSES_QUEUED: u32 = 5;
+    pub const SLOTS: u32 = 6;
 }
 
 /// Ranges the target unmapped last (a ring; see `unwind_sync::UNMAPS`).
-pub const MAX_UNMAPPED: u32 = 64;
+/// An allocator returning big blocks unmaps often: a miss older than this
+/// many unmaps is checked against the newest ones only.
+pub const MAX_UNMAPPED: u32 = 256;
 
 /// Stacks walked with rules, shared by the trackers that take stacks at
 /// syscalls and probes (connections, threads).
@@ -214,6 +221,10 @@ pub mod unwind_counter {
     pub const FP_GUESSES: u32 = crate::counter::UNWIND + 2;
     /// Walks that ended on an unreadable or non-growing frame.
     pub const BAD_FRAMES: u32 = crate::counter::UNWIND + 3;
+    /// Misses met while `UNWIND_MISSES` was full (a burst of new call
+    /// paths faster than user space learns): instead of a stack cut there
+    /// and never finished, the walk went on by frame pointers.
+    pub const QUEUE_FULL: u32 = crate::counter::UNWIND_MORE;
 }
 
 /// `StackKey::stack_id` of a stack whose bucket in the kernel's stack map

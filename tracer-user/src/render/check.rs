@@ -78,8 +78,7 @@ pub fn render_check(report: &Report, omitted: &[Finding], fail_on_wait: Option<f
                 _ => String::new(),
             }
         );
-        let path: Vec<&str> = f.stack.iter().skip(f.site_index).take(4).map(|fr| fr.function.as_str()).collect();
-        out += &format!("       created by {}\n", path.join(" <- "));
+        out += &format!("       created by {}\n", path_from_site(f));
     }
     for f in &waits {
         let Some(l) = &f.lock else { continue };
@@ -108,8 +107,7 @@ pub fn render_check(report: &Report, omitted: &[Finding], fail_on_wait: Option<f
             if w.waiting_before_attach { ">= " } else { "" },
             w.longest_wait_s
         );
-        let path: Vec<&str> = f.stack.iter().skip(f.site_index).take(4).map(|fr| fr.function.as_str()).collect();
-        out += &format!("       waiting in {}\n", path.join(" <- "));
+        out += &format!("       waiting in {}\n", path_from_site(f));
     }
     // "leak" covers `unclosed` too (objects the program drops unclosed).
     if let Some(e) = runs_out {
@@ -128,6 +126,12 @@ pub fn render_check(report: &Report, omitted: &[Finding], fail_on_wait: Option<f
     out += &format!("leaktrace check: exit 3 (0 = no leak, {what}, 1 = error)\n");
     // Names, sites and peers come from the target: no control characters.
     CheckResult { failed: true, text: super::printable(&out, true).into_owned() }
+}
+
+/// The stack from the site outwards, four frames: `a <- b <- c <- d`.
+fn path_from_site(f: &Finding) -> String {
+    let path: Vec<&str> = f.stack.iter().skip(f.site_index).take(4).map(|fr| fr.function.as_str()).collect();
+    path.join(" <- ")
 }
 
 #[cfg(test)]

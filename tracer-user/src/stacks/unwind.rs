@@ -114,6 +114,49 @@ impl ObjectCfi {
         Ok(cfi)
     }
 
+    /// CFI from raw sections (`(link-time address, bytes)`), for an object
+    /// without program headers: the fuzz target feeds it arbitrary bytes.
+    pub fn from_sections(
+        eh_frame: Option<(u64, Vec<u8>)>,
+        eh_frame_hdr: Option<(u64, Vec<u8>)>,
+        debug_frame: Option<(u64, Vec<u8>)>,
+        text_svma: u64,
+    ) -> Self {
+        let section = |s: Option<(u64, Vec<u8>)>| s.map(|(svma, data)| Section { svma, data });
+        Self {
+            eh_frame: section(eh_frame),
+            eh_frame_hdr: section(eh_frame_hdr),
+            debug_frame: section(debug_frame),
+            text_svma,
+            segments: Segments::default(),
+            frame_pointers: false,
+            debug_link: DebugLink::default(),
+            separate_debug_frame: OnceLock::new(),
+        }
+    }
+
+    /// The start and length of every FDE of the `.eh_frame` (at most `max`),
+    /// the addresses rules are asked for.
+    pub fn fde_ranges(&self, max: usize) -> Vec<(u64, u64)> {
+        let Some(eh) = &self.eh_frame else { return Vec::new() };
+        let mut section = EhFrame::new(&eh.data, LittleEndian);
+        section.set_address_size(8);
+        let bases = BaseAddresses::default().set_eh_frame(eh.svma).set_text(self.text_svma);
+        let mut entries = section.entries(&bases);
+        let mut out = Vec::new();
+        while let Ok(Some(e)) = entries.next() {
+            if out.len() >= max {
+                break;
+            }
+            if let gimli::CieOrFde::Fde(p) = e {
+                if let Ok(fde) = p.parse(EhFrame::cie_from_offset) {
+                    out.push((fde.initial_address(), fde.len()));
+                }
+            }
+        }
+        out
+    }
+
     /// Copies the CFI sections out of an ELF image.
     pub fn parse(data: &[u8]) -> Result<Self> {
         let file = object::File::parse(data).context("not a valid ELF")?;
@@ -164,11 +207,11 @@ impl ObjectCfi {
             section.set_address_size(8);
             let mut bases = BaseAddresses::default().set_eh_frame(eh.svma).set_text(self.text_svma);
             let mut fde = None;
-            if let Some(hdr) = &self.eh_frame_hdr {
+            if let Some(hdr) = self.eh_frame_hdr.as_ref().filter(|h| hdr_table_fits(&h.data)) {
                 bases = bases.set_eh_frame_hdr(hdr.svma);
                 if let Ok(parsed) = EhFrameHdr::new(&hdr.data, LittleEndian).parse(&bases, 8) {
                     if let Some(table) = parsed.table() {
-                        fde = Some(table.fde_for_address(&section, &bases, addr, EhFrame::cie_from_offset));
+                        fde = Some(fde_from_table(&table, &parsed, &section, &bases, addr));
                     }
                 }
             }
@@ -214,6 +257,51 @@ impl ObjectCfi {
     /// Link-time address of runtime `pc` in mapping `m` of this object.
     pub fn svma_of(&self, m: &Mapping, pc: u64) -> Option<u64> {
         self.segments.vaddr_of_code_offset(pc - m.start + m.offset)
+    }
+}
+
+/// Whether `.eh_frame_hdr`'s table holds the rows its header claims
+/// (gimli 0.34 multiplies a claimed count unchecked: a huge one overflowed;
+/// found by the `eh_frame` fuzz target). A header that says otherwise, or
+/// that this does not read, is not used: the FDEs are then searched in
+/// `.eh_frame` itself.
+fn hdr_table_fits(hdr: &[u8]) -> bool {
+    // The size of a value in DW_EH_PE encoding `enc` (its low 4 bits).
+    let size = |enc: u8| match enc & 0x0f {
+        0x00 => Some(8usize), // absptr, 64-bit
+        0x02 | 0x0a => Some(2),
+        0x03 | 0x0b => Some(4),
+        0x04 | 0x0c => Some(8),
+        _ => None,
+    };
+    let [1, ptr_enc, count_enc, table_enc, ..] = *hdr else { return false };
+    let (Some(ptr), Some(count_size), Some(entry)) = (size(ptr_enc), size(count_enc), size(table_enc)) else { return false };
+    let Some(count) = hdr.get(4 + ptr..4 + ptr + count_size) else { return false };
+    let count = count.iter().rev().fold(0u64, |v, b| v << 8 | u64::from(*b));
+    let table = hdr.len() - (4 + ptr + count_size);
+    count.checked_mul(2 * entry as u64).is_some_and(|bytes| bytes <= table as u64)
+}
+
+/// The FDE for `addr` through `.eh_frame_hdr`'s binary-search table, as
+/// gimli's `EhHdrTable::fde_for_address` finds it, but with the table's
+/// pointer checked against the section's start (gimli 0.34 subtracts
+/// unchecked: a table pointing below `.eh_frame` overflowed; found by the
+/// `eh_frame` fuzz target).
+fn fde_from_table<'a>(
+    table: &gimli::EhHdrTable<'_, Slice<'a>>,
+    hdr: &gimli::ParsedEhFrameHdr<Slice<'a>>,
+    section: &EhFrame<Slice<'a>>,
+    bases: &BaseAddresses,
+    addr: u64,
+) -> gimli::Result<FrameDescriptionEntry<Slice<'a>>> {
+    let ptr = table.lookup(addr, bases)?.direct()?;
+    let start = hdr.eh_frame_ptr().direct()?;
+    let offset = ptr.checked_sub(start).and_then(|o| usize::try_from(o).ok()).ok_or(gimli::Error::NoUnwindInfoForAddress)?;
+    let fde = section.fde_from_offset(bases, gimli::EhFrameOffset(offset), EhFrame::cie_from_offset)?;
+    if fde.contains(addr) {
+        Ok(fde)
+    } else {
+        Err(gimli::Error::NoUnwindInfoForAddress)
     }
 }
 
@@ -600,13 +688,16 @@ impl Unwinder {
         for (provisional, snap) in misses {
             let _ = self.misses.remove(&provisional);
             let stack = &snap.stack[..(snap.len as usize).min(snap.stack.len())];
-            let since = unmaps_now.saturating_sub(snap.unmaps);
-            let unmapped_since: Vec<CodeRange> = (0..since.min(u64::from(MAX_UNMAPPED)))
-                .map(|i| ring[((snap.unmaps + i) % u64::from(MAX_UNMAPPED)) as usize])
+            // The newest of them when the ring went round since (an
+            // allocator unmapping big blocks): cutting every such miss
+            // would leave its stacks short for good.
+            let since = unmaps_now.saturating_sub(snap.unmaps).min(u64::from(MAX_UNMAPPED));
+            let unmapped_since: Vec<CodeRange> = (unmaps_now - since..unmaps_now)
+                .map(|seq| ring[(seq % u64::from(MAX_UNMAPPED)) as usize])
                 .collect();
             let (beyond, mut finished) = walk_copy(snap.rule_key, snap.sp, snap.bp, snap.sp, stack, |key| {
                 let pc = key & !RULE_AT_PC;
-                if since > u64::from(MAX_UNMAPPED) || unmapped_since.iter().any(|r| (r.start..r.end).contains(&pc)) {
+                if unmapped_since.iter().any(|r| (r.start..r.end).contains(&pc)) {
                     // Its code was unmapped since: what is there now is not it.
                     return None;
                 }
@@ -624,6 +715,9 @@ impl Unwinder {
             }
             complete(provisional, beyond);
         }
+        // Drained: the kernel queues misses again (it walks on by frame
+        // pointers while the queue is full).
+        let _ = self.sync.set(unwind_sync::MISSES_QUEUED, 0, 0);
         if learned > 0 {
             // Separate debug files are read as rules need them: sum again.
             self.stats.cfi_bytes = self.cfi.cfi_bytes();
@@ -758,6 +852,48 @@ mod tests {
             }
         }
         assert!(signal >= 1, "glibc's __restore_rt FDE is flagged as a signal frame");
+    }
+
+    /// The header of this machine's libc's `.eh_frame_hdr` is read right.
+    #[test]
+    fn libc_eh_frame_hdr_table_fits() {
+        let Ok(data) = std::fs::read(LIBC) else { return };
+        let cfi = ObjectCfi::parse(&data).unwrap();
+        let hdr = &cfi.eh_frame_hdr.as_ref().unwrap().data;
+        assert!(hdr_table_fits(hdr));
+        // A count claiming more rows than there are bytes.
+        let mut bad = hdr.clone();
+        bad[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(!hdr_table_fits(&bad));
+    }
+
+    /// Inputs the `eh_frame` fuzz target found crashing: now no rule.
+    #[test]
+    fn eh_frame_fuzz_crashes() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/eh_frame");
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let data = std::fs::read(e.path()).unwrap();
+            let u64_at = |at: usize| u64::from_le_bytes(data[at..at + 8].try_into().unwrap());
+            let hdr_len = u32::from_le_bytes(data[24..28].try_into().unwrap()) as usize;
+            let (hdr, eh) = data[28..].split_at(hdr_len.min(data.len() - 28));
+            // As the fuzz target (tracer-user/fuzz/fuzz_targets/eh_frame.rs) asks.
+            let cfi = ObjectCfi::from_sections(
+                Some((u64_at(0), eh.to_vec())),
+                (!hdr.is_empty()).then(|| (u64_at(8), hdr.to_vec())),
+                Some((0, eh.to_vec())),
+                u64_at(16),
+            );
+            let mut at = Vec::new();
+            for (start, len) in cfi.fde_ranges(256) {
+                at.extend([start, start.wrapping_add(len / 2), start.wrapping_add(len).wrapping_sub(1), start.wrapping_add(len)]);
+            }
+            at.extend([0, 1, u64_at(16), u64_at(0), u64::MAX]);
+            for a in at {
+                let _ = cfi.rule(a, false);
+                let _ = cfi.rule(a, true);
+            }
+        }
     }
 
     /// A PLT stub's CFA expression becomes a plain rsp offset.

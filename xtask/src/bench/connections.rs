@@ -104,7 +104,7 @@ fn program_ns(name: &str, after: u64) -> Option<f64> {
 }
 
 /// The highest BPF program id loaded now.
-fn max_program_id() -> u64 {
+pub(super) fn max_program_id() -> u64 {
     let out = Command::new("bpftool").args(["prog", "show"]).output().map(|o| o.stdout).unwrap_or_default();
     String::from_utf8_lossy(&out).lines().filter_map(program_id).max().unwrap_or(0)
 }
@@ -117,6 +117,12 @@ fn program_id(line: &str) -> Option<u64> {
 /// From `bpftool prog show`'s text: `run_time_ns / run_cnt` of the
 /// lowest-numbered program `name` with an id above `after`.
 fn program_ns_per_run(text: &str, name: &str, after: u64) -> Option<f64> {
+    program_totals(text, name, after).filter(|(_, n)| *n > 0.0).map(|(t, n)| t / n)
+}
+
+/// `(run_time_ns, run_cnt)` of the lowest-numbered program `name` with an
+/// id above `after`, in `bpftool prog show`'s text.
+pub(super) fn program_totals(text: &str, name: &str, after: u64) -> Option<(f64, f64)> {
     text.lines()
         .filter_map(|l| Some((program_id(l)?, l)))
         .filter(|(id, _)| *id > after)
@@ -126,8 +132,7 @@ fn program_ns_per_run(text: &str, name: &str, after: u64) -> Option<f64> {
             if value("name") != Some(&name) {
                 return None;
             }
-            let (t, n): (f64, f64) = (value("run_time_ns")?.parse().ok()?, value("run_cnt")?.parse().ok()?);
-            (n > 0.0).then(|| t / n)
+            Some((value("run_time_ns")?.parse().ok()?, value("run_cnt")?.parse().ok()?))
         })
 }
 

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [tasks|maps|allocations|locks|fds|java]` (no name: the
+//! `cargo xtask bench [tasks|maps|allocations|locks|fds|java|unwind]` (no name: the
 //! connection bench) and what the benches share: option parsing, medians
 //! and paired ratios, reading a child's lines, starting and stopping bench
 //! programs and tracers, bare tracefs uprobes, binutils lookups.
@@ -9,6 +9,7 @@ pub mod java;
 pub mod locks;
 pub mod maps;
 pub mod tasks;
+pub mod unwind;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -32,6 +33,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         Some("locks") => locks::run(root, rest),
         Some("java") => java::run(root, rest),
         Some("fds") => connections::run(root, &connections::FILES, rest),
+        Some("unwind") => unwind::run(root, rest),
         _ => connections::run(root, &connections::SOCKETS, args),
     }
 }
