@@ -52,6 +52,14 @@ fn mix(h: u64, x: u64) -> u64 {
     h ^ (h >> 31)
 }
 
+/// Whether the current process is a JVM whose walk user space set up.
+#[inline(always)]
+pub fn is_jvm() -> bool {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: lookup only.
+    unsafe { JVM_CONFIG.get(&tgid) }.is_some()
+}
+
 /// The current thread's Java stack when the current process is a
 /// configured JVM and the thread is stopped out of Java code (its anchor
 /// set), as a key of `JAVA_STACKS`; `None`: walk the native stack instead.

@@ -25,7 +25,7 @@ use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, tracepoint, uprobe},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray},
     programs::{tracing::StackIdContext, ProbeContext, TracePointContext},
     EbpfContext,
 };
@@ -78,6 +78,9 @@ static LOCK_FRAMES: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_W
 static LOCK_SCRATCH_FRAMES: PerCpuArray<WalkedFrames> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static LOCK_SCRATCH_STATS: PerCpuArray<LockStats> = PerCpuArray::with_max_entries(1, 0);
+/// `lock_futex_enter_java`, the futex program of a JVM (slot 0; set by user space).
+#[map]
+static LOCK_JAVA: ProgramArray = ProgramArray::with_max_entries(1, 0);
 /// Futex waits in progress, by thread.
 #[map]
 static FUTEX_PENDING: LruHashMap<u64, PendingWait> = LruHashMap::with_max_entries(MAX_PENDING_WAITS, 0);
@@ -255,22 +258,12 @@ pub fn lock_futex_enter(ctx: TracePointContext) -> u32 {
     if !is_wait && !is_wake {
         return 0;
     }
-    // A JVM thread out of Java code: its futex word is its own Parker's or
-    // ParkEvent's, whatever it waits for; user space groups its waits by
-    // their Java wait site, and pairs wakes to them through the word.
-    if let Some(stack) = crate::jvm::java_stack_key() {
-        let at = LockStack { lock: uaddr, stack, walked: 0 };
-        if is_wake {
-            add(&LOCK_HOLDERS, &at, 0);
-            bump(tracer_common::locks::counter::WAKES);
-        } else {
-            // SAFETY: no preconditions.
-            let w = PendingWait { start_ns: unsafe { bpf_ktime_get_ns() }, kind: kind::JAVA, _pad: 0, at };
-            if FUTEX_PENDING.insert(&bpf_get_current_pid_tgid(), &w, 0).is_err() {
-                bump(tracer_common::locks::counter::LOST);
-            }
-        }
-        return 0;
+    // A JVM: its own program (the Java walk and this one together are too
+    // much for older verifiers). It does not come back; when it is not
+    // set up the native path below goes on.
+    if crate::jvm::is_jvm() {
+        // SAFETY: a tail call into a program of the same type.
+        unsafe { LOCK_JAVA.tail_call(&ctx, 0) };
     }
     let Some((ip, sp, bp)) = user_ip_sp_bp() else { return 0 };
     let regs = UserRegs { ip, sp, bp, at: AT_PC };
@@ -310,6 +303,33 @@ pub fn lock_futex_enter(ctx: TracePointContext) -> u32 {
     let at = stack_at(&ctx, uaddr, chain, regs);
     // SAFETY: no preconditions.
     let w = PendingWait { start_ns: unsafe { bpf_ktime_get_ns() }, kind: k, _pad: 0, at };
+    if FUTEX_PENDING.insert(&bpf_get_current_pid_tgid(), &w, 0).is_err() {
+        bump(tracer_common::locks::counter::LOST);
+    }
+    0
+}
+
+/// syscalls:sys_enter_futex of a JVM, tail-called from `lock_futex_enter`:
+/// a thread out of Java code waits on or wakes its own Parker's or
+/// ParkEvent's word, whatever it waits for; every wait and wake is taken
+/// with its Java stack, and user space groups the waits by their Java wait
+/// site and pairs the wakes to them through the word. Threads without Java
+/// frames (the JVM's own: compiler, GC) are left out.
+#[tracepoint]
+pub fn lock_futex_enter_java(ctx: TracePointContext) -> u32 {
+    // SAFETY: reads within the tracepoint record (arguments from offset 16).
+    let (uaddr, op) = unsafe { (ctx.read_at::<u64>(16).unwrap_or(0), ctx.read_at::<u64>(24).unwrap_or(0)) };
+    let cmd = op & FUTEX_CMD_MASK;
+    let is_wake = matches!(cmd, FUTEX_WAKE | FUTEX_WAKE_BITSET | FUTEX_UNLOCK_PI);
+    let Some(stack) = crate::jvm::java_stack_key() else { return 0 };
+    let at = LockStack { lock: uaddr, stack, walked: 0 };
+    if is_wake {
+        add(&LOCK_HOLDERS, &at, 0);
+        bump(tracer_common::locks::counter::WAKES);
+        return 0;
+    }
+    // SAFETY: no preconditions.
+    let w = PendingWait { start_ns: unsafe { bpf_ktime_get_ns() }, kind: kind::JAVA, _pad: 0, at };
     if FUTEX_PENDING.insert(&bpf_get_current_pid_tgid(), &w, 0).is_err() {
         bump(tracer_common::locks::counter::LOST);
     }

@@ -494,6 +494,13 @@ pub fn user_stack(ctx: &TracePointContext) -> StackKey {
     if let Some(java) = crate::jvm::java_stack_key() {
         return java;
     }
+    native_user_stack(ctx)
+}
+
+/// [`user_stack`] without the Java walk (a caller that looked for Java
+/// frames already: one copy of the walk per program).
+#[inline(always)]
+fn native_user_stack(ctx: &TracePointContext) -> StackKey {
     if unwinding() {
         let Some((ip, sp, bp)) = user_ip_sp_bp() else {
             crate::bump(counter::LOST_STACKS);
@@ -584,7 +591,7 @@ fn app_text() -> (u64, u64) {
     (APP_TEXT.get(0).copied().unwrap_or(0), APP_TEXT.get(1).copied().unwrap_or(0))
 }
 
-/// The current user stack, also when the syscall is made deep inside libc
+/// The current user stack (a JVM thread's Java frames first), also when the syscall is made deep inside libc
 /// (`fopen` -> `__fopen_internal` -> ... -> `__libc_open64`): there libc
 /// has reused `rbp` and the frame-pointer walk stops at the first frame, so
 /// neither `bpf_get_stackid` nor the syscall-site fix reaches the
@@ -606,29 +613,32 @@ pub fn app_stack(
     table: &HashMap<u64, WalkedFrames>,
     scratch: &PerCpuArray<WalkedFrames>,
 ) -> StackKey {
+    if let Some(java) = crate::jvm::java_stack_key() {
+        return java;
+    }
     // Unwind rules follow libc's CFI through the wrappers that reuse rbp:
     // the scan below is the frame-pointer mode's stand-in for them.
     if unwinding() {
-        return user_stack(ctx);
+        return native_user_stack(ctx);
     }
     let (lo, hi) = app_text();
     let regs = user_regs();
     if regs.is_null() || lo == 0 || hi <= lo {
-        return user_stack(ctx);
+        return native_user_stack(ctx);
     }
     let in_app = |a: u64| a >= lo && a < hi;
     let (ip, sp, bp) = (reg(regs, PT_REGS_IP), reg(regs, PT_REGS_SP), reg(regs, PT_REGS_BP));
     // Go's raw syscalls, and anything outside a known libc wrapper.
-    let Some(slot) = caller_slot() else { return user_stack(ctx) };
+    let Some(slot) = caller_slot() else { return native_user_stack(ctx) };
     if in_app(ip) || slot < sp {
-        return user_stack(ctx);
+        return native_user_stack(ctx);
     }
     // A wrapper called by the application that left `rbp` alone: the
     // frame-pointer walk works.
     if in_app(read_user_u64(slot)) && bp > sp && in_app(read_user_u64(bp + 8)) {
-        return user_stack(ctx);
+        return native_user_stack(ctx);
     }
-    let Some(buf) = SCAN_BUF.get_ptr_mut(0) else { return user_stack(ctx) };
+    let Some(buf) = SCAN_BUF.get_ptr_mut(0) else { return native_user_stack(ctx) };
     // SAFETY: this CPU's scratch slot; user memory read through the helper.
     let buf = unsafe { &mut *buf };
     // `SAVED_RBP_WORDS` words below the wrapper's return address (where a
@@ -636,7 +646,7 @@ pub fn app_stack(
     let base = slot - 8 * SAVED_RBP_WORDS as u64;
     let len = (SAVED_RBP_WORDS + SCAN_WORDS) * 8;
     if unsafe { bpf_probe_read_user_buf(base as *const u8, core::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, len)) }.is_err() {
-        return user_stack(ctx);
+        return native_user_stack(ctx);
     }
     // The first return address into the executable at or above the
     // wrapper's (below it: the wrapper's own frame, maybe stale).
@@ -648,7 +658,7 @@ pub fn app_stack(
         }
     }
     if found == 0 {
-        return user_stack(ctx);
+        return native_user_stack(ctx);
     }
     // Through map memory, so that the verifier goes on with one unknown
     // index rather than one state per position found.
@@ -659,9 +669,9 @@ pub fn app_stack(
     } as usize
         & (2 * SCAN_WORDS - 1);
     if at < SAVED_RBP_WORDS || at >= SAVED_RBP_WORDS + SCAN_WORDS {
-        return user_stack(ctx);
+        return native_user_stack(ctx);
     }
-    let Some(&ret) = buf.get(at) else { return user_stack(ctx) };
+    let Some(&ret) = buf.get(at) else { return native_user_stack(ctx) };
     // The application function's frame: the first libc function to reuse
     // `rbp` saved it, so it sits below the return address, among the live
     // libc frames — a pointer a little up the stack, at a frame whose

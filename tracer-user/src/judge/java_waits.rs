@@ -8,10 +8,10 @@
 //! holders (the wakers) of a word join the groups of that word's waiters.
 //!
 //! Not locks, dropped: `Thread.sleep`, waits with no Java wait frame (the
-//! JVM's own: safepoints, class initialisation), wakes from a thread's own
-//! park/sleep/wait (the Parker's internal mutex), and the JVM's native
-//! threads' waits (compiler queue, GC, service threads: stacks in
-//! libjvm). Idle consumers (a pool thread waiting for work) and waits no
+//! JVM's own: safepoints, class initialisation) and wakes from a thread's
+//! own park/sleep/wait (the Parker's internal mutex). The JVM's native
+//! threads (compiler queue, GC, service threads) have no Java frames: the
+//! kernel side does not record their futex calls at all. Idle consumers (a pool thread waiting for work) and waits no
 //! other thread ever ended (timeouts: an idle `Object.wait`) are shown but
 //! never "contended". A condition wait at a pool's borrow is contention.
 
@@ -115,11 +115,6 @@ fn is_internal_wake(frames: &[Frame]) -> bool {
     frames.first().is_some_and(|f| is_park(&f.function) || f.function == "java.lang.Thread.sleep" || f.function == "java.lang.Object.wait")
 }
 
-/// Whether native frames are the JVM's own code.
-fn in_libjvm(frames: &[Frame]) -> bool {
-    frames.iter().any(|f| f.module.as_deref().is_some_and(|m| m.ends_with("/libjvm.so")))
-}
-
 /// The locks of a trace with a JVM's waits regrouped (see the module);
 /// locks of any other process are returned as they are.
 pub fn regroup(locks: &[LockSample], frames: &HashMap<SampleStack, Vec<Frame>>, own: &OwnCode) -> Vec<LockSample> {
@@ -131,10 +126,7 @@ pub fn regroup(locks: &[LockSample], frames: &HashMap<SampleStack, Vec<Frame>>, 
     let mut groups: Vec<((JavaWait, String), LockSample)> = Vec::new();
     for l in locks {
         if l.kind != "java" {
-            // A native wait in a JVM: the JVM's own threads unless JNI code's.
-            if !l.waiters.iter().any(|w| in_libjvm(stack_of(&w.0))) && !in_libjvm(stack_of(&l.first)) {
-                out.push(l.clone());
-            }
+            out.push(l.clone());
             continue;
         }
         let holders: Vec<(SampleStack, u64)> = l.holders.iter().filter(|h| !is_internal_wake(stack_of(&h.0))).cloned().collect();

@@ -64,6 +64,9 @@ struct Offsets {
     pc_desc_size: u64,
     pc_desc_pc: u64,
     pc_desc_scope: u64,
+    /// Byte values the scope stream never uses (0 before JDK 20; 1 from
+    /// JDK 20 on, UNSIGNED5: no zero bytes).
+    excluded: u32,
 }
 
 /// Names kept per JVM at most (methods, compiled call sites); cleared when full.
@@ -105,6 +108,19 @@ impl Jvm {
             mem.read(addr, &mut b)?;
             Ok(i32::from_le_bytes(b) as i64)
         };
+        // JDK 20 changed the scope stream's encoding (UNSIGNED5: no zero
+        // bytes) and JDK 23 removed CompiledMethod: the layout of JDK 11
+        // to 22 is read here.
+        let major = f(&["Abstract_VM_Version"], "_vm_major_version").ok().and_then(|a| {
+            let mut b = [0u8; 4];
+            mem.read(a, &mut b).ok().map(|_| i32::from_le_bytes(b))
+        });
+        let excluded = match major {
+            Some(11..=19) => 0,
+            Some(20..=22) => 1,
+            Some(v) => bail!("JDK {v} is not supported yet (Java frames are read for JDK 11 to 22)"),
+            None => bail!("cannot read the JVM's version (Abstract_VM_Version::_vm_major_version)"),
+        };
         let off = Offsets {
             method_const_method: f(&["Method"], "_constMethod")?,
             const_method_constants: f(&["ConstMethod"], "_constants")?,
@@ -124,19 +140,9 @@ impl Jvm {
             pc_desc_size: vm.size("PcDesc")?,
             pc_desc_pc: f(&["PcDesc"], "_pc_offset")?,
             pc_desc_scope: f(&["PcDesc"], "_scope_decode_offset")?,
+            excluded: 0,
         };
-        // JDK 20 changed the scope stream's encoding (UNSIGNED5 without
-        // zero bytes) and JDK 23 removed CompiledMethod: only the layout
-        // of JDK 11 to 19 is read here.
-        let major = f(&["Abstract_VM_Version"], "_vm_major_version").ok().and_then(|a| {
-            let mut b = [0u8; 4];
-            mem.read(a, &mut b).ok().map(|_| i32::from_le_bytes(b))
-        });
-        match major {
-            Some(11..=19) => {}
-            Some(v) => bail!("JDK {v} is not supported yet (Java frames are read for JDK 11 to 19)"),
-            None => bail!("cannot read the JVM's version (Abstract_VM_Version::_vm_major_version)"),
-        }
+        let off = Offsets { excluded, ..off };
         let anchor = f(&["JavaThread"], "_anchor")?;
         let (a_sp, a_pc, a_fp) = (
             f(&["JavaFrameAnchor"], "_last_Java_sp")?,
@@ -319,9 +325,10 @@ impl Jvm {
         while decode > 0 && out.len() < MAX_SCOPES {
             let bytes = self.mem.read_region(scopes + decode as u64, 16)?;
             let mut pos = 0;
-            let sender = read_compressed_int(&bytes, &mut pos)?;
-            let index = read_compressed_int(&bytes, &mut pos)?;
-            let bci = read_compressed_int(&bytes, &mut pos)?.wrapping_sub(1);
+            let x = o.excluded;
+            let sender = read_compressed_int(&bytes, &mut pos, x)?;
+            let index = read_compressed_int(&bytes, &mut pos, x)?;
+            let bci = read_compressed_int(&bytes, &mut pos, x)?.wrapping_sub(1);
             let m = if index == 0 { 0 } else { self.u64_at(metadata + 8 * (index as u64 - 1))? };
             out.push((m, bci as u32 as u64));
             decode = sender as i64;
@@ -395,23 +402,24 @@ fn java_frame(function: String) -> Frame {
     Frame { function, file: None, line: None, module: Some(JAVA_MODULE.into()), addr: None, file_offset: None }
 }
 
-/// HotSpot's compressed int stream before JDK 20 (`CompressedReadStream::
-/// read_int`): bytes below 192 end a number; each other byte adds its
-/// value shifted by 6 more bits, at most 5 bytes.
-fn read_compressed_int(b: &[u8], pos: &mut usize) -> Option<u32> {
+/// HotSpot's compressed int stream (`CompressedReadStream::read_int`):
+/// bytes below `192 + x` end a number; each byte adds its value less `x`,
+/// shifted by 6 more bits than the last, at most 5 bytes. `x` is 0 before
+/// JDK 20 and 1 from JDK 20 on (UNSIGNED5, which never writes a zero byte).
+fn read_compressed_int(b: &[u8], pos: &mut usize, x: u32) -> Option<u32> {
     const L: u32 = 192;
     let b0 = *b.get(*pos)? as u32;
     *pos += 1;
-    if b0 < L {
-        return Some(b0);
+    let mut sum = b0.wrapping_sub(x);
+    if b0 < L + x {
+        return Some(sum);
     }
-    let mut sum = b0;
     let mut shift = 6;
     for i in 1..5 {
         let bi = *b.get(*pos)? as u32;
         *pos += 1;
-        sum = sum.wrapping_add(bi << shift);
-        if bi < L || i == 4 {
+        sum = sum.wrapping_add(bi.wrapping_sub(x) << shift);
+        if bi < L + x || i == 4 {
             return Some(sum);
         }
         shift += 6;
@@ -520,15 +528,22 @@ mod tests {
     #[test]
     fn compressed_ints_decode_one_and_several_bytes() {
         let mut pos = 0;
-        assert_eq!(read_compressed_int(&[5, 191], &mut pos), Some(5));
-        assert_eq!(read_compressed_int(&[5, 191], &mut pos), Some(191));
+        assert_eq!(read_compressed_int(&[5, 191], &mut pos, 0), Some(5));
+        assert_eq!(read_compressed_int(&[5, 191], &mut pos, 0), Some(191));
         // 192 + (3 << 6)
         let mut pos = 0;
-        assert_eq!(read_compressed_int(&[192, 3], &mut pos), Some(192 + (3 << 6)));
+        assert_eq!(read_compressed_int(&[192, 3], &mut pos, 0), Some(192 + (3 << 6)));
         assert_eq!(pos, 2);
         // Truncated input is no number.
         let mut pos = 0;
-        assert_eq!(read_compressed_int(&[200], &mut pos), None);
+        assert_eq!(read_compressed_int(&[200], &mut pos, 0), None);
+        // UNSIGNED5 (JDK 20+): every byte one more, so 0 is written as 1
+        // and 191 as 192; 192 + (3 << 6) as (193, 4).
+        let mut pos = 0;
+        assert_eq!(read_compressed_int(&[1, 192], &mut pos, 1), Some(0));
+        assert_eq!(read_compressed_int(&[1, 192], &mut pos, 1), Some(191));
+        let mut pos = 0;
+        assert_eq!(read_compressed_int(&[193, 4], &mut pos, 1), Some(192 + (3 << 6)));
     }
 
     #[test]

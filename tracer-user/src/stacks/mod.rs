@@ -78,6 +78,7 @@ impl Stacks {
     /// syscall sites. Returns whether libc's sites are loaded now.
     pub fn sync_mappings(&mut self, probes: &mut Probes, pid: u32, mappings: &MemoryMap, libc_loaded: bool) -> bool {
         self.setup_java(pid, mappings);
+        self.resolver.name_new_java_stacks();
         if let Some(range) = procfs::exe_text(pid, mappings) {
             if range != self.app_text && probes.set_app_text(range).is_ok() {
                 self.app_text = range;

@@ -137,6 +137,23 @@ impl StackResolver {
 }
 
 impl StackResolver {
+    /// Names the Java stacks the kernel recorded since the last call, while
+    /// the JVM is there to be read: a JVM that exits before a report asks
+    /// for them still gets its names (they are read from its memory).
+    pub fn name_new_java_stacks(&mut self) {
+        if self.java.is_none() {
+            return;
+        }
+        let keys: Vec<u64> = self.java_stacks.keys().filter_map(|k| k.ok()).collect();
+        for k in keys {
+            let key = SampleStack::Kernel(StackKey { stack_id: JAVA_STACK, caller: k });
+            if !self.cache.contains_key(&key) {
+                let frames = self.java_frames(&key);
+                self.cache.insert(key, frames);
+            }
+        }
+    }
+
     /// The frames of a Java stack (`JAVA_STACK` key), named by the JVM.
     fn java_frames(&mut self, key: &SampleStack) -> Vec<Frame> {
         let SampleStack::Kernel(k) = key else { return vec![placeholder(key)] };

@@ -131,6 +131,9 @@ pub struct LockCollector {
     syscall_sites: BpfHashMap<MapData, u64, LockSite>,
     call_sites: BpfHashMap<MapData, u64, LockSite>,
     config: Array<MapData, u64>,
+    /// Holds `lock_futex_enter_java` for `lock_futex_enter`'s tail call (the
+    /// kernel empties a program array when its last user fd closes).
+    _java: aya::maps::ProgramArray<MapData>,
     /// The libc whose sites are loaded.
     libc: Option<PathBuf>,
     /// The executable set up (Go probes or not).
@@ -153,6 +156,7 @@ impl LockCollector {
             syscall_sites: probes.take_map("LOCK_SYSCALL_SITES")?,
             call_sites: probes.take_map("LOCK_CALL_SITES")?,
             config: probes.take_map("LOCK_CONFIG")?,
+            _java: java_program(probes)?,
             libc: None,
             exe: None,
             go_funcs: Vec::new(),
@@ -351,6 +355,18 @@ impl LockCollector {
             _ => "",
         }
     }
+}
+
+/// The JVM futex program (`lock_futex_enter_java`), loaded and put where
+/// `lock_futex_enter` tail-calls it.
+fn java_program(probes: &mut Probes) -> Result<aya::maps::ProgramArray<MapData>> {
+    let name = "lock_futex_enter_java";
+    let mut slots: aya::maps::ProgramArray<MapData> = probes.take_map("LOCK_JAVA")?;
+    let program: &mut aya::programs::TracePoint =
+        probes.ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?.try_into()?;
+    program.load().map_err(|e| crate::probes::load_error(&format!("{name}: {e:#}")))?;
+    slots.set(0, program.fd()?, 0)?;
+    Ok(slots)
 }
 
 /// Runtime address ranges of the executable's sync functions.
