@@ -27,6 +27,19 @@ use tracer_common::{
 use crate::{bump, stacks::{read_user_u64, user_ip_sp_bp}};
 
 /// Walk settings of each JVM target, by tgid (set by user space).
+/// Non-zero when the target may be a JVM; set by user space at load time.
+/// A constant: for any other target the verifier drops the Java walk from
+/// every program, which keeps loading fast.
+#[no_mangle]
+static JAVA_WALK: u32 = 0;
+
+/// Whether the Java walk is compiled in for this load.
+#[inline(always)]
+fn java_walk() -> bool {
+    // SAFETY: a plain read of a global that user space wrote before load.
+    unsafe { core::ptr::read_volatile(&JAVA_WALK) != 0 }
+}
+
 #[map]
 static JVM_CONFIG: HashMap<u32, JvmConfig> = HashMap::with_max_entries(MAX_JVMS, 0);
 
@@ -55,6 +68,9 @@ fn mix(h: u64, x: u64) -> u64 {
 /// Whether the current process is a JVM whose walk user space set up.
 #[inline(always)]
 pub fn is_jvm() -> bool {
+    if !java_walk() {
+        return false;
+    }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: lookup only.
     unsafe { JVM_CONFIG.get(&tgid) }.is_some()
@@ -65,6 +81,9 @@ pub fn is_jvm() -> bool {
 /// set), as a key of `JAVA_STACKS`; `None`: walk the native stack instead.
 #[inline(always)]
 pub fn java_stack_key() -> Option<StackKey> {
+    if !java_walk() {
+        return None;
+    }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: a reference into the map value, only read.
     let cfg = unsafe { JVM_CONFIG.get(&tgid) }?;

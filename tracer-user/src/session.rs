@@ -70,7 +70,7 @@ pub async fn trace(
     let names = crate::cli::trackers(&opts.track).map_err(anyhow::Error::msg)?;
     probes::preflight()?;
     procfs::check_target(pid)?;
-    let mut s = Session::load(pid, opts, &names)?;
+    let mut s = Session::load(pid, opts, &names, child.as_ref().map(|c| c.program()))?;
 
     // Syscall sites and probes into mapped objects before the programs run,
     // so that the first events already get their direct caller (attach);
@@ -180,14 +180,15 @@ pub async fn trace(
 impl Session {
     /// Loads the eBPF object with every tracker's settings, builds the
     /// trackers asked for and attaches the lifecycle programs.
-    fn load(pid: u32, opts: &TraceOptions, names: &[&'static str]) -> Result<Self> {
+    /// `program`: what a held child will exec (else `pid` runs already).
+    fn load(pid: u32, opts: &TraceOptions, names: &[&'static str], program: Option<&std::path::Path>) -> Result<Self> {
         let active = |name: &str| crate::cli::expand(names).contains(&name);
         let mut settings = LoadSettings::default();
         for spec in REGISTRY {
             (spec.configure)(&mut settings, opts, active(spec.name));
         }
         let unwind = opts.unwind == crate::cli::Unwind::EhFrame;
-        Stacks::configure(&mut settings, unwind);
+        Stacks::configure(&mut settings, unwind, crate::stacks::jvm::may_be_jvm(pid, program));
         let mut probes = Probes::load(pid, &settings)?;
         let target = Target { pid, memory: MemoryMap::default(), libc_loaded: false, alive: true };
         let mut trackers = Trackers::default();

@@ -33,6 +33,19 @@ pub const JAVA_MODULE: &str = "java";
 /// contended `synchronized` monitor.
 pub const MONITOR_ENTER_FRAME: &str = "[monitor enter]";
 
+/// Whether the target may be a JVM, decided before the eBPF object is
+/// loaded: libjvm.so is mapped, or the program a held child will exec is
+/// `java` (or has a libjvm next to it). A process that execs into a JVM
+/// later gets native stacks.
+pub fn may_be_jvm(pid: u32, program: Option<&std::path::Path>) -> bool {
+    if let Some(p) = program {
+        let p = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        return p.file_name().is_some_and(|n| n == "java")
+            || p.parent().and_then(|d| d.parent()).is_some_and(|home| home.join("lib/server/libjvm.so").exists());
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|m| m.contains("/libjvm.so"))
+}
+
 /// The JVM is mapped but not initialised yet (`run`): try again later.
 #[derive(Debug)]
 pub struct NotReady(pub String);

@@ -62,9 +62,13 @@ impl Stacks {
     }
 
     /// How the kernel side walks user stacks: unwind rules, or frame pointers.
-    pub fn configure(load: &mut crate::probes::LoadSettings, unwind: bool) {
+    /// `java`: whether the target may be a JVM; else the Java walk is left
+    /// out of every program at load (a constant the verifier prunes by:
+    /// loading is much faster without it).
+    pub fn configure(load: &mut crate::probes::LoadSettings, unwind: bool, java: bool) {
         use tracer_common::stacks::unwind_mode;
         load.u32_globals.push(("UNWIND_MODE", if unwind { unwind_mode::RULES } else { unwind_mode::FRAME_POINTERS }));
+        load.u32_globals.push(("JAVA_WALK", u32::from(java)));
     }
 
     /// Whether unwind rules are learned (else frame pointers are walked).
