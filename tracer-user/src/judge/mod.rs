@@ -316,70 +316,35 @@ fn merge_same_frames(samples: &[StackSample], frames: &HashMap<SampleStack, Vec<
             out.push(s.clone());
             continue;
         };
-        absorb(&mut out[i], s);
-    }
-    merge_cut_stacks(out, frames)
-}
-
-/// Samples whose frames are a strict prefix of one longer sample's (a
-/// first walk cut short: while the miss queue was full, or a copy that did
-/// not reach the stack's root), merged into that one — only when every
-/// longer sample that extends them lies on one call path. A whole stack is
-/// never a prefix of another: its last frame is the thread's root.
-fn merge_cut_stacks(mut out: Vec<StackSample>, frames: &HashMap<SampleStack, Vec<Frame>>) -> Vec<StackSample> {
-    let frames_of = |s: &StackSample| -> Option<Vec<Frame>> {
-        frames.get(&s.stack).filter(|f| f.len() >= 2 && s.map.is_none() && !s.before_attach && !is_placeholder(f)).cloned()
-    };
-    let all: Vec<Option<Vec<Frame>>> = out.iter().map(frames_of).collect();
-    let mut into: Vec<Option<usize>> = vec![None; out.len()];
-    for (i, fi) in all.iter().enumerate() {
-        let Some(fi) = fi else { continue };
-        let longer: Vec<usize> = (0..all.len())
-            .filter(|&j| j != i && all[j].as_ref().is_some_and(|fj| fj.len() > fi.len() && fj.starts_with(fi)))
-            .collect();
-        let Some(&longest) = longer.iter().max_by_key(|&&j| all[j].as_ref().map_or(0, Vec::len)) else { continue };
-        let top = all[longest].as_ref().unwrap();
-        if longer.iter().all(|&j| top.starts_with(all[j].as_ref().unwrap())) {
-            into[i] = Some(longest);
+        let m = &mut out[i];
+        if s.live > m.live {
+            m.peer = s.peer.clone().or(m.peer.take());
+            m.thread_name = s.thread_name.clone().or(m.thread_name.take());
+            m.blocked = s.blocked.clone().or(m.blocked.take());
         }
+        // What only some of the merged samples know (a path's first events
+        // were sampled before their live objects were seen in /proc).
+        m.fd_type = m.fd_type.take().or_else(|| s.fd_type.clone());
+        m.path = m.path.take().or_else(|| s.path.clone());
+        m.distinct_paths = m.distinct_paths.max(s.distinct_paths);
+        m.bytes_per_object = m.bytes_per_object.max(s.bytes_per_object);
+        m.ended_by_finalizer = match (m.ended_by_finalizer, s.ended_by_finalizer) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        m.live += s.live;
+        m.created += s.created;
+        m.ended += s.ended;
+        m.oldest_age_s = match (m.oldest_age_s, s.oldest_age_s) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        m.live_bytes = match (m.live_bytes, s.live_bytes) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
     }
-    let cut: Vec<(usize, usize)> = into.iter().enumerate().filter_map(|(i, t)| t.map(|t| (i, t))).collect();
-    for &(i, t) in &cut {
-        let s = out[i].clone();
-        absorb(&mut out[t], &s);
-    }
-    let gone: HashSet<usize> = cut.iter().map(|&(i, _)| i).collect();
-    out.into_iter().enumerate().filter(|(i, _)| !gone.contains(i)).map(|(_, s)| s).collect()
-}
-
-/// Adds sample `s` to `m` (the same call path under another key).
-fn absorb(m: &mut StackSample, s: &StackSample) {
-    if s.live > m.live {
-        m.peer = s.peer.clone().or(m.peer.take());
-        m.thread_name = s.thread_name.clone().or(m.thread_name.take());
-        m.blocked = s.blocked.clone().or(m.blocked.take());
-    }
-    // What only some of the merged samples know (a path's first events
-    // were sampled before their live objects were seen in /proc).
-    m.fd_type = m.fd_type.take().or_else(|| s.fd_type.clone());
-    m.path = m.path.take().or_else(|| s.path.clone());
-    m.distinct_paths = m.distinct_paths.max(s.distinct_paths);
-    m.bytes_per_object = m.bytes_per_object.max(s.bytes_per_object);
-    m.ended_by_finalizer = match (m.ended_by_finalizer, s.ended_by_finalizer) {
-        (Some(a), Some(b)) => Some(a + b),
-        (a, b) => a.or(b),
-    };
-    m.live += s.live;
-    m.created += s.created;
-    m.ended += s.ended;
-    m.oldest_age_s = match (m.oldest_age_s, s.oldest_age_s) {
-        (Some(a), Some(b)) => Some(a.max(b)),
-        (a, b) => a.or(b),
-    };
-    m.live_bytes = match (m.live_bytes, s.live_bytes) {
-        (Some(a), Some(b)) => Some(a + b),
-        (a, b) => a.or(b),
-    };
+    out
 }
 
 /// The site of objects that existed before attach (their stack is unknown).
