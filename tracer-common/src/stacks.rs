@@ -193,12 +193,7 @@ pub mod unwind_sync {
     /// Unmaps of the target so far; the last `MAX_UNMAPPED` ranges are in
     /// `UNMAPPED` at `count % MAX_UNMAPPED`.
     pub const UNMAPS: u32 = 4;
-    /// Misses queued in `UNWIND_MISSES` since user space last drained it
-    /// (the kernel adds, user space sets 0 after a drain): the queue's fill,
-    /// read before a miss is queued. Not atomic: a racing add may be lost
-    /// (the slack in `miss_queue_has_room` and the next drain make up).
-    pub const MISSES_QUEUED: u32 = 5;
-    pub const SLOTS: u32 = 6;
+    pub const SLOTS: u32 = 5;
 }
 
 /// Ranges the target unmapped last (a ring; see `unwind_sync::UNMAPS`).
@@ -221,10 +216,6 @@ pub mod unwind_counter {
     pub const FP_GUESSES: u32 = crate::counter::UNWIND + 2;
     /// Walks that ended on an unreadable or non-growing frame.
     pub const BAD_FRAMES: u32 = crate::counter::UNWIND + 3;
-    /// Misses met while `UNWIND_MISSES` was full (a burst of new call
-    /// paths faster than user space learns): instead of a stack cut there
-    /// and never finished, the walk went on by frame pointers.
-    pub const QUEUE_FULL: u32 = crate::counter::UNWIND_MORE;
 }
 
 /// `StackKey::stack_id` of a stack whose bucket in the kernel's stack map

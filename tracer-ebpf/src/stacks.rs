@@ -104,9 +104,7 @@ fn queue_miss(key: u64, rule_key: u64, sp: u64, bp: u64) {
             m.len = (at + piece) as u64;
         }
     }
-    if UNWIND_MISSES.insert(&key, m, 0).is_ok() {
-        crate::unmapped::miss_queued();
-    }
+    let _ = UNWIND_MISSES.insert(&key, m, 0);
 }
 
 /// Stacks walked with rules for the trackers that have no walked-stack
@@ -329,27 +327,10 @@ pub fn unwind_user_stack(
         len += 1;
         // SAFETY: copied out of the map value.
         let found = if rules_current { unsafe { UNWIND_RULES.get(&key) }.copied() } else { None };
-        let rule = match found {
-            Some(rule) => rule,
-            None if crate::unmapped::miss_queue_has_room() => {
-                missed = true;
-                crate::bump(unwind_counter::MISSES);
-                break;
-            }
-            None => {
-                // The queue is full: a cut stack would never be finished.
-                // Go on by frame pointers, or from a libc syscall wrapper
-                // (no frame of its own) by the return-address offset
-                // disassembly found for its site.
-                crate::bump(unwind_counter::QUEUE_FULL);
-                // SAFETY: copied out of the map value.
-                match (key & RULE_AT_PC != 0).then(|| unsafe { SYSCALL_SITES.get(&ip) }.copied()).flatten() {
-                    Some(site) => {
-                        UnwindRule { kind: rule_kind::CFA_SP, cfa_offset: site.ret_offset as i32 + 8, rbp_offset: 0, _pad: 0 }
-                    }
-                    None => UnwindRule { kind: rule_kind::FP_GUESS, cfa_offset: 16, rbp_offset: -16, _pad: 0 },
-                }
-            }
+        let Some(rule) = found else {
+            missed = true;
+            crate::bump(unwind_counter::MISSES);
+            break;
         };
         if rule.kind == rule_kind::SIGNAL {
             // The interrupted frame: its pc is where it was, not a return address.

@@ -38,22 +38,6 @@ pub fn unmaps() -> u64 {
     sync_slot(unwind_sync::UNMAPS)
 }
 
-/// Whether `UNWIND_MISSES` has room for one more miss (with a little
-/// slack for racing CPUs).
-#[inline(always)]
-pub fn miss_queue_has_room() -> bool {
-    sync_slot(unwind_sync::MISSES_QUEUED) + 8 < u64::from(tracer_common::stacks::MAX_UNWIND_MISSES)
-}
-
-/// One more miss queued since user space's last drain.
-#[inline(always)]
-pub fn miss_queued() {
-    if let Some(n) = UNWIND_SYNC.get_ptr_mut(unwind_sync::MISSES_QUEUED) {
-        // SAFETY: a map value (a racing add may be lost: see the slot).
-        unsafe { *n += 1 };
-    }
-}
-
 /// Threads inside a `munmap` of rule code (bumped again at its exit).
 #[map]
 static UNMAPPING: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);

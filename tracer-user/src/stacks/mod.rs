@@ -176,16 +176,7 @@ impl Stacks {
                 j.unknown_frames
             )
         });
-        let queue_full = counters.sum(tracer_common::stacks::unwind_counter::QUEUE_FULL);
-        let native = self.unwinder.as_ref().map(|u| {
-            let mut s = u.stats.summary();
-            if queue_full > 0 {
-                s.push_str(&format!(
-                    "; {queue_full} walks went on by frame pointers while the queue of new call paths was full"
-                ));
-            }
-            s
-        });
+        let native = self.unwinder.as_ref().map(|u| u.stats.summary());
         match (native, java) {
             (Some(n), Some(j)) => Some(format!("{n}; {j}")),
             (n, j) => n.or(j),

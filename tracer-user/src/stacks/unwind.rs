@@ -715,9 +715,6 @@ impl Unwinder {
             }
             complete(provisional, beyond);
         }
-        // Drained: the kernel queues misses again (it walks on by frame
-        // pointers while the queue is full).
-        let _ = self.sync.set(unwind_sync::MISSES_QUEUED, 0, 0);
         if learned > 0 {
             // Separate debug files are read as rules need them: sum again.
             self.stats.cfi_bytes = self.cfi.cfi_bytes();
