@@ -50,6 +50,8 @@ pub mod counter {
     pub const FDS: u32 = 28;
     /// First slot of the Java walker's counters (`jvm::counter`).
     pub const JVM: u32 = 32;
+    /// Second block of the unwinder's counters (`stacks::unwind_counter`).
+    pub const UNWIND_MORE: u32 = 36;
     /// Number of slots.
-    pub const COUNT: u32 = 36;
+    pub const COUNT: u32 = 40;
 }

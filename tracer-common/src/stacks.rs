@@ -216,6 +216,11 @@ pub mod unwind_counter {
     pub const FP_GUESSES: u32 = crate::counter::UNWIND + 2;
     /// Walks that ended on an unreadable or non-growing frame.
     pub const BAD_FRAMES: u32 = crate::counter::UNWIND + 3;
+    /// First walks of a call path cut at a miss while the miss queue was
+    /// full (user space behind: a burst of new paths at attach): kept cut,
+    /// under the partial stack's own key (one per partial stack, not one
+    /// per event: the stack tables stay bounded).
+    pub const QUEUE_FULL: u32 = crate::counter::UNWIND_MORE;
 }
 
 /// `StackKey::stack_id` of a stack whose bucket in the kernel's stack map

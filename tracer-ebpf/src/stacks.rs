@@ -71,9 +71,10 @@ fn provisional_key(hash: u64) -> u64 {
 /// Queues the miss of the walk keyed `key` for user space: the frame's rule
 /// key and registers, and up to `MISS_STACK_BYTES` of stack from `sp` (read
 /// in 512-byte pieces: a read past the stack's end fails whole).
+/// Returns whether it was queued (not when the queue is full).
 #[inline(always)]
-fn queue_miss(key: u64, rule_key: u64, sp: u64, bp: u64) {
-    let Some(m) = MISS_SCRATCH.get_ptr_mut(0) else { return };
+fn queue_miss(key: u64, rule_key: u64, sp: u64, bp: u64) -> bool {
+    let Some(m) = MISS_SCRATCH.get_ptr_mut(0) else { return false };
     // SAFETY: this CPU's scratch slot; no other user while we run.
     let m = unsafe { &mut *m };
     m.rule_key = rule_key;
@@ -104,7 +105,7 @@ fn queue_miss(key: u64, rule_key: u64, sp: u64, bp: u64) {
             m.len = (at + piece) as u64;
         }
     }
-    let _ = UNWIND_MISSES.insert(&key, m, 0);
+    UNWIND_MISSES.insert(&key, m, 0).is_ok()
 }
 
 /// Stacks walked with rules for the trackers that have no walked-stack
@@ -385,15 +386,20 @@ pub fn unwind_user_stack(
     f.len = len as u64;
     let mut hash = mix(hash, len as u64).max(1);
     if missed {
-        hash = provisional_key(hash);
+        // A key of its own for user space to finish; with the queue full,
+        // the partial stack's key (cut, counted): a key per event would
+        // fill the stack tables with stacks never finished.
+        let provisional = provisional_key(hash);
+        if queue_miss(provisional, key, sp, bp) {
+            hash = provisional;
+        } else {
+            crate::bump(unwind_counter::QUEUE_FULL);
+        }
     }
     // SAFETY: lookup only.
     if unsafe { table.get(&hash) }.is_none() && table.insert(&hash, f, 0).is_err() {
         crate::bump(counter::LOST_STACKS);
         return None;
-    }
-    if missed {
-        queue_miss(hash, key, sp, bp);
     }
     Some(hash)
 }

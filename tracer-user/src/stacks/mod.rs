@@ -157,6 +157,7 @@ impl Stacks {
     pub fn truncated(&self, counters: &Counters) -> u64 {
         use tracer_common::stacks::unwind_counter as u;
         counters.sum(u::DEPTH_CAP)
+            + counters.sum(u::QUEUE_FULL)
             + counters.sum(tracer_common::jvm::counter::CUT)
             + self.unwinder.as_ref().map_or(0, |w| w.stats.unfinished)
     }
@@ -176,7 +177,11 @@ impl Stacks {
                 j.unknown_frames
             )
         });
-        let native = self.unwinder.as_ref().map(|u| u.stats.summary());
+        let queue_full = counters.sum(tracer_common::stacks::unwind_counter::QUEUE_FULL);
+        let native = self.unwinder.as_ref().map(|u| match queue_full {
+            0 => u.stats.summary(),
+            n => format!("{}; {n} first walks left cut while the miss queue was full", u.stats.summary()),
+        });
         match (native, java) {
             (Some(n), Some(j)) => Some(format!("{n}; {j}")),
             (n, j) => n.or(j),

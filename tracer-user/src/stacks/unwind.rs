@@ -64,13 +64,15 @@ pub fn completed_frames(key: u64) -> Option<Vec<u64>> {
     COMPLETED.lock().ok()?.as_ref()?.get(&key).cloned()
 }
 
-fn complete(key: u64, frames: Vec<u64>) {
-    if let Ok(mut m) = COMPLETED.lock() {
-        let m = m.get_or_insert_with(HashMap::new);
-        if m.len() < MAX_COMPLETED {
-            m.insert(key, frames);
-        }
+/// Returns false when the bound is reached (the stack stays cut).
+fn complete(key: u64, frames: Vec<u64>) -> bool {
+    let Ok(mut m) = COMPLETED.lock() else { return false };
+    let m = m.get_or_insert_with(HashMap::new);
+    if m.len() >= MAX_COMPLETED {
+        return false;
     }
+    m.insert(key, frames);
+    true
 }
 
 type Slice<'a> = gimli::EndianSlice<'a, LittleEndian>;
@@ -709,11 +711,11 @@ impl Unwinder {
                 finished = true;
             }
             self.stats.finished += 1;
-            if !finished {
-                // The copy ended (a deep stack) or a read failed first.
+            // Not finished: the copy ended (a deep stack) or a read failed
+            // first; or no room to keep what was found.
+            if !complete(provisional, beyond) || !finished {
                 self.stats.unfinished += 1;
             }
-            complete(provisional, beyond);
         }
         if learned > 0 {
             // Separate debug files are read as rules need them: sum again.
