@@ -39,6 +39,13 @@ pub trait Tracker {
         &[]
     }
 
+    /// Uprobe programs it attaches at once when the target maps the object
+    /// they probe: verified with the tracepoints', in parallel, before
+    /// anything is attached (others load when first attached).
+    fn uprobe_programs(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// The target's mappings were read (at attach, every interval, after an
     /// exec): probes go into objects as they appear (libc loaded late,
     /// `dlopen`). Must be cheap when nothing is new.
@@ -81,6 +88,17 @@ pub trait Tracker {
 pub struct Trackers(pub Vec<Box<dyn Tracker>>);
 
 impl Trackers {
+    /// Loads every tracker's tracepoint and early uprobe programs in
+    /// parallel (see [`Probes::preload`]), before anything is attached.
+    pub fn preload(&self, probes: &mut Probes) -> Result<()> {
+        let names: Vec<&'static str> = self
+            .0
+            .iter()
+            .flat_map(|t| t.tracepoints().iter().map(|&(p, _, _)| p).chain(t.uprobe_programs().iter().copied()))
+            .collect();
+        probes.preload(&names)
+    }
+
     /// Attaches every tracker's tracepoints.
     pub fn attach_tracepoints(&self, probes: &mut Probes) -> Result<()> {
         self.0.iter().try_for_each(|t| probes.attach_tracepoints(t.tracepoints()))

@@ -51,6 +51,10 @@ impl Tracker for ThreadCollector {
         TRACEPOINTS
     }
 
+    fn uprobe_programs(&self) -> &'static [&'static str] {
+        &["thread_create"]
+    }
+
     /// The uprobe on the `pthread_create` of the libc the target maps (once
     /// per libc file): it gives a new thread its creator's stack.
     fn on_mappings(&mut self, probes: &mut Probes, target: &Target, mappings: &MemoryMap) {

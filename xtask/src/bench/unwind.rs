@@ -93,6 +93,9 @@ fn mapped_objects(pid: u32) -> (usize, usize) {
 
 /// What one trace of the JVM measured.
 struct JvmRun {
+    /// To the `attached` line: every program verified and attached.
+    attached_s: f64,
+    /// To the first report on stdout: attached, then one `--interval` (1 s).
     first_report_s: f64,
     peak_rss_kib: u64,
     note: String,
@@ -111,6 +114,11 @@ fn trace_jvm(root: &Path, pid: u32, unwind: &str, secs: u64) -> Result<JvmRun> {
     let mut tracer = cmd.spawn().context("starting leaktrace")?;
     let mut out = Lines::new(tracer.stdout.take().unwrap());
     let mut err = Lines::new(tracer.stderr.take().unwrap());
+    if !err.wait_line("attached to", Duration::from_secs(60)) {
+        interrupt(&mut tracer, "leaktrace", Duration::from_secs(5));
+        bail!("leaktrace did not attach within 60 s:\n{}", err.seen());
+    }
+    let attached_s = t0.elapsed().as_secs_f64();
     if !out.wait_line("", Duration::from_secs(60)) {
         interrupt(&mut tracer, "leaktrace", Duration::from_secs(5));
         bail!("leaktrace printed no report within 60 s");
@@ -121,7 +129,7 @@ fn trace_jvm(root: &Path, pid: u32, unwind: &str, secs: u64) -> Result<JvmRun> {
     interrupt(&mut tracer, "leaktrace", Duration::from_secs(15));
     err.wait_line("detached", Duration::from_secs(5));
     let note = err.seen().lines().find(|l| l.contains("unwinding: ")).unwrap_or("").trim().to_string();
-    Ok(JvmRun { first_report_s, peak_rss_kib, note })
+    Ok(JvmRun { attached_s, first_report_s, peak_rss_kib, note })
 }
 
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
@@ -179,10 +187,13 @@ fn measure(root: &Path, runs: usize, secs: u64) -> Result<()> {
     );
     println!("JVM (java SocketLoop: {files} mapped files, {shared_objects} of them shared objects; libjvm.so {libjvm_mb} MB):");
     for (name, v) in [("--unwind eh-frame", &rules), ("--unwind fp", &fp)] {
+        let attached: Vec<f64> = v.iter().map(|r| r.attached_s).collect();
         let first: Vec<f64> = v.iter().map(|r| r.first_report_s).collect();
         let rss: Vec<f64> = v.iter().map(|r| r.peak_rss_kib as f64 / 1024.0).collect();
         println!(
-            "  {name:<18} first report {:.2} s (per run {}), peak RSS {:.1} MiB (per run {})",
+            "  {name:<18} attached {:.2} s (per run {}), first report {:.2} s (per run {}), peak RSS {:.1} MiB (per run {})",
+            median(&attached),
+            super::list(&attached, 2),
             median(&first),
             super::list(&first, 2),
             median(&rss),
