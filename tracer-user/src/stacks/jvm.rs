@@ -14,7 +14,10 @@
 use std::collections::HashMap;
 
 use anyhow::{anyhow, bail, Result};
-use tracer_common::jvm::{header, CodeHeapRange, JvmConfig, BCI_SHIFT, INTERPRETED_FRAME, MAX_CODE_HEAPS, METHOD_MASK, UNKNOWN_PC_FRAME};
+use tracer_common::jvm::{
+    const_method_check, header, CodeHeapRange, JvmConfig, ADDRESS_MASK, CHECK_MASK, CHECK_SHIFT, COMPILE_ID_MASK, COMPILE_ID_SHIFT, INTERPRETED_FRAME,
+    MAX_CODE_HEAPS, METHOD_BITS, UNKNOWN_PC_FRAME,
+};
 
 use crate::{
     binary::{
@@ -65,6 +68,9 @@ struct Offsets {
     pool_holder: u64,
     pool_size: u64,
     klass_name: u64,
+    /// `InstanceKlass::_methods` and `Array<Method*>::_data`.
+    klass_methods: u64,
+    array_data: u64,
     symbol_length: u64,
     symbol_body: u64,
     blob_name: u64,
@@ -77,6 +83,13 @@ struct Offsets {
     pc_desc_size: u64,
     pc_desc_pc: u64,
     pc_desc_scope: u64,
+    /// `nmethod::_compile_id` (0: not exported, not checked).
+    compile_id: u64,
+    /// `nmethod::_state` (a signed char), and its largest value while the
+    /// nmethod's metadata is alive (in use or not entrant; above: unloaded
+    /// or a zombie, its methods maybe freed with their classes).
+    nmethod_state: u64,
+    max_alive_state: i8,
     /// Byte values the scope stream never uses (0 before JDK 20; 1 from
     /// JDK 20 on, UNSIGNED5: no zero bytes).
     excluded: u32,
@@ -141,6 +154,8 @@ impl Jvm {
             pool_holder: f(&["ConstantPool"], "_pool_holder")?,
             pool_size: vm.size("ConstantPool")?,
             klass_name: f(&["Klass"], "_name")?,
+            klass_methods: f(&["InstanceKlass"], "_methods")?,
+            array_data: f(&["Array<Method*>"], "_data")?,
             symbol_length: f(&["Symbol"], "_length")?,
             symbol_body: f(&["Symbol"], "_body")?,
             blob_name: f(&["CodeBlob"], "_name")?,
@@ -153,6 +168,11 @@ impl Jvm {
             pc_desc_size: vm.size("PcDesc")?,
             pc_desc_pc: f(&["PcDesc"], "_pc_offset")?,
             pc_desc_scope: f(&["PcDesc"], "_scope_decode_offset")?,
+            compile_id: vm.field(&["nmethod", "CompiledMethod"], "_compile_id").unwrap_or(0),
+            nmethod_state: f(&["nmethod", "CompiledMethod"], "_state")?,
+            // JDK 11 to 19: in_use 0, not_used 1, not_entrant 2, unloaded
+            // 3, zombie 4; JDK 20 on (no sweeper): in_use 0, not_entrant 1.
+            max_alive_state: if excluded == 0 { 2 } else { 1 },
             excluded: 0,
         };
         let off = Offsets { excluded, ..off };
@@ -217,6 +237,7 @@ impl Jvm {
             call_stub_return,
             heap_block: vm.size("HeapBlock")?,
             frame_size: f(&["CodeBlob"], "_frame_size")?,
+            compile_id: off.compile_id,
             const_method: off.method_const_method,
             const_method_size: vm.size("ConstMethod")?,
             n_heaps: n as u64,
@@ -247,25 +268,41 @@ impl Jvm {
         Some(String::from_utf8_lossy(&body).into_owned())
     }
 
-    /// `package.Class.method` of a `Method*`, cached.
-    fn method_name(&mut self, method: u64) -> Option<String> {
-        if let Some(n) = self.methods.get(&method) {
+    /// `package.Class.method` of a `Method*` whose `ConstMethod*` has
+    /// `check` ([`const_method_check`]: the walk's, or read now for a
+    /// compiled frame's scope), cached by both.
+    fn method_name(&mut self, method: u64, check: u64) -> Option<String> {
+        let key = (check << CHECK_SHIFT) | ((method >> 3) & METHOD_BITS);
+        if let Some(n) = self.methods.get(&key) {
             return n.clone();
         }
-        let name = self.read_method_name(method);
+        let name = self.read_method_name(method, check);
         if self.methods.len() >= MAX_NAMES {
             self.methods.clear();
         }
-        self.methods.insert(method, name.clone());
+        self.methods.insert(key, name.clone());
         name
     }
 
-    fn read_method_name(&self, method: u64) -> Option<String> {
+    fn read_method_name(&self, method: u64, check: u64) -> Option<String> {
         let o = &self.off;
         let cm = self.u64_at(method + o.method_const_method)?;
+        // The method the walk saw is gone (its class unloaded, the memory
+        // reused): no name rather than another method's.
+        if check != const_method_check(cm) {
+            return None;
+        }
         let pool = self.u64_at(cm + o.const_method_constants)?;
         let index = self.u16_at(cm + o.const_method_name_index)?;
         let holder = self.u64_at(pool + o.pool_holder)?;
+        // And its class still lists it (memory reused by other metadata
+        // can lead to a real method that is not this one).
+        let methods = self.u64_at(holder + o.klass_methods)?;
+        let count = self.i32_at(methods)?.clamp(0, u16::MAX as i64) as usize;
+        let listed = self.mem.read_region(methods + o.array_data, 8 * count)?;
+        if !listed.chunks_exact(8).any(|m| u64::from_le_bytes(m.try_into().unwrap()) == method) {
+            return None;
+        }
         let class = self.symbol(self.u64_at(holder + o.klass_name)?)?;
         let name = self.symbol(self.u64_at(pool + o.pool_size + 8 * index)? & !1)?;
         Some(format!("{}.{name}", clean_class_name(&class)))
@@ -289,25 +326,41 @@ impl Jvm {
         None
     }
 
-    /// The methods at a compiled call site, innermost first, with their
-    /// bytecode indexes; `None` when the pc is in no live Java code.
-    fn call_site(&mut self, pc: u64) -> Option<Vec<(u64, u64)>> {
-        if let Some(s) = self.call_sites.get(&pc) {
+    /// The methods at a compiled call site (`ip`: pc and compile-id bits),
+    /// innermost first, with their bytecode indexes (`u64::MAX`: not
+    /// known); a method 0 is a scope that cannot be named; `None` when the
+    /// pc is in no live Java code, or in another compilation than the walk's.
+    fn call_site(&mut self, ip: u64) -> Option<Vec<(u64, u64)>> {
+        if let Some(s) = self.call_sites.get(&ip) {
             return s.clone();
         }
-        let site = self.read_call_site(pc);
+        let site = self.read_call_site(ip & ADDRESS_MASK, (ip >> COMPILE_ID_SHIFT) & COMPILE_ID_MASK);
         if self.call_sites.len() >= MAX_NAMES {
             self.call_sites.clear();
         }
-        self.call_sites.insert(pc, site.clone());
+        self.call_sites.insert(ip, site.clone());
         site
     }
 
-    fn read_call_site(&self, pc: u64) -> Option<Vec<(u64, u64)>> {
+    fn read_call_site(&self, pc: u64, compile_id: u64) -> Option<Vec<(u64, u64)>> {
         let o = &self.off;
         let blob = self.blob_of(pc)?;
         let kind = read_cstr(&self.mem, self.u64_at(blob + o.blob_name)?)?;
+        // The walk read the same word of whatever blob held the pc (a
+        // compile id in an nmethod, stable code bytes in a stub): another
+        // value now means the code was flushed since and the space reused.
+        if o.compile_id != 0 && (self.i32_at(blob + o.compile_id)? as u64) & COMPILE_ID_MASK != compile_id {
+            return None;
+        }
         let method = self.u64_at(blob + o.compiled_method)?;
+        if kind.ends_with("nmethod") {
+            let mut state = [0u8];
+            self.mem.read(blob + o.nmethod_state, &mut state).ok()?;
+            if !(0..=o.max_alive_state).contains(&(state[0] as i8)) {
+                // Unloaded with its classes: its metadata may be freed.
+                return None;
+            }
+        }
         match kind.as_str() {
             "native nmethod" => return Some(vec![(method, u64::MAX)]),
             "nmethod" => {}
@@ -331,8 +384,10 @@ impl Jvm {
             .find(|d| at(d, o.pc_desc_pc) == Some(want))
             .and_then(|d| at(d, o.pc_desc_scope));
         let Some(mut decode) = decode.filter(|&d| d > 0) else {
-            // No debug info at this pc: the compilation root alone.
-            return Some(vec![(method, u64::MAX)]);
+            // No debug info at this pc (a frame returning into its
+            // nmethod's deoptimization handler): the compilation root,
+            // and an unknown frame for what it may have inlined.
+            return Some(vec![(0, u64::MAX), (method, u64::MAX)]);
         };
         let mut out = Vec::new();
         while decode > 0 && out.len() < MAX_SCOPES {
@@ -358,9 +413,9 @@ impl Jvm {
         }
         for &ip in ips.iter().skip(1) {
             if ip & INTERPRETED_FRAME != 0 {
-                let method = ip & METHOD_MASK;
-                let _bci = (ip >> BCI_SHIFT) & 0xffff;
-                match self.method_name(method) {
+                let method = (ip & METHOD_BITS) << 3;
+                let check = (ip >> CHECK_SHIFT) & CHECK_MASK;
+                match self.method_name(method, check) {
                     Some(n) => out.push(java_frame(n)),
                     None => out.push(self.unknown(method)),
                 }
@@ -369,7 +424,7 @@ impl Jvm {
             if ip & UNKNOWN_PC_FRAME != 0 {
                 // Where a walk stopped: the code blob's kind when it is in
                 // the code cache (a stub without a frame), else unknown.
-                let pc = ip & METHOD_MASK;
+                let pc = ip & ADDRESS_MASK;
                 let blob = self.blob_of(pc).and_then(|b| read_cstr(&self.mem, self.u64_at(b + self.off.blob_name)?));
                 out.push(match blob {
                     Some(name) => {
@@ -383,13 +438,14 @@ impl Jvm {
             match self.call_site(ip) {
                 Some(scopes) => {
                     for (m, _bci) in scopes {
-                        match self.method_name(m) {
+                        let check = self.u64_at(m + self.off.method_const_method).map(const_method_check);
+                        match check.filter(|_| m != 0).and_then(|c| self.method_name(m, c)) {
                             Some(n) => out.push(java_frame(n)),
-                            None => out.push(self.unknown(ip)),
+                            None => out.push(self.unknown(ip & ADDRESS_MASK)),
                         }
                     }
                 }
-                None => out.push(self.unknown(ip)),
+                None => out.push(self.unknown(ip & ADDRESS_MASK)),
             }
         }
         if flags & header::CUT != 0 && !ips.last().is_some_and(|ip| ip & UNKNOWN_PC_FRAME != 0 && ip & INTERPRETED_FRAME == 0) {
