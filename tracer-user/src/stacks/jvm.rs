@@ -222,7 +222,7 @@ impl Jvm {
         let call_stub_return = read(f(&["StubRoutines"], "_call_stub_return_address")?)?;
         let (dtv_slot, tls_offset) = find_thread_tls(&mem, &vm, &libjvm)?;
         let fsbase_offset = Btf::kernel()?.offset_of("task_struct", &["thread", "fsbase"])?;
-        let pending_monitor = vm.field(&["JavaThread"], "_current_pending_monitor").unwrap_or(0);
+        let pending_monitor = vm.field(&["JavaThread", "Thread"], "_current_pending_monitor").unwrap_or(0);
         let config = JvmConfig {
             fsbase_offset,
             dtv_slot,
@@ -521,17 +521,13 @@ fn find_thread_tls(mem: &TargetMemory, vm: &VmStructs, libjvm: &Libjvm) -> Resul
     if candidates.is_empty() {
         bail!("{}: no TLS relocations (Thread::_thr_current not found)", libjvm.path.display());
     }
-    let list = mem.read_u64(vm.field(&["ThreadsSMRSupport"], "_java_thread_list")?).unwrap_or(0);
-    if list == 0 {
+    let threads = first_java_threads(mem, vm)?;
+    if threads.is_empty() {
         bail!(NotReady("no Java threads yet".into()));
     }
-    let mut n = [0u8; 4];
-    mem.read(list + vm.field(&["ThreadsList"], "_length")?, &mut n)?;
-    let threads = mem.read_u64(list + vm.field(&["ThreadsList"], "_threads")?).unwrap_or(0);
     let osthread = vm.field(&["JavaThread", "Thread"], "_osthread")?;
     let pthread = vm.field(&["OSThread"], "_pthread_id")?;
-    for i in 0..u32::from_le_bytes(n).min(8) as u64 {
-        let Some(jt) = mem.read_u64(threads + 8 * i) else { continue };
+    for jt in threads {
         let Some(fsbase) = mem.read_u64(jt + osthread).and_then(|os| mem.read_u64(os + pthread)) else { continue };
         let Some(dtv) = mem.read_u64(fsbase + 8) else { continue };
         for &(modid, offset) in &candidates {
@@ -542,6 +538,31 @@ fn find_thread_tls(mem: &TargetMemory, vm: &VmStructs, libjvm: &Libjvm) -> Resul
         }
     }
     bail!("Thread::_thr_current not found in libjvm's TLS ({} candidates)", candidates.len())
+}
+
+/// The JVM's first Java threads (at most 8): from the thread-SMR list
+/// where VMStructs exports it (JDK 17 on), else from the linked list JDK 11
+/// exports instead (`Threads::_thread_list`, `JavaThread::_next`).
+fn first_java_threads(mem: &TargetMemory, vm: &VmStructs) -> Result<Vec<u64>> {
+    const MAX: usize = 8;
+    if let Ok(at) = vm.field(&["ThreadsSMRSupport"], "_java_thread_list") {
+        let list = mem.read_u64(at).unwrap_or(0);
+        if list == 0 {
+            return Ok(Vec::new());
+        }
+        let mut n = [0u8; 4];
+        mem.read(list + vm.field(&["ThreadsList"], "_length")?, &mut n)?;
+        let threads = mem.read_u64(list + vm.field(&["ThreadsList"], "_threads")?).unwrap_or(0);
+        return Ok((0..u32::from_le_bytes(n).min(MAX as u32) as u64).filter_map(|i| mem.read_u64(threads + 8 * i)).collect());
+    }
+    let next = vm.field(&["JavaThread"], "_next")?;
+    let mut jt = mem.read_u64(vm.field(&["Threads"], "_thread_list")?).unwrap_or(0);
+    let mut out = Vec::new();
+    while jt != 0 && out.len() < MAX {
+        out.push(jt);
+        jt = mem.read_u64(jt + next).unwrap_or(0);
+    }
+    Ok(out)
 }
 
 /// Whether a frame is a Java frame (named by [`Jvm::frames`]).
