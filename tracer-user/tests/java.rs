@@ -64,6 +64,13 @@ fn twins(jvm_flags: &[&str], warm: &str, expect_compiled: Option<bool>) {
     twins_on(std::path::Path::new("java"), jvm_flags, warm, expect_compiled);
 }
 
+/// The 1-based line of fixtures/java/`file` holding `text` (first one).
+fn source_line(file: &str, text: &str) -> u64 {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/java").join(file);
+    let src = std::fs::read_to_string(&path).unwrap();
+    src.lines().position(|l| l.contains(text)).unwrap_or_else(|| panic!("{text} not in {}", path.display())) as u64 + 1
+}
+
 fn twins_on(java: &std::path::Path, jvm_flags: &[&str], warm: &str, expect_compiled: Option<bool>) {
     let redis = start_redis();
     let port = redis.addr.rsplit(':').next().unwrap().to_string();
@@ -82,6 +89,14 @@ fn twins_on(java: &std::path::Path, jvm_flags: &[&str], warm: &str, expect_compi
     assert_eq!(funcs.get(at + 1).map(String::as_str), Some("OrderHandler.fetch"), "{all}");
     assert!(funcs.iter().any(|f| f == "java.net.Socket.connect"), "JDK frames kept in the stack:{all}");
     assert_eq!(leak["peer"], redis.addr.as_str(), "{all}");
+    // Source lines from the methods' line-number tables: the site's line
+    // is the fixture's connect call, the keeping method's its call of the
+    // helper (interpreted: the walk's bci; compiled: the scope's).
+    let stack = leak["stack"].as_array().unwrap();
+    let line_of = |text: &str| source_line("ConnTwins.java", text);
+    assert_eq!(stack[at]["file"], "ConnTwins.java", "{all}");
+    assert_eq!(stack[at]["line"], line_of("s.connect(new InetSocketAddress"), "{:?}", stack[at]);
+    assert_eq!(stack[at + 1]["line"], line_of("Socket s = Backend.connect();"), "{:?}", stack[at + 1]);
     // The busy twin (two connections a round, all closed): counted, never
     // a leak (a stack with nothing live may be left out of the report).
     for f in findings_with(&report, "StockHandler.fetch") {

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use anyhow::{anyhow, bail, Result};
 use tracer_common::jvm::{
-    const_method_check, header, CodeHeapRange, JvmConfig, ADDRESS_MASK, CHECK_MASK, CHECK_SHIFT, COMPILE_ID_MASK, COMPILE_ID_SHIFT, INTERPRETED_FRAME,
+    const_method_check, header, CodeHeapRange, JvmConfig, ADDRESS_MASK, BCI_SHIFT, BCI_UNKNOWN, CHECK_MASK, CHECK_SHIFT, COMPILE_ID_MASK, COMPILE_ID_SHIFT, INTERPRETED_FRAME,
     MAX_CODE_HEAPS, METHOD_BITS, UNKNOWN_PC_FRAME,
 };
 
@@ -68,6 +68,15 @@ struct Offsets {
     pool_holder: u64,
     pool_size: u64,
     klass_name: u64,
+    /// `ConstMethod::_flags` (u2 to JDK 20, u4 from 21 on), `_code_size`,
+    /// and `sizeof(ConstMethod)`: the line-number table follows the
+    /// bytecodes when flag bit 1 is set (`_has_linenumber_table`).
+    const_method_flags: u64,
+    const_method_code_size: u64,
+    const_method_size: u64,
+    /// `_source_file_name_index` (u2): in the `ConstantPool` from JDK 17
+    /// (`true`), in the `InstanceKlass` before.
+    source_file_index: (u64, bool),
     /// `InstanceKlass::_methods` and `Array<Method*>::_data`.
     klass_methods: u64,
     array_data: u64,
@@ -97,6 +106,8 @@ struct Offsets {
 
 /// Names kept per JVM at most (methods, compiled call sites); cleared when full.
 const MAX_NAMES: usize = 100_000;
+/// Bytes of a method's line-number table read at most.
+const MAX_LINE_TABLE: usize = 16 << 10;
 /// Inlined scopes followed per call site at most.
 const MAX_SCOPES: usize = 32;
 /// Largest PcDesc table read (bytes).
@@ -113,7 +124,7 @@ pub struct Jvm {
     pub version: i32,
     /// How long setting up the walk took (VMStructs, TLS, BTF), ms.
     pub setup_ms: f64,
-    methods: HashMap<u64, Option<String>>,
+    methods: HashMap<u64, Option<MethodInfo>>,
     call_sites: HashMap<u64, Option<Vec<(u64, u64)>>>,
     /// Frames that could not be named (freed code, cut walks).
     pub unknown_frames: u64,
@@ -154,6 +165,13 @@ impl Jvm {
             pool_holder: f(&["ConstantPool"], "_pool_holder")?,
             pool_size: vm.size("ConstantPool")?,
             klass_name: f(&["Klass"], "_name")?,
+            const_method_flags: f(&["ConstMethod"], "_flags").or_else(|_| f(&["ConstMethod"], "_flags._flags"))?,
+            const_method_code_size: f(&["ConstMethod"], "_code_size")?,
+            const_method_size: vm.size("ConstMethod")?,
+            source_file_index: match f(&["ConstantPool"], "_source_file_name_index") {
+                Ok(o) => (o, true),
+                Err(_) => (f(&["InstanceKlass"], "_source_file_name_index")?, false),
+            },
             klass_methods: f(&["InstanceKlass"], "_methods")?,
             array_data: f(&["Array<Method*>"], "_data")?,
             symbol_length: f(&["Symbol"], "_length")?,
@@ -268,23 +286,28 @@ impl Jvm {
         Some(String::from_utf8_lossy(&body).into_owned())
     }
 
-    /// `package.Class.method` of a `Method*` whose `ConstMethod*` has
-    /// `check` ([`const_method_check`]: the walk's, or read now for a
-    /// compiled frame's scope), cached by both.
-    fn method_name(&mut self, method: u64, check: u64) -> Option<String> {
+    /// A `Method*` whose `ConstMethod*` has `check`
+    /// ([`const_method_check`]: the walk's, or read now for a compiled
+    /// frame's scope), cached by both.
+    fn method(&mut self, method: u64, check: u64) -> Option<&MethodInfo> {
         let key = (check << CHECK_SHIFT) | ((method >> 3) & METHOD_BITS);
-        if let Some(n) = self.methods.get(&key) {
-            return n.clone();
+        if !self.methods.contains_key(&key) {
+            let info = self.read_method(method, check);
+            if self.methods.len() >= MAX_NAMES {
+                self.methods.clear();
+            }
+            self.methods.insert(key, info);
         }
-        let name = self.read_method_name(method, check);
-        if self.methods.len() >= MAX_NAMES {
-            self.methods.clear();
-        }
-        self.methods.insert(key, name.clone());
-        name
+        self.methods.get(&key).and_then(Option::as_ref)
     }
 
-    fn read_method_name(&self, method: u64, check: u64) -> Option<String> {
+    /// The frame of `method` at `bci` (`u64::MAX` or out of range: no line).
+    fn method_frame(&mut self, method: u64, check: u64, bci: u64) -> Option<Frame> {
+        let m = self.method(method, check)?;
+        Some(Frame { file: m.file.clone(), line: m.line_of(bci), ..java_frame(m.name.clone()) })
+    }
+
+    fn read_method(&self, method: u64, check: u64) -> Option<MethodInfo> {
         let o = &self.off;
         let cm = self.u64_at(method + o.method_const_method)?;
         // The method the walk saw is gone (its class unloaded, the memory
@@ -305,7 +328,51 @@ impl Jvm {
         }
         let class = self.symbol(self.u64_at(holder + o.klass_name)?)?;
         let name = self.symbol(self.u64_at(pool + o.pool_size + 8 * index)? & !1)?;
-        Some(format!("{}.{name}", clean_class_name(&class)))
+        let (at, in_pool) = o.source_file_index;
+        let file = self
+            .u16_at(if in_pool { pool } else { holder } + at)
+            .filter(|&i| i != 0)
+            .and_then(|i| self.symbol(self.u64_at(pool + o.pool_size + 8 * i)? & !1));
+        let lines = self.line_table(cm).unwrap_or_default();
+        Some(MethodInfo { name: format!("{}.{name}", clean_class_name(&class)), file, lines })
+    }
+
+    /// The method's (bci, line) pairs from its compressed line-number
+    /// table (after its bytecodes), in table order; empty without one.
+    fn line_table(&self, cm: u64) -> Option<Vec<(u32, u32)>> {
+        let o = &self.off;
+        if self.u16_at(cm + o.const_method_flags)? & 1 == 0 {
+            return Some(Vec::new());
+        }
+        let code_size = self.u16_at(cm + o.const_method_code_size)?;
+        let at = cm + o.const_method_size + code_size;
+        // The table's length is not stored: read a bound's worth (less at
+        // the end of a mapping); a table longer than that gives no lines.
+        let buf = [MAX_LINE_TABLE, 1024, 64].iter().find_map(|&n| self.mem.read_region(at, n))?;
+        let (mut bci, mut line) = (0u32, 0u32);
+        let mut out = Vec::new();
+        let mut pos = 0;
+        loop {
+            let Some(&b) = buf.get(pos) else { return Some(Vec::new()) };
+            pos += 1;
+            match b {
+                0 => break,
+                0xff => {
+                    let x = o.excluded;
+                    let (Some(db), Some(dl)) = (read_compressed_int(&buf, &mut pos, x), read_compressed_int(&buf, &mut pos, x)) else {
+                        return Some(Vec::new());
+                    };
+                    bci = bci.wrapping_add(decode_sign(db));
+                    line = line.wrapping_add(decode_sign(dl));
+                }
+                b => {
+                    bci += (b >> 3) as u32;
+                    line += (b & 7) as u32;
+                }
+            }
+            out.push((bci, line));
+        }
+        Some(out)
     }
 
     /// The code blob holding `pc` (the code heap's segment map, as the kernel side).
@@ -415,8 +482,12 @@ impl Jvm {
             if ip & INTERPRETED_FRAME != 0 {
                 let method = (ip & METHOD_BITS) << 3;
                 let check = (ip >> CHECK_SHIFT) & CHECK_MASK;
-                match self.method_name(method, check) {
-                    Some(n) => out.push(java_frame(n)),
+                let bci = match (ip >> BCI_SHIFT) & BCI_UNKNOWN {
+                    BCI_UNKNOWN => u64::MAX,
+                    bci => bci,
+                };
+                match self.method_frame(method, check, bci) {
+                    Some(f) => out.push(f),
                     None => out.push(self.unknown(method)),
                 }
                 continue;
@@ -437,10 +508,10 @@ impl Jvm {
             }
             match self.call_site(ip) {
                 Some(scopes) => {
-                    for (m, _bci) in scopes {
+                    for (m, bci) in scopes {
                         let check = self.u64_at(m + self.off.method_const_method).map(const_method_check);
-                        match check.filter(|_| m != 0).and_then(|c| self.method_name(m, c)) {
-                            Some(n) => out.push(java_frame(n)),
+                        match check.filter(|_| m != 0).and_then(|c| self.method_frame(m, c, bci)) {
+                            Some(f) => out.push(f),
                             None => out.push(self.unknown(ip & ADDRESS_MASK)),
                         }
                     }
@@ -465,6 +536,33 @@ impl Jvm {
             file_offset: None,
         }
     }
+}
+
+/// A named method: `package.Class.method`, its source file, its lines.
+#[derive(Clone)]
+struct MethodInfo {
+    name: String,
+    file: Option<String>,
+    /// (bci, line) pairs of its line-number table.
+    lines: Vec<(u32, u32)>,
+}
+
+impl MethodInfo {
+    /// The source line of bytecode index `bci`: the entry at `bci`, else
+    /// the closest one before it (as `Method::line_number_from_bci`).
+    fn line_of(&self, bci: u64) -> Option<u32> {
+        // A compiled scope's -1 (a synchronized method's entry) is its start.
+        let bci = if bci == u32::MAX as u64 { 0 } else { u32::try_from(bci).ok()? };
+        if let Some(&(_, line)) = self.lines.iter().find(|(b, _)| *b == bci) {
+            return Some(line);
+        }
+        self.lines.iter().filter(|(b, _)| *b < bci).max_by_key(|(b, _)| *b).map(|&(_, line)| line)
+    }
+}
+
+/// A zigzag-coded signed int (`CompressedReadStream::read_signed_int`).
+fn decode_sign(x: u32) -> u32 {
+    (x >> 1) ^ (x & 1).wrapping_neg()
 }
 
 fn java_frame(function: String) -> Frame {
@@ -634,6 +732,21 @@ mod tests {
         assert_eq!(read_compressed_int(&[1, 192], &mut pos, 1), Some(191));
         let mut pos = 0;
         assert_eq!(read_compressed_int(&[193, 4], &mut pos, 1), Some(192 + (3 << 6)));
+    }
+
+    #[test]
+    fn lines_come_from_the_entry_at_or_before_the_bci() {
+        let m = MethodInfo { name: "A.b".into(), file: None, lines: vec![(0, 10), (4, 11), (9, 13), (7, 12)] };
+        assert_eq!(m.line_of(4), Some(11));
+        assert_eq!(m.line_of(8), Some(12));
+        assert_eq!(m.line_of(100), Some(13));
+        assert_eq!(m.line_of(u32::MAX as u64), Some(10));
+        assert_eq!(m.line_of(u64::MAX), None);
+        assert_eq!(MethodInfo { lines: Vec::new(), ..m }.line_of(3), None);
+        assert_eq!(decode_sign(0), 0);
+        assert_eq!(decode_sign(1), u32::MAX);
+        assert_eq!(decode_sign(6), 3);
+        assert_eq!(decode_sign(5) as i32, -3);
     }
 
     #[test]
