@@ -411,3 +411,32 @@ fn code_cache_churn_on(java: &std::path::Path) {
     }
     assert!(unnamed_frames(&run.stderr).is_some(), "no count of unnamed frames: {}", run.stderr);
 }
+
+/// `--track waits` on a JVM: the waits going on are read from the JVM's
+/// threads (their frame anchors, walked in user space), so report workers
+/// stuck in a drained pool's borrow are queued at the borrowing method with
+/// the pool library as `via`, while the idle executor, the sleepers, the
+/// un-notified `Object.wait` and the `synchronized` writers (short waits)
+/// are not. The pool's holders keep a connection 3 s here, so a borrower
+/// waits longer than the queue rule's 1 s.
+#[test]
+fn java_drained_pool_read_by_the_wait_tracker() {
+    let t = start_java(&[], "Pools", &["--report-hold-ms", "3000"]);
+    let run = attach(t.pid(), "waits", 6);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    let report = run.final_report();
+    let waits: Vec<&Value> = report["findings"].as_array().unwrap().iter().filter(|f| f["kind"] == "wait").collect();
+    let all: String = waits
+        .iter()
+        .map(|f| format!("\n  {} {} via={} state={} waiters={} longest={}", f["verdict"], f["site"], f["via"], f["wait_state"], f["live"], f["longest_wait_s"]))
+        .collect();
+    let queued: Vec<&&Value> = waits.iter().filter(|f| f["verdict"] == "queued").collect();
+    assert_eq!(queued.len(), 1, "exactly one queue expected:{all}");
+    let pool = queued[0];
+    assert_eq!(pool["site"], "ReportJob.render", "{all}");
+    assert_eq!(pool["wait_state"], "java-condition", "{all}");
+    assert!(pool["via"].as_str().unwrap_or("").starts_with("org.apache.commons.pool2."), "{all}");
+    assert!(pool["live"].as_u64().unwrap() >= 2, "{all}");
+    // The idle executor's workers are there, and idle.
+    assert!(waits.iter().any(|f| f["wait_state"] == "java-idle" && f["verdict"] != "queued"), "{all}");
+}

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use anyhow::{anyhow, bail, Result};
 use tracer_common::jvm::{
     const_method_check, header, CodeHeapRange, JvmConfig, ADDRESS_MASK, BCI_SHIFT, BCI_UNKNOWN, CHECK_MASK, CHECK_SHIFT, COMPILE_ID_MASK, COMPILE_ID_SHIFT, INTERPRETED_FRAME,
-    MAX_CODE_HEAPS, METHOD_BITS, UNKNOWN_PC_FRAME,
+    MAX_CODE_HEAPS, MAX_JAVA_FRAMES, METHOD_BITS, UNKNOWN_PC_FRAME,
 };
 
 use crate::{
@@ -77,6 +77,11 @@ struct Offsets {
     /// `_source_file_name_index` (u2): in the `ConstantPool` from JDK 17
     /// (`true`), in the `InstanceKlass` before.
     source_file_index: (u64, bool),
+    /// Where the Java threads are listed, `JavaThread::_osthread` and
+    /// `OSThread::_thread_id` (the tid): the wait tracker's walks.
+    threads: ThreadList,
+    osthread: u64,
+    os_thread_id: u64,
     /// `InstanceKlass::_methods` and `Array<Method*>::_data`.
     klass_methods: u64,
     array_data: u64,
@@ -106,6 +111,12 @@ struct Offsets {
 
 /// Names kept per JVM at most (methods, compiled call sites); cleared when full.
 const MAX_NAMES: usize = 100_000;
+/// Java threads read by the wait tracker at most.
+const MAX_THREADS: usize = 100_000;
+/// As the kernel side's walk (`tracer-ebpf/src/jvm.rs`): how far above the
+/// system call's sp the anchor may be, the largest frame believed (words).
+const MAX_NATIVE_SPAN: u64 = 8 << 20;
+const MAX_FRAME_WORDS: i64 = 1 << 14;
 /// Bytes of a method's line-number table read at most.
 const MAX_LINE_TABLE: usize = 16 << 10;
 /// Inlined scopes followed per call site at most.
@@ -172,6 +183,9 @@ impl Jvm {
                 Ok(o) => (o, true),
                 Err(_) => (f(&["InstanceKlass"], "_source_file_name_index")?, false),
             },
+            threads: ThreadList::of(&vm)?,
+            osthread: f(&["JavaThread", "Thread"], "_osthread")?,
+            os_thread_id: f(&["OSThread"], "_thread_id")?,
             klass_methods: f(&["InstanceKlass"], "_methods")?,
             array_data: f(&["Array<Method*>"], "_data")?,
             symbol_length: f(&["Symbol"], "_length")?,
@@ -525,6 +539,85 @@ impl Jvm {
         out
     }
 
+    /// The Java threads by tid (at most [`MAX_THREADS`]).
+    pub fn java_threads(&self) -> HashMap<u32, u64> {
+        let o = &self.off;
+        o.threads
+            .read(&self.mem, MAX_THREADS)
+            .into_iter()
+            .filter_map(|jt| {
+                let os = self.u64_at(jt + o.osthread)?;
+                let tid = self.i32_at(os + o.os_thread_id)?;
+                (tid > 0).then_some((tid as u32, jt))
+            })
+            .collect()
+    }
+
+    /// A blocked Java thread's frames in the kernel walk's encoding
+    /// (`ips[0]` the header, then one word per physical frame), walked here
+    /// from its frame anchor as `tracer-ebpf/src/jvm.rs` does at an event:
+    /// for the wait tracker, which reads waits from the target's state.
+    /// `sp`: the thread's user sp in its system call (the anchor must lie
+    /// above it); `None` when it has no Java frames.
+    pub fn walk_thread(&self, jt: u64, sp_in_call: u64) -> Option<Vec<u64>> {
+        let c = &self.config;
+        let anchor = self.mem.read_region(jt + c.anchor, 24)?;
+        let word = |off: u64| u64::from_le_bytes(anchor[off as usize..off as usize + 8].try_into().unwrap());
+        let (mut sp, mut pc, mut fp) = (word(c.anchor_sp), word(c.anchor_pc), word(c.anchor_fp));
+        if sp <= sp_in_call || sp - sp_in_call > MAX_NATIVE_SPAN || sp & 7 != 0 {
+            return None;
+        }
+        if pc == 0 {
+            pc = self.u64_at(sp - 8)?;
+        }
+        let mut flags = 0;
+        if c.pending_monitor != 0 && self.u64_at(jt + c.pending_monitor).is_some_and(|m| m != 0) {
+            flags |= header::PENDING_MONITOR;
+        }
+        let mut ips = vec![0];
+        while ips.len() <= MAX_JAVA_FRAMES {
+            if pc >= c.interp_lo && pc < c.interp_hi {
+                let Some(w) = self.mem.read_region(fp.wrapping_sub(64), 80) else {
+                    flags |= header::CUT;
+                    break;
+                };
+                let w = |i: usize| u64::from_le_bytes(w[8 * i..8 * i + 8].try_into().unwrap());
+                let method = w(5);
+                let const_method = self.u64_at(method + c.const_method).unwrap_or(0);
+                let bci = w(0).wrapping_sub(const_method + c.const_method_size).min(BCI_UNKNOWN);
+                ips.push(INTERPRETED_FRAME | (bci << BCI_SHIFT) | (const_method_check(const_method) << CHECK_SHIFT) | ((method >> 3) & METHOD_BITS));
+                if w(7) < sp {
+                    break;
+                }
+                (sp, fp, pc) = (w(7), w(8), w(9));
+                continue;
+            }
+            if pc == c.call_stub_return {
+                break;
+            }
+            let blob = self.blob_of(pc);
+            let words = blob.and_then(|b| self.i32_at(b + c.frame_size)).unwrap_or(0);
+            if words <= 0 || words > MAX_FRAME_WORDS {
+                ips.push(UNKNOWN_PC_FRAME | (pc & ADDRESS_MASK));
+                flags |= header::CUT;
+                break;
+            }
+            let compile_id = match (blob, c.compile_id) {
+                (Some(b), off) if off != 0 => self.i32_at(b + off).unwrap_or(0) as u64,
+                _ => 0,
+            };
+            ips.push((pc & ADDRESS_MASK) | ((compile_id & COMPILE_ID_MASK) << COMPILE_ID_SHIFT));
+            sp += words as u64 * 8;
+            let (Some(saved_fp), Some(ret)) = (self.u64_at(sp - 16), self.u64_at(sp - 8)) else {
+                flags |= header::CUT;
+                break;
+            };
+            (fp, pc) = (saved_fp, ret);
+        }
+        ips[0] = flags;
+        Some(ips)
+    }
+
     fn unknown(&mut self, addr: u64) -> Frame {
         self.unknown_frames += 1;
         Frame {
@@ -619,7 +712,7 @@ fn find_thread_tls(mem: &TargetMemory, vm: &VmStructs, libjvm: &Libjvm) -> Resul
     if candidates.is_empty() {
         bail!("{}: no TLS relocations (Thread::_thr_current not found)", libjvm.path.display());
     }
-    let threads = first_java_threads(mem, vm)?;
+    let threads = ThreadList::of(vm)?.read(mem, 8);
     if threads.is_empty() {
         bail!(NotReady("no Java threads yet".into()));
     }
@@ -638,29 +731,50 @@ fn find_thread_tls(mem: &TargetMemory, vm: &VmStructs, libjvm: &Libjvm) -> Resul
     bail!("Thread::_thr_current not found in libjvm's TLS ({} candidates)", candidates.len())
 }
 
-/// The JVM's first Java threads (at most 8): from the thread-SMR list
-/// where VMStructs exports it (JDK 17 on), else from the linked list JDK 11
-/// exports instead (`Threads::_thread_list`, `JavaThread::_next`).
-fn first_java_threads(mem: &TargetMemory, vm: &VmStructs) -> Result<Vec<u64>> {
-    const MAX: usize = 8;
-    if let Ok(at) = vm.field(&["ThreadsSMRSupport"], "_java_thread_list") {
-        let list = mem.read_u64(at).unwrap_or(0);
-        if list == 0 {
-            return Ok(Vec::new());
+/// Where a JVM lists its Java threads: the thread-SMR list where VMStructs
+/// exports it (JDK 17 on: `ThreadsSMRSupport::_java_thread_list`, its
+/// `_length` and `_threads`), else the linked list JDK 11 exports instead
+/// (`Threads::_thread_list`, `JavaThread::_next`).
+#[derive(Clone, Copy)]
+enum ThreadList {
+    Smr { list: u64, length: u64, threads: u64 },
+    Linked { head: u64, next: u64 },
+}
+
+impl ThreadList {
+    fn of(vm: &VmStructs) -> Result<Self> {
+        if let Ok(list) = vm.field(&["ThreadsSMRSupport"], "_java_thread_list") {
+            return Ok(ThreadList::Smr { list, length: vm.field(&["ThreadsList"], "_length")?, threads: vm.field(&["ThreadsList"], "_threads")? });
         }
-        let mut n = [0u8; 4];
-        mem.read(list + vm.field(&["ThreadsList"], "_length")?, &mut n)?;
-        let threads = mem.read_u64(list + vm.field(&["ThreadsList"], "_threads")?).unwrap_or(0);
-        return Ok((0..u32::from_le_bytes(n).min(MAX as u32) as u64).filter_map(|i| mem.read_u64(threads + 8 * i)).collect());
+        Ok(ThreadList::Linked { head: vm.field(&["Threads"], "_thread_list")?, next: vm.field(&["JavaThread"], "_next")? })
     }
-    let next = vm.field(&["JavaThread"], "_next")?;
-    let mut jt = mem.read_u64(vm.field(&["Threads"], "_thread_list")?).unwrap_or(0);
-    let mut out = Vec::new();
-    while jt != 0 && out.len() < MAX {
-        out.push(jt);
-        jt = mem.read_u64(jt + next).unwrap_or(0);
+
+    /// The first `max` Java threads (`JavaThread*`).
+    fn read(self, mem: &TargetMemory, max: usize) -> Vec<u64> {
+        match self {
+            ThreadList::Smr { list, length, threads } => {
+                let Some(list) = mem.read_u64(list).filter(|&l| l != 0) else { return Vec::new() };
+                let mut n = [0u8; 4];
+                if mem.read(list + length, &mut n).is_err() {
+                    return Vec::new();
+                }
+                let n = (u32::from_le_bytes(n) as usize).min(max);
+                let Some(threads) = mem.read_u64(list + threads) else { return Vec::new() };
+                mem.read_region(threads, 8 * n)
+                    .map(|b| b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect())
+                    .unwrap_or_default()
+            }
+            ThreadList::Linked { head, next } => {
+                let mut jt = mem.read_u64(head).unwrap_or(0);
+                let mut out = Vec::new();
+                while jt != 0 && out.len() < max {
+                    out.push(jt);
+                    jt = mem.read_u64(jt + next).unwrap_or(0);
+                }
+                out
+            }
+        }
     }
-    Ok(out)
 }
 
 /// Whether a frame is a Java frame (named by [`Jvm::frames`]).
