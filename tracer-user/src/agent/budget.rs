@@ -4,19 +4,24 @@
 //! The agent samples its own CPU time and RSS every second. It is over
 //! budget when, over the last `--budget-window`, its CPU share of one core
 //! was above `--max-cpu`, or its RSS stayed above `--max-rss` at every
-//! sample. Then it stops tracing (detaches, frees the eBPF load of) as many
-//! targets as the excess asks for, assuming every target costs the same,
-//! at least one, in this order:
+//! sample. Then it stops tracing (detaches, frees the eBPF load of)
+//! targets, at least one, in this order:
 //!
-//! 1. targets judged with nothing above steady, least growing first;
+//! 1. targets judged with nothing above steady, the costliest first (all
+//!    are equally uninteresting: the fewest go that free the most);
 //! 2. then targets with a finding above steady (growing, contended,
 //!    queued), least growing first;
-//! 3. last, targets with a leak (or unclosed) finding.
+//! 3. last, targets with a leak (or unclosed) finding, least growing first.
+//!
+//! How many: for CPU, until the targets shed cost at least the excess (a
+//! target's cost is the time the agent spends in its session, [`Metered`]);
+//! for RSS, the excess's share of the targets (memory is not metered per
+//! target).
 //!
 //! The CPU measured is the agent's steady cost: what picking a target up
 //! costs (loading, verifying and attaching its programs, its first report:
-//! ~1.6 s of CPU each, once) is metered apart ([`Pickup`]) and left out,
-//! so that starting many targets at once does not shed them for it.
+//! ~0.3-1.6 s of CPU each, once) is metered apart ([`Metered`]) and left
+//! out, so that starting many targets at once does not shed them for it.
 //!
 //! One step sheds from one class only, and never from 2 or 3 while a target
 //! is still too young to be judged (it may turn out steady): so a target
@@ -30,6 +35,10 @@ use std::{
     future::Future,
     pin::Pin,
     rc::Rc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -47,35 +56,42 @@ pub fn process_cpu_s() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
-/// A target's session, metered while it is being picked up: the process
-/// CPU time of each of its polls until its first report exists is added
-/// to `spent`. The agent runs every session on one thread (program loads
-/// on scoped threads inside a poll), so that time is this target's.
-pub struct Pickup<F> {
+/// A target's session, metered. The agent runs every session on one
+/// thread (program loads on scoped threads inside a poll), so the time a
+/// poll takes is this target's work. Until its first report exists, the
+/// process CPU time of each poll is added to `pickup_cpu` (the one-off cost
+/// of picking it up); after, the time of each poll to `busy_ns` (its
+/// steady cost; a monotonic clock read is cheaper than a CPU-time syscall
+/// at ~100 polls a second per target).
+pub struct Metered<F> {
     inner: Pin<Box<F>>,
     report: SharedReport,
-    spent: Rc<Cell<f64>>,
-    done: bool,
+    pickup_cpu: Rc<Cell<f64>>,
+    busy_ns: Arc<AtomicU64>,
+    picked_up: bool,
 }
 
-impl<F> Pickup<F> {
-    pub fn new(inner: F, report: SharedReport, spent: Rc<Cell<f64>>) -> Self {
-        Self { inner: Box::pin(inner), report, spent, done: false }
+impl<F> Metered<F> {
+    pub fn new(inner: F, report: SharedReport, pickup_cpu: Rc<Cell<f64>>, busy_ns: Arc<AtomicU64>) -> Self {
+        Self { inner: Box::pin(inner), report, pickup_cpu, busy_ns, picked_up: false }
     }
 }
 
-impl<F: Future> Future for Pickup<F> {
+impl<F: Future> Future for Metered<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        if self.done {
-            return self.inner.as_mut().poll(cx);
+        if self.picked_up {
+            let t = Instant::now();
+            let out = self.inner.as_mut().poll(cx);
+            self.busy_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            return out;
         }
         let before = process_cpu_s();
         let out = self.inner.as_mut().poll(cx);
-        self.spent.set(self.spent.get() + (process_cpu_s() - before).max(0.0));
+        self.pickup_cpu.set(self.pickup_cpu.get() + (process_cpu_s() - before).max(0.0));
         let reported = self.report.read().unwrap_or_else(|e| e.into_inner()).is_some();
-        self.done = reported;
+        self.picked_up = reported;
         out
     }
 }
@@ -118,18 +134,29 @@ impl Spent {
         self.cpu_over || self.rss_over
     }
 
-    /// The share of the targets to shed to get back under budget, if every
-    /// target costs the same: the larger of the two excesses.
-    pub fn share_to_shed(&self, budget: &Budget) -> f64 {
-        let cpu = if self.cpu_over { 1.0 - budget.max_cpu_percent / self.cpu_percent } else { 0.0 };
-        let rss = if self.rss_over { 1.0 - budget.max_rss_bytes as f64 / self.rss as f64 } else { 0.0 };
-        cpu.max(rss).clamp(0.0, 1.0)
+    /// What to shed to get back under budget: the CPU excess (share of one
+    /// core), and for RSS the excess's share of `traced` targets, rounded up.
+    pub fn need(&self, budget: &Budget, traced: usize) -> Need {
+        let cpu = if self.cpu_over { (self.cpu_percent - budget.max_cpu_percent) / 100.0 } else { 0.0 };
+        let share = if self.rss_over { (1.0 - budget.max_rss_bytes as f64 / self.rss as f64).clamp(0.0, 1.0) } else { 0.0 };
+        Need { cpu, targets: (traced as f64 * share).ceil() as usize }
     }
+}
 
-    /// How many of `traced` targets to shed: the share, rounded up, at least one.
-    pub fn targets_to_shed(&self, budget: &Budget, traced: usize) -> usize {
-        ((traced as f64 * self.share_to_shed(budget)).ceil() as usize).clamp(1, traced.max(1))
+/// What a shedding step must free: `cpu` (share of one core) by the
+/// targets' metered costs, and at least `targets` targets.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Need {
+    pub cpu: f64,
+    pub targets: usize,
+}
+
+/// Share of one core a target's session took: `busy_ns` over `elapsed_s` of tracing.
+pub fn cost(busy_ns: u64, elapsed_s: f64) -> f64 {
+    if elapsed_s <= 0.0 {
+        return 0.0;
     }
+    busy_ns as f64 * 1e-9 / elapsed_s
 }
 
 impl Meter {
@@ -168,16 +195,18 @@ pub enum Standing {
     Young,
     /// `class` 0: nothing above steady; 1: growing, contended or queued;
     /// 2: a leak or unclosed. `growth`: its findings' growth per minute,
-    /// summed over those growing; `live`: its live objects.
-    Judged { class: u8, growth: f64, live: u64 },
+    /// summed over those growing; `live`: its live objects; `cost`: share
+    /// of one core the agent spends on it.
+    Judged { class: u8, growth: f64, live: u64, cost: f64 },
 }
 
 /// How the judge needs four samples (three intervals) for a verdict; four
 /// intervals of tracing leave room for a late one.
 const JUDGED_AFTER_INTERVALS: f64 = 4.0;
 
-/// Where the target with latest report `report` stands.
-pub fn standing(report: Option<&Report>, interval: Duration) -> Standing {
+/// Where the target with latest report `report` stands; `busy_ns`: the
+/// time its session took since its first report.
+pub fn standing(report: Option<&Report>, interval: Duration, busy_ns: u64) -> Standing {
     let Some(r) = report else { return Standing::Young };
     if r.elapsed_s < JUDGED_AFTER_INTERVALS * interval.as_secs_f64() {
         return Standing::Young;
@@ -194,18 +223,24 @@ pub fn standing(report: Option<&Report>, interval: Duration) -> Standing {
         .unwrap_or(0);
     let growth = r.findings.iter().map(|f| f.growth_per_min.max(0.0)).sum();
     let live = r.findings.iter().map(|f| f.live).sum();
-    Standing::Judged { class, growth, live }
+    Standing::Judged { class, growth, live, cost: cost(busy_ns, r.elapsed_s) }
 }
 
-/// The targets to shed, at most `count` of `targets`, by the order of the
-/// module doc; empty when the next ones in line must wait for a young
-/// target's verdict.
-pub fn choose(targets: &[(u32, Standing)], count: usize) -> Vec<u32> {
-    let judged = |want: u8| -> Vec<(u32, f64, u64)> {
+/// The targets to shed from `targets`, by the order of the module doc,
+/// until they free `need` (at least one; all of the class when it cannot);
+/// empty when the next ones in line must wait for a young target's verdict.
+pub fn choose(targets: &[(u32, Standing)], need: Need) -> Vec<u32> {
+    struct Candidate {
+        pid: u32,
+        growth: f64,
+        live: u64,
+        cost: f64,
+    }
+    let judged = |want: u8| -> Vec<Candidate> {
         targets
             .iter()
             .filter_map(|(pid, s)| match *s {
-                Standing::Judged { class, growth, live } if class == want => Some((*pid, growth, live)),
+                Standing::Judged { class, growth, live, cost } if class == want => Some(Candidate { pid: *pid, growth, live, cost }),
                 _ => None,
             })
             .collect()
@@ -219,9 +254,20 @@ pub fn choose(targets: &[(u32, Standing)], count: usize) -> Vec<u32> {
         if pick.is_empty() {
             pick = judged(2);
         }
+        pick.sort_by(|a, b| a.growth.total_cmp(&b.growth).then(b.cost.total_cmp(&a.cost)).then(a.pid.cmp(&b.pid)));
+    } else {
+        pick.sort_by(|a, b| b.cost.total_cmp(&a.cost).then(a.live.cmp(&b.live)).then(a.pid.cmp(&b.pid)));
     }
-    pick.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.2.cmp(&b.2)).then(a.0.cmp(&b.0)));
-    pick.into_iter().take(count).map(|(pid, _, _)| pid).collect()
+    let mut freed = 0.0;
+    let mut out = Vec::new();
+    for c in pick {
+        if !out.is_empty() && freed >= need.cpu && out.len() >= need.targets {
+            break;
+        }
+        freed += c.cost;
+        out.push(c.pid);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -249,6 +295,7 @@ mod tests {
 
     #[test]
     fn the_window_slides_and_rss_must_stay_over() {
+        let need = |spent: Spent, traced| spent.need(&BUDGET, traced);
         // A burst long ago (0 -> 30 s) is outside the last 10 s.
         let m = meter(&[(0, 0.0, 200 << 20), (30, 30.0, 200 << 20), (35, 30.01, 100 << 20), (40, 30.05, 200 << 20)]);
         let spent = m.spent(&BUDGET).unwrap();
@@ -257,17 +304,16 @@ mod tests {
         let m = meter(&[(0, 0.0, 256 << 20), (10, 0.0, 256 << 20)]);
         let spent = m.spent(&BUDGET).unwrap();
         assert!(spent.rss_over && !spent.cpu_over);
-        assert_eq!(spent.targets_to_shed(&BUDGET, 10), 5, "half the RSS is over");
+        assert_eq!(need(spent, 10), Need { cpu: 0.0, targets: 5 }, "half the RSS is over");
     }
 
     #[test]
-    fn the_excess_decides_how_many_go() {
+    fn the_excess_decides_what_to_free() {
         let spent = Spent { cpu_percent: 4.0, rss: 0, cpu_over: true, rss_over: false };
-        assert_eq!(spent.targets_to_shed(&BUDGET, 40), 30);
-        let barely = Spent { cpu_percent: 1.01, ..spent };
-        assert_eq!(barely.targets_to_shed(&BUDGET, 40), 1);
-        let tiny = Budget { max_cpu_percent: 0.01, ..BUDGET };
-        assert_eq!(spent.targets_to_shed(&tiny, 4), 4);
+        let need = spent.need(&BUDGET, 40);
+        assert!((need.cpu - 0.03).abs() < 1e-9 && need.targets == 0, "{need:?}");
+        assert_eq!(cost(3_000_000_000, 100.0), 0.03);
+        assert_eq!(cost(5, 0.0), 0.0);
     }
 
     fn report(elapsed_s: f64, findings: &[(Verdict, f64, u64)]) -> Report {
@@ -283,25 +329,37 @@ mod tests {
     #[test]
     fn standing_follows_the_worst_verdict_once_judged() {
         let i = Duration::from_secs(1);
-        assert_eq!(standing(None, i), Standing::Young);
-        assert_eq!(standing(Some(&report(3.0, &[(Verdict::Leak, 600.0, 60)])), i), Standing::Young);
-        assert_eq!(standing(Some(&report(4.0, &[])), i), Standing::Judged { class: 0, growth: 0.0, live: 0 });
-        let s = standing(Some(&report(9.0, &[(Verdict::Steady, -3.0, 4), (Verdict::Leak, 600.0, 60), (Verdict::Growing, 5.0, 2)])), i);
-        assert_eq!(s, Standing::Judged { class: 2, growth: 605.0, live: 66 });
-        let s = standing(Some(&report(9.0, &[(Verdict::Contended, 0.0, 0)])), i);
+        assert_eq!(standing(None, i, 0), Standing::Young);
+        assert_eq!(standing(Some(&report(3.0, &[(Verdict::Leak, 600.0, 60)])), i, 0), Standing::Young);
+        assert_eq!(standing(Some(&report(4.0, &[])), i, 40_000_000), Standing::Judged { class: 0, growth: 0.0, live: 0, cost: 0.01 });
+        let s = standing(Some(&report(9.0, &[(Verdict::Steady, -3.0, 4), (Verdict::Leak, 600.0, 60), (Verdict::Growing, 5.0, 2)])), i, 0);
+        assert_eq!(s, Standing::Judged { class: 2, growth: 605.0, live: 66, cost: 0.0 });
+        let s = standing(Some(&report(9.0, &[(Verdict::Contended, 0.0, 0)])), i, 0);
         assert!(matches!(s, Standing::Judged { class: 1, .. }));
     }
 
     #[test]
     fn steady_targets_go_first_and_leaks_last() {
-        let j = |class, growth, live| Standing::Judged { class, growth, live };
-        let targets = [(10, j(2, 600.0, 60)), (11, j(0, 2.0, 0)), (12, j(0, 0.0, 9)), (13, j(0, 0.0, 1)), (14, j(1, 3.0, 5)), (15, Standing::Young)];
-        assert_eq!(choose(&targets, 2), vec![13, 12], "least growing, then fewest live");
-        assert_eq!(choose(&targets, 10), vec![13, 12, 11], "one class per step");
+        let j = |class, growth, live, cost| Standing::Judged { class, growth, live, cost };
+        let targets = [
+            (10, j(2, 600.0, 60, 0.02)),
+            (11, j(0, 2.0, 0, 0.001)),
+            (12, j(0, 0.0, 9, 0.0)),
+            (13, j(0, 0.0, 1, 0.0)),
+            (14, j(1, 3.0, 5, 0.001)),
+            (15, Standing::Young),
+            (16, j(0, 0.0, 40, 0.012)),
+        ];
+        let cpu = |cpu| Need { cpu, targets: 0 };
+        assert_eq!(choose(&targets, cpu(0.01)), vec![16], "the costliest steady target frees enough");
+        assert_eq!(choose(&targets, cpu(0.0125)), vec![16, 11]);
+        assert_eq!(choose(&targets, Need { cpu: 0.0, targets: 3 }), vec![16, 11, 13], "then by fewest live");
+        assert_eq!(choose(&targets, cpu(0.0001)), vec![16], "at least one");
+        assert_eq!(choose(&targets, cpu(1.0)), vec![16, 11, 13, 12], "one class per step, never the leak");
         // Only a growing, a leaking and a young target left: wait for the young one's verdict.
-        assert_eq!(choose(&[targets[0], targets[4], targets[5]], 10), Vec::<u32>::new());
-        assert_eq!(choose(&[targets[0], targets[4]], 10), vec![14]);
-        assert_eq!(choose(&[targets[0]], 10), vec![10]);
-        assert_eq!(choose(&[], 3), Vec::<u32>::new());
+        assert_eq!(choose(&[targets[0], targets[4], targets[5]], cpu(1.0)), Vec::<u32>::new());
+        assert_eq!(choose(&[targets[0], targets[4]], cpu(1.0)), vec![14]);
+        assert_eq!(choose(&[targets[0]], cpu(1.0)), vec![10]);
+        assert_eq!(choose(&[], cpu(1.0)), Vec::<u32>::new());
     }
 }

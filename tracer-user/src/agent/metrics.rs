@@ -4,7 +4,10 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, RwLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, RwLock,
+    },
     time::Instant,
 };
 
@@ -30,6 +33,9 @@ pub struct Traced {
     /// Set when the process matched but is not traced: its identity row
     /// stays while it lives, without per-site series.
     pub untraced: Option<Untraced>,
+    /// Time the agent spent in its session after its first report
+    /// ([`super::budget::Metered`]): what shedding it saves.
+    pub busy_ns: Arc<AtomicU64>,
 }
 
 /// Why a matching, living process is not traced (`leaktrace_target_untraced`).
@@ -146,6 +152,16 @@ impl Collector for FleetCollector {
         )?;
         family(
             e,
+            "leaktrace_target_agent_busy_seconds",
+            "Time the agent spent working for this target after picking it up (its session, on the agent's one thread): what shedding it would save.",
+            MetricType::Counter,
+            fleet.targets.values().filter(|t| t.untraced.is_none()).map(|t| {
+                let s = t.busy_ns.load(Ordering::Relaxed) as f64 * 1e-9;
+                (vec![("pid", t.identity.pid.to_string())], ConstCounter::new(s))
+            }),
+        )?;
+        family(
+            e,
             "leaktrace_agent_targets",
             "Processes the agent traces now (state traced), keeps after their exit (exited), shed over budget (shed) or could not load for (refused).",
             MetricType::Gauge,
@@ -229,12 +245,12 @@ mod tests {
             let identity = Identity { pid, comm: comm.into(), exe: format!("/srv/{comm}"), ..Default::default() };
             fleet.write().unwrap().targets.insert(
                 pid,
-                Traced { identity, report: Arc::new(RwLock::new(Some(r))), exited_at: (pid == 77).then(Instant::now), untraced: None },
+                Traced { identity, report: Arc::new(RwLock::new(Some(r))), exited_at: (pid == 77).then(Instant::now), untraced: None, busy_ns: Default::default() },
             );
         }
         for (pid, why) in [(55, Untraced::Shed), (56, Untraced::Refused)] {
             let identity = Identity { pid, comm: "idle".into(), ..Default::default() };
-            fleet.write().unwrap().targets.insert(pid, Traced { identity, report: Default::default(), exited_at: None, untraced: Some(why) });
+            fleet.write().unwrap().targets.insert(pid, Traced { identity, report: Default::default(), exited_at: None, untraced: Some(why), busy_ns: Default::default() });
         }
         fleet.write().unwrap().skipped.insert(Skip::MaxTargets, 3);
         fleet.write().unwrap().shed_total = 4;
@@ -252,6 +268,8 @@ mod tests {
         assert!(text.contains(r#"leaktrace_target_info{pid="55",comm="idle""#), "an untraced target keeps its identity row: {text}");
         assert!(!text.contains(r#"leaktrace_live_objects{pid="55""#), "{text}");
         assert!(text.contains("leaktrace_agent_shed_targets_total{} 4"), "{text}");
+        assert!(text.contains(r#"leaktrace_target_agent_busy_seconds_total{pid="1234"} 0"#), "{text}");
+        assert!(!text.contains(r#"leaktrace_target_agent_busy_seconds_total{pid="55"}"#), "{text}");
         assert!(text.contains(r#"leaktrace_agent_targets_skipped_total{reason="max_targets"} 3"#));
         assert!(text.contains("leaktrace_build_info{version=\""));
         assert!(text.contains("\nleaktrace_up 1\n"));

@@ -38,7 +38,7 @@ use crate::{
     trackers::{Counters, REGISTRY},
 };
 use crate::identity::{self, Identity};
-use budget::{Budget, Meter, Pickup};
+use budget::{Budget, Meter, Metered};
 use metrics::{Fleet, SharedFleet, Skip, Traced, Untraced};
 use select::{Candidate, Selector};
 
@@ -233,16 +233,17 @@ async fn watch(agent: &AgentOptions, opts: &TraceOptions, watcher: &mut ExecWatc
                 continue;
             }
             let report = new_shared_report();
+            let busy_ns: std::sync::Arc<std::sync::atomic::AtomicU64> = Default::default();
             let mut o = opts.clone();
             // Whole milliseconds: the session says how long it traces.
             o.duration = deadline.map(|d| Duration::from_millis(d.saturating_duration_since(now).as_millis().max(1) as u64));
             let outlet = Outlet::slot(report.clone());
             fleet.write().unwrap_or_else(|e| e.into_inner()).targets.insert(
                 pid,
-                Traced { identity: Identity::read(pid), report: report.clone(), exited_at: None, untraced: None },
+                Traced { identity: Identity::read(pid), report: report.clone(), exited_at: None, untraced: None, busy_ns: busy_ns.clone() },
             );
             let traced = async move { session::trace(pid, &o, None, outlet, true).await };
-            sessions.insert(pid, tokio::task::spawn_local(Pickup::new(traced, report, pickup_cpu.clone())));
+            sessions.insert(pid, tokio::task::spawn_local(Metered::new(traced, report, pickup_cpu.clone(), busy_ns)));
         }
         reap(&mut sessions, fleet, now, agent.max_targets, &mut refusals_said).await;
         if now >= next_reading {
@@ -287,10 +288,11 @@ fn shed(
         .filter_map(|pid| {
             let t = f.targets.get(pid)?;
             let report = t.report.read().unwrap_or_else(|e| e.into_inner());
-            Some((*pid, budget::standing(report.as_ref(), interval)))
+            let busy = t.busy_ns.load(std::sync::atomic::Ordering::Relaxed);
+            Some((*pid, budget::standing(report.as_ref(), interval, busy)))
         })
         .collect();
-    let chosen = budget::choose(&standings, spent.targets_to_shed(&agent.budget, standings.len()));
+    let chosen = budget::choose(&standings, spent.need(&agent.budget, standings.len()));
     if chosen.is_empty() {
         return false;
     }
