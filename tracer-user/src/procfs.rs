@@ -484,21 +484,21 @@ fn parse_net_addr(s: &str, v6: bool) -> Option<String> {
 /// an executable replaced or deleted since it started). Symbols, syscall
 /// sites and uprobes all go through here, so they are the target's file.
 pub fn object_path(pid: u32, m: &Mapping) -> PathBuf {
+    // Without CAP_SYS_ADMIN map_files cannot be opened: the best guess.
+    verified_object_path(pid, m).unwrap_or_else(|| PathBuf::from(format!("/proc/{pid}/root{}", m.path.display())))
+}
+
+/// [`object_path`] when it is known to be the mapped file (same device and
+/// inode, or the mapping itself); `None` rather than a guess.
+pub fn verified_object_path(pid: u32, m: &Mapping) -> Option<PathBuf> {
     let candidates = [m.path.clone(), PathBuf::from(format!("/proc/{pid}/root{}", m.path.display()))];
     if m.inode == 0 {
-        return candidates.into_iter().find(|p| p.exists()).unwrap_or_else(|| map_files(pid, m));
+        return Some(candidates.into_iter().find(|p| p.exists()).unwrap_or_else(|| map_files(pid, m)));
     }
-    for path in candidates {
-        if is_same_file(&path, m) {
-            return path;
-        }
+    if let Some(path) = candidates.into_iter().find(|p| is_same_file(p, m)) {
+        return Some(path);
     }
-    let mapped = map_files(pid, m);
-    if mapped.exists() {
-        return mapped;
-    }
-    // Without CAP_SYS_ADMIN map_files cannot be opened: the best guess.
-    PathBuf::from(format!("/proc/{pid}/root{}", m.path.display()))
+    Some(map_files(pid, m)).filter(|p| p.exists())
 }
 
 fn map_files(pid: u32, m: &Mapping) -> PathBuf {
