@@ -2,7 +2,7 @@
 //! closed with `dlclose` is unmapped, and the next one mapped at the same
 //! addresses would be walked with its rules. User space lists the mappings
 //! it learned rules in (`UNWIND_CODE`); when the target unmaps one of them
-//! (`munmap` enter, and again at its exit, when the range is gone from
+//! (`munmap` or `mmap(MAP_FIXED)` enter, and again at its exit, when the range is gone from
 //! /proc/PID/maps) the generation in `UNWIND_SYNC` moves on, and walks use
 //! no rule until user space has dropped the rules of the mappings gone and
 //! caught up (`tracer_common::stacks::unwind_sync`). Unmaps of other
@@ -72,6 +72,33 @@ pub fn unwind_munmap(ctx: TracePointContext) -> u32 {
     }
     // SAFETY: the record's arguments after the common header and nr.
     let (addr, len) = unsafe { (ctx.read_at::<u64>(16).unwrap_or(0), ctx.read_at::<u64>(24).unwrap_or(0)) };
+    unmapping(addr, len);
+    0
+}
+
+/// `MAP_FIXED`: the new mapping replaces whatever was at its range.
+const MAP_FIXED: u64 = 0x10;
+
+/// syscalls:sys_enter_mmap of the target: an `mmap(MAP_FIXED)` over rule
+/// code unmaps it as `munmap` would (its exit is `unwind_munmap_exit`'s).
+#[tracepoint]
+pub fn unwind_mmap_fixed(ctx: TracePointContext) -> u32 {
+    if target_tgid().is_none() {
+        return 0;
+    }
+    // SAFETY: the record's arguments: addr, len, prot, flags.
+    let (addr, len, flags) =
+        unsafe { (ctx.read_at::<u64>(16).unwrap_or(0), ctx.read_at::<u64>(24).unwrap_or(0), ctx.read_at::<u64>(40).unwrap_or(0)) };
+    if flags & MAP_FIXED != 0 {
+        unmapping(addr, len);
+    }
+    0
+}
+
+/// The target is about to unmap `[addr, addr + len)`: into the ring, and
+/// the rules are off until user space catches up if it held rule code.
+#[inline(always)]
+fn unmapping(addr: u64, len: u64) {
     let end = addr.saturating_add(len);
     // Every unmap goes into the ring, rule code or not. Not atomic: racing
     // unmaps of two threads may share a slot (the lost range is a miss
@@ -97,11 +124,10 @@ pub fn unwind_munmap(ctx: TracePointContext) -> u32 {
         let tid = bpf_get_current_pid_tgid() as u32;
         let _ = UNMAPPING.insert(&tid, &1, 0);
     }
-    0
 }
 
-/// syscalls:sys_exit_munmap: the range is gone now; user space must look
-/// again.
+/// syscalls:sys_exit_munmap (and sys_exit_mmap): the range is gone now;
+/// user space must look again.
 #[tracepoint]
 pub fn unwind_munmap_exit(_ctx: TracePointContext) -> u32 {
     let tid = bpf_get_current_pid_tgid() as u32;

@@ -88,9 +88,29 @@ pub enum Command {
         /// allows 64 programs per tracepoint: keep it well under 32.
         #[arg(long, default_value_t = 24, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
         max_targets: u32,
+        /// CPU budget, percent of one core: over it for a whole
+        /// --budget-window, the agent stops tracing targets, those with
+        /// nothing above steady first (leaktrace_agent_shed_targets_total).
+        #[arg(long, default_value_t = 1.0, value_name = "PERCENT", value_parser = parse_percent)]
+        max_cpu: f64,
+        /// Memory budget: RSS above this at every reading of a whole
+        /// --budget-window sheds targets the same way.
+        #[arg(long, default_value_t = 128, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+        max_rss: u64,
+        /// The window over which the budget is measured (again after each
+        /// shed, before the next).
+        #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+        budget_window: Duration,
         #[command(flatten)]
         opts: TraceOptions,
     },
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err("must be a number > 0 (percent of one core, e.g. 1 or 0.5)".into()),
+    }
 }
 
 /// Where `leaktrace agent` serves /metrics without `--listen`: not 9464,

@@ -45,7 +45,7 @@ impl Identity {
         Identity {
             pid,
             comm: crate::procfs::comm(pid),
-            build_id: build_id(Path::new(&format!("/proc/{pid}/exe"))).unwrap_or_default(),
+            build_id: crate::binary::elf::file_build_id(Path::new(&format!("/proc/{pid}/exe"))).unwrap_or_default(),
             container: Container::from_cgroup(&cgroup),
             exe,
             cgroup,
@@ -63,18 +63,6 @@ pub fn cgroup_path(pid: u32) -> Option<String> {
 /// The unified hierarchy's path in a `/proc/PID/cgroup` text.
 pub fn parse_cgroup_file(text: &str) -> Option<String> {
     text.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_string)
-}
-
-/// The GNU build id of the ELF file at `path`, as lowercase hex.
-pub fn build_id(path: &Path) -> Option<String> {
-    use object::Object;
-    let file = std::fs::File::open(path).ok()?;
-    // SAFETY: read-only map of an executable; a file truncated under us
-    // would fault, which a running program's own image cannot be.
-    let data = unsafe { memmap2::Mmap::map(&file) }.ok()?;
-    let obj = object::File::parse(&*data).ok()?;
-    let id = obj.build_id().ok()??;
-    Some(id.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// A container id: 64 hex digits.

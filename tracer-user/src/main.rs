@@ -34,8 +34,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let (pid, opts, cmd, is_check): (Option<u32>, TraceOptions, Vec<String>, bool) = match cli.command {
         Command::Attach { pid, opts } => (Some(pid), opts, Vec::new(), false),
         Command::Run { opts, cmd } => (None, opts, cmd, false),
-        Command::Agent { selectors, keep_exited, settle, max_targets, opts } => {
-            let agent = leaktrace::agent::AgentOptions { selectors, keep_exited, settle, max_targets: max_targets as usize };
+        Command::Agent { selectors, keep_exited, settle, max_targets, max_cpu, max_rss, budget_window, opts } => {
+            let budget = leaktrace::agent::budget::Budget { max_cpu_percent: max_cpu, max_rss_bytes: max_rss << 20, window: budget_window };
+            let agent = leaktrace::agent::AgentOptions { selectors, keep_exited, settle, max_targets: max_targets as usize, budget };
             return run_agent(agent, opts);
         }
         Command::Check { pid, opts, cmd, fail_on_wait: f, fail_within: w } => {

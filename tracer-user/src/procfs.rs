@@ -97,12 +97,15 @@ impl MemoryMap {
     }
 
     /// Adds mappings of `other` not known yet (keeps what an exited or
-    /// unmapped object had, so old stacks still resolve).
+    /// unmapped object had, so old stacks still resolve). A mapping is
+    /// known by its range *and* what it maps: another file (or another part
+    /// of one) mapped at exactly the same range replaces the old entry.
     pub fn merge(&mut self, other: &MemoryMap) {
-        let known: HashSet<(u64, u64)> = self.mappings.iter().map(|m| (m.start, m.end)).collect();
+        let identity = |m: &Mapping| (m.start, m.end, m.offset, m.dev, m.inode, m.executable);
+        let known: HashSet<_> = self.mappings.iter().map(identity).collect();
         let mut changed = false;
         for m in &other.mappings {
-            if !known.contains(&(m.start, m.end)) {
+            if !known.contains(&identity(m)) {
                 // A new mapping over an old range replaces it.
                 self.mappings.retain(|o| o.end <= m.start || o.start >= m.end);
                 self.mappings.push(m.clone());
@@ -481,21 +484,21 @@ fn parse_net_addr(s: &str, v6: bool) -> Option<String> {
 /// an executable replaced or deleted since it started). Symbols, syscall
 /// sites and uprobes all go through here, so they are the target's file.
 pub fn object_path(pid: u32, m: &Mapping) -> PathBuf {
+    // Without CAP_SYS_ADMIN map_files cannot be opened: the best guess.
+    verified_object_path(pid, m).unwrap_or_else(|| PathBuf::from(format!("/proc/{pid}/root{}", m.path.display())))
+}
+
+/// [`object_path`] when it is known to be the mapped file (same device and
+/// inode, or the mapping itself); `None` rather than a guess.
+pub fn verified_object_path(pid: u32, m: &Mapping) -> Option<PathBuf> {
     let candidates = [m.path.clone(), PathBuf::from(format!("/proc/{pid}/root{}", m.path.display()))];
     if m.inode == 0 {
-        return candidates.into_iter().find(|p| p.exists()).unwrap_or_else(|| map_files(pid, m));
+        return Some(candidates.into_iter().find(|p| p.exists()).unwrap_or_else(|| map_files(pid, m)));
     }
-    for path in candidates {
-        if is_same_file(&path, m) {
-            return path;
-        }
+    if let Some(path) = candidates.into_iter().find(|p| is_same_file(p, m)) {
+        return Some(path);
     }
-    let mapped = map_files(pid, m);
-    if mapped.exists() {
-        return mapped;
-    }
-    // Without CAP_SYS_ADMIN map_files cannot be opened: the best guess.
-    PathBuf::from(format!("/proc/{pid}/root{}", m.path.display()))
+    Some(map_files(pid, m)).filter(|p| p.exists())
 }
 
 fn map_files(pid: u32, m: &Mapping) -> PathBuf {
@@ -521,6 +524,20 @@ pub fn exe_path(pid: u32) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Another file mapped at exactly an old mapping's range replaces it
+    /// (its names were kept before); an unmapped one stays for old stacks.
+    #[test]
+    fn merge_replaces_a_same_range_mapping_of_another_file() {
+        let old = Mapping { start: 0x1000, end: 0x3000, offset: 0, executable: true, path: "/old.so".into(), dev: (8, 1), inode: 7 };
+        let gone = Mapping { start: 0x8000, end: 0x9000, path: "/gone.so".into(), inode: 9, ..old.clone() };
+        let mut memory = MemoryMap { mappings: vec![old.clone(), gone.clone()] };
+        let new = Mapping { path: "/new.so".into(), inode: 8, ..old.clone() };
+        memory.merge(&MemoryMap { mappings: vec![new.clone()] });
+        assert_eq!(memory.find(0x2000).map(|m| m.path.clone()), Some(new.path));
+        assert_eq!(memory.find(0x8800).map(|m| m.path.clone()), Some(gone.path));
+        assert_eq!(memory.mappings.len(), 2);
+    }
 
     /// A mapping resolves to the file it maps: its path while that names
     /// the same inode, else the mapping itself (map_files, needs root).

@@ -170,11 +170,20 @@ pub async fn trace(
     outlet.close().await;
     s.trackers.closing_notes().into_iter().chain(s.stacks.closing_note(&s.counters)).for_each(output::note);
     let omitted = std::mem::take(&mut s.omitted);
+    // The profile's mappings name their objects' build ids, read from the
+    // files the target mapped (checked by inode) while the map is at hand.
+    let build_ids = match opts.pprof {
+        Some(_) => {
+            let modules = final_report.findings.iter().flat_map(|f| f.stack.iter().filter_map(|fr| fr.module.as_deref()));
+            crate::binary::elf::mapped_build_ids(pid, &s.target.memory, modules)
+        }
+        None => Default::default(),
+    };
     drop(s);
     output::note(format!("detached from {pid}"));
     // After the final report is printed: a file that cannot be written is an
     // error (exit 1), but the report is not lost.
-    output::write_exports(&final_report, opts, started_wall)?;
+    output::write_exports(&final_report, &build_ids, opts, started_wall)?;
     Ok(Outcome { report: final_report, omitted, end, command_status })
 }
 

@@ -12,6 +12,10 @@
 //!
 //! A second test puts fixtures in child cgroups (v2) named as kubelet with
 //! containerd and Docker name them, and checks the container and pod labels.
+//!
+//! A third gives the agent a budget it cannot meet (`--max-cpu 0.01`): it
+//! must shed the idle targets and the busy look-alike, free their loads,
+//! and keep tracing the leak.
 
 mod common;
 
@@ -105,7 +109,8 @@ fn agent_traces_matching_processes_started_after_it() {
     let thread_leak = copy_fixture("thread_leak", &dir.0.join("sel"), "thread_leak");
     let other = copy_fixture("conn_leak", &dir.0, &format!("{tag}_other"));
     let exe_glob = format!("exe={}/sel/thread*", dir.0.display());
-    let agent = start_agent(&["--match", &format!("comm={conn_name}"), "--match", &exe_glob, "--keep-exited", "3s"]);
+    // The budget is out of the way here (shedding has its own test).
+    let agent = start_agent(&["--match", &format!("comm={conn_name}"), "--match", &exe_glob, "--keep-exited", "3s", "--max-cpu", "400"]);
 
     let leaky_conn = start_path(&conn, &[]);
     let leaky_threads = start_path(&thread_leak, &[]);
@@ -256,6 +261,8 @@ fn agent_labels_containers_and_pods_from_the_cgroup_path() {
         &format!("cgroup=/{top}/docker"),
         "--track",
         "threads",
+        "--max-cpu",
+        "400",
     ]);
     let in_pod = start_in_cgroup(&fixture("thread_leak"), &k8s_dir);
     let in_docker = start_in_cgroup(&fixture("thread_leak"), &docker_dir);
@@ -289,4 +296,83 @@ fn agent_labels_containers_and_pods_from_the_cgroup_path() {
     }
     assert!(!text.contains(&format!("pid=\"{o}\"")), "a process outside the selected cgroups is traced:\n{text}");
     drop((in_pod, in_docker, outside));
+}
+
+/// BPF programs and maps the process `pid` holds (its fds on them).
+fn bpf_fds(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("anon_inode:bpf-")))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn over_budget_the_agent_sheds_idle_targets_and_keeps_the_leak() {
+    let dir = TempDir::new("agent-budget");
+    let tag = format!("lb{}", std::process::id() % 100_000);
+    let idle = dir.0.join(format!("{tag}_idle"));
+    fs::copy("/usr/bin/sleep", &idle).unwrap();
+    let leak = copy_fixture("conn_leak", &dir.0, &format!("{tag}_leak"));
+    let twin = copy_fixture("conn_leak", &dir.0, &format!("{tag}_twin"));
+    // A budget no agent meets, measured over 6 s (again after each shed).
+    let agent = start_agent(&[
+        "--match",
+        &format!("exe={}/{tag}_*", dir.0.display()),
+        "--track",
+        "connections",
+        "--max-cpu",
+        "0.01",
+        "--budget-window",
+        "6s",
+    ]);
+    let sleepers: Vec<Proc> = (0..2)
+        .map(|_| Proc { name: "idle sleep", child: Command::new(&idle).arg("1000").stdout(Stdio::null()).spawn().unwrap() })
+        .collect();
+    let leaky = start_path(&leak, &[]);
+    // Busy (dial-then-close churn, a pool opened before attach), not leaking.
+    let busy = start_path(&twin, &["--no-leak", "--pool-delay-ms", "0"]);
+    let (l, b) = (leaky.pid(), busy.pid());
+    let shed_pids: Vec<u32> = sleepers.iter().map(|p| p.child.id()).chain([b]).collect();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut bpf_fds_all_traced = 0;
+    let text = loop {
+        let text = agent.scrape();
+        if text.contains("leaktrace_agent_targets{state=\"traced\"} 4") {
+            bpf_fds_all_traced = bpf_fds_all_traced.max(bpf_fds(agent.proc.child.id()));
+        }
+        let shed = |pid: u32| text.contains(&format!("leaktrace_target_untraced{{pid=\"{pid}\",reason=\"shed\"}} 1"));
+        let leaking = lines_of(&text, "leaktrace_live_objects", l).iter().any(|line| line.contains("site=\"dial_cache\",verdict=\"leak\""));
+        if shed_pids.iter().all(|p| shed(*p)) && leaking {
+            break text;
+        }
+        assert!(!shed(l), "the leaking target was shed while others could go; /metrics:\n{text}\nstderr:\n{}", agent.log());
+        assert!(Instant::now() < deadline, "the idle targets were not shed, or the leak not judged, in time; /metrics:\n{text}\nstderr:\n{}", agent.log());
+        thread::sleep(Duration::from_millis(300));
+    };
+    let log = agent.log();
+    assert!(text.contains("leaktrace_agent_targets{state=\"traced\"} 1"), "{text}");
+    assert!(text.contains("leaktrace_agent_targets{state=\"shed\"} 3"), "{text}");
+    assert!(text.contains("leaktrace_agent_shed_targets_total{} 3"), "{text}");
+    let pickup = text.lines().find_map(|l| l.strip_prefix("leaktrace_agent_pickup_cpu_seconds_total{} ")).and_then(|v| v.parse::<f64>().ok());
+    assert!(pickup.is_some_and(|s| s > 0.0), "picking four targets up took no CPU? {text}");
+    for pid in &shed_pids {
+        // Its identity stays; its (stale) series are gone.
+        assert_eq!(lines_of(&text, "leaktrace_target_info", *pid).len(), 1, "{text}");
+        assert!(lines_of(&text, "leaktrace_live_objects", *pid).is_empty(), "{text}");
+        assert!(log.contains(&format!(" {pid} ({tag}_")), "shedding pid {pid} not said:\n{log}");
+    }
+    assert!(log.contains("over budget for 6s"), "{log}");
+    for line in log.lines().filter(|line| line.contains("stopped tracing")) {
+        assert!(!line.contains(&format!(" {l} (")), "the leak was shed: {line}");
+    }
+    eprintln!("agent stderr:\n{log}");
+    // The shed targets' loads are gone: the agent holds far fewer BPF objects.
+    let now = bpf_fds(agent.proc.child.id());
+    assert!(bpf_fds_all_traced > 0, "never saw all four traced; stderr:\n{log}");
+    assert!(now * 4 < bpf_fds_all_traced * 3, "BPF fds: {bpf_fds_all_traced} with 4 targets, {now} after shedding 3");
+    drop((sleepers, leaky, busy));
 }

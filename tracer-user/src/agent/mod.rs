@@ -7,13 +7,17 @@
 //! process gone by then is skipped and counted) and traced by a session of
 //! their own ([`crate::session::trace`]) on this thread. A session ends when
 //! its target exits: its final report stays on /metrics for
-//! `--keep-exited`, then its series are removed.
+//! `--keep-exited`, then its series are removed. Over its budget
+//! (`--max-cpu`, `--max-rss`) it sheds targets ([`budget`]).
 
+pub mod budget;
 pub mod metrics;
 pub mod select;
 
 use std::{
-    collections::HashMap,
+    cell::Cell,
+    collections::{HashMap, HashSet},
+    rc::Rc,
     time::{Duration, Instant},
 };
 
@@ -34,7 +38,8 @@ use crate::{
     trackers::{Counters, REGISTRY},
 };
 use crate::identity::{self, Identity};
-use metrics::{Fleet, SharedFleet, Skip, Traced};
+use budget::{Budget, Meter, Metered};
+use metrics::{Fleet, SharedFleet, Skip, Traced, Untraced};
 use select::{Candidate, Selector};
 
 /// What `leaktrace agent` adds to the trace options.
@@ -45,8 +50,10 @@ pub struct AgentOptions {
     pub keep_exited: Duration,
     /// How long a process must live after its exec before it is traced.
     pub settle: Duration,
-    /// Targets traced at once; more are skipped and counted.
+    /// Targets traced at once; more are skipped and counted. Also the
+    /// bound on untraced rows (shed or refused) kept on /metrics.
     pub max_targets: usize,
+    pub budget: Budget,
 }
 
 /// The exec watcher: the eBPF object loaded without a target, only
@@ -157,6 +164,14 @@ async fn watch(agent: &AgentOptions, opts: &TraceOptions, watcher: &mut ExecWatc
     let mut pending: Vec<(u32, Instant, bool)> = running_pids().into_iter().map(|p| (p, start, false)).collect();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut warned_full = false;
+    let mut meter = Meter::default();
+    let mut next_reading = start;
+    // The last whole window's verdict: new matches wait while over.
+    let mut over_budget = false;
+    let mut warned_over = false;
+    let mut refusals_said = HashSet::new();
+    // CPU seconds spent picking targets up (left out of the budget).
+    let pickup_cpu = Rc::new(Cell::new(0.0));
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
@@ -174,6 +189,13 @@ async fn watch(agent: &AgentOptions, opts: &TraceOptions, watcher: &mut ExecWatc
             // Matched as soon as it is seen (within 100 ms of its exec),
             // again when it is due.
             let selected = || candidate(pid).is_some_and(|c| agent.selectors.iter().any(|s| s.matches(&c)));
+            // A new image: whatever was said of the old one (shed, refused) is over.
+            {
+                let mut f = fleet.write().unwrap_or_else(|e| e.into_inner());
+                if f.targets.get(&pid).is_some_and(|t| t.untraced.is_some()) {
+                    f.targets.remove(&pid);
+                }
+            }
             if !sessions.contains_key(&pid) && !pending.iter().any(|(p, _, _)| *p == pid) && selected() {
                 pending.push((pid, now + agent.settle, true));
             }
@@ -194,6 +216,14 @@ async fn watch(agent: &AgentOptions, opts: &TraceOptions, watcher: &mut ExecWatc
             if !agent.selectors.iter().any(|s| s.matches(&c)) {
                 continue;
             }
+            if over_budget {
+                fleet.write().unwrap_or_else(|e| e.into_inner()).skip(Skip::OverBudget);
+                if !warned_over {
+                    output::warn(format!("agent: over budget: pid {pid} ({}) and later matches are not traced while it is (counted in leaktrace_agent_targets_skipped_total{{reason=\"over_budget\"}})", c.comm));
+                    warned_over = true;
+                }
+                continue;
+            }
             if sessions.len() >= agent.max_targets {
                 fleet.write().unwrap_or_else(|e| e.into_inner()).skip(Skip::MaxTargets);
                 if !warned_full {
@@ -203,19 +233,35 @@ async fn watch(agent: &AgentOptions, opts: &TraceOptions, watcher: &mut ExecWatc
                 continue;
             }
             let report = new_shared_report();
+            let busy_ns: std::sync::Arc<std::sync::atomic::AtomicU64> = Default::default();
             let mut o = opts.clone();
-            o.duration = deadline.map(|d| d.saturating_duration_since(now).max(Duration::from_millis(1)));
+            // Whole milliseconds: the session says how long it traces.
+            o.duration = deadline.map(|d| Duration::from_millis(d.saturating_duration_since(now).as_millis().max(1) as u64));
             let outlet = Outlet::slot(report.clone());
             fleet.write().unwrap_or_else(|e| e.into_inner()).targets.insert(
                 pid,
-                Traced { identity: Identity::read(pid), report, exited_at: None },
+                Traced { identity: Identity::read(pid), report: report.clone(), exited_at: None, untraced: None, busy_ns: busy_ns.clone() },
             );
-            sessions.insert(pid, tokio::task::spawn_local(async move { session::trace(pid, &o, None, outlet, true).await }));
+            let traced = async move { session::trace(pid, &o, None, outlet, true).await };
+            sessions.insert(pid, tokio::task::spawn_local(Metered::new(traced, report, pickup_cpu.clone(), busy_ns)));
         }
-        reap(&mut sessions, fleet, now).await;
+        reap(&mut sessions, fleet, now, agent.max_targets, &mut refusals_said).await;
+        if now >= next_reading {
+            next_reading = now + Duration::from_secs(1);
+            let (_, rss) = metrics::own_usage();
+            meter.push(now, budget::process_cpu_s() - pickup_cpu.get(), rss, agent.budget.window);
+            if let Some(spent) = meter.spent(&agent.budget) {
+                over_budget = spent.over();
+                if over_budget && shed(&spent, agent, opts.interval, &mut sessions, fleet) {
+                    meter.reset();
+                }
+            }
+            fleet.write().unwrap_or_else(|e| e.into_inner()).targets.retain(|pid, t| t.untraced.is_none() || crate::procfs::is_alive(*pid));
+        }
         let mut f = fleet.write().unwrap_or_else(|e| e.into_inner());
         f.targets.retain(|_, t| t.exited_at.is_none_or(|at| now.duration_since(at) < agent.keep_exited));
         f.execs_lost = watcher.lost();
+        f.pickup_cpu_s = pickup_cpu.get();
     }
     // Every session saw the same signal (or deadline) and ends on its own.
     for (pid, handle) in sessions {
@@ -226,10 +272,88 @@ async fn watch(agent: &AgentOptions, opts: &TraceOptions, watcher: &mut ExecWatc
     Ok(())
 }
 
+/// Over budget: stops tracing the targets [`budget::choose`] picks (their
+/// sessions dropped: programs detached, the load freed), keeps their
+/// identity rows as shed, says so in one line. Whether any was shed.
+fn shed(
+    spent: &budget::Spent,
+    agent: &AgentOptions,
+    interval: Duration,
+    sessions: &mut HashMap<u32, JoinHandle<Result<Outcome>>>,
+    fleet: &SharedFleet,
+) -> bool {
+    let mut f = fleet.write().unwrap_or_else(|e| e.into_inner());
+    let standings: Vec<(u32, budget::Standing)> = sessions
+        .keys()
+        .filter_map(|pid| {
+            let t = f.targets.get(pid)?;
+            let report = t.report.read().unwrap_or_else(|e| e.into_inner());
+            let busy = t.busy_ns.load(std::sync::atomic::Ordering::Relaxed);
+            Some((*pid, budget::standing(report.as_ref(), interval, busy)))
+        })
+        .collect();
+    let chosen = budget::choose(&standings, spent.need(&agent.budget, standings.len()));
+    if chosen.is_empty() {
+        return false;
+    }
+    let mut named = Vec::new();
+    for pid in &chosen {
+        if let Some(handle) = sessions.remove(pid) {
+            handle.abort();
+        }
+        if let Some(t) = f.targets.get_mut(pid) {
+            t.report = new_shared_report();
+            t.untraced = Some(Untraced::Shed);
+            named.push(format!("{pid} ({})", t.identity.comm));
+        }
+        f.shed_total += 1;
+    }
+    let more = named.len().saturating_sub(8);
+    named.truncate(8);
+    let budget = &agent.budget;
+    output::warn(format!(
+        "agent: over budget for {} (CPU {:.2} % of a core, --max-cpu {}; RSS {} MiB, --max-rss {}): stopped tracing {} target(s): {}{} (leaktrace_agent_shed_targets_total; their leaktrace_target_untraced{{reason=\"shed\"}} rows stay while they live)",
+        humantime::format_duration(budget.window),
+        spent.cpu_percent,
+        budget.max_cpu_percent,
+        spent.rss >> 20,
+        budget.max_rss_bytes >> 20,
+        chosen.len(),
+        named.join(", "),
+        if more > 0 { format!(" and {more} more") } else { String::new() },
+    ));
+    true
+}
+
+/// The one line that says why a target could not be traced, once per
+/// kernel reason (an errno, else the innermost cause): `None` when said
+/// already (later ones are only counted).
+fn refusal_line(pid: u32, comm: &str, e: &anyhow::Error, said: &mut HashSet<String>) -> Option<String> {
+    let errno = e.chain().find_map(|c| c.downcast_ref::<std::io::Error>().and_then(|io| io.raw_os_error()));
+    let key = errno.map(|n| n.to_string()).unwrap_or_else(|| e.root_cause().to_string());
+    if said.len() >= 32 || !said.insert(key) {
+        return None;
+    }
+    let why = if errno == Some(libc::E2BIG) {
+        " (E2BIG: the kernel allows 64 BPF programs per tracepoint, and every target of the agent is a load of its own that attaches two to sched_process_exit)"
+    } else {
+        ""
+    };
+    Some(format!(
+        "agent: cannot trace pid {pid} ({comm}): {e:#}{why}; counted in leaktrace_agent_targets{{state=\"refused\"}}, later refusals for this reason are only counted"
+    ))
+}
+
 /// Sessions that ended: their targets are marked exited (their last report
-/// stays for `keep_exited`); one that failed before its first report is
-/// removed at once and counted.
-async fn reap(sessions: &mut HashMap<u32, JoinHandle<Result<Outcome>>>, fleet: &SharedFleet, now: Instant) {
+/// stays for `keep_exited`); one that failed is counted and, while the
+/// process lives, kept as refused (at most `max_rows` untraced rows).
+async fn reap(
+    sessions: &mut HashMap<u32, JoinHandle<Result<Outcome>>>,
+    fleet: &SharedFleet,
+    now: Instant,
+    max_rows: usize,
+    refusals_said: &mut HashSet<String>,
+) {
     let ended: Vec<u32> = sessions.iter().filter(|(_, h)| h.is_finished()).map(|(p, _)| *p).collect();
     for pid in ended {
         let Some(handle) = sessions.remove(&pid) else { continue };
@@ -243,11 +367,21 @@ async fn reap(sessions: &mut HashMap<u32, JoinHandle<Result<Outcome>>>, fleet: &
                 }
             }
             other => {
-                f.targets.remove(&pid);
                 f.skip(Skip::AttachFailed);
+                let rows = f.targets.values().filter(|t| t.untraced.is_some()).count();
+                let comm = match f.targets.get_mut(&pid) {
+                    Some(t) if rows < max_rows && crate::procfs::is_alive(pid) => {
+                        t.report = new_shared_report();
+                        t.untraced = Some(Untraced::Refused);
+                        t.identity.comm.clone()
+                    }
+                    _ => f.targets.remove(&pid).map(|t| t.identity.comm).unwrap_or_default(),
+                };
+                drop(f);
                 if let Ok(Err(e)) = other {
-                    drop(f);
-                    output::warn(format!("agent: cannot trace pid {pid}: {e:#}"));
+                    if let Some(line) = refusal_line(pid, &comm, &e, refusals_said) {
+                        output::warn(line);
+                    }
                 }
             }
         }
@@ -257,5 +391,28 @@ async fn reap(sessions: &mut HashMap<u32, JoinHandle<Result<Outcome>>>, fleet: &
 impl Fleet {
     fn skip(&mut self, why: Skip) {
         *self.skipped.entry(why).or_default() += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+
+    #[test]
+    fn a_refusal_is_said_once_per_kernel_reason_in_one_line() {
+        let e2big = || -> anyhow::Error {
+            Err::<(), _>(std::io::Error::from_raw_os_error(libc::E2BIG))
+                .context("cannot attach process_exit to tracepoint sched:sched_process_exit")
+                .unwrap_err()
+        };
+        let mut said = HashSet::new();
+        let line = refusal_line(42, "lt_idle", &e2big(), &mut said).unwrap();
+        assert!(!line.contains('\n'), "{line}");
+        assert!(line.starts_with("agent: cannot trace pid 42 (lt_idle): cannot attach process_exit to tracepoint sched:sched_process_exit: Argument list too long"), "{line}");
+        assert!(line.contains("64 BPF programs per tracepoint"), "{line}");
+        assert_eq!(refusal_line(43, "lt_idle", &e2big(), &mut said), None, "said once");
+        let other = anyhow::anyhow!("no such process");
+        assert!(refusal_line(44, "x", &other, &mut said).is_some_and(|l| !l.contains("E2BIG")));
     }
 }

@@ -1,7 +1,7 @@
 //! ELF files, read with `object`: text symbols by their base name, the
 //! bytes at a link-time address, link-time addresses <-> file offsets
-//! through the PT_LOAD segments, the load bias of a mapped object, and the
-//! globals (data symbols) that contain an address.
+//! through the PT_LOAD segments, the load bias of a mapped object, the
+//! globals (data symbols) that contain an address, and GNU build ids.
 
 use std::{
     collections::HashMap,
@@ -12,6 +12,36 @@ use anyhow::{anyhow, bail, Context, Result};
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
 
 use crate::procfs::{self, Mapping, MemoryMap};
+
+/// The GNU build id (`.note.gnu.build-id`) of the ELF file at `path`, as
+/// lowercase hex.
+pub fn file_build_id(path: &Path) -> Option<String> {
+    let file = std::fs::File::open(path).ok()?;
+    // SAFETY: read-only map of an object file; a file truncated under us
+    // would fault, which a mapped program's image cannot be.
+    let data = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+    let id = object::File::parse(&*data).ok()?.build_id().ok()??;
+    Some(id.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The build ids of the objects named `modules` (paths as the target maps
+/// them), read from the files `memory` says were mapped — checked by device
+/// and inode, so a file replaced since, or another one at the same path in
+/// another mount namespace, gives no build id rather than a wrong one. Works
+/// after the target exited for files still on the host.
+pub fn mapped_build_ids<'a>(pid: u32, memory: &MemoryMap, modules: impl IntoIterator<Item = &'a str>) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for module in modules {
+        if out.contains_key(module) {
+            continue;
+        }
+        let mapped = memory.mappings.iter().find(|m| m.path.as_os_str() == module);
+        if let Some(id) = mapped.and_then(|m| procfs::verified_object_path(pid, m)).and_then(|p| file_build_id(&p)) {
+            out.insert(module.to_string(), id);
+        }
+    }
+    out
+}
 
 /// A function symbol, its version (`@GLIBC_2.2.5`, `@@GLIBC_2.2.5`) dropped
 /// from its name.

@@ -160,11 +160,11 @@ fn emit(report: &Report, format: Format, is_tty: bool, table_opts: &TableOptions
 /// Writes the `--pprof` profile and the `--flamegraph` SVGs of the final
 /// report. Each file is tried even if another failed; the first failure is
 /// the error.
-pub fn write_exports(report: &Report, opts: &TraceOptions, started: SystemTime) -> Result<()> {
+pub fn write_exports(report: &Report, build_ids: &std::collections::HashMap<String, String>, opts: &TraceOptions, started: SystemTime) -> Result<()> {
     let mut first_error = None;
     if let Some(path) = &opts.pprof {
         let time_nanos = started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
-        let bytes = render::pprof::render_pprof(report, time_nanos);
+        let bytes = render::pprof::render_pprof(report, time_nanos, build_ids);
         match write_file(path, &bytes).with_context(|| format!("cannot write pprof profile {}", path.display())) {
             Ok(()) => note(format!("wrote pprof profile {}", path.display())),
             Err(e) => first_error = first_error.or(Some(e)),

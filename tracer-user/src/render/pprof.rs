@@ -302,7 +302,9 @@ impl Builder {
 
 /// The report as a pprof profile. `time_nanos`: when the trace started
 /// (wall clock, ns since the epoch); the duration is the report's elapsed time.
-pub fn build_profile(report: &Report, time_nanos: i64) -> Profile {
+/// `build_ids`: module path -> GNU build id (hex), each mapping's `build_id`
+/// (read by the caller from the files the target mapped).
+pub fn build_profile(report: &Report, time_nanos: i64, build_ids: &HashMap<String, String>) -> Profile {
     let mut b = Builder::new();
     let mut kinds = report.kinds();
     if kinds.is_empty() {
@@ -388,6 +390,12 @@ pub fn build_profile(report: &Report, time_nanos: i64) -> Profile {
         comments.push("the target exited during the trace".into());
     }
     b.profile.comment = comments.iter().map(|c| b.string(c)).collect();
+    for i in 0..b.profile.mapping.len() {
+        let file = &b.profile.string_table[b.profile.mapping[i].filename as usize];
+        if let Some(id) = build_ids.get(file).cloned() {
+            b.profile.mapping[i].build_id = b.string(&id);
+        }
+    }
     b.profile.time_nanos = time_nanos;
     b.profile.duration_nanos = (report.elapsed_s * 1e9) as i64;
     b.profile
@@ -402,8 +410,8 @@ pub fn encode_gzipped(profile: &Profile) -> Vec<u8> {
 }
 
 /// The report as the bytes of a `.pb.gz` pprof file.
-pub fn render_pprof(report: &Report, time_nanos: i64) -> Vec<u8> {
-    encode_gzipped(&build_profile(report, time_nanos))
+pub fn render_pprof(report: &Report, time_nanos: i64, build_ids: &HashMap<String, String>) -> Vec<u8> {
+    encode_gzipped(&build_profile(report, time_nanos, build_ids))
 }
 
 #[cfg(test)]
@@ -488,7 +496,8 @@ mod tests {
 
     #[test]
     fn profile_decodes_with_sample_types_stacks_and_labels() {
-        let p = decode(&render_pprof(&two_findings(), 1_700_000_000_000_000_000));
+        let ids = HashMap::from([("/srv/app".to_string(), "0a1b2c3d".to_string())]);
+        let p = decode(&render_pprof(&two_findings(), 1_700_000_000_000_000_000, &ids));
         assert_eq!(p.string_table[0], "");
         let types: Vec<_> = p.sample_type.iter().map(|t| (s(&p, t.r#type), s(&p, t.unit))).collect();
         assert_eq!(types, vec![("connections", "count")]);
@@ -531,6 +540,8 @@ mod tests {
         assert_eq!(files, ["/srv/app", "/usr/lib/x86_64-linux-gnu/libc.so.6", "/opt/libstripped.so"]);
         assert!(p.mapping.iter().all(|m| m.has_functions));
         assert!(p.mapping[0].has_line_numbers && !p.mapping[2].has_line_numbers);
+        let build_ids: Vec<_> = p.mapping.iter().map(|m| s(&p, m.build_id)).collect();
+        assert_eq!(build_ids, ["0a1b2c3d", "", ""], "a build id where one was read, none elsewhere");
         for l in &p.location {
             assert!(l.mapping_id as usize <= p.mapping.len() && l.id != 0);
         }
@@ -542,7 +553,7 @@ mod tests {
     fn ids_are_unique_and_strings_deduplicated() {
         let mut r = two_findings();
         r.findings.push(r.findings[0].clone());
-        let p = build_profile(&r, 0);
+        let p = build_profile(&r, 0, &HashMap::new());
         let mut seen = std::collections::HashSet::new();
         assert!(p.string_table.iter().all(|x| seen.insert(x.clone())), "duplicate strings");
         for (i, l) in p.location.iter().enumerate() {
@@ -561,7 +572,7 @@ mod tests {
     fn empty_report_still_declares_its_sample_types() {
         let mut r = example_report();
         r.findings.clear();
-        let p = decode(&render_pprof(&r, 0));
+        let p = decode(&render_pprof(&r, 0, &HashMap::new()));
         assert!(p.sample.is_empty());
         assert_eq!(s(&p, p.sample_type[0].r#type), "connections");
     }

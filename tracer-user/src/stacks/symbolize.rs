@@ -459,10 +459,30 @@ fn is_runtime_or_std(f: &Frame) -> bool {
         || is_standard_function(&f.function)
 }
 
+/// A demangled C++ name without the return type a function template's
+/// name starts with (`void std::allocator_traits<..>::construct<..>(..)`,
+/// `std::pair<.., bool> std::_Hashtable<..>::_M_emplace<..>(..)`): what
+/// follows the last space outside template brackets before the parameters.
+fn without_return_type(func: &str) -> &str {
+    let mut depth = 0i32;
+    let mut start = 0;
+    for (i, c) in func.char_indices() {
+        match c {
+            '<' => depth += 1,
+            '>' => depth -= 1,
+            '(' if depth == 0 => break,
+            ' ' if depth == 0 => start = i + 1,
+            _ => {}
+        }
+    }
+    &func[start..]
+}
+
 /// Functions of a language's runtime or standard library, by name.
 fn is_standard_function(func: &str) -> bool {
     // Rust's `<std::net::TcpStream>::connect`, `<alloc::vec::Vec<T> as ..>`.
     let func = func.trim_start_matches('<');
+    let func = if func.starts_with("impl ") { func } else { without_return_type(func) };
     if func.starts_with("impl ") && ["std::", "core::", "alloc::"].iter().any(|p| func[5..].starts_with(p)) {
         return true;
     }
@@ -535,6 +555,20 @@ mod tests {
 
     fn go_api() -> OwnCode {
         OwnCode { executable: Some("/srv/api".into()), go: true, go_module: Some("example.com/api".into()), prefixes: vec![] }
+    }
+
+    #[test]
+    fn a_function_templates_return_type_does_not_hide_std() {
+        for f in [
+            "void std::allocator_traits<std::allocator<int> >::construct<int, int&>(std::allocator<int>&, int*, int&)",
+            "std::pair<std::__detail::_Node_iterator<int, false, false>, bool> std::_Hashtable<int>::_M_emplace<int&>(std::integral_constant<bool, true>, int&)",
+            "std::__cxx11::basic_string<char, std::char_traits<char>, std::allocator<char> >::_M_construct(unsigned long, char)",
+        ] {
+            assert!(is_standard_function(f), "{f}");
+        }
+        for f in ["cache_session(int)", "void my::Cache<std::string>::put(int)", "operator new(unsigned long)", "main"] {
+            assert!(!is_standard_function(f), "{f}");
+        }
     }
 
     #[test]

@@ -585,6 +585,8 @@ impl Unwinder {
         probes.attach_tracepoints(&[
             ("unwind_munmap", "syscalls", "sys_enter_munmap"),
             ("unwind_munmap_exit", "syscalls", "sys_exit_munmap"),
+            ("unwind_mmap_fixed", "syscalls", "sys_enter_mmap"),
+            ("unwind_munmap_exit", "syscalls", "sys_exit_mmap"),
         ])?;
         Ok(Self {
             pid,

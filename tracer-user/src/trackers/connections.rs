@@ -9,13 +9,13 @@ use std::{
 };
 
 use anyhow::Result;
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap, RingBuf};
+use aya::maps::{MapData, PerCpuHashMap};
 use tracer_common::{
-    connections::{counter, finalizer, flag, ring_kind, ConnInfo, ConnRingEvent, FdKey},
+    connections::{counter, flag, ConnInfo, FdKey},
     stacks::{StackCounts, StackKey},
 };
 
-use super::{stack_samples, Collected, Counters, Judging, LiveStack, StackSample, Tally, Target, Tracker, TrackerSpec};
+use super::{fd_table::LiveFds, stack_samples, Collected, Counters, Judging, LiveStack, StackSample, Tally, Target, Tracker, TrackerSpec};
 use crate::{
     cli::TraceOptions,
     probes::{LoadSettings, Probes, Tracepoints},
@@ -61,19 +61,19 @@ impl Tracker for ConnectionCollector {
     }
 
     fn poll(&mut self) {
-        self.poll_events();
+        self.live.poll_close_ranges();
     }
 
     fn on_start(&mut self, _probes: &mut Probes, _target: &Target) {
-        self.set_finalizer_range();
+        self.live.set_finalizer_range();
         self.take_inventory();
     }
 
     /// Only sockets of the old image: the new one may already have made its
     /// own (CLOEXEC too) by the time we hear of the exec.
     fn on_exec(&mut self, _probes: &mut Probes, _target: &Target, at_ns: u64) {
-        self.end_where(|_, info| info.flags & flag::CLOEXEC != 0 && info.created_ns < at_ns);
-        self.set_finalizer_range();
+        self.live.end_where(|_, info| info.flags & flag::CLOEXEC != 0 && info.created_ns < at_ns);
+        self.live.set_finalizer_range();
     }
 
     fn collect(&mut self, _probes: &mut Probes, target: &Target, now_ns: u64) -> Result<Collected> {
@@ -91,16 +91,10 @@ impl Tracker for ConnectionCollector {
 /// Reads the connection tracker's maps for one target.
 pub struct ConnectionCollector {
     pid: u32,
-    fds: BpfHashMap<MapData, FdKey, ConnInfo>,
+    live: LiveFds<ConnInfo>,
     stacks: PerCpuHashMap<MapData, StackKey, StackCounts>,
-    ring: RingBuf<MapData>,
     /// Per stack: sockets Go's finalizer goroutine closed.
     finalized: PerCpuHashMap<MapData, StackKey, u64>,
-    /// `runtime.runfinq`'s pc range for the kernel side (0, 0: not Go).
-    finalizer_range: Array<MapData, u64>,
-    /// Sockets user space found closed behind the kernel side's back
-    /// (exec, close_range, anything missed), per stack.
-    reconciled: HashMap<StackKey, u64>,
     /// Socket inode of each live entry (keyed with its creation time), as
     /// first seen in /proc: a different inode later means the fd was reused
     /// by a socket we did not see made, and ours is gone.
@@ -108,8 +102,6 @@ pub struct ConnectionCollector {
     /// Peers found in /proc/PID/net for live sockets the syscalls gave no
     /// address for (accept with a NULL address, sockets adopted at connect).
     net_peers: HashMap<(FdKey, u64), String>,
-    /// The target is a Go program whose finalizer closes are told apart.
-    is_go: bool,
     /// Sockets that existed at attach: inode -> group (its peer, or
     /// [`NO_PEER`]); at most `max_inventory`, the rest counted.
     before_attach: HashMap<u64, String>,
@@ -138,29 +130,15 @@ impl ConnectionCollector {
         probes.seed_overflow_stack::<StackCounts>("CONN_STACKS")?;
         Ok(Self {
             pid,
-            fds: probes.take_map("CONN_FDS")?,
+            live: LiveFds::new(probes, pid, "CONN_FDS", "CONN_EVENTS", "CONN_FINALIZER")?,
             stacks: probes.take_map("CONN_STACKS")?,
-            ring: probes.take_map("CONN_EVENTS")?,
             finalized: probes.take_map("CONN_FINALIZED")?,
-            finalizer_range: probes.take_map("CONN_FINALIZER")?,
-            reconciled: HashMap::new(),
             inodes: HashMap::new(),
             net_peers: HashMap::new(),
-            is_go: false,
             before_attach: HashMap::new(),
             max_inventory: MAX_INVENTORY,
             last_inventory: Vec::new(),
         })
-    }
-
-    /// Tells the kernel side where the target's `runtime.runfinq` is (Go
-    /// programs; a close on the finalizer goroutine has it in its stack), or
-    /// that there is none.
-    fn set_finalizer_range(&mut self) {
-        let range = crate::binary::golang::finalizer_range(self.pid);
-        let _ = self.finalizer_range.set(finalizer::START, range.0, 0);
-        let _ = self.finalizer_range.set(finalizer::END, range.1, 0);
-        self.is_go = range.0 != 0;
     }
 
     /// The sockets the target already has at attach, by peer (from
@@ -221,53 +199,15 @@ impl ConnectionCollector {
         out
     }
 
-    /// Handles rare events from the ring buffer (close_range).
-    fn poll_events(&mut self) {
-        let mut ranges = Vec::new();
-        while let Some(item) = self.ring.next() {
-            if item.len() < std::mem::size_of::<ConnRingEvent>() {
-                continue;
-            }
-            // SAFETY: the kernel wrote a ConnRingEvent; read unaligned.
-            let ev: ConnRingEvent = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const ConnRingEvent) };
-            if ev.kind == ring_kind::CLOSE_RANGE {
-                ranges.push((ev.a as u32, ev.b.min(u32::MAX as u64) as u32, ev.c));
-            }
-        }
-        for (first, last, at) in ranges {
-            // Only sockets made before the call: the fd numbers may already
-            // belong to new sockets by the time we read the ring.
-            self.end_where(|fd, info| fd >= first && fd <= last && info.created_ns < at);
-        }
-    }
-
-    /// Ends (removes and counts) live sockets matching `pred`.
-    fn end_where(&mut self, pred: impl Fn(u32, &ConnInfo) -> bool) {
-        let victims: Vec<(FdKey, ConnInfo)> = self
-            .fds
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(k, v)| k.tgid == self.pid && pred(k.fd, v))
-            .collect();
-        for (key, info) in victims {
-            self.remove_stale(key, info);
-        }
-    }
-
-    /// Ends the entry `key` if it is still the one seen.
-    fn remove_stale(&mut self, key: FdKey, seen: ConnInfo) {
-        super::end_if_unchanged(&mut self.fds, key, &seen, &mut self.reconciled);
-    }
-
     /// One sample per creation stack. `now_ns` is CLOCK_MONOTONIC (the
     /// clock of `bpf_ktime_get_ns`). When the target is gone the table is
     /// left as it was at exit: the final report shows what was live then.
     pub fn collect_samples(&mut self, now_ns: u64, target_alive: bool) -> Result<Vec<StackSample>> {
-        self.poll_events();
+        self.live.poll_close_ranges();
         // Snapshot the table first, then /proc: a socket in the snapshot that
         // /proc no longer lists was closed without us seeing it.
         let live: Vec<(FdKey, ConnInfo)> =
-            self.fds.iter().filter_map(|r| r.ok()).filter(|(k, _)| k.tgid == self.pid).collect();
+            self.live.live();
         let mut stale = HashSet::new();
         if target_alive {
             // Read the fds, then make sure the process was not tearing down
@@ -284,7 +224,7 @@ impl ConnectionCollector {
                     };
                     if gone {
                         stale.insert(key.fd);
-                        self.remove_stale(*key, *info);
+                        self.live.remove_stale(*key, *info);
                     } else if format_peer(info).is_none() && !self.net_peers.contains_key(&id) {
                         need_peers.push((id, sockets[&key.fd]));
                     }
@@ -323,8 +263,8 @@ impl ConnectionCollector {
             .filter_map(|r| r.ok())
             .map(|(k, per_cpu)| (k, per_cpu.iter().sum()))
             .collect();
-        let is_go = self.is_go;
-        let mut samples: Vec<StackSample> = stack_samples(&self.stacks, &self.reconciled, per_stack, now_ns)
+        let is_go = self.live.is_go;
+        let mut samples: Vec<StackSample> = stack_samples(&self.stacks, &self.live.reconciled, per_stack, now_ns)
             .into_iter()
             .map(|(sample, peer)| {
                 let ended_by_finalizer = match &sample.stack {

@@ -7,13 +7,13 @@
 use std::collections::{HashMap, HashSet};
 
 use anyhow::Result;
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, RingBuf};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap};
 use tracer_common::{
-    fds::{counter, fd_type, flag, ring_kind, FdInfo, FdKey, FdRingEvent, MAX_FD_STACKS},
+    fds::{counter, fd_type, flag, FdInfo, FdKey, MAX_FD_STACKS},
     stacks::{StackCounts, StackKey, WalkedFrames, MAX_WALKED_STACKS, WALKED_STACK},
 };
 
-use super::{stack_samples, Collected, Counters, Judging, LiveStack, StackSample, Tally, Target, Tracker, TrackerSpec};
+use super::{fd_table::LiveFds, stack_samples, Collected, Counters, Judging, LiveStack, StackSample, Tally, Target, Tracker, TrackerSpec};
 use crate::{
     cli::TraceOptions,
     probes::{LoadSettings, Probes, Tracepoints},
@@ -82,17 +82,17 @@ impl Tracker for FdCollector {
     }
 
     fn poll(&mut self) {
-        self.poll_events();
+        self.live.poll_close_ranges();
     }
 
     fn on_start(&mut self, _probes: &mut Probes, _target: &Target) {
-        self.set_finalizer_range();
+        self.live.set_finalizer_range();
     }
 
     /// fds of the old image made CLOEXEC end at exec; the others survive.
     fn on_exec(&mut self, _probes: &mut Probes, _target: &Target, at_ns: u64) {
-        self.end_where(|_, info| info.flags & flag::CLOEXEC != 0 && info.created_ns < at_ns);
-        self.set_finalizer_range();
+        self.live.end_where(|_, info| info.flags & flag::CLOEXEC != 0 && info.created_ns < at_ns);
+        self.live.set_finalizer_range();
     }
 
     fn collect(&mut self, _probes: &mut Probes, target: &Target, now_ns: u64) -> Result<Collected> {
@@ -123,19 +123,12 @@ struct StackInfo {
 /// Reads the fd tracker's maps for one target.
 pub struct FdCollector {
     pid: u32,
-    fds: BpfHashMap<MapData, FdKey, FdInfo>,
+    live: LiveFds<FdInfo>,
     stacks: PerCpuHashMap<MapData, StackKey, StackCounts>,
     frames: BpfHashMap<MapData, u64, WalkedFrames>,
-    ring: RingBuf<MapData>,
     /// Per stack: fds Go's finalizer goroutine closed (an `*os.File`
     /// dropped without `Close`).
     finalized: PerCpuHashMap<MapData, StackKey, u64>,
-    /// `runtime.runfinq`'s pc range for the kernel side (0, 0: not Go).
-    finalizer_range: aya::maps::Array<MapData, u64>,
-    /// The target is a Go program whose finalizer closes are told apart.
-    is_go: bool,
-    /// fds found closed behind the kernel side's back, per stack.
-    reconciled: HashMap<StackKey, u64>,
     /// Each live entry (keyed with its creation time) as first seen in /proc.
     seen: HashMap<(FdKey, u64), Seen>,
     /// Per stack (bounded by the kernel's per-stack table).
@@ -148,58 +141,21 @@ impl FdCollector {
         probes.seed_overflow_stack::<StackCounts>("FDS_STACKS")?;
         Ok(Self {
             pid,
-            fds: probes.take_map("FDS_LIVE")?,
+            live: LiveFds::new(probes, pid, "FDS_LIVE", "FDS_EVENTS", "FDS_FINALIZER")?,
             stacks: probes.take_map("FDS_STACKS")?,
             frames: probes.take_map("FDS_FRAMES")?,
-            ring: probes.take_map("FDS_EVENTS")?,
             finalized: probes.take_map("FDS_FINALIZED")?,
-            finalizer_range: probes.take_map("FDS_FINALIZER")?,
-            is_go: false,
-            reconciled: HashMap::new(),
             seen: HashMap::new(),
             info: HashMap::new(),
         })
     }
 
-    /// Handles close_range events from the ring.
-    fn poll_events(&mut self) {
-        let mut ranges = Vec::new();
-        while let Some(item) = self.ring.next() {
-            if item.len() < std::mem::size_of::<FdRingEvent>() {
-                continue;
-            }
-            // SAFETY: the kernel wrote an FdRingEvent; read unaligned.
-            let ev: FdRingEvent = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FdRingEvent) };
-            if ev.kind == ring_kind::CLOSE_RANGE {
-                ranges.push((ev.a as u32, ev.b.min(u32::MAX as u64) as u32, ev.c));
-            }
-        }
-        for (first, last, at) in ranges {
-            // Only fds made before the call: the numbers may be reused since.
-            self.end_where(|fd, info| fd >= first && fd <= last && info.created_ns < at);
-        }
-    }
-
-    /// Ends (removes and counts) live fds matching `pred`.
-    fn end_where(&mut self, pred: impl Fn(u32, &FdInfo) -> bool) {
-        let victims: Vec<(FdKey, FdInfo)> =
-            self.fds.iter().filter_map(|r| r.ok()).filter(|(k, v)| k.tgid == self.pid && pred(k.fd, v)).collect();
-        for (key, info) in victims {
-            self.remove_stale(key, info);
-        }
-    }
-
-    /// Ends the entry `key` if it is still the one seen.
-    fn remove_stale(&mut self, key: FdKey, seen: FdInfo) {
-        super::end_if_unchanged(&mut self.fds, key, &seen, &mut self.reconciled);
-    }
-
     /// One sample per creation stack; when the target is gone the table is
     /// left as it was at exit.
     pub fn collect_samples(&mut self, now_ns: u64, target_alive: bool) -> Result<Vec<StackSample>> {
-        self.poll_events();
+        self.live.poll_close_ranges();
         let live: Vec<(FdKey, FdInfo)> =
-            self.fds.iter().filter_map(|r| r.ok()).filter(|(k, _)| k.tgid == self.pid).collect();
+            self.live.live();
         let mut stale = HashSet::new();
         if target_alive {
             // As the connection tracker: an fd in the snapshot that /proc no
@@ -217,7 +173,7 @@ impl FdCollector {
                     };
                     if gone {
                         stale.insert(key.fd);
-                        self.remove_stale(*key, *info);
+                        self.live.remove_stale(*key, *info);
                     }
                 }
                 let ids: HashSet<(FdKey, u64)> =
@@ -246,7 +202,7 @@ impl FdCollector {
                 }
             }
         }
-        let samples = stack_samples(&self.stacks, &self.reconciled, per_stack, now_ns);
+        let samples = stack_samples(&self.stacks, &self.live.reconciled, per_stack, now_ns);
         // Bounded by the kernel's per-stack table.
         if self.info.len() > MAX_FD_STACKS as usize * 2 {
             let keep: HashSet<StackKey> = samples.iter().filter_map(|(s, _)| match s.stack {
@@ -263,7 +219,7 @@ impl FdCollector {
                     _ => StackKey::default(),
                 };
                 let si = self.info.get(&key);
-                let by_finalizer = self.is_go.then(|| self.finalized.get(&key, 0).map_or(0, |v| v.iter().sum::<u64>()));
+                let by_finalizer = self.live.is_go.then(|| self.finalized.get(&key, 0).map_or(0, |v| v.iter().sum::<u64>()));
                 StackSample {
                     ended_by_finalizer: by_finalizer,
                     stack: self.sample_stack(key),
@@ -274,16 +230,6 @@ impl FdCollector {
                 }
             })
             .collect())
-    }
-
-    /// Tells the kernel side where Go's finalizer goroutine runs (a new
-    /// image: at start and after exec).
-    fn set_finalizer_range(&mut self) {
-        use tracer_common::stacks::finalizer;
-        let range = crate::binary::golang::finalizer_range(self.pid);
-        let _ = self.finalizer_range.set(finalizer::START, range.0, 0);
-        let _ = self.finalizer_range.set(finalizer::END, range.1, 0);
-        self.is_go = range.0 != 0;
     }
 
     /// A kernel key as a stack the resolver understands.

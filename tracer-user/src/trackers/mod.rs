@@ -5,6 +5,7 @@
 
 pub mod allocations;
 pub mod connections;
+pub mod fd_table;
 pub mod fds;
 pub mod goroutines;
 pub mod maps;

@@ -4,9 +4,12 @@
 //! trackers: its CPU (from its own `leaktrace_agent_cpu_seconds_total`,
 //! cross-checked with /proc), its RSS, and the kernel memory of the BPF
 //! maps it holds (`memlock` of its map descriptors). Setup (the per-target
-//! loads) is reported apart from the steady window.
+//! loads) is reported apart from the steady window. The agent runs with its
+//! budget (`--max-cpu`, default 1 % as the agent's; `--max-cpu 1000` for
+//! the cost of tracing every target): how many targets it traced, shed,
+//! could not load or skipped is printed beside the cost.
 //!
-//! Options: `--idle N` (50), `--seconds S` (60).
+//! Options: `--idle N` (50), `--seconds S` (60), `--max-cpu PERCENT` (1).
 
 use std::{
     fs,
@@ -63,7 +66,8 @@ fn rss_bytes(pid: u32) -> u64 {
 }
 
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
-    let [idle, seconds] = parse_options("bench agent", args, [("--idle", 50), ("--seconds", 60)], &["--idle", "--seconds"])?;
+    let [idle, seconds, max_cpu] =
+        parse_options("bench agent", args, [("--idle", 50), ("--seconds", 60), ("--max-cpu", 1)], &["--idle", "--seconds", "--max-cpu"])?;
     build::run(root)?;
     let dir = target_dir(root).join("xtask-bench").join("agent");
     let _ = fs::remove_dir_all(&dir);
@@ -80,6 +84,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         // More than the kernel lets per-target loads attach (64 programs
         // per tracepoint): the bench reports how many were traced.
         .args(["agent", "--listen", &addr, "--max-targets", "64", "--match", "comm=lt_idle"])
+        .arg(format!("--max-cpu={max_cpu}"))
         .arg(format!("--match=exe={}/lt_churn_*", dir.display()))
         .stdout(Stdio::null())
         .stderr(log);
@@ -103,25 +108,43 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         children.push(Command::new(dir.join(bin)).args(args).stdout(Stdio::null()).spawn()?);
     }
     let want = idle as usize + 2;
-    let traced = loop {
+    // Until every process is accounted for: traced, shed, refused or skipped.
+    let accounted = |text: &str| -> usize {
+        let n = |name: &str| sample(text, name).unwrap_or(0.0) as usize;
+        ["traced", "shed", "refused"].iter().map(|s| n(&format!("leaktrace_agent_targets{{state=\"{s}\"}}"))).sum::<usize>()
+            + ["max_targets", "over_budget", "exited_early"].iter().map(|r| n(&format!("leaktrace_agent_targets_skipped_total{{reason=\"{r}\"}}"))).sum::<usize>()
+    };
+    loop {
         let text = scrape(&addr).unwrap_or_default();
-        let n = sample(&text, "leaktrace_agent_targets{state=\"traced\"}").unwrap_or(0.0) as usize;
-        if n >= want || setup_started.elapsed() > Duration::from_secs(300) {
-            break n;
+        if accounted(&text) >= want || setup_started.elapsed() > Duration::from_secs(300) {
+            break;
         }
         thread::sleep(Duration::from_millis(500));
-    };
+    }
     // Let the last loads finish their first intervals.
     thread::sleep(Duration::from_secs(10));
     let setup_s = setup_started.elapsed().as_secs_f64();
     let setup_cpu = cpu_seconds(agent.id()) - cpu_before_setup;
     let before = scrape(&addr)?;
+    let states = |text: &str| -> String {
+        let n = |name: &str| sample(text, name).unwrap_or(0.0);
+        format!(
+            "traced {}, shed {}, refused {}, skipped over budget {}, skipped at --max-targets {}",
+            n("leaktrace_agent_targets{state=\"traced\"}"),
+            n("leaktrace_agent_targets{state=\"shed\"}"),
+            n("leaktrace_agent_targets{state=\"refused\"}"),
+            n("leaktrace_agent_targets_skipped_total{reason=\"over_budget\"}"),
+            n("leaktrace_agent_targets_skipped_total{reason=\"max_targets\"}"),
+        )
+    };
     let cpu0 = sample(&before, "leaktrace_agent_cpu_seconds_total").unwrap_or(0.0);
     let proc0 = cpu_seconds(agent.id());
     let t0 = Instant::now();
     thread::sleep(Duration::from_secs(seconds));
     let after = scrape(&addr)?;
     let window = t0.elapsed().as_secs_f64();
+    let pickup = sample(&after, "leaktrace_agent_pickup_cpu_seconds_total").unwrap_or(0.0);
+    let traced_after = sample(&after, "leaktrace_agent_targets{state=\"traced\"}").unwrap_or(0.0) as usize;
     let cpu1 = sample(&after, "leaktrace_agent_cpu_seconds_total").unwrap_or(0.0);
     let proc1 = cpu_seconds(agent.id());
     let rss = sample(&after, "leaktrace_agent_resident_bytes").unwrap_or(0.0);
@@ -132,17 +155,18 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     }
     stop_child(&mut agent, "leaktrace agent");
     let mib = |b: f64| b / (1 << 20) as f64;
-    println!("agent bench: {idle} idle + 2 churny processes, default trackers, --interval 5s");
-    println!("  targets traced: {traced} of {want}");
-    let per = traced.max(1) as f64;
-    println!("  setup (loads and first intervals): {setup_s:.1} s wall, {setup_cpu:.2} s CPU ({:.2} s CPU per target)", setup_cpu / per);
+    println!("agent bench: {idle} idle + 2 churny processes, default trackers, --interval 5s, --max-cpu {max_cpu}");
+    println!("  after setup: {}", states(&before));
+    println!("  at the end:  {}", states(&after));
+    println!("  setup (loads and first intervals): {setup_s:.1} s wall, {setup_cpu:.2} s CPU; picking targets up: {pickup:.2} s CPU in all");
     println!(
         "  steady {window:.0} s: CPU {:.2} s = {:.2} % of one core (metric), {:.2} % by /proc",
         cpu1 - cpu0,
         100.0 * (cpu1 - cpu0) / window,
         100.0 * (proc1 - proc0) / window
     );
-    println!("  RSS {:.1} MiB (metric), {:.1} MiB (/proc): {:.2} MiB per target", mib(rss), mib(proc_rss as f64), mib(rss) / per);
-    println!("  BPF maps held: {:.0} MiB of kernel memory ({:.1} MiB per target)", mib(maps as f64), mib(maps as f64) / per);
+    let per_after = traced_after.max(1) as f64;
+    println!("  RSS {:.1} MiB (metric), {:.1} MiB (/proc)", mib(rss), mib(proc_rss as f64));
+    println!("  BPF maps held at the end: {:.0} MiB of kernel memory ({:.1} MiB per traced target)", mib(maps as f64), mib(maps as f64) / per_after);
     Ok(())
 }
