@@ -43,6 +43,9 @@ const VM_CASES: &[(&str, i32, &str)] = &[
     // Files and pipes kept by two helpers beside a look-alike that closes
     // (the fds programs verified on each kernel).
     ("fd-leak", 3, "check --for 8s --interval 1s --track fds -- /fd_leak --dir /tmp"),
+    // The Java walk (loaded only for JVM targets) verified on each kernel:
+    // forced on for a native target, whose stacks it leaves native.
+    ("java-walk-loads", 3, "LEAKTRACE_JAVA_WALK=1 check --for 8s --interval 1s --track connections,tasks,locks -- /conn_leak"),
 ];
 /// The one case on a kernel older than the floor: refused with this line.
 const TOO_OLD_CASE: (&str, i32, &str) = ("too-old", 1, "check --for 8s --interval 1s -- /conn_leak");
@@ -365,7 +368,11 @@ else
 "#
     ));
     for (name, expected, args) in VM_CASES {
-        s.push_str(&format!("run_case {name} {expected} {args}\n"));
+        // A leading `VAR=value` is the environment of that case only.
+        match args.split_once(' ').filter(|(head, _)| head.contains('=')) {
+            Some((env, rest)) => s.push_str(&format!("export {env}\nrun_case {name} {expected} {rest}\nunset {}\n", env.split('=').next().unwrap_or(env))),
+            None => s.push_str(&format!("run_case {name} {expected} {args}\n")),
+        }
     }
     s.push_str(
         r#"fi
@@ -735,8 +742,11 @@ linux-image-6.12.99+deb12-cloud-amd64 - Linux 6.12 for x86-64 cloud (signed)
     #[test]
     fn init_script_runs_every_tracker_and_the_too_old_case() {
         let s = vm_init_script();
-        for t in ["--track tasks", "--track locks", "--track allocations", "/conn_leak --no-leak", "vmtest.cases=too-old"] {
+        for t in ["--track tasks", "--track locks", "--track allocations", "--track fds", "/conn_leak --no-leak", "vmtest.cases=too-old"] {
             assert!(s.contains(t), "{t}");
         }
+        // A case's environment is set for it alone.
+        assert!(s.contains("export LEAKTRACE_JAVA_WALK=1\nrun_case java-walk-loads 3 check "), "{s}");
+        assert!(s.contains("unset LEAKTRACE_JAVA_WALK\n"), "{s}");
     }
 }
