@@ -253,7 +253,11 @@ async fn watch(agent: &AgentOptions, opts: &TraceOptions, watcher: &mut ExecWatc
             if let Some(spent) = meter.spent(&agent.budget) {
                 over_budget = spent.over();
                 if over_budget && shed(&spent, agent, opts.interval, &mut sessions, fleet) {
+                    // The next window starts once the shed sessions are torn
+                    // down (their fds closed, maps unmapped): that is not
+                    // steady cost either.
                     meter.reset();
+                    next_reading = now + Duration::from_secs(2);
                 }
             }
             fleet.write().unwrap_or_else(|e| e.into_inner()).targets.retain(|pid, t| t.untraced.is_none() || crate::procfs::is_alive(*pid));
