@@ -23,19 +23,45 @@ pub const MAX_CODE_HEAPS: usize = 3;
 /// Physical Java frames walked per event (slot 0 is the header).
 pub const MAX_JAVA_FRAMES: usize = MAX_WALKED_FRAMES - 1;
 
-/// Set in a frame of an interpreted method: bits 0..47 are the `Method*`,
-/// bits 47..63 the bytecode index (`BCI_UNKNOWN` when it could not be
-/// read). A frame without it is a pc in compiled code (an nmethod).
+/// Set in a frame of an interpreted method: bits 0..44 are its `Method*`
+/// shifted right by 3 (metadata is 8-aligned), bits 44..51 a check of its
+/// `ConstMethod*` ([`const_method_check`]), bits 51..63 the bytecode index
+/// (`BCI_UNKNOWN` when it could not be read or is larger). A frame without
+/// it is a pc in compiled code: bits 0..47 the pc, bits 47..62 the low
+/// bits of its nmethod's compile id ([`COMPILE_ID_SHIFT`]).
+///
+/// The checks make a frame name what ran then, not what the memory holds
+/// when user space reads it: a class unloaded and its metadata reused, or
+/// an nmethod flushed and its code-cache space recompiled for another
+/// method, give other frames (other keys), and a name read later is only
+/// taken when the check still matches (else `[unknown]`, counted).
 pub const INTERPRETED_FRAME: u64 = 1 << 63;
 /// Set (without `INTERPRETED_FRAME`) in the last frame of a cut walk: the
 /// pc the walk could not step past (shown, never named as Java code).
 pub const UNKNOWN_PC_FRAME: u64 = 1 << 62;
+/// A user-space address in a frame (pc of a compiled or cut frame).
+pub const ADDRESS_MASK: u64 = (1 << 47) - 1;
+/// An interpreted frame's `Method*` is `(slot & METHOD_BITS) << 3`.
+pub const METHOD_BITS: u64 = (1 << 44) - 1;
+/// Shift and mask of an interpreted frame's `ConstMethod*` check.
+pub const CHECK_SHIFT: u32 = 44;
+pub const CHECK_MASK: u64 = 0x7f;
 /// Shift of the bytecode index in an interpreted frame.
-pub const BCI_SHIFT: u32 = 47;
-/// The `Method*` of an interpreted frame.
-pub const METHOD_MASK: u64 = (1 << BCI_SHIFT) - 1;
-/// An interpreted frame whose bytecode pointer was not in its method.
-pub const BCI_UNKNOWN: u64 = 0xffff;
+pub const BCI_SHIFT: u32 = 51;
+/// An interpreted frame whose bytecode index is not known (bcp outside its
+/// method, or an index of 4095 and more).
+pub const BCI_UNKNOWN: u64 = 0xfff;
+/// Shift and mask of a compiled frame's compile-id bits.
+pub const COMPILE_ID_SHIFT: u32 = 47;
+pub const COMPILE_ID_MASK: u64 = 0x7fff;
+
+/// The check kept beside an interpreted frame's `Method*`: 7 bits of its
+/// `ConstMethod*` (allocated with it, elsewhere for another method).
+#[inline(always)]
+pub fn const_method_check(const_method: u64) -> u64 {
+    let x = const_method >> 3;
+    (x ^ (x >> 7) ^ (x >> 14) ^ (x >> 21) ^ (x >> 28) ^ (x >> 35)) & CHECK_MASK
+}
 
 /// Flags in `ips[0]` of a Java stack.
 pub mod header {
@@ -86,6 +112,8 @@ pub struct JvmConfig {
     pub heap_block: u64,
     /// `CodeBlob::_frame_size` (an i32, in words).
     pub frame_size: u64,
+    /// `nmethod::_compile_id` (an i32; 0: not known, no check).
+    pub compile_id: u64,
     /// `Method::_constMethod`, and `sizeof(ConstMethod)` (the bytecodes follow it).
     pub const_method: u64,
     pub const_method_size: u64,

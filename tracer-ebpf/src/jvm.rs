@@ -18,8 +18,8 @@ use aya_ebpf::{
 use tracer_common::{
     counter as shared,
     jvm::{
-        counter, header, JvmConfig, BCI_SHIFT, BCI_UNKNOWN, INTERPRETED_FRAME, UNKNOWN_PC_FRAME, JAVA_STACK, MAX_CODE_HEAPS, MAX_JAVA_FRAMES,
-        MAX_JAVA_STACKS, MAX_JVMS, METHOD_MASK,
+        const_method_check, counter, header, JvmConfig, ADDRESS_MASK, BCI_SHIFT, BCI_UNKNOWN, CHECK_SHIFT, COMPILE_ID_MASK, COMPILE_ID_SHIFT,
+        INTERPRETED_FRAME, JAVA_STACK, MAX_CODE_HEAPS, MAX_JAVA_FRAMES, MAX_JAVA_STACKS, MAX_JVMS, METHOD_BITS, UNKNOWN_PC_FRAME,
     },
     stacks::{StackKey, WalkedFrames},
 };
@@ -197,7 +197,7 @@ fn walk(cfg: &JvmConfig) -> Option<u64> {
             let const_method = read_user_u64(method + cfg.const_method);
             let bci = w[0].wrapping_sub(const_method + cfg.const_method_size);
             let bci = if bci >= BCI_UNKNOWN { BCI_UNKNOWN } else { bci };
-            *slot = INTERPRETED_FRAME | (bci << BCI_SHIFT) | (method & METHOD_MASK);
+            *slot = INTERPRETED_FRAME | (bci << BCI_SHIFT) | (const_method_check(const_method) << CHECK_SHIFT) | ((method >> 3) & METHOD_BITS);
             len += 1;
             if w[7] < sp {
                 break;
@@ -210,18 +210,23 @@ fn walk(cfg: &JvmConfig) -> Option<u64> {
         if pc == cfg.call_stub_return {
             break;
         }
-        let words = match blob_of(cfg, pc) {
+        let (words, compile_id) = match blob_of(cfg, pc) {
             // SAFETY: user memory through the helper, which faults safely.
-            Some(blob) => unsafe { bpf_probe_read_user((blob + cfg.frame_size) as *const i32) }.unwrap_or(0),
-            None => 0,
+            Some(blob) => (
+                unsafe { bpf_probe_read_user((blob + cfg.frame_size) as *const i32) }.unwrap_or(0),
+                if cfg.compile_id == 0 { 0 } else { unsafe { bpf_probe_read_user((blob + cfg.compile_id) as *const i32) }.unwrap_or(0) as u64 },
+            ),
+            None => (0, 0),
         };
         if words <= 0 || words > MAX_FRAME_WORDS {
-            *slot = UNKNOWN_PC_FRAME | (pc & METHOD_MASK);
+            *slot = UNKNOWN_PC_FRAME | (pc & ADDRESS_MASK);
             len += 1;
             flags |= header::CUT;
             break;
         }
-        *slot = pc;
+        // The compilation's id beside its pc: code flushed and its space
+        // reused by another compilation makes another frame.
+        *slot = (pc & ADDRESS_MASK) | ((compile_id & COMPILE_ID_MASK) << COMPILE_ID_SHIFT);
         len += 1;
         sp += words as u64 * 8;
         // SAFETY: user memory through the helper, which faults safely.

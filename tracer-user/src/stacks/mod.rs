@@ -196,6 +196,10 @@ impl Stacks {
 pub enum SampleStack {
     Kernel(StackKey),
     Addresses(Vec<u64>),
+    /// A Java thread's frames walked in user space (the wait tracker), in
+    /// the kernel Java walk's encoding (`ips[0]` its header): named by the
+    /// JVM as the `JAVA_STACK` stacks are.
+    Java(Vec<u64>),
 }
 
 impl From<StackKey> for SampleStack {

@@ -72,7 +72,7 @@ impl StackResolver {
         if let Some(table) = walked {
             return match crate::stacks::walked_stack(table, key.caller) {
                 SampleStack::Addresses(a) => a,
-                SampleStack::Kernel(_) => Vec::new(),
+                SampleStack::Kernel(_) | SampleStack::Java(_) => Vec::new(),
             };
         }
         if key.stack_id < 0 {
@@ -95,7 +95,7 @@ impl StackResolver {
         missing.dedup();
         // Java stacks are named from the JVM's own metadata, not by blazesym.
         let (java, missing): (Vec<SampleStack>, Vec<SampleStack>) =
-            missing.into_iter().partition(|k| matches!(k, SampleStack::Kernel(key) if key.stack_id == JAVA_STACK));
+            missing.into_iter().partition(|k| matches!(k, SampleStack::Kernel(key) if key.stack_id == JAVA_STACK) || matches!(k, SampleStack::Java(_)));
         for key in java {
             let frames = self.java_frames(&key);
             self.cache.insert(key, frames);
@@ -107,6 +107,7 @@ impl StackResolver {
                 .map(|k| match k {
                     SampleStack::Kernel(key) => self.addresses(key),
                     SampleStack::Addresses(a) => a.clone(),
+                    SampleStack::Java(_) => Vec::new(),
                 })
                 .collect();
             let lookups: Vec<u64> =
@@ -156,9 +157,12 @@ impl StackResolver {
 
     /// The frames of a Java stack (`JAVA_STACK` key), named by the JVM.
     fn java_frames(&mut self, key: &SampleStack) -> Vec<Frame> {
-        let SampleStack::Kernel(k) = key else { return vec![placeholder(key)] };
-        let frames = match (self.java_stacks.get(&k.caller, 0), self.java.as_mut()) {
-            (Ok(f), Some(jvm)) => jvm.frames(&f.ips[..(f.len as usize).min(f.ips.len())]),
+        let frames = match (key, self.java.as_mut()) {
+            (SampleStack::Java(ips), Some(jvm)) => jvm.frames(ips),
+            (SampleStack::Kernel(k), Some(jvm)) => match self.java_stacks.get(&k.caller, 0) {
+                Ok(f) => jvm.frames(&f.ips[..(f.len as usize).min(f.ips.len())]),
+                Err(_) => Vec::new(),
+            },
             _ => Vec::new(),
         };
         if frames.is_empty() {

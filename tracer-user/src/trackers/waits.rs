@@ -18,6 +18,12 @@
 //!   at the same place. The runtime's own threads park on futexes too: in a
 //!   Go program only goroutines count.
 //!
+//! - JVMs: a Java thread in a futex wait has its frame anchor set, so its
+//!   Java frames are walked here from the anchor (`stacks::jvm`, as the
+//!   kernel side does at an event) and named by the JVM: a drained pool
+//!   shows at the borrowing method. Threads without Java frames (GC,
+//!   compiler) get native stacks as above.
+//!
 //! A wait's stack is walked once, when it is first seen. Judged by
 //! `judge::waits` (the queue rule).
 
@@ -34,7 +40,7 @@ use crate::{
     probes::{ktime_ns, Probes},
     procfs::{self, MemoryMap},
     report::Kind,
-    stacks::{unwind, SampleStack},
+    stacks::{jvm, unwind, SampleStack},
 };
 use tracer_common::stacks::RULE_AT_PC;
 
@@ -54,6 +60,10 @@ pub const MAX_WALKS_PER_SCAN: usize = 4096;
 /// sooner).
 const STACK_COPY: [usize; 3] = [32 * 1024, 8 * 1024, 2 * 1024];
 
+/// Scans at which a JVM's walk is tried until it is set up (the JVM still
+/// starting).
+const JVM_SETUP_TRIES: u32 = 20;
+
 /// futex(2) and futex_waitv(2) on x86-64.
 const SYS_FUTEX: u64 = 202;
 const SYS_FUTEX_WAITV: u64 = 449;
@@ -67,7 +77,7 @@ struct Wait {
     first_ns: u64,
     before_attach: bool,
     /// Walked stack; `None` until walked.
-    stack: Option<Vec<u64>>,
+    stack: Option<SampleStack>,
 }
 
 struct Waits {
@@ -78,6 +88,10 @@ struct Waits {
     cfi: unwind::CfiObjects,
     /// Waits going on, by tid (native) or goroutine id (Go).
     waits: HashMap<u64, Wait>,
+    /// The JVM's walk when the target is one (set up once it is ready),
+    /// and the tries left.
+    jvm: Option<jvm::Jvm>,
+    jvm_tries: u32,
     /// Whether the scan at attach was made.
     attached: bool,
     /// Waits seen start.
@@ -94,6 +108,8 @@ impl Waits {
             mem: TargetMemory::new(pid),
             cfi: unwind::CfiObjects::new(pid),
             waits: HashMap::new(),
+            jvm: None,
+            jvm_tries: JVM_SETUP_TRIES,
             attached: false,
             events: 0,
             lost: 0,
@@ -110,6 +126,8 @@ impl Waits {
             }
         };
         self.cfi = unwind::CfiObjects::new(target.pid);
+        self.jvm = None;
+        self.jvm_tries = JVM_SETUP_TRIES;
         self.waits.clear();
         self.attached = false;
     }
@@ -135,7 +153,7 @@ impl Waits {
                     state: p.reason,
                     first_ns: now_ns,
                     before_attach,
-                    stack: (!p.stack.is_empty()).then_some(p.stack),
+                    stack: (!p.stack.is_empty()).then_some(SampleStack::Addresses(p.stack)),
                 };
                 now.insert(p.goid, w);
             }
@@ -161,15 +179,35 @@ impl Waits {
             }
         }
         if self.go.is_none() {
+            let java_threads = if now.values().any(|w| w.stack.is_none()) { self.java_threads(memory) } else { HashMap::new() };
             for (tid, w) in now.iter_mut() {
                 if w.stack.is_none() && walks < MAX_WALKS_PER_SCAN {
                     walks += 1;
-                    w.stack = Some(self.walk_thread(*tid as u32, w.id.1, w.id.2, memory));
+                    let java = java_threads.get(&(*tid as u32)).and_then(|&jt| self.jvm.as_ref()?.walk_thread(jt, w.id.1));
+                    w.stack = Some(match java {
+                        Some(ips) => SampleStack::Java(ips),
+                        None => SampleStack::Addresses(self.walk_thread(*tid as u32, w.id.1, w.id.2, memory)),
+                    });
                 }
             }
         }
         self.waits = now;
         Ok(())
+    }
+
+    /// A JVM's Java threads by tid; none for another program (its walk set
+    /// up at the first scan the JVM is ready for, retried a few scans).
+    fn java_threads(&mut self, memory: &MemoryMap) -> HashMap<u32, u64> {
+        if self.jvm.is_none() && self.jvm_tries > 0 && crate::binary::hotspot::libjvm_mapping(memory).is_some() {
+            self.jvm_tries -= 1;
+            match jvm::Jvm::attach(self.pid, memory) {
+                Ok(j) => self.jvm = j,
+                Err(e) if e.downcast_ref::<jvm::NotReady>().is_some() => {}
+                // Said once by the stack setup ("Java frames are off").
+                Err(_) => self.jvm_tries = 0,
+            }
+        }
+        self.jvm.as_ref().map(jvm::Jvm::java_threads).unwrap_or_default()
     }
 
     /// A blocked thread's user stack from its sp and pc, innermost first.
@@ -182,11 +220,11 @@ impl Waits {
 
     /// Waiters per stack and state.
     fn samples(&self, now_ns: u64) -> Vec<WaitSample> {
-        let mut by: HashMap<(Vec<u64>, &str), WaitSample> = HashMap::new();
+        let mut by: HashMap<(SampleStack, &str), WaitSample> = HashMap::new();
         for w in self.waits.values() {
             let Some(stack) = &w.stack else { continue };
             let s = by.entry((stack.clone(), w.state.as_str())).or_insert_with(|| WaitSample {
-                stack: SampleStack::Addresses(stack.clone()),
+                stack: stack.clone(),
                 state: w.state.clone(),
                 waiters: 0,
                 longest_s: 0.0,
