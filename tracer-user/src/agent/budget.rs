@@ -135,19 +135,29 @@ impl Spent {
     }
 
     /// What to shed to get back under budget: the CPU excess (share of one
-    /// core), and for RSS the excess's share of `traced` targets, rounded up.
+    /// core); for RSS the excess's share of `traced` targets, rounded up;
+    /// and, as a cap on the CPU count, the CPU excess's share of them.
     pub fn need(&self, budget: &Budget, traced: usize) -> Need {
-        let cpu = if self.cpu_over { (self.cpu_percent - budget.max_cpu_percent) / 100.0 } else { 0.0 };
-        let share = if self.rss_over { (1.0 - budget.max_rss_bytes as f64 / self.rss as f64).clamp(0.0, 1.0) } else { 0.0 };
-        Need { cpu, targets: (traced as f64 * share).ceil() as usize }
+        let share = |over: bool, limit: f64, used: f64| if over { (1.0 - limit / used).clamp(0.0, 1.0) } else { 0.0 };
+        let count = |share: f64| (traced as f64 * share).ceil() as usize;
+        let cpu_share = share(self.cpu_over, budget.max_cpu_percent, self.cpu_percent);
+        Need {
+            cpu: if self.cpu_over { (self.cpu_percent - budget.max_cpu_percent) / 100.0 } else { 0.0 },
+            cpu_targets: count(cpu_share),
+            targets: count(share(self.rss_over, budget.max_rss_bytes as f64, self.rss as f64)),
+        }
     }
 }
 
 /// What a shedding step must free: `cpu` (share of one core) by the
-/// targets' metered costs, and at least `targets` targets.
+/// targets' metered costs — or, if those fall short (the meter misses the
+/// symbolizer's thread and the kernel's work for the agent), `cpu_targets`
+/// targets, as if every target cost the same — and at least `targets`
+/// targets (RSS).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Need {
     pub cpu: f64,
+    pub cpu_targets: usize,
     pub targets: usize,
 }
 
@@ -261,7 +271,8 @@ pub fn choose(targets: &[(u32, Standing)], need: Need) -> Vec<u32> {
     let mut freed = 0.0;
     let mut out = Vec::new();
     for c in pick {
-        if !out.is_empty() && freed >= need.cpu && out.len() >= need.targets {
+        let cpu_done = freed >= need.cpu || out.len() >= need.cpu_targets;
+        if !out.is_empty() && cpu_done && out.len() >= need.targets {
             break;
         }
         freed += c.cost;
@@ -304,14 +315,16 @@ mod tests {
         let m = meter(&[(0, 0.0, 256 << 20), (10, 0.0, 256 << 20)]);
         let spent = m.spent(&BUDGET).unwrap();
         assert!(spent.rss_over && !spent.cpu_over);
-        assert_eq!(need(spent, 10), Need { cpu: 0.0, targets: 5 }, "half the RSS is over");
+        assert_eq!(need(spent, 10), Need { cpu: 0.0, cpu_targets: 0, targets: 5 }, "half the RSS is over");
     }
 
     #[test]
     fn the_excess_decides_what_to_free() {
         let spent = Spent { cpu_percent: 4.0, rss: 0, cpu_over: true, rss_over: false };
         let need = spent.need(&BUDGET, 40);
-        assert!((need.cpu - 0.03).abs() < 1e-9 && need.targets == 0, "{need:?}");
+        assert!((need.cpu - 0.03).abs() < 1e-9 && need.cpu_targets == 30 && need.targets == 0, "{need:?}");
+        let tiny = Budget { max_cpu_percent: 0.01, ..BUDGET };
+        assert_eq!(spent.need(&tiny, 4).cpu_targets, 4);
         assert_eq!(cost(3_000_000_000, 100.0), 0.03);
         assert_eq!(cost(5, 0.0), 0.0);
     }
@@ -350,10 +363,11 @@ mod tests {
             (15, Standing::Young),
             (16, j(0, 0.0, 40, 0.012)),
         ];
-        let cpu = |cpu| Need { cpu, targets: 0 };
+        let cpu = |cpu| Need { cpu, cpu_targets: 99, targets: 0 };
         assert_eq!(choose(&targets, cpu(0.01)), vec![16], "the costliest steady target frees enough");
         assert_eq!(choose(&targets, cpu(0.0125)), vec![16, 11]);
-        assert_eq!(choose(&targets, Need { cpu: 0.0, targets: 3 }), vec![16, 11, 13], "then by fewest live");
+        assert_eq!(choose(&targets, Need { cpu: 0.0, cpu_targets: 0, targets: 3 }), vec![16, 11, 13], "then by fewest live");
+        assert_eq!(choose(&targets, Need { cpu: 1.0, cpu_targets: 2, targets: 0 }), vec![16, 11], "metered costs fall short: the equal-share count");
         assert_eq!(choose(&targets, cpu(0.0001)), vec![16], "at least one");
         assert_eq!(choose(&targets, cpu(1.0)), vec![16, 11, 13, 12], "one class per step, never the leak");
         // Only a growing, a leaking and a young target left: wait for the young one's verdict.

@@ -172,6 +172,7 @@ async fn watch(agent: &AgentOptions, opts: &TraceOptions, watcher: &mut ExecWatc
     let mut refusals_said = HashSet::new();
     // CPU seconds spent picking targets up (left out of the budget).
     let pickup_cpu = Rc::new(Cell::new(0.0));
+    let mut trim = false;
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
@@ -248,12 +249,23 @@ async fn watch(agent: &AgentOptions, opts: &TraceOptions, watcher: &mut ExecWatc
         reap(&mut sessions, fleet, now, agent.max_targets, &mut refusals_said).await;
         if now >= next_reading {
             next_reading = now + Duration::from_secs(1);
+            if std::mem::take(&mut trim) {
+                // Shed sessions are torn down: give their freed memory back
+                // to the OS, or RSS (and the RSS budget) keeps it.
+                // SAFETY: glibc's malloc_trim has no preconditions.
+                unsafe { libc::malloc_trim(0) };
+            }
             let (_, rss) = metrics::own_usage();
             meter.push(now, budget::process_cpu_s() - pickup_cpu.get(), rss, agent.budget.window);
             if let Some(spent) = meter.spent(&agent.budget) {
                 over_budget = spent.over();
                 if over_budget && shed(&spent, agent, opts.interval, &mut sessions, fleet) {
+                    // The next window starts once the shed sessions are torn
+                    // down (their fds closed, maps unmapped): that is not
+                    // steady cost either.
                     meter.reset();
+                    next_reading = now + Duration::from_secs(2);
+                    trim = true;
                 }
             }
             fleet.write().unwrap_or_else(|e| e.into_inner()).targets.retain(|pid, t| t.untraced.is_none() || crate::procfs::is_alive(*pid));

@@ -101,11 +101,14 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let setup_started = Instant::now();
     let cpu_before_setup = cpu_seconds(agent.id());
     let mut children: Vec<Child> = Vec::new();
-    for _ in 0..idle {
-        children.push(Command::new(dir.join("lt_idle")).arg("100000").stdout(Stdio::null()).spawn()?);
-    }
+    // The churny ones first: with one load per target, the last ~20 hit the
+    // kernel's 64 programs per tracepoint and are refused.
     for (bin, args) in [("lt_churn_conn", vec!["--no-leak"]), ("lt_churn_thr", vec!["--no-leak"])] {
         children.push(Command::new(dir.join(bin)).args(args).stdout(Stdio::null()).spawn()?);
+    }
+    thread::sleep(Duration::from_secs(2));
+    for _ in 0..idle {
+        children.push(Command::new(dir.join("lt_idle")).arg("100000").stdout(Stdio::null()).spawn()?);
     }
     let want = idle as usize + 2;
     // Until every process is accounted for: traced, shed, refused or skipped.
@@ -125,6 +128,20 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     thread::sleep(Duration::from_secs(10));
     let setup_s = setup_started.elapsed().as_secs_f64();
     let setup_cpu = cpu_seconds(agent.id()) - cpu_before_setup;
+    let after_setup = scrape(&addr)?;
+    // Over budget the agent sheds, a step per 30 s window: measure once no
+    // step came for 35 s (at most 4 minutes).
+    let shed_total = |text: &str| sample(text, "leaktrace_agent_shed_targets_total").unwrap_or(0.0);
+    let (mut last, mut since) = (shed_total(&after_setup), Instant::now());
+    let settle_started = Instant::now();
+    while since.elapsed() < Duration::from_secs(35) && settle_started.elapsed() < Duration::from_secs(240) {
+        thread::sleep(Duration::from_secs(1));
+        let now = shed_total(&scrape(&addr).unwrap_or_default());
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+    }
+    let settle_s = settle_started.elapsed().as_secs_f64();
     let before = scrape(&addr)?;
     let states = |text: &str| -> String {
         let n = |name: &str| sample(text, name).unwrap_or(0.0);
@@ -156,7 +173,8 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     stop_child(&mut agent, "leaktrace agent");
     let mib = |b: f64| b / (1 << 20) as f64;
     println!("agent bench: {idle} idle + 2 churny processes, default trackers, --interval 5s, --max-cpu {max_cpu}");
-    println!("  after setup: {}", states(&before));
+    println!("  after setup: {}", states(&after_setup));
+    println!("  after shedding settled ({settle_s:.0} s later): {}", states(&before));
     println!("  at the end:  {}", states(&after));
     println!("  setup (loads and first intervals): {setup_s:.1} s wall, {setup_cpu:.2} s CPU; picking targets up: {pickup:.2} s CPU in all");
     println!(
