@@ -72,7 +72,6 @@ pub async fn trace(
     procfs::check_target(pid)?;
     let mut s = Session::load(pid, opts, &names, child.as_ref().map(|c| c.program()))?;
 
-    s.trackers.preload(&mut s.probes)?;
     // Syscall sites and probes into mapped objects before the programs run,
     // so that the first events already get their direct caller (attach);
     // `run` loads them once the command has exec'd.
@@ -170,15 +169,7 @@ pub async fn trace(
     outlet.close().await;
     s.trackers.closing_notes().into_iter().chain(s.stacks.closing_note(&s.counters)).for_each(output::note);
     let omitted = std::mem::take(&mut s.omitted);
-    // The profile's mappings name their objects' build ids, read from the
-    // files the target mapped (checked by inode) while the map is at hand.
-    let build_ids = match opts.pprof {
-        Some(_) => {
-            let modules = final_report.findings.iter().flat_map(|f| f.stack.iter().filter_map(|fr| fr.module.as_deref()));
-            crate::binary::elf::mapped_build_ids(pid, &s.target.memory, modules)
-        }
-        None => Default::default(),
-    };
+    let build_ids = output::export_build_ids(&final_report, opts, pid, &s.target.memory);
     drop(s);
     output::note(format!("detached from {pid}"));
     // After the final report is printed: a file that cannot be written is an
@@ -205,6 +196,7 @@ impl Session {
         for spec in REGISTRY.iter().filter(|s| active(s.name)) {
             trackers.0.push((spec.new)(&mut probes, opts, &target)?);
         }
+        trackers.preload(&mut probes)?;
         let stacks = Stacks::new(&mut probes, pid, unwind)?;
         let counters = Counters(probes.take_map("COUNTERS")?);
         let lifecycle = Lifecycle::attach(&mut probes)?;

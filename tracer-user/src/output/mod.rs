@@ -157,6 +157,17 @@ fn emit(report: &Report, format: Format, is_tty: bool, table_opts: &TableOptions
     write_stdout(&text);
 }
 
+/// The build ids the `--pprof` profile's mappings name (none without
+/// `--pprof`): read from the files the target mapped (checked by inode)
+/// while its memory map is at hand.
+pub fn export_build_ids(report: &Report, opts: &TraceOptions, pid: u32, memory: &crate::procfs::MemoryMap) -> std::collections::HashMap<String, String> {
+    if opts.pprof.is_none() {
+        return Default::default();
+    }
+    let modules = report.findings.iter().flat_map(|f| f.stack.iter().filter_map(|fr| fr.module.as_deref()));
+    crate::binary::elf::mapped_build_ids(pid, memory, modules)
+}
+
 /// Writes the `--pprof` profile and the `--flamegraph` SVGs of the final
 /// report. Each file is tried even if another failed; the first failure is
 /// the error.
