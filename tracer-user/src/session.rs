@@ -71,7 +71,6 @@ pub async fn trace(
     probes::preflight()?;
     procfs::check_target(pid)?;
     let mut s = Session::load(pid, opts, &names, child.as_ref().map(|c| c.program()))?;
-
     // Syscall sites and probes into mapped objects before the programs run,
     // so that the first events already get their direct caller (attach);
     // `run` loads them once the command has exec'd.
