@@ -26,7 +26,6 @@ use tracer_common::{
 
 use crate::{bump, stacks::{read_user_u64, user_ip_sp_bp}};
 
-/// Walk settings of each JVM target, by tgid (set by user space).
 /// Non-zero when the target may be a JVM; set by user space at load time.
 /// A constant: for any other target the verifier drops the Java walk from
 /// every program, which keeps loading fast.
@@ -40,6 +39,7 @@ fn java_walk() -> bool {
     unsafe { core::ptr::read_volatile(&JAVA_WALK) != 0 }
 }
 
+/// Walk settings of each JVM target, by tgid (set by user space).
 #[map]
 static JVM_CONFIG: HashMap<u32, JvmConfig> = HashMap::with_max_entries(MAX_JVMS, 0);
 

@@ -262,6 +262,39 @@ impl ObjectCfi {
     }
 }
 
+/// Reads `data` as the `eh_frame` fuzz target's input and asks for a rule
+/// at every FDE's start, middle and end and at a few addresses of the
+/// input's choosing (the target, and the test that replays the inputs it
+/// found crashing). Input: the `.eh_frame`, `.eh_frame_hdr` and `.text`
+/// addresses (8 bytes LE each), the header's length (4), the
+/// `.eh_frame_hdr` bytes, then the `.eh_frame` bytes (also read as a
+/// `.debug_frame`).
+#[doc(hidden)]
+pub fn ask_rules_of_fuzz_input(data: &[u8]) {
+    let u64_at = |at: usize| data.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+    let (Some(eh_svma), Some(hdr_svma), Some(text_svma)) = (u64_at(0), u64_at(8), u64_at(16)) else { return };
+    let Some(hdr_len) = data.get(24..28).map(|b| u32::from_le_bytes(b.try_into().unwrap_or_default()) as usize) else { return };
+    let rest = &data[28..];
+    let (hdr, eh) = rest.split_at(hdr_len.min(rest.len()));
+    let cfi = ObjectCfi::from_sections(
+        Some((eh_svma, eh.to_vec())),
+        (!hdr.is_empty()).then(|| (hdr_svma, hdr.to_vec())),
+        Some((0, eh.to_vec())),
+        text_svma,
+    );
+    let mut at: Vec<u64> = Vec::new();
+    for (start, len) in cfi.fde_ranges(256) {
+        at.extend([start, start.wrapping_add(len / 2), start.wrapping_add(len).wrapping_sub(1), start.wrapping_add(len)]);
+    }
+    at.extend([0, 1, text_svma, eh_svma, u64::MAX]);
+    for a in at {
+        let _ = cfi.rule(a, false);
+        let _ = cfi.rule(a, true);
+    }
+    let _ = cfi.size();
+    let _ = cfi.has_cfi();
+}
+
 /// Whether `.eh_frame_hdr`'s table holds the rows its header claims
 /// (gimli 0.34 multiplies a claimed count unchecked: a huge one overflowed;
 /// found by the `eh_frame` fuzz target). A header that says otherwise, or
@@ -874,26 +907,7 @@ mod tests {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/eh_frame");
         let Ok(entries) = std::fs::read_dir(dir) else { return };
         for e in entries.flatten() {
-            let data = std::fs::read(e.path()).unwrap();
-            let u64_at = |at: usize| u64::from_le_bytes(data[at..at + 8].try_into().unwrap());
-            let hdr_len = u32::from_le_bytes(data[24..28].try_into().unwrap()) as usize;
-            let (hdr, eh) = data[28..].split_at(hdr_len.min(data.len() - 28));
-            // As the fuzz target (tracer-user/fuzz/fuzz_targets/eh_frame.rs) asks.
-            let cfi = ObjectCfi::from_sections(
-                Some((u64_at(0), eh.to_vec())),
-                (!hdr.is_empty()).then(|| (u64_at(8), hdr.to_vec())),
-                Some((0, eh.to_vec())),
-                u64_at(16),
-            );
-            let mut at = Vec::new();
-            for (start, len) in cfi.fde_ranges(256) {
-                at.extend([start, start.wrapping_add(len / 2), start.wrapping_add(len).wrapping_sub(1), start.wrapping_add(len)]);
-            }
-            at.extend([0, 1, u64_at(16), u64_at(0), u64::MAX]);
-            for a in at {
-                let _ = cfi.rule(a, false);
-                let _ = cfi.rule(a, true);
-            }
+            ask_rules_of_fuzz_input(&std::fs::read(e.path()).unwrap());
         }
     }
 
