@@ -54,12 +54,7 @@ impl Lifecycle {
     /// Reads the ring; cheap, call it often.
     pub fn poll(&mut self) -> Changes {
         let mut changes = Changes::default();
-        while let Some(item) = self.ring.next() {
-            if item.len() < std::mem::size_of::<ProcessEvent>() {
-                continue;
-            }
-            // SAFETY: the kernel wrote a ProcessEvent; read unaligned.
-            let ev: ProcessEvent = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const ProcessEvent) };
+        for ev in crate::probes::drain_ring::<ProcessEvent>(&mut self.ring) {
             match ev.kind {
                 event::EXEC => changes.exec_at = Some(ev.at_ns),
                 event::EXIT => self.exited = true,

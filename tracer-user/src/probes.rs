@@ -36,6 +36,20 @@ pub struct LoadSettings {
     pub max_entries: Vec<(&'static str, u32)>,
 }
 
+/// Every whole record of type `T` the kernel wrote to `ring` since the
+/// last read, oldest first (a shorter record is skipped).
+pub fn drain_ring<T: aya::Pod>(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<T> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        if item.len() >= std::mem::size_of::<T>() {
+            // SAFETY: at least size_of::<T>() bytes, any bit pattern is a T
+            // (Pod); read unaligned.
+            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const T) });
+        }
+    }
+    out
+}
+
 /// `offset:N` of the field `field` in the record of tracepoint
 /// `category:event`, read from its tracefs format (layouts change between
 /// kernels).

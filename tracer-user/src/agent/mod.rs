@@ -89,18 +89,7 @@ impl ExecWatcher {
 
     /// The tgids that exec'd since the last call.
     fn poll(&mut self) -> Vec<u32> {
-        let mut out = Vec::new();
-        while let Some(item) = self.ring.next() {
-            if item.len() < std::mem::size_of::<ProcessEvent>() {
-                continue;
-            }
-            // SAFETY: the kernel wrote a ProcessEvent; read unaligned.
-            let ev: ProcessEvent = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const ProcessEvent) };
-            if ev.kind == event::EXEC {
-                out.push(ev.tgid);
-            }
-        }
-        out
+        crate::probes::drain_ring::<ProcessEvent>(&mut self.ring).into_iter().filter(|ev| ev.kind == event::EXEC).map(|ev| ev.tgid).collect()
     }
 
     /// Exec records the ring could not hold.

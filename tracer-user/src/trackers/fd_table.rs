@@ -59,17 +59,11 @@ impl<V: LiveEntry> LiveFds<V> {
     /// before the call only: the numbers may belong to new fds by the time
     /// the ring is read.
     pub fn poll_close_ranges(&mut self) {
-        let mut ranges = Vec::new();
-        while let Some(item) = self.ring.next() {
-            if item.len() < std::mem::size_of::<ConnRingEvent>() {
-                continue;
-            }
-            // SAFETY: the kernel wrote a ConnRingEvent; read unaligned.
-            let ev: ConnRingEvent = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const ConnRingEvent) };
-            if ev.kind == ring_kind::CLOSE_RANGE {
-                ranges.push((ev.a as u32, ev.b.min(u32::MAX as u64) as u32, ev.c));
-            }
-        }
+        let ranges: Vec<(u32, u32, u64)> = crate::probes::drain_ring::<ConnRingEvent>(&mut self.ring)
+            .into_iter()
+            .filter(|ev| ev.kind == ring_kind::CLOSE_RANGE)
+            .map(|ev| (ev.a as u32, ev.b.min(u32::MAX as u64) as u32, ev.c))
+            .collect();
         for (first, last, at) in ranges {
             self.end_where(|fd, info| fd >= first && fd <= last && info.created_ns() < at);
         }
