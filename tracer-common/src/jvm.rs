@@ -63,6 +63,28 @@ pub fn const_method_check(const_method: u64) -> u64 {
     (x ^ (x >> 7) ^ (x >> 14) ^ (x >> 21) ^ (x >> 28) ^ (x >> 35)) & CHECK_MASK
 }
 
+/// An interpreted frame's slot: its `Method*`, the check of its
+/// `ConstMethod*` and its bytecode index (`BCI_UNKNOWN` when larger). One
+/// encoding for the kernel's walk and user space's (the wait tracker).
+#[inline(always)]
+pub fn interpreted_slot(method: u64, const_method: u64, bci: u64) -> u64 {
+    let bci = if bci >= BCI_UNKNOWN { BCI_UNKNOWN } else { bci };
+    INTERPRETED_FRAME | (bci << BCI_SHIFT) | (const_method_check(const_method) << CHECK_SHIFT) | ((method >> 3) & METHOD_BITS)
+}
+
+/// A compiled frame's slot: its pc and the low bits of its nmethod's
+/// compile id.
+#[inline(always)]
+pub fn compiled_slot(pc: u64, compile_id: u64) -> u64 {
+    (pc & ADDRESS_MASK) | ((compile_id & COMPILE_ID_MASK) << COMPILE_ID_SHIFT)
+}
+
+/// The last slot of a cut walk: the pc it could not step past.
+#[inline(always)]
+pub fn unknown_pc_slot(pc: u64) -> u64 {
+    UNKNOWN_PC_FRAME | (pc & ADDRESS_MASK)
+}
+
 /// Flags in `ips[0]` of a Java stack.
 pub mod header {
     /// The thread was entering a contended `synchronized` monitor

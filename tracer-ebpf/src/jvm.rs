@@ -18,8 +18,8 @@ use aya_ebpf::{
 use tracer_common::{
     counter as shared,
     jvm::{
-        const_method_check, counter, header, JvmConfig, ADDRESS_MASK, BCI_SHIFT, BCI_UNKNOWN, CHECK_SHIFT, COMPILE_ID_MASK, COMPILE_ID_SHIFT,
-        INTERPRETED_FRAME, JAVA_STACK, MAX_CODE_HEAPS, MAX_JAVA_FRAMES, MAX_JAVA_STACKS, MAX_JVMS, METHOD_BITS, UNKNOWN_PC_FRAME,
+        compiled_slot, counter, header, interpreted_slot, unknown_pc_slot, JvmConfig, JAVA_STACK, MAX_CODE_HEAPS,
+        MAX_JAVA_FRAMES, MAX_JAVA_STACKS, MAX_JVMS,
     },
     stacks::{StackKey, WalkedFrames},
 };
@@ -195,9 +195,7 @@ fn walk(cfg: &JvmConfig) -> Option<u64> {
             };
             let method = w[5];
             let const_method = read_user_u64(method + cfg.const_method);
-            let bci = w[0].wrapping_sub(const_method + cfg.const_method_size);
-            let bci = if bci >= BCI_UNKNOWN { BCI_UNKNOWN } else { bci };
-            *slot = INTERPRETED_FRAME | (bci << BCI_SHIFT) | (const_method_check(const_method) << CHECK_SHIFT) | ((method >> 3) & METHOD_BITS);
+            *slot = interpreted_slot(method, const_method, w[0].wrapping_sub(const_method + cfg.const_method_size));
             len += 1;
             if w[7] < sp {
                 break;
@@ -219,14 +217,14 @@ fn walk(cfg: &JvmConfig) -> Option<u64> {
             None => (0, 0),
         };
         if words <= 0 || words > MAX_FRAME_WORDS {
-            *slot = UNKNOWN_PC_FRAME | (pc & ADDRESS_MASK);
+            *slot = unknown_pc_slot(pc);
             len += 1;
             flags |= header::CUT;
             break;
         }
         // The compilation's id beside its pc: code flushed and its space
         // reused by another compilation makes another frame.
-        *slot = (pc & ADDRESS_MASK) | ((compile_id & COMPILE_ID_MASK) << COMPILE_ID_SHIFT);
+        *slot = compiled_slot(pc, compile_id);
         len += 1;
         sp += words as u64 * 8;
         // SAFETY: user memory through the helper, which faults safely.

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use anyhow::{anyhow, bail, Result};
 use tracer_common::jvm::{
-    const_method_check, header, CodeHeapRange, JvmConfig, ADDRESS_MASK, BCI_SHIFT, BCI_UNKNOWN, CHECK_MASK, CHECK_SHIFT, COMPILE_ID_MASK, COMPILE_ID_SHIFT, INTERPRETED_FRAME,
+    compiled_slot, const_method_check, header, interpreted_slot, unknown_pc_slot, CodeHeapRange, JvmConfig, ADDRESS_MASK, BCI_SHIFT, BCI_UNKNOWN, CHECK_MASK, CHECK_SHIFT, COMPILE_ID_MASK, COMPILE_ID_SHIFT, INTERPRETED_FRAME,
     MAX_CODE_HEAPS, MAX_JAVA_FRAMES, METHOD_BITS, UNKNOWN_PC_FRAME,
 };
 
@@ -588,8 +588,7 @@ impl Jvm {
                 let w = |i: usize| u64::from_le_bytes(w[8 * i..8 * i + 8].try_into().unwrap());
                 let method = w(5);
                 let const_method = self.u64_at(method + c.const_method).unwrap_or(0);
-                let bci = w(0).wrapping_sub(const_method + c.const_method_size).min(BCI_UNKNOWN);
-                ips.push(INTERPRETED_FRAME | (bci << BCI_SHIFT) | (const_method_check(const_method) << CHECK_SHIFT) | ((method >> 3) & METHOD_BITS));
+                ips.push(interpreted_slot(method, const_method, w(0).wrapping_sub(const_method + c.const_method_size)));
                 if w(7) < sp {
                     break;
                 }
@@ -602,7 +601,7 @@ impl Jvm {
             let blob = self.blob_of(pc);
             let words = blob.and_then(|b| self.i32_at(b + c.frame_size)).unwrap_or(0);
             if words <= 0 || words > MAX_FRAME_WORDS {
-                ips.push(UNKNOWN_PC_FRAME | (pc & ADDRESS_MASK));
+                ips.push(unknown_pc_slot(pc));
                 flags |= header::CUT;
                 break;
             }
@@ -610,7 +609,7 @@ impl Jvm {
                 (Some(b), off) if off != 0 => self.i32_at(b + off).unwrap_or(0) as u64,
                 _ => 0,
             };
-            ips.push((pc & ADDRESS_MASK) | ((compile_id & COMPILE_ID_MASK) << COMPILE_ID_SHIFT));
+            ips.push(compiled_slot(pc, compile_id));
             sp += words as u64 * 8;
             let (Some(saved_fp), Some(ret)) = (self.u64_at(sp - 16), self.u64_at(sp - 8)) else {
                 flags |= header::CUT;
