@@ -10,6 +10,7 @@ pub mod connections;
 pub mod fds;
 pub mod jvm;
 pub mod goroutines;
+pub mod hub;
 pub mod maps;
 pub mod process;
 pub mod locks;

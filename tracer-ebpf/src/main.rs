@@ -10,6 +10,7 @@ mod connections;
 mod fds;
 mod jvm;
 mod goroutines;
+mod hub;
 mod maps;
 mod process;
 mod locks;

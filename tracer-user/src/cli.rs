@@ -84,9 +84,9 @@ pub enum Command {
         settle: Duration,
         /// Processes traced at once; more matches are skipped and counted
         /// (leaktrace_agent_targets_skipped_total{reason="max_targets"}).
-        /// Each target is its own load of the eBPF programs, and the kernel
-        /// allows 64 programs per tracepoint: keep it well under 32.
-        #[arg(long, default_value_t = 24, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+        /// Each target has its own tables in the kernel (see
+        /// docs/design/fleet.md for their size).
+        #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
         max_targets: u32,
         /// CPU budget, percent of one core: over it for a whole
         /// --budget-window, the agent stops tracing targets, those with

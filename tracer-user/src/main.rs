@@ -69,7 +69,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     let outcome = rt.block_on(async {
         let outlet = leaktrace::output::Outlet::open(&opts, listener).await?;
-        session::trace(pid, &opts, child, outlet, is_check).await
+        session::trace(pid, &opts, child, outlet, is_check, None).await
     })?;
     if let Some(status) = outcome.command_status.filter(|s| *s != 0) {
         // A command that fails on its own is not a program that passed.

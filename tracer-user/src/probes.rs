@@ -82,6 +82,10 @@ pub fn ktime_ns() -> u64 {
 
 /// Loaded and attached programs; detached on drop.
 pub struct Probes {
+    /// In the agent: the target's place in the hub, where its tracepoint
+    /// programs go instead of on the tracepoints (dropped first: the hub
+    /// stops routing to the programs before they close).
+    seat: Option<crate::agent::hub::Seat>,
     pub ebpf: Ebpf,
 }
 
@@ -200,7 +204,13 @@ impl Probes {
             loader.map_max_entries(name, entries);
         }
         let ebpf = loader.load(OBJECT).map_err(|e| load_error(&e.to_string()))?;
-        Ok(Self { ebpf })
+        Ok(Self { seat: None, ebpf })
+    }
+
+    /// From now on tracepoint programs go behind the agent's hub, in
+    /// `seat` (see [`crate::agent::hub`]), instead of on the tracepoints.
+    pub fn route_through(&mut self, seat: crate::agent::hub::Seat) {
+        self.seat = Some(seat);
     }
 
     /// Takes the map `name` out of the object, as the typed map `M`.
@@ -254,20 +264,27 @@ impl Probes {
 
     /// Attaches tracepoint programs.
     pub fn attach_tracepoints(&mut self, tracepoints: Tracepoints) -> Result<()> {
-        for &(prog, category, event) in tracepoints {
-            let program: &mut TracePoint = self
-                .ebpf
-                .program_mut(prog)
-                .ok_or_else(|| anyhow!("program {prog} missing from the eBPF object"))?
-                .try_into()?;
-            if program.fd().is_err() {
-                program.load().map_err(|e| load_error(&format!("{prog}: {e:#}")))?;
-            }
-            program
-                .attach(category, event)
-                .with_context(|| format!("cannot attach {prog} to tracepoint {category}:{event}"))?;
+        tracepoints.iter().try_for_each(|&(prog, category, event)| self.attach_tracepoint(prog, category, event))
+    }
+
+    /// Attaches the tracepoint program `prog` to `category:event` (in the
+    /// agent: routes it there through the hub).
+    pub fn attach_tracepoint(&mut self, prog: &str, category: &str, event: &str) -> Result<()> {
+        let program: &mut TracePoint = self
+            .ebpf
+            .program_mut(prog)
+            .ok_or_else(|| anyhow!("program {prog} missing from the eBPF object"))?
+            .try_into()?;
+        if program.fd().is_err() {
+            program.load().map_err(|e| load_error(&format!("{prog}: {e:#}")))?;
         }
-        Ok(())
+        match self.seat.as_mut() {
+            Some(seat) => seat.route(program.fd()?, category, event),
+            None => program
+                .attach(category, event)
+                .map(|_| ())
+                .with_context(|| format!("cannot attach {prog} to tracepoint {category}:{event}")),
+        }
     }
 
     /// The uprobe program `name`, loaded into the kernel the first time it

@@ -7,6 +7,7 @@ use anyhow::Result;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
+    agent::hub::Hub,
     child::HeldChild,
     cli::TraceOptions,
     judge::{self, Judge},
@@ -59,18 +60,20 @@ struct Session {
 /// Traces `pid` until the duration ends, a signal comes, the target exits
 /// or (unless `to_the_end`: `check`, whose verdict is its exit status)
 /// nobody reads stdout any more.
-/// `outlet`: where reports go (opened by the caller: stdout and `--listen`).
+/// `outlet`: where reports go (opened by the caller: stdout and `--listen`);
+/// `hub`: the agent's, which its sessions' tracepoint programs go behind.
 pub async fn trace(
     pid: u32,
     opts: &TraceOptions,
     mut child: Option<Box<dyn HeldChild>>,
     outlet: Outlet,
     to_the_end: bool,
+    hub: Option<Hub>,
 ) -> Result<Outcome> {
     let names = crate::cli::trackers(&opts.track).map_err(anyhow::Error::msg)?;
     probes::preflight()?;
     procfs::check_target(pid)?;
-    let mut s = Session::load(pid, opts, &names, child.as_ref().map(|c| c.program()))?;
+    let mut s = Session::load(pid, opts, &names, child.as_ref().map(|c| c.program()), hub)?;
     // Syscall sites and probes into mapped objects before the programs run,
     // so that the first events already get their direct caller (attach);
     // `run` loads them once the command has exec'd.
@@ -181,7 +184,7 @@ impl Session {
     /// Loads the eBPF object with every tracker's settings, builds the
     /// trackers asked for and attaches the lifecycle programs.
     /// `program`: what a held child will exec (else `pid` runs already).
-    fn load(pid: u32, opts: &TraceOptions, names: &[&'static str], program: Option<&std::path::Path>) -> Result<Self> {
+    fn load(pid: u32, opts: &TraceOptions, names: &[&'static str], program: Option<&std::path::Path>, hub: Option<Hub>) -> Result<Self> {
         let active = |name: &str| crate::cli::expand(names).contains(&name);
         let mut settings = LoadSettings::default();
         for spec in REGISTRY {
@@ -190,6 +193,9 @@ impl Session {
         let unwind = opts.unwind == crate::cli::Unwind::EhFrame;
         Stacks::configure(&mut settings, unwind, crate::stacks::jvm::may_be_jvm(pid, program));
         let mut probes = Probes::load(pid, &settings)?;
+        if let Some(hub) = hub {
+            probes.route_through(hub.seat(pid)?);
+        }
         let target = Target { pid, memory: MemoryMap::default(), libc_loaded: false, alive: true };
         let mut trackers = Trackers::default();
         for spec in REGISTRY.iter().filter(|s| active(s.name)) {

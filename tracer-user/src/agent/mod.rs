@@ -11,6 +11,7 @@
 //! (`--max-cpu`, `--max-rss`) it sheds targets ([`budget`]).
 
 pub mod budget;
+pub mod hub;
 pub mod metrics;
 pub mod select;
 
@@ -39,6 +40,7 @@ use crate::{
 };
 use crate::identity::{self, Identity};
 use budget::{Budget, Meter, Metered};
+use hub::Hub;
 use metrics::{Fleet, SharedFleet, Skip, Traced, Untraced};
 use select::{Candidate, Selector};
 
@@ -57,9 +59,10 @@ pub struct AgentOptions {
 }
 
 /// The exec watcher: the eBPF object loaded without a target, only
-/// `process_exec` attached, reporting every exec on the machine.
+/// `process_exec` attached, reporting every exec on the machine. The same
+/// load carries the [`hub`] every target's tracepoint programs go behind.
 struct ExecWatcher {
-    _probes: Probes,
+    hub: Hub,
     ring: RingBuf<MapData>,
     counters: Counters,
 }
@@ -69,7 +72,7 @@ struct ExecWatcher {
 const WATCH_RING_BYTES: u32 = 256 * 1024;
 
 impl ExecWatcher {
-    fn start(opts: &TraceOptions) -> Result<Self> {
+    fn start(opts: &TraceOptions, max_targets: u32) -> Result<Self> {
         let mut settings = LoadSettings::default();
         // No tracker runs in this load: every table minimal.
         for spec in REGISTRY {
@@ -80,11 +83,12 @@ impl ExecWatcher {
         }
         settings.max_entries.push(("PROCESS_EVENTS", WATCH_RING_BYTES));
         settings.u32_globals.push(("WATCH_EXECS", 1));
+        hub::configure(&mut settings, max_targets);
         let mut probes = Probes::load(0, &settings)?;
         let ring = probes.take_map("PROCESS_EVENTS")?;
         let counters = Counters(probes.take_map("COUNTERS")?);
         probes.attach_tracepoints(&[("process_exec", "sched", "sched_process_exec")])?;
-        Ok(Self { _probes: probes, ring, counters })
+        Ok(Self { hub: Hub::new(probes, max_targets)?, ring, counters })
     }
 
     /// The tgids that exec'd since the last call.
@@ -118,7 +122,7 @@ pub async fn run(agent: AgentOptions, opts: TraceOptions, endpoint: output::metr
     let names = crate::cli::trackers(&opts.track).map_err(anyhow::Error::msg)?;
     crate::probes::preflight()?;
     crate::privileges::check_agent(crate::probes::effective_caps())?;
-    let mut watcher = ExecWatcher::start(&opts)?;
+    let mut watcher = ExecWatcher::start(&opts, agent.max_targets as u32)?;
     let fleet = SharedFleet::default();
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let shutdown = async move {
@@ -232,7 +236,8 @@ async fn watch(agent: &AgentOptions, opts: &TraceOptions, watcher: &mut ExecWatc
                 pid,
                 Traced { identity: Identity::read(pid), report: report.clone(), exited_at: None, untraced: None, busy_ns: busy_ns.clone() },
             );
-            let traced = async move { session::trace(pid, &o, None, outlet, true).await };
+            let hub = watcher.hub.clone();
+            let traced = async move { session::trace(pid, &o, None, outlet, true, Some(hub)).await };
             sessions.insert(pid, tokio::task::spawn_local(Metered::new(traced, report, pickup_cpu.clone(), busy_ns)));
         }
         reap(&mut sessions, fleet, now, agent.max_targets, &mut refusals_said).await;
@@ -336,7 +341,7 @@ fn refusal_line(pid: u32, comm: &str, e: &anyhow::Error, said: &mut HashSet<Stri
         return None;
     }
     let why = if errno == Some(libc::E2BIG) {
-        " (E2BIG: the kernel allows 64 BPF programs per tracepoint, and every target of the agent is a load of its own that attaches two to sched_process_exit)"
+        " (E2BIG: the kernel allows 64 BPF programs per tracepoint, and other tracers hold them: the agent itself puts at most two on each)"
     } else {
         ""
     };
