@@ -66,11 +66,11 @@ static ALLOCS: HashMap<u64, AllocInfo> = HashMap::with_max_entries(MAX_LIVE_ALLO
 
 /// Per creation stack: blocks and bytes allocated and freed (per CPU).
 #[map]
-static ALLOC_STACKS: PerCpuHashMap<StackKey, AllocCounts> = PerCpuHashMap::with_max_entries(MAX_ALLOC_STACKS, 0);
+static ALLOC_STACKS: PerCpuHashMap<StackKey, AllocCounts> = PerCpuHashMap::with_max_entries(MAX_ALLOC_STACKS, crate::NO_PREALLOC);
 
 /// Per creation stack: creation time of its sentinel block (see module docs).
 #[map]
-static ALLOC_OLDEST: HashMap<StackKey, u64> = HashMap::with_max_entries(MAX_ALLOC_STACKS, 0);
+static ALLOC_OLDEST: HashMap<StackKey, u64> = HashMap::with_max_entries(MAX_ALLOC_STACKS, crate::NO_PREALLOC);
 
 /// Allocator calls between entry and return, by pid_tgid. A plain
 /// (preallocated) hash: cheaper per call than an LRU, and an entry lives
@@ -283,7 +283,7 @@ pub fn alloc_size(ctx: ProbeContext) -> u32 {
 
 /// Frames of hand-walked allocation stacks, by hash.
 #[map]
-static ALLOC_FRAMES: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_WALKED_STACKS, 0);
+static ALLOC_FRAMES: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_WALKED_STACKS, crate::NO_PREALLOC);
 
 /// Scratch space for a walk (too big for the BPF stack).
 #[map]

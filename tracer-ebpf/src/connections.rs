@@ -32,17 +32,17 @@ use crate::{
 
 /// Live sockets of the target.
 #[map]
-static CONN_FDS: HashMap<FdKey, ConnInfo> = HashMap::with_max_entries(MAX_LIVE_SOCKETS, 0);
+static CONN_FDS: HashMap<FdKey, ConnInfo> = HashMap::with_max_entries(MAX_LIVE_SOCKETS, crate::NO_PREALLOC);
 
 /// Per creation stack: sockets opened and closed (per CPU).
 #[map]
 static CONN_STACKS: PerCpuHashMap<StackKey, StackCounts> =
-    PerCpuHashMap::with_max_entries(MAX_CONN_STACKS, 0);
+    PerCpuHashMap::with_max_entries(MAX_CONN_STACKS, crate::NO_PREALLOC);
 
 /// Per creation stack: sockets closed by the Go runtime's finalizer
 /// goroutine (an unreachable connection closed at some GC), per CPU.
 #[map]
-static CONN_FINALIZED: PerCpuHashMap<StackKey, u64> = PerCpuHashMap::with_max_entries(MAX_CONN_STACKS, 0);
+static CONN_FINALIZED: PerCpuHashMap<StackKey, u64> = PerCpuHashMap::with_max_entries(MAX_CONN_STACKS, crate::NO_PREALLOC);
 
 /// `runtime.runfinq`'s pc range in the target (see `finalizer`), set by
 /// user space for a Go target.

@@ -30,15 +30,15 @@ use crate::{
 
 /// Live fds of the target.
 #[map]
-static FDS_LIVE: HashMap<FdKey, FdInfo> = HashMap::with_max_entries(MAX_LIVE_FDS, 0);
+static FDS_LIVE: HashMap<FdKey, FdInfo> = HashMap::with_max_entries(MAX_LIVE_FDS, crate::NO_PREALLOC);
 
 /// Per creation stack: fds opened and closed (per CPU).
 #[map]
-static FDS_STACKS: PerCpuHashMap<StackKey, StackCounts> = PerCpuHashMap::with_max_entries(MAX_FD_STACKS, 0);
+static FDS_STACKS: PerCpuHashMap<StackKey, StackCounts> = PerCpuHashMap::with_max_entries(MAX_FD_STACKS, crate::NO_PREALLOC);
 
 /// Stacks walked by `app_stack` (fds made deep inside libc).
 #[map]
-static FDS_FRAMES: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_WALKED_STACKS, 0);
+static FDS_FRAMES: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_WALKED_STACKS, crate::NO_PREALLOC);
 
 #[map]
 static FDS_SCRATCH: PerCpuArray<WalkedFrames> = PerCpuArray::with_max_entries(1, 0);
@@ -46,7 +46,7 @@ static FDS_SCRATCH: PerCpuArray<WalkedFrames> = PerCpuArray::with_max_entries(1,
 /// Per creation stack: fds closed by the Go runtime's finalizer goroutine
 /// (an `*os.File` dropped without `Close`), per CPU.
 #[map]
-static FDS_FINALIZED: PerCpuHashMap<StackKey, u64> = PerCpuHashMap::with_max_entries(MAX_FD_STACKS, 0);
+static FDS_FINALIZED: PerCpuHashMap<StackKey, u64> = PerCpuHashMap::with_max_entries(MAX_FD_STACKS, crate::NO_PREALLOC);
 
 /// `runtime.runfinq`'s pc range in the target, set by user space for a Go
 /// target (`stacks::closed_by_go_finalizer`).

@@ -29,7 +29,7 @@ use crate::{
 
 /// Creator stacks, by the hash of their addresses.
 #[map]
-static GO_CREATOR_FRAMES: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_CREATOR_STACKS, 0);
+static GO_CREATOR_FRAMES: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_CREATOR_STACKS, crate::NO_PREALLOC);
 
 /// This CPU's stack being built for `GO_CREATOR_FRAMES`.
 #[map]
@@ -37,7 +37,7 @@ static GO_CREATOR_SCRATCH: PerCpuArray<WalkedFrames> = PerCpuArray::with_max_ent
 
 /// Creations per (statement, creator stack), per CPU.
 #[map]
-static GO_CREATIONS: PerCpuHashMap<GoCreation, u64> = PerCpuHashMap::with_max_entries(MAX_CREATIONS, 0);
+static GO_CREATIONS: PerCpuHashMap<GoCreation, u64> = PerCpuHashMap::with_max_entries(MAX_CREATIONS, crate::NO_PREALLOC);
 
 /// The last creator stack per (creating goroutine, statement).
 #[map]

@@ -41,11 +41,11 @@ fn java_walk() -> bool {
 
 /// Walk settings of each JVM target, by tgid (set by user space).
 #[map]
-static JVM_CONFIG: HashMap<u32, JvmConfig> = HashMap::with_max_entries(MAX_JVMS, 0);
+static JVM_CONFIG: HashMap<u32, JvmConfig> = HashMap::with_max_entries(MAX_JVMS, crate::NO_PREALLOC);
 
 /// Java stacks by the hash of their frames.
 #[map]
-pub static JAVA_STACKS: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_JAVA_STACKS, 0);
+pub static JAVA_STACKS: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_JAVA_STACKS, crate::NO_PREALLOC);
 
 /// This CPU's Java stack being built.
 #[map]

@@ -49,22 +49,22 @@ use crate::{
 
 /// libc: address after a `syscall` in a lock path -> where the return address is.
 #[map]
-static LOCK_SYSCALL_SITES: HashMap<u64, LockSite> = HashMap::with_max_entries(MAX_LOCK_SITES, 0);
+static LOCK_SYSCALL_SITES: HashMap<u64, LockSite> = HashMap::with_max_entries(MAX_LOCK_SITES, crate::NO_PREALLOC);
 /// libc: return address of a `call` in a lock path -> the caller's frame.
 #[map]
-static LOCK_CALL_SITES: HashMap<u64, LockSite> = HashMap::with_max_entries(MAX_LOCK_SITES, 0);
+static LOCK_CALL_SITES: HashMap<u64, LockSite> = HashMap::with_max_entries(MAX_LOCK_SITES, crate::NO_PREALLOC);
 /// Switches set by user space (see `CONFIG_*`).
 #[map]
 static LOCK_CONFIG: Array<u64> = Array::with_max_entries(4, 0);
 /// Per lock word: contentions, wait time, histogram (per CPU).
 #[map]
-static LOCKS: PerCpuHashMap<u64, LockStats> = PerCpuHashMap::with_max_entries(MAX_LOCKS, 0);
+static LOCKS: PerCpuHashMap<u64, LockStats> = PerCpuHashMap::with_max_entries(MAX_LOCKS, crate::NO_PREALLOC);
 /// Per (lock, waiter stack): waits and wait time (per CPU).
 #[map]
-static LOCK_WAITERS: PerCpuHashMap<LockStack, WaitTotals> = PerCpuHashMap::with_max_entries(MAX_LOCK_STACKS, 0);
+static LOCK_WAITERS: PerCpuHashMap<LockStack, WaitTotals> = PerCpuHashMap::with_max_entries(MAX_LOCK_STACKS, crate::NO_PREALLOC);
 /// Per (lock, holder stack): wakes of waiters by an unlock (per CPU).
 #[map]
-static LOCK_HOLDERS: PerCpuHashMap<LockStack, WaitTotals> = PerCpuHashMap::with_max_entries(MAX_LOCK_STACKS, 0);
+static LOCK_HOLDERS: PerCpuHashMap<LockStack, WaitTotals> = PerCpuHashMap::with_max_entries(MAX_LOCK_STACKS, crate::NO_PREALLOC);
 /// Go semaphores a sync.Mutex/RWMutex wait was seen on (LRU-bounded): a
 /// release of any other (sync.WaitGroup, sync.Cond...) is no lock's holder
 /// and would only fill `LOCK_HOLDERS`.
@@ -72,7 +72,7 @@ static LOCK_HOLDERS: PerCpuHashMap<LockStack, WaitTotals> = PerCpuHashMap::with_
 static GO_WAITED_SEMAS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(MAX_LOCKS, 0);
 /// Hand-walked stacks, by hash of their frames.
 #[map]
-static LOCK_FRAMES: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_WALKED_STACKS, 0);
+static LOCK_FRAMES: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_WALKED_STACKS, crate::NO_PREALLOC);
 /// Scratch space (too big for the BPF stack).
 #[map]
 static LOCK_SCRATCH_FRAMES: PerCpuArray<WalkedFrames> = PerCpuArray::with_max_entries(1, 0);

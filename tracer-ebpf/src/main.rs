@@ -25,6 +25,14 @@ use tracer_common::counter;
 #[no_mangle]
 static TARGET_TGID: u32 = 0;
 
+/// Flags of the hash maps a program inserts into only at rare events (a
+/// new stack, object, rule): their entries are allocated when inserted
+/// rather than all at load, so a load costs the kernel what it tracks, not
+/// its bounds (a target of the agent with the default trackers: ~68 MiB
+/// preallocated before). Tables written on hot paths (`ALLOCS`,
+/// `ALLOC_PENDING`) and LRU maps stay preallocated.
+const NO_PREALLOC: u32 = aya_ebpf::bindings::BPF_F_NO_PREALLOC;
+
 /// Event and loss counters, per CPU; see `tracer_common::counter`.
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);

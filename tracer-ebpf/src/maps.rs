@@ -34,7 +34,7 @@ use crate::{bump, stacks::STACKS, target_tgid};
 
 /// Tracked maps by header address.
 #[map]
-static MAPS: HashMap<u64, MapInfo> = HashMap::with_max_entries(MAX_TRACKED_MAPS, 0);
+static MAPS: HashMap<u64, MapInfo> = HashMap::with_max_entries(MAX_TRACKED_MAPS, crate::NO_PREALLOC);
 
 /// Where the seed is in the map header (`seed::OFFSET`, `seed::MASK`);
 /// written by user space from the target's Go version.

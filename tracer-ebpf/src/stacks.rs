@@ -36,12 +36,12 @@ static UNWIND_MODE: u32 = unwind_mode::RULES;
 /// Exact pc (a return address, or with `RULE_AT_PC` the pc a thread is
 /// at) -> how to find its caller's frame; filled by user space.
 #[map]
-static UNWIND_RULES: HashMap<u64, UnwindRule> = HashMap::with_max_entries(MAX_UNWIND_RULES, 0);
+static UNWIND_RULES: HashMap<u64, UnwindRule> = HashMap::with_max_entries(MAX_UNWIND_RULES, crate::NO_PREALLOC);
 
 /// Walks that stopped at a pc without a rule, by their provisional stack
 /// key, with the stack above that pc, for user space (which deletes them).
 #[map]
-static UNWIND_MISSES: HashMap<u64, MissSnapshot> = HashMap::with_max_entries(MAX_UNWIND_MISSES, 0);
+static UNWIND_MISSES: HashMap<u64, MissSnapshot> = HashMap::with_max_entries(MAX_UNWIND_MISSES, crate::NO_PREALLOC);
 
 /// Where a miss's snapshot is built (too big for the BPF stack).
 #[map]
@@ -111,7 +111,7 @@ fn queue_miss(key: u64, rule_key: u64, sp: u64, bp: u64) -> bool {
 /// Stacks walked with rules for the trackers that have no walked-stack
 /// table of their own (connections, threads), by hash.
 #[map]
-static UNWOUND_STACKS: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_UNWOUND_STACKS, 0);
+static UNWOUND_STACKS: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_UNWOUND_STACKS, crate::NO_PREALLOC);
 
 /// Scratch space for a walk into `UNWOUND_STACKS` (too big for the BPF stack).
 #[map]
@@ -156,7 +156,7 @@ pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 /// Stacks whose `STACKS` bucket another stack holds, walked instead
 /// ([`user_stack`]), by the hash of their frames.
 #[map]
-pub static STACK_FRAMES: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_WALKED_STACKS, 0);
+pub static STACK_FRAMES: HashMap<u64, WalkedFrames> = HashMap::with_max_entries(MAX_WALKED_STACKS, crate::NO_PREALLOC);
 
 /// This CPU's [`WalkedFrames`] being built for `STACK_FRAMES`.
 #[map]
@@ -164,7 +164,7 @@ static STACK_SCRATCH: PerCpuArray<WalkedFrames> = PerCpuArray::with_max_entries(
 
 /// Address after a `syscall` instruction in a libc wrapper -> return-address offset.
 #[map]
-static SYSCALL_SITES: HashMap<u64, SyscallSite> = HashMap::with_max_entries(1024, 0);
+static SYSCALL_SITES: HashMap<u64, SyscallSite> = HashMap::with_max_entries(1024, crate::NO_PREALLOC);
 
 /// The executable's text, `[start, end)` (slots 0 and 1; 0 while unknown):
 /// set by user space from the target's mappings.

@@ -38,12 +38,12 @@ static FORK_CHILD_PID_AT: u32 = FORK_CHILD_PID_OFFSET;
 
 /// Live threads of the target, by tid.
 #[map]
-static THREADS: HashMap<u32, ThreadInfo> = HashMap::with_max_entries(MAX_LIVE_THREADS, 0);
+static THREADS: HashMap<u32, ThreadInfo> = HashMap::with_max_entries(MAX_LIVE_THREADS, crate::NO_PREALLOC);
 
 /// Per creation stack: threads created and ended (per CPU).
 #[map]
 static THREAD_STACKS: PerCpuHashMap<StackKey, StackCounts> =
-    PerCpuHashMap::with_max_entries(MAX_THREAD_STACKS, 0);
+    PerCpuHashMap::with_max_entries(MAX_THREAD_STACKS, crate::NO_PREALLOC);
 
 /// Creation stack of a `pthread_create` in progress, by the creator's pid_tgid.
 #[map]

@@ -40,7 +40,7 @@ pub fn unmaps() -> u64 {
 
 /// Threads inside a `munmap` of rule code (bumped again at its exit).
 #[map]
-static UNMAPPING: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+static UNMAPPING: HashMap<u32, u8> = HashMap::with_max_entries(1024, crate::NO_PREALLOC);
 
 #[inline(always)]
 fn sync_slot(i: u32) -> u64 {

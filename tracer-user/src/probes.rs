@@ -34,6 +34,10 @@ pub struct LoadSettings {
     pub u64_globals: Vec<(&'static str, u64)>,
     /// Map sizes (map name, entries).
     pub max_entries: Vec<(&'static str, u32)>,
+    /// A running tracker takes stacks with `bpf_get_stackid` whatever the
+    /// unwind mode (Go's maps and locks: Go keeps frame pointers), so
+    /// `STACKS` keeps its size.
+    pub stack_ids: bool,
 }
 
 /// Every whole record of type `T` the kernel wrote to `ring` since the

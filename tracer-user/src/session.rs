@@ -112,10 +112,8 @@ pub async fn trace(
     // machine) must not be followed by a burst of samples a few ms apart.
     report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut poll_tick = tokio::time::interval(Duration::from_millis(100));
-    // Rules missing for a new call path cut its stacks short until learned
-    // (one round per frame): learn them quickly.
-    let mut unwind_tick = tokio::time::interval(Duration::from_millis(10));
-    unwind_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // Rules missing for a new call path: when to learn them (Stacks::learn).
+    let mut learn_at = tokio::time::Instant::now();
 
     // Sample at t=0 so growth is measured from attach.
     outlet.share(s.report(start, false, false).await?);
@@ -129,7 +127,7 @@ pub async fn trace(
                     None => std::future::pending::<()>().await,
                 }
             } => break EndReason::Duration,
-            _ = unwind_tick.tick(), if s.stacks.unwinding() => s.stacks.learn(&mut s.target.memory),
+            _ = tokio::time::sleep_until(learn_at), if s.stacks.unwinding() => learn_at = tokio::time::Instant::now() + s.stacks.learn(&mut s.target.memory),
             _ = poll_tick.tick() => {
                 s.poll().await;
                 let gone = child.as_mut().map(|c| c.reap()).unwrap_or(false);
@@ -193,31 +191,27 @@ impl Session {
         let unwind = opts.unwind == crate::cli::Unwind::EhFrame;
         Stacks::configure(&mut settings, unwind, crate::stacks::jvm::may_be_jvm(pid, program));
         let mut probes = Probes::load(pid, &settings)?;
-        if let Some(hub) = hub {
+        // The agent's: tracepoint programs behind its hub, learning slower
+        // while nothing is missed (many targets, a small CPU budget).
+        let learn_idle = if let Some(hub) = hub {
             probes.route_through(hub.seat(pid)?);
-        }
+            Duration::from_millis(100)
+        } else {
+            crate::stacks::LEARN_SOON
+        };
         let target = Target { pid, memory: MemoryMap::default(), libc_loaded: false, alive: true };
         let mut trackers = Trackers::default();
         for spec in REGISTRY.iter().filter(|s| active(s.name)) {
             trackers.0.push((spec.new)(&mut probes, opts, &target)?);
         }
         trackers.preload(&mut probes)?;
-        let stacks = Stacks::new(&mut probes, pid, unwind)?;
+        let mut stacks = Stacks::new(&mut probes, pid, unwind)?;
+        stacks.learn_idle = learn_idle;
         let counters = Counters(probes.take_map("COUNTERS")?);
         let lifecycle = Lifecycle::attach(&mut probes)?;
         let judge = Judge::new(opts.interval, &opts.own);
-        Ok(Self {
-            probes,
-            trackers,
-            target,
-            lifecycle,
-            stacks,
-            counters,
-            judge,
-            comm: procfs::comm(pid),
-            max_findings: opts.max_findings,
-            omitted: Vec::new(),
-        })
+        let (comm, max_findings, omitted) = (procfs::comm(pid), opts.max_findings, Vec::new());
+        Ok(Self { probes, trackers, target, lifecycle, stacks, counters, judge, comm, max_findings, omitted })
     }
 
     /// Hands newly read mappings to every tracker, and loads libc's syscall

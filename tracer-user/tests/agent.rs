@@ -16,6 +16,9 @@
 //! A third gives the agent a budget it cannot meet (`--max-cpu 0.01`): it
 //! must shed the idle targets and the busy look-alike, free their loads,
 //! and keep tracing the leak.
+//!
+//! A fourth traces 41 targets at once, beyond the kernel's per-tracepoint
+//! program limit of a load per target, through the agent's hub.
 
 mod common;
 
@@ -375,4 +378,53 @@ fn over_budget_the_agent_sheds_idle_targets_and_keeps_the_leak() {
     assert!(bpf_fds_all_traced > 0, "never saw all four traced; stderr:\n{log}");
     assert!(now * 4 < bpf_fds_all_traced * 3, "BPF fds: {bpf_fds_all_traced} with 4 targets, {now} after shedding 3");
     drop((sleepers, leaky, busy));
+}
+
+/// Above the old ceiling: with a load per target attached directly, each
+/// target put two programs on `sched:sched_process_exit` and the kernel's
+/// 64 per tracepoint refused the 33rd target (and any other tracer while
+/// the agent ran). Through the hub, 40 idle targets and a leaking one are
+/// all traced, the leak's events reach its own programs (judged leak), and
+/// a separate `leaktrace attach` works meanwhile.
+#[test]
+fn forty_targets_share_the_hub_and_other_tracers_still_attach() {
+    let dir = TempDir::new("agent-hub");
+    let tag = format!("lh{}", std::process::id() % 100_000);
+    let idle = dir.0.join(format!("{tag}_idle"));
+    fs::copy("/usr/bin/sleep", &idle).unwrap();
+    let leak = copy_fixture("conn_leak", &dir.0, &format!("{tag}_leak"));
+    // The default trackers (connections, threads, goroutines): the threads'
+    // exit program is the second one on sched_process_exit.
+    let agent = start_agent(&["--match", &format!("exe={}/{tag}_*", dir.0.display()), "--max-cpu", "1000", "--max-rss", "4096"]);
+    let sleepers: Vec<Proc> = (0..40)
+        .map(|_| Proc { name: "idle sleep", child: Command::new(&idle).arg("1000").stdout(Stdio::null()).spawn().unwrap() })
+        .collect();
+    let leaky = start_path(&leak, &[]);
+    let l = leaky.pid();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let text = loop {
+        let text = agent.scrape();
+        let leaking = lines_of(&text, "leaktrace_live_objects", l).iter().any(|line| line.contains("site=\"dial_cache\",verdict=\"leak\""));
+        if text.contains("leaktrace_agent_targets{state=\"traced\"} 41") && leaking {
+            break text;
+        }
+        assert!(
+            text.is_empty() || text.contains("leaktrace_agent_targets{state=\"refused\"} 0"),
+            "a target was refused; /metrics:\n{text}\nstderr:\n{}",
+            agent.log()
+        );
+        assert!(Instant::now() < deadline, "41 targets not traced, or the leak not judged, in time; /metrics:\n{text}\nstderr:\n{}", agent.log());
+        thread::sleep(Duration::from_millis(500));
+    };
+    assert!(text.contains("leaktrace_agent_targets{state=\"shed\"} 0"), "{text}");
+    assert!(!agent.log().contains("Argument list too long"), "{}", agent.log());
+    for s in &sleepers {
+        assert_eq!(lines_of(&text, "leaktrace_target_info", s.child.id()).len(), 1, "pid {} has no target_info row:\n{text}", s.child.id());
+    }
+    // Another tracer of the machine, while the agent holds 41 targets.
+    let other = start("conn_leak", &["--no-leak"]);
+    let run = run_leaktrace(&["attach", "--pid", &other.pid().to_string(), "--for", "2s", "--json"]);
+    assert_eq!(run.status, 0, "attach beside the agent failed:\n{}", run.stderr);
+    assert!(run.final_report()["findings"].is_array(), "{}", run.stdout);
+    drop((sleepers, leaky, other));
 }

@@ -159,23 +159,25 @@ async fn watch(agent: &AgentOptions, opts: &TraceOptions, watcher: &mut ExecWatc
     let mut warned_full = false;
     let mut meter = Meter::default();
     let mut next_reading = start;
-    // The last whole window's verdict: new matches wait while over.
+    // The last whole window's verdict: new matches wait while over
+    // (`deferred`, picked up again once under; at most --max-targets).
     let mut over_budget = false;
+    let mut deferred: Vec<u32> = Vec::new();
     let mut warned_over = false;
     let mut refusals_said = HashSet::new();
     // CPU seconds spent picking targets up (left out of the budget).
     let pickup_cpu = Rc::new(Cell::new(0.0));
     let mut trim = false;
-    loop {
+    let signalled = loop {
         tokio::select! {
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break true,
+            _ = sigterm.recv() => break true,
             _ = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d.into()).await,
                     None => std::future::pending::<()>().await,
                 }
-            } => break,
+            } => break false,
             _ = tick.tick() => {}
         }
         let now = Instant::now();
@@ -212,8 +214,11 @@ async fn watch(agent: &AgentOptions, opts: &TraceOptions, watcher: &mut ExecWatc
             }
             if over_budget {
                 fleet.write().unwrap_or_else(|e| e.into_inner()).skip(Skip::OverBudget);
+                if deferred.len() < agent.max_targets && !deferred.contains(&pid) {
+                    deferred.push(pid);
+                }
                 if !warned_over {
-                    output::warn(format!("agent: over budget: pid {pid} ({}) and later matches are not traced while it is (counted in leaktrace_agent_targets_skipped_total{{reason=\"over_budget\"}})", c.comm));
+                    output::warn(format!("agent: over budget: pid {pid} ({}) and later matches wait until it is under again (each put off is counted in leaktrace_agent_targets_skipped_total{{reason=\"over_budget\"}})", c.comm));
                     warned_over = true;
                 }
                 continue;
@@ -253,6 +258,9 @@ async fn watch(agent: &AgentOptions, opts: &TraceOptions, watcher: &mut ExecWatc
             meter.push(now, budget::process_cpu_s() - pickup_cpu.get(), rss, agent.budget.window);
             if let Some(spent) = meter.spent(&agent.budget) {
                 over_budget = spent.over();
+                if !over_budget {
+                    pending.extend(deferred.drain(..).map(|p| (p, now, false)));
+                }
                 if over_budget && shed(&spent, agent, opts.interval, &mut sessions, fleet) {
                     // The next window starts once the shed sessions are torn
                     // down (their fds closed, maps unmapped): that is not
@@ -268,9 +276,14 @@ async fn watch(agent: &AgentOptions, opts: &TraceOptions, watcher: &mut ExecWatc
         f.targets.retain(|_, t| t.exited_at.is_none_or(|at| now.duration_since(at) < agent.keep_exited));
         f.execs_lost = watcher.lost();
         f.pickup_cpu_s = pickup_cpu.get();
-    }
-    // Every session saw the same signal (or deadline) and ends on its own.
+    };
+    // At the deadline every session ends on its own. On a signal they are
+    // dropped (detached) without final reports: /metrics stops with the
+    // agent, and 50 sessions making theirs in turn outlast a stop timeout.
     for (pid, handle) in sessions {
+        if signalled {
+            handle.abort();
+        }
         if let Ok(Err(e)) = handle.await {
             output::warn(format!("agent: pid {pid}: {e:#}"));
         }

@@ -12,6 +12,8 @@ pub mod symbolize;
 pub mod syscall_sites;
 pub mod unwind;
 
+use std::time::Duration;
+
 use anyhow::Result;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use tracer_common::stacks::{StackKey, WalkedFrames, MAX_WALKED_FRAMES};
@@ -38,7 +40,16 @@ pub struct Stacks {
     /// target's were looked for (`JavaSetup`).
     jvm_config: BpfHashMap<MapData, u32, tracer_common::jvm::JvmConfig>,
     java_setup: JavaSetup,
+    /// How long learning waits now, and at most while nothing is missed
+    /// (see [`Stacks::learn`]).
+    learn_every: Duration,
+    pub learn_idle: Duration,
 }
+
+/// Learning's period while misses come: a new call path's stacks stay cut
+/// until its rules are learned (a round per frame), and the miss queue is
+/// bounded.
+pub const LEARN_SOON: Duration = Duration::from_millis(10);
 
 /// Where setting up Java frames for the target stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,7 +69,16 @@ impl Stacks {
         let resolver = resolve::StackResolver::new(&mut probes.ebpf, pid, symbolize::SymbolizerService::start())?;
         let unwinder = if unwind { Some(unwind::Unwinder::new(probes, pid)?) } else { None };
         let jvm_config = probes.take_map("JVM_CONFIG")?;
-        Ok(Self { resolver, unwinder, app_text: (0, 0), stripped: Default::default(), jvm_config, java_setup: JavaSetup::Pending(0) })
+        Ok(Self {
+            resolver,
+            unwinder,
+            app_text: (0, 0),
+            stripped: Default::default(),
+            jvm_config,
+            java_setup: JavaSetup::Pending(0),
+            learn_every: LEARN_SOON,
+            learn_idle: LEARN_SOON,
+        })
     }
 
     /// How the kernel side walks user stacks: unwind rules, or frame pointers.
@@ -68,6 +88,11 @@ impl Stacks {
     pub fn configure(load: &mut crate::probes::LoadSettings, unwind: bool, java: bool) {
         use tracer_common::stacks::unwind_mode;
         load.u32_globals.push(("UNWIND_MODE", if unwind { unwind_mode::RULES } else { unwind_mode::FRAME_POINTERS }));
+        if unwind && !load.stack_ids {
+            // Else only the frame-pointer walk uses bpf_get_stackid's
+            // table, preallocated: 17 MiB at its 16384 stacks.
+            load.max_entries.push(("STACKS", 1));
+        }
         load.u32_globals.push(("JAVA_WALK", u32::from(java)));
     }
 
@@ -135,11 +160,14 @@ impl Stacks {
         }
     }
 
-    /// Learns the unwind rules the kernel's walks asked for.
-    pub fn learn(&mut self, memory: &mut MemoryMap) {
-        if let Some(u) = self.unwinder.as_mut() {
-            u.learn(memory);
-        }
+    /// Learns the unwind rules the kernel's walks asked for since the last call,
+    /// and says when to look again: [`LEARN_SOON`] while misses come, twice
+    /// as long after each look that found none, up to `learn_idle` (the
+    /// agent's 100 ms: an idle target woke it 100 times a second).
+    pub fn learn(&mut self, memory: &mut MemoryMap) -> Duration {
+        let taken = self.unwinder.as_mut().map_or(0, |u| u.learn(memory));
+        self.learn_every = if taken > 0 { LEARN_SOON } else { (self.learn_every * 2).min(self.learn_idle) };
+        self.learn_every
     }
 
     /// A new image: rules of the old one mean nothing now.

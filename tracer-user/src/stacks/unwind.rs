@@ -702,7 +702,7 @@ impl Unwinder {
     }
 
     /// Learns the rules of every queued miss's call path; returns how many
-    /// it learned. `memory` is re-read once when a pc lies outside every
+    /// misses it took. `memory` is re-read once when a pc lies outside every
     /// known mapping (an object mapped since the last read).
     pub fn learn(&mut self, memory: &mut MemoryMap) -> usize {
         self.drop_unmapped(memory);
@@ -722,6 +722,7 @@ impl Unwinder {
         }
         let mut reread = true;
         let mut learned = 0;
+        let taken = misses.len();
         for (provisional, snap) in misses {
             let _ = self.misses.remove(&provisional);
             let stack = &snap.stack[..(snap.len as usize).min(snap.stack.len())];
@@ -756,7 +757,7 @@ impl Unwinder {
             // Separate debug files are read as rules need them: sum again.
             self.stats.cfi_bytes = self.cfi.cfi_bytes();
         }
-        learned
+        taken
     }
 
     /// The rule for `key`, inserted in the kernel table when new (the flag

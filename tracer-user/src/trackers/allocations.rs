@@ -34,12 +34,18 @@ use crate::{
 /// every malloc and free, about 1-2 µs each, too dear for a default).
 pub const SPEC: TrackerSpec = TrackerSpec { name: "allocations", default: false, configure, new };
 
-/// The live-block and walked-stack tables are preallocated (~100 and 264
-/// bytes an entry): only as big as asked when the tracker runs.
+/// The live-block and pending-call tables are preallocated (written at
+/// every sampled malloc): only as big as asked when the tracker runs; the
+/// others minimal too when it does not.
 fn configure(load: &mut LoadSettings, opts: &TraceOptions, active: bool) {
     load.u64_globals.push(("ALLOC_SAMPLE_BYTES", opts.alloc_sample_bytes));
     load.max_entries.push(("ALLOCS", if active { opts.max_allocations } else { 1 }));
     load.max_entries.push(("ALLOC_FRAMES", if active { MAX_WALKED_STACKS } else { 1 }));
+    if !active {
+        for map in ["ALLOC_PENDING", "ALLOC_OUTER", "ALLOC_STACKS", "ALLOC_OLDEST"] {
+            load.max_entries.push((map, 1));
+        }
+    }
 }
 
 fn new(probes: &mut Probes, opts: &TraceOptions, _target: &Target) -> Result<Box<dyn Tracker>> {

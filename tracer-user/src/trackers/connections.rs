@@ -26,8 +26,8 @@ use crate::{
 /// The connection tracker in the registry (a default tracker).
 pub const SPEC: TrackerSpec = TrackerSpec { name: "connections", default: true, configure, new };
 
-/// The live-socket table is preallocated: `--max-sockets` entries when the
-/// tracker runs, one otherwise.
+/// The live-socket table: `--max-sockets` entries when the tracker runs,
+/// one otherwise.
 fn configure(load: &mut LoadSettings, opts: &TraceOptions, active: bool) {
     load.max_entries.push(("CONN_FDS", if active { opts.max_sockets } else { 1 }));
 }

@@ -25,7 +25,8 @@ use crate::{
 /// The fd tracker in the registry (opt-in: `--track fds`).
 pub const SPEC: TrackerSpec = TrackerSpec { name: "fds", default: false, configure, new };
 
-/// Tables are preallocated: full size only when the tracker runs.
+/// Tables full size only when the tracker runs (their entries are
+/// allocated as inserted, but each costs its bucket array).
 fn configure(load: &mut LoadSettings, _opts: &TraceOptions, active: bool) {
     load.max_entries.push(("FDS_LIVE", if active { tracer_common::fds::MAX_LIVE_FDS } else { 1 }));
     load.max_entries.push(("FDS_FRAMES", if active { MAX_WALKED_STACKS } else { 1 }));

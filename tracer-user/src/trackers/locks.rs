@@ -34,7 +34,19 @@ use crate::{
 
 /// The lock tracker in the registry (asked for by name: it answers another
 /// question than "what leaks").
-pub const SPEC: TrackerSpec = TrackerSpec { name: "locks", default: false, configure: super::no_settings, new };
+pub const SPEC: TrackerSpec = TrackerSpec { name: "locks", default: false, configure, new };
+
+/// Every table minimal when the tracker does not run (the pending-wait
+/// tables are LRU maps, preallocated: 2 MiB each).
+fn configure(load: &mut crate::probes::LoadSettings, _opts: &TraceOptions, active: bool) {
+    // Go holders' stacks by bpf_get_stackid.
+    load.stack_ids |= active;
+    if !active {
+        for map in ["FUTEX_PENDING", "GO_PENDING", "GO_WAITED_SEMAS", "LOCKS", "LOCK_WAITERS", "LOCK_HOLDERS", "LOCK_FRAMES", "LOCK_SYSCALL_SITES", "LOCK_CALL_SITES"] {
+            load.max_entries.push((map, 1));
+        }
+    }
+}
 
 fn new(probes: &mut Probes, _opts: &TraceOptions, target: &Target) -> Result<Box<dyn Tracker>> {
     Ok(Box::new(LockCollector::new(probes, target.pid)?))

@@ -51,7 +51,12 @@ use super::{Collected, Counters, Judging, StackSample, Tally, Target, Tracker, T
 
 /// The map tracker in the registry (asked for by name: it reads the
 /// target's memory every interval and only applies to Go).
-pub const SPEC: TrackerSpec = TrackerSpec { name: "maps", default: false, configure: super::no_settings, new };
+pub const SPEC: TrackerSpec = TrackerSpec { name: "maps", default: false, configure, new };
+
+/// Growth stacks are taken with bpf_get_stackid (Go keeps frame pointers).
+fn configure(load: &mut crate::probes::LoadSettings, _opts: &TraceOptions, active: bool) {
+    load.stack_ids |= active;
+}
 
 fn new(_probes: &mut Probes, _opts: &TraceOptions, _target: &Target) -> Result<Box<dyn Tracker>> {
     Ok(Box::new(Maps { collector: None }))

@@ -24,11 +24,15 @@ use crate::{
 /// The thread tracker in the registry (a default tracker, as part of `tasks`).
 pub const SPEC: TrackerSpec = TrackerSpec { name: "threads", default: true, configure, new };
 
-/// Where `sched_process_fork` keeps the child's pid on this kernel.
-fn configure(load: &mut LoadSettings, _opts: &TraceOptions, _active: bool) {
+/// Where `sched_process_fork` keeps the child's pid on this kernel; the
+/// preallocated pending-create table minimal when the tracker does not run.
+fn configure(load: &mut LoadSettings, _opts: &TraceOptions, active: bool) {
     let offset = probes::tracepoint_field_offset("sched", "sched_process_fork", "child_pid")
         .unwrap_or(tracer_common::threads::FORK_CHILD_PID_OFFSET);
     load.u32_globals.push(("FORK_CHILD_PID_AT", offset));
+    if !active {
+        load.max_entries.push(("THREAD_PENDING", 1));
+    }
 }
 
 fn new(probes: &mut Probes, _opts: &TraceOptions, target: &Target) -> Result<Box<dyn Tracker>> {
