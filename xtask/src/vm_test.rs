@@ -46,7 +46,14 @@ const VM_CASES: &[(&str, i32, &str)] = &[
     // The Java walk (loaded only for JVM targets) verified on each kernel:
     // forced on for a native target, whose stacks it leaves native.
     ("java-walk-loads", 3, "LEAKTRACE_JAVA_WALK=1 check --for 8s --interval 1s --track connections,tasks,locks -- /conn_leak"),
+    // The agent's hub (its route programs tail-calling the target's own
+    // load) on each kernel: a running conn_leak picked up by `leaktrace
+    // agent`, its leak judged on /metrics (exit 0 once seen; the script's
+    // `agent_case`, not a single command).
+    ("agent-hub", 0, AGENT_CASE),
 ];
+/// The arguments that stand for the agent case's script.
+const AGENT_CASE: &str = "agent --match comm=conn_leak (scraped by wget)";
 /// The one case on a kernel older than the floor: refused with this line.
 const TOO_OLD_CASE: (&str, i32, &str) = ("too-old", 1, "check --for 8s --interval 1s -- /conn_leak");
 const TOO_OLD_LINE: &str = "leaktrace: error: kernel too old: needs Linux 5.15";
@@ -355,6 +362,28 @@ run_case() {
     if [ "$got" = "$expected" ]; then r=PASS; pass=$((pass+1)); else r=FAIL; fail=$((fail+1)); fi
     echo "VMTEST case=$name expected=$expected got=$got $r (${t0}s..${t1}s)"
 }
+agent_case() {
+    name=$1; expected=$2
+    echo "VMTEST case=$name running: leaktrace agent with a conn_leak, /metrics read by wget"
+    t0=$(up)
+    /conn_leak >/dev/null 2>&1 &
+    tp=$!
+    /bin/leaktrace agent --match comm=conn_leak --interval 1s --for 60s --listen 127.0.0.1:9477 >/dev/null 2>/tmp/$name.err &
+    ap=$!
+    got=1; i=0
+    while [ $i -lt 55 ]; do
+        sleep 1; i=$((i+1))
+        if wget -qO /tmp/$name.metrics http://127.0.0.1:9477/metrics 2>/dev/null && grep -q 'site="dial_cache",verdict="leak"' /tmp/$name.metrics; then got=0; break; fi
+    done
+    kill $ap $tp 2>/dev/null
+    wait $ap 2>/dev/null
+    t1=$(up)
+    grep '^leaktrace_live_objects' /tmp/$name.metrics 2>/dev/null | head -n 5
+    echo "--- leaktrace stderr:"
+    cat /tmp/$name.err
+    if [ "$got" = "$expected" ]; then r=PASS; pass=$((pass+1)); else r=FAIL; fail=$((fail+1)); fi
+    echo "VMTEST case=$name expected=$expected got=$got $r (${t0}s..${t1}s)"
+}
 "#,
     );
     // A kernel below the floor (vmtest.cases=too-old on the command line)
@@ -368,6 +397,10 @@ else
 "#
     ));
     for (name, expected, args) in VM_CASES {
+        if *args == AGENT_CASE {
+            s.push_str(&format!("agent_case {name} {expected}\n"));
+            continue;
+        }
         // A leading `VAR=value` is the environment of that case only.
         match args.split_once(' ').filter(|(head, _)| head.contains('=')) {
             Some((env, rest)) => s.push_str(&format!("export {env}\nrun_case {name} {expected} {rest}\nunset {}\n", env.split('=').next().unwrap_or(env))),
