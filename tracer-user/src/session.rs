@@ -55,6 +55,8 @@ struct Session {
     max_findings: usize,
     /// The findings the last report cut (`--max-findings`).
     omitted: Vec<Finding>,
+    /// How often rings and the target's liveness are looked at.
+    poll_every: Duration,
 }
 
 /// Traces `pid` until the duration ends, a signal comes, the target exits
@@ -102,8 +104,7 @@ pub async fn trace(
 
     output::note_attached(pid, &comm_at_start, &names, opts.duration);
 
-    let start = Instant::now();
-    let started_wall = SystemTime::now();
+    let (start, started_wall) = (Instant::now(), SystemTime::now());
     let deadline = opts.duration.map(|d| start + d);
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -111,7 +112,7 @@ pub async fn trace(
     // A slow interval (first symbolization of a large binary, a loaded
     // machine) must not be followed by a burst of samples a few ms apart.
     report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut poll_tick = tokio::time::interval(Duration::from_millis(100));
+    let mut poll_tick = tokio::time::interval(s.poll_every);
     // Rules missing for a new call path: when to learn them (Stacks::learn).
     let mut learn_at = tokio::time::Instant::now();
 
@@ -191,13 +192,12 @@ impl Session {
         let unwind = opts.unwind == crate::cli::Unwind::EhFrame;
         Stacks::configure(&mut settings, unwind, crate::stacks::jvm::may_be_jvm(pid, program));
         let mut probes = Probes::load(pid, &settings)?;
-        // The agent's: tracepoint programs behind its hub, learning slower
-        // while nothing is missed (many targets, a small CPU budget).
-        let learn_idle = if let Some(hub) = hub {
+        // The agent's: tracepoint programs behind its hub, a slower pace.
+        let (poll_every, learn_idle) = if let Some(hub) = hub {
             probes.route_through(hub.seat(pid)?);
-            Duration::from_millis(100)
+            (crate::agent::SESSION_PACE, crate::agent::SESSION_PACE)
         } else {
-            crate::stacks::LEARN_SOON
+            (Duration::from_millis(100), crate::stacks::LEARN_SOON)
         };
         let target = Target { pid, memory: MemoryMap::default(), libc_loaded: false, alive: true };
         let mut trackers = Trackers::default();
@@ -211,7 +211,7 @@ impl Session {
         let lifecycle = Lifecycle::attach(&mut probes)?;
         let judge = Judge::new(opts.interval, &opts.own);
         let (comm, max_findings, omitted) = (procfs::comm(pid), opts.max_findings, Vec::new());
-        Ok(Self { probes, trackers, target, lifecycle, stacks, counters, judge, comm, max_findings, omitted })
+        Ok(Self { probes, trackers, target, lifecycle, stacks, counters, judge, comm, max_findings, omitted, poll_every })
     }
 
     /// Hands newly read mappings to every tracker, and loads libc's syscall

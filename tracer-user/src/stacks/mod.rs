@@ -163,7 +163,7 @@ impl Stacks {
     /// Learns the unwind rules the kernel's walks asked for since the last call,
     /// and says when to look again: [`LEARN_SOON`] while misses come, twice
     /// as long after each look that found none, up to `learn_idle` (the
-    /// agent's 100 ms: an idle target woke it 100 times a second).
+    /// agent's `SESSION_PACE`: an idle target woke it 100 times a second).
     pub fn learn(&mut self, memory: &mut MemoryMap) -> Duration {
         let taken = self.unwinder.as_mut().map_or(0, |u| u.learn(memory));
         self.learn_every = if taken > 0 { LEARN_SOON } else { (self.learn_every * 2).min(self.learn_idle) };
