@@ -267,7 +267,7 @@ impl Session {
         }
         let t = start.elapsed().as_secs_f64();
         let now = probes::ktime_ns();
-        let collected = self.trackers.collect(&mut self.probes, &self.target, now)?;
+        let collected = self.trackers.collect(&mut self.probes, &self.target, &self.counters, now)?;
         self.judge.refresh_own_code(self.target.pid);
         let mut findings = self.judge.findings(&collected, &mut self.stacks.resolver, &self.target.memory, t).await;
         self.stacks.stripped.warn_once(&findings);

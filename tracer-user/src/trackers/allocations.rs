@@ -207,7 +207,7 @@ impl Tracker for Allocations {
 
     /// Judged on live bytes: a buffer realloc'd bigger grows in bytes, not
     /// in blocks.
-    fn collect(&mut self, _probes: &mut Probes, _target: &Target, now_ns: u64) -> Result<Collected> {
+    fn collect(&mut self, _probes: &mut Probes, _target: &Target, _counters: &super::Counters, now_ns: u64) -> Result<Collected> {
         let samples = self.collector.collect(now_ns)?;
         Ok(Collected::Growth { kind: Kind::Allocation, judging: Judging::BytesSinceAttach, samples })
     }

@@ -76,8 +76,8 @@ impl Tracker for ConnectionCollector {
         self.live.set_finalizer_range();
     }
 
-    fn collect(&mut self, _probes: &mut Probes, target: &Target, now_ns: u64) -> Result<Collected> {
-        let samples = self.collect_samples(now_ns, target.alive)?;
+    fn collect(&mut self, _probes: &mut Probes, target: &Target, counters: &super::Counters, now_ns: u64) -> Result<Collected> {
+        let samples = self.collect_samples(now_ns, target.alive, counters.sum(tracer_common::connections::counter::EVENTS))?;
         Ok(Collected::Growth { kind: Kind::Connection, judging: Judging::ObjectsSinceAttach, samples })
     }
 
@@ -202,14 +202,20 @@ impl ConnectionCollector {
     /// One sample per creation stack. `now_ns` is CLOCK_MONOTONIC (the
     /// clock of `bpf_ktime_get_ns`). When the target is gone the table is
     /// left as it was at exit: the final report shows what was live then.
-    pub fn collect_samples(&mut self, now_ns: u64, target_alive: bool) -> Result<Vec<StackSample>> {
+    /// `events`: the tracker's `EVENTS` counter, read before the table.
+    pub fn collect_samples(&mut self, now_ns: u64, target_alive: bool, events: u64) -> Result<Vec<StackSample>> {
         self.live.poll_close_ranges();
         // Snapshot the table first, then /proc: a socket in the snapshot that
         // /proc no longer lists was closed without us seeing it.
-        let live: Vec<(FdKey, ConnInfo)> =
-            self.live.live();
+        let live: Vec<(FdKey, ConnInfo)> = self.live.live(events);
         let mut stale = HashSet::new();
-        if target_alive {
+        // Nothing tracked and nothing from before attach: /proc has nothing
+        // to tell, and nothing is left to remember of live sockets.
+        if live.is_empty() {
+            self.inodes.clear();
+            self.net_peers.clear();
+        }
+        if target_alive && !(live.is_empty() && self.before_attach.is_empty()) {
             // Read the fds, then make sure the process was not tearing down
             // (its sockets vanish at exit without close events; the final
             // report must show what was live, not zero).

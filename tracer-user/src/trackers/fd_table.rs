@@ -29,6 +29,8 @@ pub struct LiveFds<V: LiveEntry> {
     pub reconciled: HashMap<StackKey, u64>,
     /// The target is a Go program whose finalizer closes are told apart.
     pub is_go: bool,
+    /// Whether the table was empty at the last read (skip reading again).
+    empty: super::EmptyTable,
 }
 
 impl<V: LiveEntry> LiveFds<V> {
@@ -42,6 +44,7 @@ impl<V: LiveEntry> LiveFds<V> {
             finalizer_range: probes.take_map(finalizer_range)?,
             reconciled: HashMap::new(),
             is_go: false,
+            empty: Default::default(),
         })
     }
 
@@ -83,8 +86,15 @@ impl<V: LiveEntry> LiveFds<V> {
         end_if_unchanged(&mut self.fds, key, &seen, &mut self.reconciled);
     }
 
-    /// The target's live entries.
-    pub fn live(&self) -> Vec<(FdKey, V)> {
-        self.fds.iter().filter_map(|r| r.ok()).filter(|(k, _)| k.tgid == self.pid).collect()
+    /// The target's live entries; `events`: the tracker's `EVENTS`
+    /// counter, read first (an empty table is not read again while it
+    /// stands still, see [`super::EmptyTable`]).
+    pub fn live(&mut self, events: u64) -> Vec<(FdKey, V)> {
+        if self.empty.still_empty(events) {
+            return Vec::new();
+        }
+        let live: Vec<(FdKey, V)> = self.fds.iter().filter_map(|r| r.ok()).filter(|(k, _)| k.tgid == self.pid).collect();
+        self.empty.read(live.len(), events);
+        live
     }
 }

@@ -96,8 +96,8 @@ impl Tracker for FdCollector {
         self.live.set_finalizer_range();
     }
 
-    fn collect(&mut self, _probes: &mut Probes, target: &Target, now_ns: u64) -> Result<Collected> {
-        let samples = self.collect_samples(now_ns, target.alive)?;
+    fn collect(&mut self, _probes: &mut Probes, target: &Target, counters: &super::Counters, now_ns: u64) -> Result<Collected> {
+        let samples = self.collect_samples(now_ns, target.alive, counters.sum(tracer_common::fds::counter::EVENTS))?;
         Ok(Collected::Growth { kind: Kind::Fd, judging: Judging::ObjectsSinceAttach, samples })
     }
 
@@ -153,10 +153,10 @@ impl FdCollector {
 
     /// One sample per creation stack; when the target is gone the table is
     /// left as it was at exit.
-    pub fn collect_samples(&mut self, now_ns: u64, target_alive: bool) -> Result<Vec<StackSample>> {
+    /// `events`: the tracker's `EVENTS` counter, read before the table.
+    pub fn collect_samples(&mut self, now_ns: u64, target_alive: bool, events: u64) -> Result<Vec<StackSample>> {
         self.live.poll_close_ranges();
-        let live: Vec<(FdKey, FdInfo)> =
-            self.live.live();
+        let live: Vec<(FdKey, FdInfo)> = self.live.live(events);
         let mut stale = HashSet::new();
         if target_alive {
             // As the connection tracker: an fd in the snapshot that /proc no

@@ -102,7 +102,7 @@ impl Tracker for Goroutines {
         }
     }
 
-    fn collect(&mut self, _probes: &mut Probes, target: &Target, now_ns: u64) -> Result<Collected> {
+    fn collect(&mut self, _probes: &mut Probes, target: &Target, _counters: &super::Counters, now_ns: u64) -> Result<Collected> {
         let Some(g) = self.reader.as_mut() else { return Ok(Collected::Nothing) };
         g.watch = self.creators.watched();
         match g.collect(now_ns, target.alive) {

@@ -98,7 +98,7 @@ impl Tracker for LockCollector {
 
     /// Locks do not go through the growth engine: they are judged by the
     /// time their waiters lost.
-    fn collect(&mut self, _probes: &mut Probes, target: &Target, _now_ns: u64) -> Result<Collected> {
+    fn collect(&mut self, _probes: &mut Probes, target: &Target, _counters: &super::Counters, _now_ns: u64) -> Result<Collected> {
         Ok(Collected::Contention(self.collect_locks(&target.memory, LOCK_STACKS_KEPT)))
     }
 

@@ -96,7 +96,7 @@ impl Tracker for Maps {
         }
     }
 
-    fn collect(&mut self, probes: &mut Probes, target: &Target, now_ns: u64) -> Result<Collected> {
+    fn collect(&mut self, probes: &mut Probes, target: &Target, _counters: &super::Counters, now_ns: u64) -> Result<Collected> {
         let Some(maps) = self.collector.as_mut() else { return Ok(Collected::Nothing) };
         let samples = maps.collect(now_ns, target.alive)?;
         maps.duty_cycle(probes);

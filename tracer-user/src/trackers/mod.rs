@@ -71,8 +71,9 @@ pub trait Tracker {
     /// The target exec'd at `at_ns` (ktime): a new image.
     fn on_exec(&mut self, _probes: &mut Probes, _target: &Target, _at_ns: u64) {}
 
-    /// This interval's samples.
-    fn collect(&mut self, probes: &mut Probes, target: &Target, now_ns: u64) -> Result<Collected>;
+    /// This interval's samples (`counters`: the kernel side's, e.g. to
+    /// tell that a live table cannot have changed, see [`EmptyTable`]).
+    fn collect(&mut self, probes: &mut Probes, target: &Target, counters: &Counters, now_ns: u64) -> Result<Collected>;
 
     /// Events seen and lost, from the shared counters and its own.
     fn tally(&self, counters: &Counters) -> Tally;
@@ -136,8 +137,8 @@ impl Trackers {
     }
 
     /// Every tracker's samples of this interval.
-    pub fn collect(&mut self, probes: &mut Probes, target: &Target, now_ns: u64) -> Result<Vec<Collected>> {
-        self.0.iter_mut().map(|t| t.collect(probes, target, now_ns)).collect()
+    pub fn collect(&mut self, probes: &mut Probes, target: &Target, counters: &Counters, now_ns: u64) -> Result<Vec<Collected>> {
+        self.0.iter_mut().map(|t| t.collect(probes, target, counters, now_ns)).collect()
     }
 
     /// Every tracker's tally in one.
@@ -306,6 +307,31 @@ impl Counters {
     /// The total of counter `index` over every CPU.
     pub fn sum(&self, index: u32) -> u64 {
         self.0.get(&index, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0)
+    }
+}
+
+/// Whether a kernel live table (sockets, fds, threads) found empty can
+/// have changed: the kernel side inserts only with a bump of the tracker's
+/// `EVENTS` counter after it, and user space only removes. So an empty
+/// table stays empty while that counter stands still, and reading it again
+/// is skipped: iterating a hash map walks all its buckets (65 536 for
+/// sockets and threads) even when it holds nothing, which was a fifth of
+/// what 50 idle targets cost the agent.
+#[derive(Default)]
+pub struct EmptyTable {
+    /// The counter's value when the table was last read empty.
+    events_when_empty: Option<u64>,
+}
+
+impl EmptyTable {
+    /// The table was read empty at `events` and the counter still says so.
+    pub fn still_empty(&self, events: u64) -> bool {
+        self.events_when_empty == Some(events)
+    }
+
+    /// The table was read (`events` read before it) and held `len` entries.
+    pub fn read(&mut self, len: usize, events: u64) {
+        self.events_when_empty = (len == 0).then_some(events);
     }
 }
 

@@ -88,8 +88,8 @@ impl Tracker for ThreadCollector {
         }
     }
 
-    fn collect(&mut self, _probes: &mut Probes, target: &Target, now_ns: u64) -> Result<Collected> {
-        let samples = self.collect_samples(now_ns, target.alive)?;
+    fn collect(&mut self, _probes: &mut Probes, target: &Target, counters: &super::Counters, now_ns: u64) -> Result<Collected> {
+        let samples = self.collect_samples(now_ns, target.alive, counters.sum(tracer_common::threads::counter::EVENTS))?;
         Ok(Collected::Growth { kind: Kind::Thread, judging: Judging::ObjectsSinceAttach, samples })
     }
 
@@ -114,6 +114,8 @@ pub struct ThreadCollector {
     before_attach: HashMap<u32, String>,
     /// The last inventory samples, kept once the target exited.
     last_inventory: Vec<StackSample>,
+    /// Whether the table was empty at the last read (skip reading again).
+    empty: super::EmptyTable,
 }
 
 /// Threads from before attach remembered.
@@ -132,6 +134,7 @@ impl ThreadCollector {
             pthread_uprobe: None,
             before_attach: HashMap::new(),
             last_inventory: Vec::new(),
+            empty: Default::default(),
         })
     }
 
@@ -170,10 +173,13 @@ impl ThreadCollector {
 
     /// One sample per creation stack. `now_ns` is CLOCK_MONOTONIC. When the
     /// target is gone the table is left as it is.
-    pub fn collect_samples(&mut self, now_ns: u64, target_alive: bool) -> Result<Vec<StackSample>> {
+    /// `events`: the tracker's `EVENTS` counter, read before the table.
+    pub fn collect_samples(&mut self, now_ns: u64, target_alive: bool, events: u64) -> Result<Vec<StackSample>> {
         // Snapshot the table first, then /proc: a thread in the snapshot
         // that /proc no longer lists ended without us seeing it.
-        let live: Vec<(u32, ThreadInfo)> = self.threads.iter().filter_map(|r| r.ok()).collect();
+        let live: Vec<(u32, ThreadInfo)> =
+            if self.empty.still_empty(events) { Vec::new() } else { self.threads.iter().filter_map(|r| r.ok()).collect() };
+        self.empty.read(live.len(), events);
         let mut stale = HashSet::new();
         if target_alive {
             if let Some(tasks) = procfs::task_ids(self.pid).ok().filter(|_| procfs::has_memory(self.pid)) {

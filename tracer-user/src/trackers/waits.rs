@@ -258,7 +258,7 @@ impl Tracker for Waits {
         self.open(target);
     }
 
-    fn collect(&mut self, _probes: &mut Probes, target: &Target, now_ns: u64) -> Result<Collected> {
+    fn collect(&mut self, _probes: &mut Probes, target: &Target, _counters: &super::Counters, now_ns: u64) -> Result<Collected> {
         // After the target's exit: the waits of the last scan, as they were.
         if target.alive {
             if let Err(e) = self.scan(&target.memory, now_ns) {
