@@ -48,6 +48,9 @@ impl Lifecycle {
     /// Whether the target has exited by its pidfd; `None` when there is
     /// no pidfd (then /proc says).
     fn exited_by_pidfd(&mut self, pid: u32) -> Option<bool> {
+        if matches!(self.pidfd, Some(Err(_))) {
+            return None;
+        }
         if !matches!(&self.pidfd, Some(Ok((p, _))) if *p == pid) {
             // SAFETY: pidfd_open takes a pid and flags and returns a new fd.
             let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
@@ -75,10 +78,8 @@ impl Lifecycle {
     /// leaktrace's own reasons (no descriptors, no memory) is a warning,
     /// once, never the target's death.
     pub fn target_alive(&mut self, pid: u32) -> bool {
-        if !matches!(self.pidfd, Some(Err(_))) {
-            if let Some(exited) = self.exited_by_pidfd(pid) {
-                return !exited;
-            }
+        if let Some(exited) = self.exited_by_pidfd(pid) {
+            return !exited;
         }
         crate::procfs::liveness(pid).unwrap_or_else(|e| {
             if !self.proc_unreadable {

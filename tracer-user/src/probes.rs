@@ -40,6 +40,14 @@ pub struct LoadSettings {
     pub stack_ids: bool,
 }
 
+impl LoadSettings {
+    /// Makes the maps `names` minimal (one entry): tables of a part that
+    /// does not run in this load.
+    pub fn minimal(&mut self, names: &[&'static str]) {
+        self.max_entries.extend(names.iter().map(|&name| (name, 1)));
+    }
+}
+
 /// Every whole record of type `T` the kernel wrote to `ring` since the
 /// last read, oldest first (a shorter record is skipped).
 pub fn drain_ring<T: aya::Pod>(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<T> {

@@ -312,6 +312,12 @@ fn bpf_fds(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// `n` copies of `sleep` (copied to `idle`, a name of the test's own)
+/// sleeping long: idle targets.
+fn idle_sleepers(idle: &Path, n: usize) -> Vec<Proc> {
+    (0..n).map(|_| Proc { name: "idle sleep", child: Command::new(idle).arg("1000").stdout(Stdio::null()).spawn().unwrap() }).collect()
+}
+
 #[test]
 fn over_budget_the_agent_sheds_idle_targets_and_keeps_the_leak() {
     let dir = TempDir::new("agent-budget");
@@ -331,9 +337,7 @@ fn over_budget_the_agent_sheds_idle_targets_and_keeps_the_leak() {
         "--budget-window",
         "6s",
     ]);
-    let sleepers: Vec<Proc> = (0..2)
-        .map(|_| Proc { name: "idle sleep", child: Command::new(&idle).arg("1000").stdout(Stdio::null()).spawn().unwrap() })
-        .collect();
+    let sleepers = idle_sleepers(&idle, 2);
     let leaky = start_path(&leak, &[]);
     // Busy (dial-then-close churn, a pool opened before attach), not leaking.
     let busy = start_path(&twin, &["--no-leak", "--pool-delay-ms", "0"]);
@@ -396,9 +400,7 @@ fn forty_targets_share_the_hub_and_other_tracers_still_attach() {
     // The default trackers (connections, threads, goroutines): the threads'
     // exit program is the second one on sched_process_exit.
     let agent = start_agent(&["--match", &format!("exe={}/{tag}_*", dir.0.display()), "--max-cpu", "1000", "--max-rss", "4096"]);
-    let sleepers: Vec<Proc> = (0..40)
-        .map(|_| Proc { name: "idle sleep", child: Command::new(&idle).arg("1000").stdout(Stdio::null()).spawn().unwrap() })
-        .collect();
+    let sleepers = idle_sleepers(&idle, 40);
     let leaky = start_path(&leak, &[]);
     let l = leaky.pid();
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -72,11 +72,6 @@ impl Hub {
         t.slots[slot] = Some(tgid);
         Ok(Seat { hub: self.clone(), tgid, slot: slot as u32, routes: Vec::new() })
     }
-
-    /// Routes in use, and how many the hub has.
-    pub fn routes_used(&self) -> (usize, u32) {
-        (self.0.lock().unwrap_or_else(|e| e.into_inner()).routes.len(), ROUTES)
-    }
 }
 
 impl Seat {

@@ -86,9 +86,7 @@ impl ExecWatcher {
         for spec in REGISTRY {
             (spec.configure)(&mut settings, opts, false);
         }
-        for map in ["STACKS", "STACK_FRAMES", "UNWIND_RULES", "UNWIND_MISSES", "UNWOUND_STACKS", "SYSCALL_SITES"] {
-            settings.max_entries.push((map, 1));
-        }
+        settings.minimal(&["STACKS", "STACK_FRAMES", "UNWIND_RULES", "UNWIND_MISSES", "UNWOUND_STACKS", "SYSCALL_SITES"]);
         settings.max_entries.push(("PROCESS_EVENTS", WATCH_RING_BYTES));
         settings.u32_globals.push(("WATCH_EXECS", 1));
         hub::configure(&mut settings, max_targets);

@@ -42,9 +42,7 @@ fn configure(load: &mut LoadSettings, opts: &TraceOptions, active: bool) {
     load.max_entries.push(("ALLOCS", if active { opts.max_allocations } else { 1 }));
     load.max_entries.push(("ALLOC_FRAMES", if active { MAX_WALKED_STACKS } else { 1 }));
     if !active {
-        for map in ["ALLOC_PENDING", "ALLOC_OUTER", "ALLOC_STACKS", "ALLOC_OLDEST"] {
-            load.max_entries.push((map, 1));
-        }
+        load.minimal(&["ALLOC_PENDING", "ALLOC_OUTER", "ALLOC_STACKS", "ALLOC_OLDEST"]);
     }
 }
 

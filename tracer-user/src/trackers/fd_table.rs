@@ -90,11 +90,7 @@ impl<V: LiveEntry> LiveFds<V> {
     /// counter, read first (an empty table is not read again while it
     /// stands still, see [`super::EmptyTable`]).
     pub fn live(&mut self, events: u64) -> Vec<(FdKey, V)> {
-        if self.empty.still_empty(events) {
-            return Vec::new();
-        }
-        let live: Vec<(FdKey, V)> = self.fds.iter().filter_map(|r| r.ok()).filter(|(k, _)| k.tgid == self.pid).collect();
-        self.empty.read(live.len(), events);
-        live
+        let (fds, pid) = (&self.fds, self.pid);
+        self.empty.read(events, || fds.iter().filter_map(|r| r.ok()).filter(|(k, _)| k.tgid == pid).collect())
     }
 }

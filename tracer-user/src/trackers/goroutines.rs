@@ -43,9 +43,7 @@ pub const SPEC: TrackerSpec = TrackerSpec { name: "goroutines", default: true, c
 /// The creator probe's tables, minimal when the tracker does not run.
 fn configure(load: &mut crate::probes::LoadSettings, _opts: &TraceOptions, active: bool) {
     if !active {
-        for map in ["GO_CREATOR_FRAMES", "GO_CREATIONS", "GO_CREATOR_OF"] {
-            load.max_entries.push((map, 1));
-        }
+        load.minimal(&["GO_CREATOR_FRAMES", "GO_CREATIONS", "GO_CREATOR_OF"]);
     }
 }
 

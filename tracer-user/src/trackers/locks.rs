@@ -42,9 +42,7 @@ fn configure(load: &mut crate::probes::LoadSettings, _opts: &TraceOptions, activ
     // Go holders' stacks by bpf_get_stackid.
     load.stack_ids |= active;
     if !active {
-        for map in ["FUTEX_PENDING", "GO_PENDING", "GO_WAITED_SEMAS", "LOCKS", "LOCK_WAITERS", "LOCK_HOLDERS", "LOCK_FRAMES", "LOCK_SYSCALL_SITES", "LOCK_CALL_SITES"] {
-            load.max_entries.push((map, 1));
-        }
+        load.minimal(&["FUTEX_PENDING", "GO_PENDING", "GO_WAITED_SEMAS", "LOCKS", "LOCK_WAITERS", "LOCK_HOLDERS", "LOCK_FRAMES", "LOCK_SYSCALL_SITES", "LOCK_CALL_SITES"]);
     }
 }
 

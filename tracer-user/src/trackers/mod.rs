@@ -324,14 +324,16 @@ pub struct EmptyTable {
 }
 
 impl EmptyTable {
-    /// The table was read empty at `events` and the counter still says so.
-    pub fn still_empty(&self, events: u64) -> bool {
-        self.events_when_empty == Some(events)
-    }
-
-    /// The table was read (`events` read before it) and held `len` entries.
-    pub fn read(&mut self, len: usize, events: u64) {
-        self.events_when_empty = (len == 0).then_some(events);
+    /// The table's rows by `read`, or none without reading when it was read
+    /// empty at `events` (the counter, read before the table) and the
+    /// counter still says so.
+    pub fn read<T>(&mut self, events: u64, read: impl FnOnce() -> Vec<T>) -> Vec<T> {
+        if self.events_when_empty == Some(events) {
+            return Vec::new();
+        }
+        let rows = read();
+        self.events_when_empty = rows.is_empty().then_some(events);
+        rows
     }
 }
 

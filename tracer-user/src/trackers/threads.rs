@@ -31,7 +31,7 @@ fn configure(load: &mut LoadSettings, _opts: &TraceOptions, active: bool) {
         .unwrap_or(tracer_common::threads::FORK_CHILD_PID_OFFSET);
     load.u32_globals.push(("FORK_CHILD_PID_AT", offset));
     if !active {
-        load.max_entries.push(("THREAD_PENDING", 1));
+        load.minimal(&["THREAD_PENDING"]);
     }
 }
 
@@ -177,9 +177,8 @@ impl ThreadCollector {
     pub fn collect_samples(&mut self, now_ns: u64, target_alive: bool, events: u64) -> Result<Vec<StackSample>> {
         // Snapshot the table first, then /proc: a thread in the snapshot
         // that /proc no longer lists ended without us seeing it.
-        let live: Vec<(u32, ThreadInfo)> =
-            if self.empty.still_empty(events) { Vec::new() } else { self.threads.iter().filter_map(|r| r.ok()).collect() };
-        self.empty.read(live.len(), events);
+        let threads = &self.threads;
+        let live: Vec<(u32, ThreadInfo)> = self.empty.read(events, || threads.iter().filter_map(|r| r.ok()).collect());
         let mut stale = HashSet::new();
         if target_alive {
             if let Some(tasks) = procfs::task_ids(self.pid).ok().filter(|_| procfs::has_memory(self.pid)) {
